@@ -1,0 +1,1 @@
+//! TODO(build_result): being written.

@@ -1,0 +1,1 @@
+//! TODO(serve): being written.

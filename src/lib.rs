@@ -1,0 +1,4 @@
+//! nix-lazy-builder: a replacement for Nix's build hook that boots builders on demand.
+//!
+//! The library holds everything; `main.rs` is only the command line. See ARCHITECTURE.md for
+//! the code map and the invariants each module keeps.
