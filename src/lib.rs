@@ -2,3 +2,6 @@
 //!
 //! The library holds everything; `main.rs` is only the command line. See ARCHITECTURE.md for
 //! the code map and the invariants each module keeps.
+
+pub mod wire_io;
+pub mod place;

@@ -1,0 +1,442 @@
+//! Placing build outputs in the local store while nix-daemon holds their locks.
+//!
+//! The daemon holds `flock`s on every output path while the hook runs, so a new daemon
+//! connection or a plain `nix-store --import` would deadlock (PROTOCOL.md §4). Instead each
+//! output's NAR is unpacked straight to its final store path by `nix-archive` (descriptor-relative,
+//! so nothing outside the output is ever followed or created) while it is hashed, the hash and
+//! size are compared with what the remote vouched for, and then *all* outputs are registered in
+//! one `nix-store --register-validity --hash-given` call, which canonicalises them and commits
+//! them in one database transaction.
+//!
+//! Invariant: a path becomes valid only through [`register_validity`], and only after its bytes
+//! were verified. Anything unpacked but not registered is removed ([`Placed`]'s drop).
+
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use hook_protocol::{Sha256, StorePath};
+use sha2::Digest;
+use tokio::sync::mpsc;
+
+/// What the remote said an output's NAR is.
+#[derive(Debug, Clone)]
+pub struct ExpectedNar {
+    pub path: StorePath,
+    pub nar_hash: Sha256,
+    pub nar_size: u64,
+    pub deriver: Option<StorePath>,
+    pub references: Vec<StorePath>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PlaceError {
+    #[error("cannot remove the stale {path}: {source}")]
+    RemoveStale {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("unpacking {path}: {source}")]
+    Unpack {
+        path: String,
+        #[source]
+        source: nix_archive::nar::Error,
+    },
+    #[error(
+        "hash mismatch for {path}: the builder said {expected_hash:?} ({expected_size} bytes), \
+         the NAR we received is {got_hash:?} ({got_size} bytes)"
+    )]
+    HashMismatch {
+        path: String,
+        expected_hash: Sha256,
+        expected_size: u64,
+        got_hash: Sha256,
+        got_size: u64,
+    },
+    #[error("the NAR stream for {path} ended early: {got} of {expected} bytes arrived")]
+    Truncated {
+        path: String,
+        got: u64,
+        expected: u64,
+    },
+    #[error("could not run '{program}': {source}")]
+    Spawn {
+        program: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("'nix-store --register-validity' failed ({status}): {stderr}")]
+    Register { status: String, stderr: String },
+    #[error("the unpacking thread stopped unexpectedly")]
+    Thread,
+}
+
+/// A `Read` over chunks sent from the async side; end of input when the sender is dropped.
+pub struct ChunkReader {
+    rx: mpsc::Receiver<Vec<u8>>,
+    chunk: Vec<u8>,
+    pos: usize,
+}
+
+impl ChunkReader {
+    pub fn new(rx: mpsc::Receiver<Vec<u8>>) -> Self {
+        ChunkReader {
+            rx,
+            chunk: Vec::new(),
+            pos: 0,
+        }
+    }
+}
+
+impl Read for ChunkReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.pos == self.chunk.len() {
+            match self.rx.blocking_recv() {
+                Some(c) => {
+                    self.chunk = c;
+                    self.pos = 0;
+                }
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.chunk.len() - self.pos);
+        buf[..n].copy_from_slice(&self.chunk[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+/// Hashes and counts everything read through it.
+struct HashingReader<R> {
+    inner: R,
+    hasher: sha2::Sha256,
+    count: u64,
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.count += n as u64;
+        Ok(n)
+    }
+}
+
+/// Removes `path` whatever it is (file, symlink, directory tree); absent is fine.
+pub fn remove_path(path: &Path) -> io::Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+        Ok(m) if m.is_dir() => {
+            make_writable(path)?;
+            std::fs::remove_dir_all(path)
+        }
+        Ok(_) => std::fs::remove_file(path),
+    }
+}
+
+/// Store directories are 0555; when not running as root we need write permission to empty them.
+fn make_writable(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::symlink_metadata(dir)?;
+    if !meta.is_dir() {
+        return Ok(());
+    }
+    let mut perm = meta.permissions();
+    if perm.mode() & 0o700 != 0o700 {
+        perm.set_mode(perm.mode() | 0o700);
+        std::fs::set_permissions(dir, perm)?;
+    }
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_type()?.is_dir() {
+            make_writable(&entry.path())?;
+        }
+    }
+    Ok(())
+}
+
+/// Outputs unpacked and verified but not yet registered. Dropping it removes them, so a
+/// failure anywhere before registration leaves nothing behind.
+#[derive(Default)]
+pub struct Placed {
+    outputs: Vec<ExpectedNar>,
+    registered: bool,
+}
+
+impl Placed {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn paths(&self) -> impl Iterator<Item = &StorePath> {
+        self.outputs.iter().map(|o| &o.path)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.outputs.is_empty()
+    }
+
+    /// Unpacks one NAR (read from `nar`) to `expected.path`, verifying hash and size.
+    /// Blocking: run it on a blocking thread.
+    pub fn unpack(&mut self, expected: ExpectedNar, nar: impl Read) -> Result<(), PlaceError> {
+        let dest = PathBuf::from(expected.path.as_str());
+        let shown = expected.path.to_string();
+        remove_path(&dest).map_err(|source| PlaceError::RemoveStale {
+            path: shown.clone(),
+            source,
+        })?;
+        let mut reader = HashingReader {
+            inner: nar,
+            hasher: sha2::Sha256::new(),
+            count: 0,
+        };
+        let result = nix_archive::nar::restore_reader(
+            &mut io::BufReader::with_capacity(256 * 1024, &mut reader),
+            &dest,
+            nix_archive::nar::CaseHack::native(),
+        );
+        let check = match result {
+            Err(source) if reader.count < expected.nar_size => {
+                tracing::debug!(%source, "unpack stopped early");
+                Err(PlaceError::Truncated {
+                    path: shown.clone(),
+                    got: reader.count,
+                    expected: expected.nar_size,
+                })
+            }
+            Err(source) => Err(PlaceError::Unpack {
+                path: shown.clone(),
+                source,
+            }),
+            Ok(()) => {
+                let got_hash = Sha256(reader.hasher.finalize().into());
+                if got_hash != expected.nar_hash || reader.count != expected.nar_size {
+                    Err(PlaceError::HashMismatch {
+                        path: shown.clone(),
+                        expected_hash: expected.nar_hash,
+                        expected_size: expected.nar_size,
+                        got_hash,
+                        got_size: reader.count,
+                    })
+                } else {
+                    Ok(())
+                }
+            }
+        };
+        match check {
+            Ok(()) => {
+                self.outputs.push(expected);
+                Ok(())
+            }
+            Err(e) => {
+                if let Err(rm) = remove_path(&dest) {
+                    tracing::error!(path = %shown, error = %rm, "cannot remove a rejected output");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Registers every unpacked output in one `nix-store --register-validity --hash-given`.
+    pub fn register(mut self, nix_store: &Path) -> Result<(), PlaceError> {
+        if self.outputs.is_empty() {
+            self.registered = true;
+            return Ok(());
+        }
+        register_validity(nix_store, &self.outputs)?;
+        self.registered = true;
+        Ok(())
+    }
+}
+
+impl Drop for Placed {
+    fn drop(&mut self) {
+        if self.registered {
+            return;
+        }
+        for o in &self.outputs {
+            if let Err(e) = remove_path(Path::new(o.path.as_str())) {
+                tracing::error!(path = %o.path, error = %e, "cannot remove an unregistered output");
+            }
+        }
+    }
+}
+
+/// The records `nix-store --register-validity --hash-given` reads (PROTOCOL.md §4.3).
+pub fn register_validity_input(outputs: &[ExpectedNar]) -> String {
+    let mut s = String::new();
+    for o in outputs {
+        s.push_str(o.path.as_str());
+        s.push('\n');
+        s.push_str(&o.nar_hash.to_base16());
+        s.push('\n');
+        s.push_str(&o.nar_size.to_string());
+        s.push('\n');
+        if let Some(d) = &o.deriver {
+            s.push_str(d.as_str());
+        }
+        s.push('\n');
+        s.push_str(&o.references.len().to_string());
+        s.push('\n');
+        for r in &o.references {
+            s.push_str(r.as_str());
+            s.push('\n');
+        }
+    }
+    s
+}
+
+/// Runs one `nix-store --register-validity --hash-given` for all `outputs`. The child opens the
+/// local store directly (we are root in the daemon's mount namespace); its stdout never reaches
+/// our fd 1, which is the daemon's reply pipe.
+pub fn register_validity(nix_store: &Path, outputs: &[ExpectedNar]) -> Result<(), PlaceError> {
+    let mut child = Command::new(nix_store)
+        .args(["--register-validity", "--hash-given"])
+        .env_remove("NIX_REMOTE")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|source| PlaceError::Spawn {
+            program: nix_store.display().to_string(),
+            source,
+        })?;
+    let input = register_validity_input(outputs);
+    if let Some(mut stdin) = child.stdin.take() {
+        // A write error shows up as the child's failure below.
+        let _ = stdin.write_all(input.as_bytes());
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|source| PlaceError::Spawn {
+            program: nix_store.display().to_string(),
+            source,
+        })?;
+    if !out.status.success() {
+        return Err(PlaceError::Register {
+            status: out.status.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sp(s: &str) -> StorePath {
+        StorePath::parse(s).unwrap()
+    }
+
+    #[test]
+    fn register_input_format() {
+        let o = ExpectedNar {
+            path: sp("/nix/store/00000000000000000000000000000000-out"),
+            nar_hash: Sha256::digest(b""),
+            nar_size: 120,
+            deriver: Some(sp("/nix/store/11111111111111111111111111111111-x.drv")),
+            references: vec![sp("/nix/store/22222222222222222222222222222222-in")],
+        };
+        let mut o2 = o.clone();
+        o2.deriver = None;
+        o2.references.clear();
+        let s = register_validity_input(&[o, o2]);
+        assert_eq!(
+            s,
+            "/nix/store/00000000000000000000000000000000-out\n\
+             e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855\n120\n\
+             /nix/store/11111111111111111111111111111111-x.drv\n1\n\
+             /nix/store/22222222222222222222222222222222-in\n\
+             /nix/store/00000000000000000000000000000000-out\n\
+             e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855\n120\n\n0\n"
+        );
+    }
+
+    fn nar_of(dir: &Path) -> Vec<u8> {
+        let mut v = Vec::new();
+        nix_archive::nar::encode_path(&mut v, dir, nix_archive::nar::CaseHack::native()).unwrap();
+        v
+    }
+
+    fn expected_for(dest: &Path, nar: &[u8]) -> ExpectedNar {
+        // Not a real store dir: `StorePath` only needs the `<dir>/<hash>-<name>` shape.
+        ExpectedNar {
+            path: sp(dest.to_str().unwrap()),
+            nar_hash: Sha256::digest(nar),
+            nar_size: nar.len() as u64,
+            deriver: None,
+            references: vec![],
+        }
+    }
+
+    fn source_tree() -> tempfile::TempDir {
+        let src = tempfile::tempdir().unwrap();
+        std::fs::create_dir(src.path().join("sub")).unwrap();
+        std::fs::write(src.path().join("sub/file"), b"hello").unwrap();
+        std::os::unix::fs::symlink("sub/file", src.path().join("link")).unwrap();
+        src
+    }
+
+    #[test]
+    fn unpacks_verifies_and_cleans_up_when_not_registered() {
+        let src = source_tree();
+        let nar = nar_of(src.path());
+        let store = tempfile::tempdir().unwrap();
+        let dest = store
+            .path()
+            .join("00000000000000000000000000000000-out");
+        // A stale half-written path is replaced.
+        std::fs::create_dir(&dest).unwrap();
+        std::fs::write(dest.join("junk"), b"x").unwrap();
+        let mut placed = Placed::new();
+        placed
+            .unpack(expected_for(&dest, &nar), &nar[..])
+            .unwrap();
+        assert_eq!(std::fs::read(dest.join("sub/file")).unwrap(), b"hello");
+        assert!(!dest.join("junk").exists());
+        drop(placed);
+        assert!(!dest.exists(), "unregistered output must be removed");
+    }
+
+    #[test]
+    fn hash_mismatch_and_truncation_leave_nothing() {
+        let src = source_tree();
+        let nar = nar_of(src.path());
+        let store = tempfile::tempdir().unwrap();
+        let dest = store
+            .path()
+            .join("00000000000000000000000000000000-out");
+        let mut bad = expected_for(&dest, &nar);
+        bad.nar_hash = Sha256::digest(b"something else");
+        let mut placed = Placed::new();
+        let e = placed.unpack(bad, &nar[..]).unwrap_err();
+        assert!(matches!(e, PlaceError::HashMismatch { .. }), "{e}");
+        assert!(!dest.exists());
+
+        let e = placed
+            .unpack(expected_for(&dest, &nar), &nar[..nar.len() - 9])
+            .unwrap_err();
+        assert!(matches!(e, PlaceError::Truncated { .. }), "{e}");
+        assert!(!dest.exists());
+        assert!(placed.is_empty());
+    }
+
+    #[test]
+    fn chunk_reader_reassembles() {
+        let (tx, rx) = mpsc::channel(4);
+        let t = std::thread::spawn(move || {
+            let mut r = ChunkReader::new(rx);
+            let mut s = Vec::new();
+            r.read_to_end(&mut s).unwrap();
+            s
+        });
+        for c in [b"ab".to_vec(), vec![], b"cde".to_vec()] {
+            tx.blocking_send(c).unwrap();
+        }
+        drop(tx);
+        assert_eq!(t.join().unwrap(), b"abcde");
+    }
+}
