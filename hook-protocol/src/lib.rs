@@ -10,6 +10,7 @@ pub mod build_result;
 pub mod derivation;
 pub mod hook;
 pub mod log;
+pub mod path_info;
 pub mod serve;
 pub mod store_path;
 pub mod wire;
