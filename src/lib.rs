@@ -5,3 +5,12 @@
 
 pub mod wire_io;
 pub mod place;
+pub mod config;
+pub mod ssh;
+pub mod logging;
+pub mod remote;
+pub mod local;
+pub mod transfer;
+pub mod hook;
+pub mod select;
+pub mod slots;

@@ -140,6 +140,7 @@ fn require(proto: &Negotiated, what: &'static str, needs: Version) -> Result<(),
 #[repr(u64)]
 pub enum Op {
     IsValidPath = 1,
+    SetOptions = 19,
     QueryPathInfo = 26,
     QueryValidPaths = 31,
     BuildDerivation = 36,
@@ -158,6 +159,7 @@ impl Op {
         use Op::*;
         Some(match code {
             1 => IsValidPath,
+            19 => SetOptions,
             26 => QueryPathInfo,
             31 => QueryValidPaths,
             36 => BuildDerivation,
@@ -610,6 +612,50 @@ fn put_paths<'a>(w: &mut Vec<u8>, paths: impl IntoIterator<Item = &'a StorePath>
     w.put_strings(paths);
 }
 
+/// The settings SetOptions (op 19) carries: the per-connection options a client may set. A
+/// trusted client's `overrides` may name any setting (`timeout`, `max-build-log-size`, …).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ClientOptions {
+    pub keep_failed: bool,
+    pub keep_going: bool,
+    pub try_fallback: bool,
+    /// Verbosity of the messages the daemon sends us (0 = errors only).
+    pub verbosity: u64,
+    pub max_build_jobs: u64,
+    /// Seconds; 0 = none.
+    pub max_silent_time: u64,
+    /// Whether build output is also printed as log messages (`STDERR_NEXT`).
+    pub verbose_build: bool,
+    pub build_cores: u64,
+    pub use_substitutes: bool,
+    pub overrides: Vec<(String, String)>,
+}
+
+/// SetOptions (op 19). No reply data after `STDERR_LAST`.
+pub fn encode_set_options(w: &mut Vec<u8>, proto: &Negotiated, o: &ClientOptions) {
+    w.put_u64(Op::SetOptions.code());
+    w.put_bool(o.keep_failed);
+    w.put_bool(o.keep_going);
+    w.put_bool(o.try_fallback);
+    w.put_u64(o.verbosity);
+    w.put_u64(o.max_build_jobs);
+    w.put_u64(o.max_silent_time.min(u32::MAX as u64));
+    w.put_u64(1); // obsolete useBuildHook
+    // The daemon sets verboseBuild iff this is lvlError (0); Nix sends lvlVomit (7) otherwise.
+    w.put_u64(if o.verbose_build { 0 } else { 7 });
+    w.put_u64(0); // obsolete logType
+    w.put_u64(0); // obsolete printBuildTrace
+    w.put_u64(o.build_cores);
+    w.put_bool(o.use_substitutes);
+    if proto.at_least(1, 12) {
+        w.put_u64(o.overrides.len() as u64);
+        for (k, v) in &o.overrides {
+            w.put_str(k);
+            w.put_str(v);
+        }
+    }
+}
+
 /// IsValidPath (op 1). Reply: [`decode_bool`].
 pub fn encode_is_valid_path(w: &mut Vec<u8>, path: &StorePath) {
     w.put_u64(Op::IsValidPath.code());
@@ -1041,6 +1087,7 @@ pub mod server {
     #[derive(Debug, Clone, PartialEq, Eq)]
     pub enum Request {
         IsValidPath(StorePath),
+        SetOptions(ClientOptions),
         QueryPathInfo(StorePath),
         QueryValidPaths {
             paths: BTreeSet<StorePath>,
@@ -1067,6 +1114,39 @@ pub mod server {
         },
     }
 
+    /// What a daemon reads for SetOptions (the inverse of [`encode_set_options`]).
+    pub fn decode_set_options(r: &mut Reader<'_>, proto: &Negotiated) -> wire::Result<ClientOptions> {
+        let keep_failed = r.bool()?;
+        let keep_going = r.bool()?;
+        let try_fallback = r.bool()?;
+        let verbosity = r.u64()?;
+        let max_build_jobs = r.u64()?;
+        let max_silent_time = r.u64()?;
+        let _use_build_hook = r.u64()?;
+        let verbose_build = r.u64()? == 0;
+        let _log_type = r.u64()?;
+        let _print_build_trace = r.u64()?;
+        let build_cores = r.u64()?;
+        let use_substitutes = r.bool()?;
+        let overrides = if proto.at_least(1, 12) {
+            r.list("setting overrides", |r| Ok((r.string("name")?, r.string("value")?)))?
+        } else {
+            Vec::new()
+        };
+        Ok(ClientOptions {
+            keep_failed,
+            keep_going,
+            try_fallback,
+            verbosity,
+            max_build_jobs,
+            max_silent_time,
+            verbose_build,
+            build_cores,
+            use_substitutes,
+            overrides,
+        })
+    }
+
     /// Decodes one request (only the operations a hook sends).
     pub fn decode_request(r: &mut Reader<'_>, proto: &Negotiated) -> wire::Result<Request> {
         let code = r.u64()?;
@@ -1076,6 +1156,7 @@ pub mod server {
         })?;
         Ok(match op {
             Op::IsValidPath => Request::IsValidPath(read_store_path(r, "path")?),
+            Op::SetOptions => Request::SetOptions(decode_set_options(r, proto)?),
             Op::QueryPathInfo => Request::QueryPathInfo(read_store_path(r, "path")?),
             Op::QueryValidPaths => Request::QueryValidPaths {
                 paths: decode_path_set(r)?,
@@ -1148,6 +1229,30 @@ mod tests {
 
     fn proto(minor: u8) -> Negotiated {
         Negotiated::new(Version::new(1, minor))
+    }
+
+    #[test]
+    fn set_options_round_trips() {
+        let o = ClientOptions {
+            keep_failed: true,
+            verbosity: 1,
+            max_silent_time: 30,
+            verbose_build: true,
+            overrides: vec![("timeout".into(), "60".into())],
+            ..Default::default()
+        };
+        for minor in [11u8, 12, 34, 38] {
+            let p = proto(minor);
+            let mut w = Vec::new();
+            encode_set_options(&mut w, &p, &o);
+            let (req, used) = wire::decode_with(&w, |r| server::decode_request(r, &p)).unwrap();
+            assert_eq!(used, w.len());
+            let mut want = o.clone();
+            if minor < 12 {
+                want.overrides.clear();
+            }
+            assert_eq!(req, Request::SetOptions(want));
+        }
     }
 
     fn assert_prefixes_incomplete<T: fmt::Debug>(

@@ -1,0 +1,389 @@
+//! The hook front-end: the conversation with nix-daemon on stdin/stderr, one `try` at a time.
+//!
+//! Reads the settings preamble, loads the builder table once, answers every `try` with
+//! `# accept` (after the SSH connection and the remote handshake succeeded, as Nix does, so a
+//! dead builder never gets a build), `# postpone` or `# decline` plus one line that says why,
+//! and after an accept runs the build through `transfer`. It owns the process set-up nix-daemon
+//! expects (descriptors, signals, exit codes) and never writes anything but whole reply and
+//! `@nix` lines to stderr.
+
+use std::collections::BTreeSet;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use hook_protocol::derivation::Derivation;
+use hook_protocol::hook::{AcceptedBuild, Reply, Request, Settings, TryRequest};
+use hook_protocol::log::{Field, Message, Verbosity, activity};
+use hook_protocol::serve::BuildOptions;
+use tokio::io::AsyncRead;
+
+use crate::config::{self, Builder, BuilderTable, Config, ConfigError};
+use crate::local::LocalStore;
+use crate::logging::{self, Activity};
+use crate::remote::{self, BuildLog, Remote, RemoteError};
+use crate::select::{Availability, Decision, DeclineLevel, LocalCapability};
+use crate::slots::{self, LoadDir, SlotLock, UploadLockOutcome};
+use crate::ssh;
+use crate::transfer::{self, Job};
+use crate::wire_io::{WireError, WireReader};
+
+/// What `main` parsed from the command line.
+pub struct HookArgs {
+    pub config: Option<PathBuf>,
+    /// The client's verbosity (the daemon's last argument).
+    pub verbosity: Option<u8>,
+}
+
+/// How long Nix's hook waits for another hook's upload to the same builder.
+const UPLOAD_LOCK_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+
+#[derive(Debug, thiserror::Error)]
+enum HookError {
+    #[error("reading from nix-daemon: {0}")]
+    Daemon(#[from] WireError),
+    #[error(transparent)]
+    Setting(#[from] hook_protocol::hook::SettingError),
+    #[error(transparent)]
+    Slots(#[from] slots::SlotError),
+    #[error("cannot read the derivation '{path}': {source}")]
+    ReadDrv {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot parse the derivation '{path}': {message}")]
+    ParseDrv { path: String, message: String },
+    #[error(transparent)]
+    Transfer(#[from] transfer::TransferError),
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// Runs the hook; returns its exit status.
+pub fn main(args: HookArgs) -> ExitCode {
+    prepare_descriptors();
+    let verbosity = Verbosity::saturating_from(args.verbosity.unwrap_or(3) as u64);
+    logging::init_hook(verbosity);
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            logging::error(&format!("nix-lazy-builder: cannot start: {e}"));
+            return ExitCode::from(1);
+        }
+    };
+    let code = rt.block_on(async {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    logging::error(&format!("nix-lazy-builder: cannot handle SIGTERM: {e}"));
+                    return 1;
+                }
+            };
+        tokio::select! {
+            r = run(args) => match r {
+                Ok(code) => code,
+                Err(e) => {
+                    logging::error(&e.to_string());
+                    match &e {
+                        HookError::Transfer(t) => t.exit_code(),
+                        _ => 1,
+                    }
+                }
+            },
+            // Current Nix sends SIGTERM and SIGKILLs 500 ms later: drop everything in flight
+            // (unregistered outputs are removed, the SSH connection closes, which stops the
+            // remote build) and go.
+            _ = term.recv() => 1,
+        }
+    });
+    rt.shutdown_timeout(Duration::from_millis(300));
+    ExitCode::from(code)
+}
+
+/// nix-daemon leaks descriptors into the hook (fd 3 is a mount-namespace handle) and gives it the
+/// read end of the log pipe as fd 5: close fd 5, and make sure no child we start inherits
+/// anything but stdio, or the daemon would wait for it to close fd 2/4 (PROTOCOL.md §1.4).
+fn prepare_descriptors() {
+    // SAFETY: closing fd 5, which nothing in this process uses; an error (not open) is fine.
+    unsafe { libc::close(5) };
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    let fds: Vec<i32> = dir
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|&fd| fd > 2)
+        .collect();
+    for fd in fds {
+        // SAFETY: F_GETFD/F_SETFD only change the close-on-exec flag of a descriptor number.
+        unsafe {
+            let flags = libc::fcntl(fd, libc::F_GETFD);
+            if flags >= 0 {
+                libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC);
+            }
+        }
+    }
+}
+
+fn stdin_reader() -> Box<dyn AsyncRead + Unpin + Send> {
+    // SAFETY: fd 0 is ours; a non-pipe stdin falls back to tokio's blocking reader.
+    let fd = unsafe { libc::dup(0) };
+    if fd >= 0 {
+        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        if let Ok(p) = tokio::net::unix::pipe::Receiver::from_owned_fd(owned) {
+            return Box::new(p);
+        }
+    }
+    Box::new(tokio::io::stdin())
+}
+
+/// The local machine's capability, from the settings the daemon sent.
+fn local_capability(settings: &Settings) -> Result<LocalCapability, HookError> {
+    let max_jobs = match settings.max_jobs()? {
+        hook_protocol::hook::MaxJobs::Auto => 1,
+        hook_protocol::hook::MaxJobs::Count(n) => n,
+    };
+    Ok(LocalCapability {
+        system: settings.system().unwrap_or_default().to_owned(),
+        extra_platforms: settings
+            .extra_platforms()
+            .into_iter()
+            .map(str::to_owned)
+            .collect(),
+        system_features: settings
+            .system_features()
+            .into_iter()
+            .map(str::to_owned)
+            .collect(),
+        max_jobs,
+    })
+}
+
+fn load_table(settings: &Settings, cli_config: Option<&Path>) -> Result<BuilderTable, ConfigError> {
+    let env = std::env::var_os(config::CONFIG_ENV_VAR);
+    let path = config::resolve_config_path(cli_config, env.as_deref());
+    let cfg = Config::load(&path)?;
+    let table = config::load_table(
+        settings.builders(),
+        settings.system().unwrap_or("x86_64-linux"),
+        std::env::var("NIX_SSHOPTS").ok().as_deref(),
+        &cfg,
+    )?;
+    for n in &table.notes {
+        n.emit();
+    }
+    Ok(table)
+}
+
+async fn run(args: HookArgs) -> Result<u8, HookError> {
+    let mut stdin = WireReader::new(stdin_reader(), "nix-daemon");
+    let settings = match stdin
+        .decode("the settings preamble", Settings::decode)
+        .await
+    {
+        Ok(s) => s,
+        // The daemon dropped us before saying anything: nothing to do.
+        Err(WireError::UnexpectedEof { .. }) => return Ok(0),
+        Err(e) => return Err(e.into()),
+    };
+    let table = match load_table(&settings, args.config.as_deref()) {
+        Ok(t) => t,
+        Err(e) => {
+            // A broken configuration must not wedge local builds: say why, loudly, and step
+            // aside for the rest of this client session.
+            logging::error(&format!("nix-lazy-builder: {e}; remote builds are disabled"));
+            logging::reply(&Reply::DeclinePermanently);
+            return Ok(0);
+        }
+    };
+    if table.builders.is_empty() {
+        // As Nix's hook: no machines at all, so never ask us again in this session.
+        logging::reply(&Reply::DeclinePermanently);
+        return Ok(0);
+    }
+    let local = local_capability(&settings)?;
+    let load_dir = LoadDir::open(&nix_state_dir())?;
+    // Builders whose connection failed in this process, with why (Nix disables them too).
+    let mut failed: Vec<Option<String>> = vec![None; table.builders.len()];
+
+    loop {
+        let req = match stdin.decode("a request", Request::decode).await {
+            Ok(Request::Try(t)) => t,
+            Ok(Request::Other(_)) | Err(WireError::UnexpectedEof { .. }) => return Ok(0),
+            Err(e) => return Err(e.into()),
+        };
+        loop {
+            let (decision, slot) = choose(&load_dir, &table.builders, &req, &local, &failed)?;
+            match decision {
+                Decision::Accept { builder } => {
+                    let b = &table.builders[builder];
+                    match connect(b).await {
+                        Ok((remote, log)) => {
+                            return accepted(
+                                &mut stdin, &settings, &req, b, remote, log, slot, &load_dir,
+                            )
+                            .await;
+                        }
+                        Err(e) => {
+                            logging::error(&format!("cannot build on '{}': {e}", b.store_uri));
+                            failed[builder] = Some(format!("connection failed: {e}"));
+                            continue;
+                        }
+                    }
+                }
+                Decision::Postpone { reason } => {
+                    tracing::debug!("postponing: {reason}");
+                    logging::reply(&Reply::Postpone);
+                }
+                Decision::Decline { reason, level } => {
+                    let level = match level {
+                        DeclineLevel::Warn => Verbosity::Warn,
+                        DeclineLevel::Chatty => Verbosity::Chatty,
+                    };
+                    let text = if level == Verbosity::Warn {
+                        format!("warning: {reason}")
+                    } else {
+                        reason
+                    };
+                    logging::send(&Message::msg(level, text));
+                    logging::reply(&Reply::Decline);
+                }
+                Decision::Boot { .. } => {
+                    // Only lazy builders need booting, and the table has none the hook can
+                    // boot yet: never block the daemon.
+                    logging::reply(&Reply::Postpone);
+                }
+            }
+            break;
+        }
+    }
+}
+
+fn nix_state_dir() -> PathBuf {
+    std::env::var_os("NIX_STATE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(slots::NIX_STATE_DIR))
+}
+
+fn choose(
+    load_dir: &LoadDir,
+    table: &[Builder],
+    req: &TryRequest,
+    local: &LocalCapability,
+    failed: &[Option<String>],
+) -> Result<(Decision, Option<SlotLock>), HookError> {
+    let request = crate::select::Request {
+        system: &req.needed_system,
+        required_features: &req.required_features,
+        am_willing: req.am_willing,
+    };
+    let availability = |i: usize| match &failed[i] {
+        Some(cause) => Availability::BackingOff {
+            cause: cause.clone(),
+            retry_in: Duration::from_secs(0),
+        },
+        None => Availability::Up,
+    };
+    Ok(slots::choose_with_slots(
+        load_dir,
+        table,
+        &request,
+        local,
+        &availability,
+    )?)
+}
+
+/// SSH + the remote program's handshake, inside Nix's "connecting to" activity.
+async fn connect(b: &Builder) -> Result<(Remote, BuildLog), RemoteError> {
+    let _act = Activity::start(
+        Verbosity::Talkative,
+        activity::UNKNOWN,
+        format!("connecting to '{}'", b.store_uri),
+        vec![],
+    );
+    let target = remote::ssh_target(b)?;
+    let session = ssh::connect(&target).await?;
+    let log = BuildLog::from_fd4();
+    let remote = Remote::open(session, b, &log).await?;
+    tracing::debug!(builder = %b.name, protocol = %remote.describe(), "connected");
+    Ok((remote, log))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn accepted(
+    stdin: &mut WireReader<Box<dyn AsyncRead + Unpin + Send>>,
+    settings: &Settings,
+    req: &TryRequest,
+    builder: &Builder,
+    mut remote: Remote,
+    mut log: BuildLog,
+    slot: Option<SlotLock>,
+    load_dir: &LoadDir,
+) -> Result<u8, HookError> {
+    logging::reply(&Reply::accept(&builder.store_uri));
+    let accepted = stdin
+        .decode("the inputs and wanted outputs", AcceptedBuild::decode)
+        .await?;
+    let drv_path = req.drv_path.clone();
+    let drv_bytes = tokio::fs::read(drv_path.as_str())
+        .await
+        .map_err(|source| HookError::ReadDrv {
+            path: drv_path.to_string(),
+            source,
+        })?;
+    let drv = Derivation::parse(&drv_bytes).map_err(|e| HookError::ParseDrv {
+        path: drv_path.to_string(),
+        message: e.to_string(),
+    })?;
+    let job = Job {
+        drv_path,
+        drv,
+        inputs: accepted.input_paths,
+        wanted: accepted.missing_outputs.into_iter().collect::<BTreeSet<_>>(),
+        substitute_on_remote: settings.builders_use_substitutes()?,
+        options: BuildOptions {
+            max_silent_time: settings.max_silent_time()?,
+            build_timeout: settings.timeout()?,
+            max_log_size: settings.max_build_log_size()?,
+            nr_repeats: 0,
+            enforce_determinism: false,
+            keep_failed: settings.keep_failed()?,
+        },
+        nix_store: which::which("nix-store").unwrap_or_else(|_| PathBuf::from("nix-store")),
+    };
+    let mut local = LocalStore::connect()
+        .await
+        .map_err(transfer::TransferError::Local)?;
+
+    // Nix's hook serialises uploads to one builder with this lock; we do the same so concurrent
+    // builds never upload the same closure twice, and so Nix's hooks see us.
+    let lock_dir = load_dir.clone();
+    let key = builder.slot_key().to_owned();
+    let upload_lock = tokio::task::spawn_blocking(move || {
+        lock_dir.upload_lock(&key, UPLOAD_LOCK_TIMEOUT)
+    })
+    .await
+    .map_err(|e| HookError::Internal(format!("upload lock thread: {e}")))??;
+    if let UploadLockOutcome::TimedOut = upload_lock {
+        tracing::warn!(
+            "somebody is hogging the upload lock for '{}', continuing...",
+            builder.store_uri
+        );
+    }
+    let build_act = Activity::start(
+        Verbosity::Talkative,
+        activity::UNKNOWN,
+        format!("building '{}' on '{}'", job.drv_path, builder.store_uri),
+        vec![Field::from(job.drv_path.to_string())],
+    );
+    let timings = transfer::run(&job, &mut remote, &mut local, &mut log, upload_lock).await?;
+    drop(build_act);
+    tracing::debug!(?timings, "remote build finished");
+    drop(slot);
+    Ok(0)
+}

@@ -1,0 +1,118 @@
+//! The local store, as the hook sees it: path infos and input NARs from the local nix-daemon's
+//! socket through the same worker-protocol client that talks to `ssh-ng://` builders.
+//!
+//! Only reads go through the daemon: a write to an output the daemon has locked would deadlock
+//! (PROTOCOL.md §4), so outputs are placed by `place` instead. When no daemon socket exists (a
+//! daemonless, root `nix-build`), `nix-daemon --stdio` serves the same protocol from a child.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::process::Stdio;
+
+use hook_protocol::path_info::PathInfo;
+use hook_protocol::StorePath;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::UnixStream;
+use tokio::process::{Child, Command};
+
+use crate::remote::daemon::{NarSink, NarSource, WorkerClient};
+use crate::remote::{RemoteError, copy_nar};
+
+/// Where the daemon listens unless `NIX_DAEMON_SOCKET_PATH` says otherwise.
+pub const DEFAULT_SOCKET: &str = "/nix/var/nix/daemon-socket/socket";
+const PEER: &str = "the local nix-daemon";
+
+type BoxRead = Box<dyn AsyncRead + Unpin + Send>;
+type BoxWrite = Box<dyn AsyncWrite + Unpin + Send>;
+
+/// A connection to the local store.
+pub struct LocalStore {
+    client: WorkerClient<BoxRead, BoxWrite>,
+    /// `nix-daemon --stdio`, when there was no socket; killed on drop.
+    _child: Option<Child>,
+}
+
+/// The daemon socket's path.
+pub fn socket_path() -> PathBuf {
+    std::env::var_os("NIX_DAEMON_SOCKET_PATH")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET))
+}
+
+impl LocalStore {
+    /// Connects to the daemon socket, or runs `nix-daemon --stdio` if there is none.
+    pub async fn connect() -> Result<LocalStore, RemoteError> {
+        let path = socket_path();
+        match UnixStream::connect(&path).await {
+            Ok(s) => {
+                let (r, w) = s.into_split();
+                let client = WorkerClient::handshake(Box::new(r) as BoxRead, Box::new(w) as BoxWrite, PEER).await?;
+                Ok(LocalStore {
+                    client,
+                    _child: None,
+                })
+            }
+            Err(e) => {
+                tracing::debug!(socket = %path.display(), error = %e,
+                    "no daemon socket; using 'nix-daemon --stdio'");
+                let mut child = Command::new("nix-daemon")
+                    .arg("--stdio")
+                    .env_remove("NIX_REMOTE")
+                    .stdin(Stdio::piped())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::null())
+                    .kill_on_drop(true)
+                    .spawn()
+                    .map_err(|source| RemoteError::Write {
+                        peer: format!("'nix-daemon --stdio' (no socket at {})", path.display()),
+                        source,
+                    })?;
+                let (Some(w), Some(r)) = (child.stdin.take(), child.stdout.take()) else {
+                    return Err(RemoteError::Protocol {
+                        peer: PEER.into(),
+                        message: "nix-daemon --stdio started without pipes".into(),
+                    });
+                };
+                let client = WorkerClient::handshake(Box::new(r) as BoxRead, Box::new(w) as BoxWrite, PEER).await?;
+                Ok(LocalStore {
+                    client,
+                    _child: Some(child),
+                })
+            }
+        }
+    }
+
+    /// Which of `paths` are valid locally (one round trip).
+    pub async fn valid_paths(
+        &mut self,
+        paths: &[StorePath],
+    ) -> Result<BTreeSet<StorePath>, RemoteError> {
+        self.client.query_valid_paths(paths, false).await
+    }
+
+    /// Path infos for `paths`, which must all be valid (pipelined).
+    pub async fn path_infos(&mut self, paths: &[StorePath]) -> Result<Vec<PathInfo>, RemoteError> {
+        let infos = self.client.query_path_infos(paths).await?;
+        infos
+            .into_iter()
+            .zip(paths)
+            .map(|(info, p)| {
+                info.ok_or_else(|| RemoteError::Protocol {
+                    peer: PEER.into(),
+                    message: format!("input path '{p}' is not valid in the local store"),
+                })
+            })
+            .collect()
+    }
+}
+
+impl NarSource for LocalStore {
+    async fn copy_nar<W: NarSink>(
+        &mut self,
+        info: &PathInfo,
+        sink: &mut W,
+    ) -> Result<(), RemoteError> {
+        self.client.start_nar_from_path(&info.path).await?;
+        copy_nar(self.client.nar_reader(), info.nar_size, sink).await
+    }
+}

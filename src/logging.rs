@@ -1,0 +1,178 @@
+//! The hook's voice towards nix-daemon: reply lines and `@nix` log messages on stderr, and a
+//! `tracing` layer that turns events into `@nix` `msg` lines so they reach the user's terminal.
+//!
+//! stdout and stderr are the same pipe (PROTOCOL.md §1.3), and the daemon reads it line by line,
+//! so every write here is one whole line under one lock: a reply word and the machine name that
+//! follows it can never be split by a log line. Nothing is written while the daemon is not
+//! reading (between `try`s) except in answer to a request. Build logs do not go through here;
+//! they go to fd 4 (see `transfer`).
+
+use std::io::Write;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use hook_protocol::hook::Reply;
+use hook_protocol::log::{Field, Message, Verbosity};
+use tracing::field::{Field as TracingField, Visit};
+use tracing::{Event, Level, Subscriber};
+use tracing_subscriber::layer::Context;
+
+static STDERR: Mutex<()> = Mutex::new(());
+static NEXT_ACTIVITY: AtomicU64 = AtomicU64::new(1);
+
+fn write_line(bytes: &[u8]) {
+    let _guard = STDERR.lock().unwrap_or_else(|e| e.into_inner());
+    let mut err = std::io::stderr().lock();
+    // If the daemon has gone away there is nobody left to tell.
+    let _ = err.write_all(bytes);
+    let _ = err.flush();
+}
+
+/// Sends a reply (`# accept` + machine, `# decline`, …) to the daemon.
+pub fn reply(r: &Reply) {
+    write_line(&r.to_bytes());
+}
+
+/// Sends one `@nix` message.
+pub fn send(msg: &Message) {
+    write_line(&msg.to_line());
+}
+
+/// Sends an error the user always sees, formatted as Nix formats its own (`error: …`).
+pub fn error(text: &str) {
+    send(&Message::error(format!("error: {text}")));
+}
+
+/// A progress-bar activity; stopped when dropped.
+pub struct Activity {
+    id: u64,
+}
+
+impl Activity {
+    /// Starts an activity of `kind` (see `hook_protocol::log::activity`).
+    pub fn start(level: Verbosity, kind: u64, text: impl Into<String>, fields: Vec<Field>) -> Self {
+        // Nix's ids are (pid << 32) + counter; ours follow suit so they never collide with
+        // the daemon's own activities.
+        let id = ((std::process::id() as u64) << 32) | NEXT_ACTIVITY.fetch_add(1, Ordering::Relaxed);
+        send(&Message::Start {
+            id,
+            level,
+            kind,
+            text: text.into(),
+            fields,
+            parent: None,
+        });
+        Activity { id }
+    }
+
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    pub fn result(&self, kind: u64, fields: Vec<Field>) {
+        send(&Message::Result {
+            id: self.id,
+            kind,
+            fields,
+        });
+    }
+}
+
+impl Drop for Activity {
+    fn drop(&mut self) {
+        send(&Message::Stop { id: self.id });
+    }
+}
+
+/// Maps a tracing level to Nix's verbosity.
+pub fn nix_level(level: &Level) -> Verbosity {
+    match *level {
+        Level::ERROR => Verbosity::Error,
+        Level::WARN => Verbosity::Warn,
+        Level::INFO => Verbosity::Info,
+        Level::DEBUG => Verbosity::Chatty,
+        Level::TRACE => Verbosity::Vomit,
+    }
+}
+
+/// A `tracing` layer that writes events at or below `verbosity` as `@nix` msg lines.
+pub struct NixLogLayer {
+    pub verbosity: Verbosity,
+}
+
+struct MessageVisitor {
+    message: String,
+    fields: String,
+}
+
+impl Visit for MessageVisitor {
+    fn record_str(&mut self, field: &TracingField, value: &str) {
+        if field.name() == "message" {
+            self.message.push_str(value);
+        } else {
+            self.fields.push_str(&format!(" {}={}", field.name(), value));
+        }
+    }
+
+    fn record_debug(&mut self, field: &TracingField, value: &dyn std::fmt::Debug) {
+        if field.name() == "message" {
+            self.message.push_str(&format!("{value:?}"));
+        } else {
+            self.fields.push_str(&format!(" {}={:?}", field.name(), value));
+        }
+    }
+}
+
+/// Renders an event's message and fields as one line of text.
+pub fn render(event: &Event<'_>) -> String {
+    let mut v = MessageVisitor {
+        message: String::new(),
+        fields: String::new(),
+    };
+    event.record(&mut v);
+    v.message.push_str(&v.fields);
+    v.message
+}
+
+impl<S: Subscriber> tracing_subscriber::Layer<S> for NixLogLayer {
+    fn on_event(&self, event: &Event<'_>, _ctx: Context<'_, S>) {
+        let level = nix_level(event.metadata().level());
+        if level > self.verbosity {
+            return;
+        }
+        let text = render(event);
+        let text = match level {
+            Verbosity::Error => format!("error: {text}"),
+            Verbosity::Warn => format!("warning: {text}"),
+            _ => text,
+        };
+        send(&Message::msg(level, text));
+    }
+}
+
+/// Installs the `@nix` layer as the global subscriber for hook mode.
+pub fn init_hook(verbosity: Verbosity) {
+    use tracing_subscriber::prelude::*;
+    let filter = tracing_subscriber::filter::LevelFilter::from_level(match verbosity {
+        Verbosity::Error => Level::ERROR,
+        Verbosity::Warn => Level::WARN,
+        Verbosity::Notice | Verbosity::Info | Verbosity::Talkative => Level::INFO,
+        Verbosity::Chatty | Verbosity::Debug => Level::DEBUG,
+        Verbosity::Vomit => Level::TRACE,
+    });
+    let _ = tracing_subscriber::registry()
+        .with(NixLogLayer { verbosity }.with_filter(filter))
+        .try_init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn levels_map_to_nix() {
+        assert_eq!(nix_level(&Level::ERROR), Verbosity::Error);
+        assert_eq!(nix_level(&Level::WARN), Verbosity::Warn);
+        assert!(nix_level(&Level::DEBUG) > Verbosity::Info);
+    }
+}

@@ -1,0 +1,380 @@
+//! The worker-protocol client: `nix-daemon --stdio` behind `ssh-ng://`, and the local
+//! nix-daemon's socket (see `local`). One client for both, generic over the byte streams.
+//!
+//! Owns the handshake, the stderr message loop (log lines go to the [`BuildLog`], remote errors
+//! become [`RemoteError::Daemon`]) and the operations a hook needs. Requests that can be batched
+//! are pipelined in bounded batches, so a thousand path infos cost a handful of round trips and
+//! the socket buffers can never deadlock. NARs pass through in bounded chunks and are never held
+//! whole. It never decides *what* to copy or build; `transfer` does.
+
+use std::collections::BTreeSet;
+
+use hook_protocol::build_result::BuildResult;
+use hook_protocol::derivation::BasicDerivation;
+use hook_protocol::log::strip_ansi;
+use hook_protocol::path_info::PathInfo;
+use hook_protocol::wire::WireWrite;
+use hook_protocol::worker::{
+    self, BuildMode, ClientOptions, Negotiated, NarUpload, ServerInfo, StderrMessage, TypedResult,
+};
+use hook_protocol::StorePath;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+
+use super::{BuildLog, RemoteError};
+use crate::wire_io::WireReader;
+
+/// How many requests we put on the wire before reading their replies.
+const PIPELINE_BATCH: usize = 128;
+/// Payload bytes per frame when we send a framed stream.
+const FRAME_SIZE: usize = 256 * 1024;
+
+/// A connected worker-protocol client.
+pub struct WorkerClient<R, W> {
+    reader: WireReader<R>,
+    writer: W,
+    proto: Negotiated,
+    info: ServerInfo,
+    peer: String,
+    store_dir: String,
+}
+
+impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> WorkerClient<R, W> {
+    /// Performs the handshake (PROTOCOL.md §8.1). `peer` names the other side in errors.
+    pub async fn handshake(reader: R, mut writer: W, peer: &str) -> Result<Self, RemoteError> {
+        let mut reader = WireReader::new(reader, peer);
+        let client = worker::CLIENT_VERSION;
+        let mut buf = Vec::new();
+        worker::encode_hello(&mut buf, client);
+        write_all(&mut writer, &buf, peer).await?;
+        let hello = reader
+            .decode("the nix-daemon greeting", |r| {
+                worker::decode_server_hello(r, client)
+            })
+            .await?;
+        let features = BTreeSet::new();
+        buf.clear();
+        worker::encode_after_hello(&mut buf, hello.version, &features);
+        write_all(&mut writer, &buf, peer).await?;
+        let (proto, info) = reader
+            .decode("the nix-daemon handshake", |r| {
+                worker::decode_server_info(r, hello.version, &features)
+            })
+            .await?;
+        let mut client = WorkerClient {
+            reader,
+            writer,
+            proto,
+            info,
+            peer: peer.to_owned(),
+            store_dir: "/nix/store".to_owned(),
+        };
+        client.finish_op(None).await?;
+        Ok(client)
+    }
+
+    pub fn negotiated(&self) -> &Negotiated {
+        &self.proto
+    }
+
+    pub fn server_info(&self) -> &ServerInfo {
+        &self.info
+    }
+
+    pub fn peer(&self) -> &str {
+        &self.peer
+    }
+
+    async fn send(&mut self, buf: &[u8]) -> Result<(), RemoteError> {
+        write_all(&mut self.writer, buf, &self.peer).await
+    }
+
+    /// Runs the stderr loop until `STDERR_LAST`; log output goes to `log`.
+    async fn finish_op(&mut self, mut log: Option<&mut BuildLog>) -> Result<(), RemoteError> {
+        loop {
+            let proto = self.proto.clone();
+            let msg = self
+                .reader
+                .decode("a nix-daemon message", |r| worker::decode_stderr(r, &proto))
+                .await?;
+            match msg {
+                StderrMessage::Last => return Ok(()),
+                StderrMessage::Error(e) => {
+                    let mut message = strip_ansi(e.message.trim_end());
+                    for t in e.traces.iter().rev() {
+                        message.push_str("\n… ");
+                        message.push_str(&strip_ansi(t.trim_end()));
+                    }
+                    return Err(RemoteError::Daemon {
+                        peer: self.peer.clone(),
+                        message,
+                    });
+                }
+                StderrMessage::Read { max } => {
+                    return Err(RemoteError::Protocol {
+                        peer: self.peer.clone(),
+                        message: format!("the daemon asked for {max} bytes we never offered"),
+                    });
+                }
+                StderrMessage::Next(text) => {
+                    if let Some(log) = log.as_deref_mut() {
+                        log.message(&text).await;
+                    } else {
+                        tracing::debug!(peer = %self.peer, "{}", text.trim_end());
+                    }
+                }
+                StderrMessage::Result(res) => {
+                    if let Some(log) = log.as_deref_mut() {
+                        match res.typed() {
+                            Some(TypedResult::BuildLogLine(line)) => log.line(line).await,
+                            Some(TypedResult::SetPhase(phase)) => log.phase(phase),
+                            _ => {}
+                        }
+                    }
+                }
+                StderrMessage::StartActivity(_)
+                | StderrMessage::StopActivity { .. }
+                | StderrMessage::Write(_) => {}
+            }
+        }
+    }
+
+    /// Sends SetOptions: the build's timeouts and log limit, which Nix's own ssh-ng store never
+    /// forwards.
+    pub async fn set_options(&mut self, options: &ClientOptions) -> Result<(), RemoteError> {
+        let mut buf = Vec::new();
+        worker::encode_set_options(&mut buf, &self.proto, options);
+        self.send(&buf).await?;
+        self.finish_op(None).await
+    }
+
+    /// QueryValidPaths (one round trip for the whole set).
+    pub async fn query_valid_paths(
+        &mut self,
+        paths: &[StorePath],
+        substitute: bool,
+    ) -> Result<BTreeSet<StorePath>, RemoteError> {
+        let mut buf = Vec::new();
+        worker::encode_query_valid_paths(&mut buf, &self.proto, paths, substitute);
+        self.send(&buf).await?;
+        self.finish_op(None).await?;
+        Ok(self
+            .reader
+            .decode("the valid paths", worker::decode_path_set)
+            .await?)
+    }
+
+    /// QueryPathInfo for every path, pipelined in batches. `None` for invalid paths.
+    pub async fn query_path_infos(
+        &mut self,
+        paths: &[StorePath],
+    ) -> Result<Vec<Option<PathInfo>>, RemoteError> {
+        let mut out = Vec::with_capacity(paths.len());
+        for batch in paths.chunks(PIPELINE_BATCH) {
+            let mut buf = Vec::new();
+            for p in batch {
+                worker::encode_query_path_info(&mut buf, p);
+            }
+            self.send(&buf).await?;
+            for p in batch {
+                match self.finish_op(None).await {
+                    Ok(()) => {}
+                    // Below 1.17 an invalid path is an error; we need ≥ 1.21 anyway.
+                    Err(e) => return Err(e),
+                }
+                let proto = self.proto.clone();
+                let info = self
+                    .reader
+                    .decode("a path info", |r| {
+                        worker::decode_query_path_info_reply(r, &proto, p)
+                    })
+                    .await?;
+                out.push(info);
+            }
+        }
+        Ok(out)
+    }
+
+    /// NarFromPath: after this returns, exactly `nar_size` NAR bytes are waiting in
+    /// [`WorkerClient::nar_reader`]; the caller must consume them all before the next request.
+    pub async fn start_nar_from_path(&mut self, path: &StorePath) -> Result<(), RemoteError> {
+        let mut buf = Vec::new();
+        worker::encode_nar_from_path(&mut buf, path);
+        self.send(&buf).await?;
+        self.finish_op(None).await
+    }
+
+    /// The reader positioned on a NAR after [`WorkerClient::start_nar_from_path`].
+    pub fn nar_reader(&mut self) -> &mut WireReader<R> {
+        &mut self.reader
+    }
+
+    /// Uploads paths (dependencies first). Each NAR is produced by `source`, which must write
+    /// exactly `info.nar_size` bytes into the given sink. Uses AddMultipleToStore (one round
+    /// trip for all paths) where the daemon has it, AddToStoreNar otherwise.
+    pub async fn add_paths<S: NarSource>(
+        &mut self,
+        infos: &[PathInfo],
+        source: &mut S,
+    ) -> Result<(), RemoteError> {
+        if infos.is_empty() {
+            return Ok(());
+        }
+        let mut buf = Vec::new();
+        if worker::encode_add_multiple_to_store(&mut buf, &self.proto, false, true).is_ok() {
+            self.send(&buf).await?;
+            let mut framed = FramedWriter::new(&mut self.writer, &self.peer);
+            let mut head = Vec::new();
+            worker::encode_add_multiple_count(&mut head, infos.len() as u64);
+            framed.write(&head).await?;
+            for info in infos {
+                head.clear();
+                worker::encode_add_multiple_entry(&mut head, info);
+                framed.write(&head).await?;
+                source.copy_nar(info, &mut framed).await?;
+            }
+            framed.finish().await?;
+            return self.finish_op(None).await;
+        }
+        if worker::nar_upload(&self.proto) != NarUpload::Framed {
+            return Err(RemoteError::Protocol {
+                peer: self.peer.clone(),
+                message: format!(
+                    "worker protocol {} is too old to upload paths (need 1.23)",
+                    self.proto.version
+                ),
+            });
+        }
+        for info in infos {
+            buf.clear();
+            worker::encode_add_to_store_nar(&mut buf, info, false, true);
+            self.send(&buf).await?;
+            let mut framed = FramedWriter::new(&mut self.writer, &self.peer);
+            source.copy_nar(info, &mut framed).await?;
+            framed.finish().await?;
+            self.finish_op(None).await?;
+        }
+        Ok(())
+    }
+
+    /// BuildDerivation; the log goes to `log` as it arrives.
+    pub async fn build_derivation(
+        &mut self,
+        drv_path: &StorePath,
+        drv: &BasicDerivation,
+        log: &mut BuildLog,
+    ) -> Result<BuildResult, RemoteError> {
+        let mut buf = Vec::new();
+        worker::encode_build_derivation(&mut buf, drv_path, drv, BuildMode::Normal);
+        self.send(&buf).await?;
+        self.finish_op(Some(log)).await?;
+        let proto = self.proto.clone();
+        let store_dir = self.store_dir.clone();
+        Ok(self
+            .reader
+            .decode("the build result", |r| {
+                worker::decode_build_result(r, &proto, &store_dir)
+            })
+            .await?)
+    }
+}
+
+/// Produces the NAR of a path into a sink (the local store's NarFromPath, in practice).
+pub trait NarSource {
+    fn copy_nar<W: NarSink>(
+        &mut self,
+        info: &PathInfo,
+        sink: &mut W,
+    ) -> impl std::future::Future<Output = Result<(), RemoteError>>;
+}
+
+/// Where NAR bytes go: a plain stream, or a framed one.
+pub trait NarSink {
+    fn write(&mut self, data: &[u8]) -> impl std::future::Future<Output = Result<(), RemoteError>>;
+}
+
+/// Writes a framed stream (worker ≥ 1.23), coalescing small writes into large frames.
+pub struct FramedWriter<'a, W> {
+    inner: &'a mut W,
+    peer: &'a str,
+    buf: Vec<u8>,
+}
+
+impl<'a, W: AsyncWrite + Unpin> FramedWriter<'a, W> {
+    pub fn new(inner: &'a mut W, peer: &'a str) -> Self {
+        FramedWriter {
+            inner,
+            peer,
+            buf: Vec::with_capacity(FRAME_SIZE + 8),
+        }
+    }
+
+    async fn flush_frame(&mut self) -> Result<(), RemoteError> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let mut head = Vec::with_capacity(8);
+        head.put_u64(self.buf.len() as u64);
+        write_all_noflush(self.inner, &head, self.peer).await?;
+        write_all_noflush(self.inner, &self.buf, self.peer).await?;
+        self.buf.clear();
+        Ok(())
+    }
+
+    /// Ends the stream (zero-length frame) and flushes.
+    pub async fn finish(mut self) -> Result<(), RemoteError> {
+        self.flush_frame().await?;
+        let mut end = Vec::with_capacity(8);
+        worker::encode_frame_end(&mut end);
+        write_all(self.inner, &end, self.peer).await
+    }
+}
+
+impl<W: AsyncWrite + Unpin> NarSink for FramedWriter<'_, W> {
+    async fn write(&mut self, mut data: &[u8]) -> Result<(), RemoteError> {
+        while !data.is_empty() {
+            let room = FRAME_SIZE - self.buf.len();
+            let n = room.min(data.len());
+            self.buf.extend_from_slice(&data[..n]);
+            data = &data[n..];
+            if self.buf.len() == FRAME_SIZE {
+                self.flush_frame().await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A plain byte stream as a [`NarSink`].
+pub struct PlainSink<'a, W> {
+    pub inner: &'a mut W,
+    pub peer: &'a str,
+}
+
+impl<W: AsyncWrite + Unpin> NarSink for PlainSink<'_, W> {
+    async fn write(&mut self, data: &[u8]) -> Result<(), RemoteError> {
+        write_all_noflush(self.inner, data, self.peer).await
+    }
+}
+
+pub(super) async fn write_all_noflush<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    buf: &[u8],
+    peer: &str,
+) -> Result<(), RemoteError> {
+    w.write_all(buf).await.map_err(|source| RemoteError::Write {
+        peer: peer.to_owned(),
+        source,
+    })
+}
+
+pub(super) async fn write_all<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    buf: &[u8],
+    peer: &str,
+) -> Result<(), RemoteError> {
+    write_all_noflush(w, buf, peer).await?;
+    w.flush().await.map_err(|source| RemoteError::Write {
+        peer: peer.to_owned(),
+        source,
+    })
+}

@@ -1,0 +1,143 @@
+//! The serve-protocol client: `nix-store --serve --write` behind `ssh://`.
+//!
+//! Owns the handshake and the operations a hook needs, gated on the negotiated version. Uploads
+//! are pipelined: every path's AddToStoreNar goes out back to back and the acknowledgements are
+//! read at the end, so N paths cost one round trip instead of N. The serve protocol reports
+//! errors out of band (the server prints to stderr and exits); the caller's stderr pump keeps
+//! that text and adds it to the EOF error. It never decides *what* to copy or build.
+
+use std::collections::BTreeSet;
+
+use hook_protocol::build_result::BuildResult;
+use hook_protocol::derivation::BasicDerivation;
+use hook_protocol::path_info::PathInfo;
+use hook_protocol::serve::{self, BuildOptions, Version};
+use hook_protocol::StorePath;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::daemon::{NarSource, PlainSink, write_all, write_all_noflush};
+use super::RemoteError;
+use crate::wire_io::WireReader;
+
+/// A connected serve-protocol client.
+pub struct ServeClient<R, W> {
+    reader: WireReader<R>,
+    writer: W,
+    version: Version,
+    server: Version,
+    peer: String,
+    store_dir: String,
+}
+
+impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> ServeClient<R, W> {
+    pub async fn handshake(reader: R, mut writer: W, peer: &str) -> Result<Self, RemoteError> {
+        let mut reader = WireReader::new(reader, peer);
+        let mut buf = Vec::new();
+        serve::encode_hello(&mut buf, serve::CLIENT_VERSION);
+        write_all(&mut writer, &buf, peer).await?;
+        let hello = reader
+            .decode("the 'nix-store --serve' greeting", |r| {
+                serve::decode_hello(r, serve::CLIENT_VERSION)
+            })
+            .await?;
+        Ok(ServeClient {
+            reader,
+            writer,
+            version: hello.negotiated,
+            server: hello.server,
+            peer: peer.to_owned(),
+            store_dir: "/nix/store".to_owned(),
+        })
+    }
+
+    pub fn server_version(&self) -> Version {
+        self.server
+    }
+
+    pub async fn query_valid_paths(
+        &mut self,
+        paths: &[StorePath],
+        substitute: bool,
+    ) -> Result<BTreeSet<StorePath>, RemoteError> {
+        let mut buf = Vec::new();
+        serve::encode_query_valid_paths(&mut buf, false, substitute, paths);
+        write_all(&mut self.writer, &buf, &self.peer).await?;
+        Ok(self
+            .reader
+            .decode("the valid paths", serve::decode_path_set)
+            .await?)
+    }
+
+    /// Path infos of the valid ones among `paths` (one round trip).
+    pub async fn query_path_infos(
+        &mut self,
+        paths: &[StorePath],
+    ) -> Result<Vec<PathInfo>, RemoteError> {
+        let mut buf = Vec::new();
+        serve::encode_query_path_infos(&mut buf, paths);
+        write_all(&mut self.writer, &buf, &self.peer).await?;
+        let v = self.version;
+        Ok(self
+            .reader
+            .decode("the path infos", |r| serve::decode_path_infos(r, v))
+            .await?)
+    }
+
+    /// Uploads paths (dependencies first), pipelined; see the module docs.
+    pub async fn add_paths<S: NarSource>(
+        &mut self,
+        infos: &[PathInfo],
+        source: &mut S,
+    ) -> Result<(), RemoteError> {
+        let mut buf = Vec::new();
+        for info in infos {
+            buf.clear();
+            serve::encode_add_to_store_nar(&mut buf, info);
+            write_all_noflush(&mut self.writer, &buf, &self.peer).await?;
+            let mut sink = PlainSink {
+                inner: &mut self.writer,
+                peer: &self.peer,
+            };
+            source.copy_nar(info, &mut sink).await?;
+        }
+        write_all(&mut self.writer, &[], &self.peer).await?;
+        for _ in infos {
+            self.reader
+                .decode("the upload acknowledgement", serve::decode_ok)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// BuildDerivation; the log arrives on the server's stderr (the caller pumps it).
+    pub async fn build_derivation(
+        &mut self,
+        drv_path: &StorePath,
+        drv: &BasicDerivation,
+        options: &BuildOptions,
+    ) -> Result<BuildResult, RemoteError> {
+        let mut buf = Vec::new();
+        serve::encode_build_derivation(&mut buf, self.version, drv_path, drv, options);
+        write_all(&mut self.writer, &buf, &self.peer).await?;
+        let v = self.version;
+        let store_dir = self.store_dir.clone();
+        Ok(self
+            .reader
+            .decode("the build result", |r| {
+                serve::decode_build_derivation_reply(r, v, &store_dir)
+            })
+            .await?)
+    }
+
+    /// DumpStorePath: afterwards the path's NAR (of the size its path info gave) is waiting in
+    /// [`ServeClient::nar_reader`]; consume it whole before the next request.
+    pub async fn start_dump(&mut self, path: &StorePath) -> Result<(), RemoteError> {
+        let mut buf = Vec::new();
+        serve::encode_dump_store_path(&mut buf, path);
+        write_all(&mut self.writer, &buf, &self.peer).await
+    }
+
+    pub fn nar_reader(&mut self) -> &mut WireReader<R> {
+        &mut self.reader
+    }
+}

@@ -1,0 +1,400 @@
+//! One remote build, after `# accept` (DESIGN.md "One remote build", steps 3–6): copy the
+//! missing inputs, build, stream the log, bring the outputs back verified and registered.
+//!
+//! Owns the order of operations and what counts as success. It never parses a wire (that is
+//! `hook-protocol`), never opens connections (the hook hands it a [`Remote`] and a
+//! [`LocalStore`]), and never makes a path valid except through `place`, after its hash was
+//! checked.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::time::Instant;
+
+use hook_protocol::build_result::{BuildResult, BuildStatus};
+use hook_protocol::derivation::Derivation;
+use hook_protocol::log::{Verbosity, strip_ansi};
+use hook_protocol::path_info::PathInfo;
+use hook_protocol::serve::BuildOptions;
+use hook_protocol::StorePath;
+use tokio::sync::mpsc;
+
+use crate::local::LocalStore;
+use crate::logging::Activity;
+use crate::place::{ChunkReader, ExpectedNar, PlaceError, Placed};
+use crate::remote::daemon::NarSink;
+use crate::remote::{BuildLog, Remote, RemoteError};
+
+/// Everything the daemon told us about the build.
+pub struct Job {
+    pub drv_path: StorePath,
+    pub drv: Derivation,
+    /// The input closure (from the daemon, after `# accept`).
+    pub inputs: BTreeSet<StorePath>,
+    /// Outputs the daemon wants (names).
+    pub wanted: BTreeSet<String>,
+    pub substitute_on_remote: bool,
+    pub options: BuildOptions,
+    /// `nix-store`, for `--register-validity`.
+    pub nix_store: PathBuf,
+}
+
+/// Why a remote build did not produce its outputs.
+#[derive(Debug, thiserror::Error)]
+pub enum TransferError {
+    /// The build itself failed on the builder: Nix's own wording.
+    #[error("build of '{drv}' on '{uri}' failed: {message}")]
+    BuildFailed {
+        drv: String,
+        uri: String,
+        status: BuildStatus,
+        message: String,
+    },
+    #[error("copying inputs to '{uri}': {source}")]
+    Upload {
+        uri: String,
+        #[source]
+        source: RemoteError,
+    },
+    #[error("building on '{uri}': {source}")]
+    Build {
+        uri: String,
+        #[source]
+        source: RemoteError,
+    },
+    #[error("reading the local store: {0}")]
+    Local(#[source] RemoteError),
+    #[error("copying outputs from '{uri}': {source}")]
+    Download {
+        uri: String,
+        #[source]
+        source: RemoteError,
+    },
+    #[error("copying outputs from '{uri}': {source}")]
+    Place {
+        uri: String,
+        #[source]
+        source: PlaceError,
+    },
+    #[error("'{uri}' built '{drv}' but has no valid output '{path}'")]
+    OutputMissing {
+        uri: String,
+        drv: String,
+        path: String,
+    },
+    #[error("'{drv}': {source}")]
+    Derivation {
+        drv: String,
+        #[source]
+        source: hook_protocol::derivation::DerivationError,
+    },
+    #[error(
+        "'{drv}' has outputs whose paths are only known after the build (content-addressed \
+         derivations), which nix-lazy-builder cannot build remotely yet"
+    )]
+    FloatingOutputs { drv: String },
+}
+
+impl TransferError {
+    /// The hook's exit status: Nix 2.8–2.28 map 100 to a permanent build failure and 101 to a
+    /// timeout (PROTOCOL.md §4.5); anything else is a miscellaneous failure.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            TransferError::BuildFailed { status, .. } => match status {
+                BuildStatus::TimedOut => 101,
+                BuildStatus::PermanentFailure
+                | BuildStatus::OutputRejected
+                | BuildStatus::NotDeterministic => 100,
+                _ => 1,
+            },
+            _ => 1,
+        }
+    }
+}
+
+/// Milliseconds spent in each step, for the log and for benchmarks.
+#[derive(Debug, Default, Clone)]
+pub struct Timings {
+    pub query_ms: u128,
+    pub upload_ms: u128,
+    pub uploaded_paths: usize,
+    pub uploaded_bytes: u64,
+    pub build_ms: u128,
+    pub download_ms: u128,
+    pub downloaded_bytes: u64,
+}
+
+/// Runs the build on `remote`. `upload_lock` (the builder's upload lock, held by the caller's
+/// choice) is released as soon as the inputs are there.
+pub async fn run<L>(
+    job: &Job,
+    remote: &mut Remote,
+    local: &mut LocalStore,
+    log: &mut BuildLog,
+    upload_lock: L,
+) -> Result<Timings, TransferError> {
+    let uri = remote.uri().to_owned();
+    let mut t = Timings::default();
+
+    // Step 3: only the inputs the remote lacks, found with one batched query each way.
+    let start = Instant::now();
+    let inputs: Vec<StorePath> = job.inputs.iter().cloned().collect();
+    let present = remote
+        .query_valid_paths(&inputs, job.substitute_on_remote)
+        .await
+        .map_err(|source| TransferError::Upload {
+            uri: uri.clone(),
+            source,
+        })?;
+    let missing: Vec<StorePath> = inputs
+        .iter()
+        .filter(|p| !present.contains(*p))
+        .cloned()
+        .collect();
+    let infos = local
+        .path_infos(&missing)
+        .await
+        .map_err(TransferError::Local)?;
+    let infos = topo_sort(infos);
+    t.query_ms = start.elapsed().as_millis();
+    if !infos.is_empty() {
+        let start = Instant::now();
+        let _act = Activity::start(
+            Verbosity::Talkative,
+            hook_protocol::log::activity::COPY_PATHS,
+            format!("copying {} paths to '{uri}'", infos.len()),
+            vec![],
+        );
+        remote
+            .add_paths(&infos, local)
+            .await
+            .map_err(|source| TransferError::Upload {
+                uri: uri.clone(),
+                source,
+            })?;
+        t.upload_ms = start.elapsed().as_millis();
+        t.uploaded_paths = infos.len();
+        t.uploaded_bytes = infos.iter().map(|i| i.nar_size).sum();
+    }
+
+    drop(upload_lock);
+
+    // Step 4: build.
+    let outputs = job
+        .drv
+        .output_paths()
+        .map_err(|source| TransferError::Derivation {
+            drv: job.drv_path.to_string(),
+            source,
+        })?;
+    if outputs.values().any(Option::is_none) {
+        return Err(TransferError::FloatingOutputs {
+            drv: job.drv_path.to_string(),
+        });
+    }
+    let basic = job.drv.basic_for_remote(&job.inputs);
+    let start = Instant::now();
+    let result: BuildResult = remote
+        .build(&job.drv_path, &basic, &job.options, log)
+        .await
+        .map_err(|source| TransferError::Build {
+            uri: uri.clone(),
+            source,
+        })?;
+    t.build_ms = start.elapsed().as_millis();
+    if !result.is_success() {
+        return Err(TransferError::BuildFailed {
+            drv: job.drv_path.to_string(),
+            uri,
+            status: result.status,
+            message: strip_ansi(result.error_msg.trim()),
+        });
+    }
+
+    // Step 5: every output not valid locally (all of them, as Nix's hook does), verified.
+    let start = Instant::now();
+    let out_paths: Vec<StorePath> = outputs.into_values().flatten().collect();
+    let valid_here = local
+        .valid_paths(&out_paths)
+        .await
+        .map_err(TransferError::Local)?;
+    let fetch: Vec<StorePath> = out_paths
+        .into_iter()
+        .filter(|p| !valid_here.contains(p))
+        .collect();
+    if fetch.is_empty() {
+        t.download_ms = start.elapsed().as_millis();
+        return Ok(t);
+    }
+    let remote_infos = remote
+        .query_path_infos(&fetch)
+        .await
+        .map_err(|source| TransferError::Download {
+            uri: uri.clone(),
+            source,
+        })?;
+    let by_path: BTreeMap<&StorePath, &PathInfo> =
+        remote_infos.iter().map(|i| (&i.path, i)).collect();
+    let _act = Activity::start(
+        Verbosity::Talkative,
+        hook_protocol::log::activity::COPY_PATHS,
+        format!("copying outputs from '{uri}'"),
+        vec![],
+    );
+    let mut placed = Placed::new();
+    for path in &fetch {
+        let info = *by_path.get(path).ok_or_else(|| TransferError::OutputMissing {
+            uri: uri.clone(),
+            drv: job.drv_path.to_string(),
+            path: path.to_string(),
+        })?;
+        placed = download_one(remote, info, &job.drv_path, placed, &uri).await?;
+        t.downloaded_bytes += info.nar_size;
+    }
+    let nix_store = job.nix_store.clone();
+    tokio::task::spawn_blocking(move || placed.register(&nix_store))
+        .await
+        .map_err(|_| TransferError::Place {
+            uri: uri.clone(),
+            source: PlaceError::Thread,
+        })?
+        .map_err(|source| TransferError::Place {
+            uri: uri.clone(),
+            source,
+        })?;
+    t.download_ms = start.elapsed().as_millis();
+    Ok(t)
+}
+
+/// Sends NAR chunks to the unpacking thread.
+struct ChannelSink(mpsc::Sender<Vec<u8>>);
+
+impl NarSink for ChannelSink {
+    async fn write(&mut self, data: &[u8]) -> Result<(), RemoteError> {
+        self.0
+            .send(data.to_vec())
+            .await
+            .map_err(|_| RemoteError::Write {
+                peer: "the local unpacker".into(),
+                source: std::io::Error::from(std::io::ErrorKind::BrokenPipe),
+            })
+    }
+}
+
+/// Streams one output's NAR from the remote into a blocking unpacker that hashes as it writes.
+async fn download_one(
+    remote: &mut Remote,
+    info: &PathInfo,
+    drv_path: &StorePath,
+    mut placed: Placed,
+    uri: &str,
+) -> Result<Placed, TransferError> {
+    let expected = ExpectedNar {
+        path: info.path.clone(),
+        nar_hash: info.nar_hash,
+        nar_size: info.nar_size,
+        deriver: Some(drv_path.clone()),
+        references: info.references.iter().cloned().collect(),
+    };
+    let (tx, rx) = mpsc::channel(16);
+    let unpack = tokio::task::spawn_blocking(move || {
+        let r = placed.unpack(expected, ChunkReader::new(rx));
+        (placed, r)
+    });
+    let mut sink = ChannelSink(tx);
+    let fetched = remote.nar(info, &mut sink).await;
+    drop(sink);
+    let (placed, unpacked) = unpack.await.map_err(|_| TransferError::Place {
+        uri: uri.to_owned(),
+        source: PlaceError::Thread,
+    })?;
+    // A broken stream explains a truncated unpack better than the unpacker can.
+    fetched.map_err(|source| TransferError::Download {
+        uri: uri.to_owned(),
+        source,
+    })?;
+    unpacked.map_err(|source| TransferError::Place {
+        uri: uri.to_owned(),
+        source,
+    })?;
+    Ok(placed)
+}
+
+/// Orders path infos so that every path comes after the paths it references (among `infos`).
+pub fn topo_sort(infos: Vec<PathInfo>) -> Vec<PathInfo> {
+    let mut by_path: BTreeMap<StorePath, PathInfo> =
+        infos.into_iter().map(|i| (i.path.clone(), i)).collect();
+    let mut out = Vec::with_capacity(by_path.len());
+    let mut visiting = BTreeSet::new();
+    let keys: Vec<StorePath> = by_path.keys().cloned().collect();
+    fn visit(
+        p: &StorePath,
+        by_path: &mut BTreeMap<StorePath, PathInfo>,
+        visiting: &mut BTreeSet<StorePath>,
+        out: &mut Vec<PathInfo>,
+    ) {
+        // Self-references and cycles (which a valid store cannot contain) are cut here.
+        if !visiting.insert(p.clone()) {
+            return;
+        }
+        let refs: Vec<StorePath> = match by_path.get(p) {
+            Some(info) => info.references.iter().cloned().collect(),
+            None => return,
+        };
+        for r in refs.iter().filter(|r| *r != p) {
+            visit(r, by_path, visiting, out);
+        }
+        if let Some(info) = by_path.remove(p) {
+            out.push(info);
+        }
+    }
+    for k in keys {
+        visit(&k, &mut by_path, &mut visiting, &mut out);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hook_protocol::Sha256;
+
+    fn info(name: char, refs: &[char]) -> PathInfo {
+        let p = |c: char| StorePath::parse(&format!("/nix/store/{}-{c}", "0".repeat(31) + &c.to_string())).unwrap();
+        let mut i = PathInfo::new(p(name), Sha256::digest(b""), 1);
+        i.references = refs.iter().map(|&c| p(c)).collect();
+        i
+    }
+
+    #[test]
+    fn dependencies_come_first() {
+        let sorted = topo_sort(vec![
+            info('a', &['b', 'c', 'a']),
+            info('c', &['d']),
+            info('b', &['c', 'x']),
+            info('d', &[]),
+        ]);
+        let names: Vec<&str> = sorted.iter().map(|i| i.path.name()).collect();
+        assert_eq!(names, ["d", "c", "b", "a"]);
+    }
+
+    #[test]
+    fn exit_codes_follow_nix() {
+        let failed = |status| TransferError::BuildFailed {
+            drv: "d".into(),
+            uri: "u".into(),
+            status,
+            message: "m".into(),
+        };
+        assert_eq!(failed(BuildStatus::PermanentFailure).exit_code(), 100);
+        assert_eq!(failed(BuildStatus::TimedOut).exit_code(), 101);
+        assert_eq!(failed(BuildStatus::MiscFailure).exit_code(), 1);
+        assert_eq!(
+            TransferError::Local(RemoteError::Protocol {
+                peer: "p".into(),
+                message: "m".into()
+            })
+            .exit_code(),
+            1
+        );
+    }
+}
