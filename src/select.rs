@@ -1,0 +1,795 @@
+//! Choosing a builder for one `try`: Nix's matching rules and ordering, the local-build checks,
+//! and the decision (accept / boot / postpone / decline) with a one-line reason.
+//!
+//! Pure functions over the builder table and per-builder state. This module must never do
+//! I/O, read a clock, take a lock or log: `slots.rs` measures the loads, the supervisor reports
+//! availability, and the hook prints the decision.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::time::Duration;
+
+use crate::config::Builder;
+
+/// What the daemon asks for in a `try`.
+#[derive(Clone, Copy, Debug)]
+pub struct Request<'a> {
+    /// `neededSystem`, e.g. `aarch64-linux` or `builtin`.
+    pub system: &'a str,
+    /// `requiredFeatures` (the derivation's `requiredSystemFeatures`).
+    pub required_features: &'a BTreeSet<String>,
+    /// `amWilling`: the daemon has a free local build slot right now.
+    pub am_willing: bool,
+}
+
+/// What the local machine can build, from the hook's settings preamble.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LocalCapability {
+    /// The `system` setting.
+    pub system: String,
+    /// The `extra-platforms` setting.
+    pub extra_platforms: BTreeSet<String>,
+    /// The `system-features` setting.
+    pub system_features: BTreeSet<String>,
+    /// The `max-jobs` setting.
+    pub max_jobs: u64,
+}
+
+impl LocalCapability {
+    /// Nix's `couldBuildLocally` (2.14 and later): `max-jobs > 0`, the system is `system` or in
+    /// `extra-platforms`, and every required feature is in `system-features`. Ignores whether a
+    /// local slot is free right now.
+    pub fn could_build(&self, system: &str, required: &BTreeSet<String>) -> bool {
+        self.max_jobs > 0
+            && (system == self.system || self.extra_platforms.contains(system))
+            && required.is_subset(&self.system_features)
+    }
+
+    /// Nix's `canBuildLocally`: [`could_build`](Self::could_build) and `amWilling`.
+    pub fn can_build(&self, req: &Request<'_>) -> bool {
+        req.am_willing && self.could_build(req.system, req.required_features)
+    }
+}
+
+/// Why a builder does not match a request (the first rule that fails).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Mismatch {
+    /// Its systems do not include the requested one (and it is not `builtin`).
+    System,
+    /// It lacks these required features (in neither supported nor mandatory features).
+    Features(Vec<String>),
+    /// It has these mandatory features the derivation does not require.
+    Mandatory(Vec<String>),
+}
+
+/// Nix's matching rule: the builder lists the system (or the system is `builtin`), supports
+/// every required feature (supported ∪ mandatory), and each of its mandatory features is
+/// required.
+pub fn check_match(
+    builder: &Builder,
+    system: &str,
+    required: &BTreeSet<String>,
+) -> Result<(), Mismatch> {
+    if system != "builtin" && !builder.systems.contains(system) {
+        return Err(Mismatch::System);
+    }
+    let lacking: Vec<String> = required
+        .iter()
+        .filter(|f| {
+            !builder.supported_features.contains(*f) && !builder.mandatory_features.contains(*f)
+        })
+        .cloned()
+        .collect();
+    if !lacking.is_empty() {
+        return Err(Mismatch::Features(lacking));
+    }
+    let unmet: Vec<String> = builder
+        .mandatory_features
+        .iter()
+        .filter(|f| !required.contains(*f))
+        .cloned()
+        .collect();
+    if !unmet.is_empty() {
+        return Err(Mismatch::Mandatory(unmet));
+    }
+    Ok(())
+}
+
+/// Indices of the builders that match, in table order: the ones whose slots must be probed.
+pub fn matching(table: &[Builder], req: &Request<'_>) -> Vec<usize> {
+    table
+        .iter()
+        .enumerate()
+        .filter(|(_, b)| check_match(b, req.system, req.required_features).is_ok())
+        .map(|(i, _)| i)
+        .collect()
+}
+
+/// Whether a builder can take work now. Always-on builders are always [`Availability::Up`];
+/// the other states are the supervisor's, for lazy builders.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Availability {
+    /// Reachable now.
+    #[default]
+    Up,
+    /// Down, and may be booted for this request.
+    MustBoot,
+    /// A boot is under way.
+    Booting,
+    /// Failed recently; skipped until the backoff expires.
+    BackingOff { cause: String, retry_in: Duration },
+}
+
+/// Per-builder input to [`choose`]: availability and the load measured in the slot files.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BuilderState {
+    pub availability: Availability,
+    /// Slots held by others.
+    pub load: u32,
+    /// Whether a slot is free (and was taken by the prober).
+    pub free_slot: bool,
+}
+
+/// At which level a decline reason is shown.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeclineLevel {
+    /// The local machine cannot build it: the user must see why.
+    Warn,
+    /// It will be built locally: only for `-vvvvv`.
+    Chatty,
+}
+
+/// The answer to one `try`.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Decision {
+    /// Build on this builder (index into the table); its free slot is the one to keep.
+    Accept { builder: usize },
+    /// Boot this lazy builder (its slot is reserved); answer `# postpone` meanwhile.
+    Boot { builder: usize },
+    /// Something matches but is full or booting, and the local machine cannot take it now.
+    Postpone { reason: String },
+    /// Nothing can take it: build locally or fail. `reason` is one line.
+    Decline { reason: String, level: DeclineLevel },
+}
+
+/// Nix's order among builders with a free slot: lower load ÷ speed factor, then higher speed
+/// factor, then lower load. Returns true if `a` is strictly better than `b` (so on a full tie
+/// the earlier one in the table stays).
+///
+/// Nix's third rule (lower load) only mattered with 2.8's integer division, where `3 / 2 ==
+/// 2 / 2`; with the float ratio current Nix uses, equal ratios and equal speed factors imply
+/// equal loads, so it never decides anything and is left out.
+fn better(a: (&Builder, u32), b: (&Builder, u32)) -> bool {
+    let ra = f64::from(a.1) / a.0.speed_factor;
+    let rb = f64::from(b.1) / b.0.speed_factor;
+    if ra != rb {
+        return ra < rb;
+    }
+    a.0.speed_factor > b.0.speed_factor
+}
+
+fn pick_best(table: &[Builder], states: &[BuilderState], pool: &[usize]) -> Option<usize> {
+    let mut best: Option<usize> = None;
+    for &i in pool {
+        let cand = (&table[i], state(states, i).load);
+        match best {
+            Some(b) if !better(cand, (&table[b], state(states, b).load)) => {}
+            _ => best = Some(i),
+        }
+    }
+    best
+}
+
+fn state(states: &[BuilderState], i: usize) -> BuilderState {
+    states.get(i).cloned().unwrap_or_default()
+}
+
+/// Decide one `try`. `states` runs parallel to `table`; only the entries of matching builders
+/// are read (a missing entry counts as up with no free slot).
+///
+/// Rules, in order:
+/// 1. Matching as in [`check_match`]; a builder backing off is skipped.
+/// 2. An up builder with a free slot wins, chosen by Nix's order (see [`better`]).
+/// 3. Otherwise a lazy builder that must boot and has a free slot is booted — unless another
+///    matching builder is already booting (wait for it), or the local machine could build the
+///    derivation and the builder does not say `boot-for-local`.
+/// 4. Otherwise, if a matching builder is full or booting: postpone when the local machine
+///    cannot build it now, else decline (build locally).
+/// 5. Otherwise decline, at warn level when the local machine could never build it.
+pub fn choose(
+    table: &[Builder],
+    states: &[BuilderState],
+    req: &Request<'_>,
+    local: &LocalCapability,
+) -> Decision {
+    let could_local = local.could_build(req.system, req.required_features);
+    let can_local = req.am_willing && could_local;
+
+    let mut up_free = Vec::new();
+    let mut boot_free = Vec::new();
+    let mut reasons: Vec<String> = Vec::new();
+    let mut busy: Vec<String> = Vec::new();
+    let mut booting = false;
+
+    for (i, b) in table.iter().enumerate() {
+        if let Err(m) = check_match(b, req.system, req.required_features) {
+            reasons.push(describe_mismatch(b, req.system, &m));
+            continue;
+        }
+        let st = state(states, i);
+        match st.availability {
+            Availability::BackingOff { cause, retry_in } if retry_in.is_zero() => {
+                // Disabled for now with no known retry time (Nix disables a machine it could
+                // not connect to for the rest of the hook process).
+                reasons.push(format!("'{}' failed ({cause})", b.name));
+            }
+            Availability::BackingOff { cause, retry_in } => {
+                reasons.push(format!(
+                    "'{}' failed recently ({cause}), retrying in {}",
+                    b.name,
+                    Secs(retry_in)
+                ));
+            }
+            Availability::Booting => {
+                booting = true;
+                busy.push(format!("'{}' is booting", b.name));
+            }
+            Availability::Up if st.free_slot => up_free.push(i),
+            Availability::Up => busy.push(format!(
+                "'{}' is busy ({}/{} jobs)",
+                b.name, st.load, b.max_jobs
+            )),
+            Availability::MustBoot if !st.free_slot => {
+                busy.push(format!(
+                    "'{}' is busy ({}/{} jobs)",
+                    b.name, st.load, b.max_jobs
+                ));
+            }
+            Availability::MustBoot => {
+                let for_local = b.lazy.as_ref().is_some_and(|l| l.boot_for_local);
+                if could_local && !for_local {
+                    reasons.push(format!(
+                        "'{}' is down and is not booted for derivations this machine can build (boot-for-local = false)",
+                        b.name
+                    ));
+                } else {
+                    boot_free.push(i);
+                }
+            }
+        }
+    }
+
+    if let Some(i) = pick_best(table, states, &up_free) {
+        return Decision::Accept { builder: i };
+    }
+    if !booting && let Some(i) = pick_best(table, states, &boot_free) {
+        return Decision::Boot { builder: i };
+    }
+    let wanted = describe_request(req);
+    if !busy.is_empty() || !boot_free.is_empty() {
+        if !can_local {
+            return Decision::Postpone {
+                reason: format!("waiting for a builder for {wanted}: {}", busy.join("; ")),
+            };
+        }
+        let mut all = busy;
+        all.extend(reasons);
+        return Decision::Decline {
+            reason: format!(
+                "no free builder for {wanted}, building locally: {}",
+                all.join("; ")
+            ),
+            level: DeclineLevel::Chatty,
+        };
+    }
+    let reason = if table.is_empty() {
+        format!("no builder for {wanted}: no builders are configured")
+    } else {
+        format!("no builder for {wanted}: {}", reasons.join("; "))
+    };
+    Decision::Decline {
+        reason,
+        level: if could_local {
+            DeclineLevel::Chatty
+        } else {
+            DeclineLevel::Warn
+        },
+    }
+}
+
+/// `aarch64-linux` or `aarch64-linux with {kvm, big-parallel}`.
+fn describe_request(req: &Request<'_>) -> String {
+    if req.required_features.is_empty() {
+        req.system.to_owned()
+    } else {
+        let feats: Vec<&str> = req.required_features.iter().map(String::as_str).collect();
+        format!("{} with {{{}}}", req.system, feats.join(", "))
+    }
+}
+
+fn describe_mismatch(b: &Builder, system: &str, m: &Mismatch) -> String {
+    let plural = |v: &[String]| if v.len() == 1 { "" } else { "s" };
+    match m {
+        Mismatch::System => format!("'{}' lacks system {system}", b.name),
+        Mismatch::Features(f) => {
+            format!("'{}' lacks feature{} {}", b.name, plural(f), f.join(", "))
+        }
+        Mismatch::Mandatory(f) => {
+            format!(
+                "'{}' requires mandatory feature{} {}",
+                b.name,
+                plural(f),
+                f.join(", ")
+            )
+        }
+    }
+}
+
+/// Whole seconds, rounded up: "30s".
+struct Secs(Duration);
+
+impl fmt::Display for Secs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = self.0.as_secs() + u64::from(self.0.subsec_nanos() > 0);
+        write!(f, "{s}s")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{
+        BootSpec, BuilderUri, CommandBoot, HostKeys, LazySettings, Origin, StopSignal,
+    };
+    use std::path::PathBuf;
+
+    fn set(items: &[&str]) -> BTreeSet<String> {
+        items.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn builder(name: &str, systems: &[&str], supported: &[&str], mandatory: &[&str]) -> Builder {
+        let uri = format!("ssh://{name}");
+        Builder {
+            name: name.to_owned(),
+            uri: BuilderUri::parse(&uri).unwrap(),
+            store_uri: uri,
+            systems: set(systems),
+            ssh_key: None,
+            max_jobs: 2,
+            speed_factor: 1.0,
+            supported_features: set(supported),
+            mandatory_features: set(mandatory),
+            host_keys: HostKeys::SshDefault,
+            origin: Origin::Toml {
+                file: PathBuf::from("/t"),
+                name: name.to_owned(),
+            },
+            lazy: None,
+        }
+    }
+
+    fn lazy(mut b: Builder, boot_for_local: bool) -> Builder {
+        b.lazy = Some(LazySettings {
+            idle_timeout: None,
+            boot_timeout: Duration::from_secs(60),
+            boot_for_local,
+            boot: BootSpec::Command(CommandBoot {
+                command: vec!["/x".into()],
+                stop_command: None,
+                stop_signal: StopSignal::Term,
+            }),
+        });
+        b
+    }
+
+    fn with_speed(mut b: Builder, s: f64) -> Builder {
+        b.speed_factor = s;
+        b
+    }
+
+    fn up(load: u32, free: bool) -> BuilderState {
+        BuilderState {
+            availability: Availability::Up,
+            load,
+            free_slot: free,
+        }
+    }
+
+    fn st(availability: Availability, load: u32, free: bool) -> BuilderState {
+        BuilderState {
+            availability,
+            load,
+            free_slot: free,
+        }
+    }
+
+    fn local(system: &str) -> LocalCapability {
+        LocalCapability {
+            system: system.to_owned(),
+            extra_platforms: set(&["i686-linux"]),
+            system_features: set(&["kvm", "big-parallel", "benchmark"]),
+            max_jobs: 1,
+        }
+    }
+
+    fn decide(
+        table: &[Builder],
+        states: &[BuilderState],
+        system: &str,
+        feats: &[&str],
+        willing: bool,
+        l: &LocalCapability,
+    ) -> Decision {
+        let f = set(feats);
+        choose(
+            table,
+            states,
+            &Request {
+                system,
+                required_features: &f,
+                am_willing: willing,
+            },
+            l,
+        )
+    }
+
+    #[test]
+    fn matching_rules() {
+        let b = builder("b", &["aarch64-linux"], &["kvm"], &["benchmark"]);
+        let m = |sys: &str, f: &[&str]| check_match(&b, sys, &set(f));
+        assert_eq!(m("aarch64-linux", &["benchmark"]), Ok(()));
+        assert_eq!(m("aarch64-linux", &["benchmark", "kvm"]), Ok(()));
+        assert_eq!(
+            m("builtin", &["benchmark"]),
+            Ok(()),
+            "builtin matches any system"
+        );
+        assert_eq!(m("x86_64-linux", &["benchmark"]), Err(Mismatch::System));
+        assert_eq!(
+            m(
+                "aarch64-linux",
+                &["benchmark", "nixos-test", "big-parallel"]
+            ),
+            Err(Mismatch::Features(vec![
+                "big-parallel".into(),
+                "nixos-test".into()
+            ]))
+        );
+        assert_eq!(
+            m("aarch64-linux", &[]),
+            Err(Mismatch::Mandatory(vec!["benchmark".into()]))
+        );
+        // A mandatory feature counts as supported.
+        let c = builder("c", &["x"], &[], &["kvm"]);
+        assert_eq!(check_match(&c, "x", &set(&["kvm"])), Ok(()));
+        let table = [b.clone(), c, builder("d", &["aarch64-linux"], &[], &[])];
+        let f = set(&[]);
+        assert_eq!(
+            matching(
+                &table,
+                &Request {
+                    system: "aarch64-linux",
+                    required_features: &f,
+                    am_willing: true
+                }
+            ),
+            [2]
+        );
+    }
+
+    #[test]
+    fn local_capability() {
+        let mut l = local("x86_64-linux");
+        assert!(l.could_build("x86_64-linux", &set(&["kvm"])));
+        assert!(l.could_build("i686-linux", &set(&[])), "extra-platforms");
+        assert!(!l.could_build("aarch64-linux", &set(&[])));
+        assert!(!l.could_build("x86_64-linux", &set(&["nixos-test"])));
+        let f = set(&[]);
+        assert!(l.can_build(&Request {
+            system: "x86_64-linux",
+            required_features: &f,
+            am_willing: true
+        }));
+        assert!(!l.can_build(&Request {
+            system: "x86_64-linux",
+            required_features: &f,
+            am_willing: false
+        }));
+        l.max_jobs = 0;
+        assert!(!l.could_build("x86_64-linux", &set(&[])), "max-jobs 0");
+    }
+
+    #[test]
+    fn ordering_follows_nix() {
+        let l = local("x86_64-linux");
+        let sys = "aarch64-linux";
+        let t = |speeds: &[f64]| -> Vec<Builder> {
+            speeds
+                .iter()
+                .enumerate()
+                .map(|(i, s)| with_speed(builder(&format!("b{i}"), &[sys], &[], &[]), *s))
+                .collect()
+        };
+        // Lowest load / speed wins.
+        let table = t(&[1.0, 4.0]);
+        assert_eq!(
+            decide(&table, &[up(1, true), up(3, true)], sys, &[], false, &l),
+            Decision::Accept { builder: 1 }
+        );
+        // Equal ratio: higher speed factor wins.
+        assert_eq!(
+            decide(&table, &[up(1, true), up(4, true)], sys, &[], false, &l),
+            Decision::Accept { builder: 1 }
+        );
+        // Fractional ratios: 3 / 2 beats 2 / 1 (2.8's integer division called them equal).
+        let table = t(&[1.0, 2.0]);
+        assert_eq!(
+            decide(&table, &[up(2, true), up(3, true)], sys, &[], false, &l),
+            Decision::Accept { builder: 1 }
+        );
+        let table = t(&[2.0, 2.0]);
+        // Full tie: table order.
+        assert_eq!(
+            decide(&table, &[up(1, true), up(1, true)], sys, &[], false, &l),
+            Decision::Accept { builder: 0 }
+        );
+        // A builder with no free slot is never chosen, whatever its ratio.
+        assert_eq!(
+            decide(&table, &[up(0, false), up(5, true)], sys, &[], false, &l),
+            Decision::Accept { builder: 1 }
+        );
+        // Non-matching builders are ignored even with a free slot.
+        let mut table = t(&[1.0, 1.0]);
+        table[0].systems = set(&["x86_64-darwin"]);
+        assert_eq!(
+            decide(&table, &[up(0, true), up(1, true)], sys, &[], false, &l),
+            Decision::Accept { builder: 1 }
+        );
+    }
+
+    #[test]
+    fn full_builders_postpone_or_decline() {
+        let table = [builder("a", &["aarch64-linux", "x86_64-linux"], &[], &[])];
+        let l = local("x86_64-linux");
+        let full = [up(2, false)];
+        // Cannot build locally: postpone.
+        match decide(&table, &full, "aarch64-linux", &[], true, &l) {
+            Decision::Postpone { reason } => assert_eq!(
+                reason,
+                "waiting for a builder for aarch64-linux: 'a' is busy (2/2 jobs)"
+            ),
+            d => panic!("{d:?}"),
+        }
+        // Could build locally but no local slot now (amWilling = 0): postpone too.
+        assert!(matches!(
+            decide(&table, &full, "x86_64-linux", &[], false, &l),
+            Decision::Postpone { .. }
+        ));
+        // Can build locally now: decline, quietly.
+        match decide(&table, &full, "x86_64-linux", &[], true, &l) {
+            Decision::Decline {
+                level: DeclineLevel::Chatty,
+                reason,
+            } => assert!(
+                reason
+                    .starts_with("no free builder for x86_64-linux, building locally: 'a' is busy"),
+                "{reason}"
+            ),
+            d => panic!("{d:?}"),
+        }
+        // max-jobs 0 in the machines table: never free, so postponed forever (as in Nix).
+        let mut zero = table.clone();
+        zero[0].max_jobs = 0;
+        assert!(matches!(
+            decide(&zero, &[up(0, false)], "aarch64-linux", &[], true, &l),
+            Decision::Postpone { .. }
+        ));
+    }
+
+    #[test]
+    fn decline_reason_lists_every_builder() {
+        let table = [
+            builder("a", &["x86_64-linux"], &["kvm"], &[]),
+            builder("b", &["aarch64-linux"], &[], &[]),
+            builder("c", &["aarch64-linux"], &["kvm"], &["benchmark"]),
+        ];
+        let states = [up(0, true), up(0, true), up(0, true)];
+        let l = local("x86_64-linux");
+        match decide(&table, &states, "aarch64-linux", &["kvm"], true, &l) {
+            Decision::Decline { reason, level } => {
+                assert_eq!(
+                    reason,
+                    "no builder for aarch64-linux with {kvm}: 'a' lacks system aarch64-linux; 'b' lacks feature kvm; 'c' requires mandatory feature benchmark"
+                );
+                assert_eq!(level, DeclineLevel::Warn, "cannot build locally");
+            }
+            d => panic!("{d:?}"),
+        }
+        // A feature the local machine lacks: warn, whatever amWilling says.
+        match decide(
+            &table,
+            &states,
+            "x86_64-linux",
+            &["nixos-test"],
+            false,
+            &local("x86_64-linux"),
+        ) {
+            Decision::Decline { reason, level } => {
+                assert_eq!(
+                    level,
+                    DeclineLevel::Warn,
+                    "nixos-test is not a local feature"
+                );
+                assert!(reason.contains("'a' lacks feature nixos-test"), "{reason}");
+            }
+            d => panic!("{d:?}"),
+        }
+        match decide(&table[1..], &states[1..], "x86_64-linux", &[], false, &l) {
+            Decision::Decline {
+                level: DeclineLevel::Chatty,
+                reason,
+            } => {
+                assert_eq!(
+                    reason,
+                    "no builder for x86_64-linux: 'b' lacks system x86_64-linux; 'c' lacks system x86_64-linux"
+                )
+            }
+            d => panic!("{d:?}"),
+        }
+        match decide(&[], &[], "x86_64-linux", &["a", "b"], true, &l) {
+            Decision::Decline { reason, .. } => assert_eq!(
+                reason,
+                "no builder for x86_64-linux with {a, b}: no builders are configured"
+            ),
+            d => panic!("{d:?}"),
+        }
+    }
+
+    #[test]
+    fn lazy_builders() {
+        let sys = "aarch64-linux";
+        let l = local("x86_64-linux");
+        let always = builder("always", &[sys, "x86_64-linux"], &[], &[]);
+        let vm = lazy(builder("vm", &[sys, "x86_64-linux"], &[], &[]), false);
+        let table = [always.clone(), vm.clone()];
+        // An up builder with a free slot beats booting, even when loaded.
+        assert_eq!(
+            decide(
+                &table,
+                &[up(1, true), st(Availability::MustBoot, 0, true)],
+                sys,
+                &[],
+                true,
+                &l
+            ),
+            Decision::Accept { builder: 0 }
+        );
+        // No up builder free: boot.
+        assert_eq!(
+            decide(
+                &table,
+                &[up(2, false), st(Availability::MustBoot, 0, true)],
+                sys,
+                &[],
+                true,
+                &l
+            ),
+            Decision::Boot { builder: 1 }
+        );
+        // Already booting: wait for it instead of booting more.
+        let vm2 = lazy(builder("vm2", &[sys], &[], &[]), false);
+        let t3 = [vm.clone(), vm2];
+        match decide(
+            &t3,
+            &[
+                st(Availability::Booting, 0, true),
+                st(Availability::MustBoot, 0, true),
+            ],
+            sys,
+            &[],
+            true,
+            &l,
+        ) {
+            Decision::Postpone { reason } => {
+                assert!(reason.contains("'vm' is booting"), "{reason}")
+            }
+            d => panic!("{d:?}"),
+        }
+        // Booting and the local machine can build it now: decline.
+        assert!(matches!(
+            decide(
+                &t3,
+                &[st(Availability::Booting, 0, true), up(0, false)],
+                "x86_64-linux",
+                &[],
+                true,
+                &l
+            ),
+            Decision::Decline {
+                level: DeclineLevel::Chatty,
+                ..
+            }
+        ));
+        // Locally buildable: never booted without boot-for-local...
+        match decide(
+            std::slice::from_ref(&vm),
+            &[st(Availability::MustBoot, 0, true)],
+            "x86_64-linux",
+            &[],
+            false,
+            &l,
+        ) {
+            Decision::Decline { reason, level } => {
+                assert_eq!(level, DeclineLevel::Chatty);
+                assert!(
+                    reason.contains("'vm' is down") && reason.contains("boot-for-local"),
+                    "{reason}"
+                );
+            }
+            d => panic!("{d:?}"),
+        }
+        // ...and booted with it.
+        let eager = lazy(builder("eager", &["x86_64-linux"], &[], &[]), true);
+        assert_eq!(
+            decide(
+                &[eager],
+                &[st(Availability::MustBoot, 0, true)],
+                "x86_64-linux",
+                &[],
+                true,
+                &l
+            ),
+            Decision::Boot { builder: 0 }
+        );
+        // Backing off: skipped, with the cause in the reason.
+        let off = st(
+            Availability::BackingOff {
+                cause: "boot timed out".into(),
+                retry_in: Duration::from_millis(29_500),
+            },
+            0,
+            false,
+        );
+        match decide(
+            std::slice::from_ref(&vm),
+            std::slice::from_ref(&off),
+            sys,
+            &[],
+            true,
+            &l,
+        ) {
+            Decision::Decline {
+                reason,
+                level: DeclineLevel::Warn,
+            } => {
+                assert_eq!(
+                    reason,
+                    "no builder for aarch64-linux: 'vm' failed recently (boot timed out), retrying in 30s"
+                )
+            }
+            d => panic!("{d:?}"),
+        }
+        let disabled = st(
+            Availability::BackingOff {
+                cause: "connection refused".into(),
+                retry_in: Duration::ZERO,
+            },
+            0,
+            false,
+        );
+        match decide(std::slice::from_ref(&vm), &[disabled], sys, &[], true, &l) {
+            Decision::Decline { reason, .. } => {
+                assert_eq!(
+                    reason,
+                    "no builder for aarch64-linux: 'vm' failed (connection refused)"
+                )
+            }
+            d => panic!("{d:?}"),
+        }
+        // Backing off does not hide a healthy alternative.
+        assert_eq!(
+            decide(&[vm, always], &[off, up(0, true)], sys, &[], true, &l),
+            Decision::Accept { builder: 1 }
+        );
+    }
+}
