@@ -14,3 +14,7 @@ pub mod transfer;
 pub mod hook;
 pub mod select;
 pub mod slots;
+pub mod supervisor;
+pub mod boot;
+pub mod lazy;
+pub mod cli;

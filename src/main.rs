@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use nix_lazy_builder::cli;
 
 #[derive(Parser)]
 #[command(name = "nix-lazy-builder", version, about = "A lazy build hook for Nix")]
@@ -29,6 +30,58 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         rest: Vec<String>,
     },
+    /// Run the supervisor that boots lazy builders and stops idle ones (hooks start one
+    /// automatically; a service manager can run it instead).
+    Supervise {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Started by a hook: exit once every lazy builder is down and nobody asked for a while.
+        #[arg(long)]
+        auto: bool,
+    },
+    /// Show every lazy builder: state, uptime, idle countdown, builds, boots, last failure.
+    Status {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Boot a lazy builder now (also after a failure) and wait until it is ready.
+    Up {
+        name: String,
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Stop a lazy builder once its running builds are done.
+    Down {
+        name: String,
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Check every builder end to end (config, keys, host keys, boot, SSH, remote Nix, systems)
+    /// and print one verdict per builder.
+    Doctor {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// A Nix `builders` value to check too (default: @/etc/nix/machines).
+        #[arg(long)]
+        builders: Option<String>,
+    },
+}
+
+/// Prints a command's output, or its error on stderr with exit status 1.
+fn report(r: Result<String, String>) -> ExitCode {
+    match r {
+        Ok(out) => {
+            print!("{out}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("nix-lazy-builder: {e}");
+            ExitCode::from(1)
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -47,6 +100,28 @@ fn main() -> ExitCode {
                 config,
                 verbosity: rest.last().and_then(|v| v.parse().ok()),
             })
+        }
+        Command::Supervise { config, auto } => {
+            nix_lazy_builder::supervisor::main(nix_lazy_builder::supervisor::SuperviseArgs {
+                config,
+                auto,
+            })
+        }
+        Command::Status { config, json } => report(cli::status(config.as_deref(), json)),
+        Command::Up { name, config } => report(cli::up(config.as_deref(), &name)),
+        Command::Down { name, config } => report(cli::down(config.as_deref(), &name)),
+        Command::Doctor { config, builders } => {
+            match cli::doctor(config.as_deref(), builders.as_deref()) {
+                Ok((out, ok)) => {
+                    print!("{out}");
+                    if ok {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::from(1)
+                    }
+                }
+                Err(e) => report(Err(e)),
+            }
         }
     }
 }

@@ -1,0 +1,283 @@
+//! The hook's side of lazy builders: what the supervisor says about them, turned into choices.
+//!
+//! Owns the hook's connection to the supervisor (started on first need; every lease this hook
+//! takes lives as long as that connection), the per-`try` status refresh, leases, boot requests,
+//! the bounded wait for a boot that is about to finish, and the "booting builder …" activity in
+//! the user's progress display. It never blocks a `try` for longer than [`MAX_WAIT`]: a boot
+//! further away than that is answered with `# postpone`, and the daemon asks again.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use hook_protocol::log::{Verbosity, activity};
+
+use crate::config::Builder;
+use crate::logging::Activity;
+use crate::select::Availability;
+use crate::supervisor::client::{self, Client, ClientError, Verdict};
+use crate::supervisor::proto::{BuilderStatus, State};
+
+/// The longest a `try` waits for a boot to finish. While the hook waits, its daemon reads
+/// nothing else, so this stays short; the daemon's own retry comes every `build-poll-interval`
+/// (5 s by default), so a boot that is at most this far from done is better waited for.
+pub const MAX_WAIT: Duration = Duration::from_secs(3);
+
+/// The supervisor as one hook process sees it.
+pub struct Lazy {
+    state_dir: PathBuf,
+    config: Option<PathBuf>,
+    client: Option<Client>,
+    /// Why the supervisor cannot be reached, if it cannot.
+    unavailable: Option<String>,
+    statuses: HashMap<String, BuilderStatus>,
+    progress: Option<(String, Activity)>,
+}
+
+/// What to do after a lazy builder's verdict.
+pub enum Next {
+    /// Lease held: connect to this port.
+    Use { port: Option<u16> },
+    /// The builder became ready while we waited: choose again now.
+    ChooseAgain,
+    /// Not ready yet: reply `# postpone`.
+    Postpone,
+}
+
+impl Lazy {
+    pub fn new(state_dir: PathBuf, config: Option<PathBuf>) -> Self {
+        Lazy {
+            state_dir,
+            config,
+            client: None,
+            unavailable: None,
+            statuses: HashMap::new(),
+            progress: None,
+        }
+    }
+
+    async fn client(&mut self) -> Result<&mut Client, ClientError> {
+        if self.client.is_none() {
+            let c = Client::connect_or_start(&self.state_dir, self.config.as_deref()).await?;
+            self.client = Some(c);
+        }
+        Ok(self.client.as_mut().expect("just set"))
+    }
+
+    fn broke(&mut self, e: &ClientError) {
+        tracing::warn!("lazy builders unavailable: {e}");
+        self.unavailable = Some(e.to_string());
+        self.client = None;
+    }
+
+    /// Fetches every lazy builder's state (once per `try`).
+    pub async fn refresh(&mut self) {
+        let r = match self.client().await {
+            Ok(c) => c.status().await,
+            Err(e) => Err(e),
+        };
+        match r {
+            Ok(list) => {
+                self.unavailable = None;
+                self.statuses = list.into_iter().map(|s| (s.name.clone(), s)).collect();
+            }
+            Err(e) => {
+                self.broke(&e);
+                self.statuses.clear();
+            }
+        }
+    }
+
+    /// How `select` should see a lazy builder now.
+    pub fn availability(&self, b: &Builder) -> Availability {
+        if let Some(why) = &self.unavailable {
+            return Availability::BackingOff {
+                cause: format!("the supervisor is unavailable: {why}"),
+                retry_in: Duration::ZERO,
+            };
+        }
+        match self.statuses.get(&b.name) {
+            Some(s) => client::availability(s),
+            None => Availability::BackingOff {
+                cause: "the running supervisor does not know it (restart it after a config change)"
+                    .into(),
+                retry_in: Duration::ZERO,
+            },
+        }
+    }
+
+    /// A lazy builder the choice fell on: lease it if it is up, boot it if it is down, and wait
+    /// for it when it is moments away.
+    pub async fn engage(&mut self, b: &Builder, boot: bool) -> Next {
+        let name = b.name.clone();
+        let verdict = match self.client().await {
+            Ok(c) => {
+                if boot {
+                    c.boot(&name, false).await
+                } else {
+                    c.lease(&name).await
+                }
+            }
+            Err(e) => Err(e),
+        };
+        let status = match verdict {
+            Ok(Verdict::Granted(s)) if !boot => {
+                self.stop_progress();
+                return Next::Use { port: s.ssh_port };
+            }
+            Ok(Verdict::Granted(s)) => s,
+            Ok(Verdict::Refused { reason, status }) => {
+                tracing::debug!(builder = %name, "supervisor refused: {reason}");
+                match status {
+                    Some(s) => s,
+                    None => return Next::Postpone,
+                }
+            }
+            Err(e) => {
+                self.broke(&e);
+                return Next::Postpone;
+            }
+        };
+        self.wait_if_close(status).await
+    }
+
+    /// A matching builder is booting: wait for it if it is about to be ready.
+    pub async fn wait_for(&mut self, b: &Builder) -> Next {
+        match self.statuses.get(&b.name).cloned() {
+            Some(s) => self.wait_if_close(s).await,
+            None => Next::Postpone,
+        }
+    }
+
+    async fn wait_if_close(&mut self, status: BuilderStatus) -> Next {
+        if status.state == State::Up {
+            return Next::ChooseAgain;
+        }
+        let Some(wait) = wait_budget(&status) else {
+            self.show_progress(&status);
+            return Next::Postpone;
+        };
+        let r = match self.client().await {
+            Ok(c) => c.wait_ready(&status.name, wait).await,
+            Err(e) => Err(e),
+        };
+        match r {
+            Ok(s) if s.state == State::Up => {
+                self.statuses.insert(s.name.clone(), s);
+                Next::ChooseAgain
+            }
+            Ok(s) => {
+                self.show_progress(&s);
+                self.statuses.insert(s.name.clone(), s);
+                Next::Postpone
+            }
+            Err(e) => {
+                self.broke(&e);
+                Next::Postpone
+            }
+        }
+    }
+
+    /// Tells the supervisor a builder it called up could not be used.
+    pub async fn report_failure(&mut self, b: &Builder, cause: &str) {
+        if let Ok(c) = self.client().await
+            && let Err(e) = c.report_failure(&b.name, cause).await
+        {
+            self.broke(&e);
+        }
+    }
+
+    /// Shows (or refreshes) "booting builder NAME (N s, usually M s)" in the progress display.
+    fn show_progress(&mut self, s: &BuilderStatus) {
+        if s.state != State::Booting {
+            return;
+        }
+        let text = progress_text(s);
+        if let Some((old, _)) = &self.progress
+            && *old == text
+        {
+            return;
+        }
+        // Replace, not stack: the old activity stops when dropped.
+        self.progress = None;
+        let act = Activity::start(Verbosity::Info, activity::UNKNOWN, text.clone(), vec![]);
+        self.progress = Some((text, act));
+    }
+
+    /// Ends the boot activity (before `# accept`, which nothing may interrupt).
+    pub fn stop_progress(&mut self) {
+        self.progress = None;
+    }
+}
+
+/// How long to wait for a boot now, or `None` to postpone: only when it should be done within
+/// [`MAX_WAIT`], or is a little overdue (then it is most likely moments away). A boot that is
+/// far overdue is stuck, and waiting on it every time would stall the daemon for nothing.
+pub fn wait_budget(s: &BuilderStatus) -> Option<Duration> {
+    if s.state != State::Booting {
+        return None;
+    }
+    let max = MAX_WAIT.as_millis() as u64;
+    let elapsed = s.booting_ms.unwrap_or(0);
+    let expected = s.expected_boot_ms?;
+    let close = expected.saturating_sub(elapsed) <= max;
+    let stuck = elapsed > expected.saturating_mul(2) + max;
+    (close && !stuck).then_some(MAX_WAIT)
+}
+
+fn progress_text(s: &BuilderStatus) -> String {
+    let secs = |ms: u64| (ms + 500) / 1000;
+    let elapsed = s.booting_ms.unwrap_or(0);
+    match s.expected_boot_ms {
+        Some(exp) => format!(
+            "booting builder '{}' ({} s, usually {} s)",
+            s.name,
+            secs(elapsed),
+            secs(exp)
+        ),
+        None => format!("booting builder '{}' ({} s)", s.name, secs(elapsed)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn booting(elapsed: u64, expected: Option<u64>) -> BuilderStatus {
+        BuilderStatus {
+            name: "vm".into(),
+            state: State::Booting,
+            ssh_port: None,
+            booting_ms: Some(elapsed),
+            expected_boot_ms: expected,
+            uptime_ms: None,
+            idle_stop_in_ms: None,
+            leases: 0,
+            boots: 1,
+            last_failure: None,
+            nix_version: None,
+        }
+    }
+
+    #[test]
+    fn waits_only_when_the_boot_is_close_or_overdue() {
+        assert_eq!(wait_budget(&booting(0, Some(7000))), None);
+        assert_eq!(wait_budget(&booting(5000, Some(7000))), Some(MAX_WAIT));
+        assert_eq!(wait_budget(&booting(9000, Some(7000))), Some(MAX_WAIT));
+        assert_eq!(wait_budget(&booting(60_000, Some(7000))), None);
+        assert_eq!(wait_budget(&booting(0, Some(2000))), Some(MAX_WAIT));
+        assert_eq!(wait_budget(&booting(1000, None)), None);
+        let mut up = booting(0, Some(1));
+        up.state = State::Up;
+        assert_eq!(wait_budget(&up), None);
+    }
+
+    #[test]
+    fn progress_says_how_long() {
+        assert_eq!(
+            progress_text(&booting(4400, Some(7000))),
+            "booting builder 'vm' (4 s, usually 7 s)"
+        );
+        assert_eq!(progress_text(&booting(600, None)), "booting builder 'vm' (1 s)");
+    }
+}
