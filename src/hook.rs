@@ -56,9 +56,15 @@ enum HookError {
     #[error("cannot parse the derivation '{path}': {message}")]
     ParseDrv { path: String, message: String },
     #[error(transparent)]
-    Transfer(#[from] transfer::TransferError),
+    Transfer(Box<transfer::TransferError>),
     #[error("{0}")]
     Internal(String),
+}
+
+impl From<transfer::TransferError> for HookError {
+    fn from(e: transfer::TransferError) -> Self {
+        HookError::Transfer(Box::new(e))
+    }
 }
 
 /// Runs the hook; returns its exit status.
@@ -187,8 +193,9 @@ async fn run(args: HookArgs) -> Result<u8, HookError> {
         .await
     {
         Ok(s) => s,
-        // The daemon dropped us before saying anything: nothing to do.
-        Err(WireError::UnexpectedEof { .. }) => return Ok(0),
+        // The daemon dropped us before saying anything: nothing to do. (EOF in the middle of
+        // the preamble is an error: the daemon died mid-write or something else is talking.)
+        Err(WireError::UnexpectedEof { .. }) if stdin.buffered().is_empty() => return Ok(0),
         Err(e) => return Err(e.into()),
     };
     let table = match load_table(&settings, args.config.as_deref()) {
@@ -196,7 +203,9 @@ async fn run(args: HookArgs) -> Result<u8, HookError> {
         Err(e) => {
             // A broken configuration must not wedge local builds: say why, loudly, and step
             // aside for the rest of this client session.
-            logging::error(&format!("nix-lazy-builder: {e}; remote builds are disabled"));
+            logging::error(&format!(
+                "nix-lazy-builder: {e}; remote builds are disabled"
+            ));
             logging::reply(&Reply::DeclinePermanently);
             return Ok(0);
         }
@@ -214,7 +223,10 @@ async fn run(args: HookArgs) -> Result<u8, HookError> {
     loop {
         let req = match stdin.decode("a request", Request::decode).await {
             Ok(Request::Try(t)) => t,
-            Ok(Request::Other(_)) | Err(WireError::UnexpectedEof { .. }) => return Ok(0),
+            // As Nix's hook: any other word, or EOF where a request would start, means the
+            // daemon is done with us. EOF inside a request is an error.
+            Ok(Request::Other(_)) => return Ok(0),
+            Err(WireError::UnexpectedEof { .. }) if stdin.buffered().is_empty() => return Ok(0),
             Err(e) => return Err(e.into()),
         };
         loop {
@@ -330,12 +342,13 @@ async fn accepted(
         .decode("the inputs and wanted outputs", AcceptedBuild::decode)
         .await?;
     let drv_path = req.drv_path.clone();
-    let drv_bytes = tokio::fs::read(drv_path.as_str())
-        .await
-        .map_err(|source| HookError::ReadDrv {
-            path: drv_path.to_string(),
-            source,
-        })?;
+    let drv_bytes =
+        tokio::fs::read(drv_path.as_str())
+            .await
+            .map_err(|source| HookError::ReadDrv {
+                path: drv_path.to_string(),
+                source,
+            })?;
     let drv = Derivation::parse(&drv_bytes).map_err(|e| HookError::ParseDrv {
         path: drv_path.to_string(),
         message: e.to_string(),
@@ -344,7 +357,10 @@ async fn accepted(
         drv_path,
         drv,
         inputs: accepted.input_paths,
-        wanted: accepted.missing_outputs.into_iter().collect::<BTreeSet<_>>(),
+        wanted: accepted
+            .missing_outputs
+            .into_iter()
+            .collect::<BTreeSet<_>>(),
         substitute_on_remote: settings.builders_use_substitutes()?,
         options: BuildOptions {
             max_silent_time: settings.max_silent_time()?,
@@ -364,11 +380,10 @@ async fn accepted(
     // builds never upload the same closure twice, and so Nix's hooks see us.
     let lock_dir = load_dir.clone();
     let key = builder.slot_key().to_owned();
-    let upload_lock = tokio::task::spawn_blocking(move || {
-        lock_dir.upload_lock(&key, UPLOAD_LOCK_TIMEOUT)
-    })
-    .await
-    .map_err(|e| HookError::Internal(format!("upload lock thread: {e}")))??;
+    let upload_lock =
+        tokio::task::spawn_blocking(move || lock_dir.upload_lock(&key, UPLOAD_LOCK_TIMEOUT))
+            .await
+            .map_err(|e| HookError::Internal(format!("upload lock thread: {e}")))??;
     if let UploadLockOutcome::TimedOut = upload_lock {
         tracing::warn!(
             "somebody is hogging the upload lock for '{}', continuing...",

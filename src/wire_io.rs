@@ -18,7 +18,7 @@ const READ_CHUNK: usize = 64 * 1024;
 pub enum WireError {
     #[error("{peer} closed the connection while we were reading {what}")]
     UnexpectedEof { peer: String, what: &'static str },
-    #[error("{peer} sent an invalid {what}: {source}")]
+    #[error("{peer} sent something invalid while we were reading {what}: {source}")]
     Invalid {
         peer: String,
         what: &'static str,
@@ -82,18 +82,17 @@ impl<R: AsyncRead + Unpin> WireReader<R> {
             self.start = 0;
         }
         let target = self.buf.len() + min.max(1);
+        // Reserve once, then read into the spare capacity: no zero-filling, so a long message
+        // arriving in many small reads costs linear time.
+        self.buf.reserve((target - self.buf.len()).max(READ_CHUNK));
         while self.buf.len() < target {
-            let len = self.buf.len();
-            let want = (target - len).max(READ_CHUNK);
-            self.buf.resize(len + want, 0);
-            let n = match self.inner.read(&mut self.buf[len..]).await {
+            if self.buf.capacity() == self.buf.len() {
+                self.buf.reserve(READ_CHUNK);
+            }
+            let n = match self.inner.read_buf(&mut self.buf).await {
                 Ok(n) => n,
-                Err(e) => {
-                    self.buf.truncate(len);
-                    return Err(self.io_err(e));
-                }
+                Err(e) => return Err(self.io_err(e)),
             };
-            self.buf.truncate(len + n);
             if n == 0 {
                 return Err(WireError::UnexpectedEof {
                     peer: self.peer.clone(),

@@ -13,13 +13,13 @@ use std::collections::BTreeSet;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 
+use hook_protocol::StorePath;
 use hook_protocol::build_result::BuildResult;
 use hook_protocol::derivation::BasicDerivation;
 use hook_protocol::log::Message;
 use hook_protocol::path_info::PathInfo;
 use hook_protocol::serve::BuildOptions;
 use hook_protocol::worker::ClientOptions;
-use hook_protocol::StorePath;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe;
 
@@ -36,7 +36,7 @@ const STDERR_TAIL: usize = 4096;
 #[derive(Debug, thiserror::Error)]
 pub enum RemoteError {
     #[error(transparent)]
-    Ssh(#[from] SshError),
+    Ssh(Box<SshError>),
     #[error("{0}")]
     Wire(#[from] WireError),
     #[error("{peer} closed the connection while we were reading {what}{}", tail_suffix(.stderr))]
@@ -72,6 +72,12 @@ fn tail_suffix(stderr: &str) -> String {
         String::new()
     } else {
         format!("; it said: {t}")
+    }
+}
+
+impl From<SshError> for RemoteError {
+    fn from(e: SshError) -> Self {
+        RemoteError::Ssh(Box::new(e))
     }
 }
 
