@@ -190,7 +190,9 @@ pub fn up(config: Option<&Path>, name: &str) -> Result<String, String> {
             .await
             .map_err(|e| e.to_string())?;
         match c.boot(name, true).await.map_err(|e| e.to_string())? {
-            Verdict::Refused { reason, .. } => return Err(format!("'{name}' was not booted: {reason}")),
+            Verdict::Refused { reason, .. } => {
+                return Err(format!("'{name}' was not booted: {reason}"));
+            }
             Verdict::Granted(_) => {}
         }
         let s = c
@@ -200,7 +202,9 @@ pub fn up(config: Option<&Path>, name: &str) -> Result<String, String> {
         match s.state {
             State::Up => Ok(format!(
                 "'{name}' is up (ssh port {}, {})\n",
-                s.ssh_port.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+                s.ssh_port
+                    .map(|p| p.to_string())
+                    .unwrap_or_else(|| "-".into()),
                 s.nix_version.as_deref().unwrap_or("Nix version unknown")
             )),
             _ => Err(format!(
@@ -378,10 +382,7 @@ async fn doctor_one(b: &Builder, cfg: &Config, named: Option<&Path>) -> Vec<Chec
                 checks.push(Check {
                     ok: true,
                     what: "boot",
-                    detail: format!(
-                        "up (boot usually takes {})",
-                        dur(s.expected_boot_ms)
-                    ),
+                    detail: format!("up (boot usually takes {})", dur(s.expected_boot_ms)),
                 });
             }
             Err(e) => fail!("boot", e),
@@ -508,8 +509,13 @@ mod tests {
         let t = status_table(&[a, b]);
         let lines: Vec<&str> = t.lines().collect();
         assert!(lines[0].starts_with("BUILDER"), "{t}");
-        assert!(lines[1].contains("up") && lines[1].contains("2m05s") && lines[1].contains("10m00s"));
+        assert!(
+            lines[1].contains("up") && lines[1].contains("2m05s") && lines[1].contains("10m00s")
+        );
         assert!(lines[1].contains(" 2 ") && lines[1].contains(" 3 "), "{t}");
-        assert!(lines[2].contains("failed") && lines[2].ends_with("boot timed out (retry in 20s)"), "{t}");
+        assert!(
+            lines[2].contains("failed") && lines[2].ends_with("boot timed out (retry in 20s)"),
+            "{t}"
+        );
     }
 }

@@ -20,6 +20,7 @@ use hook_protocol::serve::BuildOptions;
 use tokio::io::AsyncRead;
 
 use crate::config::{self, Builder, BuilderTable, Config, ConfigError};
+use crate::lazy::{Lazy, Next};
 use crate::local::LocalStore;
 use crate::logging::{self, Activity};
 use crate::remote::{self, BuildLog, Remote, RemoteError};
@@ -69,6 +70,9 @@ impl From<transfer::TransferError> for HookError {
 
 /// Runs the hook; returns its exit status.
 pub fn main(args: HookArgs) -> ExitCode {
+    // fd 4 first: the runtime and stdin's duplicate must not be handed number 4 when the daemon
+    // did not give us one.
+    let fd4 = BuildLog::claim_fd4();
     prepare_descriptors();
     let verbosity = Verbosity::saturating_from(args.verbosity.unwrap_or(3) as u64);
     logging::init_hook(verbosity);
@@ -92,7 +96,7 @@ pub fn main(args: HookArgs) -> ExitCode {
                 }
             };
         tokio::select! {
-            r = run(args) => match r {
+            r = run(args, fd4) => match r {
                 Ok(code) => code,
                 Err(e) => {
                     logging::error(&e.to_string());
@@ -170,7 +174,15 @@ fn local_capability(settings: &Settings) -> Result<LocalCapability, HookError> {
     })
 }
 
-fn load_table(settings: &Settings, cli_config: Option<&Path>) -> Result<BuilderTable, ConfigError> {
+/// The builder table, the TOML config it came with, and the config path to hand a supervisor
+/// (only when one was named: a supervisor finds the default itself).
+struct Loaded {
+    table: BuilderTable,
+    config: Config,
+    named_config: Option<PathBuf>,
+}
+
+fn load_table(settings: &Settings, cli_config: Option<&Path>) -> Result<Loaded, ConfigError> {
     let env = std::env::var_os(config::CONFIG_ENV_VAR);
     let path = config::resolve_config_path(cli_config, env.as_deref());
     let cfg = Config::load(&path)?;
@@ -183,10 +195,18 @@ fn load_table(settings: &Settings, cli_config: Option<&Path>) -> Result<BuilderT
     for n in &table.notes {
         n.emit();
     }
-    Ok(table)
+    let named_config = match path.source {
+        config::ConfigSource::Default => None,
+        _ => Some(path.path),
+    };
+    Ok(Loaded {
+        table,
+        config: cfg,
+        named_config,
+    })
 }
 
-async fn run(args: HookArgs) -> Result<u8, HookError> {
+async fn run(args: HookArgs, fd4: Option<OwnedFd>) -> Result<u8, HookError> {
     let mut stdin = WireReader::new(stdin_reader(), "nix-daemon");
     let settings = match stdin
         .decode("the settings preamble", Settings::decode)
@@ -198,7 +218,11 @@ async fn run(args: HookArgs) -> Result<u8, HookError> {
         Err(WireError::UnexpectedEof { .. }) if stdin.buffered().is_empty() => return Ok(0),
         Err(e) => return Err(e.into()),
     };
-    let table = match load_table(&settings, args.config.as_deref()) {
+    let Loaded {
+        table,
+        config: cfg,
+        named_config,
+    } = match load_table(&settings, args.config.as_deref()) {
         Ok(t) => t,
         Err(e) => {
             // A broken configuration must not wedge local builds: say why, loudly, and step
@@ -217,6 +241,12 @@ async fn run(args: HookArgs) -> Result<u8, HookError> {
     }
     let local = local_capability(&settings)?;
     let load_dir = LoadDir::open(&nix_state_dir())?;
+    let log = BuildLog::new(fd4);
+    let mut lazy = table
+        .builders
+        .iter()
+        .any(Builder::is_lazy)
+        .then(|| Lazy::new(cfg.supervisor.state_dir.clone(), named_config));
     // Builders whose connection failed in this process, with why (Nix disables them too).
     let mut failed: Vec<Option<String>> = vec![None; table.builders.len()];
 
@@ -229,28 +259,53 @@ async fn run(args: HookArgs) -> Result<u8, HookError> {
             Err(WireError::UnexpectedEof { .. }) if stdin.buffered().is_empty() => return Ok(0),
             Err(e) => return Err(e.into()),
         };
-        loop {
-            let (decision, slot) = choose(&load_dir, &table.builders, &req, &local, &failed)?;
-            match decision {
-                Decision::Accept { builder } => {
-                    let b = &table.builders[builder];
-                    match connect(b).await {
-                        Ok((remote, log)) => {
-                            return accepted(
-                                &mut stdin, &settings, &req, b, remote, log, slot, &load_dir,
-                            )
-                            .await;
-                        }
-                        Err(e) => {
-                            logging::error(&format!("cannot build on '{}': {e}", b.store_uri));
-                            failed[builder] = Some(format!("connection failed: {e}"));
-                            continue;
-                        }
-                    }
+        let request = crate::select::Request {
+            system: &req.needed_system,
+            required_features: &req.required_features,
+            am_willing: req.am_willing,
+        };
+        let matching = crate::select::matching(&table.builders, &request);
+        let lazy_matches = matching.iter().any(|&i| table.builders[i].is_lazy());
+        if let Some(l) = lazy.as_mut().filter(|_| lazy_matches) {
+            l.refresh().await;
+        }
+        let reply = loop {
+            let availability = |i: usize| {
+                let b = &table.builders[i];
+                match (&failed[i], &lazy) {
+                    (Some(cause), _) => Availability::BackingOff {
+                        cause: cause.clone(),
+                        retry_in: Duration::ZERO,
+                    },
+                    (None, Some(l)) if b.is_lazy() => l.availability(b),
+                    _ => Availability::Up,
                 }
+            };
+            let (decision, slot) = slots::choose_with_slots(
+                &load_dir,
+                &table.builders,
+                &request,
+                &local,
+                &availability,
+            )?;
+            let (index, boot) = match decision {
+                Decision::Accept { builder } => (builder, false),
+                Decision::Boot { builder } => (builder, true),
                 Decision::Postpone { reason } => {
                     tracing::debug!("postponing: {reason}");
-                    logging::reply(&Reply::Postpone);
+                    // A matching builder that is about to finish booting is worth a short wait.
+                    let booting = matching.iter().copied().find(|&i| {
+                        table.builders[i].is_lazy()
+                            && failed[i].is_none()
+                            && matches!(availability(i), Availability::Booting)
+                    });
+                    if let (Some(i), Some(l)) = (booting, lazy.as_mut())
+                        && let Next::ChooseAgain = l.wait_for(&table.builders[i]).await
+                    {
+                        l.refresh().await;
+                        continue;
+                    }
+                    break Reply::Postpone;
                 }
                 Decision::Decline { reason, level } => {
                     let level = match level {
@@ -263,16 +318,48 @@ async fn run(args: HookArgs) -> Result<u8, HookError> {
                         reason
                     };
                     logging::send(&Message::msg(level, text));
-                    logging::reply(&Reply::Decline);
+                    break Reply::Decline;
                 }
-                Decision::Boot { .. } => {
-                    // Only lazy builders need booting, and the table has none the hook can
-                    // boot yet: never block the daemon.
-                    logging::reply(&Reply::Postpone);
+            };
+            let b = &table.builders[index];
+            let mut target = b.clone();
+            if let Some(l) = lazy.as_mut().filter(|_| b.is_lazy()) {
+                match l.engage(b, boot).await {
+                    Next::Use { port } => {
+                        if port.is_some() {
+                            target.uri.port = port;
+                        }
+                    }
+                    Next::ChooseAgain => {
+                        l.refresh().await;
+                        continue;
+                    }
+                    Next::Postpone => break Reply::Postpone,
+                }
+            } else if boot {
+                // Only lazy builders boot; select never asks to boot an always-on one.
+                break Reply::Postpone;
+            }
+            match connect(&target, &log).await {
+                Ok(remote) => {
+                    if let Some(l) = lazy.as_mut() {
+                        l.stop_progress();
+                    }
+                    return accepted(&mut stdin, &settings, &req, b, remote, log, slot, &load_dir)
+                        .await;
+                }
+                Err(e) => {
+                    logging::error(&format!("cannot build on '{}': {e}", b.store_uri));
+                    if let Some(l) = lazy.as_mut().filter(|_| b.is_lazy()) {
+                        l.report_failure(b, &e.to_string()).await;
+                        l.refresh().await;
+                    }
+                    failed[index] = Some(format!("connection failed: {e}"));
+                    continue;
                 }
             }
-            break;
-        }
+        };
+        logging::reply(&reply);
     }
 }
 
@@ -282,36 +369,8 @@ fn nix_state_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(slots::NIX_STATE_DIR))
 }
 
-fn choose(
-    load_dir: &LoadDir,
-    table: &[Builder],
-    req: &TryRequest,
-    local: &LocalCapability,
-    failed: &[Option<String>],
-) -> Result<(Decision, Option<SlotLock>), HookError> {
-    let request = crate::select::Request {
-        system: &req.needed_system,
-        required_features: &req.required_features,
-        am_willing: req.am_willing,
-    };
-    let availability = |i: usize| match &failed[i] {
-        Some(cause) => Availability::BackingOff {
-            cause: cause.clone(),
-            retry_in: Duration::from_secs(0),
-        },
-        None => Availability::Up,
-    };
-    Ok(slots::choose_with_slots(
-        load_dir,
-        table,
-        &request,
-        local,
-        &availability,
-    )?)
-}
-
 /// SSH + the remote program's handshake, inside Nix's "connecting to" activity.
-async fn connect(b: &Builder) -> Result<(Remote, BuildLog), RemoteError> {
+async fn connect(b: &Builder, log: &BuildLog) -> Result<Remote, RemoteError> {
     let _act = Activity::start(
         Verbosity::Talkative,
         activity::UNKNOWN,
@@ -320,10 +379,9 @@ async fn connect(b: &Builder) -> Result<(Remote, BuildLog), RemoteError> {
     );
     let target = remote::ssh_target(b)?;
     let session = ssh::connect(&target).await?;
-    let log = BuildLog::from_fd4();
-    let remote = Remote::open(session, b, &log).await?;
+    let remote = Remote::open(session, b, log).await?;
     tracing::debug!(builder = %b.name, protocol = %remote.describe(), "connected");
-    Ok((remote, log))
+    Ok(remote)
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -178,11 +178,17 @@ impl Lazy {
         }
     }
 
-    /// Tells the supervisor a builder it called up could not be used.
+    /// Tells the supervisor a builder it called up could not be used, and gives back the lease
+    /// this hook took on it (so it can be restarted).
     pub async fn report_failure(&mut self, b: &Builder, cause: &str) {
-        if let Ok(c) = self.client().await
-            && let Err(e) = c.report_failure(&b.name, cause).await
-        {
+        let r = match self.client().await {
+            Ok(c) => match c.release(&b.name).await {
+                Ok(()) => c.report_failure(&b.name, cause).await,
+                Err(e) => Err(e),
+            },
+            Err(e) => Err(e),
+        };
+        if let Err(e) = r {
             self.broke(&e);
         }
     }
@@ -278,6 +284,9 @@ mod tests {
             progress_text(&booting(4400, Some(7000))),
             "booting builder 'vm' (4 s, usually 7 s)"
         );
-        assert_eq!(progress_text(&booting(600, None)), "booting builder 'vm' (1 s)");
+        assert_eq!(
+            progress_text(&booting(600, None)),
+            "booting builder 'vm' (1 s)"
+        );
     }
 }

@@ -9,8 +9,8 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::process::Stdio;
 
-use hook_protocol::path_info::PathInfo;
 use hook_protocol::StorePath;
+use hook_protocol::path_info::PathInfo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::UnixStream;
 use tokio::process::{Child, Command};
@@ -46,7 +46,9 @@ impl LocalStore {
         match UnixStream::connect(&path).await {
             Ok(s) => {
                 let (r, w) = s.into_split();
-                let client = WorkerClient::handshake(Box::new(r) as BoxRead, Box::new(w) as BoxWrite, PEER).await?;
+                let client =
+                    WorkerClient::handshake(Box::new(r) as BoxRead, Box::new(w) as BoxWrite, PEER)
+                        .await?;
                 Ok(LocalStore {
                     client,
                     _child: None,
@@ -73,7 +75,9 @@ impl LocalStore {
                         message: "nix-daemon --stdio started without pipes".into(),
                     });
                 };
-                let client = WorkerClient::handshake(Box::new(r) as BoxRead, Box::new(w) as BoxWrite, PEER).await?;
+                let client =
+                    WorkerClient::handshake(Box::new(r) as BoxRead, Box::new(w) as BoxWrite, PEER)
+                        .await?;
                 Ok(LocalStore {
                     client,
                     _child: Some(child),

@@ -53,7 +53,8 @@ impl Activity {
     pub fn start(level: Verbosity, kind: u64, text: impl Into<String>, fields: Vec<Field>) -> Self {
         // Nix's ids are (pid << 32) + counter; ours follow suit so they never collide with
         // the daemon's own activities.
-        let id = ((std::process::id() as u64) << 32) | NEXT_ACTIVITY.fetch_add(1, Ordering::Relaxed);
+        let id =
+            ((std::process::id() as u64) << 32) | NEXT_ACTIVITY.fetch_add(1, Ordering::Relaxed);
         send(&Message::Start {
             id,
             level,
@@ -110,7 +111,8 @@ impl Visit for MessageVisitor {
         if field.name() == "message" {
             self.message.push_str(value);
         } else {
-            self.fields.push_str(&format!(" {}={}", field.name(), value));
+            self.fields
+                .push_str(&format!(" {}={}", field.name(), value));
         }
     }
 
@@ -118,7 +120,8 @@ impl Visit for MessageVisitor {
         if field.name() == "message" {
             self.message.push_str(&format!("{value:?}"));
         } else {
-            self.fields.push_str(&format!(" {}={:?}", field.name(), value));
+            self.fields
+                .push_str(&format!(" {}={:?}", field.name(), value));
         }
     }
 }

@@ -12,7 +12,11 @@ use clap::{Parser, Subcommand};
 use nix_lazy_builder::cli;
 
 #[derive(Parser)]
-#[command(name = "nix-lazy-builder", version, about = "A lazy build hook for Nix")]
+#[command(
+    name = "nix-lazy-builder",
+    version,
+    about = "A lazy build hook for Nix"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -385,16 +385,12 @@ mod tests {
         let src = source_tree();
         let nar = nar_of(src.path());
         let store = tempfile::tempdir().unwrap();
-        let dest = store
-            .path()
-            .join("00000000000000000000000000000000-out");
+        let dest = store.path().join("00000000000000000000000000000000-out");
         // A stale half-written path is replaced.
         std::fs::create_dir(&dest).unwrap();
         std::fs::write(dest.join("junk"), b"x").unwrap();
         let mut placed = Placed::new();
-        placed
-            .unpack(expected_for(&dest, &nar), &nar[..])
-            .unwrap();
+        placed.unpack(expected_for(&dest, &nar), &nar[..]).unwrap();
         assert_eq!(std::fs::read(dest.join("sub/file")).unwrap(), b"hello");
         assert!(!dest.join("junk").exists());
         drop(placed);
@@ -406,9 +402,7 @@ mod tests {
         let src = source_tree();
         let nar = nar_of(src.path());
         let store = tempfile::tempdir().unwrap();
-        let dest = store
-            .path()
-            .join("00000000000000000000000000000000-out");
+        let dest = store.path().join("00000000000000000000000000000000-out");
         let mut bad = expected_for(&dest, &nar);
         bad.nar_hash = Sha256::digest(b"something else");
         let mut placed = Placed::new();

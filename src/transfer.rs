@@ -10,12 +10,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::time::Instant;
 
+use hook_protocol::StorePath;
 use hook_protocol::build_result::{BuildResult, BuildStatus};
 use hook_protocol::derivation::Derivation;
 use hook_protocol::log::{Verbosity, strip_ansi};
 use hook_protocol::path_info::PathInfo;
 use hook_protocol::serve::BuildOptions;
-use hook_protocol::StorePath;
 use tokio::sync::mpsc;
 
 use crate::local::LocalStore;
@@ -225,13 +225,14 @@ pub async fn run<L>(
         t.download_ms = start.elapsed().as_millis();
         return Ok(t);
     }
-    let remote_infos = remote
-        .query_path_infos(&fetch)
-        .await
-        .map_err(|source| TransferError::Download {
-            uri: uri.clone(),
-            source,
-        })?;
+    let remote_infos =
+        remote
+            .query_path_infos(&fetch)
+            .await
+            .map_err(|source| TransferError::Download {
+                uri: uri.clone(),
+                source,
+            })?;
     let by_path: BTreeMap<&StorePath, &PathInfo> =
         remote_infos.iter().map(|i| (&i.path, i)).collect();
     let _act = Activity::start(
@@ -242,11 +243,13 @@ pub async fn run<L>(
     );
     let mut placed = Placed::new();
     for path in &fetch {
-        let info = *by_path.get(path).ok_or_else(|| TransferError::OutputMissing {
-            uri: uri.clone(),
-            drv: job.drv_path.to_string(),
-            path: path.to_string(),
-        })?;
+        let info = *by_path
+            .get(path)
+            .ok_or_else(|| TransferError::OutputMissing {
+                uri: uri.clone(),
+                drv: job.drv_path.to_string(),
+                path: path.to_string(),
+            })?;
         placed = download_one(remote, info, &job.drv_path, placed, &uri).await?;
         t.downloaded_bytes += info.nar_size;
     }
@@ -359,7 +362,13 @@ mod tests {
     use hook_protocol::Sha256;
 
     fn info(name: char, refs: &[char]) -> PathInfo {
-        let p = |c: char| StorePath::parse(&format!("/nix/store/{}-{c}", "0".repeat(31) + &c.to_string())).unwrap();
+        let p = |c: char| {
+            StorePath::parse(&format!(
+                "/nix/store/{}-{c}",
+                "0".repeat(31) + &c.to_string()
+            ))
+            .unwrap()
+        };
         let mut i = PathInfo::new(p(name), Sha256::digest(b""), 1);
         i.references = refs.iter().map(|&c| p(c)).collect();
         i

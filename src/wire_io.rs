@@ -221,7 +221,10 @@ mod tests {
             assert_eq!(out, b"RAWPAYLOAD");
             assert_eq!(seen, 10);
             let e = r.decode("n", |r| r.u64()).await.unwrap_err();
-            assert!(matches!(e, WireError::UnexpectedEof { what: "n", .. }), "{e}");
+            assert!(
+                matches!(e, WireError::UnexpectedEof { what: "n", .. }),
+                "{e}"
+            );
         });
     }
 
@@ -234,7 +237,10 @@ mod tests {
             let mut r = WireReader::new(&data[..], "ssh://builder");
             let e = r.decode("greeting", |r| r.string("g")).await.unwrap_err();
             let msg = e.to_string();
-            assert!(msg.contains("ssh://builder") && msg.contains("greeting"), "{msg}");
+            assert!(
+                msg.contains("ssh://builder") && msg.contains("greeting"),
+                "{msg}"
+            );
         });
     }
 }

@@ -318,7 +318,12 @@ mod tests {
         ));
         // A plausible count with no elements behind it is merely incomplete.
         let b = 1000u64.to_le_bytes();
-        assert!(Reader::new(&b).strings("paths").unwrap_err().is_incomplete());
+        assert!(
+            Reader::new(&b)
+                .strings("paths")
+                .unwrap_err()
+                .is_incomplete()
+        );
     }
 
     #[test]

@@ -1115,7 +1115,10 @@ pub mod server {
     }
 
     /// What a daemon reads for SetOptions (the inverse of [`encode_set_options`]).
-    pub fn decode_set_options(r: &mut Reader<'_>, proto: &Negotiated) -> wire::Result<ClientOptions> {
+    pub fn decode_set_options(
+        r: &mut Reader<'_>,
+        proto: &Negotiated,
+    ) -> wire::Result<ClientOptions> {
         let keep_failed = r.bool()?;
         let keep_going = r.bool()?;
         let try_fallback = r.bool()?;
@@ -1129,7 +1132,9 @@ pub mod server {
         let build_cores = r.u64()?;
         let use_substitutes = r.bool()?;
         let overrides = if proto.at_least(1, 12) {
-            r.list("setting overrides", |r| Ok((r.string("name")?, r.string("value")?)))?
+            r.list("setting overrides", |r| {
+                Ok((r.string("name")?, r.string("value")?))
+            })?
         } else {
             Vec::new()
         };

@@ -9,15 +9,15 @@
 
 use std::collections::BTreeSet;
 
+use hook_protocol::StorePath;
 use hook_protocol::build_result::BuildResult;
 use hook_protocol::derivation::BasicDerivation;
 use hook_protocol::log::strip_ansi;
 use hook_protocol::path_info::PathInfo;
 use hook_protocol::wire::WireWrite;
 use hook_protocol::worker::{
-    self, BuildMode, ClientOptions, Negotiated, NarUpload, ServerInfo, StderrMessage, TypedResult,
+    self, BuildMode, ClientOptions, NarUpload, Negotiated, ServerInfo, StderrMessage, TypedResult,
 };
-use hook_protocol::StorePath;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use super::{BuildLog, RemoteError};

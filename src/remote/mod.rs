@@ -101,15 +101,24 @@ pub struct BuildLog {
 }
 
 impl BuildLog {
-    /// Takes fd 4, if the daemon gave us one (it always does; a hand-run hook may not have it).
-    /// Must be called inside a tokio runtime.
-    pub fn from_fd4() -> Self {
+    /// Takes fd 4 if the daemon gave us one (it always does; a hand-run hook may not have it).
+    /// Call this first thing, before anything else opens a descriptor that could land on 4.
+    pub fn claim_fd4() -> Option<OwnedFd> {
         // SAFETY: fcntl only inspects the descriptor number.
         if unsafe { libc::fcntl(4, libc::F_GETFD) } == -1 {
-            return BuildLog::default();
+            return None;
         }
-        // SAFETY: fd 4 is open (checked above) and nothing else in this process owns it.
-        let fd = unsafe { OwnedFd::from_raw_fd(4) };
+        // SAFETY: fd 4 is open (checked above), we are called before anything in this process
+        // opened a descriptor, so nothing else owns it.
+        Some(unsafe { OwnedFd::from_raw_fd(4) })
+    }
+
+    /// The log on a descriptor from [`BuildLog::claim_fd4`]. Must be called inside a tokio
+    /// runtime.
+    pub fn new(fd: Option<OwnedFd>) -> Self {
+        let Some(fd) = fd else {
+            return BuildLog::default();
+        };
         match pipe::Sender::from_owned_fd(fd) {
             Ok(s) => BuildLog {
                 out: Some(Arc::new(tokio::sync::Mutex::new(s))),

@@ -8,15 +8,15 @@
 
 use std::collections::BTreeSet;
 
+use hook_protocol::StorePath;
 use hook_protocol::build_result::BuildResult;
 use hook_protocol::derivation::BasicDerivation;
 use hook_protocol::path_info::PathInfo;
 use hook_protocol::serve::{self, BuildOptions, Version};
-use hook_protocol::StorePath;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::daemon::{NarSource, PlainSink, write_all, write_all_noflush};
 use super::RemoteError;
+use super::daemon::{NarSource, PlainSink, write_all, write_all_noflush};
 use crate::wire_io::WireReader;
 
 /// A connected serve-protocol client.

@@ -1,0 +1,184 @@
+//! `kind = "command"`: any foreground command is the builder (e.g. a script that starts an
+//! sshd in the foreground). Stopped by its `stop-command` if given, else by its `stop-signal`
+//! (default SIGTERM) sent to its process group, then by the forced steps.
+//!
+//! The command runs in the builder's state directory with stdout and stderr in `command.log`,
+//! and with `NIX_LAZY_BUILDER_BUILDER` and `NIX_LAZY_BUILDER_STATE_DIR` set. A stop command
+//! also gets `NIX_LAZY_BUILDER_PID` (the command's pid, which is also its process group).
+//!
+//! Must never: run the command through a shell (the argv is used as is), or let a stop
+//! command outlive its timeout.
+
+use std::process::Stdio;
+use std::time::Instant;
+
+use tokio::time::timeout;
+
+use super::child::{Child, SpawnSpec};
+use super::{
+    BootContext, BootError, Instance, Kind, StopHow, StopStep, base_env, child, find_program,
+    fmt_elapsed, logs, open_log,
+};
+use crate::config::CommandBoot;
+
+pub(super) struct Cmd {
+    builder: String,
+    spec: CommandBoot,
+    ctx: BootContext,
+}
+
+pub(super) async fn start(spec: &CommandBoot, ctx: &BootContext) -> Result<Instance, BootError> {
+    let Some((program, args)) = spec.command.split_first() else {
+        return Err(BootError::Config(format!(
+            "builder '{}': the boot command is empty",
+            ctx.builder
+        )));
+    };
+    let what = format!("boot command {program}");
+    let path = find_program(program, &what)?;
+    let (log, out) = open_log(&ctx.dir, "command.log")?;
+    let err = out.try_clone().map_err(|source| BootError::Io {
+        what: "cannot duplicate the log file".into(),
+        path: log.clone(),
+        source,
+    })?;
+    let started = Instant::now();
+    let child = Child::spawn(SpawnSpec {
+        program: path.clone(),
+        args: args.iter().map(Into::into).collect(),
+        env: base_env(ctx),
+        cwd: ctx.dir.clone(),
+        stdout: out,
+        stderr: err,
+    })
+    .map_err(|source| BootError::Spawn {
+        what: what.clone(),
+        program: path,
+        source,
+    })?;
+    tracing::info!(builder = %ctx.builder, pid = child.pid(), command = ?spec.command, "boot command started");
+    Ok(Instance {
+        kind: Kind::Command(Cmd {
+            builder: ctx.builder.clone(),
+            spec: spec.clone(),
+            ctx: ctx.clone(),
+        }),
+        child,
+        what,
+        started,
+        ssh_port: None,
+        logs: vec![log],
+    })
+}
+
+impl Cmd {
+    pub(super) fn builder(&self) -> &str {
+        &self.builder
+    }
+
+    /// The stop command, or the stop signal; `Some` if the command is gone afterwards.
+    pub(super) async fn graceful(
+        &mut self,
+        child: &mut Child,
+        how: &StopHow,
+        failed: &mut Vec<String>,
+    ) -> Option<StopStep> {
+        let t0 = Instant::now();
+        match &self.spec.stop_command {
+            Some(stop) => {
+                match run_stop_command(stop, &self.ctx, child.pid(), how).await {
+                    Ok(()) => {}
+                    Err(why) => {
+                        failed.push(format!("{}: {why}", StopStep::StopCommand));
+                        // The main command may still be on its way out; give it a moment.
+                        return child
+                            .wait_for(std::time::Duration::from_millis(200))
+                            .await
+                            .map(|_| StopStep::StopCommand);
+                    }
+                }
+                let left = how.graceful_timeout.saturating_sub(t0.elapsed());
+                if child.wait_for(left).await.is_some() {
+                    return Some(StopStep::StopCommand);
+                }
+                failed.push(format!(
+                    "{}: the command was still running {} later",
+                    StopStep::StopCommand,
+                    fmt_elapsed(how.graceful_timeout)
+                ));
+                None
+            }
+            None => {
+                let sig = self.spec.stop_signal.as_raw();
+                let step = StopStep::StopSignal(sig);
+                match child.signal_group(sig) {
+                    Ok(false) => return Some(step),
+                    Ok(true) => {}
+                    Err(e) => {
+                        failed.push(format!("{step}: {e}"));
+                        return None;
+                    }
+                }
+                if child.wait_for(how.graceful_timeout).await.is_some() {
+                    return Some(step);
+                }
+                failed.push(format!(
+                    "{step}: still running after {}",
+                    fmt_elapsed(how.graceful_timeout)
+                ));
+                None
+            }
+        }
+    }
+}
+
+/// Runs the stop command to completion within the graceful timeout; its output goes to
+/// `command.log` too.
+async fn run_stop_command(
+    argv: &[String],
+    ctx: &BootContext,
+    pid: u32,
+    how: &StopHow,
+) -> Result<(), String> {
+    let Some((program, args)) = argv.split_first() else {
+        return Err("empty stop command".into());
+    };
+    let path = find_program(program, "stop command").map_err(|e| e.to_string())?;
+    let log = ctx.dir.join("command.log");
+    let out = logs::append(&log).map_err(|e| format!("cannot open {}: {e}", log.display()))?;
+    let err = out
+        .try_clone()
+        .map_err(|e| format!("cannot duplicate a log fd: {e}"))?;
+    let mut cmd = tokio::process::Command::new(&path);
+    cmd.args(args)
+        .envs(base_env(ctx))
+        .env("NIX_LAZY_BUILDER_PID", pid.to_string())
+        .current_dir(&ctx.dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(out))
+        .stderr(Stdio::from(err))
+        .process_group(0)
+        .kill_on_drop(true);
+    let mut proc = cmd
+        .spawn()
+        .map_err(|e| format!("cannot run {}: {e}", path.display()))?;
+    match timeout(how.graceful_timeout, proc.wait()).await {
+        Ok(Ok(status)) if status.success() => Ok(()),
+        Ok(Ok(status)) => Err(format!(
+            "{program} {}{}",
+            child::describe_status(&Ok(status)),
+            logs::last_line(&log)
+                .map(|l| format!(": {l}"))
+                .unwrap_or_default()
+        )),
+        Ok(Err(e)) => Err(format!("waiting for {program} failed: {e}")),
+        Err(_) => {
+            let _ = proc.start_kill();
+            let _ = proc.wait().await;
+            Err(format!(
+                "{program} did not finish within {}",
+                fmt_elapsed(how.graceful_timeout)
+            ))
+        }
+    }
+}

@@ -1,0 +1,617 @@
+//! Boot backends: start a lazy builder's machine (a QEMU VM, a Darling prefix's sshd, or any
+//! foreground command), tell when it is ready, notice when it ends, and stop it.
+//!
+//! Owns: the backend processes (each the leader of its own process group, killed as a group
+//! when its [`Instance`] is dropped or the supervisor dies, always reaped; see `child.rs`), their
+//! log files in the builder's state directory, the QEMU command line and QMP, and the readiness
+//! check ([`wait_ready`]: SSH banner, handshake with the pinned host key, remote Nix version).
+//!
+//! Must never: decide *when* to boot or stop (the supervisor does), listen on anything but
+//! 127.0.0.1, accept an unpinned host key, or leave a process behind.
+//!
+//! The three backends sit behind one small enum inside [`Instance`]:
+//! - `qemu` (`qemu.rs`): builds the QEMU command line itself, or wraps a NixOS VM runner
+//!   script; probes KVM/HVF and falls back to TCG; stops with ACPI power-down or `poweroff`
+//!   over SSH, then QMP `quit`, then signals.
+//! - `darling` (`darling.rs`): `darling shell /usr/sbin/sshd -D -f CONFIG` with `DPREFIX`
+//!   selecting the prefix; stopped with `darling shutdown`.
+//! - `command` (`command.rs`): any foreground command; stopped by a stop command or a signal.
+
+mod child;
+mod command;
+mod darling;
+mod logs;
+pub mod qemu;
+pub mod qmp;
+mod ready;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::config::{BootSpec, Builder};
+
+pub use qemu::AccelUsed;
+pub use ready::{Ready, wait_ready};
+
+/// Where and for whom an instance runs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BootContext {
+    /// The builder's name (messages, QEMU's `-name`).
+    pub builder: String,
+    /// Per-builder state directory (0700, exists): logs, QMP socket, overlay, probe verdicts.
+    pub dir: PathBuf,
+    /// The builder's systems: a QEMU builder's binary (`qemu-system-<arch>`) and its stop
+    /// method follow from them.
+    pub systems: Vec<String>,
+    /// The port in the builder's URI: the host port a QEMU builder forwards to the guest's
+    /// port 22 when its boot section has no `ssh-port`.
+    pub uri_port: Option<u16>,
+}
+
+impl BootContext {
+    /// The context for `builder`, with `dir` as its state directory.
+    pub fn new(builder: &Builder, dir: PathBuf) -> Self {
+        BootContext {
+            builder: builder.name.clone(),
+            dir,
+            systems: builder.systems.iter().cloned().collect(),
+            uri_port: builder.uri.port,
+        }
+    }
+}
+
+/// Why a boot (start or readiness) failed. Displays as one line that says what failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    /// The program to run is not there.
+    #[error("{what} not found: {detail}")]
+    NotFound { what: String, detail: String },
+    /// The program could not be started.
+    #[error("cannot start {what} ({}): {source}", program.display())]
+    Spawn {
+        what: String,
+        program: PathBuf,
+        source: std::io::Error,
+    },
+    /// Preparing the state directory (logs, sockets, overlay) failed.
+    #[error("{what} ({}): {source}", path.display())]
+    Io {
+        what: String,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The configuration cannot be run as given.
+    #[error("{0}")]
+    Config(String),
+    /// A helper command (`qemu-img`) failed.
+    #[error("{0}")]
+    Helper(String),
+    /// The backend process ended before the builder was ready.
+    #[error("{}", exited_message(report, during))]
+    Exited {
+        report: ExitReport,
+        /// "during boot", "before it was ready".
+        during: &'static str,
+    },
+    /// QMP failed while starting the VM.
+    #[error("{0}")]
+    Qmp(#[from] qmp::QmpError),
+    /// Readiness: no SSH banner before the deadline.
+    #[error("no SSH banner on {addr} after {} ({last})", fmt_secs(*after))]
+    NoBanner {
+        /// `host:port` that was tried.
+        addr: String,
+        after: Duration,
+        last: String,
+    },
+    /// Readiness: the banner came but SSH never worked before the deadline.
+    #[error("SSH on {addr} not usable after {}: {last}", fmt_secs(*after))]
+    SshNotReady {
+        addr: String,
+        after: Duration,
+        last: String,
+    },
+    /// Readiness: SSH works but the remote Nix never answered before the deadline.
+    #[error("remote Nix on {addr} did not answer after {}: {last}", fmt_secs(*after))]
+    NixNotReady {
+        addr: String,
+        after: Duration,
+        last: String,
+    },
+    /// An SSH failure retrying cannot fix (wrong host key, unreadable key file, …).
+    #[error("{0}")]
+    Ssh(Box<crate::ssh::SshError>),
+    /// The builder's SSH settings cannot be used (e.g. an unreadable known_hosts file).
+    #[error("{0}")]
+    SshSetup(String),
+}
+
+fn exited_message(r: &ExitReport, during: &str) -> String {
+    let mut s = format!(
+        "{} {} {during} (after {})",
+        r.what,
+        child::describe_status(&r.status),
+        fmt_elapsed(r.uptime)
+    );
+    if let Some(l) = &r.last_line {
+        s.push_str(": ");
+        s.push_str(l);
+    }
+    s
+}
+
+fn fmt_secs(d: Duration) -> String {
+    humantime::format_duration(Duration::from_secs(d.as_secs().max(1))).to_string()
+}
+
+fn fmt_elapsed(d: Duration) -> String {
+    if d < Duration::from_secs(10) {
+        format!("{:.2}s", d.as_secs_f64())
+    } else {
+        format!("{:.1}s", d.as_secs_f64())
+    }
+}
+
+/// How a backend process ended on its own (or was ended).
+#[derive(Clone, Debug)]
+pub struct ExitReport {
+    /// "qemu", "darling", "command `/path/start`".
+    pub what: String,
+    pub pid: u32,
+    /// The exit status, or why waiting failed.
+    pub status: Result<std::process::ExitStatus, String>,
+    /// From start to exit.
+    pub uptime: Duration,
+    /// The last line of its log (stderr first, then the console), for the message.
+    pub last_line: Option<String>,
+}
+
+impl ExitReport {
+    /// Whether it exited with status 0.
+    pub fn success(&self) -> bool {
+        matches!(&self.status, Ok(s) if s.success())
+    }
+}
+
+impl fmt::Display for ExitReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} {} after {}",
+            self.what,
+            child::describe_status(&self.status),
+            fmt_elapsed(self.uptime)
+        )?;
+        if let Some(l) = &self.last_line {
+            write!(f, ": {l}")?;
+        }
+        Ok(())
+    }
+}
+
+/// How to stop an instance.
+#[derive(Clone, Debug)]
+pub struct StopHow {
+    /// Try the backend's graceful step first (ACPI power-down / `poweroff` over SSH /
+    /// `darling shutdown` / stop command or signal); `false` goes straight to the forced steps.
+    pub graceful: bool,
+    /// The builder, to run `poweroff` over SSH in a VM without ACPI power button (aarch64 with
+    /// Debian's cloud kernel). Without it such a VM goes straight to QMP `quit`.
+    pub builder: Option<Builder>,
+    /// Limit of the graceful step (until the process has exited).
+    pub graceful_timeout: Duration,
+    /// Limit of QMP `quit` (qemu only).
+    pub quit_timeout: Duration,
+    /// Limit after SIGTERM to the group, and again after SIGKILL.
+    pub signal_timeout: Duration,
+}
+
+impl StopHow {
+    /// Graceful first; `builder` enables `poweroff` over SSH where ACPI is absent.
+    pub fn graceful(builder: Option<&Builder>) -> Self {
+        StopHow {
+            graceful: true,
+            builder: builder.cloned(),
+            graceful_timeout: Duration::from_secs(15),
+            quit_timeout: Duration::from_secs(5),
+            signal_timeout: Duration::from_secs(5),
+        }
+    }
+
+    /// Straight to QMP `quit` (qemu) and signals.
+    pub fn forced() -> Self {
+        StopHow {
+            graceful: false,
+            ..StopHow::graceful(None)
+        }
+    }
+}
+
+/// The step that ended an instance.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StopStep {
+    /// It had already exited when `stop` was called.
+    AlreadyExited,
+    /// QMP `system_powerdown` (ACPI power button).
+    AcpiPowerdown,
+    /// `poweroff` run over SSH.
+    SshPoweroff,
+    /// `darling shutdown`.
+    DarlingShutdown,
+    /// The builder's `stop-command`.
+    StopCommand,
+    /// The builder's `stop-signal`, sent to the process group.
+    StopSignal(i32),
+    /// QMP `quit`.
+    QmpQuit,
+    /// SIGTERM to the process group.
+    Term,
+    /// SIGKILL to the process group.
+    Kill,
+    /// Still not gone after SIGKILL (stuck in the kernel): left to the background reaper.
+    Abandoned,
+}
+
+impl fmt::Display for StopStep {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StopStep::AlreadyExited => f.write_str("nothing (it had already exited)"),
+            StopStep::AcpiPowerdown => f.write_str("QMP system_powerdown"),
+            StopStep::SshPoweroff => f.write_str("poweroff over SSH"),
+            StopStep::DarlingShutdown => f.write_str("darling shutdown"),
+            StopStep::StopCommand => f.write_str("the stop command"),
+            StopStep::StopSignal(s) => match child::signal_name(*s) {
+                Some(n) => write!(f, "{n}"),
+                None => write!(f, "signal {s}"),
+            },
+            StopStep::QmpQuit => f.write_str("QMP quit"),
+            StopStep::Term => f.write_str("SIGTERM to the process group"),
+            StopStep::Kill => f.write_str("SIGKILL to the process group"),
+            StopStep::Abandoned => f.write_str("nothing: it survived SIGKILL"),
+        }
+    }
+}
+
+/// What `stop` did.
+#[derive(Clone, Debug)]
+pub struct StopReport {
+    /// The step after which the process was gone.
+    pub step: StopStep,
+    /// From the `stop` call until the process was reaped.
+    pub took: Duration,
+    /// How it ended; `None` only for [`StopStep::Abandoned`].
+    pub exit: Option<ExitReport>,
+    /// Steps that were tried before and did not end it, with why.
+    pub failed_steps: Vec<String>,
+}
+
+impl fmt::Display for StopReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.exit {
+            Some(exit) => write!(
+                f,
+                "{} stopped by {} in {} ({})",
+                exit.what,
+                self.step,
+                fmt_elapsed(self.took),
+                child::describe_status(&exit.status)
+            )?,
+            None => write!(
+                f,
+                "not stopped after {}: {}",
+                fmt_elapsed(self.took),
+                self.step
+            )?,
+        }
+        if !self.failed_steps.is_empty() {
+            write!(f, "; before that: {}", self.failed_steps.join("; "))?;
+        }
+        Ok(())
+    }
+}
+
+/// The backend-specific part of a running instance.
+enum Kind {
+    Qemu(qemu::Vm),
+    Darling(darling::Container),
+    Command(command::Cmd),
+}
+
+/// A started builder machine. Dropping it kills its whole process group.
+pub struct Instance {
+    kind: Kind,
+    child: child::Child,
+    what: String,
+    started: Instant,
+    ssh_port: Option<u16>,
+    /// Log files, most telling first, for the last line of an [`ExitReport`].
+    logs: Vec<PathBuf>,
+}
+
+/// Starts `spec` for the builder described by `ctx`. Returns once the process runs (and, for
+/// qemu, once QMP answered, the forwarded port is known and the accelerator probe is done);
+/// readiness is [`wait_ready`]'s job.
+pub async fn start(spec: &BootSpec, ctx: &BootContext) -> Result<Instance, BootError> {
+    if !ctx.dir.is_dir() {
+        return Err(BootError::Io {
+            what: format!("state directory of builder '{}'", ctx.builder),
+            path: ctx.dir.clone(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "not a directory"),
+        });
+    }
+    match spec {
+        BootSpec::Qemu(q) => qemu::start(q, ctx).await,
+        BootSpec::Darling(d) => darling::start(d, ctx).await,
+        BootSpec::Command(c) => command::start(c, ctx).await,
+    }
+}
+
+impl Instance {
+    /// The host port the instance's sshd is forwarded to when the instance chose it (qemu);
+    /// `None`: use the URI's port.
+    pub fn ssh_port(&self) -> Option<u16> {
+        self.ssh_port
+    }
+
+    /// The main process (the process group's leader).
+    pub fn pid(&self) -> Option<u32> {
+        Some(self.child.pid())
+    }
+
+    /// The accelerator a QEMU instance runs with (`None` for other backends).
+    pub fn accel(&self) -> Option<AccelUsed> {
+        match &self.kind {
+            Kind::Qemu(vm) => Some(vm.accel()),
+            _ => None,
+        }
+    }
+
+    /// Whether the builder is reached through a port forwarded on 127.0.0.1 (qemu) rather
+    /// than at the URI's host.
+    pub fn forwards_to_localhost(&self) -> bool {
+        matches!(self.kind, Kind::Qemu(_))
+    }
+
+    /// The backend's log files in the state directory (most telling first).
+    pub fn logs(&self) -> &[PathBuf] {
+        &self.logs
+    }
+
+    /// Resolves when the process ends on its own (or was killed). Cancel-safe; may be called
+    /// again and gives the same report.
+    pub async fn exited(&mut self) -> ExitReport {
+        let exit = self.child.wait().await;
+        self.report(exit)
+    }
+
+    fn report(&self, exit: child::Exit) -> ExitReport {
+        ExitReport {
+            what: self.what.clone(),
+            pid: self.child.pid(),
+            status: exit.status,
+            uptime: exit.at.saturating_duration_since(self.started),
+            last_line: logs::last_line_of_any(&self.logs),
+        }
+    }
+
+    /// Stops the instance: the graceful step (if asked), then (qemu) QMP `quit`, then SIGTERM
+    /// and SIGKILL to the process group, each step bounded by its timeout. Resolves once the
+    /// process is reaped (or, if even SIGKILL did not end it, after the last timeout).
+    pub async fn stop(mut self, how: StopHow) -> StopReport {
+        let t0 = Instant::now();
+        let mut failed = Vec::new();
+        if let Some(exit) = self.child.try_exit() {
+            return self.finish(StopStep::AlreadyExited, t0, Some(exit), failed);
+        }
+        let port = self.ssh_port;
+        let mut ended = None;
+        if how.graceful {
+            let step = match &mut self.kind {
+                Kind::Qemu(vm) => vm.graceful(&mut self.child, &how, port, &mut failed).await,
+                Kind::Darling(c) => c.graceful(&mut self.child, &how, &mut failed).await,
+                Kind::Command(c) => c.graceful(&mut self.child, &how, &mut failed).await,
+            };
+            ended = step;
+        }
+        if ended.is_none()
+            && let Kind::Qemu(vm) = &mut self.kind
+        {
+            ended = vm.quit(&mut self.child, &how, &mut failed).await;
+        }
+        let step = match ended {
+            Some(s) => s,
+            None => forced(&mut self.child, &how, &mut failed).await,
+        };
+        let exit = self.child.try_exit();
+        self.finish(step, t0, exit, failed)
+    }
+
+    fn finish(
+        mut self,
+        step: StopStep,
+        t0: Instant,
+        exit: Option<child::Exit>,
+        failed_steps: Vec<String>,
+    ) -> StopReport {
+        if exit.is_some()
+            && let Kind::Qemu(vm) = &mut self.kind
+        {
+            vm.cleanup();
+        }
+        let report = StopReport {
+            step,
+            took: t0.elapsed(),
+            exit: exit.map(|e| self.report(e)),
+            failed_steps,
+        };
+        tracing::info!(builder = %self.builder_name(), "{report}");
+        report
+    }
+
+    fn builder_name(&self) -> &str {
+        match &self.kind {
+            Kind::Qemu(vm) => vm.builder(),
+            Kind::Darling(c) => c.builder(),
+            Kind::Command(c) => c.builder(),
+        }
+    }
+}
+
+/// SIGTERM to the group, wait; SIGKILL to the group, wait.
+async fn forced(child: &mut child::Child, how: &StopHow, failed: &mut Vec<String>) -> StopStep {
+    for (sig, step) in [
+        (libc::SIGTERM, StopStep::Term),
+        (libc::SIGKILL, StopStep::Kill),
+    ] {
+        match child.signal_group(sig) {
+            Ok(false) => return step,
+            Ok(true) => {}
+            Err(e) => failed.push(format!("{step}: {e}")),
+        }
+        if child.wait_for(how.signal_timeout).await.is_some() {
+            return step;
+        }
+        failed.push(format!(
+            "{step}: still running after {}",
+            fmt_elapsed(how.signal_timeout)
+        ));
+    }
+    StopStep::Abandoned
+}
+
+/// Opens the log files for a child: rotates the old ones first.
+fn open_log(dir: &Path, name: &str) -> Result<(PathBuf, std::fs::File), BootError> {
+    let path = dir.join(name);
+    let io = |what: &str| {
+        let path = path.clone();
+        let what = what.to_owned();
+        move |source| BootError::Io { what, path, source }
+    };
+    logs::rotate(&path).map_err(io("cannot rotate the log file"))?;
+    let f = logs::create(&path).map_err(io("cannot create the log file"))?;
+    Ok((path, f))
+}
+
+/// The environment every backend process gets on top of the supervisor's.
+fn base_env(ctx: &BootContext) -> Vec<(std::ffi::OsString, std::ffi::OsString)> {
+    vec![
+        (
+            "NIX_LAZY_BUILDER_BUILDER".into(),
+            ctx.builder.clone().into(),
+        ),
+        (
+            "NIX_LAZY_BUILDER_STATE_DIR".into(),
+            ctx.dir.clone().into_os_string(),
+        ),
+    ]
+}
+
+/// Finds `program` (a path, or a name on PATH).
+fn find_program(program: &str, what: &str) -> Result<PathBuf, BootError> {
+    if program.contains('/') {
+        let p = PathBuf::from(program);
+        if p.is_file() {
+            return Ok(p);
+        }
+        return Err(BootError::NotFound {
+            what: what.to_owned(),
+            detail: format!("{program} does not exist"),
+        });
+    }
+    which::which(program).map_err(|e| BootError::NotFound {
+        what: what.to_owned(),
+        detail: format!("{program} is not on PATH ({e})"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::process::ExitStatusExt;
+
+    #[test]
+    fn reports_read_as_one_line() {
+        let exit = ExitReport {
+            what: "qemu".into(),
+            pid: 42,
+            status: Ok(std::process::ExitStatus::from_raw(1 << 8)),
+            uptime: Duration::from_millis(340),
+            last_line: Some("qemu-system-x86_64: -drive file=x: Could not open 'x'".into()),
+        };
+        assert_eq!(
+            exit.to_string(),
+            "qemu exited with status 1 after 0.34s: qemu-system-x86_64: -drive file=x: Could not open 'x'"
+        );
+        let e = BootError::Exited {
+            report: exit.clone(),
+            during: "during boot",
+        };
+        assert_eq!(
+            e.to_string(),
+            "qemu exited with status 1 during boot (after 0.34s): qemu-system-x86_64: -drive file=x: Could not open 'x'"
+        );
+        let stop = StopReport {
+            step: StopStep::QmpQuit,
+            took: Duration::from_millis(2500),
+            exit: Some(ExitReport {
+                status: Ok(std::process::ExitStatus::from_raw(0)),
+                last_line: None,
+                ..exit
+            }),
+            failed_steps: vec!["QMP system_powerdown: still running after 15.0s".into()],
+        };
+        assert_eq!(
+            stop.to_string(),
+            "qemu stopped by QMP quit in 2.50s (exited with status 0); before that: QMP system_powerdown: still running after 15.0s"
+        );
+        let e = BootError::NoBanner {
+            addr: "127.0.0.1:40123".into(),
+            after: Duration::from_secs(120),
+            last: "connection closed before a banner".into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "no SSH banner on 127.0.0.1:40123 after 2m (connection closed before a banner)"
+        );
+        assert!(!e.to_string().contains('\n'));
+    }
+
+    /// The supervisor runs these on a multi-threaded runtime and boxes them as `Send`
+    /// (`stop` as `'static`): this only has to compile.
+    #[allow(dead_code)]
+    fn futures_are_send(spec: &BootSpec, ctx: &BootContext, b: &Builder, i: Instance) {
+        fn send<T: Send>(_: T) {}
+        fn send_static<T: Send + 'static>(_: T) {}
+        send(start(spec, ctx));
+        let mut j = i;
+        send(wait_ready(b, 1, &mut j, Instant::now()));
+        send(j.exited());
+        send_static(j.stop(StopHow::forced()));
+    }
+
+    #[test]
+    fn stop_how_defaults() {
+        let g = StopHow::graceful(None);
+        assert!(g.graceful && g.builder.is_none());
+        let f = StopHow::forced();
+        assert!(!f.graceful);
+        assert_eq!(f.signal_timeout, g.signal_timeout);
+    }
+
+    #[test]
+    fn programs_are_found() {
+        assert!(find_program("sh", "shell").is_ok());
+        assert!(find_program("/bin/sh", "shell").is_ok());
+        let e = find_program("/nonexistent/x", "thing").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "thing not found: /nonexistent/x does not exist"
+        );
+        let e = find_program("no-such-program-nlb", "thing").unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("thing not found: no-such-program-nlb is not on PATH")
+        );
+    }
+}

@@ -1,0 +1,392 @@
+//! Shared pieces of the `boot_*` integration tests: a real OpenSSH sshd set-up (keys, config,
+//! a free port), builders made through the real TOML loader, and process checks.
+//!
+//! Must never: listen on anything but 127.0.0.1, or signal a process it did not start.
+
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use nix_lazy_builder::boot::BootContext;
+use nix_lazy_builder::config::{Builder, Config};
+
+/// Panics unless the tests run as root (mount namespaces, sshd, QEMU's state dirs); returns
+/// true so tests can say `if !require_root() { return }` without a silent skip.
+#[track_caller]
+pub fn require_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "the boot integration tests must run as root (private mount namespaces, sshd); euid is {euid}"
+    );
+    true
+}
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    l.local_addr().expect("local addr").port()
+}
+
+pub fn keygen(path: &Path, comment: &str) {
+    let out = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", comment, "-f"])
+        .arg(path)
+        .output()
+        .expect("run ssh-keygen");
+    assert!(out.status.success(), "ssh-keygen: {out:?}");
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+}
+
+/// Keys and an sshd_config for a real OpenSSH sshd on 127.0.0.1 (key-only, root allowed).
+pub struct Sshd {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    pub host_key_line: String,
+    pub client_key: PathBuf,
+    pub config: PathBuf,
+}
+
+impl Sshd {
+    pub fn new() -> Sshd {
+        let dir = tempfile::Builder::new()
+            .prefix("nlb-boot-")
+            .tempdir()
+            .expect("temp dir");
+        let d = dir.path();
+        std::fs::create_dir_all(d.join("nix")).expect("mkdir nix");
+        keygen(&d.join("host_key"), "nlb-boot-host");
+        keygen(&d.join("client_key"), "nlb-boot-client");
+        std::fs::copy(d.join("client_key.pub"), d.join("authorized_keys")).expect("copy key");
+        let port = free_port();
+        let config = d.join("sshd_config");
+        std::fs::write(
+            &config,
+            format!(
+                "ListenAddress 127.0.0.1\nPort {port}\nHostKey {d}/host_key\nPidFile none\n\
+                 AuthorizedKeysFile {d}/authorized_keys\nStrictModes no\nUsePAM no\n\
+                 PasswordAuthentication no\nKbdInteractiveAuthentication no\n\
+                 PermitRootLogin prohibit-password\nLogLevel VERBOSE\n",
+                d = d.display()
+            ),
+        )
+        .expect("write sshd_config");
+        let host_key_line = read(&d.join("host_key.pub")).trim().to_owned();
+        Sshd {
+            port,
+            host_key_line,
+            client_key: d.join("client_key"),
+            config,
+            dir,
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// A script that runs this sshd in the foreground inside a private mount namespace with
+    /// its own (empty) `/nix`: the remote Nix store of a separate "machine".
+    pub fn namespaced_start_script(&self) -> PathBuf {
+        let script = self.path().join("start-remote");
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\nset -eu\nexec unshare -m --propagation private /bin/sh -c '\n\
+                 mount --bind \"$1/nix\" /nix\n\
+                 mount -t tmpfs -o mode=0755 nlb-run /run\n\
+                 mkdir -p /run/sshd\n\
+                 exec /usr/sbin/sshd -D -e -f \"$1/sshd_config\"' nlb-remote {}\n",
+                self.path().display()
+            ),
+        )
+        .expect("write start script");
+        set_exec(&script);
+        script
+    }
+}
+
+pub fn set_exec(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+}
+
+/// A builder made by the real TOML loader: `[builders.NAME]` with `uri` and keys, plus the
+/// `[builders.NAME.boot]` body `boot`.
+pub fn builder(
+    name: &str,
+    uri: &str,
+    systems: &[&str],
+    client_key: &Path,
+    host_key: &str,
+    boot: &str,
+) -> Builder {
+    let systems = systems
+        .iter()
+        .map(|s| format!("\"{s}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let text = format!(
+        "[builders.{name}]\nuri = \"{uri}\"\nsystems = [{systems}]\nssh-key = \"{}\"\n\
+         host-key = \"{host_key}\"\nboot-timeout = \"2m\"\n\n[builders.{name}.boot]\n{boot}\n",
+        client_key.display()
+    );
+    let config = Config::parse(&text, Path::new("/test/lazy-builder.toml"))
+        .unwrap_or_else(|e| panic!("config: {e}\n{text}"));
+    config.builders.into_iter().next().expect("one builder")
+}
+
+/// A TOML string literal.
+pub fn toml_str(s: &str) -> String {
+    format!("{:?}", s)
+}
+
+/// A TOML array of strings.
+pub fn toml_list(items: &[&str]) -> String {
+    format!(
+        "[{}]",
+        items
+            .iter()
+            .map(|s| toml_str(s))
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+}
+
+/// A fresh 0700 state directory and the boot context for `builder` in it.
+pub fn context(builder: &Builder) -> (tempfile::TempDir, BootContext) {
+    let dir = tempfile::Builder::new()
+        .prefix("nlb-state-")
+        .tempdir()
+        .expect("temp dir");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    let ctx = BootContext::new(builder, dir.path().to_owned());
+    (dir, ctx)
+}
+
+/// Whether `pid` is a live process (a zombie counts as gone).
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => !s
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+/// Waits until `pid` is gone; false on timeout.
+pub fn wait_gone(pid: u32, limit: Duration) -> bool {
+    let t0 = Instant::now();
+    while t0.elapsed() < limit {
+        if !alive(pid) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    !alive(pid)
+}
+
+/// Reads a pid a process wrote to `path`, waiting for it to appear.
+pub fn read_pid(path: &Path, limit: Duration) -> u32 {
+    let t0 = Instant::now();
+    loop {
+        if let Ok(s) = std::fs::read_to_string(path)
+            && let Ok(p) = s.trim().parse()
+        {
+            return p;
+        }
+        assert!(t0.elapsed() < limit, "no pid in {}", path.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Whether something accepts TCP on 127.0.0.1:port.
+pub fn port_open(port: u16) -> bool {
+    std::net::TcpStream::connect_timeout(
+        &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        Duration::from_millis(500),
+    )
+    .is_ok()
+}
+
+/// Runs `cmd` over SSH with OpenSSH's client and the pinned host key.
+pub fn ssh(port: u16, client_key: &Path, host_key_line: &str, cmd: &str) -> String {
+    let kh = tempfile::NamedTempFile::new().expect("temp file");
+    std::fs::write(kh.path(), format!("[127.0.0.1]:{port} {host_key_line}\n")).expect("write");
+    let out = Command::new("ssh")
+        .args(["-p", &port.to_string(), "-i"])
+        .arg(client_key)
+        .arg("-o")
+        .arg(format!("UserKnownHostsFile={}", kh.path().display()))
+        .args([
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "ConnectTimeout=20",
+            "root@127.0.0.1",
+            cmd,
+        ])
+        .output()
+        .expect("run ssh");
+    assert!(
+        out.status.success(),
+        "ssh {cmd}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+// ------------------------------------------------------------------------------------------------
+// QEMU builder images (examples/vm/make-image)
+
+/// A builder VM image made by examples/vm/make-image: its directory and generated config.
+pub struct VmImage {
+    pub dir: PathBuf,
+    /// The generated `lazy-builder.toml` snippet.
+    pub toml: String,
+}
+
+impl VmImage {
+    /// The builder the snippet defines, with `edit` applied to the snippet's text first.
+    pub fn builder_with(&self, edit: impl FnOnce(String) -> String) -> Builder {
+        let text = edit(self.toml.clone());
+        let config = Config::parse(&text, &self.dir.join("lazy-builder.toml"))
+            .unwrap_or_else(|e| panic!("image config: {e}\n{text}"));
+        config.builders.into_iter().next().expect("one builder")
+    }
+
+    pub fn builder(&self) -> Builder {
+        self.builder_with(|t| t)
+    }
+}
+
+/// Replaces the value of `key = …` in the snippet's boot section (or adds the line).
+pub fn set_key(toml: String, key: &str, value: &str) -> String {
+    let mut found = false;
+    let mut out: Vec<String> = toml
+        .lines()
+        .map(|l| {
+            if l.split('=').next().map(str::trim) == Some(key) {
+                found = true;
+                format!("{key} = {value}")
+            } else {
+                l.to_owned()
+            }
+        })
+        .collect();
+    if !found {
+        out.push(format!("{key} = {value}"));
+    }
+    out.join("\n") + "\n"
+}
+
+/// Removes `key = …` from the snippet.
+pub fn drop_key(toml: String, key: &str) -> String {
+    toml.lines()
+        .filter(|l| l.split('=').next().map(str::trim) != Some(key))
+        .collect::<Vec<_>>()
+        .join("\n")
+        + "\n"
+}
+
+static IMAGE_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Makes (or refreshes from make-image's cache: about a second) the `arch` image under
+/// `$NIX_LAZY_BUILDER_VM_CACHE/test-images/ARCH` (default cache /var/cache/nix-lazy-builder).
+/// Panics with make-image's output if that fails.
+pub fn vm_image(arch: &str) -> VmImage {
+    let _g = IMAGE_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    let cache = std::env::var_os("NIX_LAZY_BUILDER_VM_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/nix-lazy-builder"));
+    let dir = cache.join("test-images").join(arch);
+    std::fs::create_dir_all(&dir).expect("create the image dir");
+    // Serialise with other test binaries making the same image.
+    let lock =
+        std::fs::File::create(cache.join(format!("test-images/.lock-{arch}"))).expect("lock file");
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on an open file descriptor.
+    assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/vm/make-image");
+    let t0 = Instant::now();
+    let out = Command::new(&script)
+        .arg(arch)
+        .arg(&dir)
+        .output()
+        .expect("run make-image");
+    assert!(
+        out.status.success(),
+        "{} {arch} {} failed:\n{}\n{}",
+        script.display(),
+        dir.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("make-image {arch}: {:?}", t0.elapsed());
+    let toml = std::fs::read_to_string(dir.join("lazy-builder.toml")).expect("read snippet");
+    VmImage { dir, toml }
+}
+
+/// Runs `cmd` on the builder with our own SSH client (pinned host key), returning stdout.
+pub async fn run_over_ssh(builder: &Builder, port: u16, cmd: &str) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut target = nix_lazy_builder::remote::ssh_target(builder).expect("ssh target");
+    target.port = port;
+    let session = nix_lazy_builder::ssh::connect(&target)
+        .await
+        .unwrap_or_else(|e| panic!("ssh: {e}"));
+    let exec = session.exec(cmd).await.expect("exec");
+    let nix_lazy_builder::ssh::Exec {
+        stdin,
+        mut stdout,
+        mut stderr,
+        status,
+    } = exec;
+    drop(stdin);
+    let mut out = Vec::new();
+    let mut err = Vec::new();
+    let (a, b) = tokio::join!(stdout.read_to_end(&mut out), stderr.read_to_end(&mut err));
+    a.expect("stdout");
+    b.expect("stderr");
+    let st = status.wait().await.expect("status");
+    assert!(
+        st.success(),
+        "{cmd}: {st}: {}",
+        String::from_utf8_lossy(&err)
+    );
+    session.close().await;
+    String::from_utf8_lossy(&out).trim().to_owned()
+}
+
+/// Held while a test runs VMs: one VM test at a time on the machine, across test processes
+/// too (cargo-nextest runs every test in its own process).
+pub struct VmLock {
+    _file: std::fs::File,
+}
+
+pub async fn one_vm_test_at_a_time() -> VmLock {
+    tokio::task::spawn_blocking(|| {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(std::env::temp_dir().join("nix-lazy-builder-boot-vm-tests.lock"))
+            .expect("open the VM test lock");
+        use std::os::fd::AsRawFd;
+        // SAFETY: flock on an open file descriptor.
+        assert_eq!(unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) }, 0);
+        VmLock { _file: file }
+    })
+    .await
+    .expect("lock task")
+}
