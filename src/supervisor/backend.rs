@@ -1,0 +1,125 @@
+//! The supervisor's view of a boot backend: start an instance, wait until it is ready, notice
+//! when it exits, stop it. The runtime only talks to these two traits, so it can be tested with a
+//! stand-in instance; [`BootBackend`] adapts the real backends in `crate::boot`.
+//!
+//! This module must never decide *when* to boot or stop (that is `state.rs`) and never hold
+//! builder state; an [`Instance`] is owned by exactly one task in `server.rs`.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::time::Instant;
+
+use crate::config::Builder;
+
+/// A boxed, sendable future (object-safe async trait methods).
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Where an instance may keep its files.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InstanceContext {
+    pub builder: String,
+    /// `<state-dir>/builders/<name>`, created 0700 by the supervisor.
+    pub dir: PathBuf,
+}
+
+/// Starts instances of lazy builders.
+pub trait Backend: Send + Sync + 'static {
+    /// Start `builder`'s instance (its processes in their own group, killed when the instance is
+    /// dropped). Errors are one line saying what failed.
+    fn start<'a>(
+        &'a self,
+        builder: &'a Builder,
+        ctx: &'a InstanceContext,
+    ) -> BoxFuture<'a, Result<Box<dyn Instance>, String>>;
+}
+
+/// One running builder instance.
+pub trait Instance: Send {
+    /// The host port its sshd is reachable on, when the instance chose it at start.
+    fn ssh_port(&self) -> Option<u16>;
+    /// The main process, for logs.
+    fn pid(&self) -> Option<u32>;
+    /// Resolve once the builder answers on `port` (SSH banner, pinned host key, remote Nix),
+    /// with the remote Nix version, or fail with one line; give up at `deadline`.
+    fn wait_ready<'a>(
+        &'a mut self,
+        builder: &'a Builder,
+        port: u16,
+        deadline: Instant,
+    ) -> BoxFuture<'a, Result<String, String>>;
+    /// Resolve when the instance ends on its own, with a one-line report. Cancel-safe.
+    fn exited(&mut self) -> BoxFuture<'_, String>;
+    /// Stop it (`graceful`: power-down first; otherwise straight to the forced steps), each step
+    /// bounded; resolves with a one-line report once every process is gone.
+    fn stop(self: Box<Self>, graceful: bool) -> BoxFuture<'static, String>;
+}
+
+/// The real boot backends (`crate::boot`: qemu, darling, command).
+#[derive(Clone, Debug, Default)]
+pub struct BootBackend;
+
+struct BootInstance {
+    inner: crate::boot::Instance,
+    builder: Builder,
+}
+
+impl Backend for BootBackend {
+    fn start<'a>(
+        &'a self,
+        builder: &'a Builder,
+        ctx: &'a InstanceContext,
+    ) -> BoxFuture<'a, Result<Box<dyn Instance>, String>> {
+        Box::pin(async move {
+            let lazy = builder
+                .lazy
+                .as_ref()
+                .ok_or_else(|| format!("builder '{}' has no boot section", builder.name))?;
+            let boot_ctx = crate::boot::BootContext::new(builder, ctx.dir.clone());
+            let inner = crate::boot::start(&lazy.boot, &boot_ctx)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(Box::new(BootInstance {
+                inner,
+                builder: builder.clone(),
+            }) as Box<dyn Instance>)
+        })
+    }
+}
+
+impl Instance for BootInstance {
+    fn ssh_port(&self) -> Option<u16> {
+        self.inner.ssh_port()
+    }
+
+    fn pid(&self) -> Option<u32> {
+        self.inner.pid()
+    }
+
+    fn wait_ready<'a>(
+        &'a mut self,
+        builder: &'a Builder,
+        port: u16,
+        deadline: Instant,
+    ) -> BoxFuture<'a, Result<String, String>> {
+        Box::pin(async move {
+            crate::boot::wait_ready(builder, port, &mut self.inner, deadline)
+                .await
+                .map(|r| r.nix_version)
+                .map_err(|e| e.to_string())
+        })
+    }
+
+    fn exited(&mut self) -> BoxFuture<'_, String> {
+        Box::pin(async move { self.inner.exited().await.to_string() })
+    }
+
+    fn stop(self: Box<Self>, graceful: bool) -> BoxFuture<'static, String> {
+        let how = if graceful {
+            crate::boot::StopHow::graceful(Some(&self.builder))
+        } else {
+            crate::boot::StopHow::forced()
+        };
+        Box::pin(async move { self.inner.stop(how).await.to_string() })
+    }
+}

@@ -1,0 +1,155 @@
+//! The supervisor: one long-lived process per host that owns every lazy builder. `state.rs`
+//! decides (a pure state machine), `server.rs` carries the decisions out (socket, lock, tasks,
+//! timers, signals), `backend.rs` is its view of the boot backends, `client.rs` is what hooks and
+//! the CLI call, and `proto.rs` is the socket protocol between them.
+//!
+//! Nothing here prints to stdout; an auto-started supervisor's stderr is its log file.
+
+pub mod backend;
+pub mod client;
+pub mod proto;
+pub mod server;
+pub mod state;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use crate::config::{self, Config};
+
+pub use client::{Client, ClientError, StartCommand, Verdict};
+pub use server::{Bound, ServeOptions, Server, SuperviseError};
+
+/// `nix-lazy-builder supervise [--config PATH] [--auto]`.
+#[derive(Clone, Debug, Default)]
+pub struct SuperviseArgs {
+    /// `--config`: the lazy-builder TOML (else `$NIX_LAZY_BUILDER_CONFIG`, else the default).
+    pub config: Option<PathBuf>,
+    /// `--auto`: started by a hook; exits once idle.
+    pub auto: bool,
+}
+
+/// The real boot backends.
+pub fn default_backend() -> Arc<dyn backend::Backend> {
+    Arc::new(backend::BootBackend)
+}
+
+/// Run the supervisor with the real boot backends; returns its exit status. An auto-started
+/// supervisor first closes every descriptor it inherited beyond 0–2 (whoever started it).
+pub fn main(args: SuperviseArgs) -> ExitCode {
+    if args.auto {
+        close_inherited_descriptors();
+    }
+    ExitCode::from(main_with(args, default_backend()))
+}
+
+/// [`main`] with a chosen backend (tests use a stand-in); returns the exit status.
+pub fn main_with(args: SuperviseArgs, backend: Arc<dyn backend::Backend>) -> u8 {
+    init_logging();
+    let env = std::env::var_os(config::CONFIG_ENV_VAR);
+    let path = config::resolve_config_path(args.config.as_deref(), env.as_deref());
+    let config = match Config::load(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("{e}");
+            return 1;
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!("{}", SuperviseError::Runtime(e));
+            return 1;
+        }
+    };
+    let result = rt.block_on(run(&config, args.auto, backend));
+    match result {
+        Ok(()) => 0,
+        Err(SuperviseError::LockHeld { .. }) if args.auto => {
+            // Another supervisor owns the state directory; it will serve (or is exiting and a
+            // client will start a new one). Not an error for an auto-start.
+            tracing::debug!("another supervisor holds the lock; leaving it to that one");
+            0
+        }
+        Err(e) => {
+            tracing::error!("{e}");
+            1
+        }
+    }
+}
+
+/// Bind and serve with SIGTERM/SIGINT as the shutdown signals.
+pub async fn run(
+    config: &Config,
+    auto: bool,
+    backend: Arc<dyn backend::Backend>,
+) -> Result<(), SuperviseError> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let opts = ServeOptions::new(config, auto);
+    let server = match server::bind(config, &opts).await? {
+        Bound::Serving(s) => s,
+        Bound::AnotherIsServing => {
+            tracing::debug!("another supervisor is serving; exiting");
+            return Ok(());
+        }
+    };
+    let (sig_tx, sig_rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut term = signal(SignalKind::terminate()).map_err(SuperviseError::Runtime)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(SuperviseError::Runtime)?;
+    // Hang-ups (the terminal of a hand-started supervisor closing) must not kill it.
+    let mut hup = signal(SignalKind::hangup()).map_err(SuperviseError::Runtime)?;
+    let forward = tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+                _ = hup.recv() => continue,
+            }
+            if sig_tx.send(()).is_err() {
+                return;
+            }
+        }
+    });
+    let result = server.serve(backend, sig_rx).await;
+    forward.abort();
+    result
+}
+
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter =
+        EnvFilter::try_from_env("NIX_LAZY_BUILDER_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .try_init();
+}
+
+/// Close every descriptor above 2 (an auto-started supervisor must not keep a hook's pipes
+/// open). Called before anything else is opened.
+fn close_inherited_descriptors() {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: close_range only closes descriptor numbers; nothing in this process owns any
+        // of them yet (this runs first thing in `main`).
+        if unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) } == 0 {
+            return;
+        }
+    }
+    let fds: Vec<i32> = match std::fs::read_dir("/proc/self/fd") {
+        Ok(dir) => dir
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .filter(|&fd| fd > 2)
+            .collect(),
+        Err(_) => (3..1024).collect(),
+    };
+    for fd in fds {
+        // SAFETY: as above; closing a number that is not open (or was the directory's, now
+        // closed) fails harmlessly.
+        unsafe { libc::close(fd) };
+    }
+}

@@ -1,0 +1,783 @@
+//! The supervisor's runtime: the state directory, the lock, the socket, one task per client
+//! connection, one task per builder instance, the wake-up timer, signals, and the boot-history
+//! file. Every decision is taken by [`Machine`]; this module carries its actions out.
+//!
+//! It must never decide anything about builders itself (no state outside the machine except the
+//! handles it needs to carry actions out), never block the event loop on a slow client or a slow
+//! backend (each gets its own task), and never leave an instance behind: instances are owned by
+//! their tasks, and a forced shutdown aborts those tasks, which drops (and so kills) them.
+
+use std::collections::HashMap;
+use std::fs::{DirBuilder, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::{JoinHandle, JoinSet};
+use tracing::{debug, error, info, warn};
+
+use super::backend::{Backend, InstanceContext};
+use super::proto::{self, Request, Response};
+use super::state::{
+    Action, BootHistory, BuilderConfig, ConnId, Event, Generation, Machine, Settings,
+};
+use crate::config::{Builder, Config};
+
+/// The lock file that makes sure one supervisor runs per state directory.
+pub const LOCK_NAME: &str = "supervisor.lock";
+/// Where an auto-started supervisor's stdout and stderr go.
+pub const LOG_NAME: &str = "supervisor.log";
+/// Boot durations, so that a restarted supervisor still knows how long a boot takes.
+pub const HISTORY_NAME: &str = "boot-times.json";
+/// Per-builder directories live under this directory of the state directory.
+pub const BUILDERS_DIR: &str = "builders";
+/// Overrides [`DEFAULT_EXIT_AFTER_IDLE`] (milliseconds), e.g. for tests.
+pub const LINGER_ENV: &str = "NIX_LAZY_BUILDER_SUPERVISOR_LINGER_MS";
+/// How long an auto-started supervisor stays with every builder down and no client.
+pub const DEFAULT_EXIT_AFTER_IDLE: Duration = Duration::from_secs(60);
+/// The longest request line accepted.
+pub const MAX_LINE: usize = 64 * 1024;
+/// After SIGTERM, how long graceful stops may take before instances are killed.
+pub const SHUTDOWN_BOUND: Duration = Duration::from_secs(90);
+/// Extra time given to a backend's readiness check beyond the boot deadline it was handed.
+const READY_GRACE: Duration = Duration::from_secs(5);
+/// How long a supervisor that finds the lock taken keeps trying before it gives up (an exiting
+/// supervisor releases it soon; a serving one answers on the socket).
+const LOCK_WAIT: Duration = Duration::from_secs(5);
+/// How long to wait for a reply already on its way when a client closed its side.
+const HALF_CLOSE_GRACE: Duration = Duration::from_millis(100);
+
+/// Why the supervisor cannot run.
+#[derive(Debug, thiserror::Error)]
+pub enum SuperviseError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("cannot create the state directory '{}': {source}", path.display())]
+    StateDir { path: PathBuf, source: io::Error },
+    #[error("cannot take the supervisor lock '{}': {source}", path.display())]
+    Lock { path: PathBuf, source: io::Error },
+    #[error("cannot listen on '{}': {source}", path.display())]
+    Listen { path: PathBuf, source: io::Error },
+    #[error("another supervisor holds '{}' and does not answer on '{}'", lock.display(), socket.display())]
+    LockHeld { lock: PathBuf, socket: PathBuf },
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(io::Error),
+}
+
+/// How to run.
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    pub state_dir: PathBuf,
+    /// Started by a hook: exit after [`ServeOptions::exit_after_idle`] with nothing to do, and
+    /// give up quickly when another supervisor holds the lock.
+    pub auto: bool,
+    pub exit_after_idle: Duration,
+}
+
+impl ServeOptions {
+    /// Options for `config`, with the idle exit from [`LINGER_ENV`] or the default.
+    pub fn new(config: &Config, auto: bool) -> Self {
+        let exit_after_idle = std::env::var(LINGER_ENV)
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_millis)
+            .unwrap_or(DEFAULT_EXIT_AFTER_IDLE);
+        ServeOptions {
+            state_dir: config.supervisor.state_dir.clone(),
+            auto,
+            exit_after_idle,
+        }
+    }
+}
+
+/// The result of [`bind`].
+pub enum Bound {
+    /// We hold the lock and listen.
+    Serving(Box<Server>),
+    /// Another supervisor answers on the socket.
+    AnotherIsServing,
+}
+
+/// A supervisor that holds the lock and listens; [`Server::serve`] runs it.
+pub struct Server {
+    socket_path: PathBuf,
+    state_dir: PathBuf,
+    // Held for the whole life of the server (flock is released when it is closed).
+    _lock: File,
+    listener: UnixListener,
+    builders: Vec<Arc<Builder>>,
+    machine: Machine,
+}
+
+/// The socket path for a state directory.
+pub fn socket_path(state_dir: &Path) -> PathBuf {
+    state_dir.join(proto::SOCKET_NAME)
+}
+
+/// Create `path` as a directory only its owner can use (0700); parents are created normally.
+pub fn ensure_private_dir(path: &Path) -> io::Result<()> {
+    if let Some(parent) = path.parent()
+        && !parent.as_os_str().is_empty()
+    {
+        std::fs::create_dir_all(parent)?;
+    }
+    match DirBuilder::new().mode(0o700).create(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && path.is_dir() => {}
+        Err(e) => return Err(e),
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
+}
+
+/// Connect and read the hello: is a supervisor serving on `socket`?
+async fn answers(socket: &Path) -> bool {
+    let probe = async {
+        let stream = UnixStream::connect(socket).await.ok()?;
+        let mut line = String::new();
+        BufReader::new(stream).read_line(&mut line).await.ok()?;
+        match serde_json::from_str::<Response>(&line) {
+            Ok(Response::Hello { .. }) => Some(()),
+            _ => None,
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(1), probe)
+        .await
+        .ok()
+        .flatten()
+        .is_some()
+}
+
+fn try_lock(file: &File) -> io::Result<bool> {
+    match rustix::fs::flock(file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(true),
+        Err(rustix::io::Errno::WOULDBLOCK) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Prepare the state directory, take the lock and listen.
+///
+/// When another supervisor holds the lock, an auto-started one returns
+/// [`Bound::AnotherIsServing`] as soon as that one answers on the socket, and gives up with
+/// [`SuperviseError::LockHeld`] after [`LOCK_WAIT`] if it never does. A service-managed one
+/// (not `auto`) waits for the lock however long it takes: it takes over from an auto-started
+/// supervisor once that one exits.
+pub async fn bind(config: &Config, opts: &ServeOptions) -> Result<Bound, SuperviseError> {
+    let state_dir = opts.state_dir.clone();
+    let dir_err = |path: &Path| {
+        let path = path.to_owned();
+        move |source| SuperviseError::StateDir { path, source }
+    };
+    ensure_private_dir(&state_dir).map_err(dir_err(&state_dir))?;
+    let lazy: Vec<Arc<Builder>> = config
+        .builders
+        .iter()
+        .filter(|b| b.is_lazy())
+        .map(|b| Arc::new(b.clone()))
+        .collect();
+    let builders_dir = state_dir.join(BUILDERS_DIR);
+    ensure_private_dir(&builders_dir).map_err(dir_err(&builders_dir))?;
+    for b in &lazy {
+        let dir = builders_dir.join(&b.name);
+        ensure_private_dir(&dir).map_err(dir_err(&dir))?;
+    }
+
+    let lock_path = state_dir.join(LOCK_NAME);
+    let socket = socket_path(&state_dir);
+    let lock = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&lock_path)
+        .map_err(|source| SuperviseError::Lock {
+            path: lock_path.clone(),
+            source,
+        })?;
+    let lock_err = |source| SuperviseError::Lock {
+        path: lock_path.clone(),
+        source,
+    };
+    let started = Instant::now();
+    let mut said = false;
+    while !try_lock(&lock).map_err(lock_err)? {
+        if opts.auto && answers(&socket).await {
+            debug!("another supervisor is serving on '{}'", socket.display());
+            return Ok(Bound::AnotherIsServing);
+        }
+        if opts.auto && started.elapsed() >= LOCK_WAIT {
+            return Err(SuperviseError::LockHeld {
+                lock: lock_path,
+                socket,
+            });
+        }
+        if !said {
+            info!(
+                "another supervisor holds '{}'; waiting for it",
+                lock_path.display()
+            );
+            said = true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // We hold the lock: a socket file left behind is stale.
+    match std::fs::remove_file(&socket) {
+        Ok(()) => debug!("removed a stale socket '{}'", socket.display()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(source) => {
+            return Err(SuperviseError::Listen {
+                path: socket,
+                source,
+            });
+        }
+    }
+    let listen_err = |source| SuperviseError::Listen {
+        path: socket.clone(),
+        source,
+    };
+    let listener = UnixListener::bind(&socket).map_err(listen_err)?;
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))
+        .map_err(listen_err)?;
+
+    let history = load_history(&state_dir.join(HISTORY_NAME));
+    let settings = Settings {
+        exit_after_idle: opts.auto.then_some(opts.exit_after_idle),
+    };
+    let machine = Machine::new(
+        lazy.iter()
+            .filter_map(|b| BuilderConfig::from_builder(b))
+            .collect(),
+        settings,
+        &history,
+        Instant::now(),
+        SystemTime::now(),
+    );
+    info!(
+        "supervisor {} serving {} lazy builder(s) on '{}'{}",
+        std::process::id(),
+        lazy.len(),
+        socket.display(),
+        if opts.auto {
+            format!(
+                " (auto-started: exits after {} with nothing to do)",
+                humantime::format_duration(opts.exit_after_idle)
+            )
+        } else {
+            String::new()
+        }
+    );
+    Ok(Bound::Serving(Box::new(Server {
+        socket_path: socket,
+        state_dir,
+        _lock: lock,
+        listener,
+        builders: lazy,
+        machine,
+    })))
+}
+
+fn load_history(path: &Path) -> BootHistory {
+    match std::fs::read(path) {
+        Ok(bytes) => match serde_json::from_slice(&bytes) {
+            Ok(h) => h,
+            Err(e) => {
+                debug!("ignoring the boot history '{}': {e}", path.display());
+                BootHistory::default()
+            }
+        },
+        Err(e) => {
+            debug!("no boot history read from '{}': {e}", path.display());
+            BootHistory::default()
+        }
+    }
+}
+
+fn save_history(path: &Path, history: &BootHistory) {
+    let tmp = path.with_extension("json.tmp");
+    let result = serde_json::to_vec_pretty(history)
+        .map_err(io::Error::other)
+        .and_then(|bytes| {
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            io::Write::write_all(&mut f, &bytes)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, path)
+        });
+    if let Err(e) = result {
+        warn!("cannot save the boot history '{}': {e}", path.display());
+    }
+}
+
+/// One instance task's handle.
+struct InstanceHandle {
+    generation: Generation,
+    stop: Option<oneshot::Sender<()>>,
+    join: JoinHandle<()>,
+}
+
+enum Input {
+    Event(Event),
+    Accepted(UnixStream),
+    Signal,
+    SignalsClosed,
+    Forced,
+    AcceptFailed(io::Error),
+    Reaped,
+}
+
+impl Server {
+    pub fn socket_path(&self) -> &Path {
+        &self.socket_path
+    }
+
+    /// Serve until the machine says exit. `signals`: the first message asks for a graceful
+    /// shutdown (stop every instance, bounded by [`SHUTDOWN_BOUND`]), a second one kills them.
+    pub async fn serve(
+        mut self,
+        backend: Arc<dyn Backend>,
+        mut signals: mpsc::UnboundedReceiver<()>,
+    ) -> Result<(), SuperviseError> {
+        let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
+        let mut conns: HashMap<ConnId, mpsc::UnboundedSender<Response>> = HashMap::new();
+        let mut conn_tasks: JoinSet<()> = JoinSet::new();
+        let mut instances: HashMap<String, InstanceHandle> = HashMap::new();
+        let mut timer: Option<Instant> = None;
+        let mut next_conn: ConnId = 1;
+        let mut shutdown_asked = false;
+        let mut forced_at: Option<tokio::time::Instant> = None;
+        let mut signals_open = true;
+        let history_path = self.state_dir.join(HISTORY_NAME);
+        let far = || tokio::time::Instant::now() + Duration::from_secs(86400 * 365);
+
+        let forced = 'serve: loop {
+            let wake = timer.map_or_else(far, tokio::time::Instant::from_std);
+            let input = tokio::select! {
+                biased;
+                s = signals.recv(), if signals_open => match s {
+                    Some(()) => Input::Signal,
+                    None => Input::SignalsClosed,
+                },
+                _ = tokio::time::sleep_until(forced_at.unwrap_or_else(far)), if forced_at.is_some() => Input::Forced,
+                Some(ev) = rx.recv() => Input::Event(ev),
+                // Before accepts, so that a stream of new clients cannot starve the timers.
+                _ = tokio::time::sleep_until(wake) => Input::Event(Event::Tick),
+                // Finished connection tasks are collected so the set does not grow.
+                Some(_) = conn_tasks.join_next(), if !conn_tasks.is_empty() => Input::Reaped,
+                r = self.listener.accept() => match r {
+                    Ok((stream, _)) => Input::Accepted(stream),
+                    Err(e) => Input::AcceptFailed(e),
+                },
+            };
+            let mut accepted = None;
+            let event = match input {
+                Input::Event(ev) => ev,
+                Input::Accepted(stream) => {
+                    let id = next_conn;
+                    next_conn += 1;
+                    accepted = Some((id, stream));
+                    Event::ClientConnected(id)
+                }
+                Input::Signal if shutdown_asked => {
+                    warn!("second signal: killing every builder now");
+                    break 'serve true;
+                }
+                Input::Signal => {
+                    info!("signal received: stopping every builder, then exiting");
+                    shutdown_asked = true;
+                    forced_at = Some(tokio::time::Instant::now() + SHUTDOWN_BOUND);
+                    Event::Shutdown
+                }
+                Input::SignalsClosed => {
+                    signals_open = false;
+                    continue;
+                }
+                Input::Reaped => continue,
+                Input::Forced => {
+                    warn!(
+                        "builders did not stop within {}: killing them",
+                        humantime::format_duration(SHUTDOWN_BOUND)
+                    );
+                    break 'serve true;
+                }
+                Input::AcceptFailed(e) => {
+                    // EMFILE and friends: do not spin.
+                    error!("accepting a connection failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            if let Event::Request(conn, req) = &event {
+                debug!("client {conn}: {req:?}");
+            }
+            // An instance's last event: its task is done with it.
+            if let Event::BootFailed {
+                builder,
+                generation,
+                ..
+            }
+            | Event::InstanceExited {
+                builder,
+                generation,
+                ..
+            }
+            | Event::StopFinished {
+                builder,
+                generation,
+                ..
+            } = &event
+                && instances
+                    .get(builder)
+                    .is_some_and(|h| h.generation == *generation)
+            {
+                instances.remove(builder);
+            }
+            if let Event::ClientGone(conn) = &event {
+                conns.remove(conn);
+            }
+            let actions = self.machine.handle(event, Instant::now());
+            if let Some((id, stream)) = accepted {
+                let (reply_tx, reply_rx) = mpsc::unbounded_channel();
+                conns.insert(id, reply_tx);
+                conn_tasks.spawn(connection(stream, id, tx.clone(), reply_rx));
+            }
+            for action in actions {
+                match action {
+                    Action::Reply { conn, response } => {
+                        if let Some(c) = conns.get(&conn) {
+                            let _ = c.send(response);
+                        }
+                    }
+                    Action::StartBoot {
+                        builder,
+                        generation,
+                    } => {
+                        let Some(b) = self.builders.iter().find(|b| b.name == builder) else {
+                            continue;
+                        };
+                        let (stop_tx, stop_rx) = oneshot::channel();
+                        let ctx = InstanceContext {
+                            builder: builder.clone(),
+                            dir: self.state_dir.join(BUILDERS_DIR).join(&builder),
+                        };
+                        let join = tokio::spawn(instance_task(
+                            backend.clone(),
+                            b.clone(),
+                            ctx,
+                            generation,
+                            stop_rx,
+                            tx.clone(),
+                        ));
+                        if let Some(old) = instances.insert(
+                            builder.clone(),
+                            InstanceHandle {
+                                generation,
+                                stop: Some(stop_tx),
+                                join,
+                            },
+                        ) {
+                            // The machine never starts a second instance; if it did, the old
+                            // one must not survive unnoticed.
+                            error!("builder '{builder}' had a running instance; killing it");
+                            old.join.abort();
+                        }
+                    }
+                    Action::Stop {
+                        builder,
+                        generation,
+                    } => {
+                        if let Some(h) = instances.get_mut(&builder)
+                            && h.generation == generation
+                            && let Some(stop) = h.stop.take()
+                        {
+                            let _ = stop.send(());
+                        }
+                    }
+                    Action::SetTimer(t) => timer = t,
+                    Action::SaveHistory => save_history(&history_path, &self.machine.history()),
+                    Action::Exit => break 'serve false,
+                }
+            }
+        };
+
+        // Make new clients look elsewhere before anything else: unlink while we hold the lock.
+        if let Err(e) = std::fs::remove_file(&self.socket_path)
+            && e.kind() != io::ErrorKind::NotFound
+        {
+            warn!("cannot remove '{}': {e}", self.socket_path.display());
+        }
+        drop(self.listener);
+        conn_tasks.shutdown().await;
+        if forced {
+            for (_, h) in instances.drain() {
+                h.join.abort();
+                // Dropping the instance (as the aborted task unwinds) kills its process group.
+                let _ = h.join.await;
+            }
+        }
+        info!("supervisor {} exits", std::process::id());
+        Ok(())
+    }
+}
+
+/// Read one line of at most [`MAX_LINE`] bytes. `Ok(None)` at a clean end of input.
+async fn read_request_line(
+    rd: &mut BufReader<tokio::net::unix::OwnedReadHalf>,
+) -> io::Result<Option<Result<Vec<u8>, String>>> {
+    let mut line = Vec::new();
+    let n = (&mut *rd)
+        .take(MAX_LINE as u64 + 1)
+        .read_until(b'\n', &mut line)
+        .await?;
+    if n == 0 {
+        return Ok(None);
+    }
+    if line.len() > MAX_LINE {
+        return Ok(Some(Err(format!(
+            "request longer than {MAX_LINE} bytes; closing the connection"
+        ))));
+    }
+    Ok(Some(Ok(line)))
+}
+
+async fn write_response(
+    wr: &mut tokio::net::unix::OwnedWriteHalf,
+    response: &Response,
+) -> io::Result<()> {
+    let mut bytes = serde_json::to_vec(response).map_err(io::Error::other)?;
+    bytes.push(b'\n');
+    wr.write_all(&bytes).await
+}
+
+/// One client connection: hello, then request → reply, in order. Ends with
+/// [`Event::ClientGone`], which releases its leases.
+async fn connection(
+    stream: UnixStream,
+    conn: ConnId,
+    events: mpsc::UnboundedSender<Event>,
+    mut replies: mpsc::UnboundedReceiver<Response>,
+) {
+    let (rd, mut wr) = stream.into_split();
+    let mut rd = BufReader::new(rd);
+    let hello = Response::Hello {
+        version: proto::PROTOCOL_VERSION,
+        pid: std::process::id(),
+    };
+    if write_response(&mut wr, &hello).await.is_ok() {
+        serve_connection(&mut rd, &mut wr, conn, &events, &mut replies).await;
+    }
+    let _ = events.send(Event::ClientGone(conn));
+}
+
+async fn serve_connection(
+    rd: &mut BufReader<tokio::net::unix::OwnedReadHalf>,
+    wr: &mut tokio::net::unix::OwnedWriteHalf,
+    conn: ConnId,
+    events: &mpsc::UnboundedSender<Event>,
+    replies: &mut mpsc::UnboundedReceiver<Response>,
+) {
+    loop {
+        let line = match read_request_line(rd).await {
+            Ok(Some(Ok(line))) => line,
+            Ok(Some(Err(message))) => {
+                let _ = write_response(wr, &Response::Error { message }).await;
+                return;
+            }
+            Ok(None) => return,
+            Err(e) => {
+                debug!("client {conn}: read error: {e}");
+                return;
+            }
+        };
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let req = match serde_json::from_slice::<Request>(&line) {
+            Ok(req) => req,
+            Err(e) => {
+                let shown = String::from_utf8_lossy(&line);
+                let shown = shown.trim();
+                let shown: String = shown.chars().take(200).collect();
+                debug!("client {conn}: malformed request {shown:?}: {e}");
+                let message = format!("malformed request ({e}): {shown}");
+                if write_response(wr, &Response::Error { message })
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                continue;
+            }
+        };
+        if events.send(Event::Request(conn, req)).is_err() {
+            return;
+        }
+        // Wait for the answer, but notice a client that goes away meanwhile (its leases must be
+        // released now, not when a wait-ready deadline passes).
+        let response = loop {
+            if !rd.buffer().is_empty() {
+                // The next request is already here; it is read after this answer.
+                break replies.recv().await;
+            }
+            tokio::select! {
+                r = replies.recv() => break r,
+                filled = rd.fill_buf() => match filled {
+                    Ok([]) | Err(_) => {
+                        // Closed (or half-closed): an answer already on its way still goes out.
+                        if let Ok(Some(r)) = tokio::time::timeout(HALF_CLOSE_GRACE, replies.recv()).await {
+                            let _ = write_response(wr, &r).await;
+                        }
+                        return;
+                    }
+                    Ok(_) => continue,
+                },
+            }
+        };
+        let Some(response) = response else { return };
+        if write_response(wr, &response).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Owns one instance from start to end and reports exactly one of [`Event::BootFailed`],
+/// [`Event::InstanceExited`] or [`Event::StopFinished`] last (after a [`Event::BootSucceeded`]
+/// if it got that far). A message on (or the loss of) `stop` stops it.
+async fn instance_task(
+    backend: Arc<dyn Backend>,
+    builder: Arc<Builder>,
+    ctx: InstanceContext,
+    generation: Generation,
+    mut stop: oneshot::Receiver<()>,
+    events: mpsc::UnboundedSender<Event>,
+) {
+    let name = builder.name.clone();
+    let send = |e: Event| {
+        let _ = events.send(e);
+    };
+    let boot_timeout = builder
+        .lazy
+        .as_ref()
+        .map_or(crate::config::DEFAULT_BOOT_TIMEOUT, |l| l.boot_timeout);
+    let started = Instant::now();
+    let deadline = started + boot_timeout;
+    let tokio_deadline = tokio::time::Instant::from_std(deadline);
+    let timeout_text = humantime::format_duration(boot_timeout);
+
+    let start = tokio::select! {
+        r = tokio::time::timeout_at(tokio_deadline, backend.start(&builder, &ctx)) => r,
+        _ = &mut stop => {
+            // Dropping the start future drops whatever it had started.
+            send(Event::StopFinished {
+                builder: name,
+                generation,
+                report: "boot cancelled while starting".to_owned(),
+            });
+            return;
+        }
+    };
+    let mut instance = match start {
+        Ok(Ok(i)) => i,
+        Ok(Err(cause)) => {
+            send(Event::BootFailed {
+                builder: name,
+                generation,
+                cause,
+            });
+            return;
+        }
+        Err(_) => {
+            send(Event::BootFailed {
+                builder: name,
+                generation,
+                cause: format!("boot timed out after {timeout_text} while starting"),
+            });
+            return;
+        }
+    };
+    let port = instance
+        .ssh_port()
+        .unwrap_or_else(|| builder.uri.port_or_default());
+    info!(
+        "builder '{name}': instance started (pid {}), waiting for sshd on port {port}",
+        instance
+            .pid()
+            .map_or_else(|| "?".to_owned(), |p| p.to_string())
+    );
+
+    let ready = {
+        let wait = tokio::time::timeout_at(
+            tokio_deadline + READY_GRACE,
+            instance.wait_ready(&builder, port, deadline),
+        );
+        tokio::select! {
+            r = wait => Some(r),
+            _ = &mut stop => None,
+        }
+    };
+    let cause = match ready {
+        None => {
+            let report = instance.stop(false).await;
+            send(Event::StopFinished {
+                builder: name,
+                generation,
+                report: format!("boot cancelled: {report}"),
+            });
+            return;
+        }
+        Some(Ok(Ok(nix_version))) => {
+            send(Event::BootSucceeded {
+                builder: name.clone(),
+                generation,
+                port,
+                nix_version,
+                took: started.elapsed(),
+            });
+            None
+        }
+        Some(Ok(Err(cause))) => Some(cause),
+        Some(Err(_)) => Some(format!(
+            "boot timed out after {timeout_text}: the builder did not become ready"
+        )),
+    };
+    if let Some(cause) = cause {
+        let report = instance.stop(false).await;
+        debug!("builder '{name}': failed boot cleaned up: {report}");
+        send(Event::BootFailed {
+            builder: name,
+            generation,
+            cause,
+        });
+        return;
+    }
+
+    let exited = tokio::select! {
+        report = instance.exited() => Some(report),
+        _ = &mut stop => None,
+    };
+    match exited {
+        Some(report) => send(Event::InstanceExited {
+            builder: name,
+            generation,
+            report,
+        }),
+        None => {
+            let report = instance.stop(true).await;
+            send(Event::StopFinished {
+                builder: name,
+                generation,
+                report,
+            });
+        }
+    }
+}
