@@ -22,6 +22,11 @@ if [[ $(id -u) != 0 ]]; then
     exit 1
 fi
 
+# --packages-only: just the Debian packages (what examples/quickstart.sh needs), no test build
+# users and no sid chroot.
+PACKAGES_ONLY=false
+[[ ${1:-} == --packages-only ]] && PACKAGES_ONLY=true
+
 export DEBIAN_FRONTEND=noninteractive
 APT_PACKAGES=(nix-bin openssh-server openssh-client busybox-static debootstrap dropbear-bin cpio
     iproute2 hyperfine python3)
@@ -101,6 +106,11 @@ else
     echo "all packages already installed"
 fi
 part_end "apt packages"
+
+if $PACKAGES_ONLY; then
+    echo "provision total: $(elapsed "$T_ALL" "$(date +%s.%N)") s"
+    exit 0
+fi
 
 # --- build users for remote stores -----------------------------------------------------------------
 part_start "build users"
