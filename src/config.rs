@@ -606,6 +606,9 @@ pub struct QemuBoot {
     pub machine: Option<String>,
     pub cpu: Option<String>,
     pub extra_args: Vec<String>,
+    /// Extra environment for QEMU or the runner script (NixOS runners read e.g. `NIX_DISK_IMAGE`,
+    /// `TMPDIR` and the sources of their shared directories from it).
+    pub environment: BTreeMap<String, String>,
 }
 
 /// `kind = "darling"`.
@@ -669,6 +672,8 @@ pub struct CommandBoot {
     /// Run to stop the builder; `None` = send `stop_signal` to the command.
     pub stop_command: Option<Vec<String>>,
     pub stop_signal: StopSignal,
+    /// Extra environment for the command (and the stop command).
+    pub environment: BTreeMap<String, String>,
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -1231,6 +1236,8 @@ struct RawBoot {
     machine: Option<Spanned<String>>,
     cpu: Option<Spanned<String>>,
     extra_args: Option<Spanned<Vec<String>>>,
+    // qemu and command
+    environment: Option<Spanned<BTreeMap<String, String>>>,
 }
 
 impl RawBoot {
@@ -1260,6 +1267,7 @@ impl RawBoot {
             s("machine", &self.machine),
             s("cpu", &self.cpu),
             s("extra-args", &self.extra_args),
+            s("environment", &self.environment),
         ]
         .into_iter()
         .flatten()
@@ -1267,7 +1275,7 @@ impl RawBoot {
     }
 }
 
-const COMMAND_KEYS: &[&str] = &["command", "stop-command", "stop-signal"];
+const COMMAND_KEYS: &[&str] = &["command", "stop-command", "stop-signal", "environment"];
 const DARLING_KEYS: &[&str] = &["prefix", "sshd-config"];
 const QEMU_KEYS: &[&str] = &[
     "binary",
@@ -1285,6 +1293,7 @@ const QEMU_KEYS: &[&str] = &[
     "machine",
     "cpu",
     "extra-args",
+    "environment",
 ];
 
 /// Error construction with file, line, column and key.
@@ -1767,6 +1776,7 @@ fn boot_from_toml(
                     .map(|c| argv(c, "stop-command"))
                     .transpose()?,
                 stop_signal,
+                environment: b.environment.map(Spanned::into_inner).unwrap_or_default(),
             })
         }
         "darling" => {
@@ -1878,6 +1888,7 @@ fn boot_from_toml(
                 machine: b.machine.map(Spanned::into_inner),
                 cpu: b.cpu.map(Spanned::into_inner),
                 extra_args: b.extra_args.map(Spanned::into_inner).unwrap_or_default(),
+                environment: b.environment.map(Spanned::into_inner).unwrap_or_default(),
             }))
         }
     })
@@ -2437,6 +2448,7 @@ disk = "/vm/disk.qcow2"
 ephemeral = true
 ssh-port = 0
 extra-args = ["-nographic"]
+environment = {{ NIX_DISK_IMAGE = "/var/lib/vm.qcow2" }}
 
 [builders.darwin]
 uri = "ssh://root@127.0.0.1:32022"
@@ -2501,6 +2513,10 @@ stop-signal = "SIGINT"
         );
         assert_eq!(q.kernel.as_deref(), Some(Path::new("/vm/kernel")));
         assert_eq!(q.extra_args, ["-nographic"]);
+        assert_eq!(
+            q.environment.get("NIX_DISK_IMAGE").map(String::as_str),
+            Some("/var/lib/vm.qcow2")
+        );
         let d = c.builders[2].lazy.as_ref().unwrap();
         assert_eq!(d.idle_timeout, None, "0s = never stop");
         assert_eq!(d.boot_timeout, DEFAULT_BOOT_TIMEOUT);

@@ -377,6 +377,7 @@ mod tests {
                 command: vec!["/x".into()],
                 stop_command: None,
                 stop_signal: StopSignal::Term,
+                environment: Default::default(),
             }),
         });
         b

@@ -43,10 +43,12 @@ pub(super) async fn start(spec: &CommandBoot, ctx: &BootContext) -> Result<Insta
         source,
     })?;
     let started = Instant::now();
+    let mut env = base_env(ctx);
+    env.extend(spec.environment.iter().map(|(k, v)| (k.into(), v.into())));
     let child = Child::spawn(SpawnSpec {
         program: path.clone(),
         args: args.iter().map(Into::into).collect(),
-        env: base_env(ctx),
+        env,
         cwd: ctx.dir.clone(),
         stdout: out,
         stderr: err,
@@ -86,7 +88,9 @@ impl Cmd {
         let t0 = Instant::now();
         match &self.spec.stop_command {
             Some(stop) => {
-                match run_stop_command(stop, &self.ctx, child.pid(), how).await {
+                match run_stop_command(&self.spec.environment, stop, &self.ctx, child.pid(), how)
+                    .await
+                {
                     Ok(()) => {}
                     Err(why) => {
                         failed.push(format!("{}: {why}", StopStep::StopCommand));
@@ -135,6 +139,7 @@ impl Cmd {
 /// Runs the stop command to completion within the graceful timeout; its output goes to
 /// `command.log` too.
 async fn run_stop_command(
+    environment: &std::collections::BTreeMap<String, String>,
     argv: &[String],
     ctx: &BootContext,
     pid: u32,
@@ -152,6 +157,7 @@ async fn run_stop_command(
     let mut cmd = tokio::process::Command::new(&path);
     cmd.args(args)
         .envs(base_env(ctx))
+        .envs(environment)
         .env("NIX_LAZY_BUILDER_PID", pid.to_string())
         .current_dir(&ctx.dir)
         .stdin(Stdio::null())

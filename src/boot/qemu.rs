@@ -239,7 +239,12 @@ pub fn plan(spec: &QemuBoot, input: &PlanInput<'_>) -> Result<QemuCommand, BootE
         }
         let mut opts: Vec<String> = qmp_args(input.qmp_socket).into();
         opts.extend(spec.extra_args.iter().cloned());
-        let mut env = vec![("QEMU_OPTS".to_owned(), opts.join(" "))];
+        let mut env: Vec<(String, String)> = spec
+            .environment
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        env.push(("QEMU_OPTS".to_owned(), opts.join(" ")));
         if let Some(port) = input.host_port {
             env.push(("QEMU_NET_OPTS".to_owned(), hostfwd(port)));
         }
@@ -332,7 +337,11 @@ pub fn plan(spec: &QemuBoot, input: &PlanInput<'_>) -> Result<QemuCommand, BootE
     Ok(QemuCommand {
         program: input.binary.to_owned(),
         args: a,
-        env: Vec::new(),
+        env: spec
+            .environment
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
     })
 }
 
