@@ -157,6 +157,45 @@ fn make_writable(dir: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// Prefix of the hidden directories outputs are unpacked into before they are moved into place.
+const TEMP_PREFIX: &str = ".nlb-unpack-";
+
+/// Where `path` is unpacked before it is verified: `<store>/.nlb-unpack-<pid>-<hash part>`.
+fn temp_path(path: &StorePath) -> PathBuf {
+    Path::new(path.store_dir()).join(format!(
+        "{TEMP_PREFIX}{}-{}",
+        std::process::id(),
+        path.hash_part()
+    ))
+}
+
+/// Removes unpack directories left in `store_dir` by hooks that were killed: those whose
+/// process is gone. Returns how many were removed.
+pub fn sweep_stale(store_dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(store_dir) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(TEMP_PREFIX)) else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        match remove_path(&e.path()) {
+            Ok(()) => removed += 1,
+            Err(err) => tracing::warn!(path = %e.path().display(), error = %err,
+                "cannot remove a stale unpack directory"),
+        }
+    }
+    removed
+}
+
 /// Outputs unpacked and verified but not yet registered. Dropping it removes them, so a
 /// failure anywhere before registration leaves nothing behind.
 #[derive(Default)]
@@ -183,8 +222,12 @@ impl Placed {
     pub fn unpack(&mut self, expected: ExpectedNar, nar: impl Read) -> Result<(), PlaceError> {
         let dest = PathBuf::from(expected.path.as_str());
         let shown = expected.path.to_string();
-        remove_path(&dest).map_err(|source| PlaceError::RemoveStale {
-            path: shown.clone(),
+        // Unpack beside the output under a hidden name, and move it into place only once it is
+        // whole and verified: a hook killed mid-transfer leaves no partial output behind, only a
+        // temporary directory the next hook sweeps away (see `sweep_stale`).
+        let tmp = temp_path(&expected.path);
+        remove_path(&tmp).map_err(|source| PlaceError::RemoveStale {
+            path: tmp.display().to_string(),
             source,
         })?;
         let mut reader = HashingReader {
@@ -194,7 +237,7 @@ impl Placed {
         };
         let result = nix_archive::nar::restore_reader(
             &mut io::BufReader::with_capacity(256 * 1024, &mut reader),
-            &dest,
+            &tmp,
             nix_archive::nar::CaseHack::native(),
         );
         let check = match result {
@@ -221,7 +264,14 @@ impl Placed {
                         got_size: reader.count,
                     })
                 } else {
-                    Ok(())
+                    // The daemon deleted any stale output before asking us, but be sure: the
+                    // rename below must not land inside an old directory.
+                    remove_path(&dest)
+                        .and_then(|()| std::fs::rename(&tmp, &dest))
+                        .map_err(|source| PlaceError::RemoveStale {
+                            path: shown.clone(),
+                            source,
+                        })
                 }
             }
         };
@@ -231,8 +281,8 @@ impl Placed {
                 Ok(())
             }
             Err(e) => {
-                if let Err(rm) = remove_path(&dest) {
-                    tracing::error!(path = %shown, error = %rm, "cannot remove a rejected output");
+                if let Err(rm) = remove_path(&tmp) {
+                    tracing::error!(path = %tmp.display(), error = %rm, "cannot remove a rejected output");
                 }
                 Err(e)
             }
@@ -416,6 +466,32 @@ mod tests {
         assert!(matches!(e, PlaceError::Truncated { .. }), "{e}");
         assert!(!dest.exists());
         assert!(placed.is_empty());
+    }
+
+    #[test]
+    fn failed_unpacks_leave_no_temporary_directory_and_stale_ones_are_swept() {
+        let src = source_tree();
+        let nar = nar_of(src.path());
+        let store = tempfile::tempdir().unwrap();
+        let dest = store.path().join("00000000000000000000000000000000-out");
+        let mut bad = expected_for(&dest, &nar);
+        bad.nar_hash = Sha256::digest(b"x");
+        assert!(Placed::new().unpack(bad, &nar[..]).is_err());
+        assert_eq!(std::fs::read_dir(store.path()).unwrap().count(), 0);
+
+        // A dead hook's leftovers go; a live one's (ours) stay.
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let stale = store.path().join(format!("{TEMP_PREFIX}{dead}-abc"));
+        let live = store
+            .path()
+            .join(format!("{TEMP_PREFIX}{}-abc", std::process::id()));
+        std::fs::create_dir_all(stale.join("sub")).unwrap();
+        std::fs::create_dir_all(&live).unwrap();
+        assert_eq!(sweep_stale(store.path()), 1);
+        assert!(!stale.exists());
+        assert!(live.exists());
     }
 
     #[test]

@@ -241,6 +241,10 @@ pub async fn run<L>(
         format!("copying outputs from '{uri}'"),
         vec![],
     );
+    let swept = crate::place::sweep_stale(std::path::Path::new(fetch[0].store_dir()));
+    if swept > 0 {
+        tracing::debug!("removed {swept} unpack directories left by killed hooks");
+    }
     let mut placed = Placed::new();
     for path in &fetch {
         let info = *by_path
