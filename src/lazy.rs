@@ -153,8 +153,9 @@ impl Lazy {
         if status.state == State::Up {
             return Next::ChooseAgain;
         }
+        // The boot is shown while the hook waits for it too, not only when it postpones.
+        self.show_progress(&status);
         let Some(wait) = wait_budget(&status) else {
-            self.show_progress(&status);
             return Next::Postpone;
         };
         let r = match self.client().await {

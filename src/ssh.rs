@@ -559,7 +559,7 @@ pub struct Timeouts {
 impl Default for Timeouts {
     fn default() -> Self {
         Timeouts {
-            connect: Duration::from_secs(20),
+            connect: Duration::from_secs(15),
             keepalive_interval: Duration::from_secs(5),
             keepalive_max: 2,
             write_stall: Duration::from_secs(20),

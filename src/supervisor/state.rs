@@ -46,6 +46,11 @@ pub const HISTORY_LEN: usize = 5;
 pub const DEFAULT_EXPECTED_BOOT: Duration = Duration::from_secs(30);
 /// The longest `wait-ready` a client may ask for.
 pub const MAX_WAIT: Duration = Duration::from_secs(30 * 60);
+/// A freshly booted builder that nobody has leased yet is kept at least this long, whatever its
+/// idle timeout: the hook that asked for the boot usually postponed and comes back only with
+/// the daemon's next poll (`build-poll-interval`, 5 s by default). Without it, a builder whose
+/// idle timeout is shorter than that is stopped before its first build and booted again.
+pub const FIRST_LEASE_GRACE: Duration = Duration::from_secs(10);
 
 /// The backoff after `consecutive` failures in a row: 10 s × 2^(n−1), capped at 10 min.
 pub fn backoff(consecutive: u32) -> Duration {
@@ -231,6 +236,8 @@ struct Slot {
     leases: u32,
     /// When the idle timer started: the last release, or "up".
     idle_since: Instant,
+    /// Whether a lease was granted since the builder last came up ([`FIRST_LEASE_GRACE`]).
+    leased_since_up: bool,
     boots: u32,
     failure: Option<FailureMemory>,
     history: VecDeque<u64>,
@@ -264,6 +271,9 @@ impl Slot {
 
     fn idle_stop_at(&self) -> Option<Instant> {
         match (self.phase, self.leases, self.cfg.idle_timeout) {
+            (Phase::Up, 0, Some(t)) if !self.leased_since_up => {
+                Some(self.idle_since + t.max(FIRST_LEASE_GRACE))
+            }
             (Phase::Up, 0, Some(t)) => Some(self.idle_since + t),
             _ => None,
         }
@@ -322,6 +332,7 @@ impl Machine {
                     up: None,
                     leases: 0,
                     idle_since: now,
+                    leased_since_up: false,
                     boots: 0,
                     failure: None,
                     history: h,

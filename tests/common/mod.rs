@@ -36,6 +36,7 @@
 
 mod daemon;
 mod drv;
+mod lazy;
 mod nix;
 mod ns;
 mod remote;
@@ -43,6 +44,10 @@ mod store;
 
 pub use daemon::{DaemonOpts, LocalDaemon};
 pub use drv::{FakeDrv, FakeDrvPaths};
+pub use lazy::{
+    LazyConfig, LazyRemote, TimedLine, alive, cmdline, hook_pids, nix_build_streaming, pids_with_arg,
+    processes_of, rss_kib, run_streaming, toml_list, toml_str, wait_until,
+};
 pub use nix::{Nix, SID_CHROOT};
 pub use remote::{MachineLine, REMOTE_HOST, REMOTE_USER, RemoteOpts, RemoteStore, Scheme};
 pub use store::StoreQueries;
