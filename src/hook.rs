@@ -11,7 +11,7 @@ use std::collections::BTreeSet;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hook_protocol::derivation::Derivation;
 use hook_protocol::hook::{AcceptedBuild, Reply, Request, Settings, TryRequest};
@@ -36,6 +36,12 @@ pub struct HookArgs {
     /// The client's verbosity (the daemon's last argument).
     pub verbosity: Option<u8>,
 }
+
+/// How long a `try` watches for a slot to free on full builders before it answers `# postpone`.
+/// While it waits, the daemon reads nothing else, so this stays well below the daemon's poll
+/// interval (`build-poll-interval`, 5 s by default).
+const SLOT_WAIT: Duration = Duration::from_millis(2500);
+const SLOT_POLL: Duration = Duration::from_millis(50);
 
 /// How long Nix's hook waits for another hook's upload to the same builder.
 const UPLOAD_LOCK_TIMEOUT: Duration = Duration::from_secs(15 * 60);
@@ -269,6 +275,7 @@ async fn run(args: HookArgs, fd4: Option<OwnedFd>) -> Result<u8, HookError> {
         if let Some(l) = lazy.as_mut().filter(|_| lazy_matches) {
             l.refresh().await;
         }
+        let mut slot_wait: Option<Instant> = None;
         let reply = loop {
             let availability = |i: usize| {
                 let b = &table.builders[i];
@@ -299,10 +306,19 @@ async fn run(args: HookArgs, fd4: Option<OwnedFd>) -> Result<u8, HookError> {
                             && failed[i].is_none()
                             && matches!(availability(i), Availability::Booting)
                     });
-                    if let (Some(i), Some(l)) = (booting, lazy.as_mut())
-                        && let Next::ChooseAgain = l.wait_for(&table.builders[i]).await
-                    {
-                        l.refresh().await;
+                    if let (Some(i), Some(l)) = (booting, lazy.as_mut()) {
+                        if let Next::ChooseAgain = l.wait_for(&table.builders[i]).await {
+                            l.refresh().await;
+                            continue;
+                        }
+                        break Reply::Postpone;
+                    }
+                    // Every matching builder is full. A slot frees the moment a running build's
+                    // hook exits, usually long before the daemon's next poll (5 s): watch the
+                    // slots for a moment instead of paying a whole poll interval.
+                    let deadline = *slot_wait.get_or_insert_with(|| Instant::now() + SLOT_WAIT);
+                    if Instant::now() < deadline {
+                        tokio::time::sleep(SLOT_POLL).await;
                         continue;
                     }
                     break Reply::Postpone;
