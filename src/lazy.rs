@@ -6,14 +6,14 @@
 //! the user's progress display. It never blocks a `try` for longer than [`MAX_WAIT`]: a boot
 //! further away than that is answered with `# postpone`, and the daemon asks again.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use hook_protocol::log::{Verbosity, activity};
+use hook_protocol::log::{Message, Verbosity, activity};
 
 use crate::config::Builder;
-use crate::logging::Activity;
+use crate::logging::{self, Activity};
 use crate::select::Availability;
 use crate::supervisor::client::{self, Client, ClientError, Verdict};
 use crate::supervisor::proto::{BuilderStatus, State};
@@ -32,6 +32,8 @@ pub struct Lazy {
     unavailable: Option<String>,
     statuses: HashMap<String, BuilderStatus>,
     progress: Option<(String, Activity)>,
+    /// Builders this hook saw booting: if such a boot fails, the user is told once, why.
+    watching: HashSet<String>,
 }
 
 /// What to do after a lazy builder's verdict.
@@ -53,6 +55,7 @@ impl Lazy {
             unavailable: None,
             statuses: HashMap::new(),
             progress: None,
+            watching: HashSet::new(),
         }
     }
 
@@ -80,6 +83,14 @@ impl Lazy {
             Ok(list) => {
                 self.unavailable = None;
                 self.statuses = list.into_iter().map(|s| (s.name.clone(), s)).collect();
+                let seen: Vec<BuilderStatus> = self
+                    .watching
+                    .iter()
+                    .filter_map(|n| self.statuses.get(n).cloned())
+                    .collect();
+                for st in &seen {
+                    self.note(st);
+                }
             }
             Err(e) => {
                 self.broke(&e);
@@ -167,6 +178,14 @@ impl Lazy {
                 self.statuses.insert(s.name.clone(), s);
                 Next::ChooseAgain
             }
+            Ok(s) if s.state == State::Failed => {
+                // The boot failed while we waited: choose again now, so that this `try`
+                // already reports the failure (or uses another builder) instead of
+                // postponing it to the daemon's next poll.
+                self.note(&s);
+                self.statuses.insert(s.name.clone(), s);
+                Next::ChooseAgain
+            }
             Ok(s) => {
                 self.show_progress(&s);
                 self.statuses.insert(s.name.clone(), s);
@@ -194,11 +213,41 @@ impl Lazy {
         }
     }
 
+    /// Follows a builder this hook saw booting: once it is up or failed it is no longer
+    /// watched, and a failed boot is reported in one line that names the builder and the
+    /// cause (the boot was shown as an activity; without this line the user would only see it
+    /// vanish).
+    fn note(&mut self, s: &BuilderStatus) {
+        if !self.watching.contains(&s.name) || matches!(s.state, State::Booting) {
+            return;
+        }
+        self.watching.remove(&s.name);
+        if self
+            .progress
+            .as_ref()
+            .is_some_and(|(text, _)| text.contains(&format!("'{}'", s.name)))
+        {
+            self.stop_progress();
+        }
+        if s.state == State::Failed
+            && let Some(f) = &s.last_failure
+        {
+            logging::send(&Message::msg(
+                Verbosity::Warn,
+                format!(
+                    "warning: lazy builder '{}' did not boot: {}",
+                    s.name, f.cause
+                ),
+            ));
+        }
+    }
+
     /// Shows (or refreshes) "booting builder NAME (N s, usually M s)" in the progress display.
     fn show_progress(&mut self, s: &BuilderStatus) {
         if s.state != State::Booting {
             return;
         }
+        self.watching.insert(s.name.clone());
         let text = progress_text(s);
         if let Some((old, _)) = &self.progress
             && *old == text

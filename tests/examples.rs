@@ -129,10 +129,9 @@ fn scripts_are_valid_shell() {
 fn service_units_run_a_real_subcommand() {
     let unit =
         std::fs::read_to_string(repo().join("examples/systemd/nix-lazy-builder.service")).unwrap();
-    let plist = std::fs::read_to_string(
-        repo().join("examples/launchd/org.nixos.nix-lazy-builder.plist"),
-    )
-    .unwrap();
+    let plist =
+        std::fs::read_to_string(repo().join("examples/launchd/org.nixos.nix-lazy-builder.plist"))
+            .unwrap();
     assert!(unit.contains("nix-lazy-builder supervise"), "{unit}");
     assert!(plist.contains("<string>supervise</string>"), "{plist}");
     let out = Command::new(env!("CARGO_BIN_EXE_nix-lazy-builder"))

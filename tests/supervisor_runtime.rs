@@ -541,6 +541,9 @@ async fn auto_started_supervisor_exits_when_idle_and_a_client_keeps_it() {
     let mut c = Client::connect(&r.state_dir).await.unwrap();
     c.boot("vm", false).await.unwrap();
     c.wait_ready("vm", Duration::from_secs(10)).await.unwrap();
+    // One build (a builder never leased since its boot gets a longer first grace).
+    assert!(matches!(c.lease("vm").await.unwrap(), Verdict::Granted(_)));
+    c.release("vm").await.unwrap();
     let pid = instance_pid(&r.state_dir, "vm");
     // Connected: it stays, even once the builder is down.
     wait_for("the idle stop", Duration::from_secs(5), || !alive(pid)).await;

@@ -141,8 +141,14 @@ fn exited_message(r: &ExitReport, during: &str) -> String {
     s
 }
 
+/// Whole seconds, rounded to the nearest (a deadline of "3s" is reached after 2.99 s of
+/// waiting that started a moment after the boot: say 3s, not 2s).
 fn fmt_secs(d: Duration) -> String {
-    humantime::format_duration(Duration::from_secs(d.as_secs().max(1))).to_string()
+    let secs = (d.as_millis() + 500) / 1000;
+    humantime::format_duration(Duration::from_secs(
+        u64::try_from(secs).unwrap_or(u64::MAX).max(1),
+    ))
+    .to_string()
 }
 
 fn fmt_elapsed(d: Duration) -> String {
@@ -575,6 +581,15 @@ mod tests {
             "no SSH banner on 127.0.0.1:40123 after 2m (connection closed before a banner)"
         );
         assert!(!e.to_string().contains('\n'));
+        let e = BootError::NoBanner {
+            addr: "127.0.0.1:40123".into(),
+            after: Duration::from_millis(2_990),
+            last: "connection refused".into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "no SSH banner on 127.0.0.1:40123 after 3s (connection refused)"
+        );
     }
 
     /// The supervisor runs these on a multi-threaded runtime and boxes them as `Send`

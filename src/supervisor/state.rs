@@ -17,7 +17,8 @@
 //!   backoff has expired (or at once with `force`).
 //! - No lease is granted on a builder that is not up (booting, draining, stopping, down,
 //!   failed), nor beyond its `max-jobs`.
-//! - The idle timer runs from the last release (or from "up" if nobody leased it).
+//! - The idle timer runs from the last release (or from "up" if nobody leased it; then it is
+//!   at least [`FIRST_LEASE_GRACE`], so the hook that asked for the boot finds it up).
 //! - Boot failures, unexpected exits and reported failures back off exponentially
 //!   ([`backoff`]); a successful boot resets the count.
 //! - Events from an instance that is no longer current (an older generation) are ignored.
@@ -710,6 +711,7 @@ impl Machine {
             nix_version,
         });
         s.idle_since = now;
+        s.leased_since_up = false;
         if let Some(f) = &mut s.failure {
             f.consecutive = 0;
         }
@@ -1005,6 +1007,7 @@ impl Machine {
         }
         let name = s.cfg.name.clone();
         self.slots[i].leases += 1;
+        self.slots[i].leased_since_up = true;
         *self
             .clients
             .entry(conn)
@@ -1279,6 +1282,30 @@ mod tests {
         assert!(!has_stop(&out, "b"));
         assert!(!has_stop(&t.advance(100_000 * S), "b"));
         assert_eq!(t.status("b").state, State::Up);
+    }
+
+    #[test]
+    fn a_fresh_boot_waits_for_its_first_lease_longer_than_a_short_idle_timeout() {
+        let mut t = T::new(vec![cfg("vm", 1, Some(2))], None);
+        t.bring_up("vm");
+        assert_eq!(t.status("vm").idle_stop_in_ms, Some(10_000));
+        // The requester postponed; the daemon asks again 5 s later: still up.
+        assert!(!has_stop(&t.advance(5 * S), "vm"));
+        assert!(matches!(t.lease(1, "vm"), Response::Leased { .. }));
+        // After a lease the plain idle timeout applies, from the release.
+        t.release(1, "vm");
+        assert_eq!(t.status("vm").idle_stop_in_ms, Some(2_000));
+        assert!(!has_stop(&t.advance(S), "vm"));
+        assert!(has_stop(&t.advance(S), "vm"));
+        // Never leased at all: stopped after the grace.
+        let mut t = T::new(vec![cfg("vm", 1, Some(2))], None);
+        t.bring_up("vm");
+        assert!(!has_stop(&t.advance(9 * S), "vm"));
+        assert!(has_stop(&t.advance(S), "vm"));
+        // The next boot gets the grace again.
+        t.stopped("vm");
+        t.bring_up("vm");
+        assert_eq!(t.status("vm").idle_stop_in_ms, Some(10_000));
     }
 
     #[test]
@@ -1620,7 +1647,8 @@ mod tests {
     fn boot_while_stopping_boots_again_after_the_stop() {
         let mut t = T::new(vec![cfg("vm", 1, Some(5))], None);
         t.bring_up("vm");
-        assert!(has_stop(&t.advance(5 * S), "vm"));
+        // Never leased: stopped once the first-lease grace is over.
+        assert!(has_stop(&t.advance(FIRST_LEASE_GRACE), "vm"));
         let out = t.boot(1, "vm");
         assert!(!has_start(&out, "vm"), "not while the old instance runs");
         assert!(

@@ -4,7 +4,9 @@
 //!
 //! Owns: starting, querying and stopping those processes ([`LocalDaemon`], [`RemoteStore`]), the
 //! Nix version selector ([`Nix`]), the test derivations ([`FakeDrv`]) and command plumbing
-//! ([`CmdOutput`]).
+//! ([`CmdOutput`]); for lazy builders, a remote machine that a boot command starts
+//! ([`LazyRemote`]) and the lazy-builder TOML, `status --json` and supervisor log around it
+//! ([`LazyConfig`]).
 //!
 //! Must never: touch the machine's real `/nix` or `/etc/nix`, listen anywhere but 127.0.0.1, use
 //! a fixed port or any state shared between tests (the only shared thing is the build-user lock
@@ -45,7 +47,7 @@ mod store;
 pub use daemon::{DaemonOpts, LocalDaemon};
 pub use drv::{FakeDrv, FakeDrvPaths};
 pub use lazy::{
-    LazyConfig, LazyRemote, TimedLine, alive, cmdline, hook_pids, nix_build_streaming, pids_with_arg,
+    LazyConfig, LazyRemote, TimedLine, alive, cmdline, hook_pids, lazy_binary, nix_build_streaming,
     processes_of, rss_kib, run_streaming, toml_list, toml_str, wait_until,
 };
 pub use nix::{Nix, SID_CHROOT};
