@@ -242,7 +242,7 @@ impl Lazy {
         }
     }
 
-    /// Shows (or refreshes) "booting builder NAME (N s, usually M s)" in the progress display.
+    /// Shows (or refreshes) "booting builder NAME (N s, about M s expected)" in the progress display.
     fn show_progress(&mut self, s: &BuilderStatus) {
         if s.state != State::Booting {
             return;
@@ -286,7 +286,7 @@ fn progress_text(s: &BuilderStatus) -> String {
     let elapsed = s.booting_ms.unwrap_or(0);
     match s.expected_boot_ms {
         Some(exp) => format!(
-            "booting builder '{}' ({} s, usually {} s)",
+            "booting builder '{}' ({} s, about {} s expected)",
             s.name,
             secs(elapsed),
             secs(exp)
@@ -332,7 +332,7 @@ mod tests {
     fn progress_says_how_long() {
         assert_eq!(
             progress_text(&booting(4400, Some(7000))),
-            "booting builder 'vm' (4 s, usually 7 s)"
+            "booting builder 'vm' (4 s, about 7 s expected)"
         );
         assert_eq!(
             progress_text(&booting(600, None)),

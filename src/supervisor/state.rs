@@ -43,8 +43,11 @@ pub const BACKOFF_BASE: Duration = Duration::from_secs(10);
 pub const BACKOFF_CAP: Duration = Duration::from_secs(10 * 60);
 /// How many boot durations are kept per builder for [`BuilderStatus::expected_boot_ms`].
 pub const HISTORY_LEN: usize = 5;
-/// The boot-time guess before a builder has ever booted (capped by its boot timeout).
-pub const DEFAULT_EXPECTED_BOOT: Duration = Duration::from_secs(30);
+/// The boot-time guess before a builder has ever booted (capped by its boot timeout). Small VMs
+/// and command builders boot in seconds; guessing low lets the hook wait briefly for the first
+/// boot instead of paying a whole daemon poll, and a slow builder only costs a few short waits
+/// before the hook gives up on the guess (`lazy::wait_budget`).
+pub const DEFAULT_EXPECTED_BOOT: Duration = Duration::from_secs(8);
 /// The longest `wait-ready` a client may ask for.
 pub const MAX_WAIT: Duration = Duration::from_secs(30 * 60);
 /// A freshly booted builder that nobody has leased yet is kept at least this long, whatever its
@@ -1726,10 +1729,10 @@ mod tests {
     #[test]
     fn expected_boot_time_is_a_median_of_recent_boots() {
         let mut short = cfg("short", 1, None);
-        short.boot_timeout = 10 * S;
+        short.boot_timeout = 5 * S;
         let mut t = T::new(vec![cfg("vm", 1, None), short], None);
-        assert_eq!(t.status("vm").expected_boot_ms, Some(30_000));
-        assert_eq!(t.status("short").expected_boot_ms, Some(10_000));
+        assert_eq!(t.status("vm").expected_boot_ms, Some(8_000));
+        assert_eq!(t.status("short").expected_boot_ms, Some(5_000));
         for took in [9, 1, 5, 100, 7, 6] {
             t.req(
                 1,
