@@ -11,7 +11,7 @@ use std::time::Duration;
 use crate::config::{self, Builder, Config, HostKeys};
 use crate::remote;
 use crate::ssh;
-use crate::supervisor::client::{Client, Verdict};
+use crate::supervisor::client::{Client, ClientError, Verdict};
 use crate::supervisor::proto::{BuilderStatus, State};
 
 /// Loads the TOML config the way the hook and the supervisor do.
@@ -112,6 +112,24 @@ pub fn status_table(list: &[BuilderStatus]) -> String {
     out
 }
 
+/// The supervisor's control socket is root-only (0600 in a 0700 state directory) and there is
+/// no read-only path for other users: a command that may not open it says so instead of
+/// reporting a raw EACCES or, worse, "down" for builders that may well be up.
+fn root_only(command: &str, e: &ClientError) -> Option<String> {
+    match e {
+        ClientError::Connect { socket, source }
+            if source.kind() == std::io::ErrorKind::PermissionDenied =>
+        {
+            Some(format!(
+                "`{command}` needs root: the supervisor's control socket {} is root-only \
+                 (there is no read-only status for other users); run it as root, e.g. with sudo",
+                socket.display()
+            ))
+        }
+        _ => None,
+    }
+}
+
 /// `status [--json]`: asks the running supervisor; without one every lazy builder is down.
 pub fn status(config: Option<&Path>, json: bool) -> Result<String, String> {
     let (cfg, _) = load_config(config)?;
@@ -119,12 +137,15 @@ pub fn status(config: Option<&Path>, json: bool) -> Result<String, String> {
     let list = rt.block_on(async {
         match Client::connect(&cfg.supervisor.state_dir).await {
             Ok(mut c) => c.status().await.map_err(|e| e.to_string()),
-            Err(_) => Ok(cfg
-                .builders
-                .iter()
-                .filter(|b| b.is_lazy())
-                .map(|b| down_status(&b.name))
-                .collect()),
+            Err(e) => match root_only("nix-lazy-builder status", &e) {
+                Some(m) => Err(m),
+                None => Ok(cfg
+                    .builders
+                    .iter()
+                    .filter(|b| b.is_lazy())
+                    .map(|b| down_status(&b.name))
+                    .collect()),
+            },
         }
     })?;
     if json {
@@ -188,7 +209,7 @@ pub fn up(config: Option<&Path>, name: &str) -> Result<String, String> {
     rt.block_on(async {
         let mut c = Client::connect_or_start(&cfg.supervisor.state_dir, named.as_deref())
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| root_only("nix-lazy-builder up", &e).unwrap_or_else(|| e.to_string()))?;
         match c.boot(name, true).await.map_err(|e| e.to_string())? {
             Verdict::Refused { reason, .. } => {
                 return Err(format!("'{name}' was not booted: {reason}"));
@@ -225,7 +246,12 @@ pub fn down(config: Option<&Path>, name: &str) -> Result<String, String> {
     rt.block_on(async {
         let mut c = match Client::connect(&cfg.supervisor.state_dir).await {
             Ok(c) => c,
-            Err(_) => return Ok(format!("'{name}' is down (no supervisor is running)\n")),
+            Err(e) => {
+                return match root_only("nix-lazy-builder down", &e) {
+                    Some(m) => Err(m),
+                    None => Ok(format!("'{name}' is down (no supervisor is running)\n")),
+                };
+            }
         };
         let s = c.down(name).await.map_err(|e| e.to_string())?;
         Ok(match s.state {

@@ -459,6 +459,33 @@ pub fn parse_key_lines(text: &str) -> Result<Vec<PinnedKey>, String> {
     Ok(keys)
 }
 
+/// A public host key whose private half is published, so a server presenting it proves
+/// nothing about who it is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WellKnownKey {
+    /// The OpenSSH public key line (`type base64`).
+    pub key: &'static str,
+    /// Where its private half is published.
+    pub what: &'static str,
+}
+
+/// Host keys refused unless a TOML builder says `allow-well-known-host-key = true`.
+pub const WELL_KNOWN_HOST_KEYS: &[WellKnownKey] = &[WellKnownKey {
+    key: "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJBWcxb/Blaqt1auOtE+F8QUWrUotiC5qBJ+UuEWdVCb",
+    what: "nixpkgs' darwin.linux-builder (its private key is in the nixpkgs source)",
+}];
+
+/// The well-known key whose SSH wire blob is `blob`, if any.
+pub fn well_known_host_key(blob: &[u8]) -> Option<&'static WellKnownKey> {
+    WELL_KNOWN_HOST_KEYS.iter().find(|k| {
+        k.key
+            .split_whitespace()
+            .nth(1)
+            .and_then(|b64| lenient_base64(b64).ok())
+            .is_some_and(|known| known == blob)
+    })
+}
+
 /// How a builder's SSH host key is verified.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum HostKeys {
@@ -535,6 +562,10 @@ pub struct Builder {
     pub supported_features: BTreeSet<String>,
     pub mandatory_features: BTreeSet<String>,
     pub host_keys: HostKeys,
+    /// `allow-well-known-host-key = true` (TOML only): connect even though a pinned key is one
+    /// of [`WELL_KNOWN_HOST_KEYS`], with a warning. Always false for machines-table lines,
+    /// whose grammar has no column for it.
+    pub allow_well_known_host_key: bool,
     pub origin: Origin,
     /// `Some` for builders that are booted on demand.
     pub lazy: Option<LazySettings>,
@@ -898,6 +929,7 @@ pub fn parse_machine_entry(
         supported_features,
         mandatory_features,
         host_keys,
+        allow_well_known_host_key: false,
         origin: Origin::Machines(origin.clone()),
         lazy: None,
     })))
@@ -1201,6 +1233,7 @@ struct RawBuilder {
     ssh_key: Option<Spanned<String>>,
     host_key: Option<Spanned<String>>,
     host_key_file: Option<Spanned<String>>,
+    allow_well_known_host_key: Option<Spanned<bool>>,
     idle_timeout: Option<Spanned<String>>,
     boot_timeout: Option<Spanned<String>>,
     boot_for_local: Option<Spanned<bool>>,
@@ -1664,6 +1697,10 @@ fn builder_from_toml(
         supported_features,
         mandatory_features,
         host_keys,
+        allow_well_known_host_key: raw
+            .allow_well_known_host_key
+            .map(Spanned::into_inner)
+            .unwrap_or(false),
         origin: Origin::Toml {
             file: ctx.path.to_owned(),
             name,
@@ -1675,7 +1712,19 @@ fn builder_from_toml(
 /// A `host-key-file`: either `.pub`-style lines (`type key [comment]`), pinned as they are, or
 /// a known_hosts file (`hosts type key`), looked up at connect time.
 fn host_keys_from_file(file: &Path) -> Result<HostKeys, String> {
-    let text = std::fs::read_to_string(file).map_err(|e| e.to_string())?;
+    // Bounded: a key file is a few KiB, and a config naming `/dev/zero` (or any huge file) must
+    // fail, not make every hook read forever.
+    const MAX_KEY_FILE: u64 = 1 << 20;
+    let mut text = String::new();
+    std::fs::File::open(file)
+        .and_then(|f| io::Read::read_to_string(&mut io::Read::take(f, MAX_KEY_FILE + 1), &mut text))
+        .map_err(|e| e.to_string())?;
+    if text.len() as u64 > MAX_KEY_FILE {
+        return Err(format!(
+            "larger than {} KiB: not a public key or known_hosts file",
+            MAX_KEY_FILE >> 10
+        ));
+    }
     if let Ok(keys) = parse_key_lines(&text) {
         return Ok(HostKeys::Pinned(keys));
     }
@@ -2899,5 +2948,38 @@ stop-signal = "SIGINT"
             }
             e => panic!("{e}"),
         }
+    }
+
+    #[test]
+    fn well_known_host_key_is_recognised_and_allowed_only_by_toml() {
+        let wk = WELL_KNOWN_HOST_KEYS[0].key;
+        let blob = |line: &str| PinnedKey::parse_line(line).unwrap().blob();
+        assert_eq!(
+            well_known_host_key(&blob(wk)),
+            Some(&WELL_KNOWN_HOST_KEYS[0])
+        );
+        // A comment does not hide it.
+        let commented = format!("{wk} root@darwin-builder");
+        assert!(well_known_host_key(&blob(&commented)).is_some());
+        assert_eq!(well_known_host_key(&blob(ED25519)), None);
+
+        let parse = |extra: &str| {
+            let text = format!("{MINI}host-key = \"{wk}\"\n{extra}");
+            Config::parse(&text, Path::new("/etc/nix/lazy-builder.toml")).unwrap()
+        };
+        assert!(!parse("").builders[0].allow_well_known_host_key);
+        assert!(parse("allow-well-known-host-key = true\n").builders[0].allow_well_known_host_key);
+        assert!(
+            !parse("allow-well-known-host-key = false\n").builders[0].allow_well_known_host_key
+        );
+        let (line, key, _) = toml_err(&mini("allow-well-known-host-key = \"yes\"\n"));
+        assert_eq!(
+            (line, key.as_deref()),
+            (5, Some("builders.b.allow-well-known-host-key"))
+        );
+        // The machines grammar has no column for it.
+        let line = format!("ssh://h x86_64-linux - 1 1 - - {}", b64(wk));
+        let (b, _) = parse_machines(&line, "x86_64-linux", &mut fake_fs(&[])).unwrap();
+        assert!(!b[0].allow_well_known_host_key);
     }
 }

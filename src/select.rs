@@ -360,6 +360,7 @@ mod tests {
             supported_features: set(supported),
             mandatory_features: set(mandatory),
             host_keys: HostKeys::SshDefault,
+            allow_well_known_host_key: false,
             origin: Origin::Toml {
                 file: PathBuf::from("/t"),
                 name: name.to_owned(),

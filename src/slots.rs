@@ -571,6 +571,7 @@ mod tests {
             supported_features: BTreeSet::new(),
             mandatory_features: BTreeSet::new(),
             host_keys: HostKeys::SshDefault,
+            allow_well_known_host_key: false,
             origin: Origin::Toml {
                 file: "/t".into(),
                 name: name.to_owned(),

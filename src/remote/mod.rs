@@ -64,6 +64,18 @@ pub enum RemoteError {
         #[source]
         source: ssh::HostKeyError,
     },
+    /// A pinned key is one whose private half is public (see
+    /// [`crate::config::WELL_KNOWN_HOST_KEYS`]) and the builder does not allow it.
+    #[error(
+        "builder '{builder}': refusing to connect: its pinned host key {key} is the well-known \
+         key of {what}, so anyone can impersonate this builder. {fix}"
+    )]
+    WellKnownHostKey {
+        builder: String,
+        key: String,
+        what: &'static str,
+        fix: String,
+    },
 }
 
 fn tail_suffix(stderr: &str) -> String {
@@ -198,6 +210,7 @@ pub fn ssh_target(builder: &Builder) -> Result<SshTarget, RemoteError> {
             keys
         }
     };
+    check_well_known_host_keys(builder, &host_keys)?;
     let identities = match &builder.ssh_key {
         Some(k) => vec![k.clone()],
         None => SshTarget::default_identities(),
@@ -211,6 +224,50 @@ pub fn ssh_target(builder: &Builder) -> Result<SshTarget, RemoteError> {
         host_keys,
         timeouts: ssh::Timeouts::default(),
     })
+}
+
+/// Refuses a pinned key whose private half is public unless the builder allows it (TOML
+/// `allow-well-known-host-key = true`), and warns when it does. Every path that connects to a
+/// builder (hook, readiness check, `doctor`) gets its target from [`ssh_target`], so this is the
+/// one place the rule is enforced.
+fn check_well_known_host_keys(builder: &Builder, keys: &HostKeys) -> Result<(), RemoteError> {
+    for key in keys.keys() {
+        let Some(known) = key
+            .to_bytes()
+            .ok()
+            .and_then(|blob| crate::config::well_known_host_key(&blob))
+        else {
+            continue;
+        };
+        if builder.allow_well_known_host_key {
+            tracing::warn!(
+                "builder '{}' is pinned to the well-known host key of {} \
+                 (allowed by allow-well-known-host-key): anyone can impersonate it, so it must \
+                 only be reachable on a port nobody else can use",
+                builder.name,
+                known.what
+            );
+            continue;
+        }
+        let fix = match &builder.origin {
+            crate::config::Origin::Toml { file, .. } => format!(
+                "Give the builder its own host key and pin that, or, if nobody else can reach \
+                 its port, set `allow-well-known-host-key = true` for it in {}.",
+                file.display()
+            ),
+            crate::config::Origin::Machines(_) => "Give the builder its own host key and pin \
+                 that; the machines table cannot allow this key: define the builder in the \
+                 lazy-builder TOML config with `allow-well-known-host-key = true` instead."
+                .to_owned(),
+        };
+        return Err(RemoteError::WellKnownHostKey {
+            builder: builder.name.clone(),
+            key: known.key.to_owned(),
+            what: known.what,
+            fix,
+        });
+    }
+    Ok(())
 }
 
 /// The remote command line for a builder's store URI.

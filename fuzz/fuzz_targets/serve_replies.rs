@@ -1,0 +1,32 @@
+//! Every reply decoder of the serve protocol (`nix-store --serve`) the hook uses, at the
+//! protocol version the first byte picks, plus the server-side request decoders the stand-in
+//! peers use.
+#![no_main]
+
+use hook_protocol::serve::{self, Version};
+use libfuzzer_sys::fuzz_target;
+use nix_lazy_builder_fuzz::check;
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&v, data)) = data.split_first() else {
+        return;
+    };
+    let version = Version::new(2, v % 10);
+    check("hello", data, |r| {
+        serve::decode_hello(r, serve::CLIENT_VERSION)
+    });
+    check("path set", data, serve::decode_path_set);
+    check("path infos", data, |r| serve::decode_path_infos(r, version));
+    check("ok", data, serve::decode_ok);
+    check("build result", data, |r| {
+        serve::decode_build_derivation_reply(r, version, "/nix/store")
+    });
+    check("build paths", data, serve::decode_build_paths_reply);
+    check("build options", data, |r| {
+        serve::BuildOptions::decode(r, version)
+    });
+    check("server request", data, |r| {
+        serve::server::decode_request(r, version)
+    });
+    check("export end", data, serve::server::decode_export_item_end);
+});

@@ -1,0 +1,90 @@
+#!/bin/sh
+# Fills fuzz/corpus/<target>/ with valid inputs to start from: the real captures of Nix 2.8 and
+# 2.34 that hook-protocol's golden tests use, plus small hand-written configs. Run from
+# anywhere; existing corpus files are kept (libFuzzer adds its own next to them).
+set -eu
+here=$(cd "$(dirname "$0")" && pwd)
+data="$here/../hook-protocol/tests/data"
+c="$here/corpus"
+mkdir -p "$c/hook_stream" "$c/aterm" "$c/serve_replies" "$c/worker_replies" \
+         "$c/machines" "$c/toml_config"
+
+n=0
+for f in "$data"/hook/*/*.stdin "$data"/hook/*.stdin; do
+  [ -f "$f" ] || continue
+  n=$((n + 1)); cp "$f" "$c/hook_stream/capture-$n"
+done
+for f in "$data"/drv/*.drv; do
+  cp "$f" "$c/aterm/$(basename "$f")"
+done
+# serve and worker targets: the first byte picks the protocol version (see the targets).
+for d in "$data"/serve/*/; do
+  for f in "$d"*.bin; do
+    # 2.7, as every capture negotiated.
+    { printf '\007'; cat "$f"; } > "$c/serve_replies/$(basename "$d")-$(basename "$f")"
+  done
+done
+for d in "$data"/worker/*/; do
+  case "$d" in
+    *client-1.38*) v='\021' ;;   # 1.38
+    *2.8.0*) v='\015' ;;         # 1.34
+    *) v='\016' ;;               # 1.35
+  esac
+  for f in "$d"*.bin; do
+    { printf "$v"; cat "$f"; } > "$c/worker_replies/$(basename "$d")-$(basename "$f")"
+  done
+done
+
+key='ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFwgxv0w8zjLFNJ6M4EHyBd7/gHpLNuw1C+/JusH19ZC root@b'
+b64=$(printf '%s' "$key" | base64 -w0)
+# machines: spec, 0xff 0x00, /m1, 0xff 0x00, /m2, 0xff 0x00, NIX_SSHOPTS
+{
+  printf 'ssh://root@127.0.0.1:2222 aarch64-linux /k 2 1.5 kvm,big-parallel - %s # c\n' "$b64"
+  printf 'ssh-ng://b?remote-program=/bin/nix-daemon x86_64-linux - 4 - - benchmark -; @/m1'
+  printf '\377\000user@host i686-linux\n@/m2\n\377\000@/m1\n\377\000-p 2222 -i /root/.ssh/id -o Port=22'
+} > "$c/machines/table"
+
+cat > "$c/toml_config/full.toml" <<TOML
+[supervisor]
+state-dir = "/var/lib/nix-lazy-builder"
+
+[builders.aarch64]
+uri = "ssh://root@127.0.0.1:31022"
+systems = ["aarch64-linux"]
+features = ["kvm"]
+max-jobs = 2
+speed-factor = 2.5
+ssh-key = "keys/client"
+host-key = "$key"
+idle-timeout = "15m"
+boot-timeout = "2m"
+
+[builders.aarch64.boot]
+kind = "qemu"
+memory = "1G"
+kernel = "vm/kernel"
+initrd = "vm/initrd"
+append = "console=ttyAMA0"
+ephemeral = true
+
+[builders.darwin]
+uri = "ssh-ng://builder@127.0.0.1:31023"
+systems = ["x86_64-darwin"]
+host-key = "$key"
+allow-well-known-host-key = true
+
+[builders.darwin.boot]
+kind = "darling"
+prefix = "/var/lib/darling"
+
+[builders.cmd]
+uri = "ssh://root@127.0.0.1:31024"
+systems = ["riscv64-linux"]
+host-key = "$key"
+
+[builders.cmd.boot]
+kind = "command"
+command = ["/usr/bin/start-builder"]
+stop-signal = "INT"
+TOML
+echo "seeded: $(find "$c" -type f | wc -l) files in $c"

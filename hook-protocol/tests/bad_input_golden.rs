@@ -1,0 +1,581 @@
+//! Golden bad-input cases for the wire decoders, each with the exact error it must give:
+//! - truncated input: every prefix of the hook's real stdin (captured from Nix 2.8 and 2.34) is
+//!   merely incomplete;
+//! - oversized lengths: a string length or element count of `u64::MAX`, or one just above the
+//!   limit, is `TooLong` at once: measured to return in well under a millisecond and to make no
+//!   allocation larger than 64 KiB (this binary's allocator records the largest one);
+//! - non-UTF-8 bytes: which fields keep them losslessly, which decode them lossily, and which
+//!   reject them (the table in `RELIABILITY.md` is this file's summary);
+//! - store paths with a bad hash part: wrong length, letters outside Nix's base-32 alphabet
+//!   (`e o u t`), upper case, non-ASCII.
+
+mod bad_input;
+
+use std::time::{Duration, Instant};
+
+use bad_input::{Counting, largest_allocation, read_files};
+use hook_protocol::derivation::{BasicDerivation, Derivation, ParseErrorKind};
+use hook_protocol::hook::{AcceptedBuild, Request, Settings};
+use hook_protocol::log::Message;
+use hook_protocol::store_path::StorePathError;
+use hook_protocol::wire::{self, DecodeError, Invalid, MAX_COUNT, MAX_STRING, Reader, WireWrite};
+use hook_protocol::worker::{self, Negotiated, StderrMessage, Version as WV};
+use hook_protocol::{StorePath, serve};
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+/// Largest single allocation a hostile length may cause.
+const ALLOC_BOUND: usize = 64 << 10;
+/// How long rejecting a hostile length may take (generous: it is microseconds).
+const TIME_BOUND: Duration = Duration::from_millis(50);
+
+const HASH: &str = "0123456789abcdfghijklmnpqrsvwxyz";
+
+fn path(name: &str) -> String {
+    format!("/nix/store/{HASH}-{name}")
+}
+
+fn proto(major: u8, minor: u8) -> Negotiated {
+    Negotiated::new(WV::new(major, minor))
+}
+
+fn hook_stream(r: &mut Reader<'_>) -> wire::Result<()> {
+    Settings::decode(r)?;
+    if let Request::Try(_) = Request::decode(r)? {
+        AcceptedBuild::decode(r)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn every_prefix_of_the_real_hook_stdin_is_incomplete() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/hook");
+    let captures = read_files(&dir, &["accept.stdin", "accept-deps.stdin"]);
+    assert!(captures.len() >= 4, "captures: {captures:?}");
+    for (name, bytes) in captures {
+        let (_, used) = wire::decode_with(&bytes, hook_stream)
+            .unwrap_or_else(|e| panic!("{name}: the whole capture does not decode: {e}"));
+        assert!(used > 8 && used <= bytes.len(), "{name}: used {used}");
+        for cut in 0..used {
+            match wire::decode_with(&bytes[..cut], hook_stream) {
+                Err(e) if e.is_incomplete() => {}
+                other => panic!("{name}: prefix of {cut} bytes: {other:?}"),
+            }
+        }
+    }
+}
+
+/// Runs `f` and checks that it is `TooLong` for `len` with `limit`, fast, without a large
+/// allocation.
+#[track_caller]
+fn assert_too_long<T: std::fmt::Debug>(
+    case: &str,
+    f: impl FnOnce() -> wire::Result<T>,
+    len: u64,
+    limit: u64,
+) {
+    let t0 = Instant::now();
+    let (r, largest) = largest_allocation(f);
+    let took = t0.elapsed();
+    match r {
+        Err(DecodeError::Invalid(Invalid::TooLong {
+            len: l, limit: m, ..
+        })) if l == len && m == limit => {}
+        other => panic!("{case}: expected TooLong {{ len: {len}, limit: {limit} }}, got {other:?}"),
+    }
+    assert!(took < TIME_BOUND, "{case}: took {took:?}");
+    assert!(
+        largest < ALLOC_BOUND,
+        "{case}: allocated {largest} bytes at once"
+    );
+}
+
+#[test]
+fn the_allocation_counter_sees_large_allocations() {
+    let (v, largest) = largest_allocation(|| vec![1u8; 1 << 20]);
+    assert_eq!(v.len(), 1 << 20);
+    assert!(largest >= 1 << 20, "{largest}");
+    let ((), small) = largest_allocation(|| ());
+    assert!(small < ALLOC_BOUND);
+}
+
+fn words(ws: &[u64]) -> Vec<u8> {
+    ws.iter().flat_map(|w| w.to_le_bytes()).collect()
+}
+
+#[test]
+fn hostile_string_lengths_are_rejected_at_once() {
+    for len in [u64::MAX, u64::MAX - 7, 1 << 63, MAX_STRING + 1] {
+        // The preamble: a setting's name, then a setting's value.
+        let b = words(&[1, len]);
+        assert_too_long(
+            "setting name",
+            || wire::decode_with(&b, Settings::decode),
+            len,
+            MAX_STRING,
+        );
+        let mut b = words(&[1]);
+        b.put_str("max-jobs");
+        b.extend_from_slice(&len.to_le_bytes());
+        assert_too_long(
+            "setting value",
+            || wire::decode_with(&b, Settings::decode),
+            len,
+            MAX_STRING,
+        );
+        // The request word, and the derivation path inside a `try`.
+        let b = words(&[len]);
+        assert_too_long(
+            "request word",
+            || wire::decode_with(&b, Request::decode),
+            len,
+            MAX_STRING,
+        );
+        let mut b = Vec::new();
+        b.put_str("try");
+        b.put_u64(1);
+        b.put_str("aarch64-linux");
+        b.put_u64(len);
+        assert_too_long(
+            "try drv path",
+            || wire::decode_with(&b, Request::decode),
+            len,
+            MAX_STRING,
+        );
+        // A log line and an error from a remote nix-daemon.
+        let b = words(&[worker::STDERR_NEXT, len]);
+        assert_too_long(
+            "STDERR_NEXT",
+            || wire::decode_with(&b, |r| worker::decode_stderr(r, &proto(1, 35))),
+            len,
+            MAX_STRING,
+        );
+        let b = words(&[worker::STDERR_WRITE, len]);
+        assert_too_long(
+            "STDERR_WRITE",
+            || wire::decode_with(&b, |r| worker::decode_stderr(r, &proto(1, 35))),
+            len,
+            MAX_STRING,
+        );
+        let mut b = words(&[worker::STDERR_ERROR]);
+        b.put_str("Error");
+        b.put_u64(0);
+        b.put_str("name");
+        b.put_u64(len);
+        assert_too_long(
+            "STDERR_ERROR message",
+            || wire::decode_with(&b, |r| worker::decode_stderr(r, &proto(1, 35))),
+            len,
+            MAX_STRING,
+        );
+        // A build result's error message, over both protocols.
+        let b = words(&[3, len]);
+        assert_too_long(
+            "serve build result",
+            || {
+                wire::decode_with(&b, |r| {
+                    serve::decode_build_derivation_reply(r, serve::Version::new(2, 7), "/nix/store")
+                })
+            },
+            len,
+            MAX_STRING,
+        );
+        assert_too_long(
+            "worker build result",
+            || {
+                wire::decode_with(&b, |r| {
+                    worker::decode_build_result(r, &proto(1, 35), "/nix/store")
+                })
+            },
+            len,
+            MAX_STRING,
+        );
+        // The serve greeting is fine, the path set's first path is not.
+        let b = words(&[1, len]);
+        assert_too_long(
+            "serve path set",
+            || wire::decode_with(&b, serve::decode_path_set),
+            len,
+            MAX_STRING,
+        );
+        // A BasicDerivation's builder.
+        let mut b = words(&[0, 0]);
+        b.put_str("x86_64-linux");
+        b.put_u64(len);
+        assert_too_long(
+            "derivation builder",
+            || wire::decode_with(&b, BasicDerivation::decode),
+            len,
+            MAX_STRING,
+        );
+    }
+}
+
+#[test]
+fn hostile_counts_are_rejected_at_once() {
+    for count in [u64::MAX, 1 << 63, MAX_COUNT + 1] {
+        let b = words(&[count]);
+        assert_too_long(
+            "accepted build: input paths",
+            || wire::decode_with(&b, AcceptedBuild::decode),
+            count,
+            MAX_COUNT,
+        );
+        assert_too_long(
+            "serve path set",
+            || wire::decode_with(&b, serve::decode_path_set),
+            count,
+            MAX_COUNT,
+        );
+        assert_too_long(
+            "derivation outputs",
+            || wire::decode_with(&b, BasicDerivation::decode),
+            count,
+            MAX_COUNT,
+        );
+        // Activity fields, error traces, built outputs, path info references.
+        let mut b = words(&[worker::STDERR_START_ACTIVITY, 1, 0, 105]);
+        b.put_str("building");
+        b.put_u64(count);
+        assert_too_long(
+            "activity fields",
+            || wire::decode_with(&b, |r| worker::decode_stderr(r, &proto(1, 35))),
+            count,
+            MAX_COUNT,
+        );
+        let mut b = words(&[worker::STDERR_ERROR]);
+        b.put_str("Error");
+        b.put_u64(0);
+        b.put_str("name");
+        b.put_str("message");
+        b.put_u64(0);
+        b.put_u64(count);
+        assert_too_long(
+            "error traces",
+            || wire::decode_with(&b, |r| worker::decode_stderr(r, &proto(1, 35))),
+            count,
+            MAX_COUNT,
+        );
+        // A successful build result with times, then the built-outputs count.
+        let mut b = words(&[0]);
+        b.put_str("");
+        b.extend_from_slice(&words(&[1, 0, 0, 0]));
+        b.put_u64(count);
+        for v in [serve::Version::new(2, 6), serve::Version::new(2, 8)] {
+            assert_too_long(
+                "serve built outputs",
+                || {
+                    wire::decode_with(&b, |r| {
+                        serve::decode_build_derivation_reply(r, v, "/nix/store")
+                    })
+                },
+                count,
+                MAX_COUNT,
+            );
+        }
+        let mut b = words(&[0]);
+        b.put_str("");
+        b.extend_from_slice(&words(&[1, 0, 0, 0]));
+        b.put_u64(count);
+        assert_too_long(
+            "worker 1.35 built outputs",
+            || {
+                wire::decode_with(&b, |r| {
+                    worker::decode_build_result(r, &proto(1, 35), "/nix/store")
+                })
+            },
+            count,
+            MAX_COUNT,
+        );
+        let mut b = Vec::new();
+        b.put_str(&path("a"));
+        b.put_str("");
+        b.put_u64(count);
+        assert_too_long(
+            "serve path info references",
+            || {
+                wire::decode_with(&b, |r| {
+                    serve::decode_path_infos(r, serve::Version::new(2, 7))
+                })
+            },
+            count,
+            MAX_COUNT,
+        );
+    }
+}
+
+#[test]
+fn counts_within_the_limit_do_not_reserve_memory_up_front() {
+    // MAX_COUNT elements of at least 8 bytes each would be 128 MiB: with nothing behind the
+    // count, decoding is merely incomplete and must not reserve space for them.
+    let b = words(&[MAX_COUNT]);
+    for (case, f) in [
+        (
+            "input paths",
+            Box::new(|| wire::decode_with(&b, AcceptedBuild::decode).map(drop))
+                as Box<dyn Fn() -> wire::Result<()>>,
+        ),
+        (
+            "path set",
+            Box::new(|| wire::decode_with(&b, serve::decode_path_set).map(drop)),
+        ),
+        (
+            "derivation outputs",
+            Box::new(|| wire::decode_with(&b, BasicDerivation::decode).map(drop)),
+        ),
+    ] {
+        let (r, largest) = largest_allocation(f);
+        assert!(r.unwrap_err().is_incomplete(), "{case}");
+        assert!(largest < ALLOC_BOUND, "{case}: allocated {largest} bytes");
+    }
+    // A length at the limit with no bytes behind it: incomplete, nothing allocated, and the
+    // `needed` it reports is what the adapter will wait for.
+    let b = words(&[1, MAX_STRING]);
+    let (r, largest) = largest_allocation(|| wire::decode_with(&b, Settings::decode));
+    assert_eq!(
+        r.unwrap_err(),
+        DecodeError::Incomplete {
+            needed: MAX_STRING as usize
+        }
+    );
+    assert!(largest < ALLOC_BOUND, "allocated {largest} bytes");
+}
+
+#[test]
+fn framed_chunks_of_any_length_stream_without_allocating() {
+    let mut b = u64::MAX.to_le_bytes().to_vec();
+    b.extend_from_slice(b"0123456789");
+    assert_too_long(
+        "decode_frame",
+        || {
+            wire::decode_with(&b, |r| {
+                worker::decode_frame(r, 1 << 20).map(|c| c.map(<[u8]>::len))
+            })
+        },
+        u64::MAX,
+        1 << 20,
+    );
+    let (out, largest) = largest_allocation(|| {
+        let mut d = worker::FrameDecoder::new();
+        let (n, frame) = d.decode(&b);
+        (n, frame.map(|f| format!("{f:?}")), d.is_done())
+    });
+    assert_eq!(out.0, b.len());
+    assert_eq!(
+        out.1.as_deref(),
+        Some("Data([48, 49, 50, 51, 52, 53, 54, 55, 56, 57])")
+    );
+    assert!(!out.2);
+    assert!(largest < ALLOC_BOUND, "allocated {largest} bytes");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Non-UTF-8
+
+const BAD: &[u8] = b"caf\xe9-\xff\xfe";
+
+fn not_utf8(r: wire::Result<impl std::fmt::Debug>, what: &str) {
+    match r {
+        Err(DecodeError::Invalid(Invalid::NotUtf8 { what: w })) => assert_eq!(w, what),
+        other => panic!("{what}: expected NotUtf8, got {other:?}"),
+    }
+}
+
+#[test]
+fn non_utf8_in_the_hook_protocol() {
+    // Setting names are rejected; setting values are decoded lossily (only a setting the hook
+    // ignores could hold such bytes, and the daemon sends every setting).
+    let mut b = words(&[1]);
+    b.put_bytes(BAD);
+    b.put_str("v");
+    b.put_u64(0);
+    not_utf8(wire::decode_with(&b, Settings::decode), "setting name");
+    let mut b = words(&[1]);
+    b.put_str("some-setting");
+    b.put_bytes(BAD);
+    b.put_u64(0);
+    let (s, _) = wire::decode_with(&b, Settings::decode).unwrap();
+    assert_eq!(s.get("some-setting"), Some("caf\u{fffd}-\u{fffd}\u{fffd}"));
+
+    // In a `try`: system, derivation path and features must be UTF-8.
+    let try_with = |system: &[u8], drv: &[u8], feature: &[u8]| {
+        let mut b = Vec::new();
+        b.put_str("try");
+        b.put_u64(1);
+        b.put_bytes(system);
+        b.put_bytes(drv);
+        b.put_strings([feature]);
+        wire::decode_with(&b, Request::decode)
+    };
+    let drv = path("x.drv");
+    not_utf8(try_with(BAD, drv.as_bytes(), b"kvm"), "needed system");
+    let mut bad_drv = drv.clone().into_bytes();
+    bad_drv.extend_from_slice(b"\xff");
+    not_utf8(
+        try_with(b"x86_64-linux", &bad_drv, b"kvm"),
+        "derivation path",
+    );
+    not_utf8(
+        try_with(b"x86_64-linux", drv.as_bytes(), BAD),
+        "required features",
+    );
+    // Any word but `try` means "stop"; a non-UTF-8 one too (shown lossily).
+    let mut b = Vec::new();
+    b.put_bytes(BAD);
+    assert!(matches!(
+        wire::decode_with(&b, Request::decode),
+        Ok((Request::Other(w), _)) if w.contains('\u{fffd}')
+    ));
+
+    // After `# accept`: input paths and output names.
+    let mut b = Vec::new();
+    b.put_strings([bad_drv.as_slice()]);
+    b.put_strings(Vec::<String>::new());
+    not_utf8(wire::decode_with(&b, AcceptedBuild::decode), "input path");
+    let mut b = Vec::new();
+    b.put_strings(Vec::<String>::new());
+    b.put_strings([BAD]);
+    not_utf8(
+        wire::decode_with(&b, AcceptedBuild::decode),
+        "missing outputs",
+    );
+}
+
+#[test]
+fn non_utf8_in_derivations() {
+    // What the builder sees (builder, arguments, environment) is kept byte for byte, in the
+    // `.drv` and on the wire; names, paths and the platform must be UTF-8.
+    let aterm = |outputs: &[u8], platform: &[u8], env_key: &[u8]| {
+        let mut t = b"Derive([(\"".to_vec();
+        t.extend_from_slice(outputs);
+        t.extend_from_slice(format!("\",\"{}\",\"\",\"\")],[],[],\"", path("x")).as_bytes());
+        t.extend_from_slice(platform);
+        t.extend_from_slice(b"\",\"/bin/sh\xff\",[\"-c\",\"\xfe\"],[(\"");
+        t.extend_from_slice(env_key);
+        t.extend_from_slice(b"\",\"v\xe9\")])");
+        t
+    };
+    let good = aterm(b"out", b"x86_64-linux", b"k\xff");
+    let d = Derivation::parse(&good).unwrap();
+    assert_eq!(d.basic.builder, b"/bin/sh\xff");
+    assert_eq!(d.basic.args[1], b"\xfe");
+    assert_eq!(d.basic.env[&b"k\xff".to_vec()], b"v\xe9");
+    assert_eq!(d.to_aterm(), good, "raw bytes must round-trip exactly");
+    let mut w = Vec::new();
+    d.basic.encode(&mut w);
+    let (back, _) = wire::decode_with(&w, BasicDerivation::decode).unwrap();
+    assert_eq!(back, d.basic, "and through the wire form");
+
+    for (t, what) in [
+        (aterm(BAD, b"x86_64-linux", b"k"), "an output name"),
+        (aterm(b"out", BAD, b"k"), "the platform"),
+    ] {
+        match Derivation::parse(&t) {
+            Err(e) => assert_eq!(e.kind, ParseErrorKind::NotUtf8 { what }, "{e}"),
+            Ok(d) => panic!("{what}: accepted {d:?}"),
+        }
+    }
+    let mut w = words(&[1]);
+    w.put_bytes(BAD);
+    not_utf8(
+        wire::decode_with(&w, BasicDerivation::decode),
+        "output name",
+    );
+}
+
+#[test]
+fn non_utf8_from_remote_stores() {
+    // Paths must be UTF-8; text meant for people (log lines, error messages) is lossy.
+    let mut b = words(&[1]);
+    b.put_bytes(&[path("a").as_bytes(), b"\xff"].concat());
+    not_utf8(wire::decode_with(&b, serve::decode_path_set), "store paths");
+
+    let mut b = words(&[worker::STDERR_NEXT]);
+    b.put_bytes(BAD);
+    let (m, _) = wire::decode_with(&b, |r| worker::decode_stderr(r, &proto(1, 35))).unwrap();
+    assert_eq!(
+        m,
+        StderrMessage::Next("caf\u{fffd}-\u{fffd}\u{fffd}".into())
+    );
+
+    let mut b = words(&[3]);
+    b.put_bytes(BAD);
+    let (res, _) = wire::decode_with(&b, |r| {
+        serve::decode_build_derivation_reply(r, serve::Version::new(2, 2), "/nix/store")
+    })
+    .unwrap();
+    assert_eq!(res.error_msg, "caf\u{fffd}-\u{fffd}\u{fffd}");
+
+    // An `@nix` line that is not UTF-8 is not a log message.
+    let mut line = b"@nix {\"action\":\"msg\",\"level\":0,\"msg\":\"".to_vec();
+    line.extend_from_slice(BAD);
+    line.extend_from_slice(b"\"}");
+    assert!(Message::decode_line(&line).is_err());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Store paths with a bad hash part
+
+#[test]
+fn bad_hash_parts_are_rejected_everywhere() {
+    let bad_hashes = [
+        "0123456789abcdfghijklmnpqrsvwxy",       // 31 characters
+        "0123456789abcdfghijklmnpqrsvwxyz0",     // 33
+        "e123456789abcdfghijklmnpqrsvwxyz",      // 'e' is not in nix32
+        "0123456789abcdfghijklmnoqrsvwxyz",      // 'o'
+        "0123456789abcdfghijklmnpqrsuwxyz",      // 'u'
+        "0123456789abcdfghijklmnpqrstwxyz",      // 't'
+        "0123456789ABCDFGHIJKLMNPQRSVWXYZ",      // upper case
+        "0123456789abcdfghijklmnpqrsvwxy\u{e9}", // non-ASCII
+        "",
+    ];
+    for h in bad_hashes {
+        let p = format!("/nix/store/{h}-name");
+        match StorePath::parse(&p) {
+            Err(StorePathError::BadHash(s)) => assert_eq!(s, p),
+            other => panic!("{p}: {other:?}"),
+        }
+        // Through every decoder that carries a store path: a clear Invalid naming the path.
+        let mut b = Vec::new();
+        b.put_str("try");
+        b.put_u64(1);
+        b.put_str("x86_64-linux");
+        b.put_str(&p);
+        b.put_strings(Vec::<String>::new());
+        let mut paths = Vec::new();
+        paths.put_strings([p.as_str()]);
+        let mut accepted = paths.clone();
+        accepted.put_strings(Vec::<String>::new());
+        for (case, r) in [
+            ("try", wire::decode_with(&b, Request::decode).map(drop)),
+            (
+                "accepted",
+                wire::decode_with(&accepted, AcceptedBuild::decode).map(drop),
+            ),
+            (
+                "serve path set",
+                wire::decode_with(&paths, serve::decode_path_set).map(drop),
+            ),
+            (
+                "worker path set",
+                wire::decode_with(&paths, worker::decode_path_set).map(drop),
+            ),
+        ] {
+            match r {
+                Err(DecodeError::Invalid(Invalid::Malformed(m))) => {
+                    assert!(m.contains("bad hash part") && m.contains(&p), "{case}: {m}")
+                }
+                other => panic!("{case} with {p}: {other:?}"),
+            }
+        }
+    }
+    // The hash alone is not enough: a missing '-' or name is a bad path too.
+    for p in [
+        format!("/nix/store/{HASH}"),
+        format!("/nix/store/{HASH}name"),
+        format!("/nix/store/{HASH}-"),
+    ] {
+        assert!(StorePath::parse(&p).is_err(), "{p}");
+    }
+}
