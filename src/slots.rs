@@ -41,14 +41,29 @@ pub fn escape_uri(uri: &str) -> String {
     uri.replace('/', "_")
 }
 
+/// Longest lock file name we make (file systems allow 255 bytes).
+const MAX_NAME: usize = 200;
+
+/// `escapeUri(uri)`, or, when that would make a file name too long (URIs with long query
+/// parameters), a stable digest of the URI. Nix's own hook cannot lock such URIs at all, so
+/// there is no name of its to share.
+fn lock_stem(uri: &str) -> String {
+    let escaped = escape_uri(uri);
+    if escaped.len() <= MAX_NAME {
+        return escaped;
+    }
+    let digest = hook_protocol::Sha256::digest(uri.as_bytes()).to_nix32();
+    format!("nlb-{}", &digest[..32])
+}
+
 /// The file name of slot `slot` of the builder with store URI `uri`.
 pub fn slot_file_name(uri: &str, slot: u32) -> String {
-    format!("{}-{slot}", escape_uri(uri))
+    format!("{}-{slot}", lock_stem(uri))
 }
 
 /// The file name of the upload lock of the builder with store URI `uri`.
 pub fn upload_lock_file_name(uri: &str) -> String {
-    format!("{}.upload-lock", escape_uri(uri))
+    format!("{}.upload-lock", lock_stem(uri))
 }
 
 /// An open, locked lock file. Dropping it closes the file, which releases the lock.
@@ -323,6 +338,29 @@ mod tests {
     use std::process::{Child, Command, Stdio};
 
     const CHILD_ENV: &str = "NIX_LAZY_BUILDER_SLOTS_TEST_CHILD";
+
+    #[test]
+    fn long_uris_get_short_stable_lock_names_that_work() {
+        let long = format!(
+            "ssh-ng://root@h?remote-program=/nix/store/{}",
+            "x".repeat(400)
+        );
+        let a = slot_file_name(&long, 1);
+        assert!(a.len() < 255, "{a}");
+        assert_eq!(a, slot_file_name(&long, 1), "stable");
+        assert_ne!(a, slot_file_name(&format!("{long}y"), 1), "distinct");
+        assert!(upload_lock_file_name(&long).len() < 255);
+        assert_eq!(
+            slot_file_name("ssh://root@h", 0),
+            "ssh:__root@h-0",
+            "Nix's names otherwise"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let load = LoadDir::open(dir.path()).unwrap();
+        let main = load.lock_main().unwrap();
+        let probe = load.probe(&main, &long, 2).unwrap();
+        assert!(probe.free.is_some());
+    }
 
     /// Not a test: the body of the helper process the cross-process tests spawn (this test
     /// binary, re-run with `--ignored --exact`). It takes the locks named in its environment

@@ -82,9 +82,11 @@ impl<R: AsyncRead + Unpin> WireReader<R> {
             self.start = 0;
         }
         let target = self.buf.len() + min.max(1);
-        // Reserve once, then read into the spare capacity: no zero-filling, so a long message
-        // arriving in many small reads costs linear time.
-        self.buf.reserve((target - self.buf.len()).max(READ_CHUNK));
+        // Read into spare capacity (no zero-filling, so a long message arriving in many small
+        // reads costs linear time), reserving as the bytes come rather than what a length
+        // prefix announced: a peer's claim alone never costs memory.
+        self.buf
+            .reserve((target - self.buf.len()).clamp(READ_CHUNK, 16 * READ_CHUNK));
         while self.buf.len() < target {
             if self.buf.capacity() == self.buf.len() {
                 self.buf.reserve(READ_CHUNK);

@@ -65,7 +65,8 @@ pub async fn wait_ready(
     let deadline = deadline.into();
     let t0 = Instant::now();
     let mut target = crate::remote::ssh_target(builder)
-        .map_err(|e| BootError::SshSetup(format!("builder '{}': {e}", builder.name)))?;
+        // ssh_target's errors already name the builder.
+        .map_err(|e| BootError::SshSetup(e.to_string()))?;
     if instance.forwards_to_localhost() {
         target.host = Ipv4Addr::LOCALHOST.to_string();
     }
@@ -178,6 +179,8 @@ async fn attempt(
 }
 
 /// Host key and key-file problems: retrying cannot help.
+/// Failures no retry can fix. An authentication failure is retried on purpose: while a guest
+/// boots, its sshd can answer before the authorized keys are in place.
 fn is_permanent(kind: &SshErrorKind) -> bool {
     matches!(
         kind,
