@@ -3,7 +3,9 @@
 //! Reads the settings preamble, loads the builder table once, answers every `try` with
 //! `# accept` (after the SSH connection and the remote handshake succeeded, as Nix does, so a
 //! dead builder never gets a build), `# postpone` or `# decline` plus one line that says why,
-//! and after an accept runs the build through `transfer`. It owns the process set-up nix-daemon
+//! and after an accept runs the build through `transfer`. An always-on builder it cannot
+//! connect to is skipped for the rest of the process and, through `memory`, by the hooks
+//! after it until its backoff runs out. It owns the process set-up nix-daemon
 //! expects (descriptors, signals, exit codes) and never writes anything but whole reply and
 //! `@nix` lines to stderr.
 
@@ -23,6 +25,7 @@ use crate::config::{self, Builder, BuilderTable, Config, ConfigError};
 use crate::lazy::{Lazy, Next};
 use crate::local::LocalStore;
 use crate::logging::{self, Activity};
+use crate::memory::FailureMemory;
 use crate::remote::{self, BuildLog, Remote, RemoteError};
 use crate::select::{Availability, Decision, DeclineLevel, LocalCapability};
 use crate::slots::{self, LoadDir, SlotLock, UploadLockOutcome};
@@ -255,6 +258,13 @@ async fn run(args: HookArgs, fd4: Option<OwnedFd>) -> Result<u8, HookError> {
         .then(|| Lazy::new(cfg.supervisor.state_dir.clone(), named_config));
     // Builders whose connection failed in this process, with why (Nix disables them too).
     let mut failed: Vec<Option<String>> = vec![None; table.builders.len()];
+    // Always-on builders that failed in an earlier hook process, until their backoff runs out
+    // (lazy builders have the supervisor's memory).
+    let memory = if table.builders.iter().any(|b| !b.is_lazy()) {
+        FailureMemory::open(&cfg.supervisor.state_dir)
+    } else {
+        FailureMemory::disabled()
+    };
 
     loop {
         let req = match stdin.decode("a request", Request::decode).await {
@@ -275,16 +285,27 @@ async fn run(args: HookArgs, fd4: Option<OwnedFd>) -> Result<u8, HookError> {
         if let Some(l) = lazy.as_mut().filter(|_| lazy_matches) {
             l.refresh().await;
         }
+        // Read once per `try`: other hooks' failures of the matching always-on builders.
+        let now = std::time::SystemTime::now();
+        let remembered: Vec<Option<Availability>> = (0..table.builders.len())
+            .map(|i| {
+                let b = &table.builders[i];
+                (!b.is_lazy() && matching.contains(&i))
+                    .then(|| memory.availability(b, now))
+                    .flatten()
+            })
+            .collect();
         let mut slot_wait: Option<Instant> = None;
         let reply = loop {
             let availability = |i: usize| {
                 let b = &table.builders[i];
-                match (&failed[i], &lazy) {
-                    (Some(cause), _) => Availability::BackingOff {
+                match (&failed[i], &lazy, &remembered[i]) {
+                    (Some(cause), _, _) => Availability::BackingOff {
                         cause: cause.clone(),
                         retry_in: Duration::ZERO,
                     },
-                    (None, Some(l)) if b.is_lazy() => l.availability(b),
+                    (None, Some(l), _) if b.is_lazy() => l.availability(b),
+                    (None, _, Some(backing_off)) => backing_off.clone(),
                     _ => Availability::Up,
                 }
             };
@@ -361,8 +382,22 @@ async fn run(args: HookArgs, fd4: Option<OwnedFd>) -> Result<u8, HookError> {
                     if let Some(l) = lazy.as_mut() {
                         l.stop_progress();
                     }
-                    return accepted(&mut stdin, &settings, &req, b, remote, log, slot, &load_dir)
-                        .await;
+                    if !b.is_lazy() {
+                        memory.clear(b);
+                    }
+                    let outcome =
+                        accepted(&mut stdin, &settings, &req, b, remote, log, slot, &load_dir)
+                            .await;
+                    if let (Err(HookError::Transfer(e)), Some(l)) = (&outcome, lazy.as_mut())
+                        && b.is_lazy()
+                        && e.builder_broke()
+                    {
+                        // The machine died or froze under the build (the supervisor may not
+                        // see that: a frozen VM's process is still there). Tell it, so it
+                        // replaces the machine instead of leasing it to the next build.
+                        l.report_failure(b, &e.to_string()).await;
+                    }
+                    return outcome;
                 }
                 Err(e) => {
                     logging::error(&format!("cannot build on '{}': {e}", b.store_uri));
@@ -370,7 +405,18 @@ async fn run(args: HookArgs, fd4: Option<OwnedFd>) -> Result<u8, HookError> {
                         l.report_failure(b, &e.to_string()).await;
                         l.refresh().await;
                     }
-                    failed[index] = Some(format!("connection failed: {e}"));
+                    let cause = format!("connection failed: {e}");
+                    if !b.is_lazy()
+                        && let Some(r) =
+                            memory.record_failure(b, &cause, std::time::SystemTime::now())
+                    {
+                        tracing::debug!(
+                            builder = %b.name,
+                            consecutive = r.consecutive,
+                            "failure remembered for other hooks"
+                        );
+                    }
+                    failed[index] = Some(cause);
                     continue;
                 }
             }

@@ -10,6 +10,7 @@ pub mod hook;
 pub mod lazy;
 pub mod local;
 pub mod logging;
+pub mod memory;
 pub mod place;
 pub mod remote;
 pub mod select;

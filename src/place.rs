@@ -2,11 +2,12 @@
 //!
 //! The daemon holds `flock`s on every output path while the hook runs, so a new daemon
 //! connection or a plain `nix-store --import` would deadlock (PROTOCOL.md §4). Instead each
-//! output's NAR is unpacked straight to its final store path by `nix-archive` (descriptor-relative,
-//! so nothing outside the output is ever followed or created) while it is hashed, the hash and
-//! size are compared with what the remote vouched for, and then *all* outputs are registered in
-//! one `nix-store --register-validity --hash-given` call, which canonicalises them and commits
-//! them in one database transaction.
+//! output's NAR is unpacked by `nix-archive` (descriptor-relative, so nothing outside the output
+//! is ever followed or created) under a hidden name beside its store path while it is hashed,
+//! the hash and size are compared with what the remote vouched for, and once *every* output is
+//! verified they are all moved to their store paths and registered in one
+//! `nix-store --register-validity --hash-given` call, which canonicalises them and commits them
+//! in one database transaction.
 //!
 //! Invariant: a path becomes valid only through [`register_validity`], and only after its bytes
 //! were verified. Anything unpacked but not registered is removed ([`Placed`]'s drop).
@@ -196,11 +197,22 @@ pub fn sweep_stale(store_dir: &Path) -> usize {
     removed
 }
 
-/// Outputs unpacked and verified but not yet registered. Dropping it removes them, so a
-/// failure anywhere before registration leaves nothing behind.
+/// One verified output: still under its hidden name (`staged`), or moved to its store path.
+struct Output {
+    expected: ExpectedNar,
+    staged: Option<PathBuf>,
+}
+
+/// Outputs unpacked and verified but not yet registered. Dropping it removes them (staged or
+/// moved), so a failure anywhere before registration leaves nothing behind.
+///
+/// A build's outputs stay under their hidden names until every one of them is verified
+/// ([`Placed::unpack_staged`]); only then are they all moved into place and registered
+/// ([`Placed::register`]), back to back. So a hook killed while it downloads leaves only hidden
+/// directories (swept by the next hook), never a complete-looking but invalid output.
 #[derive(Default)]
 pub struct Placed {
-    outputs: Vec<ExpectedNar>,
+    outputs: Vec<Output>,
     registered: bool,
 }
 
@@ -210,17 +222,28 @@ impl Placed {
     }
 
     pub fn paths(&self) -> impl Iterator<Item = &StorePath> {
-        self.outputs.iter().map(|o| &o.path)
+        self.outputs.iter().map(|o| &o.expected.path)
     }
 
     pub fn is_empty(&self) -> bool {
         self.outputs.is_empty()
     }
 
-    /// Unpacks one NAR (read from `nar`) to `expected.path`, verifying hash and size.
-    /// Blocking: run it on a blocking thread.
+    /// Unpacks one NAR (read from `nar`) to `expected.path`, verifying hash and size, and
+    /// moves it (and any staged output) into place. Blocking: run it on a blocking thread.
     pub fn unpack(&mut self, expected: ExpectedNar, nar: impl Read) -> Result<(), PlaceError> {
-        let dest = PathBuf::from(expected.path.as_str());
+        self.unpack_staged(expected, nar)?;
+        self.move_into_place()
+    }
+
+    /// Unpacks one NAR (read from `nar`) under the hidden name of `expected.path`, verifying
+    /// hash and size; it stays there until [`Placed::move_into_place`] or
+    /// [`Placed::register`]. Blocking: run it on a blocking thread.
+    pub fn unpack_staged(
+        &mut self,
+        expected: ExpectedNar,
+        nar: impl Read,
+    ) -> Result<(), PlaceError> {
         let shown = expected.path.to_string();
         // Unpack beside the output under a hidden name, and move it into place only once it is
         // whole and verified: a hook killed mid-transfer leaves no partial output behind, only a
@@ -264,20 +287,16 @@ impl Placed {
                         got_size: reader.count,
                     })
                 } else {
-                    // The daemon deleted any stale output before asking us, but be sure: the
-                    // rename below must not land inside an old directory.
-                    remove_path(&dest)
-                        .and_then(|()| std::fs::rename(&tmp, &dest))
-                        .map_err(|source| PlaceError::RemoveStale {
-                            path: shown.clone(),
-                            source,
-                        })
+                    Ok(())
                 }
             }
         };
         match check {
             Ok(()) => {
-                self.outputs.push(expected);
+                self.outputs.push(Output {
+                    expected,
+                    staged: Some(tmp),
+                });
                 Ok(())
             }
             Err(e) => {
@@ -289,13 +308,36 @@ impl Placed {
         }
     }
 
-    /// Registers every unpacked output in one `nix-store --register-validity --hash-given`.
+    /// Moves every staged output to its store path (replacing whatever stale thing is there).
+    pub fn move_into_place(&mut self) -> Result<(), PlaceError> {
+        for o in &mut self.outputs {
+            let Some(tmp) = o.staged.as_ref() else {
+                continue;
+            };
+            let dest = Path::new(o.expected.path.as_str());
+            // The daemon deleted any stale output before asking us, but be sure: the rename
+            // must not land inside an old directory.
+            remove_path(dest)
+                .and_then(|()| std::fs::rename(tmp, dest))
+                .map_err(|source| PlaceError::RemoveStale {
+                    path: o.expected.path.to_string(),
+                    source,
+                })?;
+            o.staged = None;
+        }
+        Ok(())
+    }
+
+    /// Moves every verified output into place and registers them all in one
+    /// `nix-store --register-validity --hash-given`.
     pub fn register(mut self, nix_store: &Path) -> Result<(), PlaceError> {
         if self.outputs.is_empty() {
             self.registered = true;
             return Ok(());
         }
-        register_validity(nix_store, &self.outputs)?;
+        self.move_into_place()?;
+        let expected: Vec<ExpectedNar> = self.outputs.iter().map(|o| o.expected.clone()).collect();
+        register_validity(nix_store, &expected)?;
         self.registered = true;
         Ok(())
     }
@@ -307,8 +349,12 @@ impl Drop for Placed {
             return;
         }
         for o in &self.outputs {
-            if let Err(e) = remove_path(Path::new(o.path.as_str())) {
-                tracing::error!(path = %o.path, error = %e, "cannot remove an unregistered output");
+            let path = match &o.staged {
+                Some(tmp) => tmp.clone(),
+                None => PathBuf::from(o.expected.path.as_str()),
+            };
+            if let Err(e) = remove_path(&path) {
+                tracing::error!(path = %path.display(), error = %e, "cannot remove an unregistered output");
             }
         }
     }
@@ -492,6 +538,51 @@ mod tests {
         assert_eq!(sweep_stale(store.path()), 1);
         assert!(!stale.exists());
         assert!(live.exists());
+    }
+
+    #[test]
+    fn staged_outputs_stay_hidden_until_all_are_moved_and_go_if_dropped() {
+        let src = source_tree();
+        let nar = nar_of(src.path());
+        let store = tempfile::tempdir().unwrap();
+        let a = store.path().join("00000000000000000000000000000000-a");
+        let b = store.path().join("11111111111111111111111111111111-b");
+        let mut placed = Placed::new();
+        placed
+            .unpack_staged(expected_for(&a, &nar), &nar[..])
+            .unwrap();
+        placed
+            .unpack_staged(expected_for(&b, &nar), &nar[..])
+            .unwrap();
+        // Verified, but neither is at its store path yet: only hidden directories exist.
+        assert!(!a.exists() && !b.exists());
+        let names: Vec<String> = std::fs::read_dir(store.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+        assert!(
+            names.iter().all(|n| n.starts_with(TEMP_PREFIX)),
+            "{names:?}"
+        );
+        // Dropped before the move: the hidden directories go.
+        drop(placed);
+        assert_eq!(std::fs::read_dir(store.path()).unwrap().count(), 0);
+
+        // Moved: both are in place, and still removed when never registered.
+        let mut placed = Placed::new();
+        placed
+            .unpack_staged(expected_for(&a, &nar), &nar[..])
+            .unwrap();
+        placed
+            .unpack_staged(expected_for(&b, &nar), &nar[..])
+            .unwrap();
+        placed.move_into_place().unwrap();
+        assert_eq!(std::fs::read(a.join("sub/file")).unwrap(), b"hello");
+        assert_eq!(std::fs::read(b.join("sub/file")).unwrap(), b"hello");
+        assert_eq!(std::fs::read_dir(store.path()).unwrap().count(), 2);
+        drop(placed);
+        assert_eq!(std::fs::read_dir(store.path()).unwrap().count(), 0);
     }
 
     #[test]

@@ -23,6 +23,7 @@ use crate::logging::Activity;
 use crate::place::{ChunkReader, ExpectedNar, PlaceError, Placed};
 use crate::remote::daemon::NarSink;
 use crate::remote::{BuildLog, Remote, RemoteError};
+use crate::wire_io::WireError;
 
 /// Everything the daemon told us about the build.
 pub struct Job {
@@ -69,6 +70,14 @@ pub enum TransferError {
         #[source]
         source: RemoteError,
     },
+    /// The NAR stream of one output broke off.
+    #[error("copying {path} from '{uri}': {source}")]
+    DownloadNar {
+        uri: String,
+        path: String,
+        #[source]
+        source: RemoteError,
+    },
     #[error("copying outputs from '{uri}': {source}")]
     Place {
         uri: String,
@@ -95,6 +104,24 @@ pub enum TransferError {
 }
 
 impl TransferError {
+    /// Whether the connection to the builder broke (it died, froze, or hung up), as opposed
+    /// to the build failing, the builder answering with nonsense, or a local problem.
+    pub fn builder_broke(&self) -> bool {
+        match self {
+            TransferError::Upload { source, .. }
+            | TransferError::Build { source, .. }
+            | TransferError::Download { source, .. }
+            | TransferError::DownloadNar { source, .. } => matches!(
+                source,
+                RemoteError::Ssh(_)
+                    | RemoteError::Closed { .. }
+                    | RemoteError::Write { .. }
+                    | RemoteError::Wire(WireError::Io { .. } | WireError::UnexpectedEof { .. })
+            ),
+            _ => false,
+        }
+    }
+
     /// The hook's exit status: Nix 2.8–2.28 map 100 to a permanent build failure and 101 to a
     /// timeout (PROTOCOL.md §4.5); anything else is a miscellaneous failure.
     pub fn exit_code(&self) -> u8 {
@@ -304,7 +331,8 @@ async fn download_one(
     };
     let (tx, rx) = mpsc::channel(16);
     let unpack = tokio::task::spawn_blocking(move || {
-        let r = placed.unpack(expected, ChunkReader::new(rx));
+        // Staged: nothing is moved to its store path before every output is verified.
+        let r = placed.unpack_staged(expected, ChunkReader::new(rx));
         (placed, r)
     });
     let mut sink = ChannelSink(tx);
@@ -315,8 +343,9 @@ async fn download_one(
         source: PlaceError::Thread,
     })?;
     // A broken stream explains a truncated unpack better than the unpacker can.
-    fetched.map_err(|source| TransferError::Download {
+    fetched.map_err(|source| TransferError::DownloadNar {
         uri: uri.to_owned(),
+        path: info.path.to_string(),
         source,
     })?;
     unpacked.map_err(|source| TransferError::Place {
@@ -388,6 +417,51 @@ mod tests {
         ]);
         let names: Vec<&str> = sorted.iter().map(|i| i.path.name()).collect();
         assert_eq!(names, ["d", "c", "b", "a"]);
+    }
+
+    #[test]
+    fn only_a_broken_connection_counts_as_a_broken_builder() {
+        let io = |peer: &str| {
+            RemoteError::Wire(WireError::Io {
+                peer: peer.into(),
+                source: std::io::Error::other("the builder stopped answering keepalives"),
+            })
+        };
+        let build = |source| TransferError::Build {
+            uri: "u".into(),
+            source,
+        };
+        assert!(build(io("p")).builder_broke());
+        assert!(
+            TransferError::DownloadNar {
+                uri: "u".into(),
+                path: "/nix/store/x".into(),
+                source: RemoteError::Closed {
+                    peer: "p".into(),
+                    what: "a NAR",
+                    stderr: String::new()
+                }
+            }
+            .builder_broke()
+        );
+        // Nonsense from the builder, a failed build, the local store: not a dead connection.
+        assert!(
+            !build(RemoteError::Protocol {
+                peer: "p".into(),
+                message: "m".into()
+            })
+            .builder_broke()
+        );
+        assert!(
+            !TransferError::BuildFailed {
+                drv: "d".into(),
+                uri: "u".into(),
+                status: BuildStatus::PermanentFailure,
+                message: "m".into()
+            }
+            .builder_broke()
+        );
+        assert!(!TransferError::Local(io("the local daemon")).builder_broke());
     }
 
     #[test]

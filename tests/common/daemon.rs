@@ -288,6 +288,35 @@ impl LocalDaemon {
         self.client("nix-instantiate", args)
     }
 
+    /// Live processes of this daemon's namespace (and their descendants) other than the
+    /// daemon itself, with their argv: per-client daemon processes, hooks, what hooks started
+    /// (an auto-started supervisor, its boot commands), local builds.
+    pub fn processes(&self) -> Vec<(u32, Vec<String>)> {
+        let main = self.pid();
+        self.proc
+            .processes()
+            .into_iter()
+            .filter(|&p| p != main)
+            .filter_map(|p| Some((p, super::cmdline(p)?)))
+            .collect()
+    }
+
+    /// The hook processes of this daemon: processes of its namespace running the hook binary
+    /// (`lazy_binary()`), not as `supervise` or a CLI command.
+    pub fn hook_pids(&self) -> Vec<u32> {
+        let exe = super::lazy_binary();
+        self.processes()
+            .into_iter()
+            .filter(|(p, _)| std::fs::read_link(format!("/proc/{p}/exe")).is_ok_and(|e| e == exe))
+            .filter(|(_, argv)| {
+                !argv
+                    .iter()
+                    .any(|a| ["supervise", "status", "up", "down", "doctor"].contains(&a.as_str()))
+            })
+            .map(|(p, _)| p)
+            .collect()
+    }
+
     /// `nix-store --version` through this daemon's namespace.
     #[track_caller]
     pub fn nix_version(&self) -> String {

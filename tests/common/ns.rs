@@ -267,6 +267,88 @@ impl NsProcess {
     }
 }
 
+impl NsProcess {
+    /// Every live process of this namespace and every descendant of one (a build sandbox has a
+    /// mount namespace of its own but is still a child of the store's process), the main
+    /// process included. Empty before [`NsProcess::confirm_namespace`].
+    pub fn processes(&self) -> Vec<u32> {
+        let Some((ns, _)) = &self.ns_id else {
+            return Vec::new();
+        };
+        if mnt_ns_of("self").as_deref() == Some(ns.as_str()) {
+            return Vec::new();
+        }
+        let roots: Vec<libc::pid_t> = pids_in_namespace(ns);
+        with_descendants(&roots)
+            .into_iter()
+            .map(|p| p as u32)
+            .filter(|&p| super::alive(p))
+            .collect()
+    }
+
+    /// SIGKILLs, at once and without warning, the main process, everything in its namespace
+    /// and all their descendants, until none is left (a machine losing power); reaps the main
+    /// process. The namespace stays recorded, so dropping the handle later is harmless.
+    pub fn kill_now(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let mut left: Vec<libc::pid_t> = self
+                .processes()
+                .into_iter()
+                .map(|p| p as libc::pid_t)
+                .collect();
+            if matches!(self.child.try_wait(), Ok(None)) {
+                left.push(self.pid() as libc::pid_t);
+            }
+            if left.is_empty() {
+                break;
+            }
+            if Instant::now() > deadline {
+                eprintln!(
+                    "{}: processes {left:?} survived SIGKILL for 10 s",
+                    self.label
+                );
+                break;
+            }
+            for p in left {
+                // SAFETY: kill(2) on a process of the namespace this handle created (or a
+                // descendant of one), or on our own unreaped child.
+                unsafe { libc::kill(p, libc::SIGKILL) };
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// `roots` and every process whose parent chain leads to one of them.
+fn with_descendants(roots: &[libc::pid_t]) -> Vec<libc::pid_t> {
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return roots.to_vec();
+    };
+    let parents: Vec<(libc::pid_t, libc::pid_t)> = dir
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<libc::pid_t>().ok())
+        .filter_map(|p| {
+            let stat = fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+            let (_, rest) = stat.rsplit_once(')')?;
+            let ppid = rest.split_whitespace().nth(1)?.parse().ok()?;
+            Some((p, ppid))
+        })
+        .collect();
+    let mut all: Vec<libc::pid_t> = roots.to_vec();
+    let mut i = 0;
+    while i < all.len() {
+        let parent = all[i];
+        for &(p, pp) in &parents {
+            if pp == parent && !all.contains(&p) {
+                all.push(p);
+            }
+        }
+        i += 1;
+    }
+    all
+}
+
 impl Drop for NsProcess {
     fn drop(&mut self) {
         self.stop();

@@ -382,6 +382,18 @@ impl RemoteStore {
     pub fn conf_file(&self) -> PathBuf {
         self.dir().join("etc-nix/nix.conf")
     }
+
+    /// Every live process of this machine: sshd, its sessions, the remote Nix programs and
+    /// the builds they run (sandboxed builds included: they descend from them).
+    pub fn processes(&self) -> Vec<u32> {
+        self.proc.processes()
+    }
+
+    /// The machine loses power: SIGKILL to sshd, every session and every build, all at once.
+    /// Its store stays on disk (queries still work) until the handle is dropped.
+    pub fn kill(&mut self) {
+        self.proc.kill_now();
+    }
 }
 
 impl StoreQueries for RemoteStore {
