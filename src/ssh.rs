@@ -70,7 +70,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::{CancellationToken, DropGuard, WaitForCancellationFutureOwned};
-use tracing::{debug, warn};
+use tracing::debug;
 
 // ---------------------------------------------------------------------------------------------
 // Errors
@@ -1564,7 +1564,7 @@ async fn pump(mut p: Pump) {
             Some(_) => {}
             None => {
                 let reason: Arc<str> = p.shared.disconnect_reason().into();
-                warn!(%reason, "SSH connection lost while a remote command was running");
+                debug!(%reason, "SSH connection lost while a remote command was running");
                 forward(&mut p.stdout, Chunk::Error(reason.clone())).await;
                 forward(&mut p.stderr, Chunk::Error(reason.clone())).await;
                 if let Some(s) = p.status.take() {

@@ -37,6 +37,8 @@ pub type ConnId = u64;
 /// Identifies one instance (boot attempt) of a builder; events of older instances are stale.
 pub type Generation = u64;
 
+/// A builder up at least this long before it failed is rebooted without a backoff.
+pub const STABLE_UPTIME: Duration = Duration::from_secs(60);
 /// First backoff delay after a failure.
 pub const BACKOFF_BASE: Duration = Duration::from_secs(10);
 /// Longest backoff delay.
@@ -659,7 +661,16 @@ impl Machine {
 
     fn record_failure(&mut self, i: usize, cause: String, now: Instant) {
         let s = &mut self.slots[i];
-        let consecutive = s.failure.as_ref().map_or(0, |f| f.consecutive) + 1;
+        // A builder that ran well for a while and then died (a VM killed, OOM) is not a boot
+        // loop: remember why, but let the next build boot it again at once.
+        let stable =
+            s.up.as_ref()
+                .is_some_and(|u| now.saturating_duration_since(u.since) >= STABLE_UPTIME);
+        let consecutive = if stable {
+            0
+        } else {
+            s.failure.as_ref().map_or(0, |f| f.consecutive) + 1
+        };
         tracing::warn!(
             "builder '{}' failed ({consecutive} in a row, next boot in {}s at the earliest): {cause}",
             s.cfg.name,
@@ -1672,6 +1683,26 @@ mod tests {
         assert!(
             matches!(T::reply(&out, 1), Response::Builder { status } if status.state == State::Up)
         );
+    }
+
+    #[test]
+    fn a_builder_that_ran_well_and_then_died_reboots_without_backoff() {
+        let mut t = T::new(vec![cfg("vm", 2, None)], None);
+        t.bring_up("vm");
+        assert!(matches!(t.lease(1, "vm"), Response::Leased { .. }));
+        t.now += STABLE_UPTIME;
+        let generation = t.generation("vm");
+        t.ev(Event::InstanceExited {
+            builder: "vm".into(),
+            generation,
+            report: "killed by signal 9".into(),
+        });
+        let st = t.status("vm");
+        assert_eq!(st.state, State::Failed);
+        let f = st.last_failure.unwrap();
+        assert_eq!((f.consecutive, f.retry_in_ms), (0, 0), "no backoff");
+        assert!(f.cause.contains("killed by signal 9"));
+        assert!(has_start(&t.boot(2, "vm"), "vm"), "boots again at once");
     }
 
     #[test]
