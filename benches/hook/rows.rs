@@ -1,0 +1,838 @@
+//! The measured rows (P1–P6) on the integration harness: real nix-daemons, a real sshd and real
+//! remote stores, both hooks side by side, runs alternating A/B/A/B.
+//!
+//! Owns the workloads (derivations, generated closures), the bookkeeping between runs that
+//! keeps every run a real remote build (fresh derivations; the remote or the local store
+//! emptied of what the next run must transfer), and the checks that each run did what it
+//! claims (outputs valid, inputs really copied, slots never exceeded).
+//!
+//! Must never: time anything but the client command of the run itself, or keep a run whose
+//! build failed or whose transfer did not happen.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::common::{
+    FakeDrv, LocalDaemon, Nix, RemoteOpts, RemoteStore, Scheme, StoreQueries, hook_binary,
+};
+use crate::report::{Goal, Row};
+use crate::rss::Sampler;
+use crate::setup::{self, DaemonSpec, Hook};
+use crate::stats::Samples;
+
+const GIB: u64 = 1 << 30;
+const MIB: u64 = 1 << 20;
+
+/// What every row needs to know about the run.
+pub struct Ctx {
+    pub runs: usize,
+    /// The bench's temp dir (wrapper scripts, ssh config, pid files, generated trees).
+    pub dir: PathBuf,
+}
+
+impl Ctx {
+    fn command(&self, group: &str) -> String {
+        format!("cargo bench --bench hook -- {group}")
+    }
+}
+
+fn both() -> [Hook; 2] {
+    [Hook::Ours, Hook::Nix]
+}
+
+/// Run `i` visits the hooks in this order: A B, B A, A B, … (each hook goes first half the time).
+fn order(i: usize) -> [Hook; 2] {
+    if i.is_multiple_of(2) {
+        [Hook::Ours, Hook::Nix]
+    } else {
+        [Hook::Nix, Hook::Ours]
+    }
+}
+
+fn idx(h: Hook) -> usize {
+    match h {
+        Hook::Ours => 0,
+        Hook::Nix => 1,
+    }
+}
+
+fn progress(what: &str) {
+    eprintln!("[bench] {what}");
+}
+
+// ------------------------------------------------------------------------------------------------
+// P1
+
+/// P1: wall time of `nix-build` for a trivial aarch64 derivation with one small input, built on
+/// a warm remote (sshd and store already running), over `ssh://` and `ssh-ng://`.
+pub fn p1(ctx: &Ctx) -> Vec<Row> {
+    let remote = RemoteStore::start(RemoteOpts::new(Nix::Host));
+    let mut rows = Vec::new();
+    for scheme in [Scheme::Ssh, Scheme::SshNg] {
+        let daemons = both().map(|hook| {
+            setup::daemon(&DaemonSpec {
+                hook,
+                remotes: &[&remote],
+                scheme,
+                max_jobs: 1,
+                pid_file: None,
+                dir: &ctx.dir,
+                profile: None,
+            })
+        });
+        let mut samples = [Samples::new(), Samples::new()];
+        let mut floor = Samples::new();
+        let total = ctx.runs + 1;
+        for i in 0..total {
+            if scheme == Scheme::Ssh {
+                let secs = floor_once(&daemons[0], &format!("floor-{i}"));
+                progress(&format!("P1 floor run {i}: {secs:.3} s"));
+                if i > 0 {
+                    floor.push(secs);
+                }
+            }
+            for hook in order(i) {
+                let d = &daemons[idx(hook)];
+                let seed = format!("{}-{}-{i}", scheme.prefix(), hook.label());
+                let secs = p1_once(d, &remote, &seed, i == 0);
+                if i == 0 {
+                    progress(&format!(
+                        "P1 {} {} warm-up: {secs:.3} s",
+                        scheme.prefix(),
+                        hook.label()
+                    ));
+                } else {
+                    progress(&format!(
+                        "P1 {} {} run {i}: {secs:.3} s",
+                        scheme.prefix(),
+                        hook.label()
+                    ));
+                    samples[idx(hook)].push(secs);
+                }
+            }
+        }
+        if scheme == Scheme::Ssh {
+            rows.push(Row {
+                key: "P1 floor".into(),
+                what: "the same drv built locally (x86_64-linux, no remote, `--builders ''`): what no hook can remove from P1".into(),
+                unit: "s",
+                ours: floor,
+                nix: None,
+                goal: Goal::Info,
+                note: "measured in the same alternation as P1; client, daemon and sandbox build cost".into(),
+                command: ctx.command("P1"),
+            });
+        }
+        let [ours, nix] = samples;
+        rows.push(Row {
+            key: format!("P1 {}://", scheme.prefix()),
+            what: "per-build overhead, warm builder: trivial drv + 1 small input (wall time of nix-build)".into(),
+            unit: "s",
+            ours,
+            nix: Some(nix),
+            goal: Goal::RatioAtMost(0.25),
+            note: "fresh derivation and input each run; first run of each hook discarded (warm-up)".into(),
+            command: ctx.command("P1"),
+        });
+    }
+    rows
+}
+
+/// P1's floor: the same trivial derivation, but for the local system and with no builders, so
+/// the daemon builds it itself (client, daemon, sandbox: the cost P1 has without any hook).
+fn floor_once(daemon: &LocalDaemon, seed: &str) -> f64 {
+    let drv = FakeDrv::new("nlb-bench-floor")
+        .with_seed(seed)
+        .with_log_lines(1)
+        .with_system("x86_64-linux");
+    drv.build_input(daemon);
+    let (paths, out) = drv.build(daemon, &["--builders", ""]);
+    out.assert_success();
+    assert!(daemon.is_valid(&paths.out), "{out}");
+    out.elapsed.as_secs_f64()
+}
+
+/// One P1 build; the timed part is `nix-build` alone. The warm-up run checks everything
+/// (references, deriver, log), later runs that both outputs arrived and the remote has them.
+fn p1_once(daemon: &LocalDaemon, remote: &RemoteStore, seed: &str, full_check: bool) -> f64 {
+    let drv = FakeDrv::new("nlb-bench-p1")
+        .with_seed(seed)
+        .with_log_lines(1);
+    drv.build_input(daemon);
+    let (paths, out) = drv.build(daemon, &[]);
+    out.assert_success();
+    if full_check {
+        paths.assert_built(daemon, true);
+    } else {
+        let both = [paths.out.clone(), paths.dev.clone()];
+        assert_eq!(daemon.invalid_among(&both), Vec::<String>::new(), "{out}");
+    }
+    assert!(remote.is_valid(&paths.out), "not built remotely:\n{out}");
+    out.elapsed.as_secs_f64()
+}
+
+// ------------------------------------------------------------------------------------------------
+// P2, P3, P5: transfers
+
+/// The shape of a generated closure.
+#[derive(Clone, Copy, Debug)]
+pub enum Shape {
+    /// One regular file of this many bytes.
+    OneFile(u64),
+    /// `count` files of `each` bytes, 100 to a directory.
+    ManyFiles { count: u64, each: u64 },
+}
+
+impl Shape {
+    pub fn label(self) -> String {
+        match self {
+            Shape::OneFile(b) if b.is_multiple_of(GIB) => format!("1 file of {} GiB", b / GIB),
+            Shape::OneFile(b) => format!("1 file of {} MiB", b / MIB),
+            Shape::ManyFiles { count, each } => {
+                format!(
+                    "{count} files, {:.1} GiB",
+                    (count * each) as f64 / GIB as f64
+                )
+            }
+        }
+    }
+
+    fn slug(self) -> String {
+        match self {
+            Shape::OneFile(b) => format!("one-{}m", b / MIB),
+            Shape::ManyFiles { count, each } => format!("many-{count}x{each}"),
+        }
+    }
+
+    /// Writes the tree at `dir` with pseudo-random (incompressible) contents.
+    pub fn write_tree(self, dir: &Path) {
+        let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
+        let mut file = |path: &Path, bytes: u64| {
+            let mut f = fs::File::create(path)
+                .unwrap_or_else(|e| panic!("cannot create {}: {e}", path.display()));
+            let mut buf = vec![0u8; MIB as usize];
+            let mut left = bytes;
+            while left > 0 {
+                let n = left.min(buf.len() as u64) as usize;
+                rng.fill(&mut buf[..n]);
+                f.write_all(&buf[..n])
+                    .unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+                left -= n as u64;
+            }
+        };
+        match self {
+            Shape::OneFile(b) => {
+                fs::create_dir_all(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+                file(&dir.join("blob"), b);
+            }
+            Shape::ManyFiles { count, each } => {
+                for i in 0..count {
+                    let sub = dir.join(format!("d{}", i / 100));
+                    if i.is_multiple_of(100) {
+                        fs::create_dir_all(&sub)
+                            .unwrap_or_else(|e| panic!("{}: {e}", sub.display()));
+                    }
+                    file(&sub.join(format!("f{i}")), each);
+                }
+            }
+        }
+    }
+}
+
+/// xorshift64*: fast, deterministic filler; only needs to defeat compression.
+struct XorShift(u64);
+
+impl XorShift {
+    fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            let v = self.0.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes();
+            chunk.copy_from_slice(&v[..chunk.len()]);
+        }
+    }
+}
+
+/// The transfer rows' shared set-up: one remote, one daemon per hook (hook behind the pid
+/// wrapper, so every transfer run also yields the hook's peak RSS).
+pub struct Transfer<'a> {
+    ctx: &'a Ctx,
+    remote: RemoteStore,
+    daemons: [LocalDaemon; 2],
+    pid_files: [PathBuf; 2],
+}
+
+/// Throughput (MB/s, 10^6 bytes), peak hook RSS (MiB) and hook CPU seconds per hook.
+pub struct TransferResult {
+    pub mbps: [Samples; 2],
+    pub rss_mib: [Samples; 2],
+    pub cpu_secs: [Samples; 2],
+    pub nar_size: u64,
+}
+
+impl<'a> Transfer<'a> {
+    pub fn new(ctx: &'a Ctx) -> Self {
+        let remote = RemoteStore::start(RemoteOpts::new(Nix::Host));
+        let pid_files = both().map(|h| ctx.dir.join(format!("pids-{}", h.label())));
+        let daemons = both().map(|hook| {
+            setup::daemon(&DaemonSpec {
+                hook,
+                remotes: &[&remote],
+                scheme: Scheme::Ssh,
+                max_jobs: 1,
+                pid_file: Some(&pid_files[idx(hook)]),
+                dir: &ctx.dir,
+                profile: None,
+            })
+        });
+        Transfer {
+            ctx,
+            remote,
+            daemons,
+            pid_files,
+        }
+    }
+
+    /// Deletes everything unrooted in every store (between rows: keeps the disk small).
+    fn gc_all(&self) {
+        self.remote.nix_store(&["--gc"]).assert_success();
+        for d in &self.daemons {
+            d.nix_store(&["--gc"]).assert_success();
+        }
+    }
+
+    /// Runs `f` (one timed client command) with the sampler on `hook`'s pid file: wall
+    /// seconds, the hook's peak RSS (MiB) and its CPU seconds.
+    fn sampled(&self, hook: Hook, f: impl FnOnce() -> f64) -> (f64, f64, f64) {
+        let breakdown = crate::rss::CpuBreakdown::enabled().then(|| {
+            crate::rss::CpuBreakdown::start(&[self.daemons[idx(hook)].pid(), self.remote.pid()])
+        });
+        let sampler = Sampler::start(self.pid_files[idx(hook)].clone(), hook.comm());
+        let secs = f();
+        let seen = sampler.finish();
+        if let Some(b) = breakdown {
+            progress(&format!(
+                "  CPU seconds by process ({}): {}",
+                hook.label(),
+                b.finish()
+            ));
+        }
+        let kib = seen.values().map(|s| s.hwm_kib).max().unwrap_or(0);
+        assert!(
+            kib > 0,
+            "no {} hook process was seen during the run",
+            hook.label()
+        );
+        let cpu = seen.values().map(|s| s.cpu_secs).sum();
+        (secs, kib as f64 / 1024.0, cpu)
+    }
+
+    /// Generates `shape` once (pseudo-random contents) and adds it to both local stores and
+    /// to the remote: the same store path everywhere. Returns the path and its NAR size.
+    fn prepare(&self, shape: Shape) -> (String, u64) {
+        let tree = self.ctx.dir.join(format!("nlb-bench-{}", shape.slug()));
+        let start = Instant::now();
+        shape.write_tree(&tree);
+        let tree_arg = tree.to_string_lossy().into_owned();
+        let mut input = String::new();
+        let args = ["--add", tree_arg.as_str()];
+        let added = [
+            self.daemons[0].nix_store(&args),
+            self.daemons[1].nix_store(&args),
+            self.remote.nix_store(&args),
+        ];
+        for out in added {
+            out.assert_success();
+            let p = out.stdout.trim().to_owned();
+            assert!(input.is_empty() || input == p, "{input} vs {p}");
+            input = p;
+        }
+        fs::remove_dir_all(&tree).unwrap_or_else(|e| panic!("{}: {e}", tree.display()));
+        let nar_size = nar_size(&self.daemons[0], &input);
+        progress(&format!(
+            "{}: {input} ({nar_size} bytes) in every store after {:.1?}",
+            shape.label(),
+            start.elapsed()
+        ));
+        (input, nar_size)
+    }
+
+    /// P2 (`up`) and/or P3 (`down`) for one shape, then every store emptied again.
+    pub fn shape(
+        &self,
+        shape: Shape,
+        up: bool,
+        down: bool,
+    ) -> (Option<TransferResult>, Option<TransferResult>) {
+        let (input, nar_size) = self.prepare(shape);
+        let up = up.then(|| self.upload(shape, &input, nar_size));
+        let down = down.then(|| self.download(shape, &input));
+        self.gc_all();
+        (up, down)
+    }
+
+    /// P2: the upload of `input` (of `shape`) as the only input of a remote build; before each
+    /// run the remote's store is emptied, so every run uploads it whole.
+    fn upload(&self, shape: Shape, input: &str, nar_size: u64) -> TransferResult {
+        let ctx = self.ctx;
+        let mut res = TransferResult {
+            mbps: [Samples::new(), Samples::new()],
+            rss_mib: [Samples::new(), Samples::new()],
+            cpu_secs: [Samples::new(), Samples::new()],
+            nar_size,
+        };
+        for i in 0..ctx.runs {
+            for hook in order(i) {
+                self.remote.nix_store(&["--gc"]).assert_success();
+                settle();
+                assert!(!self.remote.is_valid(input), "the remote still has {input}");
+                let d = &self.daemons[idx(hook)];
+                let seed = format!("{}-{}-{i}", shape.slug(), hook.label());
+                let file = d.write_file(&format!("p2-{seed}.nix"), &p2_expr(&seed, input));
+                let f = file.to_string_lossy().into_owned();
+                let (secs, rss, cpu) = self.sampled(hook, || {
+                    let out = d.nix_build(&[&f]);
+                    out.assert_success();
+                    assert_eq!(out.stdout_lines().len(), 1, "{out}");
+                    out.elapsed.as_secs_f64()
+                });
+                assert!(self.remote.is_valid(input), "{input} was not uploaded");
+                let mbps = nar_size as f64 / secs / 1e6;
+                progress(&format!(
+                    "P2 {} {} run {}: {secs:.2} s, {mbps:.0} MB/s, hook peak RSS {rss:.1} MiB, hook CPU {cpu:.2} s",
+                    shape.label(),
+                    hook.label(),
+                    i + 1
+                ));
+                res.mbps[idx(hook)].push(mbps);
+                res.rss_mib[idx(hook)].push(rss);
+                res.cpu_secs[idx(hook)].push(cpu);
+            }
+        }
+        res
+    }
+
+    /// P3: the download of an output of `shape` (a copy of `input`, made by the remote). The
+    /// remote builds it once beforehand; each run then asks the hook to build it again (the
+    /// remote answers at once, its outputs being valid; the input is already there, so nothing
+    /// goes up) and measures the transfer back. The local copy is deleted after each run.
+    fn download(&self, shape: Shape, input: &str) -> TransferResult {
+        let ctx = self.ctx;
+        assert!(self.remote.is_valid(input), "the remote lacks {input}");
+        let file =
+            self.daemons[0].write_file(&format!("p3-{}.nix", shape.slug()), &p3_expr(shape, input));
+        let f = file.to_string_lossy().into_owned();
+        let start = Instant::now();
+        let built = self.remote.run_nix("nix-build", &["--no-out-link", &f]);
+        built.assert_success();
+        let out_path = built.stdout.trim().to_owned();
+        let nar_size = nar_size(&self.remote, &out_path);
+        progress(&format!(
+            "P3 {}: {out_path} ({nar_size} bytes) built on the remote in {:.1?}",
+            shape.label(),
+            start.elapsed()
+        ));
+        let mut res = TransferResult {
+            mbps: [Samples::new(), Samples::new()],
+            rss_mib: [Samples::new(), Samples::new()],
+            cpu_secs: [Samples::new(), Samples::new()],
+            nar_size,
+        };
+        for i in 0..ctx.runs {
+            for hook in order(i) {
+                let d = &self.daemons[idx(hook)];
+                assert!(!d.is_valid(&out_path), "{out_path} is still valid locally");
+                let (secs, rss, cpu) = self.sampled(hook, || {
+                    let out = d.nix_build(&[&f]);
+                    out.assert_success();
+                    assert_eq!(out.stdout_lines(), vec![out_path.clone()], "{out}");
+                    out.elapsed.as_secs_f64()
+                });
+                assert_eq!(
+                    nar_size_of(d, &out_path),
+                    nar_size,
+                    "local copy of {out_path}"
+                );
+                d.nix_store(&["--delete", &out_path]).assert_success();
+                settle();
+                let mbps = nar_size as f64 / secs / 1e6;
+                progress(&format!(
+                    "P3 {} {} run {}: {secs:.2} s, {mbps:.0} MB/s, hook peak RSS {rss:.1} MiB, hook CPU {cpu:.2} s",
+                    shape.label(),
+                    hook.label(),
+                    i + 1
+                ));
+                res.mbps[idx(hook)].push(mbps);
+                res.rss_mib[idx(hook)].push(rss);
+                res.cpu_secs[idx(hook)].push(cpu);
+            }
+        }
+        res
+    }
+}
+
+/// Between transfer runs (untimed): write back what the previous run and the cleanup left
+/// dirty, so a run does not pay for its predecessor's writeback.
+fn settle() {
+    let out = crate::common::run_command(
+        &mut std::process::Command::new("sync"),
+        None,
+        Duration::from_secs(300),
+    );
+    out.assert_success();
+}
+
+/// P2's derivation: a small output, `input` (a store path) as its only input.
+pub fn p2_expr(seed: &str, input: &str) -> String {
+    format!(
+        "derivation {{\n  name = \"nlb-bench-p2-{seed}\";\n  system = \"aarch64-linux\";\n  builder = \"/bin/sh\";\n  input = builtins.storePath \"{input}\";\n  args = [ \"-c\" \"test -e $input && echo {seed} > $out\" ];\n}}\n"
+    )
+}
+
+/// P3's derivation: an output of `shape`, copied from `input` (which has that shape).
+pub fn p3_expr(shape: Shape, input: &str) -> String {
+    let copy = match shape {
+        Shape::OneFile(_) => "cp $input/blob $out",
+        Shape::ManyFiles { .. } => "cp -r $input $out",
+    };
+    format!(
+        "derivation {{\n  name = \"nlb-bench-p3-{}\";\n  system = \"aarch64-linux\";\n  builder = \"/bin/sh\";\n  input = builtins.storePath \"{input}\";\n  args = [ \"-c\" \"{copy}\" ];\n}}\n",
+        shape.slug()
+    )
+}
+
+fn nar_size(store: &impl StoreQueries, path: &str) -> u64 {
+    nar_size_of(store, path)
+}
+
+fn nar_size_of(store: &impl StoreQueries, path: &str) -> u64 {
+    let out = store.nix_store(&["-q", "--size", path]);
+    out.assert_success();
+    out.stdout
+        .trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("nix-store -q --size {path}: {e}:\n{out}"))
+}
+
+pub const ONE_GIB: Shape = Shape::OneFile(GIB);
+pub const MANY_GIB: Shape = Shape::ManyFiles {
+    count: 20_000,
+    each: 53_687,
+};
+pub const ONE_100MIB: Shape = Shape::OneFile(100 * MIB);
+
+/// The rows of one transfer result: throughput (P2/P3) and optionally peak RSS (P5).
+pub fn transfer_rows(
+    ctx: &Ctx,
+    id: &str,
+    dir: &str,
+    shape: Shape,
+    r: TransferResult,
+    rss_key: Option<&str>,
+    group: &str,
+) -> Vec<Row> {
+    let [ours, nix] = r.mbps;
+    let cpu = |s: &Samples| {
+        s.median()
+            .map(|m| format!("{m:.2} s"))
+            .unwrap_or_else(|| "—".into())
+    };
+    let cpu_note = format!(
+        "median hook CPU (user+sys, hook process only): ours {}, Nix's {}",
+        cpu(&r.cpu_secs[0]),
+        cpu(&r.cpu_secs[1])
+    );
+    let mut rows = Vec::new();
+    if !id.is_empty() {
+        rows.push(Row {
+            key: format!("{id} {}", shape.label()),
+            what: format!("closure {dir}, ssh://: NAR size / wall time of nix-build"),
+            unit: "MB/s",
+            ours,
+            nix: Some(nix),
+            goal: Goal::RatioAtLeast(1.2),
+            note: format!(
+                "NAR {} bytes; MB = 10^6 bytes; ratio of throughputs; {cpu_note}",
+                r.nar_size
+            ),
+            command: ctx.command(group),
+        });
+    }
+    if let Some(key) = rss_key {
+        let [ours, nix] = r.rss_mib;
+        rows.push(Row {
+            key: key.to_owned(),
+            what: format!("hook peak RSS (VmHWM) during the {dir} of {}", shape.label()),
+            unit: "MiB",
+            ours,
+            nix: Some(nix),
+            goal: Goal::AbsAtMost(15.0),
+            note: "hook process alone, sampled every 5 ms (Nix's hook runs ssh as a separate process, not counted)".into(),
+            command: ctx.command(group),
+        });
+    }
+    rows
+}
+
+// ------------------------------------------------------------------------------------------------
+// P5: supervisor idle RSS
+
+/// Starts `nix-lazy-builder supervise` with one lazy (command) builder that is never booted,
+/// and reads its RSS once a second while it idles.
+pub fn supervisor_idle(ctx: &Ctx) -> Row {
+    let dir = ctx.dir.join("supervisor");
+    fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    let state = dir.join("state");
+    let config = dir.join("lb.toml");
+    let host_key =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAICT/aPpF9RiADUeMHD4QX1NbY3svFgk5WNFMSEq6P3wi";
+    setup::write_file(
+        &config,
+        &format!(
+            "[supervisor]\nstate-dir = \"{}\"\n\n[builders.idle]\nuri = \"ssh://root@127.0.0.1:1\"\n\
+             systems = [\"aarch64-linux\"]\nmax-jobs = 2\nhost-key = \"{host_key}\"\n\
+             idle-timeout = \"10m\"\nboot-timeout = \"10s\"\n\n[builders.idle.boot]\n\
+             kind = \"command\"\ncommand = [\"/bin/sh\", \"-c\", \"exec sleep 1000\"]\n",
+            state.display()
+        ),
+        0o644,
+    );
+    let log = fs::File::create(dir.join("supervisor.out"))
+        .unwrap_or_else(|e| panic!("supervisor log: {e}"));
+    let log2 = log.try_clone().unwrap_or_else(|e| panic!("dup: {e}"));
+    let mut child = std::process::Command::new(hook_binary())
+        .arg("supervise")
+        .arg("--config")
+        .arg(&config)
+        .env_remove("NIX_LAZY_BUILDER_CONFIG")
+        .stdin(std::process::Stdio::null())
+        .stdout(log)
+        .stderr(log2)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start the supervisor: {e}"));
+    let pid = child.id();
+    let socket = state.join("supervisor.sock");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !socket.exists() {
+        if let Ok(Some(status)) = child.try_wait() {
+            let text = fs::read_to_string(dir.join("supervisor.out")).unwrap_or_default();
+            panic!("the supervisor exited ({status}) before listening:\n{text}");
+        }
+        assert!(Instant::now() < deadline, "no supervisor socket after 20 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // One status round trip: it really serves.
+    let status = crate::common::run_command(
+        std::process::Command::new(hook_binary())
+            .args(["status", "--config"])
+            .arg(&config),
+        None,
+        Duration::from_secs(30),
+    );
+    status.assert_success();
+    assert!(status.stdout.contains("idle"), "{status}");
+    let mut rss = Samples::new();
+    for _ in 0..ctx.runs.max(5) {
+        std::thread::sleep(Duration::from_secs(1));
+        let text = fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap_or_else(|e| panic!("the supervisor is gone: {e}"));
+        let kib = crate::rss::parse_kib(&text, "VmRSS:").unwrap_or_else(|| panic!("no VmRSS"));
+        rss.push(kib as f64 / 1024.0);
+    }
+    // SAFETY: kill(2) on our own unreaped child.
+    unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if matches!(child.try_wait(), Ok(None)) {
+        // SAFETY: as above.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+    }
+    let _ = child.wait();
+    Row {
+        key: "P5 supervisor idle".into(),
+        what: "supervisor RSS (VmRSS) while idle, one lazy builder down, after one status query"
+            .into(),
+        unit: "MiB",
+        ours: rss,
+        nix: None,
+        goal: Goal::AbsAtMost(15.0),
+        note: "read once a second; Nix has no counterpart".into(),
+        command: ctx.command("P5"),
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// P6
+
+const P6_BUILDS: usize = 32;
+const P6_BUILDERS: usize = 4;
+const P6_MAX_JOBS: u32 = 2;
+const P6_SLEEP: u32 = 2;
+
+/// P6: 32 concurrent 2-second builds over 4 builders with max-jobs 2 each.
+pub fn p6(ctx: &Ctx) -> Row {
+    let groups = ["nixrblda", "nixrbldb", "nixrbldc", "nixrbldd"];
+    let remotes: Vec<RemoteStore> = groups
+        .iter()
+        .map(|g| {
+            let mut o = RemoteOpts::new(Nix::Host);
+            o.build_users_group = Some((*g).to_owned());
+            RemoteStore::start(o)
+        })
+        .collect();
+    assert_eq!(remotes.len(), P6_BUILDERS);
+    let refs: Vec<&RemoteStore> = remotes.iter().collect();
+    let daemons = both().map(|hook| {
+        setup::daemon(&DaemonSpec {
+            hook,
+            remotes: &refs,
+            scheme: Scheme::Ssh,
+            max_jobs: P6_MAX_JOBS,
+            pid_file: None,
+            dir: &ctx.dir,
+            profile: None,
+        })
+    });
+    let mut samples = [Samples::new(), Samples::new()];
+    let mut peaks: [Vec<usize>; 2] = [Vec::new(), Vec::new()];
+    for i in 0..ctx.runs {
+        for hook in order(i) {
+            let d = &daemons[idx(hook)];
+            let seed = format!("{}-{i}", hook.label());
+            let (secs, per_builder) = p6_once(d, &remotes, &seed);
+            progress(&format!(
+                "P6 {} run {}: {secs:.2} s, most builds at once per builder: {per_builder:?}",
+                hook.label(),
+                i + 1
+            ));
+            samples[idx(hook)].push(secs);
+            peaks[idx(hook)].extend(per_builder);
+        }
+    }
+    let limit = P6_MAX_JOBS as usize;
+    let worst = |v: &Vec<usize>| v.iter().copied().max().unwrap_or(0);
+    let ok = peaks.iter().all(|v| worst(v) <= limit);
+    let [ours, nix] = samples;
+    Row {
+        key: "P6".into(),
+        what: format!(
+            "{P6_BUILDS} concurrent {P6_SLEEP}-s builds over {P6_BUILDERS} builders, max-jobs {P6_MAX_JOBS} each (wall time of nix-build)"
+        ),
+        unit: "s",
+        ours,
+        nix: Some(nix),
+        goal: Goal::Checked {
+            text: format!("all succeed; ≤ {limit} at once per builder; time vs Nix"),
+            met: ok,
+        },
+        note: format!(
+            "all {P6_BUILDS} succeeded every run; most builds running at once on one builder: ours {}, Nix's {} (from each build's start/end in /proc/uptime); ideal ≈ {} s",
+            worst(&peaks[0]),
+            worst(&peaks[1]),
+            P6_BUILDS / (P6_BUILDERS * limit) * P6_SLEEP as usize
+        ),
+        command: ctx.command("P6"),
+    }
+}
+
+/// One P6 run: returns the wall time and, per builder, the most builds that ran at once.
+fn p6_once(daemon: &LocalDaemon, remotes: &[RemoteStore], seed: &str) -> (f64, Vec<usize>) {
+    let expr = format!(
+        r#"let
+  input = derivation {{
+    name = "nlb-bench-p6-input-{seed}";
+    system = "x86_64-linux";
+    builder = "/bin/sh";
+    args = [ "-c" "echo {seed} > $out" ];
+    preferLocalBuild = true;
+  }};
+  mk = i: derivation {{
+    name = "nlb-bench-p6-{seed}-${{toString i}}";
+    system = "aarch64-linux";
+    builder = "/bin/sh";
+    inherit input;
+    args = [ "-c" "read s x < /proc/uptime; sleep {P6_SLEEP}; read e x < /proc/uptime; echo $s $e > $out" ];
+  }};
+in {{ inherit input; all = builtins.genList mk {P6_BUILDS}; }}
+"#
+    );
+    let file = daemon.write_file(&format!("p6-{seed}.nix"), &expr);
+    let f = file.to_string_lossy().into_owned();
+    daemon
+        .nix_build(&[&f, "-A", "input", "--max-jobs", "1"])
+        .assert_success();
+    let out = daemon.nix_build(&[&f, "-A", "all"]);
+    out.assert_success();
+    let outs = out.stdout_lines();
+    assert_eq!(outs.len(), P6_BUILDS, "{out}");
+    // Which builder built each output, and when its builder script ran.
+    let mut per_builder = Vec::new();
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    for (b, r) in remotes.iter().enumerate() {
+        let invalid = r.invalid_among(&outs);
+        let mut intervals = Vec::new();
+        for o in outs.iter().filter(|o| !invalid.contains(o)) {
+            *seen.entry(o.clone()).or_insert(0) += 1;
+            let host = daemon.host_path(o);
+            let text = fs::read_to_string(&host)
+                .unwrap_or_else(|e| panic!("cannot read {}: {e}", host.display()));
+            let mut w = text.split_whitespace().map(|x| x.parse::<f64>());
+            match (w.next(), w.next()) {
+                (Some(Ok(s)), Some(Ok(e))) => intervals.push((s, e)),
+                _ => panic!("{o} on builder {b}: bad timestamps {text:?}"),
+            }
+        }
+        per_builder.push(max_overlap(&intervals));
+    }
+    for o in &outs {
+        assert_eq!(seen.get(o), Some(&1), "{o} is not on exactly one builder");
+    }
+    (out.elapsed.as_secs_f64(), per_builder)
+}
+
+/// The most intervals `[start, end)` that overlap at any instant (an end and a start at the
+/// same instant do not overlap).
+pub fn max_overlap(intervals: &[(f64, f64)]) -> usize {
+    let mut ev: Vec<(f64, i32)> = Vec::new();
+    for &(s, e) in intervals {
+        ev.push((s, 1));
+        ev.push((e, -1));
+    }
+    ev.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+    let (mut cur, mut best) = (0i32, 0i32);
+    for (_, d) in ev {
+        cur += d;
+        best = best.max(cur);
+    }
+    best.max(0) as usize
+}
+
+/// Self-checks run by `cargo test --benches` (see `main`).
+pub fn self_test() {
+    assert_eq!(max_overlap(&[]), 0);
+    assert_eq!(max_overlap(&[(0.0, 1.0)]), 1);
+    assert_eq!(
+        max_overlap(&[(0.0, 1.0), (1.0, 2.0)]),
+        1,
+        "touching is not overlapping"
+    );
+    assert_eq!(max_overlap(&[(0.0, 2.0), (1.0, 3.0), (1.5, 1.7)]), 3);
+    assert_eq!(max_overlap(&[(0.0, 2.0), (1.0, 3.0), (2.5, 4.0)]), 2);
+    let mut a = [0u8; 13];
+    let mut b = [0u8; 13];
+    XorShift(1).fill(&mut a);
+    XorShift(1).fill(&mut b);
+    assert_eq!(a, b, "deterministic");
+    assert!(a.iter().any(|&x| x != 0));
+    assert_eq!(ONE_GIB.label(), "1 file of 1 GiB");
+    assert_eq!(ONE_100MIB.label(), "1 file of 100 MiB");
+    assert_eq!(MANY_GIB.label(), "20000 files, 1.0 GiB");
+    assert_eq!(order(0), [Hook::Ours, Hook::Nix]);
+    assert_eq!(order(1), [Hook::Nix, Hook::Ours]);
+}
