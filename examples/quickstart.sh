@@ -73,8 +73,9 @@ EOF
 } >"$WORK/lazy-builder.toml"
 
 cat >"$WORK/hello.nix" <<'EOF'
+{ n ? "1" }:
 derivation {
-  name = "hello-aarch64";
+  name = "hello-aarch64-${n}";
   system = "aarch64-linux";
   builder = "/bin/sh";
   args = [ "-c" "echo \"building on $(uname -m)\"; echo \"hello from $(uname -sm)\" > $out" ];
@@ -108,8 +109,15 @@ echo "result: $OUT"
 echo "contents: $(in_ns cat "$OUT")"
 echo "nix-build took $BUILD_S s, including the boot"
 
-step "nix-lazy-builder status after the build"
+step "a second build while the VM is up reuses it (no second boot)"
+TB=$(date +%s.%N)
+OUT2=$(in_ns nix-build --no-out-link "$WORK/hello.nix" --argstr n 2)
+echo "result: $OUT2 ($(in_ns cat "$OUT2"))"
+echo "nix-build took $(since "$TB") s on the running VM"
+
+step "nix-lazy-builder status after the builds"
 in_ns "$BIN" status
+in_ns "$BIN" status --json | grep -q '"boots": 1,' || { echo "expected exactly one boot" >&2; exit 1; }
 
 step "waiting for the idle VM to be powered off (idle-timeout = $IDLE_TIMEOUT)"
 for _ in $(seq 240); do
