@@ -95,6 +95,8 @@ pub mod activity {
     pub const QUERY_PATH_INFO: u64 = 109;
     pub const POST_BUILD_HOOK: u64 = 110;
     pub const BUILD_WAITING: u64 = 111;
+    /// Current Nix only.
+    pub const FETCH_TREE: u64 = 112;
 }
 
 /// Result types (`type` of a `result` message).
@@ -110,6 +112,8 @@ pub mod result {
     /// `[activityType, expected]`.
     pub const SET_EXPECTED: u64 = 106;
     pub const POST_BUILD_LOG_LINE: u64 = 107;
+    /// Current Nix only.
+    pub const FETCH_STATUS: u64 = 108;
 }
 
 /// One field of a `start` or `result` message: Nix accepts only these two kinds.

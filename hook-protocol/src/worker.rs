@@ -320,36 +320,9 @@ pub enum Field {
     String(String),
 }
 
-/// Activity types (`actType`) as raw numbers.
-pub mod activity {
-    pub const UNKNOWN: u64 = 0;
-    pub const COPY_PATH: u64 = 100;
-    pub const FILE_TRANSFER: u64 = 101;
-    pub const REALISE: u64 = 102;
-    pub const COPY_PATHS: u64 = 103;
-    pub const BUILDS: u64 = 104;
-    pub const BUILD: u64 = 105;
-    pub const OPTIMISE_STORE: u64 = 106;
-    pub const VERIFY_PATHS: u64 = 107;
-    pub const SUBSTITUTE: u64 = 108;
-    pub const QUERY_PATH_INFO: u64 = 109;
-    pub const POST_BUILD_HOOK: u64 = 110;
-    pub const BUILD_WAITING: u64 = 111;
-    pub const FETCH_TREE: u64 = 112;
-}
-
-/// Result types (`resType`) as raw numbers.
-pub mod result_type {
-    pub const FILE_LINKED: u64 = 100;
-    pub const BUILD_LOG_LINE: u64 = 101;
-    pub const UNTRUSTED_PATH: u64 = 102;
-    pub const CORRUPTED_PATH: u64 = 103;
-    pub const SET_PHASE: u64 = 104;
-    pub const PROGRESS: u64 = 105;
-    pub const SET_EXPECTED: u64 = 106;
-    pub const POST_BUILD_LOG_LINE: u64 = 107;
-    pub const FETCH_STATUS: u64 = 108;
-}
+/// Activity and result types: the same numbers as the `@nix` log lines use.
+pub use crate::log::activity;
+pub use crate::log::result as result_type;
 
 /// `STDERR_START_ACTIVITY`.
 #[derive(Debug, Clone, PartialEq, Eq)]
