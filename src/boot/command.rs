@@ -9,15 +9,12 @@
 //! Must never: run the command through a shell (the argv is used as is), or let a stop
 //! command outlive its timeout.
 
-use std::process::Stdio;
 use std::time::Instant;
-
-use tokio::time::timeout;
 
 use super::child::{Child, SpawnSpec};
 use super::{
-    BootContext, BootError, Instance, Kind, StopHow, StopStep, base_env, child, find_program,
-    fmt_elapsed, logs, open_log,
+    BootContext, BootError, Instance, Kind, StopHow, StopStep, base_env, find_program, fmt_elapsed,
+    open_log, run_stop_helper,
 };
 use crate::config::CommandBoot;
 
@@ -149,42 +146,17 @@ async fn run_stop_command(
         return Err("empty stop command".into());
     };
     let path = find_program(program, "stop command").map_err(|e| e.to_string())?;
-    let log = ctx.dir.join("command.log");
-    let out = logs::append(&log).map_err(|e| format!("cannot open {}: {e}", log.display()))?;
-    let err = out
-        .try_clone()
-        .map_err(|e| format!("cannot duplicate a log fd: {e}"))?;
     let mut cmd = tokio::process::Command::new(&path);
     cmd.args(args)
         .envs(base_env(ctx))
         .envs(environment)
         .env("NIX_LAZY_BUILDER_PID", pid.to_string())
-        .current_dir(&ctx.dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::from(out))
-        .stderr(Stdio::from(err))
-        .process_group(0)
-        .kill_on_drop(true);
-    let mut proc = cmd
-        .spawn()
-        .map_err(|e| format!("cannot run {}: {e}", path.display()))?;
-    match timeout(how.graceful_timeout, proc.wait()).await {
-        Ok(Ok(status)) if status.success() => Ok(()),
-        Ok(Ok(status)) => Err(format!(
-            "{program} {}{}",
-            child::describe_status(&Ok(status)),
-            logs::last_line(&log)
-                .map(|l| format!(": {l}"))
-                .unwrap_or_default()
-        )),
-        Ok(Err(e)) => Err(format!("waiting for {program} failed: {e}")),
-        Err(_) => {
-            let _ = proc.start_kill();
-            let _ = proc.wait().await;
-            Err(format!(
-                "{program} did not finish within {}",
-                fmt_elapsed(how.graceful_timeout)
-            ))
-        }
-    }
+        .current_dir(&ctx.dir);
+    run_stop_helper(
+        cmd,
+        program,
+        &ctx.dir.join("command.log"),
+        how.graceful_timeout,
+    )
+    .await
 }

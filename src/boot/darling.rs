@@ -10,15 +10,12 @@
 //! Must never: start a second container for the same prefix while one of ours runs, or run
 //! anything in the prefix but the sshd and the shutdown.
 
-use std::process::Stdio;
 use std::time::Instant;
-
-use tokio::time::timeout;
 
 use super::child::{Child, SpawnSpec};
 use super::{
-    BootContext, BootError, Instance, Kind, StopHow, StopStep, base_env, child, find_program,
-    fmt_elapsed, logs, open_log,
+    BootContext, BootError, Instance, Kind, StopHow, StopStep, base_env, find_program, fmt_elapsed,
+    open_log, run_stop_helper,
 };
 use crate::config::DarlingBoot;
 
@@ -115,42 +112,18 @@ impl Container {
 
     async fn shutdown(&self, how: &StopHow) -> Result<(), String> {
         let darling = find_program("darling", "darling").map_err(|e| e.to_string())?;
-        let log = self.ctx.dir.join("darling.log");
-        let out = logs::append(&log).map_err(|e| format!("cannot open {}: {e}", log.display()))?;
-        let err = out
-            .try_clone()
-            .map_err(|e| format!("cannot duplicate a log fd: {e}"))?;
-        let mut proc = tokio::process::Command::new(&darling)
-            .arg("shutdown")
+        let mut cmd = tokio::process::Command::new(&darling);
+        cmd.arg("shutdown")
             .envs(base_env(&self.ctx))
             .env("DPREFIX", &self.spec.prefix)
-            .current_dir(&self.ctx.dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(out))
-            .stderr(Stdio::from(err))
-            .process_group(0)
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| format!("cannot run {}: {e}", darling.display()))?;
-        match timeout(how.graceful_timeout, proc.wait()).await {
-            Ok(Ok(status)) if status.success() => Ok(()),
-            Ok(Ok(status)) => Err(format!(
-                "it {}{}",
-                child::describe_status(&Ok(status)),
-                logs::last_line(&log)
-                    .map(|l| format!(": {l}"))
-                    .unwrap_or_default()
-            )),
-            Ok(Err(e)) => Err(format!("waiting for it failed: {e}")),
-            Err(_) => {
-                let _ = proc.start_kill();
-                let _ = proc.wait().await;
-                Err(format!(
-                    "it did not finish within {}",
-                    fmt_elapsed(how.graceful_timeout)
-                ))
-            }
-        }
+            .current_dir(&self.ctx.dir);
+        run_stop_helper(
+            cmd,
+            "darling shutdown",
+            &self.ctx.dir.join("darling.log"),
+            how.graceful_timeout,
+        )
+        .await
     }
 }
 

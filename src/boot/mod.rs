@@ -513,6 +513,48 @@ fn base_env(ctx: &BootContext) -> Vec<(std::ffi::OsString, std::ffi::OsString)> 
     ]
 }
 
+/// Runs a stop helper (`stop-command`, `darling shutdown`) to completion within `limit`, its
+/// output appended to `log`: `Ok` on exit status 0, else one line saying how it ended (with the
+/// last line it printed). A helper still running at the limit is killed.
+async fn run_stop_helper(
+    mut cmd: tokio::process::Command,
+    what: &str,
+    log: &Path,
+    limit: std::time::Duration,
+) -> Result<(), String> {
+    let out = logs::append(log).map_err(|e| format!("cannot open {}: {e}", log.display()))?;
+    let err = out
+        .try_clone()
+        .map_err(|e| format!("cannot duplicate a log fd: {e}"))?;
+    let mut proc = cmd
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::from(out))
+        .stderr(std::process::Stdio::from(err))
+        .process_group(0)
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("cannot run {what}: {e}"))?;
+    match tokio::time::timeout(limit, proc.wait()).await {
+        Ok(Ok(status)) if status.success() => Ok(()),
+        Ok(Ok(status)) => Err(format!(
+            "{what} {}{}",
+            child::describe_status(&Ok(status)),
+            logs::last_line(log)
+                .map(|l| format!(": {l}"))
+                .unwrap_or_default()
+        )),
+        Ok(Err(e)) => Err(format!("waiting for {what} failed: {e}")),
+        Err(_) => {
+            let _ = proc.start_kill();
+            let _ = proc.wait().await;
+            Err(format!(
+                "{what} did not finish within {}",
+                fmt_elapsed(limit)
+            ))
+        }
+    }
+}
+
 /// Finds `program` (a path, or a name on PATH).
 fn find_program(program: &str, what: &str) -> Result<PathBuf, BootError> {
     if program.contains('/') {
