@@ -72,29 +72,7 @@ impl LazyRemote {
             mkdir(&b.join(d));
         }
         let ssh = b.join("ssh");
-        keygen(&ssh.join("host_ed25519_key"), "nlb-lazy-remote-host");
-        keygen(&ssh.join("client_key"), "nlb-lazy-client");
-        let client_pub = read(&ssh.join("client_key.pub"));
-        write(&ssh.join("authorized_keys"), &client_pub);
-        let host_key_line = read(&ssh.join("host_ed25519_key.pub")).trim().to_owned();
-
-        let mut conf = vec![
-            format!("build-users-group = {group}"),
-            "substituters =".to_owned(),
-            format!("extra-platforms = {}", opts.extra_platforms.join(" ")),
-        ];
-        if opts.sandbox {
-            conf.push("sandbox = true".to_owned());
-            conf.push("sandbox-fallback = false".to_owned());
-            conf.push("sandbox-paths = /bin/sh=/bin/busybox".to_owned());
-        } else {
-            conf.push("sandbox = false".to_owned());
-        }
-        if let Some(f) = &opts.system_features {
-            conf.push(format!("system-features = {}", f.join(" ")));
-        }
-        conf.extend(opts.extra_conf.iter().cloned());
-        write(&b.join("etc-nix/nix.conf"), &(conf.join("\n") + "\n"));
+        let host_key_line = super::remote::prepare_remote_dir(&b, &opts, &group, "nlb-lazy-remote");
 
         let port = free_port();
         let home = b.join("home");

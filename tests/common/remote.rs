@@ -137,29 +137,7 @@ impl RemoteStore {
             mkdir(&b.join(d));
         }
         let ssh = b.join("ssh");
-        keygen(&ssh.join("host_ed25519_key"), "nlb-test-remote-host");
-        keygen(&ssh.join("client_key"), "nlb-test-client");
-        let client_pub = read(&ssh.join("client_key.pub"));
-        write(&ssh.join("authorized_keys"), &client_pub);
-        let host_key_line = read(&ssh.join("host_ed25519_key.pub")).trim().to_owned();
-
-        let mut conf = vec![
-            format!("build-users-group = {group}"),
-            "substituters =".to_owned(),
-            format!("extra-platforms = {}", opts.extra_platforms.join(" ")),
-        ];
-        if opts.sandbox {
-            conf.push("sandbox = true".to_owned());
-            conf.push("sandbox-fallback = false".to_owned());
-            conf.push("sandbox-paths = /bin/sh=/bin/busybox".to_owned());
-        } else {
-            conf.push("sandbox = false".to_owned());
-        }
-        if let Some(f) = &opts.system_features {
-            conf.push(format!("system-features = {}", f.join(" ")));
-        }
-        conf.extend(opts.extra_conf.iter().cloned());
-        write(&b.join("etc-nix/nix.conf"), &(conf.join("\n") + "\n"));
+        let host_key_line = prepare_remote_dir(&b, &opts, &group, "nlb-test-remote");
 
         let layout = Layout {
             nix: opts.nix,
@@ -524,4 +502,34 @@ fn wait_for_banner(proc: &mut NsProcess, port: u16) -> Result<(), String> {
         }
         thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Fills a remote store's directory `b` (which has `ssh/` and `etc-nix/`): a fresh host key and
+/// client key (`<label>-host`, `<label>-client`), `authorized_keys`, and the store's nix.conf
+/// from `opts`. Returns the host's public key line. Shared by [`RemoteStore`] and the lazy
+/// (boot-on-demand) remote in `lazy.rs`.
+pub(crate) fn prepare_remote_dir(b: &Path, opts: &RemoteOpts, group: &str, label: &str) -> String {
+    let ssh = b.join("ssh");
+    keygen(&ssh.join("host_ed25519_key"), &format!("{label}-host"));
+    keygen(&ssh.join("client_key"), &format!("{label}-client"));
+    let client_pub = read(&ssh.join("client_key.pub"));
+    write(&ssh.join("authorized_keys"), &client_pub);
+    let mut conf = vec![
+        format!("build-users-group = {group}"),
+        "substituters =".to_owned(),
+        format!("extra-platforms = {}", opts.extra_platforms.join(" ")),
+    ];
+    if opts.sandbox {
+        conf.push("sandbox = true".to_owned());
+        conf.push("sandbox-fallback = false".to_owned());
+        conf.push("sandbox-paths = /bin/sh=/bin/busybox".to_owned());
+    } else {
+        conf.push("sandbox = false".to_owned());
+    }
+    if let Some(f) = &opts.system_features {
+        conf.push(format!("system-features = {}", f.join(" ")));
+    }
+    conf.extend(opts.extra_conf.iter().cloned());
+    write(&b.join("etc-nix/nix.conf"), &(conf.join("\n") + "\n"));
+    read(&ssh.join("host_ed25519_key.pub")).trim().to_owned()
 }
