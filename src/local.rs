@@ -108,6 +108,26 @@ impl LocalStore {
             })
             .collect()
     }
+
+    /// Path infos for the closure of `roots` (which must be valid): the roots and everything
+    /// they reference, transitively. Walks the reference graph one level at a time, each level
+    /// one pipelined batch, so the round trips grow with the graph's depth, not its size.
+    pub async fn closure(&mut self, roots: &[StorePath]) -> Result<Vec<PathInfo>, RemoteError> {
+        let mut seen: BTreeSet<StorePath> = roots.iter().cloned().collect();
+        let mut level: Vec<StorePath> = seen.iter().cloned().collect();
+        let mut out = Vec::new();
+        while !level.is_empty() {
+            let infos = self.path_infos(&level).await?;
+            level = infos
+                .iter()
+                .flat_map(|i| i.references.iter())
+                .filter(|r| seen.insert((*r).clone()))
+                .cloned()
+                .collect();
+            out.extend(infos);
+        }
+        Ok(out)
+    }
 }
 
 impl NarSource for LocalStore {

@@ -1,6 +1,11 @@
 //! One remote build, after `# accept` (DESIGN.md "One remote build", steps 3–6): copy the
 //! missing inputs, build, stream the log, bring the outputs back verified and registered.
 //!
+//! An `ssh-ng://` daemon that says it does not trust us gets, for an input-addressed
+//! derivation, the closure of the `.drv` instead of the inputs and builds it from its own store
+//! (BuildPathsWithResults), as Nix's own build-remote does; every other builder (trusted, or
+//! too old to say) takes the BuildDerivation path.
+//!
 //! Owns the order of operations and what counts as success. It never parses a wire (that is
 //! `hook-protocol`), never opens connections (the hook hands it a [`Remote`] and a
 //! [`LocalStore`]), and never makes a path valid except through `place`, after its hash was
@@ -12,10 +17,11 @@ use std::time::Instant;
 
 use hook_protocol::StorePath;
 use hook_protocol::build_result::{BuildResult, BuildStatus};
-use hook_protocol::derivation::Derivation;
+use hook_protocol::derivation::{Derivation, OutputKind};
 use hook_protocol::log::{Verbosity, strip_ansi};
 use hook_protocol::path_info::PathInfo;
 use hook_protocol::serve::BuildOptions;
+use hook_protocol::worker::Trust;
 use tokio::sync::mpsc;
 
 use crate::local::LocalStore;
@@ -59,6 +65,19 @@ pub enum TransferError {
     #[error("building on '{uri}': {source}")]
     Build {
         uri: String,
+        #[source]
+        source: RemoteError,
+    },
+    /// The builder's nix-daemon does not trust the SSH user and refused what an untrusted
+    /// client may not do.
+    #[error(
+        "'{uri}' does not trust its SSH user and refused {what}: {source}\n\
+         To build there, add that user to `trusted-users` in the builder's nix.conf (or sign the \
+         paths with a key in its `trusted-public-keys`)"
+    )]
+    Untrusted {
+        uri: String,
+        what: &'static str,
         #[source]
         source: RemoteError,
     },
@@ -162,45 +181,24 @@ pub async fn run<L>(
     let uri = remote.uri().to_owned();
     let mut t = Timings::default();
 
-    // Step 3: only the inputs the remote lacks, found with one batched query each way.
-    let start = Instant::now();
-    let inputs: Vec<StorePath> = job.inputs.iter().cloned().collect();
-    let present = remote
-        .query_valid_paths(&inputs, job.substitute_on_remote)
-        .await
-        .map_err(|source| TransferError::Upload {
-            uri: uri.clone(),
-            source,
-        })?;
-    let missing: Vec<StorePath> = inputs
-        .iter()
-        .filter(|p| !present.contains(*p))
-        .cloned()
-        .collect();
-    let infos = local
-        .path_infos(&missing)
-        .await
-        .map_err(TransferError::Local)?;
-    let infos = topo_sort(infos);
-    t.query_ms = start.elapsed().as_millis();
-    if !infos.is_empty() {
-        let start = Instant::now();
-        let _act = Activity::start(
-            Verbosity::Talkative,
-            hook_protocol::log::activity::COPY_PATHS,
-            format!("copying {} paths to '{uri}'", infos.len()),
-            vec![],
+    // A daemon that does not trust us refuses unsigned input-addressed paths and
+    // BuildDerivation of input-addressed derivations, but accepts content-addressed `.drv`
+    // files and builds what it lacks itself (as Nix's own build-remote does). A daemon that does
+    // not say (ssh://, worker < 1.35) is taken to trust us.
+    let untrusted = remote.trust() == Some(Trust::NotTrusted) && is_input_addressed(&job.drv);
+    if untrusted {
+        tracing::debug!(
+            "'{uri}' does not trust us and '{}' is input-addressed: copying the derivation's \
+             closure and building it there with BuildPathsWithResults",
+            job.drv_path
         );
-        remote
-            .add_paths(&infos, local)
-            .await
-            .map_err(|source| TransferError::Upload {
-                uri: uri.clone(),
-                source,
-            })?;
-        t.upload_ms = start.elapsed().as_millis();
-        t.uploaded_paths = infos.len();
-        t.uploaded_bytes = infos.iter().map(|i| i.nar_size).sum();
+        upload_drv_closure(job, remote, local, &uri, &mut t).await?;
+    } else {
+        tracing::debug!(
+            "'{uri}': copying the missing inputs and building with BuildDerivation (trust: {:?})",
+            remote.trust()
+        );
+        upload_inputs(job, remote, local, &uri, &mut t).await?;
     }
 
     drop(upload_lock);
@@ -218,15 +216,33 @@ pub async fn run<L>(
             drv: job.drv_path.to_string(),
         });
     }
-    let basic = job.drv.basic_for_remote(&job.inputs);
     let start = Instant::now();
-    let result: BuildResult = remote
-        .build(&job.drv_path, &basic, &job.options, log)
-        .await
-        .map_err(|source| TransferError::Build {
-            uri: uri.clone(),
-            source,
-        })?;
+    let result: BuildResult = if untrusted {
+        let names: BTreeSet<String> = outputs.keys().cloned().collect();
+        remote
+            .build_from_store(&job.drv_path, names, &job.options, log)
+            .await
+            .map_err(|source| match source {
+                RemoteError::Daemon { .. } => TransferError::Untrusted {
+                    uri: uri.clone(),
+                    what: "to build the derivation",
+                    source,
+                },
+                source => TransferError::Build {
+                    uri: uri.clone(),
+                    source,
+                },
+            })?
+    } else {
+        let basic = job.drv.basic_for_remote(&job.inputs);
+        remote
+            .build(&job.drv_path, &basic, &job.options, log)
+            .await
+            .map_err(|source| TransferError::Build {
+                uri: uri.clone(),
+                source,
+            })?
+    };
     t.build_ms = start.elapsed().as_millis();
     if !result.is_success() {
         return Err(TransferError::BuildFailed {
@@ -297,6 +313,128 @@ pub async fn run<L>(
         })?;
     t.download_ms = start.elapsed().as_millis();
     Ok(t)
+}
+
+/// Step 3, for a builder that trusts us: only the inputs the remote lacks, found with one
+/// batched query each way.
+async fn upload_inputs(
+    job: &Job,
+    remote: &mut Remote,
+    local: &mut LocalStore,
+    uri: &str,
+    t: &mut Timings,
+) -> Result<(), TransferError> {
+    let start = Instant::now();
+    let inputs: Vec<StorePath> = job.inputs.iter().cloned().collect();
+    let present = remote
+        .query_valid_paths(&inputs, job.substitute_on_remote)
+        .await
+        .map_err(|source| TransferError::Upload {
+            uri: uri.to_owned(),
+            source,
+        })?;
+    let missing: Vec<StorePath> = inputs
+        .iter()
+        .filter(|p| !present.contains(*p))
+        .cloned()
+        .collect();
+    let infos = local
+        .path_infos(&missing)
+        .await
+        .map_err(TransferError::Local)?;
+    let infos = topo_sort(infos);
+    t.query_ms = start.elapsed().as_millis();
+    if !infos.is_empty() {
+        let start = Instant::now();
+        let _act = Activity::start(
+            Verbosity::Talkative,
+            hook_protocol::log::activity::COPY_PATHS,
+            format!("copying {} paths to '{uri}'", infos.len()),
+            vec![],
+        );
+        remote
+            .add_paths(&infos, local)
+            .await
+            .map_err(|source| TransferError::Upload {
+                uri: uri.to_owned(),
+                source,
+            })?;
+        t.upload_ms = start.elapsed().as_millis();
+        t.uploaded_paths = infos.len();
+        t.uploaded_bytes = infos.iter().map(|i| i.nar_size).sum();
+    }
+    Ok(())
+}
+
+/// Step 3, for a builder that does not trust us: the closure of the `.drv` (the derivation,
+/// its input derivations and input sources, all content-addressed, which an untrusted daemon
+/// accepts), only the paths the remote lacks. The inputs' outputs are not copied: the remote
+/// would refuse them unsigned, and builds them itself instead.
+async fn upload_drv_closure(
+    job: &Job,
+    remote: &mut Remote,
+    local: &mut LocalStore,
+    uri: &str,
+    t: &mut Timings,
+) -> Result<(), TransferError> {
+    let start = Instant::now();
+    let closure = local
+        .closure(std::slice::from_ref(&job.drv_path))
+        .await
+        .map_err(TransferError::Local)?;
+    let paths: Vec<StorePath> = closure.iter().map(|i| i.path.clone()).collect();
+    let present = remote
+        .query_valid_paths(&paths, job.substitute_on_remote)
+        .await
+        .map_err(|source| TransferError::Upload {
+            uri: uri.to_owned(),
+            source,
+        })?;
+    let infos = topo_sort(
+        closure
+            .into_iter()
+            .filter(|i| !present.contains(&i.path))
+            .collect(),
+    );
+    t.query_ms = start.elapsed().as_millis();
+    if infos.is_empty() {
+        return Ok(());
+    }
+    let start = Instant::now();
+    let _act = Activity::start(
+        Verbosity::Talkative,
+        hook_protocol::log::activity::COPY_PATHS,
+        format!("copying {} paths to '{uri}'", infos.len()),
+        vec![],
+    );
+    remote
+        .add_paths(&infos, local)
+        .await
+        .map_err(|source| match source {
+            RemoteError::Daemon { .. } => TransferError::Untrusted {
+                uri: uri.to_owned(),
+                what: "the derivation's closure",
+                source,
+            },
+            source => TransferError::Upload {
+                uri: uri.to_owned(),
+                source,
+            },
+        })?;
+    t.upload_ms = start.elapsed().as_millis();
+    t.uploaded_paths = infos.len();
+    t.uploaded_bytes = infos.iter().map(|i| i.nar_size).sum();
+    Ok(())
+}
+
+/// Whether every output's path follows from the derivation's inputs (Nix's "input-addressed",
+/// deferred outputs included): the derivations an untrusted daemon will not take by
+/// BuildDerivation. Fixed-output, floating and impure derivations are content-addressed.
+fn is_input_addressed(drv: &Derivation) -> bool {
+    drv.basic
+        .outputs
+        .values()
+        .all(|o| matches!(o.kind(), OutputKind::InputAddressed | OutputKind::Deferred))
 }
 
 /// Sends NAR chunks to the unpacking thread.
@@ -405,6 +543,35 @@ mod tests {
         let mut i = PathInfo::new(p(name), Sha256::digest(b""), 1);
         i.references = refs.iter().map(|&c| p(c)).collect();
         i
+    }
+
+    #[test]
+    fn only_input_addressed_derivations_need_the_untrusted_path() {
+        use hook_protocol::derivation::DerivationOutput;
+        let drv = |outs: &[(&str, &str, &str)]| {
+            let mut d = Derivation::default();
+            for (i, (path, algo, hash)) in outs.iter().enumerate() {
+                d.basic.outputs.insert(
+                    format!("o{i}"),
+                    DerivationOutput {
+                        path: (*path).into(),
+                        hash_algo: (*algo).into(),
+                        hash: (*hash).into(),
+                    },
+                );
+            }
+            d
+        };
+        let p = "/nix/store/00000000000000000000000000000000-x";
+        assert!(is_input_addressed(&drv(&[(p, "", ""), (p, "", "")])));
+        // Deferred (path unknown until a floating input is built): still input-addressed.
+        assert!(is_input_addressed(&drv(&[("", "", "")])));
+        assert!(!is_input_addressed(&drv(&[(p, "sha256", "abcd")])));
+        assert!(!is_input_addressed(&drv(&[("", "r:sha256", "")])));
+        assert!(!is_input_addressed(&drv(&[
+            (p, "", ""),
+            ("", "sha256", "impure")
+        ])));
     }
 
     #[test]

@@ -13,10 +13,11 @@ use hook_protocol::StorePath;
 use hook_protocol::build_result::BuildResult;
 use hook_protocol::derivation::BasicDerivation;
 use hook_protocol::log::strip_ansi;
-use hook_protocol::path_info::PathInfo;
+use hook_protocol::path_info::{DerivedPath, PathInfo};
 use hook_protocol::wire::WireWrite;
 use hook_protocol::worker::{
-    self, BuildMode, ClientOptions, NarUpload, Negotiated, ServerInfo, StderrMessage, TypedResult,
+    self, BuildMode, ClientOptions, Field, NarUpload, Negotiated, ServerInfo, StderrMessage,
+    TypedResult,
 };
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
@@ -89,7 +90,19 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> WorkerClient<R, W> {
     }
 
     /// Runs the stderr loop until `STDERR_LAST`; log output goes to `log`.
-    async fn finish_op(&mut self, mut log: Option<&mut BuildLog>) -> Result<(), RemoteError> {
+    async fn finish_op(&mut self, log: Option<&mut BuildLog>) -> Result<(), RemoteError> {
+        self.finish_op_for(log, None).await
+    }
+
+    /// [`WorkerClient::finish_op`], but when `only_drv` is given, the output of builds of other
+    /// derivations (the remote building inputs it lacked) goes to the debug log instead of
+    /// `log`, so the build log holds only `only_drv`'s own output.
+    async fn finish_op_for(
+        &mut self,
+        mut log: Option<&mut BuildLog>,
+        only_drv: Option<&StorePath>,
+    ) -> Result<(), RemoteError> {
+        let mut other_builds: BTreeSet<u64> = BTreeSet::new();
         loop {
             let proto = self.proto.clone();
             let msg = self
@@ -122,6 +135,11 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> WorkerClient<R, W> {
                         tracing::debug!(peer = %self.peer, "{}", text.trim_end());
                     }
                 }
+                StderrMessage::Result(res) if other_builds.contains(&res.id) => {
+                    if let Some(TypedResult::BuildLogLine(line)) = res.typed() {
+                        tracing::debug!(peer = %self.peer, "(building an input) {line}");
+                    }
+                }
                 StderrMessage::Result(res) => {
                     if let Some(log) = log.as_deref_mut() {
                         match res.typed() {
@@ -131,9 +149,15 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> WorkerClient<R, W> {
                         }
                     }
                 }
-                StderrMessage::StartActivity(_)
-                | StderrMessage::StopActivity { .. }
-                | StderrMessage::Write(_) => {}
+                StderrMessage::StartActivity(act) => {
+                    if let Some(drv) = only_drv
+                        && act.activity_type == worker::activity::BUILD
+                        && !matches!(act.fields.first(), Some(Field::String(p)) if p == drv.as_str())
+                    {
+                        other_builds.insert(act.id);
+                    }
+                }
+                StderrMessage::StopActivity { .. } | StderrMessage::Write(_) => {}
             }
         }
     }
@@ -273,6 +297,33 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> WorkerClient<R, W> {
             .reader
             .decode("the build result", |r| {
                 worker::decode_build_result(r, &proto, &store_dir)
+            })
+            .await?)
+    }
+
+    /// BuildPathsWithResults (≥ 1.34): the remote builds `paths` from derivations in its own
+    /// store, inputs it lacks included. Only the output of `drv_path`'s own build goes to `log`.
+    /// One result per requested path.
+    pub async fn build_paths_with_results(
+        &mut self,
+        paths: &[DerivedPath],
+        drv_path: &StorePath,
+        log: &mut BuildLog,
+    ) -> Result<Vec<(DerivedPath, BuildResult)>, RemoteError> {
+        let mut buf = Vec::new();
+        worker::encode_build_paths_with_results(&mut buf, &self.proto, paths, BuildMode::Normal)
+            .map_err(|e| RemoteError::Protocol {
+                peer: self.peer.clone(),
+                message: e.to_string(),
+            })?;
+        self.send(&buf).await?;
+        self.finish_op_for(Some(log), Some(drv_path)).await?;
+        let proto = self.proto.clone();
+        let store_dir = self.store_dir.clone();
+        Ok(self
+            .reader
+            .decode("the build results", |r| {
+                worker::decode_build_paths_with_results_reply(r, &proto, &store_dir)
             })
             .await?)
     }

@@ -17,9 +17,9 @@ use hook_protocol::StorePath;
 use hook_protocol::build_result::BuildResult;
 use hook_protocol::derivation::BasicDerivation;
 use hook_protocol::log::Message;
-use hook_protocol::path_info::PathInfo;
+use hook_protocol::path_info::{DerivedPath, OutputsSpec, PathInfo};
 use hook_protocol::serve::BuildOptions;
-use hook_protocol::worker::ClientOptions;
+use hook_protocol::worker::{ClientOptions, Trust};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe;
 
@@ -397,30 +397,52 @@ impl Remote {
         let r = match &mut self.client {
             Client::Serve(c) => c.build_derivation(drv_path, drv, options).await,
             Client::Daemon(c) => {
-                // Nix's own ssh-ng store forwards none of these; we do.
-                let mut overrides = Vec::new();
-                if options.build_timeout > 0 {
-                    overrides.push(("timeout".into(), options.build_timeout.to_string()));
-                }
-                if options.max_log_size > 0 {
-                    overrides.push((
-                        "max-build-log-size".into(),
-                        options.max_log_size.to_string(),
-                    ));
-                }
-                let set = ClientOptions {
-                    keep_failed: options.keep_failed,
-                    verbosity: 0,
-                    max_build_jobs: 1,
-                    max_silent_time: options.max_silent_time,
-                    verbose_build: false,
-                    build_cores: 0,
-                    use_substitutes: false,
-                    overrides,
-                    ..Default::default()
-                };
+                let set = client_options(options);
                 match c.set_options(&set).await {
                     Ok(()) => c.build_derivation(drv_path, drv, log).await,
+                    Err(e) => Err(e),
+                }
+            }
+        };
+        self.explained(r).await
+    }
+
+    /// Whether the builder's nix-daemon trusts us: `None` for `ssh://` and for daemons too old
+    /// to say (worker protocol < 1.35).
+    pub fn trust(&self) -> Option<Trust> {
+        match &self.client {
+            Client::Serve(_) => None,
+            Client::Daemon(c) => c.server_info().trust,
+        }
+    }
+
+    /// Builds `drv_path`'s `outputs` from the derivation in the remote's own store
+    /// (BuildPathsWithResults), with the same options as [`Remote::build`]: the way to build on
+    /// a daemon that does not trust us, which builds whatever inputs it lacks itself. Only
+    /// `ssh-ng://` has it.
+    pub async fn build_from_store(
+        &mut self,
+        drv_path: &StorePath,
+        outputs: BTreeSet<String>,
+        options: &BuildOptions,
+        log: &mut BuildLog,
+    ) -> Result<BuildResult, RemoteError> {
+        let r = match &mut self.client {
+            Client::Serve(_) => Err(RemoteError::Protocol {
+                peer: self.uri.clone(),
+                message: "building a derivation from the remote store needs ssh-ng://".into(),
+            }),
+            Client::Daemon(c) => {
+                let wanted = DerivedPath::Built {
+                    drv_path: drv_path.clone(),
+                    outputs: OutputsSpec::Names(outputs),
+                };
+                let set = client_options(options);
+                match c.set_options(&set).await {
+                    Ok(()) => c
+                        .build_paths_with_results(std::slice::from_ref(&wanted), drv_path, log)
+                        .await
+                        .and_then(|results| one_result(results, &wanted, c.peer())),
                     Err(e) => Err(e),
                 }
             }
@@ -463,6 +485,52 @@ impl Remote {
         }
         .await;
         self.explained(r).await
+    }
+}
+
+/// The build's timeouts and log limit as SetOptions: Nix's own ssh-ng store forwards none of
+/// these; we do.
+fn client_options(options: &BuildOptions) -> ClientOptions {
+    let mut overrides = Vec::new();
+    if options.build_timeout > 0 {
+        overrides.push(("timeout".into(), options.build_timeout.to_string()));
+    }
+    if options.max_log_size > 0 {
+        overrides.push((
+            "max-build-log-size".into(),
+            options.max_log_size.to_string(),
+        ));
+    }
+    ClientOptions {
+        keep_failed: options.keep_failed,
+        verbosity: 0,
+        max_build_jobs: 1,
+        max_silent_time: options.max_silent_time,
+        verbose_build: false,
+        build_cores: 0,
+        use_substitutes: false,
+        overrides,
+        ..Default::default()
+    }
+}
+
+/// The result for `wanted` from a BuildPathsWithResults reply that must hold exactly that one.
+fn one_result(
+    results: Vec<(DerivedPath, BuildResult)>,
+    wanted: &DerivedPath,
+    peer: &str,
+) -> Result<BuildResult, RemoteError> {
+    let n = results.len();
+    let mut it = results.into_iter();
+    match (it.next(), n) {
+        (Some((_, result)), 1) => Ok(result),
+        _ => Err(RemoteError::Protocol {
+            peer: peer.to_owned(),
+            message: format!(
+                "asked to build {}, the daemon answered with {n} results",
+                wanted.to_worker_string()
+            ),
+        }),
     }
 }
 
