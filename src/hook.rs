@@ -121,6 +121,14 @@ pub fn main(args: HookArgs) -> ExitCode {
             _ = term.recv() => 1,
         }
     });
+    if code == 0 {
+        // Done and registered: nothing is left to clean up, and the daemon sees the build end
+        // when we are gone, so skip the runtime's orderly shutdown (a few ms of joining threads
+        // and dropping tasks). Every write to stdout, stderr and fd 4 was already made.
+        std::process::exit(0);
+    }
+    // A failure or a signal: give what is still in flight (an unpacking thread removing its
+    // half-written output, a registration) a moment to finish cleaning up.
     rt.shutdown_timeout(Duration::from_millis(300));
     ExitCode::from(code)
 }
@@ -458,6 +466,9 @@ async fn accepted(
     load_dir: &LoadDir,
 ) -> Result<u8, HookError> {
     logging::reply(&Reply::accept(&builder.store_uri));
+    // Start the registering `nix-store` now: its start-up overlaps the build.
+    let nix_store = which::which("nix-store").unwrap_or_else(|_| PathBuf::from("nix-store"));
+    crate::place::prepare_register(&nix_store);
     let accepted = stdin
         .decode("the inputs and wanted outputs", AcceptedBuild::decode)
         .await?;
@@ -490,7 +501,7 @@ async fn accepted(
             enforce_determinism: false,
             keep_failed: settings.keep_failed()?,
         },
-        nix_store: which::which("nix-store").unwrap_or_else(|_| PathBuf::from("nix-store")),
+        nix_store,
     };
     let mut local = LocalStore::connect()
         .await

@@ -2,8 +2,9 @@
 //!
 //! The daemon holds `flock`s on every output path while the hook runs, so a new daemon
 //! connection or a plain `nix-store --import` would deadlock (PROTOCOL.md §4). Instead each
-//! output's NAR is unpacked by `nix-archive` (descriptor-relative, so nothing outside the output
-//! is ever followed or created) under a hidden name beside its store path while it is hashed,
+//! output's NAR is decoded by `nix-archive` and unpacked ([`restore_nar`]: descriptor-relative,
+//! so nothing outside the output is ever followed or created; file contents in 256 KiB writes)
+//! under a hidden name beside its store path while it is hashed,
 //! the hash and size are compared with what the remote vouched for, and once *every* output is
 //! verified they are all moved to their store paths and registered in one
 //! `nix-store --register-validity --hash-given` call, which canonicalises them and commits them
@@ -12,11 +13,16 @@
 //! Invariant: a path becomes valid only through [`register_validity`], and only after its bytes
 //! were verified. Anything unpacked but not registered is removed ([`Placed`]'s drop).
 
+use std::ffi::OsStr;
 use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 
 use hook_protocol::{Sha256, StorePath};
+use rustix::fs::{Mode, OFlags};
 use sha2::Digest;
 use tokio::sync::mpsc;
 
@@ -122,6 +128,131 @@ impl<R: Read> Read for HashingReader<R> {
         self.count += n as u64;
         Ok(n)
     }
+}
+
+/// How much of a file's contents is gathered before one `write`.
+const WRITE_SLICE: usize = 256 * 1024;
+
+/// Restores the NAR on `reader` at `dest` (which must not exist yet).
+///
+/// Where Nix's case hack is off (everywhere but macOS) this is our own restore over
+/// nix-archive's streaming decoder, which writes each file's contents in slices of up to
+/// [`WRITE_SLICE`]: nix-archive 0.6's `restore_reader` copies contents with `io::copy` through
+/// an 8 KiB stack buffer, 131,072 `write` calls per GiB (BENCHMARKS.md, P3). Like it, every
+/// entry is created relative to its parent directory's descriptor, never following a symlink,
+/// and never over an existing name (the decoder rejects unsorted or duplicate names). With the
+/// case hack on, the library's restore is used as it is.
+fn restore_nar<R: Read>(reader: &mut R, dest: &Path) -> Result<(), nix_archive::nar::Error> {
+    use nix_archive::nar::{CaseHack, Event};
+    let case_hack = CaseHack::native();
+    if case_hack == CaseHack::Enabled {
+        return nix_archive::nar::restore_reader(reader, dest, case_hack);
+    }
+    let (Some(parent), Some(name)) = (dest.parent(), dest.file_name()) else {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("cannot unpack to {}", dest.display()),
+        )
+        .into());
+    };
+    let parent = rustix::fs::open(
+        parent,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(io::Error::from)?;
+    let mut unpacker = Unpacker {
+        root: (parent, name.to_owned()),
+        dirs: Vec::new(),
+        buf: vec![0; WRITE_SLICE],
+    };
+    nix_archive::nar::decode_events_reader(reader, |event| {
+        match event {
+            Event::DirectoryStart { name } => {
+                let (at, name) = unpacker.place(name);
+                rustix::fs::mkdirat(at, name, Mode::from_raw_mode(0o777))
+                    .map_err(io::Error::from)?;
+                let dir = rustix::fs::openat(
+                    at,
+                    name,
+                    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+                    Mode::empty(),
+                )
+                .map_err(io::Error::from)?;
+                unpacker.dirs.push(dir);
+            }
+            Event::DirectoryEnd { .. } => {
+                unpacker.dirs.pop();
+            }
+            Event::Regular {
+                name,
+                executable,
+                mut contents,
+            } => {
+                let (at, name) = unpacker.place(name);
+                let fd = rustix::fs::openat(
+                    at,
+                    name,
+                    OFlags::WRONLY
+                        | OFlags::CREATE
+                        | OFlags::EXCL
+                        | OFlags::CLOEXEC
+                        | OFlags::NOFOLLOW,
+                    Mode::from_raw_mode(0o666),
+                )
+                .map_err(io::Error::from)?;
+                let mut file = std::fs::File::from(fd);
+                loop {
+                    let filled = fill(&mut contents, &mut unpacker.buf)?;
+                    if filled == 0 {
+                        break;
+                    }
+                    file.write_all(&unpacker.buf[..filled])?;
+                }
+                let mode = if executable { 0o755 } else { 0o644 };
+                rustix::fs::fchmod(&file, Mode::from_raw_mode(mode)).map_err(io::Error::from)?;
+            }
+            Event::Symlink { name, target } => {
+                let (at, name) = unpacker.place(name);
+                rustix::fs::symlinkat(OsStr::from_bytes(target), at, name)
+                    .map_err(io::Error::from)?;
+            }
+        }
+        Ok(())
+    })
+}
+
+/// The state of one [`restore_nar`]: where the root goes, the open directories, the buffer.
+struct Unpacker {
+    root: (OwnedFd, std::ffi::OsString),
+    dirs: Vec<OwnedFd>,
+    buf: Vec<u8>,
+}
+
+impl Unpacker {
+    /// The directory and name an entry is created at: the root's for the top node, else the
+    /// innermost open directory's.
+    fn place<'a>(&'a self, name: Option<&'a [u8]>) -> (BorrowedFd<'a>, &'a OsStr) {
+        match (name, self.dirs.last()) {
+            (Some(name), Some(dir)) => (dir.as_fd(), OsStr::from_bytes(name)),
+            // The decoder names only entries inside a directory.
+            _ => (self.root.0.as_fd(), self.root.1.as_os_str()),
+        }
+    }
+}
+
+/// Reads from `r` until `buf` is full or `r` is exhausted; returns how much was read.
+fn fill(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match r.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
 }
 
 /// Removes `path` whatever it is (file, symlink, directory tree); absent is fine.
@@ -258,10 +389,9 @@ impl Placed {
             hasher: sha2::Sha256::new(),
             count: 0,
         };
-        let result = nix_archive::nar::restore_reader(
+        let result = restore_nar(
             &mut io::BufReader::with_capacity(256 * 1024, &mut reader),
             &tmp,
-            nix_archive::nar::CaseHack::native(),
         );
         let check = match result {
             Err(source) if reader.count < expected.nar_size => {
@@ -384,11 +514,17 @@ pub fn register_validity_input(outputs: &[ExpectedNar]) -> String {
     s
 }
 
-/// Runs one `nix-store --register-validity --hash-given` for all `outputs`. The child opens the
-/// local store directly (we are root in the daemon's mount namespace); its stdout never reaches
-/// our fd 1, which is the daemon's reply pipe.
-pub fn register_validity(nix_store: &Path, outputs: &[ExpectedNar]) -> Result<(), PlaceError> {
-    let mut child = Command::new(nix_store)
+/// A `nix-store --register-validity --hash-given` started before it is needed
+/// ([`prepare_register`]), waiting on its stdin.
+struct Prepared {
+    program: PathBuf,
+    child: Child,
+}
+
+static PREPARED: Mutex<Option<Prepared>> = Mutex::new(None);
+
+fn spawn_register(nix_store: &Path) -> Result<Child, PlaceError> {
+    Command::new(nix_store)
         .args(["--register-validity", "--hash-given"])
         .env_remove("NIX_REMOTE")
         .stdin(Stdio::piped())
@@ -398,7 +534,52 @@ pub fn register_validity(nix_store: &Path, outputs: &[ExpectedNar]) -> Result<()
         .map_err(|source| PlaceError::Spawn {
             program: nix_store.display().to_string(),
             source,
-        })?;
+        })
+}
+
+/// Starts the `nix-store --register-validity --hash-given` that [`register_validity`] will
+/// feed, now, so that its start-up (loading Nix and opening the store, about 10 ms) overlaps
+/// the remote build instead of following it. Until it is fed it only waits on its stdin; if it
+/// is never fed (the build failed, nothing to fetch) it reads end-of-file when this process
+/// exits, registers nothing and exits. Failing to start it here is not an error: the
+/// registration then starts its own and reports any failure.
+pub fn prepare_register(nix_store: &Path) {
+    let Ok(child) = spawn_register(nix_store) else {
+        return;
+    };
+    let mut prepared = PREPARED.lock().unwrap_or_else(|e| e.into_inner());
+    *prepared = Some(Prepared {
+        program: nix_store.to_owned(),
+        child,
+    });
+}
+
+/// The prepared child for `nix_store` if it is still waiting, else a new one.
+fn register_child(nix_store: &Path) -> Result<Child, PlaceError> {
+    let prepared = PREPARED.lock().unwrap_or_else(|e| e.into_inner()).take();
+    if let Some(mut p) = prepared {
+        if p.program == nix_store && matches!(p.child.try_wait(), Ok(None)) {
+            return Ok(p.child);
+        }
+        // It died while waiting (its stderr said why, at debug level) or is for another program.
+        let _ = p.child.kill();
+        if let Ok(out) = p.child.wait_with_output() {
+            tracing::debug!(
+                status = %out.status,
+                stderr = %String::from_utf8_lossy(&out.stderr).trim(),
+                "the prepared nix-store is gone; starting another"
+            );
+        }
+    }
+    spawn_register(nix_store)
+}
+
+/// Runs one `nix-store --register-validity --hash-given` for all `outputs` (the one
+/// [`prepare_register`] started, if any). The child opens the local store directly (we are root
+/// in the daemon's mount namespace); its stdout never reaches our fd 1, which is the daemon's
+/// reply pipe.
+pub fn register_validity(nix_store: &Path, outputs: &[ExpectedNar]) -> Result<(), PlaceError> {
+    let mut child = register_child(nix_store)?;
     let input = register_validity_input(outputs);
     if let Some(mut stdin) = child.stdin.take() {
         // A write error shows up as the child's failure below.
@@ -583,6 +764,151 @@ mod tests {
         assert_eq!(std::fs::read_dir(store.path()).unwrap().count(), 2);
         drop(placed);
         assert_eq!(std::fs::read_dir(store.path()).unwrap().count(), 0);
+    }
+
+    /// Our restore gives back exactly the tree the NAR describes: re-encoding it yields the same
+    /// bytes, for every node type, files bigger than one write slice, and every kind of root.
+    #[test]
+    fn restore_round_trips_every_node_kind() {
+        use std::os::unix::fs::PermissionsExt;
+        let src = tempfile::tempdir().unwrap();
+        let root = src.path().join("root");
+        std::fs::create_dir_all(root.join("a/b/empty")).unwrap();
+        let big: Vec<u8> = (0..WRITE_SLICE * 2 + 12345)
+            .map(|i| (i * 7 % 251) as u8)
+            .collect();
+        std::fs::write(root.join("a/big"), &big).unwrap();
+        std::fs::write(root.join("a/b/empty-file"), b"").unwrap();
+        std::fs::write(root.join("run"), b"#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(root.join("run"), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::os::unix::fs::symlink("../run", root.join("a/link")).unwrap();
+        std::os::unix::fs::symlink("/nowhere", root.join("dangling")).unwrap();
+        let single = src.path().join("single");
+        std::fs::write(&single, &big).unwrap();
+        let link = src.path().join("link");
+        std::os::unix::fs::symlink("single", &link).unwrap();
+
+        for from in [&root, &single, &link] {
+            let nar = nar_of(from);
+            let out = tempfile::tempdir().unwrap();
+            let dest = out.path().join("out");
+            // A reader that hands out odd-sized pieces, as the SSH channel does.
+            let mut reader = io::BufReader::with_capacity(1000, &nar[..]);
+            restore_nar(&mut reader, &dest).unwrap();
+            assert!(
+                nar_of(&dest) == nar,
+                "{} did not round-trip",
+                from.display()
+            );
+        }
+        let out = tempfile::tempdir().unwrap();
+        restore_nar(&mut &nar_of(&root)[..], &out.path().join("out")).unwrap();
+        assert_eq!(std::fs::read(out.path().join("out/a/big")).unwrap(), big);
+        let mode = std::fs::metadata(out.path().join("out/run"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o111, 0o111, "executable bit lost: {mode:o}");
+    }
+
+    /// Malformed archives are errors, never panics, and never write outside the destination.
+    #[test]
+    fn restore_rejects_malformed_archives() {
+        let src = source_tree();
+        let nar = nar_of(src.path());
+        let out = tempfile::tempdir().unwrap();
+        let dest = out.path().join("out");
+        let e = restore_nar(&mut &nar[..nar.len() / 2], &dest).unwrap_err();
+        assert!(matches!(e, nix_archive::nar::Error::UnexpectedEof), "{e}");
+        // Entries that would leave the destination are refused by the decoder.
+        for name in ["..", "a/../../escaped"] {
+            let mut evil = Vec::new();
+            for token in [
+                "nix-archive-1",
+                "(",
+                "type",
+                "directory",
+                "entry",
+                "(",
+                "name",
+                name,
+                "node",
+                "(",
+                "type",
+                "regular",
+                "contents",
+                "x",
+                ")",
+                ")",
+                ")",
+            ] {
+                evil.extend_from_slice(&(token.len() as u64).to_le_bytes());
+                evil.extend_from_slice(token.as_bytes());
+                evil.resize(evil.len().next_multiple_of(8), 0);
+            }
+            let inner = out.path().join("deep/er");
+            std::fs::create_dir_all(&inner).unwrap();
+            let e = restore_nar(&mut &evil[..], &inner.join(name.len().to_string())).unwrap_err();
+            assert!(
+                matches!(e, nix_archive::nar::Error::InvalidName(_)),
+                "{name}: {e}"
+            );
+            assert!(!out.path().join("deep/x").exists() && !out.path().join("escaped").exists());
+        }
+        // The destination must not exist already.
+        assert!(restore_nar(&mut &nar[..], &dest).is_err());
+    }
+
+    /// The registration feeds the `nix-store` started by `prepare_register` instead of starting
+    /// another, and one that died while waiting is replaced. (A shell script stands in for
+    /// `nix-store` here: it logs its pid and copies what it is fed.)
+    #[test]
+    fn registration_uses_the_prepared_child() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let script = dir.path().join("fake-nix-store");
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\necho $$ >> {0}/pids\ncat >> {0}/fed\n",
+                dir.path().display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let out = ExpectedNar {
+            path: sp("/nix/store/00000000000000000000000000000000-out"),
+            nar_hash: Sha256::digest(b""),
+            nar_size: 8,
+            deriver: None,
+            references: vec![],
+        };
+        let pids = || std::fs::read_to_string(dir.path().join("pids")).unwrap_or_default();
+
+        prepare_register(&script);
+        let t0 = std::time::Instant::now();
+        while pids().lines().count() < 1 && t0.elapsed().as_secs() < 10 {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(
+            pids().lines().count(),
+            1,
+            "the prepared child did not start"
+        );
+        register_validity(&script, std::slice::from_ref(&out)).unwrap();
+        assert_eq!(pids().lines().count(), 1, "a second child was started");
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("fed")).unwrap(),
+            register_validity_input(std::slice::from_ref(&out))
+        );
+
+        // Nothing prepared (it was used): a fresh child does the work.
+        register_validity(&script, std::slice::from_ref(&out)).unwrap();
+        assert_eq!(pids().lines().count(), 2);
+        // Prepared for another program: not used, a fresh child for the right one.
+        prepare_register(Path::new("/bin/true"));
+        register_validity(&script, std::slice::from_ref(&out)).unwrap();
+        assert_eq!(pids().lines().count(), 3);
     }
 
     #[test]
