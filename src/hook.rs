@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use hook_protocol::StorePath;
 use hook_protocol::derivation::Derivation;
 use hook_protocol::hook::{AcceptedBuild, Reply, Request, Settings, TryRequest};
 use hook_protocol::log::{Field, Message, Verbosity, activity};
@@ -289,6 +290,21 @@ async fn run(args: HookArgs, fd4: Option<OwnedFd>) -> Result<u8, HookError> {
             am_willing: req.am_willing,
         };
         let matching = crate::select::matching(&table.builders, &request);
+        // The derivation is read before a builder is chosen (so before a VM boots for it): one
+        // whose output paths are not known yet is declined with the reason, instead of failing
+        // after `# accept` with its inputs already uploaded.
+        let mut drv = if matching.is_empty() {
+            None
+        } else {
+            Some(read_drv(&req.drv_path).await)
+        };
+        if let Some(Ok(d)) = &drv
+            && let Some(reason) = not_remotely_buildable(&req.drv_path, d)
+        {
+            logging::send(&Message::msg(Verbosity::Warn, format!("warning: {reason}")));
+            logging::reply(&Reply::Decline);
+            continue;
+        }
         let lazy_matches = matching.iter().any(|&i| table.builders[i].is_lazy());
         if let Some(l) = lazy.as_mut().filter(|_| lazy_matches) {
             l.refresh().await;
@@ -393,9 +409,14 @@ async fn run(args: HookArgs, fd4: Option<OwnedFd>) -> Result<u8, HookError> {
                     if !b.is_lazy() {
                         memory.clear(b);
                     }
-                    let outcome =
-                        accepted(&mut stdin, &settings, &req, b, remote, log, slot, &load_dir)
-                            .await;
+                    let drv = match drv.take() {
+                        Some(d) => d,
+                        None => read_drv(&req.drv_path).await,
+                    };
+                    let outcome = accepted(
+                        &mut stdin, &settings, &req, drv, b, remote, log, slot, &load_dir,
+                    )
+                    .await;
                     if let (Err(HookError::Transfer(e)), Some(l)) = (&outcome, lazy.as_mut())
                         && b.is_lazy()
                         && e.builder_broke()
@@ -433,6 +454,45 @@ async fn run(args: HookArgs, fd4: Option<OwnedFd>) -> Result<u8, HookError> {
     }
 }
 
+/// Reads and parses the derivation a `try` is about.
+async fn read_drv(drv_path: &StorePath) -> Result<Derivation, HookError> {
+    let bytes = tokio::fs::read(drv_path.as_str())
+        .await
+        .map_err(|source| HookError::ReadDrv {
+            path: drv_path.to_string(),
+            source,
+        })?;
+    Derivation::parse(&bytes).map_err(|e| HookError::ParseDrv {
+        path: drv_path.to_string(),
+        message: e.to_string(),
+    })
+}
+
+/// Why `drv` cannot be built remotely by us, if it cannot: an output whose path is only known
+/// once it is built (floating content-addressed, impure, or deferred on such an input) cannot be
+/// placed with `--register-validity`, which needs the path up front.
+fn not_remotely_buildable(drv_path: &StorePath, drv: &Derivation) -> Option<String> {
+    let outputs = drv.output_paths().ok()?;
+    let floating: Vec<&str> = outputs
+        .iter()
+        .filter(|(_, path)| path.is_none())
+        .map(|(name, _)| name.as_str())
+        .collect();
+    (!floating.is_empty()).then(|| {
+        format!(
+            "not building '{drv_path}' remotely: its output{} {} {} no store path before it is \
+             built (floating content-addressed or impure), which nix-lazy-builder cannot bring back yet",
+            if floating.len() == 1 { "" } else { "s" },
+            floating
+                .iter()
+                .map(|n| format!("'{n}'"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            if floating.len() == 1 { "has" } else { "have" },
+        )
+    })
+}
+
 fn nix_state_dir() -> PathBuf {
     std::env::var_os("NIX_STATE_DIR")
         .map(PathBuf::from)
@@ -459,6 +519,7 @@ async fn accepted(
     stdin: &mut WireReader<Box<dyn AsyncRead + Unpin + Send>>,
     settings: &Settings,
     req: &TryRequest,
+    drv: Result<Derivation, HookError>,
     builder: &Builder,
     mut remote: Remote,
     mut log: BuildLog,
@@ -473,17 +534,7 @@ async fn accepted(
         .decode("the inputs and wanted outputs", AcceptedBuild::decode)
         .await?;
     let drv_path = req.drv_path.clone();
-    let drv_bytes =
-        tokio::fs::read(drv_path.as_str())
-            .await
-            .map_err(|source| HookError::ReadDrv {
-                path: drv_path.to_string(),
-                source,
-            })?;
-    let drv = Derivation::parse(&drv_bytes).map_err(|e| HookError::ParseDrv {
-        path: drv_path.to_string(),
-        message: e.to_string(),
-    })?;
+    let drv = drv?;
     let job = Job {
         drv_path,
         drv,

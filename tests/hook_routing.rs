@@ -137,3 +137,85 @@ fn features_route_between_two_builders() {
     assert_eq!(t.daemon.invalid_leftovers(), Vec::<String>::new());
     eprintln!("[timing] routing: {:.2?}", start.elapsed());
 }
+
+/// A floating content-addressed derivation (its output has no store path until it is built)
+/// cannot be brought back with `--register-validity`: the hook declines it up front with ONE
+/// line that says so, before it connects to any builder, instead of accepting it, uploading its
+/// inputs and failing. Nix then reports that nobody here can build it.
+#[test]
+fn floating_ca_derivation_is_declined_up_front() {
+    let remote = RemoteStore::start(RemoteOpts::new(Nix::Host));
+    let mut opts = DaemonOpts::new(Nix::Host).with_our_hook();
+    opts.machines = Some(format!(
+        "{}\n",
+        remote.machines_line(&MachineLine {
+            // Nix adds this feature to every floating CA derivation: without it on the line
+            // the builder would be unsuitable for a plain feature mismatch.
+            supported_features: &["ca-derivations"],
+            ..MachineLine::new(Scheme::Ssh, true)
+        })
+    ));
+    opts.extra_conf
+        .push("experimental-features = ca-derivations".to_owned());
+    let daemon = LocalDaemon::start(opts);
+    let expr = daemon.write_file(
+        "floating.nix",
+        r#"derivation {
+  name = "nlb-floating-ca";
+  system = "aarch64-linux";
+  builder = "/bin/sh";
+  args = [ "-c" "echo floating > $out" ];
+  __contentAddressed = true;
+  outputHashMode = "recursive";
+  outputHashAlgo = "sha256";
+}
+"#,
+    );
+    const CA: [&str; 2] = ["--extra-experimental-features", "ca-derivations"];
+    let drv = daemon.nix_instantiate(&[CA[0], CA[1], expr.to_str().unwrap()]);
+    drv.assert_success();
+    let drv = drv.stdout.trim().to_owned();
+    let text = std::fs::read_to_string(
+        daemon
+            .host_nix_dir()
+            .join("store")
+            .join(drv.trim_start_matches("/nix/store/")),
+    )
+    .expect("the .drv in the local store");
+    assert!(
+        text.contains(r#"("out","","r:sha256","")"#),
+        "not a floating CA derivation: {text}"
+    );
+
+    let log_before = remote.sshd_log().len();
+    let out = daemon.nix_build(&[CA[0], CA[1], &drv]);
+    out.assert_failure();
+    let lines: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("warning: not building"))
+        .collect();
+    assert_eq!(
+        lines,
+        [format!(
+            "warning: not building '{drv}' remotely: its output 'out' has no store path before \
+             it is built (floating content-addressed or impure), which nix-lazy-builder cannot \
+             bring back yet"
+        )],
+        "{out}"
+    );
+    assert!(
+        out.stderr.contains(&format!(
+            "a 'aarch64-linux' with features {{ca-derivations}} is required to build '{drv}'"
+        )),
+        "{out}"
+    );
+    // Declined before any connection: the builder never saw us.
+    let log = remote.sshd_log();
+    let during = &log[log_before..];
+    assert!(
+        !during.contains("Accepted"),
+        "the hook connected:\n{during}"
+    );
+    assert_eq!(daemon.invalid_leftovers(), Vec::<String>::new());
+}
