@@ -114,7 +114,8 @@ impl Lazy {
         match self.statuses.get(&b.name) {
             Some(s) => client::availability(s),
             None => Availability::BackingOff {
-                cause: "the running supervisor does not know it (restart it after a config change)"
+                cause: "the running supervisor does not know it (it reads another config file, \
+                        or could not reload this one: see its log)"
                     .into(),
                 retry_in: Duration::ZERO,
             },

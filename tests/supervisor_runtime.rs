@@ -159,9 +159,8 @@ struct Running {
 
 async fn serve(config: &Config, auto: bool, linger: Duration) -> Running {
     let opts = ServeOptions {
-        state_dir: config.supervisor.state_dir.clone(),
-        auto,
         exit_after_idle: linger,
+        ..ServeOptions::new(config, auto)
     };
     let Bound::Serving(s) = server::bind(config, &opts).await.unwrap() else {
         panic!("another supervisor is serving");
@@ -261,6 +260,7 @@ async fn a_second_supervisor_finds_the_first_serving() {
         state_dir: r.state_dir.clone(),
         auto,
         exit_after_idle: Duration::from_secs(1),
+        config_path: None,
     };
     // An auto-started one leaves at once.
     let t0 = Instant::now();
@@ -562,6 +562,55 @@ async fn auto_started_supervisor_exits_when_idle_and_a_client_keeps_it() {
         t0.elapsed()
     );
     assert!(!r.state_dir.join("supervisor.sock").exists());
+}
+
+#[tokio::test]
+async fn a_request_for_an_unknown_builder_rereads_a_fresh_config_at_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (path, config) = write_config(tmp.path(), &[("vm", UP, "0s")]);
+    let r = serve(&config, false, Duration::from_secs(60)).await;
+    let mut c = Client::connect(&r.state_dir).await.unwrap();
+    // Too fresh for the "file changed" check (an editor may still be writing it), but a
+    // request that names the new builder rereads it at once.
+    write_config(tmp.path(), &[("vm", UP, "0s"), ("new", UP, "0s")]);
+    let st = c.status().await.unwrap();
+    assert_eq!(
+        st.len(),
+        1,
+        "a file modified just now is left to settle: {st:?}"
+    );
+    let t0 = Instant::now();
+    assert!(matches!(
+        c.boot("new", false).await.unwrap(),
+        Verdict::Granted(_)
+    ));
+    eprintln!("reload + boot request answered in {:.2?}", t0.elapsed());
+    assert_eq!(
+        c.wait_ready("new", Duration::from_secs(10))
+            .await
+            .unwrap()
+            .state,
+        State::Up
+    );
+    assert!(r.state_dir.join("builders/new").is_dir());
+    // A broken file: the unknown builder's error says why, the running config stays.
+    std::fs::write(&path, "[builders.x]\nbogus = 1\n").unwrap();
+    let e = c.lease("other").await.unwrap_err().to_string();
+    assert!(
+        e.contains("no lazy builder named 'other'") && e.contains("lb.toml:2"),
+        "{e}"
+    );
+    let names: Vec<String> = c
+        .status()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
+    assert_eq!(names, ["vm", "new"]);
+    assert!(matches!(c.lease("new").await.unwrap(), Verdict::Granted(_)));
+    r.signals.send(()).unwrap();
+    r.task.await.unwrap().unwrap();
 }
 
 // ------------------------------------------------------------------------------------------------

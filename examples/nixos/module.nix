@@ -136,6 +136,9 @@ in
       '') cfg.vms);
       serviceConfig = {
         ExecStart = "${cfg.package}/bin/nix-lazy-builder supervise";
+        # A changed /etc/nix/lazy-builder.toml is picked up without this too (the supervisor
+        # notices the new file); `systemctl reload` makes it reread at once.
+        ExecReload = "${pkgs.coreutils}/bin/kill -HUP $MAINPID";
         KillMode = "mixed";
         TimeoutStopSec = 120;
         Restart = "on-failure";

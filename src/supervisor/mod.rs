@@ -65,7 +65,7 @@ pub fn main_with(args: SuperviseArgs, backend: Arc<dyn backend::Backend>) -> u8 
             return 1;
         }
     };
-    let result = rt.block_on(run(&config, args.auto, backend));
+    let result = rt.block_on(run(&config, Some(path), args.auto, backend));
     match result {
         Ok(()) => 0,
         Err(SuperviseError::LockHeld { .. }) if args.auto => {
@@ -81,14 +81,19 @@ pub fn main_with(args: SuperviseArgs, backend: Arc<dyn backend::Backend>) -> u8 
     }
 }
 
-/// Bind and serve with SIGTERM/SIGINT as the shutdown signals.
+/// Bind and serve with SIGTERM/SIGINT as the shutdown signals and SIGHUP as "reload the
+/// config" (`path`, as it was chosen; `None`: the file `config` was read from, if any).
 pub async fn run(
     config: &Config,
+    path: Option<config::ConfigPath>,
     auto: bool,
     backend: Arc<dyn backend::Backend>,
 ) -> Result<(), SuperviseError> {
     use tokio::signal::unix::{SignalKind, signal};
-    let opts = ServeOptions::new(config, auto);
+    let mut opts = ServeOptions::new(config, auto);
+    if path.is_some() {
+        opts.config_path = path;
+    }
     let server = match server::bind(config, &opts).await? {
         Bound::Serving(s) => s,
         Bound::AnotherIsServing => {
@@ -97,23 +102,25 @@ pub async fn run(
         }
     };
     let (sig_tx, sig_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (hup_tx, hup_rx) = tokio::sync::mpsc::unbounded_channel();
     let mut term = signal(SignalKind::terminate()).map_err(SuperviseError::Runtime)?;
     let mut int = signal(SignalKind::interrupt()).map_err(SuperviseError::Runtime)?;
-    // Hang-ups (the terminal of a hand-started supervisor closing) must not kill it.
+    // SIGHUP reloads the config (`systemctl reload`); it never kills the supervisor, so the
+    // terminal of a hand-started one closing costs at most a reload.
     let mut hup = signal(SignalKind::hangup()).map_err(SuperviseError::Runtime)?;
     let forward = tokio::spawn(async move {
         loop {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-                _ = hup.recv() => continue,
-            }
-            if sig_tx.send(()).is_err() {
+            let tx = tokio::select! {
+                _ = term.recv() => &sig_tx,
+                _ = int.recv() => &sig_tx,
+                _ = hup.recv() => &hup_tx,
+            };
+            if tx.send(()).is_err() {
                 return;
             }
         }
     });
-    let result = server.serve(backend, sig_rx).await;
+    let result = server.serve_with_reloads(backend, sig_rx, hup_rx).await;
     forward.abort();
     result
 }

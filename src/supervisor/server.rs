@@ -2,6 +2,11 @@
 //! connection, one task per builder instance, the wake-up timer, signals, and the boot-history
 //! file. Every decision is taken by [`Machine`]; this module carries its actions out.
 //!
+//! It also reloads the configuration: on SIGHUP, and on its own when the file's identity (one
+//! `stat`: device, inode, size, mtime, ctime) differs from what it last read, checked when a
+//! client connects or sends a request, and when a request names a builder it does not know. A
+//! reload that fails keeps the running configuration and says why in one log line.
+//!
 //! It must never decide anything about builders itself (no state outside the machine except the
 //! handles it needs to carry actions out), never block the event loop on a slow client or a slow
 //! backend (each gets its own task), and never leave an instance behind: instances are owned by
@@ -13,7 +18,7 @@ use std::io;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
@@ -26,7 +31,7 @@ use super::proto::{self, Request, Response};
 use super::state::{
     Action, BootHistory, BuilderConfig, ConnId, Event, Generation, Machine, Settings,
 };
-use crate::config::{Builder, Config};
+use crate::config::{Builder, Config, ConfigPath, ConfigSource};
 
 /// The lock file that makes sure one supervisor runs per state directory.
 pub const LOCK_NAME: &str = "supervisor.lock";
@@ -51,6 +56,12 @@ const READY_GRACE: Duration = Duration::from_secs(5);
 const LOCK_WAIT: Duration = Duration::from_secs(5);
 /// How long to wait for a reply already on its way when a client closed its side.
 const HALF_CLOSE_GRACE: Duration = Duration::from_millis(100);
+/// A request for an unknown builder reloads an unchanged file at most this often.
+const UNKNOWN_RELOAD_EVERY: Duration = Duration::from_secs(1);
+/// A file modified less than this long ago is not reloaded just because it changed: an editor
+/// that rewrites it in place may not be done (an empty or cut-off file would remove builders).
+/// A request for an unknown builder and SIGHUP do not wait.
+const SETTLE: Duration = Duration::from_millis(200);
 
 /// Why the supervisor cannot run.
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +88,8 @@ pub struct ServeOptions {
     /// give up quickly when another supervisor holds the lock.
     pub auto: bool,
     pub exit_after_idle: Duration,
+    /// The config file to reload (SIGHUP, or when it changed); `None`: never reload.
+    pub config_path: Option<ConfigPath>,
 }
 
 impl ServeOptions {
@@ -91,6 +104,12 @@ impl ServeOptions {
             state_dir: config.supervisor.state_dir.clone(),
             auto,
             exit_after_idle,
+            // The file it was read from, which must stay readable (a vanished file keeps the
+            // running config); `supervise` passes how the path was chosen instead.
+            config_path: config.path.clone().map(|path| ConfigPath {
+                path,
+                source: ConfigSource::Cli,
+            }),
         }
     }
 }
@@ -112,6 +131,94 @@ pub struct Server {
     listener: UnixListener,
     builders: Vec<Arc<Builder>>,
     machine: Machine,
+    reloader: Option<Reloader>,
+}
+
+/// What one `stat` says about a file: any change means it was rewritten.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FileId {
+    mtime: SystemTime,
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+}
+
+/// The file's identity, or `None` when it cannot be stat'ed (missing).
+fn file_id(path: &Path) -> Option<FileId> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some(FileId {
+        mtime: m.modified().unwrap_or(UNIX_EPOCH),
+        dev: m.dev(),
+        ino: m.ino(),
+        size: m.size(),
+        mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+        ctime_ns: i128::from(m.ctime()) * 1_000_000_000 + i128::from(m.ctime_nsec()),
+    })
+}
+
+/// Why the configuration is read again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ReloadWhy {
+    Signal,
+    Changed,
+    UnknownBuilder,
+}
+
+impl ReloadWhy {
+    fn text(self) -> &'static str {
+        match self {
+            ReloadWhy::Signal => "SIGHUP",
+            ReloadWhy::Changed => "the file changed",
+            ReloadWhy::UnknownBuilder => "a request named a builder it did not know",
+        }
+    }
+}
+
+/// The config file and what was seen of it at the last read.
+struct Reloader {
+    path: ConfigPath,
+    /// Its identity before the last read (successful or not).
+    seen: Option<FileId>,
+    read_at: Instant,
+    /// The last reload's error, so that the same failure is logged once, not per request.
+    last_error: Option<String>,
+}
+
+impl Reloader {
+    fn new(path: ConfigPath) -> Self {
+        // Taken after the supervisor read the file: an edit in between is caught by the
+        // unknown-builder trigger or the next edit.
+        Reloader {
+            seen: file_id(&path.path),
+            path,
+            read_at: Instant::now(),
+            last_error: None,
+        }
+    }
+
+    /// Whether the file should be read again now.
+    fn due(&self, why: ReloadWhy) -> bool {
+        match why {
+            ReloadWhy::Signal => true,
+            ReloadWhy::Changed => {
+                let now = file_id(&self.path.path);
+                // A modification time in the future (a clock step) counts as settled.
+                let settled = now.is_none_or(|id| {
+                    SystemTime::now()
+                        .duration_since(id.mtime)
+                        .map_or(true, |age| age >= SETTLE)
+                });
+                now != self.seen && settled
+            }
+            ReloadWhy::UnknownBuilder => {
+                file_id(&self.path.path) != self.seen
+                    || self.read_at.elapsed() >= UNKNOWN_RELOAD_EVERY
+            }
+        }
+    }
 }
 
 /// The socket path for a state directory.
@@ -280,6 +387,7 @@ pub async fn bind(config: &Config, opts: &ServeOptions) -> Result<Bound, Supervi
         listener,
         builders: lazy,
         machine,
+        reloader: opts.config_path.clone().map(Reloader::new),
     })))
 }
 
@@ -334,6 +442,8 @@ enum Input {
     Forced,
     AcceptFailed(io::Error),
     Reaped,
+    Reload,
+    ReloadsClosed,
 }
 
 impl Server {
@@ -341,12 +451,91 @@ impl Server {
         &self.socket_path
     }
 
+    /// Read the config again if `why` says so; the event for the machine if it was read.
+    fn reload(&mut self, why: ReloadWhy) -> Option<Event> {
+        let r = self.reloader.as_mut()?;
+        if !r.due(why) {
+            return None;
+        }
+        let t0 = Instant::now();
+        r.seen = file_id(&r.path.path);
+        r.read_at = t0;
+        let path = r.path.path.clone();
+        let config = match Config::load(&r.path) {
+            Ok(c) => c,
+            Err(e) => {
+                let cause = super::state::one_line(&e.to_string());
+                if why == ReloadWhy::Signal || r.last_error.as_ref() != Some(&cause) {
+                    error!(
+                        "config reload ({}) failed, still running the previous config: {cause}",
+                        why.text()
+                    );
+                } else {
+                    debug!("config reload ({}) failed again: {cause}", why.text());
+                }
+                r.last_error = Some(cause.clone());
+                return Some(Event::ReconfigureFailed(cause));
+            }
+        };
+        r.last_error = None;
+        if config.supervisor.state_dir != self.state_dir {
+            warn!(
+                "config reload: state-dir changed to '{}'; this supervisor keeps '{}' until it is restarted",
+                config.supervisor.state_dir.display(),
+                self.state_dir.display()
+            );
+        }
+        let lazy: Vec<Arc<Builder>> = config
+            .builders
+            .iter()
+            .filter(|b| b.is_lazy())
+            .map(|b| Arc::new(b.clone()))
+            .collect();
+        for b in &lazy {
+            let dir = self.state_dir.join(BUILDERS_DIR).join(&b.name);
+            if let Err(e) = ensure_private_dir(&dir) {
+                // Its boot will say so again; the rest of the config still applies.
+                warn!("config reload: cannot create '{}': {e}", dir.display());
+            }
+        }
+        let cfgs: Vec<BuilderConfig> = lazy
+            .iter()
+            .filter_map(|b| BuilderConfig::from_builder(b))
+            .collect();
+        info!(
+            "config reloaded from '{}' ({}) in {:.1} ms: {} lazy builder(s): {}",
+            path.display(),
+            why.text(),
+            t0.elapsed().as_secs_f64() * 1000.0,
+            lazy.len(),
+            lazy.iter()
+                .map(|b| b.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        // Running instances keep the `Arc<Builder>` they were started with; new boots use these.
+        self.builders = lazy;
+        Some(Event::Reconfigure(cfgs))
+    }
+
     /// Serve until the machine says exit. `signals`: the first message asks for a graceful
     /// shutdown (stop every instance, bounded by [`SHUTDOWN_BOUND`]), a second one kills them.
+    /// The config is reloaded when it changed (see the module comment), never on a signal.
     pub async fn serve(
+        self,
+        backend: Arc<dyn Backend>,
+        signals: mpsc::UnboundedReceiver<()>,
+    ) -> Result<(), SuperviseError> {
+        let (_keep, reloads) = mpsc::unbounded_channel();
+        self.serve_with_reloads(backend, signals, reloads).await
+    }
+
+    /// [`Server::serve`], and each message on `reloads` (SIGHUP) reloads the config.
+    pub async fn serve_with_reloads(
         mut self,
         backend: Arc<dyn Backend>,
         mut signals: mpsc::UnboundedReceiver<()>,
+        mut reloads: mpsc::UnboundedReceiver<()>,
     ) -> Result<(), SuperviseError> {
         let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
         let mut conns: HashMap<ConnId, mpsc::UnboundedSender<Response>> = HashMap::new();
@@ -357,6 +546,7 @@ impl Server {
         let mut shutdown_asked = false;
         let mut forced_at: Option<tokio::time::Instant> = None;
         let mut signals_open = true;
+        let mut reloads_open = true;
         let history_path = self.state_dir.join(HISTORY_NAME);
         let far = || tokio::time::Instant::now() + Duration::from_secs(86400 * 365);
 
@@ -367,6 +557,10 @@ impl Server {
                 s = signals.recv(), if signals_open => match s {
                     Some(()) => Input::Signal,
                     None => Input::SignalsClosed,
+                },
+                r = reloads.recv(), if reloads_open => match r {
+                    Some(()) => Input::Reload,
+                    None => Input::ReloadsClosed,
                 },
                 _ = tokio::time::sleep_until(forced_at.unwrap_or_else(far)), if forced_at.is_some() => Input::Forced,
                 Some(ev) = rx.recv() => Input::Event(ev),
@@ -380,12 +574,23 @@ impl Server {
                 },
             };
             let mut accepted = None;
+            // A reload before the event, so that the event sees the new config.
+            let mut reload = None;
             let event = match input {
+                Input::Reload => match self.reload(ReloadWhy::Signal) {
+                    Some(ev) => ev,
+                    None => continue,
+                },
+                Input::ReloadsClosed => {
+                    reloads_open = false;
+                    continue;
+                }
                 Input::Event(ev) => ev,
                 Input::Accepted(stream) => {
                     let id = next_conn;
                     next_conn += 1;
                     accepted = Some((id, stream));
+                    reload = self.reload(ReloadWhy::Changed);
                     Event::ClientConnected(id)
                 }
                 Input::Signal if shutdown_asked => {
@@ -419,6 +624,20 @@ impl Server {
             };
             if let Event::Request(conn, req) = &event {
                 debug!("client {conn}: {req:?}");
+                // Only the requests that need a configured builder (a release or a report
+                // about one removed from the config is answered from what it still knows).
+                let unknown = match req {
+                    Request::Boot { builder, .. }
+                    | Request::WaitReady { builder, .. }
+                    | Request::Lease { builder } => {
+                        Some(builder).filter(|b| !self.machine.knows(b))
+                    }
+                    _ => None,
+                };
+                reload = self.reload(ReloadWhy::Changed);
+                if reload.is_none() && unknown.is_some() {
+                    reload = self.reload(ReloadWhy::UnknownBuilder);
+                }
             }
             // An instance's last event: its task is done with it.
             if let Event::BootFailed {
@@ -445,7 +664,11 @@ impl Server {
             if let Event::ClientGone(conn) = &event {
                 conns.remove(conn);
             }
-            let actions = self.machine.handle(event, Instant::now());
+            let mut actions = match reload {
+                Some(ev) => self.machine.handle(ev, Instant::now()),
+                None => Vec::new(),
+            };
+            actions.extend(self.machine.handle(event, Instant::now()));
             if let Some((id, stream)) = accepted {
                 let (reply_tx, reply_rx) = mpsc::unbounded_channel();
                 conns.insert(id, reply_tx);

@@ -22,6 +22,15 @@
 //! - Boot failures, unexpected exits and reported failures back off exponentially
 //!   ([`backoff`]); a successful boot resets the count.
 //! - Events from an instance that is no longer current (an older generation) are ignored.
+//! - A new configuration ([`Event::Reconfigure`]) never revokes a lease and never stops a
+//!   leased builder: a new builder appears down; a removed one that has no instance disappears
+//!   at once, one that runs drains (its leases finish, no new ones, a boot is cancelled) and
+//!   disappears once its instance is gone; a kept one takes the new settings at once (max-jobs
+//!   and idle-timeout apply to the running instance, which the runtime keeps as it was booted;
+//!   the boot settings apply from its next boot) and keeps its boot history; if its boot
+//!   settings changed, its failure memory and backoff are cleared. A configuration that could
+//!   not be loaded ([`Event::ReconfigureFailed`]) changes nothing but is named in the error
+//!   for an unknown builder.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -75,17 +84,35 @@ pub struct BuilderConfig {
     /// `None`: never stopped for idleness.
     pub idle_timeout: Option<Duration>,
     pub boot_timeout: Duration,
+    /// Stands for every setting that decides whether a boot works (boot section, URI, keys,
+    /// boot timeout): when it changes, the builder's failure memory is cleared.
+    pub boot_fingerprint: u64,
 }
 
 impl BuilderConfig {
     /// The machine's view of a configured builder; `None` for always-on builders.
     pub fn from_builder(b: &Builder) -> Option<Self> {
+        use std::hash::{Hash, Hasher};
         let lazy = b.lazy.as_ref()?;
+        // The config types are not `Hash` (floats); their `Debug` text names every field, which
+        // is all a same-process comparison needs.
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        format!(
+            "{:?}|{:?}|{:?}|{:?}|{}|{:?}",
+            b.uri,
+            b.ssh_key,
+            b.host_keys,
+            lazy.boot,
+            b.allow_well_known_host_key,
+            lazy.boot_timeout
+        )
+        .hash(&mut h);
         Some(BuilderConfig {
             name: b.name.clone(),
             max_jobs: b.max_jobs.max(1),
             idle_timeout: lazy.idle_timeout,
             boot_timeout: lazy.boot_timeout,
+            boot_fingerprint: h.finish(),
         })
     }
 }
@@ -141,6 +168,11 @@ pub enum Event {
     Tick,
     /// SIGTERM/SIGINT: stop every instance (leases or not) and exit.
     Shutdown,
+    /// The configuration was (re)loaded: these are the lazy builders now, in file order.
+    Reconfigure(Vec<BuilderConfig>),
+    /// Reloading the configuration failed (one line: file, line, why); the old one stays. The
+    /// cause is appended to the error for an unknown builder until a reload succeeds.
+    ReconfigureFailed(String),
 }
 
 /// Something the runtime must do.
@@ -176,6 +208,8 @@ enum DrainReason {
     Down,
     /// A hook reported a failure: restart after the leases are released.
     Failure,
+    /// The builder was removed from the configuration: stop, then disappear.
+    Removed,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -251,9 +285,30 @@ struct Slot {
     waiters: Vec<(ConnId, Instant)>,
     /// Boot again as soon as the running stop finishes.
     reboot_after_stop: bool,
+    /// No longer in the configuration: takes no lease or boot, and disappears once its
+    /// instance is gone.
+    removed: bool,
 }
 
 impl Slot {
+    fn new(cfg: BuilderConfig, history: VecDeque<u64>, now: Instant) -> Self {
+        Slot {
+            cfg,
+            phase: Phase::Down,
+            generation: 0,
+            up: None,
+            leases: 0,
+            idle_since: now,
+            leased_since_up: false,
+            boots: 0,
+            failure: None,
+            history,
+            waiters: Vec::new(),
+            reboot_after_stop: false,
+            removed: false,
+        }
+    }
+
     fn backing_off(&self, now: Instant) -> Option<&FailureMemory> {
         self.failure
             .as_ref()
@@ -304,6 +359,11 @@ pub struct Machine {
     quiet_since: Instant,
     shutting_down: bool,
     exited: bool,
+    /// The last generation handed out (machine-wide, so that a builder removed and added again
+    /// never reuses one).
+    last_generation: Generation,
+    /// Why the last configuration reload failed, until one succeeds.
+    config_error: Option<String>,
 }
 
 fn ms(d: Duration) -> u64 {
@@ -331,20 +391,7 @@ impl Machine {
                 while h.len() > HISTORY_LEN {
                     h.pop_front();
                 }
-                Slot {
-                    cfg,
-                    phase: Phase::Down,
-                    generation: 0,
-                    up: None,
-                    leases: 0,
-                    idle_since: now,
-                    leased_since_up: false,
-                    boots: 0,
-                    failure: None,
-                    history: h,
-                    waiters: Vec::new(),
-                    reboot_after_stop: false,
-                }
+                Slot::new(cfg, h, now)
             })
             .collect();
         Machine {
@@ -355,7 +402,15 @@ impl Machine {
             quiet_since: now,
             shutting_down: false,
             exited: false,
+            last_generation: 0,
+            config_error: None,
         }
+    }
+
+    /// Whether `name` is a builder of the current configuration (a removed one that still
+    /// drains is not).
+    pub fn knows(&self, name: &str) -> bool {
+        self.slots.iter().any(|s| s.cfg.name == name && !s.removed)
     }
 
     /// The boot durations to persist.
@@ -421,7 +476,10 @@ impl Machine {
     }
 
     fn slot_status(&self, i: usize, now: Instant) -> BuilderStatus {
-        let s = &self.slots[i];
+        self.status_of_slot(&self.slots[i], now)
+    }
+
+    fn status_of_slot(&self, s: &Slot, now: Instant) -> BuilderStatus {
         let (epoch_mono, epoch_wall) = self.epoch;
         let last_failure = s.failure.as_ref().map(|f| {
             let wall = if f.at >= epoch_mono {
@@ -522,6 +580,10 @@ impl Machine {
                 }
             }
             Event::Tick => {}
+            Event::Reconfigure(builders) => self.reconfigure(builders, now, &mut out),
+            Event::ReconfigureFailed(cause) => {
+                self.config_error = Some(one_line(&cause));
+            }
             Event::Shutdown => {
                 if !self.shutting_down {
                     tracing::info!("shutting down: stopping every builder");
@@ -629,6 +691,7 @@ impl Machine {
                 match reason {
                     DrainReason::Down => "down was requested",
                     DrainReason::Failure => "restart after a reported failure",
+                    DrainReason::Removed => "removed from the config",
                 }
             );
             self.stop(i, reason == DrainReason::Failure, out);
@@ -646,8 +709,9 @@ impl Machine {
     }
 
     fn start_boot(&mut self, i: usize, now: Instant, out: &mut Vec<Action>) {
+        self.last_generation += 1;
         let s = &mut self.slots[i];
-        s.generation += 1;
+        s.generation = self.last_generation;
         s.boots += 1;
         s.phase = Phase::Booting { since: now };
         s.up = None;
@@ -773,14 +837,124 @@ impl Machine {
         let s = &mut self.slots[i];
         s.leases = 0;
         s.up = None;
-        s.phase = if failed { Phase::Failed } else { Phase::Down };
+        // A reconfiguration may have cleared the failure memory a stop was going to keep.
+        s.phase = if failed && s.failure.is_some() {
+            Phase::Failed
+        } else {
+            Phase::Down
+        };
         self.quiet_since = now;
         let reboot = std::mem::take(&mut self.slots[i].reboot_after_stop);
-        if reboot && !self.shutting_down && self.slots[i].backing_off(now).is_none() {
+        if self.slots[i].removed {
+            self.wake_waiters(i, now, out);
+            tracing::info!("builder '{name}' was removed from the config and is gone now");
+            self.slots.remove(i);
+        } else if reboot && !self.shutting_down && self.slots[i].backing_off(now).is_none() {
             self.start_boot(i, now, out);
         } else {
             self.wake_waiters(i, now, out);
         }
+    }
+
+    /// Apply a new configuration; see the module comment for the rules.
+    fn reconfigure(&mut self, builders: Vec<BuilderConfig>, now: Instant, out: &mut Vec<Action>) {
+        self.config_error = None;
+        let mut old: Vec<Slot> = std::mem::take(&mut self.slots);
+        let mut slots = Vec::with_capacity(builders.len());
+        for cfg in builders {
+            if slots.iter().any(|s: &Slot| s.cfg.name == cfg.name) {
+                continue; // The config parser refuses duplicates; never two slots per name.
+            }
+            let Some(pos) = old.iter().position(|s| s.cfg.name == cfg.name) else {
+                tracing::info!("config: new lazy builder '{}'", cfg.name);
+                slots.push(Slot::new(cfg, VecDeque::new(), now));
+                continue;
+            };
+            let mut s = old.remove(pos);
+            if s.removed {
+                // Back before its instance was gone: it keeps serving as it was.
+                tracing::info!("config: builder '{}' is configured again", cfg.name);
+                s.removed = false;
+                if s.phase == Phase::Draining(DrainReason::Removed) {
+                    s.phase = Phase::Up;
+                    if s.leases == 0 {
+                        s.idle_since = now;
+                    }
+                }
+            }
+            if s.cfg != cfg {
+                let boot_changed = s.cfg.boot_fingerprint != cfg.boot_fingerprint;
+                tracing::info!(
+                    "config: builder '{}' changed{}",
+                    cfg.name,
+                    match (s.phase.has_instance(), boot_changed) {
+                        (true, true) =>
+                            "; the running instance is kept, the new boot settings apply from its next boot",
+                        (false, true) =>
+                            "; its boot settings changed, so its failure memory is cleared",
+                        _ => "",
+                    }
+                );
+                if boot_changed {
+                    s.failure = None;
+                    match s.phase {
+                        Phase::Failed => s.phase = Phase::Down,
+                        Phase::Stopping { failed: true } => {
+                            s.phase = Phase::Stopping { failed: false }
+                        }
+                        _ => {}
+                    }
+                }
+                // max-jobs and idle-timeout apply at once: a lower max-jobs only refuses new
+                // leases, and the idle timer is re-evaluated by the timers below.
+                s.cfg = cfg;
+            }
+            slots.push(s);
+        }
+        // What is left was removed from the configuration.
+        for mut s in old {
+            s.reboot_after_stop = false;
+            match s.phase {
+                Phase::Down | Phase::Failed => {
+                    tracing::info!("config: builder '{}' removed", s.cfg.name);
+                    // Nobody waits on a builder without an instance, but answer any anyway.
+                    let status = self.status_of_slot(&s, now);
+                    for (conn, _) in std::mem::take(&mut s.waiters) {
+                        out.push(Action::Reply {
+                            conn,
+                            response: Response::Builder {
+                                status: status.clone(),
+                            },
+                        });
+                    }
+                    continue;
+                }
+                Phase::Booting { .. } | Phase::Up if s.leases == 0 => {
+                    tracing::info!("config: builder '{}' removed: stopping it", s.cfg.name);
+                    s.removed = true;
+                    s.phase = Phase::Stopping { failed: false };
+                    out.push(Action::Stop {
+                        builder: s.cfg.name.clone(),
+                        generation: s.generation,
+                    });
+                }
+                Phase::Up | Phase::Draining(_) => {
+                    tracing::info!(
+                        "config: builder '{}' removed: draining {} lease(s), then stopping it",
+                        s.cfg.name,
+                        s.leases
+                    );
+                    s.removed = true;
+                    s.phase = Phase::Draining(DrainReason::Removed);
+                }
+                Phase::Booting { .. } | Phase::Stopping { .. } => {
+                    tracing::info!("config: builder '{}' removed: stopping it", s.cfg.name);
+                    s.removed = true;
+                }
+            }
+            slots.push(s);
+        }
+        self.slots = slots;
     }
 
     fn reply(out: &mut Vec<Action>, conn: ConnId, response: Response) {
@@ -803,8 +977,13 @@ impl Machine {
             | Request::Down { builder } => builder.clone(),
         };
         let Some(i) = self.slot_index(&name) else {
-            let known: Vec<&str> = self.slots.iter().map(|s| s.cfg.name.as_str()).collect();
-            let message = if known.is_empty() {
+            let known: Vec<&str> = self
+                .slots
+                .iter()
+                .filter(|s| !s.removed)
+                .map(|s| s.cfg.name.as_str())
+                .collect();
+            let mut message = if known.is_empty() {
                 format!("no lazy builder named '{name}': the supervisor's config has none")
             } else {
                 format!(
@@ -812,6 +991,11 @@ impl Machine {
                     known.join(", ")
                 )
             };
+            if let Some(e) = &self.config_error {
+                message.push_str(&format!(
+                    "; reloading the supervisor's config failed, so it runs the one it had: {e}"
+                ));
+            }
             return Self::reply(out, conn, Response::Error { message });
         };
         match req {
@@ -924,6 +1108,14 @@ impl Machine {
             let r = self.refuse(i, "the supervisor is shutting down".to_owned(), now);
             return Self::reply(out, conn, r);
         }
+        if self.slots[i].removed {
+            let reason = format!(
+                "builder '{}' was removed from the config; it stops once its builds are done",
+                self.slots[i].cfg.name
+            );
+            let r = self.refuse(i, reason, now);
+            return Self::reply(out, conn, r);
+        }
         let backoff = if force {
             None
         } else {
@@ -942,6 +1134,7 @@ impl Machine {
                     s.idle_since = now;
                 }
             }
+            Phase::Draining(DrainReason::Removed) => {} // refused above
             Phase::Draining(DrainReason::Failure) => {
                 if force {
                     tracing::info!(
@@ -1002,6 +1195,9 @@ impl Machine {
                 )),
                 Phase::Draining(DrainReason::Failure) => Some(format!(
                     "builder '{name}' is restarting after a failure and takes no new builds"
+                )),
+                Phase::Draining(DrainReason::Removed) => Some(format!(
+                    "builder '{name}' was removed from the config and takes no new builds"
                 )),
                 Phase::Stopping { .. } => Some(format!("builder '{name}' is stopping")),
                 Phase::Down => Some(format!("builder '{name}' is down")),
@@ -1068,7 +1264,18 @@ mod tests {
             max_jobs,
             idle_timeout: idle.map(Duration::from_secs),
             boot_timeout: Duration::from_secs(120),
+            boot_fingerprint: 0,
         }
+    }
+
+    /// `cfg` with other boot settings.
+    fn rebooted(mut c: BuilderConfig) -> BuilderConfig {
+        c.boot_fingerprint += 1;
+        c
+    }
+
+    fn names(t: &T) -> Vec<String> {
+        t.m.status(t.now).into_iter().map(|s| s.name).collect()
     }
 
     struct T {
@@ -1137,7 +1344,13 @@ mod tests {
         }
 
         fn generation(&self, name: &str) -> Generation {
-            self.m.slots[self.m.slot_index(name).unwrap()].generation
+            self.m
+                .slot_index(name)
+                .map_or(0, |i| self.m.slots[i].generation)
+        }
+
+        fn reconfigure(&mut self, builders: Vec<BuilderConfig>) -> Vec<Action> {
+            self.ev(Event::Reconfigure(builders))
         }
 
         fn boot(&mut self, conn: ConnId, name: &str) -> Vec<Action> {
@@ -1912,6 +2125,351 @@ mod tests {
         assert!(l.ends_with('…') && l.len() <= 504);
     }
 
+    // ---- reconfiguration
+
+    #[test]
+    fn reconfigure_adds_a_new_builder_down_in_config_order() {
+        let mut t = T::new(vec![cfg("a", 1, None)], None);
+        t.bring_up("a");
+        let out = t.reconfigure(vec![cfg("b", 2, None), cfg("a", 1, None)]);
+        assert!(!has_start(&out, "b") && !has_stop(&out, "a"), "{out:?}");
+        assert_eq!(names(&t), ["b", "a"]);
+        let b = t.status("b");
+        assert_eq!((b.state, b.boots, b.leases), (State::Down, 0, 0));
+        assert_eq!(t.status("a").state, State::Up, "untouched");
+        assert!(t.m.knows("b"));
+        assert!(has_start(&t.boot(1, "b"), "b"));
+        t.succeed("b", 1);
+        assert!(matches!(t.lease(1, "b"), Response::Leased { .. }));
+    }
+
+    #[test]
+    fn reconfigure_removes_a_down_or_failed_builder_at_once() {
+        let mut t = T::new(
+            vec![
+                cfg("a", 1, None),
+                cfg("down", 1, None),
+                cfg("failed", 1, None),
+            ],
+            None,
+        );
+        t.boot(1, "failed");
+        t.fail("failed", "boom");
+        let out = t.reconfigure(vec![cfg("a", 1, None)]);
+        assert!(!out.iter().any(|a| matches!(a, Action::Stop { .. })));
+        assert_eq!(names(&t), ["a"]);
+        assert!(!t.m.knows("down") && !t.m.knows("failed"));
+        match t.ask(
+            1,
+            Request::Lease {
+                builder: "down".into(),
+            },
+        ) {
+            Response::Error { message } => assert!(
+                message.contains("no lazy builder named 'down'") && message.contains("knows: a"),
+                "{message}"
+            ),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn reconfigure_drains_a_removed_leased_builder_then_it_disappears() {
+        let mut t = T::new(vec![cfg("a", 2, Some(10)), cfg("b", 1, None)], None);
+        t.bring_up("a");
+        assert!(matches!(t.lease(1, "a"), Response::Leased { .. }));
+        let out = t.reconfigure(vec![cfg("b", 1, None)]);
+        assert!(!has_stop(&out, "a"), "a leased builder is never stopped");
+        let st = t.status("a");
+        assert_eq!((st.state, st.leases), (State::Draining, 1));
+        assert!(!t.m.knows("a"), "removed, though still draining");
+        assert!(refused(&t.lease(2, "a")).contains("removed from the config"));
+        assert!(
+            refused(&t.ask(
+                2,
+                Request::Boot {
+                    builder: "a".into(),
+                    force: true
+                }
+            ))
+            .contains("removed from the config")
+        );
+        // Its idle timeout no longer matters; its lease does.
+        assert!(!has_stop(&t.advance(1000 * S), "a"));
+        assert_eq!(t.status("a").leases, 1);
+        let out = t.release(1, "a");
+        assert_eq!(T::reply(&out, 1), Response::Ok);
+        assert!(
+            has_stop(&out, "a"),
+            "stopped after the last release: {out:?}"
+        );
+        assert_eq!(t.status("a").state, State::Stopping);
+        t.stopped("a");
+        assert_eq!(names(&t), ["b"], "gone once its instance is gone");
+        // A late release of the connection is harmless.
+        t.ev(Event::ClientGone(1));
+        assert_eq!(names(&t), ["b"]);
+    }
+
+    #[test]
+    fn reconfigure_stops_a_removed_unleased_or_booting_builder() {
+        let mut t = T::new(vec![cfg("up", 1, None), cfg("booting", 1, None)], None);
+        t.bring_up("up");
+        t.boot(1, "booting");
+        t.req(
+            2,
+            Request::WaitReady {
+                builder: "booting".into(),
+                timeout_ms: 60_000,
+            },
+        );
+        let out = t.reconfigure(vec![]);
+        assert!(has_stop(&out, "up") && has_stop(&out, "booting"), "{out:?}");
+        assert_eq!(t.status("up").state, State::Stopping);
+        // The cancelled boot ends; its waiter hears it, and it disappears.
+        let out = t.fail("booting", "cancelled");
+        assert!(
+            matches!(T::reply(&out, 2), Response::Builder { status } if status.name == "booting")
+        );
+        assert_eq!(names(&t), ["up"]);
+        t.stopped("up");
+        assert!(names(&t).is_empty());
+    }
+
+    #[test]
+    fn a_removed_builder_stopping_does_not_boot_again() {
+        let mut t = T::new(vec![cfg("vm", 1, Some(5))], None);
+        t.bring_up("vm");
+        t.advance(FIRST_LEASE_GRACE);
+        assert_eq!(t.status("vm").state, State::Stopping);
+        t.boot(1, "vm"); // reboot after the stop…
+        t.reconfigure(vec![]); // …cancelled by the removal
+        let out = t.stopped("vm");
+        assert!(!has_start(&out, "vm"), "{out:?}");
+        assert!(names(&t).is_empty());
+    }
+
+    #[test]
+    fn a_removed_builder_configured_again_while_draining_keeps_serving() {
+        let mut t = T::new(vec![cfg("vm", 2, None)], None);
+        t.bring_up("vm");
+        assert!(matches!(t.lease(1, "vm"), Response::Leased { .. }));
+        t.reconfigure(vec![]);
+        assert_eq!(t.status("vm").state, State::Draining);
+        t.reconfigure(vec![cfg("vm", 2, None)]);
+        let st = t.status("vm");
+        assert_eq!((st.state, st.leases), (State::Up, 1));
+        assert!(matches!(t.lease(2, "vm"), Response::Leased { .. }));
+        assert!(!has_stop(&t.release(1, "vm"), "vm"));
+    }
+
+    #[test]
+    fn reconfigure_changes_a_running_builder_without_touching_its_instance() {
+        let mut t = T::new(vec![cfg("vm", 3, Some(600))], None);
+        t.bring_up("vm");
+        let generation = t.generation("vm");
+        for c in [1, 2, 3] {
+            assert!(matches!(t.lease(c, "vm"), Response::Leased { .. }));
+        }
+        // Fewer jobs and a shorter idle timeout, other boot settings.
+        let out = t.reconfigure(vec![rebooted(cfg("vm", 1, Some(20)))]);
+        assert!(!has_stop(&out, "vm") && !has_start(&out, "vm"), "{out:?}");
+        let st = t.status("vm");
+        assert_eq!(
+            (st.state, st.leases, st.boots),
+            (State::Up, 3, 1),
+            "no lease revoked"
+        );
+        assert_eq!(t.generation("vm"), generation, "the same instance");
+        // The lower max-jobs refuses new leases until the running builds are under it.
+        assert!(refused(&t.lease(4, "vm")).contains("full (3/1"));
+        t.release(1, "vm");
+        t.release(2, "vm");
+        assert!(refused(&t.lease(4, "vm")).contains("full (1/1"));
+        // The new idle timeout applies from the last release.
+        t.release(3, "vm");
+        assert_eq!(t.status("vm").idle_stop_in_ms, Some(20_000));
+        assert!(!has_stop(&t.advance(19 * S), "vm"));
+        assert!(has_stop(&t.advance(S), "vm"));
+    }
+
+    #[test]
+    fn a_shorter_idle_timeout_already_over_stops_an_idle_builder_at_once() {
+        let mut t = T::new(vec![cfg("vm", 1, Some(600))], None);
+        t.bring_up("vm");
+        assert!(matches!(t.lease(1, "vm"), Response::Leased { .. }));
+        t.release(1, "vm");
+        t.now += 60 * S;
+        let out = t.reconfigure(vec![cfg("vm", 1, Some(30))]);
+        assert!(has_stop(&out, "vm"), "{out:?}");
+        // Idle timeout switched off: never stopped.
+        let mut t = T::new(vec![cfg("vm", 1, Some(30))], None);
+        t.bring_up("vm");
+        t.reconfigure(vec![cfg("vm", 1, None)]);
+        assert!(!has_stop(&t.advance(100_000 * S), "vm"));
+    }
+
+    #[test]
+    fn a_changed_failed_builder_gets_a_fresh_try_only_if_its_boot_changed() {
+        let mut t = T::new(vec![cfg("vm", 1, None)], None);
+        t.boot(1, "vm");
+        t.fail("vm", "qemu: no such file");
+        assert!(
+            refused(&t.ask(
+                1,
+                Request::Boot {
+                    builder: "vm".into(),
+                    force: false
+                }
+            ))
+            .contains("retrying")
+        );
+        // Only max-jobs changed: still backing off, settings taken.
+        t.reconfigure(vec![cfg("vm", 4, None)]);
+        let st = t.status("vm");
+        assert_eq!(st.state, State::Failed);
+        assert_eq!(st.last_failure.unwrap().consecutive, 1);
+        assert!(
+            refused(&t.ask(
+                1,
+                Request::Boot {
+                    builder: "vm".into(),
+                    force: false
+                }
+            ))
+            .contains("retrying")
+        );
+        // The boot settings changed: the failure is forgotten, it boots at once.
+        t.reconfigure(vec![rebooted(cfg("vm", 4, None))]);
+        let st = t.status("vm");
+        assert_eq!((st.state, st.last_failure), (State::Down, None));
+        assert!(has_start(&t.boot(1, "vm"), "vm"));
+        t.succeed("vm", 1);
+        for c in 1..=4 {
+            assert!(
+                matches!(t.lease(c, "vm"), Response::Leased { .. }),
+                "max-jobs 4 applies"
+            );
+        }
+    }
+
+    #[test]
+    fn a_changed_boot_while_stopping_after_a_failure_ends_down_without_backoff() {
+        let mut t = T::new(vec![cfg("vm", 1, None)], None);
+        t.bring_up("vm");
+        t.req(
+            1,
+            Request::ReportFailure {
+                builder: "vm".into(),
+                cause: "ssh: refused".into(),
+            },
+        );
+        assert_eq!(t.status("vm").state, State::Stopping);
+        t.reconfigure(vec![rebooted(cfg("vm", 1, None))]);
+        t.stopped("vm");
+        let st = t.status("vm");
+        assert_eq!((st.state, st.last_failure), (State::Down, None));
+        assert!(has_start(&t.boot(1, "vm"), "vm"));
+    }
+
+    #[test]
+    fn reconfigure_keeps_boot_history_and_counts() {
+        let mut t = T::new(vec![cfg("vm", 1, None)], None);
+        t.bring_up("vm"); // 5 s
+        let out = t.reconfigure(vec![rebooted(cfg("vm", 2, None)), cfg("new", 1, None)]);
+        assert!(!out.contains(&Action::SaveHistory));
+        let st = t.status("vm");
+        assert_eq!((st.boots, st.expected_boot_ms), (1, Some(5_000)));
+        assert_eq!(t.m.history().builders["vm"], [5_000]);
+        // A removed builder's history is no longer saved.
+        t.req(
+            1,
+            Request::Down {
+                builder: "vm".into(),
+            },
+        );
+        t.stopped("vm");
+        t.reconfigure(vec![cfg("new", 1, None)]);
+        assert!(t.m.history().builders.is_empty());
+    }
+
+    #[test]
+    fn a_builder_removed_and_added_again_never_reuses_a_generation() {
+        let mut t = T::new(vec![cfg("vm", 1, None)], None);
+        t.bring_up("vm");
+        let old = t.generation("vm");
+        t.reconfigure(vec![]);
+        t.stopped("vm");
+        t.reconfigure(vec![cfg("vm", 1, None)]);
+        t.boot(1, "vm");
+        assert_ne!(t.generation("vm"), old);
+        // A late event of the old instance is stale.
+        t.ev(Event::BootSucceeded {
+            builder: "vm".into(),
+            generation: old,
+            port: 1,
+            nix_version: "x".into(),
+            took: S,
+        });
+        assert_eq!(t.status("vm").state, State::Booting);
+    }
+
+    #[test]
+    fn a_failed_reload_changes_nothing_and_is_named_for_unknown_builders() {
+        let mut t = T::new(vec![cfg("vm", 1, None)], None);
+        t.bring_up("vm");
+        let before = t.m.status(t.now);
+        let out = t.ev(Event::ReconfigureFailed(
+            "/etc/nix/lazy-builder.toml:3: unknown key 'bogus'\n".into(),
+        ));
+        assert!(
+            !out.iter()
+                .any(|a| matches!(a, Action::Stop { .. } | Action::StartBoot { .. }))
+        );
+        assert_eq!(t.m.status(t.now), before);
+        match t.ask(
+            1,
+            Request::Lease {
+                builder: "new".into(),
+            },
+        ) {
+            Response::Error { message } => {
+                assert!(
+                    message.starts_with("no lazy builder named 'new'"),
+                    "{message}"
+                );
+                assert!(
+                    message.contains("lazy-builder.toml:3: unknown key 'bogus'"),
+                    "{message}"
+                );
+                assert!(!message.contains('\n'), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+        // A successful reload forgets the error.
+        t.reconfigure(vec![cfg("vm", 1, None)]);
+        match t.ask(
+            1,
+            Request::Lease {
+                builder: "new".into(),
+            },
+        ) {
+            Response::Error { message } => assert!(!message.contains("bogus"), "{message}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_auto_started_supervisor_exits_after_its_last_builder_was_removed() {
+        let mut t = T::new(vec![cfg("vm", 1, None)], Some(60));
+        t.bring_up("vm");
+        assert!(!has_exit(&t.advance(3600 * S)), "an instance runs");
+        t.reconfigure(vec![]);
+        t.stopped("vm");
+        assert!(!has_exit(&t.advance(59 * S)));
+        assert!(has_exit(&t.advance(S)));
+    }
+
     // ---- invariants over random event sequences
 
     #[derive(Clone, Debug)]
@@ -1929,6 +2487,8 @@ mod tests {
         Exited(u8),
         StopDone(u8),
         Advance(u16),
+        /// Keep a, keep b, a's max-jobs, a's boot fingerprint.
+        Reconfig(bool, bool, u8, bool),
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -1948,6 +2508,8 @@ mod tests {
             1 => b.clone().prop_map(Op::Exited),
             2 => b.prop_map(Op::StopDone),
             3 => (0u16..40).prop_map(Op::Advance),
+            1 => (any::<bool>(), any::<bool>(), 1u8..4, any::<bool>())
+                .prop_map(|(a, b, m, f)| Op::Reconfig(a, b, m, f)),
         ]
     }
 
@@ -1958,6 +2520,7 @@ mod tests {
             let mut t = T::new(vec![cfg("a", 2, Some(10)), cfg("b", 1, None)], Some(30));
             // Which builders the runtime was asked to boot/stop, by generation.
             let mut running: BTreeMap<&str, Option<Generation>> = BTreeMap::new();
+            let mut max_a = 2u32;
             for op in ops {
                 if t.m.has_exited() {
                     break;
@@ -1982,6 +2545,19 @@ mod tests {
                     }
                     Op::StopDone(b) => t.stopped(names[b as usize]),
                     Op::Advance(s) => t.advance(Duration::from_secs(s.into())),
+                    Op::Reconfig(keep_a, keep_b, m, f) => {
+                        let mut builders = Vec::new();
+                        if keep_a {
+                            max_a = m.into();
+                            let mut a = cfg("a", max_a, Some(10));
+                            a.boot_fingerprint = u64::from(f);
+                            builders.push(a);
+                        }
+                        if keep_b {
+                            builders.push(cfg("b", 1, None));
+                        }
+                        t.reconfigure(builders)
+                    }
                 };
                 for a in &out {
                     match a {
@@ -1989,7 +2565,8 @@ mod tests {
                             let st = before.iter().find(|s| &s.name == builder).unwrap();
                             // Never stop a builder that holds a lease (no shutdown here): only
                             // the release of the last one may stop a leased builder.
-                            prop_assert_eq!(t.status(builder).leases, 0, "stopped '{}' with leases: {:?}", builder, out);
+                            let now = t.m.status(t.now).into_iter().find(|s| &s.name == builder).unwrap();
+                            prop_assert_eq!(now.leases, 0, "stopped '{}' with leases: {:?}", builder, out);
                             if !matches!(this, Op::Release(..) | Op::Gone(..)) {
                                 prop_assert_eq!(st.leases, 0, "stopped '{}' with leases: {:?}", builder, out);
                             }
@@ -2004,7 +2581,7 @@ mod tests {
                         }
                         Action::Reply { response: Response::Leased { status }, .. } => {
                             prop_assert_eq!(status.state, State::Up);
-                            let max = if status.name == "a" { 2 } else { 1 };
+                            let max = if status.name == "a" { max_a } else { 1 };
                             prop_assert!(status.leases <= max);
                         }
                         _ => {}
@@ -2016,6 +2593,16 @@ mod tests {
                     prop_assert_eq!(s.leases, sum, "builder {}", i);
                     if s.leases > 0 {
                         prop_assert!(matches!(s.phase, Phase::Up | Phase::Draining(_)), "{:?}", s.phase);
+                    }
+                    // A removed builder only stays while its instance runs.
+                    if s.removed {
+                        prop_assert!(s.phase.has_instance(), "{:?}", s.phase);
+                    }
+                }
+                // Leases on a builder that is gone are gone from the connections too.
+                for c in t.m.clients.values() {
+                    for name in c.leases.keys() {
+                        prop_assert!(t.m.slot_index(name).is_some(), "lease on vanished '{}'", name);
                     }
                 }
             }
