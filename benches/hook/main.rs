@@ -16,6 +16,7 @@
 #[path = "../../tests/common/mod.rs"]
 mod common;
 mod p4;
+mod p7;
 mod profile;
 mod report;
 mod rows;
@@ -30,7 +31,6 @@ use std::time::{Duration, Instant};
 use common::{Nix, hook_binary, run_command};
 use report::{Goal, Row};
 use rows::{Ctx, MANY_GIB, ONE_100MIB, ONE_GIB, Transfer, transfer_rows};
-use stats::Samples;
 
 /// PATH for the hooks P4 runs directly.
 pub const STD_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -54,7 +54,7 @@ fn row_order() -> Vec<String> {
         P5_DOWN_100.to_owned(),
         "P5 supervisor idle".to_owned(),
         "P6".to_owned(),
-        "P7".to_owned(),
+        p7::KEY.to_owned(),
     ]
     .to_vec()
 }
@@ -82,6 +82,7 @@ fn main() {
         report::self_test();
         rss::self_test();
         rows::self_test();
+        p7::self_test();
         println!(
             "benches/hook: self-checks passed (run the benchmark with `cargo bench --bench hook`)"
         );
@@ -125,6 +126,7 @@ fn main() {
 
     common::require_root();
     Nix::Host.require();
+    let host_tmp = std::env::temp_dir();
     let stores = choose_store_dir();
     eprintln!("[bench] stores and temp files under {stores}");
     // SAFETY: still single-threaded here (nothing spawned yet); every temp dir the harness
@@ -142,6 +144,7 @@ fn main() {
     let ctx = Ctx {
         runs,
         dir: tmp.path().to_path_buf(),
+        host_tmp,
     };
     if let Some(tool) = tool {
         profile::run(&ctx, tool);
@@ -223,16 +226,7 @@ fn main() {
         step("P6", &mut rows, &mut || vec![rows::p6(&ctx)]);
     }
     if want("P7") {
-        rows.push(Row {
-            key: "P7".into(),
-            what: "cold start on the tiny QEMU builder: first build − bare boot-to-SSH".into(),
-            unit: "s",
-            ours: Samples::new(),
-            nix: None,
-            goal: Goal::AbsAtMost(1.0),
-            note: "not measured by this harness yet: needs the lazy supervisor and the QEMU builder image in the bench (tests/lazy_qemu.rs measures it by hand)".into(),
-            command: "cargo bench --bench hook -- P7".into(),
-        });
+        step("P7", &mut rows, &mut || vec![p7::p7(&ctx)]);
     }
     let total = started.elapsed();
     eprintln!("[bench] total {total:.1?} ({})", timings.join(", "));

@@ -31,6 +31,9 @@ pub struct Ctx {
     pub runs: usize,
     /// The bench's temp dir (wrapper scripts, ssh config, pid files, generated trees).
     pub dir: PathBuf,
+    /// The temp dir before the bench pointed TMPDIR at its stores: where the VM tests' lock
+    /// lives (P7 takes it too).
+    pub host_tmp: PathBuf,
 }
 
 impl Ctx {
