@@ -260,11 +260,13 @@ async fn run(args: HookArgs, fd4: Option<OwnedFd>) -> Result<u8, HookError> {
     let local = local_capability(&settings)?;
     let load_dir = LoadDir::open(&nix_state_dir())?;
     let log = BuildLog::new(fd4);
-    let mut lazy = table
-        .builders
-        .iter()
-        .any(Builder::is_lazy)
-        .then(|| Lazy::new(cfg.supervisor.state_dir.clone(), named_config));
+    let mut lazy = table.builders.iter().any(Builder::is_lazy).then(|| {
+        Lazy::new(
+            cfg.supervisor.state_dir.clone(),
+            named_config,
+            crate::lazy::wait_limit(settings.build_poll_interval().unwrap_or(5)),
+        )
+    });
     // Builders whose connection failed in this process, with why (Nix disables them too).
     let mut failed: Vec<Option<String>> = vec![None; table.builders.len()];
     // Always-on builders that failed in an earlier hook process, until their backoff runs out

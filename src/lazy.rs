@@ -3,8 +3,9 @@
 //! Owns the hook's connection to the supervisor (started on first need; every lease this hook
 //! takes lives as long as that connection), the per-`try` status refresh, leases, boot requests,
 //! the bounded wait for a boot that is about to finish, and the "booting builder …" activity in
-//! the user's progress display. It never blocks a `try` for longer than [`MAX_WAIT`]: a boot
-//! further away than that is answered with `# postpone`, and the daemon asks again.
+//! the user's progress display. It never blocks a `try` for longer than the daemon's
+//! `build-poll-interval`, and never longer than [`MAX_WAIT`]: a boot further away than that is
+//! answered with `# postpone`, and the daemon asks again.
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -18,14 +19,22 @@ use crate::select::Availability;
 use crate::supervisor::client::{self, Client, ClientError, Verdict};
 use crate::supervisor::proto::{BuilderStatus, State};
 
-/// The longest a `try` waits for a boot to finish. A `# postpone` costs a whole
+/// The longest a `try` ever waits for a boot to finish. A `# postpone` costs a whole
 /// `build-poll-interval` (5 s by default) before the daemon asks again, so a boot that will be
-/// done sooner than that is better waited for; but while the hook waits, its daemon reads
-/// nothing else (other builds' logs queue in their pipes), so the wait stays below the poll
-/// interval. Measured on a TCG aarch64 VM that boots in 3.5 s: 3 s here left 1.9 s between
-/// "ready" and "build started" (the boot was never close enough at the first `try`); 4 s
-/// takes the first `try` straight to the build.
-pub const MAX_WAIT: Duration = Duration::from_secs(4);
+/// done within that interval is better waited for: the build then starts the moment the
+/// builder is ready instead of at the next poll ([`wait_limit`]). While the hook waits, its
+/// daemon reads nothing else (other builds' logs queue in their pipes), so the wait is capped
+/// here whatever the poll interval says. Measured on a TCG aarch64 VM that boots in 3.4–3.7 s
+/// quiet and 4–5 s under load or on a supervisor's first (cold-cache) boot: with a 4 s limit
+/// every boot over 4 s was postponed and its build started at the next poll, about 2 s after
+/// the builder was ready (P7 1.9–2.1 s in those sessions, 0.4–0.5 s otherwise).
+pub const MAX_WAIT: Duration = Duration::from_secs(5);
+
+/// How long a `try` may wait for a boot, given the daemon's `build-poll-interval` in seconds:
+/// the poll interval (Nix waits at least 1 s), capped at [`MAX_WAIT`].
+pub fn wait_limit(build_poll_interval: u64) -> Duration {
+    Duration::from_secs(build_poll_interval.max(1)).min(MAX_WAIT)
+}
 
 /// The supervisor as one hook process sees it.
 pub struct Lazy {
@@ -38,6 +47,8 @@ pub struct Lazy {
     progress: Option<(String, Activity)>,
     /// Builders this hook saw booting: if such a boot fails, the user is told once, why.
     watching: HashSet<String>,
+    /// The longest wait for a boot in one `try` ([`wait_limit`]).
+    wait_limit: Duration,
 }
 
 /// What to do after a lazy builder's verdict.
@@ -51,8 +62,10 @@ pub enum Next {
 }
 
 impl Lazy {
-    pub fn new(state_dir: PathBuf, config: Option<PathBuf>) -> Self {
+    /// `wait_limit`: see [`wait_limit`].
+    pub fn new(state_dir: PathBuf, config: Option<PathBuf>, wait_limit: Duration) -> Self {
         Lazy {
+            wait_limit,
             state_dir,
             config,
             client: None,
@@ -171,7 +184,7 @@ impl Lazy {
         }
         // The boot is shown while the hook waits for it too, not only when it postpones.
         self.show_progress(&status);
-        let Some(wait) = wait_budget(&status) else {
+        let Some(wait) = wait_budget(&status, self.wait_limit) else {
             return Next::Postpone;
         };
         let r = match self.client().await {
@@ -272,18 +285,20 @@ impl Lazy {
 }
 
 /// How long to wait for a boot now, or `None` to postpone: only when it should be done within
-/// [`MAX_WAIT`], or is a little overdue (then it is most likely moments away). A boot that is
-/// far overdue is stuck, and waiting on it every time would stall the daemon for nothing.
-pub fn wait_budget(s: &BuilderStatus) -> Option<Duration> {
+/// `limit` with a tenth of its expected duration to spare (a boot that outlasts the wait costs
+/// the wait *and* the next poll interval), or is a little overdue (then it is most likely
+/// moments away). A boot that is far overdue is stuck, and waiting on it every time would
+/// stall the daemon for nothing.
+pub fn wait_budget(s: &BuilderStatus, limit: Duration) -> Option<Duration> {
     if s.state != State::Booting {
         return None;
     }
-    let max = MAX_WAIT.as_millis() as u64;
+    let max = limit.as_millis() as u64;
     let elapsed = s.booting_ms.unwrap_or(0);
     let expected = s.expected_boot_ms?;
-    let close = expected.saturating_sub(elapsed) <= max;
+    let close = expected.saturating_sub(elapsed) + expected / 10 <= max;
     let stuck = elapsed > expected.saturating_mul(2) + max;
-    (close && !stuck).then_some(MAX_WAIT)
+    (close && !stuck).then_some(limit)
 }
 
 fn progress_text(s: &BuilderStatus) -> String {
@@ -322,15 +337,29 @@ mod tests {
 
     #[test]
     fn waits_only_when_the_boot_is_close_or_overdue() {
-        assert_eq!(wait_budget(&booting(0, Some(7000))), None);
-        assert_eq!(wait_budget(&booting(5000, Some(7000))), Some(MAX_WAIT));
-        assert_eq!(wait_budget(&booting(9000, Some(7000))), Some(MAX_WAIT));
-        assert_eq!(wait_budget(&booting(60_000, Some(7000))), None);
-        assert_eq!(wait_budget(&booting(0, Some(2000))), Some(MAX_WAIT));
-        assert_eq!(wait_budget(&booting(1000, None)), None);
+        let l = wait_limit(5);
+        assert_eq!(l, Duration::from_secs(5));
+        assert_eq!(wait_budget(&booting(0, Some(7000)), l), None);
+        assert_eq!(wait_budget(&booting(5000, Some(7000)), l), Some(l));
+        assert_eq!(wait_budget(&booting(9000, Some(7000)), l), Some(l));
+        assert_eq!(wait_budget(&booting(60_000, Some(7000)), l), None);
+        assert_eq!(wait_budget(&booting(0, Some(2000)), l), Some(l));
+        assert_eq!(wait_budget(&booting(1000, None), l), None);
+        // A boot expected in 4.5 s is waited for at the default poll interval (a postpone would
+        // cost 5 s), but not when the daemon polls every 2 s.
+        assert_eq!(wait_budget(&booting(0, Some(4500)), l), Some(l));
+        // Too close to the limit to bet on: 4.7 s + 10 % is over 5 s.
+        assert_eq!(wait_budget(&booting(0, Some(4700)), l), None);
+        assert_eq!(wait_budget(&booting(500, Some(4700)), l), Some(l));
+        let short = wait_limit(2);
+        assert_eq!(wait_budget(&booting(0, Some(4500)), short), None);
+        assert_eq!(wait_budget(&booting(3000, Some(4500)), short), Some(short));
+        // Never 0 (Nix polls at least every second), never above MAX_WAIT.
+        assert_eq!(wait_limit(0), Duration::from_secs(1));
+        assert_eq!(wait_limit(3600), MAX_WAIT);
         let mut up = booting(0, Some(1));
         up.state = State::Up;
-        assert_eq!(wait_budget(&up), None);
+        assert_eq!(wait_budget(&up, l), None);
     }
 
     #[test]
