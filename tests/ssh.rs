@@ -3,7 +3,8 @@
 //!
 //! Owns: its own small server helpers (below). Must never: touch the machine's real SSH
 //! configuration or keys (Dropbear reads `~root/.ssh/authorized_keys`, so it runs in a private
-//! mount namespace with a temp dir bind-mounted over `/root/.ssh`), or stop a process it did not
+//! mount namespace with a temp dir bind-mounted over `/root/.ssh`, on a private tmpfs `/root` if
+//! the machine's root has no `.ssh`), or stop a process it did not
 //! start (everything is stopped by pid).
 //!
 //! Needs root, `/usr/sbin/sshd`, `dropbear`, `dropbearconvert`, `ssh-keygen`, `unshare`.
@@ -208,9 +209,13 @@ impl Server {
                     .args(["openssh", "dropbear"])
                     .arg(&keys.host)
                     .arg(&db_key));
-                // unshare execs sh, which execs dropbear: the child's pid is dropbear's.
+                // unshare execs sh, which execs dropbear: the child's pid is dropbear's. A
+                // machine whose root has no ~/.ssh gets a private tmpfs home in the namespace
+                // (nothing is created on the real file system).
                 let script = format!(
-                    "mount --bind '{}' /root/.ssh && exec dropbear -F -E -s -p 127.0.0.1:{port} \
+                    "{{ [ -d /root/.ssh ] || {{ mount -t tmpfs -o mode=0700 nlb-root /root && \
+                     mkdir -m 0700 /root/.ssh; }}; }} && \
+                     mount --bind '{}' /root/.ssh && exec dropbear -F -E -s -p 127.0.0.1:{port} \
                      -r '{}' -P '{}'",
                     auth_dir.display(),
                     db_key.display(),
