@@ -344,25 +344,39 @@ async fn upload_inputs(
         .map_err(TransferError::Local)?;
     let infos = topo_sort(infos);
     t.query_ms = start.elapsed().as_millis();
-    if !infos.is_empty() {
-        let start = Instant::now();
-        let _act = Activity::start(
-            Verbosity::Talkative,
-            hook_protocol::log::activity::COPY_PATHS,
-            format!("copying {} paths to '{uri}'", infos.len()),
-            vec![],
-        );
-        remote
-            .add_paths(&infos, local)
-            .await
-            .map_err(|source| TransferError::Upload {
-                uri: uri.to_owned(),
-                source,
-            })?;
-        t.upload_ms = start.elapsed().as_millis();
-        t.uploaded_paths = infos.len();
-        t.uploaded_bytes = infos.iter().map(|i| i.nar_size).sum();
+    send_paths(remote, local, &infos, uri, t, |source| {
+        TransferError::Upload {
+            uri: uri.to_owned(),
+            source,
+        }
+    })
+    .await
+}
+
+/// Uploads `infos` (in dependency order) with one "copying N paths" activity, and records the
+/// upload in `t`; `on_error` names what a failure means.
+async fn send_paths(
+    remote: &mut Remote,
+    local: &mut LocalStore,
+    infos: &[PathInfo],
+    uri: &str,
+    t: &mut Timings,
+    on_error: impl FnOnce(RemoteError) -> TransferError,
+) -> Result<(), TransferError> {
+    if infos.is_empty() {
+        return Ok(());
     }
+    let start = Instant::now();
+    let _act = Activity::start(
+        Verbosity::Talkative,
+        hook_protocol::log::activity::COPY_PATHS,
+        format!("copying {} paths to '{uri}'", infos.len()),
+        vec![],
+    );
+    remote.add_paths(infos, local).await.map_err(on_error)?;
+    t.upload_ms = start.elapsed().as_millis();
+    t.uploaded_paths = infos.len();
+    t.uploaded_bytes = infos.iter().map(|i| i.nar_size).sum();
     Ok(())
 }
 
@@ -397,34 +411,18 @@ async fn upload_drv_closure(
             .collect(),
     );
     t.query_ms = start.elapsed().as_millis();
-    if infos.is_empty() {
-        return Ok(());
-    }
-    let start = Instant::now();
-    let _act = Activity::start(
-        Verbosity::Talkative,
-        hook_protocol::log::activity::COPY_PATHS,
-        format!("copying {} paths to '{uri}'", infos.len()),
-        vec![],
-    );
-    remote
-        .add_paths(&infos, local)
-        .await
-        .map_err(|source| match source {
-            RemoteError::Daemon { .. } => TransferError::Untrusted {
-                uri: uri.to_owned(),
-                what: "the derivation's closure",
-                source,
-            },
-            source => TransferError::Upload {
-                uri: uri.to_owned(),
-                source,
-            },
-        })?;
-    t.upload_ms = start.elapsed().as_millis();
-    t.uploaded_paths = infos.len();
-    t.uploaded_bytes = infos.iter().map(|i| i.nar_size).sum();
-    Ok(())
+    send_paths(remote, local, &infos, uri, t, |source| match source {
+        RemoteError::Daemon { .. } => TransferError::Untrusted {
+            uri: uri.to_owned(),
+            what: "the derivation's closure",
+            source,
+        },
+        source => TransferError::Upload {
+            uri: uri.to_owned(),
+            source,
+        },
+    })
+    .await
 }
 
 /// Whether every output's path follows from the derivation's inputs (Nix's "input-addressed",

@@ -70,19 +70,6 @@ fn qemus(cfg: &LazyConfig) -> Vec<u32> {
         .collect()
 }
 
-/// Kills, when dropped, every process that names the test's state directory.
-struct KillMentioning(std::path::PathBuf);
-
-impl Drop for KillMentioning {
-    fn drop(&mut self) {
-        for (pid, _) in mentioning(&self.0) {
-            eprintln!("killing leftover process {pid} of {}", self.0.display());
-            // SAFETY: kill(2) on a process that names this test's own temp directory.
-            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
-        }
-    }
-}
-
 /// The image's builder with `extra` keys.
 fn image_builder(img: &boot_support::VmImage, extra: &str) -> String {
     let boot = format!("[builders.{BUILDER}.boot]");

@@ -38,28 +38,6 @@ fn one_vm_test_at_a_time() -> VmLock {
     VmLock(file)
 }
 
-/// Kills, when dropped, every process whose command line mentions `0` (a test's own state
-/// directory: QEMU's QMP socket and serial log live there). The harness stops the daemon's
-/// namespace with SIGKILL, which can take the supervisor's watchdog down with the supervisor;
-/// a test that fails half-way must not leave its VM running.
-struct KillMentioning(std::path::PathBuf);
-
-impl Drop for KillMentioning {
-    fn drop(&mut self) {
-        let needle = self.0.to_string_lossy().into_owned();
-        let Ok(dir) = std::fs::read_dir("/proc") else {
-            return;
-        };
-        for pid in dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok()) {
-            if cmdline(pid).is_some_and(|argv| argv.iter().any(|a| a.contains(&needle))) {
-                eprintln!("killing leftover process {pid} of {needle}");
-                // SAFETY: kill(2) on a process that names this test's own temp directory.
-                unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
-            }
-        }
-    }
-}
-
 /// The image's generated builder table with `extra` builder keys (lines) added to
 /// `[builders.vm-aarch64]`.
 fn image_builder(img: &boot_support::VmImage, extra: &str) -> String {
@@ -69,29 +47,6 @@ fn image_builder(img: &boot_support::VmImage, extra: &str) -> String {
         .split_once(&boot)
         .unwrap_or_else(|| panic!("no {boot} in the image's config:\n{}", img.toml));
     format!("{head}{extra}\n\n{boot}{tail}")
-}
-
-/// `main` builds on aarch64 and records `uname -m`; `input` is built locally first.
-fn uname_expr(name: &str) -> String {
-    format!(
-        r#"rec {{
-  input = derivation {{
-    name = "{name}-input";
-    system = "x86_64-linux";
-    builder = "/bin/sh";
-    args = [ "-c" "echo payload-of-{name} > $out" ];
-    preferLocalBuild = true;
-  }};
-  main = derivation {{
-    name = "{name}";
-    system = "aarch64-linux";
-    builder = "/bin/sh";
-    inherit input;
-    args = [ "-c" "echo 'nlb-vm {name}: building'; uname -m > $out; cat $input >> $out; echo $input >> $out" ];
-  }};
-}}
-"#
-    )
 }
 
 /// Instantiates `uname_expr(name)` and builds its input locally; returns the expression file.

@@ -33,8 +33,8 @@ use nix_lazy_builder::config::{Builder, Config};
 use nix_lazy_builder::supervisor::proto::State;
 
 use crate::common::{
-    CmdOutput, LazyConfig, LocalDaemon, StoreQueries, cmdline, nix_build_streaming, run_command,
-    wait_until,
+    CmdOutput, KillMentioning, LazyConfig, LocalDaemon, StoreQueries, nix_build_streaming,
+    run_command, uname_expr, wait_until,
 };
 use crate::report::{Goal, Row};
 use crate::rows::Ctx;
@@ -164,51 +164,6 @@ fn image_builder(toml: &str, extra: &str) -> String {
 
 // ------------------------------------------------------------------------------------------------
 // The measurement
-
-/// Kills, when dropped, every process whose command line mentions the directory (a state dir:
-/// QEMU's QMP socket and serial log live there), as tests/lazy_qemu.rs does: a run that fails
-/// half-way must not leave its VM running.
-struct KillMentioning(PathBuf);
-
-impl Drop for KillMentioning {
-    fn drop(&mut self) {
-        let needle = self.0.to_string_lossy().into_owned();
-        let Ok(dir) = std::fs::read_dir("/proc") else {
-            return;
-        };
-        for pid in dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok()) {
-            if cmdline(pid).is_some_and(|argv| argv.iter().any(|a| a.contains(&needle))) {
-                eprintln!("[bench] P7: killing leftover process {pid} of {needle}");
-                // SAFETY: kill(2) on a process that names this bench's own temp directory.
-                unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
-            }
-        }
-    }
-}
-
-/// `main` builds on aarch64 and records `uname -m`; `input` is built locally first (the test's
-/// `uname_expr`).
-fn uname_expr(name: &str) -> String {
-    format!(
-        r#"rec {{
-  input = derivation {{
-    name = "{name}-input";
-    system = "x86_64-linux";
-    builder = "/bin/sh";
-    args = [ "-c" "echo payload-of-{name} > $out" ];
-    preferLocalBuild = true;
-  }};
-  main = derivation {{
-    name = "{name}";
-    system = "aarch64-linux";
-    builder = "/bin/sh";
-    inherit input;
-    args = [ "-c" "echo 'nlb-vm {name}: building'; uname -m > $out; cat $input >> $out; echo $input >> $out" ];
-  }};
-}}
-"#
-    )
-}
 
 /// One cold build: (first build log line, whole nix-build), both from nix-build's start.
 fn cold_build(daemon: &LocalDaemon, name: &str) -> (Duration, Duration) {

@@ -16,6 +16,33 @@ use std::path::PathBuf;
 use super::store::StoreQueries;
 use super::{CmdOutput, LocalDaemon};
 
+/// The expression of the VM tests and P7 (no nixpkgs): `main` builds on aarch64-linux and
+/// records `uname -m`, the content and the path of `input`, which is built locally first
+/// (`preferLocalBuild`); `main` prints `nlb-vm <name>: building` first.
+#[track_caller]
+pub fn uname_expr(name: &str) -> String {
+    assert_safe(name);
+    format!(
+        r#"rec {{
+  input = derivation {{
+    name = "{name}-input";
+    system = "x86_64-linux";
+    builder = "/bin/sh";
+    args = [ "-c" "echo payload-of-{name} > $out" ];
+    preferLocalBuild = true;
+  }};
+  main = derivation {{
+    name = "{name}";
+    system = "aarch64-linux";
+    builder = "/bin/sh";
+    inherit input;
+    args = [ "-c" "echo 'nlb-vm {name}: building'; uname -m > $out; cat $input >> $out; echo $input >> $out" ];
+  }};
+}}
+"#
+    )
+}
+
 /// A fake derivation. Build with [`FakeDrv::new`] and the `with_*` methods.
 #[derive(Clone, Debug)]
 pub struct FakeDrv {

@@ -566,6 +566,28 @@ pub fn cmdline(pid: u32) -> Option<Vec<String>> {
     )
 }
 
+/// Kills, when dropped, every process whose command line mentions the directory (a test's or
+/// bench's own state directory: QEMU's QMP socket and serial log live there). The harness stops
+/// the daemon's namespace with SIGKILL, which can take the supervisor's watchdog down with the
+/// supervisor; a run that fails half-way must not leave its VM running.
+pub struct KillMentioning(pub PathBuf);
+
+impl Drop for KillMentioning {
+    fn drop(&mut self) {
+        let needle = self.0.to_string_lossy().into_owned();
+        let Ok(dir) = std::fs::read_dir("/proc") else {
+            return;
+        };
+        for pid in dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok()) {
+            if cmdline(pid).is_some_and(|argv| argv.iter().any(|a| a.contains(&needle))) {
+                eprintln!("killing leftover process {pid} of {needle}");
+                // SAFETY: kill(2) on a process that names this run's own temp directory.
+                unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            }
+        }
+    }
+}
+
 /// Live processes running `exe` (by `/proc/PID/exe`), with their argv.
 pub fn processes_of(exe: &Path) -> Vec<(u32, Vec<String>)> {
     let Ok(dir) = std::fs::read_dir("/proc") else {

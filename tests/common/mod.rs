@@ -45,10 +45,10 @@ mod remote;
 mod store;
 
 pub use daemon::{DaemonOpts, LocalDaemon};
-pub use drv::{FakeDrv, FakeDrvPaths};
+pub use drv::{FakeDrv, FakeDrvPaths, uname_expr};
 pub use lazy::{
-    LazyConfig, LazyRemote, TimedLine, alive, cmdline, hook_pids, lazy_binary, nix_build_streaming,
-    processes_of, rss_kib, run_streaming, toml_list, toml_str, wait_until,
+    KillMentioning, LazyConfig, LazyRemote, TimedLine, alive, cmdline, hook_pids, lazy_binary,
+    nix_build_streaming, processes_of, rss_kib, run_streaming, toml_list, toml_str, wait_until,
 };
 pub use nix::{Nix, SID_CHROOT};
 pub use remote::{MachineLine, REMOTE_HOST, REMOTE_USER, RemoteOpts, RemoteStore, Scheme};
