@@ -44,18 +44,14 @@ fn quick_stop() -> StopHow {
 
 #[tokio::test]
 async fn sshd_with_its_own_store_is_ready_and_stops_by_signal() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     let sshd = Sshd::new();
     let script = sshd.namespaced_start_script();
     let b = command_builder(&sshd, &[script.to_str().unwrap()], "");
     let (_state, ctx) = context(&b);
 
     let t0 = Instant::now();
-    let mut inst = boot::start(&b.lazy.as_ref().unwrap().boot, &ctx)
-        .await
-        .expect("start");
+    let mut inst = start(&b, &ctx).await;
     assert_eq!(
         inst.ssh_port(),
         None,
@@ -108,9 +104,7 @@ async fn sshd_with_its_own_store_is_ready_and_stops_by_signal() {
 
 #[tokio::test]
 async fn stop_command_stops_it() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     let sshd = Sshd::new();
     let script = sshd.namespaced_start_script();
     let stopped = sshd.path().join("stop-ran");
@@ -124,9 +118,7 @@ async fn stop_command_stops_it() {
         &format!("stop-command = {}", toml_list(&["/bin/sh", "-c", &stop])),
     );
     let (_state, ctx) = context(&b);
-    let mut inst = boot::start(&b.lazy.as_ref().unwrap().boot, &ctx)
-        .await
-        .expect("start");
+    let mut inst = start(&b, &ctx).await;
     let pid = inst.pid().unwrap();
     boot::wait_ready(&b, sshd.port, &mut inst, deadline(60))
         .await
@@ -156,9 +148,7 @@ async fn command_that_exits_at_once_names_the_exit_and_its_last_line() {
         "",
     );
     let (_state, ctx) = context(&b);
-    let mut inst = boot::start(&b.lazy.as_ref().unwrap().boot, &ctx)
-        .await
-        .expect("start");
+    let mut inst = start(&b, &ctx).await;
     let t0 = Instant::now();
     let err = boot::wait_ready(&b, sshd.port, &mut inst, deadline(60))
         .await
@@ -190,9 +180,7 @@ async fn command_that_never_opens_its_port_times_out() {
     let sshd = Sshd::new(); // only for its (unused) port and keys
     let b = command_builder(&sshd, &["sleep", "300"], "");
     let (_state, ctx) = context(&b);
-    let mut inst = boot::start(&b.lazy.as_ref().unwrap().boot, &ctx)
-        .await
-        .expect("start");
+    let mut inst = start(&b, &ctx).await;
     let t0 = Instant::now();
     let err = boot::wait_ready(&b, sshd.port, &mut inst, deadline(3))
         .await
@@ -219,9 +207,7 @@ async fn command_that_never_opens_its_port_times_out() {
 
 #[tokio::test]
 async fn wrong_host_key_fails_at_once() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     let sshd = Sshd::new();
     let script = sshd.namespaced_start_script();
     // Pin another key than the server's.
@@ -240,9 +226,7 @@ async fn wrong_host_key_fails_at_once() {
         ),
     );
     let (_state, ctx) = context(&b);
-    let mut inst = boot::start(&b.lazy.as_ref().unwrap().boot, &ctx)
-        .await
-        .expect("start");
+    let mut inst = start(&b, &ctx).await;
     let t0 = Instant::now();
     let err = boot::wait_ready(&b, sshd.port, &mut inst, deadline(60))
         .await
@@ -265,9 +249,7 @@ async fn ignored_stop_signal_escalates_to_sigkill() {
     // The shell and its sleep ignore SIGTERM (an ignored signal stays ignored across exec).
     let b = command_builder(&sshd, &["/bin/sh", "-c", "trap '' TERM; sleep 300"], "");
     let (_state, ctx) = context(&b);
-    let inst = boot::start(&b.lazy.as_ref().unwrap().boot, &ctx)
-        .await
-        .expect("start");
+    let inst = start(&b, &ctx).await;
     let pid = inst.pid().unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
     let how = StopHow {
@@ -303,9 +285,7 @@ async fn dropping_the_instance_kills_the_process_group() {
         "",
     );
     let (_state, ctx) = context(&b);
-    let inst = boot::start(&b.lazy.as_ref().unwrap().boot, &ctx)
-        .await
-        .expect("start");
+    let inst = start(&b, &ctx).await;
     let leader = inst.pid().unwrap();
     let gc = read_pid(&ctx.dir.join("grandchild.pid"), Duration::from_secs(10));
     assert!(alive(gc) && alive(leader));
@@ -377,9 +357,7 @@ async fn fake_supervisor_helper() {
         "",
     );
     let ctx = boot::BootContext::new(&b, dir.to_owned());
-    let inst = boot::start(&b.lazy.as_ref().unwrap().boot, &ctx)
-        .await
-        .expect("start");
+    let inst = start(&b, &ctx).await;
     std::fs::write(dir.join("leader.pid"), inst.pid().unwrap().to_string()).unwrap();
     tokio::time::sleep(Duration::from_secs(300)).await;
     drop(inst);

@@ -24,7 +24,8 @@ fn use_stand_in() {
     unsafe { std::env::set_var("PATH", joined) };
 }
 
-fn darling_builder(sshd: &Sshd) -> nix_lazy_builder::config::Builder {
+/// A darling builder whose prefix is the sshd fixture's directory, running `sshd_config`.
+fn darling_builder(sshd: &Sshd, sshd_config: &Path) -> nix_lazy_builder::config::Builder {
     builder(
         "darwin",
         &format!("ssh-ng://root@127.0.0.1:{}", sshd.port),
@@ -34,26 +35,22 @@ fn darling_builder(sshd: &Sshd) -> nix_lazy_builder::config::Builder {
         &format!(
             "kind = \"darling\"\nprefix = {}\nsshd-config = {}\n",
             toml_str(sshd.path().to_str().unwrap()),
-            toml_str(sshd.config.to_str().unwrap())
+            toml_str(sshd_config.to_str().unwrap())
         ),
     )
 }
 
 #[tokio::test]
 async fn darling_stand_in_boots_answers_and_shuts_down() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     use_stand_in();
     // The prefix is the sshd fixture's directory: its sshd_config, keys and own `nix/`.
     let sshd = Sshd::new();
-    let b = darling_builder(&sshd);
+    let b = darling_builder(&sshd, &sshd.config);
     let (_state, ctx) = context(&b);
 
     let t0 = Instant::now();
-    let mut inst = boot::start(&b.lazy.as_ref().unwrap().boot, &ctx)
-        .await
-        .expect("start");
+    let mut inst = start(&b, &ctx).await;
     assert_eq!(inst.ssh_port(), None);
     let pid = inst.pid().unwrap();
     let ready = boot::wait_ready(
@@ -121,27 +118,13 @@ async fn darling_stand_in_boots_answers_and_shuts_down() {
 
 #[tokio::test]
 async fn darling_sshd_that_fails_reports_its_last_line() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     use_stand_in();
     let sshd = Sshd::new();
     // A config path that does not exist in the prefix: sshd exits at once and says why.
-    let b = builder(
-        "darwin",
-        &format!("ssh-ng://root@127.0.0.1:{}", sshd.port),
-        &["x86_64-darwin"],
-        &sshd.client_key,
-        &sshd.host_key_line,
-        &format!(
-            "kind = \"darling\"\nprefix = {}\nsshd-config = \"/nonexistent/sshd_config\"\n",
-            toml_str(sshd.path().to_str().unwrap())
-        ),
-    );
+    let b = darling_builder(&sshd, Path::new("/nonexistent/sshd_config"));
     let (_state, ctx) = context(&b);
-    let mut inst = boot::start(&b.lazy.as_ref().unwrap().boot, &ctx)
-        .await
-        .expect("start");
+    let mut inst = start(&b, &ctx).await;
     let err = boot::wait_ready(
         &b,
         sshd.port,

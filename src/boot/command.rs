@@ -11,15 +11,14 @@
 
 use std::time::Instant;
 
-use super::child::{Child, SpawnSpec};
+use super::child::Child;
 use super::{
-    BootContext, BootError, Instance, Kind, StopHow, StopStep, base_env, find_program, fmt_elapsed,
-    open_log, run_stop_helper,
+    BootContext, BootError, Instance, Kind, StopHow, StopStep, after_stop_helper, base_env,
+    find_program, fmt_elapsed, run_stop_helper, spawn_logged,
 };
 use crate::config::CommandBoot;
 
 pub(super) struct Cmd {
-    builder: String,
     spec: CommandBoot,
     ctx: BootContext,
 }
@@ -33,32 +32,17 @@ pub(super) async fn start(spec: &CommandBoot, ctx: &BootContext) -> Result<Insta
     };
     let what = format!("boot command {program}");
     let path = find_program(program, &what)?;
-    let (log, out) = open_log(&ctx.dir, "command.log")?;
-    let err = out.try_clone().map_err(|source| BootError::Io {
-        what: "cannot duplicate the log file".into(),
-        path: log.clone(),
-        source,
-    })?;
-    let started = Instant::now();
-    let mut env = base_env(ctx);
-    env.extend(spec.environment.iter().map(|(k, v)| (k.into(), v.into())));
-    let child = Child::spawn(SpawnSpec {
-        program: path.clone(),
-        args: args.iter().map(Into::into).collect(),
-        env,
-        cwd: ctx.dir.clone(),
-        stdout: out,
-        stderr: err,
-    })
-    .map_err(|source| BootError::Spawn {
-        what: what.clone(),
-        program: path,
-        source,
-    })?;
+    let (child, log, started) = spawn_logged(
+        ctx,
+        &what,
+        path,
+        args.iter().map(Into::into).collect(),
+        spec.environment.iter().map(|(k, v)| (k.into(), v.into())),
+        "command.log",
+    )?;
     tracing::info!(builder = %ctx.builder, pid = child.pid(), command = ?spec.command, "boot command started");
     Ok(Instance {
         kind: Kind::Command(Cmd {
-            builder: ctx.builder.clone(),
             spec: spec.clone(),
             ctx: ctx.clone(),
         }),
@@ -72,7 +56,7 @@ pub(super) async fn start(spec: &CommandBoot, ctx: &BootContext) -> Result<Insta
 
 impl Cmd {
     pub(super) fn builder(&self) -> &str {
-        &self.builder
+        &self.ctx.builder
     }
 
     /// The stop command, or the stop signal; `Some` if the command is gone afterwards.
@@ -85,29 +69,19 @@ impl Cmd {
         let t0 = Instant::now();
         match &self.spec.stop_command {
             Some(stop) => {
-                match run_stop_command(&self.spec.environment, stop, &self.ctx, child.pid(), how)
-                    .await
-                {
-                    Ok(()) => {}
-                    Err(why) => {
-                        failed.push(format!("{}: {why}", StopStep::StopCommand));
-                        // The main command may still be on its way out; give it a moment.
-                        return child
-                            .wait_for(std::time::Duration::from_millis(200))
-                            .await
-                            .map(|_| StopStep::StopCommand);
-                    }
-                }
-                let left = how.graceful_timeout.saturating_sub(t0.elapsed());
-                if child.wait_for(left).await.is_some() {
-                    return Some(StopStep::StopCommand);
-                }
-                failed.push(format!(
-                    "{}: the command was still running {} later",
+                let ran =
+                    run_stop_command(&self.spec.environment, stop, &self.ctx, child.pid(), how)
+                        .await;
+                after_stop_helper(
+                    child,
                     StopStep::StopCommand,
-                    fmt_elapsed(how.graceful_timeout)
-                ));
-                None
+                    ran,
+                    t0,
+                    how,
+                    "the command",
+                    failed,
+                )
+                .await
             }
             None => {
                 let sig = self.spec.stop_signal.as_raw();

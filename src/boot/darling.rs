@@ -12,10 +12,10 @@
 
 use std::time::Instant;
 
-use super::child::{Child, SpawnSpec};
+use super::child::Child;
 use super::{
-    BootContext, BootError, Instance, Kind, StopHow, StopStep, base_env, find_program, fmt_elapsed,
-    open_log, run_stop_helper,
+    BootContext, BootError, Instance, Kind, StopHow, StopStep, after_stop_helper, base_env,
+    find_program, run_stop_helper, spawn_logged,
 };
 use crate::config::DarlingBoot;
 
@@ -23,7 +23,6 @@ use crate::config::DarlingBoot;
 const SSHD: &str = "/usr/sbin/sshd";
 
 pub(super) struct Container {
-    builder: String,
     spec: DarlingBoot,
     ctx: BootContext,
 }
@@ -41,32 +40,17 @@ pub(super) fn shell_args(spec: &DarlingBoot) -> Vec<String> {
 
 pub(super) async fn start(spec: &DarlingBoot, ctx: &BootContext) -> Result<Instance, BootError> {
     let darling = find_program("darling", "darling")?;
-    let (log, out) = open_log(&ctx.dir, "darling.log")?;
-    let err = out.try_clone().map_err(|source| BootError::Io {
-        what: "cannot duplicate the log file".into(),
-        path: log.clone(),
-        source,
-    })?;
-    let mut env = base_env(ctx);
-    env.push(("DPREFIX".into(), spec.prefix.clone().into_os_string()));
-    let started = Instant::now();
-    let child = Child::spawn(SpawnSpec {
-        program: darling.clone(),
-        args: shell_args(spec).into_iter().map(Into::into).collect(),
-        env,
-        cwd: ctx.dir.clone(),
-        stdout: out,
-        stderr: err,
-    })
-    .map_err(|source| BootError::Spawn {
-        what: "darling".into(),
-        program: darling,
-        source,
-    })?;
+    let (child, log, started) = spawn_logged(
+        ctx,
+        "darling",
+        darling,
+        shell_args(spec).into_iter().map(Into::into).collect(),
+        [("DPREFIX".into(), spec.prefix.clone().into_os_string())],
+        "darling.log",
+    )?;
     tracing::info!(builder = %ctx.builder, pid = child.pid(), prefix = %spec.prefix.display(), "darling sshd started");
     Ok(Instance {
         kind: Kind::Darling(Container {
-            builder: ctx.builder.clone(),
             spec: spec.clone(),
             ctx: ctx.clone(),
         }),
@@ -80,7 +64,7 @@ pub(super) async fn start(spec: &DarlingBoot, ctx: &BootContext) -> Result<Insta
 
 impl Container {
     pub(super) fn builder(&self) -> &str {
-        &self.builder
+        &self.ctx.builder
     }
 
     /// `darling shutdown`, then wait for the shell to end.
@@ -90,24 +74,18 @@ impl Container {
         how: &StopHow,
         failed: &mut Vec<String>,
     ) -> Option<StopStep> {
-        let step = StopStep::DarlingShutdown;
         let t0 = Instant::now();
-        if let Err(why) = self.shutdown(how).await {
-            failed.push(format!("{step}: {why}"));
-            return child
-                .wait_for(std::time::Duration::from_millis(200))
-                .await
-                .map(|_| step);
-        }
-        let left = how.graceful_timeout.saturating_sub(t0.elapsed());
-        if child.wait_for(left).await.is_some() {
-            return Some(step);
-        }
-        failed.push(format!(
-            "{step}: the shell was still running {} later",
-            fmt_elapsed(how.graceful_timeout)
-        ));
-        None
+        let ran = self.shutdown(how).await;
+        after_stop_helper(
+            child,
+            StopStep::DarlingShutdown,
+            ran,
+            t0,
+            how,
+            "the shell",
+            failed,
+        )
+        .await
     }
 
     async fn shutdown(&self, how: &StopHow) -> Result<(), String> {

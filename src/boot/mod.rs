@@ -513,6 +513,72 @@ fn base_env(ctx: &BootContext) -> Vec<(std::ffi::OsString, std::ffi::OsString)> 
     ]
 }
 
+/// Starts `program` in the state directory with [`base_env`] plus `env`, its stdout and stderr
+/// in the fresh log `log_name` (the older one rotated): the child, the log and when it started.
+fn spawn_logged(
+    ctx: &BootContext,
+    what: &str,
+    program: PathBuf,
+    args: Vec<std::ffi::OsString>,
+    env: impl IntoIterator<Item = (std::ffi::OsString, std::ffi::OsString)>,
+    log_name: &str,
+) -> Result<(child::Child, PathBuf, Instant), BootError> {
+    let (log, out) = open_log(&ctx.dir, log_name)?;
+    let err = out.try_clone().map_err(|source| BootError::Io {
+        what: "cannot duplicate the log file".into(),
+        path: log.clone(),
+        source,
+    })?;
+    let mut full_env = base_env(ctx);
+    full_env.extend(env);
+    let started = Instant::now();
+    let child = child::Child::spawn(child::SpawnSpec {
+        program: program.clone(),
+        args,
+        env: full_env,
+        cwd: ctx.dir.clone(),
+        stdout: out,
+        stderr: err,
+    })
+    .map_err(|source| BootError::Spawn {
+        what: what.to_owned(),
+        program,
+        source,
+    })?;
+    Ok((child, log, started))
+}
+
+/// The rest of a graceful step done by a stop helper (`stop-command`, `darling shutdown`) that
+/// started at `t0` and ended with `ran`: waits for the main process, `main` in the failure
+/// ("the command", "the shell"), for what is left of the graceful timeout.
+async fn after_stop_helper(
+    child: &mut child::Child,
+    step: StopStep,
+    ran: Result<(), String>,
+    t0: Instant,
+    how: &StopHow,
+    main: &str,
+    failed: &mut Vec<String>,
+) -> Option<StopStep> {
+    if let Err(why) = ran {
+        failed.push(format!("{step}: {why}"));
+        // The main process may still be on its way out; give it a moment.
+        return child
+            .wait_for(Duration::from_millis(200))
+            .await
+            .map(|_| step);
+    }
+    let left = how.graceful_timeout.saturating_sub(t0.elapsed());
+    if child.wait_for(left).await.is_some() {
+        return Some(step);
+    }
+    failed.push(format!(
+        "{step}: {main} was still running {} later",
+        fmt_elapsed(how.graceful_timeout)
+    ));
+    None
+}
+
 /// Runs a stop helper (`stop-command`, `darling shutdown`) to completion within `limit`, its
 /// output appended to `log`: `Ok` on exit status 0, else one line saying how it ended (with the
 /// last line it printed). A helper still running at the limit is killed.

@@ -137,11 +137,11 @@ pub struct Server {
 /// What one `stat` says about a file: any change means it was rewritten.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct FileId {
+    /// To the nanosecond; also tells whether the file has settled.
     mtime: SystemTime,
     dev: u64,
     ino: u64,
     size: u64,
-    mtime_ns: i128,
     ctime_ns: i128,
 }
 
@@ -154,7 +154,6 @@ fn file_id(path: &Path) -> Option<FileId> {
         dev: m.dev(),
         ino: m.ino(),
         size: m.size(),
-        mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
         ctime_ns: i128::from(m.ctime()) * 1_000_000_000 + i128::from(m.ctime_nsec()),
     })
 }
@@ -281,12 +280,7 @@ pub async fn bind(config: &Config, opts: &ServeOptions) -> Result<Bound, Supervi
         move |source| SuperviseError::StateDir { path, source }
     };
     ensure_private_dir(&state_dir).map_err(dir_err(&state_dir))?;
-    let lazy: Vec<Arc<Builder>> = config
-        .builders
-        .iter()
-        .filter(|b| b.is_lazy())
-        .map(|b| Arc::new(b.clone()))
-        .collect();
+    let lazy = lazy_builders(config);
     let builders_dir = state_dir.join(BUILDERS_DIR);
     ensure_private_dir(&builders_dir).map_err(dir_err(&builders_dir))?;
     for b in &lazy {
@@ -358,9 +352,7 @@ pub async fn bind(config: &Config, opts: &ServeOptions) -> Result<Bound, Supervi
         exit_after_idle: opts.auto.then_some(opts.exit_after_idle),
     };
     let machine = Machine::new(
-        lazy.iter()
-            .filter_map(|b| BuilderConfig::from_builder(b))
-            .collect(),
+        builder_configs(&lazy),
         settings,
         &history,
         Instant::now(),
@@ -389,6 +381,23 @@ pub async fn bind(config: &Config, opts: &ServeOptions) -> Result<Bound, Supervi
         machine,
         reloader: opts.config_path.clone().map(Reloader::new),
     })))
+}
+
+/// The lazy builders of `config`, in file order.
+fn lazy_builders(config: &Config) -> Vec<Arc<Builder>> {
+    config
+        .builders
+        .iter()
+        .filter(|b| b.is_lazy())
+        .map(|b| Arc::new(b.clone()))
+        .collect()
+}
+
+/// The machine's view of `lazy`.
+fn builder_configs(lazy: &[Arc<Builder>]) -> Vec<BuilderConfig> {
+    lazy.iter()
+        .filter_map(|b| BuilderConfig::from_builder(b))
+        .collect()
 }
 
 fn load_history(path: &Path) -> BootHistory {
@@ -485,12 +494,7 @@ impl Server {
                 self.state_dir.display()
             );
         }
-        let lazy: Vec<Arc<Builder>> = config
-            .builders
-            .iter()
-            .filter(|b| b.is_lazy())
-            .map(|b| Arc::new(b.clone()))
-            .collect();
+        let lazy = lazy_builders(&config);
         for b in &lazy {
             let dir = self.state_dir.join(BUILDERS_DIR).join(&b.name);
             if let Err(e) = ensure_private_dir(&dir) {
@@ -498,10 +502,7 @@ impl Server {
                 warn!("config reload: cannot create '{}': {e}", dir.display());
             }
         }
-        let cfgs: Vec<BuilderConfig> = lazy
-            .iter()
-            .filter_map(|b| BuilderConfig::from_builder(b))
-            .collect();
+        let cfgs = builder_configs(&lazy);
         info!(
             "config reloaded from '{}' ({}) in {:.1} ms: {} lazy builder(s): {}",
             path.display(),

@@ -330,6 +330,14 @@ impl Slot {
         Duration::from_millis(median)
     }
 
+    /// Up again after a drain was called off; the idle timer restarts unless a lease is held.
+    fn undrain(&mut self, now: Instant) {
+        self.phase = Phase::Up;
+        if self.leases == 0 {
+            self.idle_since = now;
+        }
+    }
+
     fn idle_stop_at(&self) -> Option<Instant> {
         match (self.phase, self.leases, self.cfg.idle_timeout) {
             (Phase::Up, 0, Some(t)) if !self.leased_since_up => {
@@ -364,6 +372,18 @@ pub struct Machine {
     last_generation: Generation,
     /// Why the last configuration reload failed, until one succeeds.
     config_error: Option<String>,
+}
+
+/// Answers each of `waiters` (`wait-ready` connections) with `status`.
+fn answer_waiters(waiters: Vec<(ConnId, Instant)>, status: &BuilderStatus, out: &mut Vec<Action>) {
+    for (conn, _) in waiters {
+        out.push(Action::Reply {
+            conn,
+            response: Response::Builder {
+                status: status.clone(),
+            },
+        });
+    }
 }
 
 fn ms(d: Duration) -> u64 {
@@ -636,15 +656,7 @@ impl Machine {
                 .partition(|(_, d)| *d <= now);
             self.slots[i].waiters = keep;
             if !due.is_empty() {
-                let status = self.slot_status(i, now);
-                for (conn, _) in due {
-                    out.push(Action::Reply {
-                        conn,
-                        response: Response::Builder {
-                            status: status.clone(),
-                        },
-                    });
-                }
+                answer_waiters(due, &self.slot_status(i, now), out);
             }
         }
         let all_gone = !self.slots.iter().any(|s| s.phase.has_instance());
@@ -753,14 +765,7 @@ impl Machine {
             return;
         }
         let status = self.slot_status(i, now);
-        for (conn, _) in std::mem::take(&mut self.slots[i].waiters) {
-            out.push(Action::Reply {
-                conn,
-                response: Response::Builder {
-                    status: status.clone(),
-                },
-            });
-        }
+        answer_waiters(std::mem::take(&mut self.slots[i].waiters), &status, out);
     }
 
     fn boot_succeeded(
@@ -876,10 +881,7 @@ impl Machine {
                 tracing::info!("config: builder '{}' is configured again", cfg.name);
                 s.removed = false;
                 if s.phase == Phase::Draining(DrainReason::Removed) {
-                    s.phase = Phase::Up;
-                    if s.leases == 0 {
-                        s.idle_since = now;
-                    }
+                    s.undrain(now);
                 }
             }
             if s.cfg != cfg {
@@ -919,14 +921,7 @@ impl Machine {
                     tracing::info!("config: builder '{}' removed", s.cfg.name);
                     // Nobody waits on a builder without an instance, but answer any anyway.
                     let status = self.status_of_slot(&s, now);
-                    for (conn, _) in std::mem::take(&mut s.waiters) {
-                        out.push(Action::Reply {
-                            conn,
-                            response: Response::Builder {
-                                status: status.clone(),
-                            },
-                        });
-                    }
+                    answer_waiters(std::mem::take(&mut s.waiters), &status, out);
                     continue;
                 }
                 Phase::Booting { .. } | Phase::Up if s.leases == 0 => {
@@ -1129,10 +1124,7 @@ impl Machine {
                     "builder '{}': boot requested while draining, kept up",
                     s.cfg.name
                 );
-                s.phase = Phase::Up;
-                if s.leases == 0 {
-                    s.idle_since = now;
-                }
+                s.undrain(now);
             }
             Phase::Draining(DrainReason::Removed) => {} // refused above
             Phase::Draining(DrainReason::Failure) => {
@@ -1141,10 +1133,7 @@ impl Machine {
                         "builder '{}': forced up while draining after a failure, kept up",
                         s.cfg.name
                     );
-                    s.phase = Phase::Up;
-                    if s.leases == 0 {
-                        s.idle_since = now;
-                    }
+                    s.undrain(now);
                 } else {
                     let reason = format!(
                         "builder '{}' is restarting after a failure and waits for {} build(s) to finish",

@@ -10,20 +10,18 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use nix_lazy_builder::boot::BootContext;
+use nix_lazy_builder::boot::{BootContext, Instance};
 use nix_lazy_builder::config::{Builder, Config};
 
-/// Panics unless the tests run as root (mount namespaces, sshd, QEMU's state dirs); returns
-/// true so tests can say `if !require_root() { return }` without a silent skip.
+/// Panics unless the tests run as root (mount namespaces, sshd, QEMU's state dirs).
 #[track_caller]
-pub fn require_root() -> bool {
+pub fn require_root() {
     // SAFETY: geteuid has no preconditions.
     let euid = unsafe { libc::geteuid() };
     assert_eq!(
         euid, 0,
         "the boot integration tests must run as root (private mount namespaces, sshd); euid is {euid}"
     );
-    true
 }
 
 /// A port that was free a moment ago.
@@ -170,6 +168,14 @@ pub fn context(builder: &Builder) -> (tempfile::TempDir, BootContext) {
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).expect("chmod");
     let ctx = BootContext::new(builder, dir.path().to_owned());
     (dir, ctx)
+}
+
+/// Starts `builder`'s boot section in `ctx`; panics if it cannot be started.
+pub async fn start(builder: &Builder, ctx: &BootContext) -> Instance {
+    let lazy = builder.lazy.as_ref().expect("a lazy builder");
+    nix_lazy_builder::boot::start(&lazy.boot, ctx)
+        .await
+        .expect("start")
 }
 
 /// Whether `pid` is a live process (a zombie counts as gone).
