@@ -277,17 +277,17 @@ impl Client {
         state_dir: &Path,
         config: Option<&Path>,
     ) -> Result<Client, ClientError> {
-        match Client::connect(state_dir).await {
+        let first = match Client::connect(state_dir).await {
             Ok(c) => return Ok(c),
             Err(e) if !nobody_there(&e) => return Err(e),
-            Err(_) => {}
-        }
+            Err(e) => e,
+        };
         let cmd = StartCommand::supervise(config).map_err(|source| ClientError::Spawn {
             socket: socket_path(state_dir),
             program: "the current executable".to_owned(),
             source,
         })?;
-        Client::connect_or_start_with(state_dir, &cmd).await
+        Client::start_and_connect(state_dir, &cmd, first).await
     }
 
     /// [`Client::connect_or_start`] with an explicit start command. Two callers racing end up
@@ -301,6 +301,16 @@ impl Client {
             Err(e) if !nobody_there(&e) => return Err(e),
             Err(e) => e,
         };
+        Client::start_and_connect(state_dir, cmd, first).await
+    }
+
+    /// Starts `cmd` detached since `first` said nobody serves, then connects to whichever
+    /// supervisor answers.
+    async fn start_and_connect(
+        state_dir: &Path,
+        cmd: &StartCommand,
+        first: ClientError,
+    ) -> Result<Client, ClientError> {
         tracing::debug!("no supervisor answers ({first}); starting one");
         let socket = socket_path(state_dir);
         let log = state_dir.join(LOG_NAME);
