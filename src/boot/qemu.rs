@@ -616,6 +616,18 @@ pub(super) async fn start(spec: &QemuBoot, ctx: &BootContext) -> Result<Instance
     })
 }
 
+/// Removes what a previous instance left at `path`, if anything; `what` names a failure.
+fn remove_old(path: &Path, what: &str) -> Result<(), BootError> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(BootError::Io {
+            what: what.into(),
+            path: path.to_owned(),
+            source: e,
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// Removes a file when dropped, unless disarmed (`.0 = None`).
 struct RemoveOnDrop(Option<PathBuf>);
 
@@ -652,17 +664,7 @@ async fn launch(
             source,
         })?
     };
-    match std::fs::remove_file(qmp_socket) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(source) => {
-            return Err(BootError::Io {
-                what: "cannot remove the old QMP socket".into(),
-                path: qmp_socket.to_owned(),
-                source,
-            });
-        }
-    }
+    remove_old(qmp_socket, "cannot remove the old QMP socket")?;
     let mut env = base_env(ctx);
     env.extend(cmd.env.iter().map(|(k, v)| (k.into(), v.into())));
     let started = Instant::now();
@@ -908,17 +910,7 @@ async fn create_overlay(
         path: disk.to_owned(),
         source,
     })?;
-    match std::fs::remove_file(overlay) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(source) => {
-            return Err(BootError::Io {
-                what: "cannot remove the old overlay".into(),
-                path: overlay.to_owned(),
-                source,
-            });
-        }
-    }
+    remove_old(overlay, "cannot remove the old overlay")?;
     run_qemu_img(
         binary,
         &[

@@ -178,8 +178,7 @@ async fn attempt(
     }
 }
 
-/// Host key and key-file problems: retrying cannot help.
-/// Failures no retry can fix. An authentication failure is retried on purpose: while a guest
+/// Failures no retry can fix (host key and key-file problems). An authentication failure is retried on purpose: while a guest
 /// boots, its sshd can answer before the authorized keys are in place.
 fn is_permanent(kind: &SshErrorKind) -> bool {
     matches!(
@@ -259,9 +258,13 @@ pub(super) async fn banner(host: &str, port: u16, wait: Duration) -> Result<Stri
     // Be polite to sshd: say nothing and close (it logs "did not receive identification").
     let _ = stream.shutdown().await;
     match outcome {
-        Err(_) if buf.is_empty() => Err("connected, but no banner within 1s".into()),
+        Err(_) if buf.is_empty() => Err(format!(
+            "connected, but no banner within {}",
+            humantime::format_duration(wait)
+        )),
         Err(_) => Err(format!(
-            "connected, but no SSH banner within 1s (got {:?})",
+            "connected, but no SSH banner within {} (got {:?})",
+            humantime::format_duration(wait),
             String::from_utf8_lossy(&buf[..buf.len().min(80)])
         )),
         Ok(Err(e)) => Err(format!("reading the banner: {e}")),
