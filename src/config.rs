@@ -2252,6 +2252,13 @@ mod tests {
         assert_eq!(keys[1].algorithm, "ecdsa-sha2-nistp256");
         assert_eq!(keys[0].blob().len(), 51);
         assert!(b.lazy.is_none());
+        // Unpadded base64 is accepted, like Nix's decoder.
+        let unpadded = b64(&format!("{ED25519}\n"))
+            .trim_end_matches('=')
+            .to_owned();
+        assert!(!unpadded.len().is_multiple_of(4), "{unpadded}");
+        let b = one(&format!("ssh://h x86_64-linux - 1 1 - - {unpadded}"));
+        assert!(matches!(&b.host_keys, HostKeys::Pinned(k) if k.len() == 1));
         assert_eq!(
             b.origin.to_string(),
             "machines line the 'builders' setting, line 1"

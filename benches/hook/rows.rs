@@ -277,6 +277,32 @@ pub struct TransferResult {
     pub nar_size: u64,
 }
 
+impl TransferResult {
+    fn new(nar_size: u64) -> Self {
+        TransferResult {
+            mbps: [Samples::new(), Samples::new()],
+            rss_mib: [Samples::new(), Samples::new()],
+            cpu_secs: [Samples::new(), Samples::new()],
+            nar_size,
+        }
+    }
+
+    /// Records run `i` of `hook` (`(secs, rss, cpu)` from [`Transfer::sampled`]) and says so.
+    fn record(&mut self, row: &str, shape: Shape, hook: Hook, i: usize, run: (f64, f64, f64)) {
+        let (secs, rss, cpu) = run;
+        let mbps = self.nar_size as f64 / secs / 1e6;
+        progress(&format!(
+            "{row} {} {} run {}: {secs:.2} s, {mbps:.0} MB/s, hook peak RSS {rss:.1} MiB, hook CPU {cpu:.2} s",
+            shape.label(),
+            hook.label(),
+            i + 1
+        ));
+        self.mbps[idx(hook)].push(mbps);
+        self.rss_mib[idx(hook)].push(rss);
+        self.cpu_secs[idx(hook)].push(cpu);
+    }
+}
+
 impl<'a> Transfer<'a> {
     pub fn new(ctx: &'a Ctx) -> Self {
         let remote = RemoteStore::start(RemoteOpts::new(Nix::Host));
@@ -355,7 +381,7 @@ impl<'a> Transfer<'a> {
             input = p;
         }
         fs::remove_dir_all(&tree).unwrap_or_else(|e| panic!("{}: {e}", tree.display()));
-        let nar_size = nar_size(&self.daemons[0], &input);
+        let nar_size = nar_size_of(&self.daemons[0], &input);
         progress(&format!(
             "{}: {input} ({nar_size} bytes) in every store after {:.1?}",
             shape.label(),
@@ -382,12 +408,7 @@ impl<'a> Transfer<'a> {
     /// run the remote's store is emptied, so every run uploads it whole.
     fn upload(&self, shape: Shape, input: &str, nar_size: u64) -> TransferResult {
         let ctx = self.ctx;
-        let mut res = TransferResult {
-            mbps: [Samples::new(), Samples::new()],
-            rss_mib: [Samples::new(), Samples::new()],
-            cpu_secs: [Samples::new(), Samples::new()],
-            nar_size,
-        };
+        let mut res = TransferResult::new(nar_size);
         for i in 0..ctx.runs {
             for hook in order(i) {
                 self.remote.nix_store(&["--gc"]).assert_success();
@@ -404,16 +425,7 @@ impl<'a> Transfer<'a> {
                     out.elapsed.as_secs_f64()
                 });
                 assert!(self.remote.is_valid(input), "{input} was not uploaded");
-                let mbps = nar_size as f64 / secs / 1e6;
-                progress(&format!(
-                    "P2 {} {} run {}: {secs:.2} s, {mbps:.0} MB/s, hook peak RSS {rss:.1} MiB, hook CPU {cpu:.2} s",
-                    shape.label(),
-                    hook.label(),
-                    i + 1
-                ));
-                res.mbps[idx(hook)].push(mbps);
-                res.rss_mib[idx(hook)].push(rss);
-                res.cpu_secs[idx(hook)].push(cpu);
+                res.record("P2", shape, hook, i, (secs, rss, cpu));
             }
         }
         res
@@ -433,18 +445,13 @@ impl<'a> Transfer<'a> {
         let built = self.remote.run_nix("nix-build", &["--no-out-link", &f]);
         built.assert_success();
         let out_path = built.stdout.trim().to_owned();
-        let nar_size = nar_size(&self.remote, &out_path);
+        let nar_size = nar_size_of(&self.remote, &out_path);
         progress(&format!(
             "P3 {}: {out_path} ({nar_size} bytes) built on the remote in {:.1?}",
             shape.label(),
             start.elapsed()
         ));
-        let mut res = TransferResult {
-            mbps: [Samples::new(), Samples::new()],
-            rss_mib: [Samples::new(), Samples::new()],
-            cpu_secs: [Samples::new(), Samples::new()],
-            nar_size,
-        };
+        let mut res = TransferResult::new(nar_size);
         for i in 0..ctx.runs {
             for hook in order(i) {
                 let d = &self.daemons[idx(hook)];
@@ -462,16 +469,7 @@ impl<'a> Transfer<'a> {
                 );
                 d.nix_store(&["--delete", &out_path]).assert_success();
                 settle();
-                let mbps = nar_size as f64 / secs / 1e6;
-                progress(&format!(
-                    "P3 {} {} run {}: {secs:.2} s, {mbps:.0} MB/s, hook peak RSS {rss:.1} MiB, hook CPU {cpu:.2} s",
-                    shape.label(),
-                    hook.label(),
-                    i + 1
-                ));
-                res.mbps[idx(hook)].push(mbps);
-                res.rss_mib[idx(hook)].push(rss);
-                res.cpu_secs[idx(hook)].push(cpu);
+                res.record("P3", shape, hook, i, (secs, rss, cpu));
             }
         }
         res
@@ -506,10 +504,6 @@ pub fn p3_expr(shape: Shape, input: &str) -> String {
         "derivation {{\n  name = \"nlb-bench-p3-{}\";\n  system = \"aarch64-linux\";\n  builder = \"/bin/sh\";\n  input = builtins.storePath \"{input}\";\n  args = [ \"-c\" \"{copy}\" ];\n}}\n",
         shape.slug()
     )
-}
-
-fn nar_size(store: &impl StoreQueries, path: &str) -> u64 {
-    nar_size_of(store, path)
 }
 
 fn nar_size_of(store: &impl StoreQueries, path: &str) -> u64 {
