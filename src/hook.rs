@@ -270,12 +270,10 @@ async fn run(args: HookArgs, fd4: Option<OwnedFd>) -> Result<u8, HookError> {
     // Builders whose connection failed in this process, with why (Nix disables them too).
     let mut failed: Vec<Option<String>> = vec![None; table.builders.len()];
     // Always-on builders that failed in an earlier hook process, until their backoff runs out
-    // (lazy builders have the supervisor's memory).
-    let memory = if table.builders.iter().any(|b| !b.is_lazy()) {
-        FailureMemory::open(&cfg.supervisor.state_dir)
-    } else {
-        FailureMemory::disabled()
-    };
+    // (lazy builders have the supervisor's memory). Opened (its directory made) on the first
+    // `try` an always-on builder matches, not before the first reply.
+    let memory_cell = std::cell::OnceCell::new();
+    let memory = || memory_cell.get_or_init(|| FailureMemory::open(&cfg.supervisor.state_dir));
 
     loop {
         let req = match stdin.decode("a request", Request::decode).await {
@@ -317,7 +315,7 @@ async fn run(args: HookArgs, fd4: Option<OwnedFd>) -> Result<u8, HookError> {
             .map(|i| {
                 let b = &table.builders[i];
                 (!b.is_lazy() && matching.contains(&i))
-                    .then(|| memory.availability(b, now))
+                    .then(|| memory().availability(b, now))
                     .flatten()
             })
             .collect();
@@ -409,7 +407,7 @@ async fn run(args: HookArgs, fd4: Option<OwnedFd>) -> Result<u8, HookError> {
                         l.stop_progress();
                     }
                     if !b.is_lazy() {
-                        memory.clear(b);
+                        memory().clear(b);
                     }
                     let drv = match drv.take() {
                         Some(d) => d,
@@ -439,7 +437,7 @@ async fn run(args: HookArgs, fd4: Option<OwnedFd>) -> Result<u8, HookError> {
                     let cause = format!("connection failed: {e}");
                     if !b.is_lazy()
                         && let Some(r) =
-                            memory.record_failure(b, &cause, std::time::SystemTime::now())
+                            memory().record_failure(b, &cause, std::time::SystemTime::now())
                     {
                         tracing::debug!(
                             builder = %b.name,

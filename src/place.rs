@@ -649,6 +649,14 @@ mod tests {
         }
     }
 
+    /// An empty store directory, an output path in it, and the NAR of [`source_tree`].
+    fn store_and_nar() -> (tempfile::TempDir, PathBuf, Vec<u8>) {
+        let nar = nar_of(source_tree().path());
+        let store = tempfile::tempdir().unwrap();
+        let dest = store.path().join("00000000000000000000000000000000-out");
+        (store, dest, nar)
+    }
+
     fn source_tree() -> tempfile::TempDir {
         let src = tempfile::tempdir().unwrap();
         std::fs::create_dir(src.path().join("sub")).unwrap();
@@ -659,10 +667,7 @@ mod tests {
 
     #[test]
     fn unpacks_verifies_and_cleans_up_when_not_registered() {
-        let src = source_tree();
-        let nar = nar_of(src.path());
-        let store = tempfile::tempdir().unwrap();
-        let dest = store.path().join("00000000000000000000000000000000-out");
+        let (_store, dest, nar) = store_and_nar();
         // A stale half-written path is replaced.
         std::fs::create_dir(&dest).unwrap();
         std::fs::write(dest.join("junk"), b"x").unwrap();
@@ -676,10 +681,7 @@ mod tests {
 
     #[test]
     fn hash_mismatch_and_truncation_leave_nothing() {
-        let src = source_tree();
-        let nar = nar_of(src.path());
-        let store = tempfile::tempdir().unwrap();
-        let dest = store.path().join("00000000000000000000000000000000-out");
+        let (_store, dest, nar) = store_and_nar();
         let mut bad = expected_for(&dest, &nar);
         bad.nar_hash = Sha256::digest(b"something else");
         let mut placed = Placed::new();
@@ -697,10 +699,7 @@ mod tests {
 
     #[test]
     fn failed_unpacks_leave_no_temporary_directory_and_stale_ones_are_swept() {
-        let src = source_tree();
-        let nar = nar_of(src.path());
-        let store = tempfile::tempdir().unwrap();
-        let dest = store.path().join("00000000000000000000000000000000-out");
+        let (store, dest, nar) = store_and_nar();
         let mut bad = expected_for(&dest, &nar);
         bad.nar_hash = Sha256::digest(b"x");
         assert!(Placed::new().unpack(bad, &nar[..]).is_err());
