@@ -141,8 +141,7 @@ fn a_builder_that_accepts_tcp_and_hangs_is_given_up_within_15s_and_remembered() 
     let refused = format!("cannot build on '{}'", hang.uri());
 
     let started = Instant::now();
-    let build = Background::nix_build(&daemon, &first.build_args());
-    let mut build = build;
+    let mut build = Background::nix_build(&daemon, &first.build_args());
     build.wait_line(&refused, Duration::from_secs(60));
     let gave_up = line_instant(&build, started, &refused);
     let out = build.finish(Duration::from_secs(120));
@@ -181,13 +180,7 @@ fn a_builder_that_accepts_tcp_and_hangs_is_given_up_within_15s_and_remembered() 
 
     // The next hook process skips it: no new connection, no 15 s wait.
     let second = BigDrv::new("fault-hang-2").prepare(&daemon);
-    let again = daemon.nix_build(
-        &second
-            .build_args()
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-    );
+    let again = second.nix_build(&daemon);
     again.assert_success();
     second.assert_built(&daemon);
     eprintln!(
@@ -211,15 +204,13 @@ fn a_hanging_only_builder_fails_at_once_while_it_backs_off_and_the_backoff_grows
     opts.machines = Some(hang.machines_line(&keys, 1) + "\n");
     let daemon = LocalDaemon::start(opts);
     let paths = BigDrv::new("fault-hang-only").prepare(&daemon);
-    let args: Vec<String> = paths.build_args();
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let refused = format!("cannot build on '{}'", hang.uri());
     let nix_gave_up = format!(
         "error: a 'aarch64-linux' with features {{}} is required to build '{}'",
         paths.drv
     );
 
-    let first = daemon.nix_build(&args);
+    let first = paths.nix_build(&daemon);
     first.assert_failure();
     assert!(first.stderr.contains(&refused), "{first}");
     assert!(first.stderr.contains(&nix_gave_up), "{first}");
@@ -228,7 +219,7 @@ fn a_hanging_only_builder_fails_at_once_while_it_backs_off_and_the_backoff_grows
     assert_eq!(hang.accepts().len(), 1);
 
     // Right after: declined at once, with one line naming the builder, the cause and the wait.
-    let second = daemon.nix_build(&args);
+    let second = paths.nix_build(&daemon);
     second.assert_failure();
     assert!(second.stderr.contains(&nix_gave_up), "{second}");
     assert!(!second.stderr.contains(&refused), "{second}");
@@ -251,14 +242,14 @@ fn a_hanging_only_builder_fails_at_once_while_it_backs_off_and_the_backoff_grows
     thread::sleep(
         (failed_at + Duration::from_millis(10_500)).saturating_duration_since(Instant::now()),
     );
-    let third = daemon.nix_build(&args);
+    let third = paths.nix_build(&daemon);
     third.assert_failure();
     assert!(third.stderr.contains(&refused), "{third}");
     assert_eq!(hang.accepts().len(), 2, "not tried again after the backoff");
     let recs = records(&daemon);
     assert_eq!(recs.len(), 1, "{recs:?}");
     assert_eq!(recs[0]["consecutive"], 2, "{recs:?}");
-    let fourth = daemon.nix_build(&args);
+    let fourth = paths.nix_build(&daemon);
     fourth.assert_failure();
     let line = fourth
         .stderr

@@ -203,13 +203,7 @@ fn hook_killed(phase: Phase, kill: Kill, scheme: Scheme) {
     // Not wedged: the next build succeeds on the same machine, and its hook sweeps what the
     // killed one left.
     let next = BigDrv::new(&format!("{name}-next")).prepare(&daemon);
-    let again = daemon.nix_build(
-        &next
-            .build_args()
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-    );
+    let again = next.nix_build(&daemon);
     again.assert_success();
     next.assert_built(&daemon);
     assert_store_clean(&daemon, &format!("{test}, after the next build"));

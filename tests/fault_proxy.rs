@@ -86,13 +86,7 @@ fn corrupted_reply(c: Corruption, scheme: Scheme) {
     let daemon = LocalDaemon::start(opts);
     let paths = BigDrv::new(&name).with_marker().prepare(&daemon);
 
-    let out = daemon.nix_build(
-        &paths
-            .build_args()
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-    );
+    let out = paths.nix_build(&daemon);
     out.assert_failure();
     let injected = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(
@@ -134,13 +128,7 @@ fn corrupted_reply(c: Corruption, scheme: Scheme) {
     let next = BigDrv::new(&format!("{name}-next"))
         .with_marker()
         .prepare(&daemon);
-    let again = daemon.nix_build(
-        &next
-            .build_args()
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-    );
+    let again = next.nix_build(&daemon);
     again.assert_success();
     next.assert_built(&daemon);
     assert_eq!(

@@ -80,13 +80,7 @@ fn remote_killed(phase: Phase, scheme: Scheme) {
     )
     .expect("rewrite the machines file");
     let next = BigDrv::new(&format!("{name}-next")).prepare(&daemon);
-    let again = daemon.nix_build(
-        &next
-            .build_args()
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-    );
+    let again = next.nix_build(&daemon);
     again.assert_success();
     next.assert_built(&daemon);
     assert!(fresh.is_valid(&next.out), "not built on the fresh remote");

@@ -114,13 +114,7 @@ fn supervisor_killed_while_builds_hold_leases() {
 
     // The next build starts a new supervisor, which boots the machine again.
     let next = BigDrv::new("fault-sup-next").prepare(&daemon);
-    let again = daemon.nix_build(
-        &next
-            .build_args()
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-    );
+    let again = next.nix_build(&daemon);
     again.assert_success();
     next.assert_built(&daemon);
     let new = cfg.supervisor_pid().expect("a new supervisor");

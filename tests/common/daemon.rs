@@ -308,11 +308,7 @@ impl LocalDaemon {
         self.processes()
             .into_iter()
             .filter(|(p, _)| std::fs::read_link(format!("/proc/{p}/exe")).is_ok_and(|e| e == exe))
-            .filter(|(_, argv)| {
-                !argv
-                    .iter()
-                    .any(|a| ["supervise", "status", "up", "down", "doctor"].contains(&a.as_str()))
-            })
+            .filter(|(_, argv)| super::lazy::is_hook_argv(argv))
             .map(|(p, _)| p)
             .collect()
     }

@@ -13,10 +13,10 @@
 //! process behind after drop.
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -74,7 +74,7 @@ impl LazyRemote {
         let ssh = b.join("ssh");
         let host_key_line = super::remote::prepare_remote_dir(&b, &opts, &group, "nlb-lazy-remote");
 
-        let port = free_port();
+        let port = super::remote::free_port();
         let home = b.join("home");
         // NIX_CONF_DIR: under the Darling stand-in `/etc/nix` is not this machine's.
         write(
@@ -574,26 +574,31 @@ pub struct KillMentioning(pub PathBuf);
 
 impl Drop for KillMentioning {
     fn drop(&mut self) {
-        let needle = self.0.to_string_lossy().into_owned();
-        let Ok(dir) = std::fs::read_dir("/proc") else {
-            return;
-        };
-        for pid in dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok()) {
-            if cmdline(pid).is_some_and(|argv| argv.iter().any(|a| a.contains(&needle))) {
-                eprintln!("killing leftover process {pid} of {needle}");
-                // SAFETY: kill(2) on a process that names this run's own temp directory.
-                unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
-            }
+        let needle = self.0.display();
+        for (pid, _) in processes_mentioning(&self.0) {
+            eprintln!("killing leftover process {pid} of {needle}");
+            // SAFETY: kill(2) on a process that names this run's own temp directory.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
         }
     }
 }
 
+/// Live processes whose command line names `dir` (a test's own state directory), with their
+/// argv.
+pub fn processes_mentioning(dir: &Path) -> Vec<(u32, Vec<String>)> {
+    let needle = dir.to_string_lossy().into_owned();
+    all_pids()
+        .into_iter()
+        .filter(|&p| alive(p))
+        .filter_map(|p| Some((p, cmdline(p)?)))
+        .filter(|(_, argv)| argv.iter().any(|a| a.contains(&needle)))
+        .collect()
+}
+
 /// Live processes running `exe` (by `/proc/PID/exe`), with their argv.
 pub fn processes_of(exe: &Path) -> Vec<(u32, Vec<String>)> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+    all_pids()
+        .into_iter()
         .filter(|&p| std::fs::read_link(format!("/proc/{p}/exe")).is_ok_and(|e| e == exe))
         .filter(|&p| alive(p))
         .filter_map(|p| Some((p, cmdline(p)?)))
@@ -604,13 +609,16 @@ pub fn processes_of(exe: &Path) -> Vec<(u32, Vec<String>)> {
 pub fn hook_pids() -> Vec<u32> {
     processes_of(&lazy_binary())
         .into_iter()
-        .filter(|(_, argv)| {
-            !argv
-                .iter()
-                .any(|a| ["supervise", "status", "up", "down", "doctor"].contains(&a.as_str()))
-        })
+        .filter(|(_, argv)| is_hook_argv(argv))
         .map(|(p, _)| p)
         .collect()
+}
+
+/// Whether our binary's `argv` is a hook's: not `supervise`, not a CLI command.
+pub(crate) fn is_hook_argv(argv: &[String]) -> bool {
+    !argv
+        .iter()
+        .any(|a| ["supervise", "status", "up", "down", "doctor"].contains(&a.as_str()))
 }
 
 fn all_pids() -> Vec<u32> {
@@ -627,99 +635,206 @@ fn mnt_ns_of(pid: &str) -> Option<String> {
         .map(|p| p.to_string_lossy().into_owned())
 }
 
-/// One stderr line of a [`run_streaming`] command and when it arrived (from the start).
+/// One stderr line of a [`Background`] command and when it arrived (from the start).
 #[derive(Clone, Debug)]
 pub struct TimedLine {
     pub at: Duration,
     pub text: String,
 }
 
+/// A client command running in the background, its stderr lines collected with their times.
+/// Dropping it kills the command (by pid) if it still runs.
+pub struct Background {
+    child: Child,
+    argv: Vec<String>,
+    start: Instant,
+    lines: Arc<Mutex<Vec<TimedLine>>>,
+    err: Option<thread::JoinHandle<()>>,
+    out: Option<thread::JoinHandle<Vec<u8>>>,
+}
+
+impl Background {
+    /// `nix-build --no-out-link ARGS…` through `daemon`.
+    pub fn nix_build(daemon: &LocalDaemon, args: &[String]) -> Self {
+        let mut c = daemon.client_command("nix-build");
+        c.arg("--no-out-link").args(args);
+        Self::spawn(&mut c)
+    }
+
+    /// Starts `cmd` with no stdin, its stdout and stderr captured.
+    pub fn spawn(cmd: &mut Command) -> Self {
+        let argv: Vec<String> = std::iter::once(cmd.get_program())
+            .chain(cmd.get_args())
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let start = Instant::now();
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start `{}`: {e}", argv.join(" ")));
+        let lines: Arc<Mutex<Vec<TimedLine>>> = Arc::default();
+        let err = child.stderr.take().map(|pipe| {
+            let lines = lines.clone();
+            thread::spawn(move || {
+                let mut r = BufReader::new(pipe);
+                let mut buf = Vec::new();
+                loop {
+                    buf.clear();
+                    match r.read_until(b'\n', &mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(_) => {
+                            let text = String::from_utf8_lossy(&buf).trim_end().to_owned();
+                            let at = start.elapsed();
+                            lines
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .push(TimedLine { at, text });
+                        }
+                    }
+                }
+            })
+        });
+        let out = child.stdout.take().map(|mut pipe| {
+            thread::spawn(move || {
+                let mut s = Vec::new();
+                let _ = pipe.read_to_end(&mut s);
+                s
+            })
+        });
+        Background {
+            child,
+            argv,
+            start,
+            lines,
+            err,
+            out,
+        }
+    }
+
+    pub fn elapsed(&self) -> Duration {
+        self.start.elapsed()
+    }
+
+    pub fn is_finished(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
+    /// The stderr lines so far, with their times.
+    pub fn timed_lines(&self) -> Vec<TimedLine> {
+        self.lines.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn stderr_so_far(&self) -> String {
+        self.lines
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|l| l.text.as_str())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// When a stderr line containing `needle` arrived, if one has.
+    pub fn line_at(&self, needle: &str) -> Option<Duration> {
+        self.lines
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .find(|l| l.text.contains(needle))
+            .map(|l| l.at)
+    }
+
+    /// Waits for a stderr line containing `needle`; panics (with what was printed) if the
+    /// command ends first or `limit` passes.
+    #[track_caller]
+    pub fn wait_line(&mut self, needle: &str, limit: Duration) -> Duration {
+        let t0 = Instant::now();
+        loop {
+            if let Some(at) = self.line_at(needle) {
+                return at;
+            }
+            if self.is_finished() {
+                // Its last lines may still be in the pipe.
+                thread::sleep(Duration::from_millis(100));
+                if let Some(at) = self.line_at(needle) {
+                    return at;
+                }
+                panic!(
+                    "`{}` ended before printing {needle:?}:\n{}",
+                    self.argv.join(" "),
+                    self.stderr_so_far()
+                );
+            }
+            assert!(
+                t0.elapsed() < limit,
+                "no {needle:?} within {limit:?}:\n{}",
+                self.stderr_so_far()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits for the command to end (killing it and panicking with its stderr once `limit`
+    /// has passed since the start) and returns what it printed.
+    #[track_caller]
+    pub fn finish(mut self, limit: Duration) -> CmdOutput {
+        let status = loop {
+            match self.child.try_wait() {
+                Ok(Some(s)) => break s,
+                Ok(None) if self.start.elapsed() > limit => {
+                    // SAFETY: kill(2) on our own unreaped child.
+                    unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGKILL) };
+                    let _ = self.child.wait();
+                    panic!(
+                        "`{}` did not finish within {limit:?}; killed it.\n--- stderr ---\n{}",
+                        self.argv.join(" "),
+                        self.stderr_so_far()
+                    );
+                }
+                Ok(None) => thread::sleep(Duration::from_millis(5)),
+                Err(e) => panic!("waiting for `{}`: {e}", self.argv.join(" ")),
+            }
+        };
+        let elapsed = self.start.elapsed();
+        if let Some(h) = self.err.take() {
+            let _ = h.join();
+        }
+        let stdout = self
+            .out
+            .take()
+            .and_then(|h| h.join().ok())
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default();
+        CmdOutput {
+            argv: std::mem::take(&mut self.argv),
+            status,
+            stdout,
+            stderr: self.stderr_so_far(),
+            elapsed,
+        }
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            // SAFETY: kill(2) on our own unreaped child.
+            unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGKILL) };
+            let _ = self.child.wait();
+        }
+    }
+}
+
 /// [`run_command`] that also records when each stderr line arrived.
 #[track_caller]
 pub fn run_streaming(cmd: &mut Command, timeout: Duration) -> (CmdOutput, Vec<TimedLine>) {
-    let argv: Vec<String> = std::iter::once(cmd.get_program())
-        .chain(cmd.get_args())
-        .map(|a| a.to_string_lossy().into_owned())
-        .collect();
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let start = Instant::now();
-    let mut child = cmd
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start `{}`: {e}", argv.join(" ")));
-    let lines: Arc<Mutex<Vec<TimedLine>>> = Arc::default();
-    let err = child.stderr.take().map(|pipe| {
-        let lines = lines.clone();
-        thread::spawn(move || {
-            let mut r = BufReader::new(pipe);
-            let mut buf = Vec::new();
-            loop {
-                buf.clear();
-                match r.read_until(b'\n', &mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => {
-                        let text = String::from_utf8_lossy(&buf).trim_end().to_owned();
-                        let at = start.elapsed();
-                        lines
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .push(TimedLine { at, text });
-                    }
-                }
-            }
-        })
-    });
-    let out = child.stdout.take().map(|mut pipe| {
-        thread::spawn(move || {
-            let mut s = Vec::new();
-            let _ = std::io::Read::read_to_end(&mut pipe, &mut s);
-            s
-        })
-    });
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(s)) => break s,
-            Ok(None) if start.elapsed() > timeout => {
-                // SAFETY: kill(2) on our own unreaped child.
-                unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGKILL) };
-                let _ = child.wait();
-                let got = lines.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                let text: Vec<String> = got.into_iter().map(|l| l.text).collect();
-                panic!(
-                    "`{}` did not finish within {timeout:?}; killed it.\n--- stderr ---\n{}",
-                    argv.join(" "),
-                    text.join("\n")
-                );
-            }
-            Ok(None) => thread::sleep(Duration::from_millis(5)),
-            Err(e) => panic!("waiting for `{}`: {e}", argv.join(" ")),
-        }
-    };
-    let elapsed = start.elapsed();
-    if let Some(h) = err {
-        let _ = h.join();
-    }
-    let stdout = out
-        .and_then(|h| h.join().ok())
-        .map(|b| String::from_utf8_lossy(&b).into_owned())
-        .unwrap_or_default();
+    let bg = Background::spawn(cmd);
+    let lines = bg.lines.clone();
+    let out = bg.finish(timeout);
     let timed = lines.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    let stderr = timed
-        .iter()
-        .map(|l| l.text.as_str())
-        .collect::<Vec<_>>()
-        .join("\n");
-    (
-        CmdOutput {
-            argv,
-            status,
-            stdout,
-            stderr,
-            elapsed,
-        },
-        timed,
-    )
+    (out, timed)
 }
 
 /// `nix-build --no-out-link ARGS…` through `daemon`, with timestamped stderr lines.
@@ -728,23 +843,4 @@ pub fn nix_build_streaming(daemon: &LocalDaemon, args: &[&str]) -> (CmdOutput, V
     let mut c = daemon.client_command("nix-build");
     c.arg("--no-out-link").args(args);
     run_streaming(&mut c, DEFAULT_COMMAND_TIMEOUT)
-}
-
-fn keygen(path: &Path, comment: &str) {
-    let mut c = Command::new("ssh-keygen");
-    c.args(["-q", "-t", "ed25519", "-N", "", "-C", comment, "-f"])
-        .arg(path);
-    run_command(&mut c, None, Duration::from_secs(30)).assert_success();
-}
-
-fn read(p: &Path) -> String {
-    std::fs::read_to_string(p).unwrap_or_else(|e| panic!("cannot read {}: {e}", p.display()))
-}
-
-fn free_port() -> u16 {
-    let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .unwrap_or_else(|e| panic!("cannot bind 127.0.0.1:0: {e}"));
-    l.local_addr()
-        .unwrap_or_else(|e| panic!("local_addr: {e}"))
-        .port()
 }

@@ -1,9 +1,9 @@
 //! Shared pieces of the fault-injection tests (`tests/fault_*.rs`): a seeded random source
 //! whose seed is printed (replay a failure with `NLB_FAULT_SEED=<seed>`), derivations with a
-//! large input, a slow build and a large output, a `nix-build` running in the background whose
-//! stderr lines can be waited for, waits for "a random point within a phase" (by bytes
-//! transferred or by time into the build), and the checks every fault ends with: nothing
-//! invalid or partial in the local store, no stray process in the daemon's namespace.
+//! large input, a slow build and a large output, waits for "a random point within a phase" of
+//! a [`Background`] `nix-build` (by bytes transferred or by time into the build), and the
+//! checks every fault ends with: nothing invalid or partial in the local store, no stray
+//! process in the daemon's namespace.
 //!
 //! Must never: pick a fault point it cannot reproduce from the printed seed, declare a phase
 //! reached without seeing it (the bytes on disk, the build's own log line), or signal a
@@ -11,10 +11,7 @@
 
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -232,6 +229,13 @@ impl BigPaths {
         ]
     }
 
+    /// `nix-build` of both outputs through `daemon`, to completion.
+    #[track_caller]
+    pub fn nix_build(&self, daemon: &LocalDaemon) -> CmdOutput {
+        let args = self.build_args();
+        daemon.nix_build(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    }
+
     /// Both outputs valid with their contents, built from the input we sent.
     #[track_caller]
     pub fn assert_built(&self, store: &impl StoreQueries) {
@@ -263,186 +267,6 @@ impl BigPaths {
         for p in [&self.out, &self.dev] {
             assert!(!store.is_valid(p), "{what}: {p} is valid");
             assert!(!store.exists_on_disk(p), "{what}: {p} is on disk");
-        }
-    }
-}
-
-// ------------------------------------------------------------------------------------------------
-// A nix-build in the background
-
-/// A client command running in the background, its stderr lines collected with their times.
-pub struct Background {
-    child: Child,
-    argv: Vec<String>,
-    start: Instant,
-    lines: Arc<Mutex<Vec<TimedLine>>>,
-    err: Option<thread::JoinHandle<()>>,
-    out: Option<thread::JoinHandle<Vec<u8>>>,
-}
-
-impl Background {
-    /// `nix-build --no-out-link ARGS…` through `daemon`.
-    pub fn nix_build(daemon: &LocalDaemon, args: &[String]) -> Self {
-        let mut c = daemon.client_command("nix-build");
-        c.arg("--no-out-link").args(args);
-        Self::spawn(c)
-    }
-
-    pub fn spawn(mut cmd: Command) -> Self {
-        let argv: Vec<String> = std::iter::once(cmd.get_program())
-            .chain(cmd.get_args())
-            .map(|a| a.to_string_lossy().into_owned())
-            .collect();
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let start = Instant::now();
-        let mut child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start `{}`: {e}", argv.join(" ")));
-        let lines: Arc<Mutex<Vec<TimedLine>>> = Arc::default();
-        let err = child.stderr.take().map(|pipe| {
-            let lines = lines.clone();
-            thread::spawn(move || {
-                let mut r = BufReader::new(pipe);
-                let mut buf = Vec::new();
-                loop {
-                    buf.clear();
-                    match r.read_until(b'\n', &mut buf) {
-                        Ok(0) | Err(_) => break,
-                        Ok(_) => {
-                            let text = String::from_utf8_lossy(&buf).trim_end().to_owned();
-                            let at = start.elapsed();
-                            lines
-                                .lock()
-                                .unwrap_or_else(|p| p.into_inner())
-                                .push(TimedLine { at, text });
-                        }
-                    }
-                }
-            })
-        });
-        let out = child.stdout.take().map(|mut pipe| {
-            thread::spawn(move || {
-                let mut s = Vec::new();
-                let _ = pipe.read_to_end(&mut s);
-                s
-            })
-        });
-        Background {
-            child,
-            argv,
-            start,
-            lines,
-            err,
-            out,
-        }
-    }
-
-    pub fn elapsed(&self) -> Duration {
-        self.start.elapsed()
-    }
-
-    pub fn is_finished(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(Some(_)))
-    }
-
-    pub fn stderr_so_far(&self) -> String {
-        self.lines
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .map(|l| l.text.clone())
-            .collect::<Vec<_>>()
-            .join("\n")
-    }
-
-    /// When a stderr line containing `needle` arrived, if one has.
-    pub fn line_at(&self, needle: &str) -> Option<Duration> {
-        self.lines
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .find(|l| l.text.contains(needle))
-            .map(|l| l.at)
-    }
-
-    /// Waits for a stderr line containing `needle`; panics (with what was printed) if the
-    /// command ends first or `limit` passes.
-    #[track_caller]
-    pub fn wait_line(&mut self, needle: &str, limit: Duration) -> Duration {
-        let t0 = Instant::now();
-        loop {
-            if let Some(at) = self.line_at(needle) {
-                return at;
-            }
-            if self.is_finished() {
-                // Its last lines may still be in the pipe.
-                thread::sleep(Duration::from_millis(100));
-                if let Some(at) = self.line_at(needle) {
-                    return at;
-                }
-                panic!(
-                    "`{}` ended before printing {needle:?}:\n{}",
-                    self.argv.join(" "),
-                    self.stderr_so_far()
-                );
-            }
-            assert!(
-                t0.elapsed() < limit,
-                "no {needle:?} within {limit:?}:\n{}",
-                self.stderr_so_far()
-            );
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Waits for the command to end (killing it after `limit`) and returns what it printed.
-    #[track_caller]
-    pub fn finish(mut self, limit: Duration) -> CmdOutput {
-        let status = loop {
-            match self.child.try_wait() {
-                Ok(Some(s)) => break s,
-                Ok(None) if self.start.elapsed() > limit => {
-                    // SAFETY: kill(2) on our own unreaped child.
-                    unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGKILL) };
-                    let _ = self.child.wait();
-                    panic!(
-                        "`{}` did not finish within {limit:?}; killed it:\n{}",
-                        self.argv.join(" "),
-                        self.stderr_so_far()
-                    );
-                }
-                Ok(None) => thread::sleep(Duration::from_millis(10)),
-                Err(e) => panic!("waiting for `{}`: {e}", self.argv.join(" ")),
-            }
-        };
-        let elapsed = self.start.elapsed();
-        if let Some(h) = self.err.take() {
-            let _ = h.join();
-        }
-        let stdout = self
-            .out
-            .take()
-            .and_then(|h| h.join().ok())
-            .map(|b| String::from_utf8_lossy(&b).into_owned())
-            .unwrap_or_default();
-        CmdOutput {
-            argv: self.argv.clone(),
-            status,
-            stdout,
-            stderr: self.stderr_so_far(),
-            elapsed,
-        }
-    }
-}
-
-impl Drop for Background {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            // SAFETY: kill(2) on our own unreaped child.
-            unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGKILL) };
-            let _ = self.child.wait();
         }
     }
 }
