@@ -22,20 +22,12 @@ use nix_lazy_builder::supervisor::proto::State;
 
 const BUILDER: &str = "vm-aarch64";
 
-/// Held while a test runs VMs: the lock file `boot_support::one_vm_test_at_a_time` takes.
-struct VmLock(#[allow(dead_code)] std::fs::File);
-
-fn one_vm_test_at_a_time() -> VmLock {
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(std::env::temp_dir().join("nix-lazy-builder-boot-vm-tests.lock"))
-        .expect("open the VM test lock");
-    use std::os::fd::AsRawFd;
-    // SAFETY: flock on an open file descriptor.
-    assert_eq!(unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) }, 0);
-    VmLock(file)
+/// The lock `tests/boot_qemu.rs` takes (one VM test at a time), from this synchronous test.
+fn one_vm_test_at_a_time() -> boot_support::VmLock {
+    tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("a runtime")
+        .block_on(boot_support::one_vm_test_at_a_time())
 }
 
 /// The image's generated builder table with `extra` builder keys (lines) added to

@@ -45,13 +45,16 @@ mod remote;
 mod store;
 
 pub use daemon::{DaemonOpts, LocalDaemon};
+pub(crate) use daemon::{set_mode, write};
 pub use drv::{FakeDrv, FakeDrvPaths, uname_expr};
 pub use lazy::{
-    KillMentioning, LazyConfig, LazyRemote, TimedLine, alive, cmdline, hook_pids, lazy_binary,
-    nix_build_streaming, processes_of, rss_kib, run_streaming, toml_list, toml_str, wait_until,
+    Background, KillMentioning, LazyConfig, LazyRemote, TimedLine, alive, cmdline, hook_pids,
+    lazy_binary, nix_build_streaming, processes_mentioning, processes_of, rss_kib, run_streaming,
+    toml_list, toml_str, wait_until,
 };
 pub use nix::{Nix, SID_CHROOT};
 pub use remote::{MachineLine, REMOTE_HOST, REMOTE_USER, RemoteOpts, RemoteStore, Scheme};
+pub(crate) use remote::{free_port, keygen, read};
 pub use store::StoreQueries;
 
 use std::ffi::OsStr;

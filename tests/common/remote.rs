@@ -458,19 +458,20 @@ fn sshd_config(ssh: &Path, home: &Path, port: u16) -> String {
     )
 }
 
-fn keygen(path: &Path, comment: &str) {
+/// A fresh ed25519 key pair without a passphrase at `path` (and `path.pub`).
+pub(crate) fn keygen(path: &Path, comment: &str) {
     let mut c = Command::new("ssh-keygen");
     c.args(["-q", "-t", "ed25519", "-N", "", "-C", comment, "-f"])
         .arg(path);
     run_command(&mut c, None, Duration::from_secs(30)).assert_success();
 }
 
-fn read(p: &Path) -> String {
+pub(crate) fn read(p: &Path) -> String {
     std::fs::read_to_string(p).unwrap_or_else(|e| panic!("cannot read {}: {e}", p.display()))
 }
 
 /// A port that was free a moment ago (sshd may still lose a race for it; the caller retries).
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
         .unwrap_or_else(|e| panic!("cannot bind 127.0.0.1:0: {e}"));
     l.local_addr()

@@ -10,8 +10,6 @@
 
 #![allow(dead_code)]
 
-use std::net::TcpListener;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -21,6 +19,7 @@ use hook_protocol::StorePath;
 use hook_protocol::hook::{Request, Settings, TryRequest};
 
 use super::common::{CmdOutput, hook_binary, require_file, require_root, run_command};
+pub(crate) use super::common::{free_port, keygen, read, set_mode, write};
 
 /// The derivation every `try` asks about (never read: no test gets as far as an accept).
 pub const DRV: &str = "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-nlb-security.drv";
@@ -32,33 +31,6 @@ pub const WELL_KNOWN_KEY: &str =
 
 pub fn b64(s: &str) -> String {
     base64::engine::general_purpose::STANDARD.encode(s)
-}
-
-pub fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    l.local_addr().expect("local addr").port()
-}
-
-pub fn keygen(path: &Path, comment: &str) {
-    let out = Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-C", comment, "-f"])
-        .arg(path)
-        .output()
-        .expect("run ssh-keygen");
-    assert!(out.status.success(), "ssh-keygen: {out:?}");
-}
-
-pub fn read(path: &Path) -> String {
-    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
-}
-
-pub fn write(path: &Path, text: &str) {
-    std::fs::write(path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
-}
-
-pub fn set_mode(path: &Path, mode: u32) {
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-        .unwrap_or_else(|e| panic!("chmod {}: {e}", path.display()));
 }
 
 /// A scratch directory that `nobody` can traverse (the CLI is run as `nobody` from it).
