@@ -139,9 +139,7 @@ fn hook_killed(phase: Phase, kill: Kill, scheme: Scheme) {
     out.assert_failure();
     assert!(out.stderr.contains(&paths.drv), "{out}");
     assert!(!out.stderr.contains("panicked"), "{out}");
-    for l in out.stderr.lines().filter(|l| l.contains("error:")) {
-        eprintln!("[fault] {test}: the client saw: {l}");
-    }
+    client_errors(&test, &out);
     paths.assert_absent(&daemon, &test);
 
     // The lease went with the hook.

@@ -93,14 +93,7 @@ fn corrupted_reply(c: Corruption, scheme: Scheme) {
         injected.starts_with(c.mode()),
         "{test}: the proxy injected nothing (log: {injected:?}):\n{out}"
     );
-    let errors: Vec<&str> = out
-        .stderr
-        .lines()
-        .filter(|l| l.contains("error:"))
-        .collect();
-    for l in &errors {
-        eprintln!("[fault] {test}: the client saw: {l}");
-    }
+    let errors = client_errors(&test, &out);
     let ours = errors
         .iter()
         .find(|l| l.contains(&proxied_uri))

@@ -60,9 +60,7 @@ fn remote_killed(phase: Phase, scheme: Scheme) {
     );
     assert!(out.stderr.contains(&paths.drv), "{out}");
     assert!(!out.stderr.contains("panicked"), "{out}");
-    for l in out.stderr.lines().filter(|l| l.contains("error:")) {
-        eprintln!("[fault] {test}: the client saw: {l}");
-    }
+    client_errors(&test, &out);
     paths.assert_absent(&daemon, &test);
     assert_store_clean(&daemon, &test);
     assert_no_strays(&daemon, None, Duration::from_secs(10));

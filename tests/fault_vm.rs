@@ -197,31 +197,29 @@ fn into_the_build(rng: &mut FaultRng, build: &mut Background, name: &str, secs: 
     after
 }
 
-#[test]
-fn qemu_killed_mid_build() {
-    let test = "QEMU killed mid-build";
-    let mut rng = FaultRng::new(test);
-    let Vm { cfg, daemon, .. } = &vm_setup();
-    let name = "fault-vm-kill";
+/// Builds `name` (a 20 s build) on the VM, sends `sig` to its QEMU at a random point of the
+/// build, and checks the build fails with an error naming the builder. Returns the QEMU's pid
+/// and how long after the signal the build failed.
+fn signal_qemu_mid_build(
+    test: &str,
+    rng: &mut FaultRng,
+    cfg: &LazyConfig,
+    daemon: &LocalDaemon,
+    name: &str,
+    sig: libc::c_int,
+) -> (u32, Duration) {
     let mut build = vm_build(daemon, name, 20);
-    let after = into_the_build(&mut rng, &mut build, name, 20);
+    let after = into_the_build(rng, &mut build, name, 20);
     let qemu = *qemus(cfg).first().expect("the VM's QEMU");
     let t0 = Instant::now();
     // SAFETY: kill(2) on this test's QEMU (its command line names our state directory).
-    assert_eq!(unsafe { libc::kill(qemu as libc::pid_t, libc::SIGKILL) }, 0);
+    assert_eq!(unsafe { libc::kill(qemu as libc::pid_t, sig) }, 0);
     let out = build.finish(Duration::from_secs(120));
     let failed_after = t0.elapsed();
     out.assert_failure();
-    let errors: Vec<&str> = out
-        .stderr
-        .lines()
-        .filter(|l| l.contains("error:"))
-        .collect();
-    for l in &errors {
-        eprintln!("[fault] {test}: the client saw: {l}");
-    }
+    let errors = client_errors(test, &out);
     eprintln!(
-        "[fault] {test}: killed QEMU {after:.2?} into the build; nix-build failed {failed_after:.2?} later"
+        "[fault] {test}: signal {sig} to QEMU {after:.2?} into the build; nix-build failed {failed_after:.2?} later"
     );
     assert!(
         errors
@@ -229,6 +227,17 @@ fn qemu_killed_mid_build() {
             .any(|l| l.contains("building on 'ssh://root@127.0.0.1")),
         "no error naming the builder:\n{out}"
     );
+    (qemu, failed_after)
+}
+
+#[test]
+fn qemu_killed_mid_build() {
+    let test = "QEMU killed mid-build";
+    let mut rng = FaultRng::new(test);
+    let Vm { cfg, daemon, .. } = &vm_setup();
+    let name = "fault-vm-kill";
+    let (qemu, failed_after) =
+        signal_qemu_mid_build(test, &mut rng, cfg, daemon, name, libc::SIGKILL);
     assert!(failed_after < Duration::from_secs(15), "{failed_after:?}");
     assert_store_clean(daemon, test);
 
@@ -262,32 +271,8 @@ fn frozen_vm_is_given_up_by_keepalive_and_replaced() {
     let mut rng = FaultRng::new(test);
     let Vm { cfg, daemon, .. } = &vm_setup();
     let name = "fault-vm-freeze";
-    let mut build = vm_build(daemon, name, 20);
-    let after = into_the_build(&mut rng, &mut build, name, 20);
-    let qemu = *qemus(cfg).first().expect("the VM's QEMU");
-    let t0 = Instant::now();
-    // SAFETY: kill(2) on this test's QEMU (its command line names our state directory).
-    assert_eq!(unsafe { libc::kill(qemu as libc::pid_t, libc::SIGSTOP) }, 0);
-    let out = build.finish(Duration::from_secs(120));
-    let failed_after = t0.elapsed();
-    out.assert_failure();
-    let errors: Vec<&str> = out
-        .stderr
-        .lines()
-        .filter(|l| l.contains("error:"))
-        .collect();
-    for l in &errors {
-        eprintln!("[fault] {test}: the client saw: {l}");
-    }
-    eprintln!(
-        "[fault] {test}: froze QEMU {after:.2?} into the build; nix-build failed {failed_after:.2?} later"
-    );
-    assert!(
-        errors
-            .iter()
-            .any(|l| l.contains("building on 'ssh://root@127.0.0.1")),
-        "no error naming the builder:\n{out}"
-    );
+    let (qemu, failed_after) =
+        signal_qemu_mid_build(test, &mut rng, cfg, daemon, name, libc::SIGSTOP);
     assert!(
         (Duration::from_secs(9)..Duration::from_secs(20)).contains(&failed_after),
         "not given up by the keepalive (about 15 s): {failed_after:?}"

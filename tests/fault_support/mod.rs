@@ -500,6 +500,19 @@ pub fn parent_of(pid: u32) -> Option<u32> {
     rest.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// The `error:` lines the client printed, each also logged under `test`.
+pub fn client_errors<'a>(test: &str, out: &'a CmdOutput) -> Vec<&'a str> {
+    let errors: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| l.contains("error:"))
+        .collect();
+    for l in &errors {
+        eprintln!("[fault] {test}: the client saw: {l}");
+    }
+    errors
+}
+
 /// Nothing invalid or half-written in the local store.
 #[track_caller]
 pub fn assert_store_clean(daemon: &LocalDaemon, what: &str) {
