@@ -29,7 +29,7 @@ use crate::logging::Activity;
 use crate::place::{ChunkReader, ExpectedNar, PlaceError, Placed};
 use crate::remote::daemon::NarSink;
 use crate::remote::{BuildLog, Remote, RemoteError};
-use crate::wire_io::WireError;
+use crate::wire_io::{WireError, WireReader};
 
 /// Everything the daemon told us about the build.
 pub struct Job {
@@ -438,15 +438,30 @@ fn is_input_addressed(drv: &Derivation) -> bool {
 /// Sends NAR chunks to the unpacking thread.
 struct ChannelSink(mpsc::Sender<Vec<u8>>);
 
+impl ChannelSink {
+    async fn send(&mut self, chunk: Vec<u8>) -> Result<(), RemoteError> {
+        self.0.send(chunk).await.map_err(|_| RemoteError::Write {
+            peer: "the local unpacker".into(),
+            source: std::io::Error::from(std::io::ErrorKind::BrokenPipe),
+        })
+    }
+}
+
 impl NarSink for ChannelSink {
     async fn write(&mut self, data: &[u8]) -> Result<(), RemoteError> {
-        self.0
-            .send(data.to_vec())
-            .await
-            .map_err(|_| RemoteError::Write {
-                peer: "the local unpacker".into(),
-                source: std::io::Error::from(std::io::ErrorKind::BrokenPipe),
-            })
+        self.send(data.to_vec()).await
+    }
+
+    /// The reader's own buffer, handed over: no copy on the way to the unpacker.
+    async fn write_from<R: tokio::io::AsyncRead + Unpin>(
+        &mut self,
+        reader: &mut WireReader<R>,
+        max: usize,
+    ) -> Result<usize, RemoteError> {
+        let chunk = reader.take_raw_chunk(max, "a NAR").await?;
+        let n = chunk.len();
+        self.send(chunk).await?;
+        Ok(n)
     }
 }
 

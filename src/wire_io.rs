@@ -147,6 +147,26 @@ impl<R: AsyncRead + Unpin> WireReader<R> {
         Ok(chunk)
     }
 
+    /// [`WireReader::read_raw_chunk`], owned: when the chunk is the whole buffer, the buffer
+    /// itself (a fresh one takes its place), so a consumer on another thread gets the bytes
+    /// without a copy.
+    pub async fn take_raw_chunk(
+        &mut self,
+        max: usize,
+        what: &'static str,
+    ) -> Result<Vec<u8>, WireError> {
+        if self.start == self.buf.len() {
+            self.fill(1, what).await?;
+        }
+        if self.start == 0 && self.buf.len() <= max {
+            return Ok(std::mem::replace(
+                &mut self.buf,
+                Vec::with_capacity(READ_CHUNK),
+            ));
+        }
+        Ok(self.read_raw_chunk(max, what).await?.to_vec())
+    }
+
     /// Copies exactly `len` raw bytes to `out`, calling `inspect` on each chunk first.
     pub async fn copy_raw<W: AsyncWrite + Unpin>(
         &mut self,
@@ -227,6 +247,30 @@ mod tests {
                 matches!(e, WireError::UnexpectedEof { what: "n", .. }),
                 "{e}"
             );
+        });
+    }
+
+    /// Owned chunks carry the same bytes as borrowed ones: what a decode left in the buffer
+    /// first, then whole reads, never more than asked for.
+    #[test]
+    fn owned_chunks_carry_the_payload() {
+        let mut data = Vec::new();
+        data.put_u64(7);
+        let payload: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        data.extend_from_slice(&payload);
+        rt().block_on(async {
+            let mut r = WireReader::new(&data[..], "test");
+            assert_eq!(r.decode("n", |r| r.u64()).await.unwrap(), 7);
+            let mut got = Vec::new();
+            while got.len() < payload.len() {
+                let max = (payload.len() - got.len()).min(100_000);
+                let chunk = r.take_raw_chunk(max, "payload").await.unwrap();
+                assert!(!chunk.is_empty() && chunk.len() <= max);
+                got.extend_from_slice(&chunk);
+            }
+            assert!(got == payload);
+            let e = r.take_raw_chunk(1, "payload").await.unwrap_err();
+            assert!(matches!(e, WireError::UnexpectedEof { .. }), "{e}");
         });
     }
 

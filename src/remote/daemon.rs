@@ -341,6 +341,21 @@ pub trait NarSource {
 /// Where NAR bytes go: a plain stream, or a framed one.
 pub trait NarSink {
     fn write(&mut self, data: &[u8]) -> impl std::future::Future<Output = Result<(), RemoteError>>;
+
+    /// Moves the next chunk (1 to `max` bytes) from `reader` into the sink; returns its length.
+    /// A sink that keeps the bytes (hands them to another thread) takes them owned instead,
+    /// with [`WireReader::take_raw_chunk`].
+    fn write_from<R: AsyncRead + Unpin>(
+        &mut self,
+        reader: &mut WireReader<R>,
+        max: usize,
+    ) -> impl std::future::Future<Output = Result<usize, RemoteError>> {
+        async move {
+            let chunk = reader.read_raw_chunk(max, "a NAR").await?;
+            self.write(chunk).await?;
+            Ok(chunk.len())
+        }
+    }
 }
 
 /// Writes a framed stream (worker ≥ 1.23), coalescing small writes into large frames.

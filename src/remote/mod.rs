@@ -546,9 +546,7 @@ where
 {
     while len > 0 {
         let max = len.min(1 << 20) as usize;
-        let chunk = reader.read_raw_chunk(max, "a NAR").await?;
-        len -= chunk.len() as u64;
-        sink.write(chunk).await?;
+        len -= sink.write_from(reader, max).await? as u64;
     }
     Ok(())
 }
