@@ -728,12 +728,11 @@ mod tests {
         let a = store.path().join("00000000000000000000000000000000-a");
         let b = store.path().join("11111111111111111111111111111111-b");
         let mut placed = Placed::new();
-        placed
-            .unpack_staged(expected_for(&a, &nar), &nar[..])
-            .unwrap();
-        placed
-            .unpack_staged(expected_for(&b, &nar), &nar[..])
-            .unwrap();
+        for p in [&a, &b] {
+            placed
+                .unpack_staged(expected_for(p, &nar), &nar[..])
+                .unwrap();
+        }
         // Verified, but neither is at its store path yet: only hidden directories exist.
         assert!(!a.exists() && !b.exists());
         let names: Vec<String> = std::fs::read_dir(store.path())
@@ -751,12 +750,11 @@ mod tests {
 
         // Moved: both are in place, and still removed when never registered.
         let mut placed = Placed::new();
-        placed
-            .unpack_staged(expected_for(&a, &nar), &nar[..])
-            .unwrap();
-        placed
-            .unpack_staged(expected_for(&b, &nar), &nar[..])
-            .unwrap();
+        for p in [&a, &b] {
+            placed
+                .unpack_staged(expected_for(p, &nar), &nar[..])
+                .unwrap();
+        }
         placed.move_into_place().unwrap();
         assert_eq!(std::fs::read(a.join("sub/file")).unwrap(), b"hello");
         assert_eq!(std::fs::read(b.join("sub/file")).unwrap(), b"hello");
