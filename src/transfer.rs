@@ -222,17 +222,11 @@ pub async fn run<L>(
         remote
             .build_from_store(&job.drv_path, names, &job.options, log)
             .await
-            .map_err(|source| match source {
-                RemoteError::Daemon { .. } => TransferError::Untrusted {
-                    uri: uri.clone(),
-                    what: "to build the derivation",
-                    source,
-                },
-                source => TransferError::Build {
-                    uri: uri.clone(),
-                    source,
-                },
-            })?
+            .map_err(refused_or(
+                &uri,
+                "to build the derivation",
+                |uri, source| TransferError::Build { uri, source },
+            ))?
     } else {
         let basic = job.drv.basic_for_remote(&job.inputs);
         remote
@@ -411,18 +405,24 @@ async fn upload_drv_closure(
             .collect(),
     );
     t.query_ms = start.elapsed().as_millis();
-    send_paths(remote, local, &infos, uri, t, |source| match source {
-        RemoteError::Daemon { .. } => TransferError::Untrusted {
-            uri: uri.to_owned(),
-            what: "the derivation's closure",
-            source,
-        },
-        source => TransferError::Upload {
-            uri: uri.to_owned(),
-            source,
-        },
-    })
-    .await
+    let on_error = refused_or(uri, "the derivation's closure", |uri, source| {
+        TransferError::Upload { uri, source }
+    });
+    send_paths(remote, local, &infos, uri, t, on_error).await
+}
+
+/// For a daemon that does not trust us: its own refusal (an error it sent) is
+/// [`TransferError::Untrusted`], naming `what` it refused; anything else is `other`.
+fn refused_or(
+    uri: &str,
+    what: &'static str,
+    other: fn(String, RemoteError) -> TransferError,
+) -> impl FnOnce(RemoteError) -> TransferError {
+    let uri = uri.to_owned();
+    move |source| match source {
+        RemoteError::Daemon { .. } => TransferError::Untrusted { uri, what, source },
+        source => other(uri, source),
+    }
 }
 
 /// Whether every output's path follows from the derivation's inputs (Nix's "input-addressed",
