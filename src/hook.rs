@@ -553,6 +553,7 @@ async fn accepted(
             keep_failed: settings.keep_failed()?,
         },
         nix_store,
+        state_dir: nix_state_dir(),
     };
     let mut local = LocalStore::connect()
         .await

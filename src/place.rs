@@ -301,28 +301,53 @@ fn temp_path(path: &StorePath) -> PathBuf {
     ))
 }
 
-/// Removes unpack directories left in `store_dir` by hooks that were killed: those whose
-/// process is gone. Returns how many were removed.
-pub fn sweep_stale(store_dir: &Path) -> usize {
-    let Ok(entries) = std::fs::read_dir(store_dir) else {
+/// Where, under Nix's state directory, each hook process notes the unpack directories it
+/// creates: `<state>/nix-lazy-builder/unpacking/<pid>`, one path per line, written before the
+/// directory is made and removed once they are all gone or registered.
+pub const JOURNAL_DIR: &str = "nix-lazy-builder/unpacking";
+
+/// Removes the unpack directories in `store_dir` left by hooks that were killed (their journal
+/// file in `state_dir` names a process that is gone), and their journal files. Returns how many
+/// directories were removed. Reads only the journal directory, never the whole store (which on
+/// a real machine holds tens of thousands of entries), and removes only hidden unpack
+/// directories directly in `store_dir`, whatever a journal says.
+pub fn sweep_stale(store_dir: &Path, state_dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(state_dir.join(JOURNAL_DIR)) else {
         return 0;
     };
     let mut removed = 0;
     for e in entries.flatten() {
-        let name = e.file_name();
-        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(TEMP_PREFIX)) else {
-            continue;
-        };
-        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
             continue;
         };
         if pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists() {
             continue;
         }
-        match remove_path(&e.path()) {
-            Ok(()) => removed += 1,
-            Err(err) => tracing::warn!(path = %e.path().display(), error = %err,
-                "cannot remove a stale unpack directory"),
+        let Ok(text) = std::fs::read_to_string(e.path()) else {
+            continue;
+        };
+        let mut all_gone = true;
+        for line in text.lines() {
+            let path = Path::new(line);
+            let ours = path.parent() == Some(store_dir)
+                && path
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with(TEMP_PREFIX));
+            if !ours || path.symlink_metadata().is_err() {
+                continue;
+            }
+            match remove_path(path) {
+                Ok(()) => removed += 1,
+                Err(err) => {
+                    all_gone = false;
+                    tracing::warn!(path = %path.display(), error = %err,
+                        "cannot remove a stale unpack directory");
+                }
+            }
+        }
+        if all_gone {
+            let _ = std::fs::remove_file(e.path());
         }
     }
     removed
@@ -345,11 +370,50 @@ struct Output {
 pub struct Placed {
     outputs: Vec<Output>,
     registered: bool,
+    /// This process's journal file ([`JOURNAL_DIR`]); `None`: no journal.
+    journal: Option<PathBuf>,
 }
 
 impl Placed {
+    /// Without a journal: a killed process's unpack directories are then never swept.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// With this process's journal under Nix's state directory `state_dir`, so that if it is
+    /// killed the next hook's [`sweep_stale`] removes what it unpacked.
+    pub fn journaled(state_dir: &Path) -> Self {
+        Placed {
+            outputs: Vec::new(),
+            registered: false,
+            journal: Some(
+                state_dir
+                    .join(JOURNAL_DIR)
+                    .join(std::process::id().to_string()),
+            ),
+        }
+    }
+
+    /// Notes `tmp` in the journal before it is created. Best effort: a journal that cannot be
+    /// written costs only the sweep after a kill, never the build.
+    fn note(&self, tmp: &Path) {
+        let Some(journal) = &self.journal else {
+            return;
+        };
+        let written = journal
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|()| {
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(journal)
+            })
+            .and_then(|mut f| writeln!(f, "{}", tmp.display()));
+        if let Err(e) = written {
+            tracing::warn!(journal = %journal.display(), error = %e,
+                "cannot note an unpack directory; it will not be swept if this hook is killed");
+        }
     }
 
     pub fn paths(&self) -> impl Iterator<Item = &StorePath> {
@@ -380,6 +444,7 @@ impl Placed {
         // whole and verified: a hook killed mid-transfer leaves no partial output behind, only a
         // temporary directory the next hook sweeps away (see `sweep_stale`).
         let tmp = temp_path(&expected.path);
+        self.note(&tmp);
         remove_path(&tmp).map_err(|source| PlaceError::RemoveStale {
             path: tmp.display().to_string(),
             source,
@@ -475,17 +540,22 @@ impl Placed {
 
 impl Drop for Placed {
     fn drop(&mut self) {
-        if self.registered {
-            return;
-        }
-        for o in &self.outputs {
-            let path = match &o.staged {
-                Some(tmp) => tmp.clone(),
-                None => PathBuf::from(o.expected.path.as_str()),
-            };
-            if let Err(e) = remove_path(&path) {
-                tracing::error!(path = %path.display(), error = %e, "cannot remove an unregistered output");
+        let mut all_gone = true;
+        if !self.registered {
+            for o in &self.outputs {
+                let path = match &o.staged {
+                    Some(tmp) => tmp.clone(),
+                    None => PathBuf::from(o.expected.path.as_str()),
+                };
+                if let Err(e) = remove_path(&path) {
+                    all_gone = false;
+                    tracing::error!(path = %path.display(), error = %e, "cannot remove an unregistered output");
+                }
             }
+        }
+        // Failed unpacks removed their own directories; what is left is registered or gone.
+        if let Some(journal) = self.journal.as_ref().filter(|_| all_gone) {
+            let _ = std::fs::remove_file(journal);
         }
     }
 }
@@ -705,7 +775,11 @@ mod tests {
         assert!(Placed::new().unpack(bad, &nar[..]).is_err());
         assert_eq!(std::fs::read_dir(store.path()).unwrap().count(), 0);
 
-        // A dead hook's leftovers go; a live one's (ours) stay.
+        // A dead hook's leftovers (found through its journal) go; a live one's (ours) stay;
+        // a journal line naming anything but a hidden unpack directory of this store is ignored.
+        let state = tempfile::tempdir().unwrap();
+        let journals = state.path().join(JOURNAL_DIR);
+        std::fs::create_dir_all(&journals).unwrap();
         let mut child = std::process::Command::new("true").spawn().unwrap();
         let dead = child.id();
         child.wait().unwrap();
@@ -713,11 +787,54 @@ mod tests {
         let live = store
             .path()
             .join(format!("{TEMP_PREFIX}{}-abc", std::process::id()));
+        let not_ours = store.path().join("00000000000000000000000000000000-valid");
         std::fs::create_dir_all(stale.join("sub")).unwrap();
         std::fs::create_dir_all(&live).unwrap();
-        assert_eq!(sweep_stale(store.path()), 1);
+        std::fs::create_dir_all(&not_ours).unwrap();
+        let dead_journal = journals.join(dead.to_string());
+        std::fs::write(
+            &dead_journal,
+            format!("{}\n{}\n/etc\n", stale.display(), not_ours.display()),
+        )
+        .unwrap();
+        std::fs::write(
+            journals.join(std::process::id().to_string()),
+            format!("{}\n", live.display()),
+        )
+        .unwrap();
+        assert_eq!(sweep_stale(store.path(), state.path()), 1);
         assert!(!stale.exists());
         assert!(live.exists());
+        assert!(not_ours.exists() && Path::new("/etc").exists());
+        assert!(
+            !dead_journal.exists(),
+            "the dead hook's journal is done with"
+        );
+    }
+
+    /// A journaled `Placed` notes each unpack directory before making it, and its journal goes
+    /// with it once nothing is left to sweep.
+    #[test]
+    fn the_journal_names_every_unpack_directory_until_they_are_gone() {
+        let (store, dest, nar) = store_and_nar();
+        let state = tempfile::tempdir().unwrap();
+        let journal = state
+            .path()
+            .join(JOURNAL_DIR)
+            .join(std::process::id().to_string());
+        let mut placed = Placed::journaled(state.path());
+        placed
+            .unpack_staged(expected_for(&dest, &nar), &nar[..])
+            .unwrap();
+        let noted = std::fs::read_to_string(&journal).unwrap();
+        let staged: Vec<PathBuf> = std::fs::read_dir(store.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert_eq!(noted, format!("{}\n", staged[0].display()), "{staged:?}");
+        drop(placed);
+        assert_eq!(std::fs::read_dir(store.path()).unwrap().count(), 0);
+        assert!(!journal.exists());
     }
 
     #[test]

@@ -43,6 +43,8 @@ pub struct Job {
     pub options: BuildOptions,
     /// `nix-store`, for `--register-validity`.
     pub nix_store: PathBuf,
+    /// Nix's state directory (`NIX_STATE_DIR`, `/nix/var/nix`): the unpack journal lives there.
+    pub state_dir: PathBuf,
 }
 
 /// Why a remote build did not produce its outputs.
@@ -278,11 +280,12 @@ pub async fn run<L>(
         format!("copying outputs from '{uri}'"),
         vec![],
     );
-    let swept = crate::place::sweep_stale(std::path::Path::new(fetch[0].store_dir()));
+    let swept =
+        crate::place::sweep_stale(std::path::Path::new(fetch[0].store_dir()), &job.state_dir);
     if swept > 0 {
         tracing::debug!("removed {swept} unpack directories left by killed hooks");
     }
-    let mut placed = Placed::new();
+    let mut placed = Placed::journaled(&job.state_dir);
     for path in &fetch {
         let info = *by_path
             .get(path)
