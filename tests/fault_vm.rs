@@ -30,14 +30,6 @@ use nix_lazy_builder::supervisor::proto::State;
 
 const BUILDER: &str = "vm-aarch64";
 
-/// The lock `tests/boot_qemu.rs` takes (one VM test at a time), from this synchronous test.
-fn one_vm_test_at_a_time() -> boot_support::VmLock {
-    tokio::runtime::Builder::new_current_thread()
-        .build()
-        .expect("a runtime")
-        .block_on(boot_support::one_vm_test_at_a_time())
-}
-
 /// This test's QEMU processes.
 fn qemus(cfg: &LazyConfig) -> Vec<u32> {
     processes_mentioning(&cfg.state_dir())
@@ -45,16 +37,6 @@ fn qemus(cfg: &LazyConfig) -> Vec<u32> {
         .filter(|(_, argv)| argv.first().is_some_and(|a| a.contains("qemu-system")))
         .map(|(p, _)| p)
         .collect()
-}
-
-/// The image's builder with `extra` keys.
-fn image_builder(img: &boot_support::VmImage, extra: &str) -> String {
-    let boot = format!("[builders.{BUILDER}.boot]");
-    let (head, tail) = img
-        .toml
-        .split_once(&boot)
-        .unwrap_or_else(|| panic!("no {boot} in the image's config:\n{}", img.toml));
-    format!("{head}{extra}\n\n{boot}{tail}")
 }
 
 /// An aarch64 derivation that records `uname -m`, says it started, and sleeps `secs` in the VM.
@@ -99,10 +81,11 @@ struct Vm {
 }
 
 fn vm_setup() -> Vm {
-    let lock = one_vm_test_at_a_time();
+    let lock = boot_support::one_vm_test_at_a_time_blocking();
     let img = boot_support::vm_image("aarch64");
-    let cfg = LazyConfig::write(&[image_builder(
-        &img,
+    let cfg = LazyConfig::write(&[with_builder_keys(
+        &img.toml,
+        BUILDER,
         "idle-timeout = \"120s\"\nboot-timeout = \"3m\"",
     )]);
     let no_leftover = KillMentioning(cfg.state_dir());

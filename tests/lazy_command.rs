@@ -366,22 +366,6 @@ in map mk [ {} ]
 }
 
 /// The most intervals that overlap at one instant (touching ends do not overlap).
-fn max_overlap(intervals: &[(f64, f64)]) -> usize {
-    let mut events: Vec<(f64, i32)> = Vec::new();
-    for &(s, e) in intervals {
-        events.push((s, 1));
-        events.push((e, -1));
-    }
-    // Ends before starts at the same instant.
-    events.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-    let (mut now, mut max) = (0i32, 0i32);
-    for (_, d) in events {
-        now += d;
-        max = max.max(now);
-    }
-    max as usize
-}
-
 #[test]
 fn eight_concurrent_builds_one_boot_never_more_than_max_jobs() {
     assert_eq!(max_overlap(&[(0.0, 2.0), (2.0, 4.0), (1.0, 3.0)]), 2);

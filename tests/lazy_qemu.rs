@@ -22,25 +22,6 @@ use nix_lazy_builder::supervisor::proto::State;
 
 const BUILDER: &str = "vm-aarch64";
 
-/// The lock `tests/boot_qemu.rs` takes (one VM test at a time), from this synchronous test.
-fn one_vm_test_at_a_time() -> boot_support::VmLock {
-    tokio::runtime::Builder::new_current_thread()
-        .build()
-        .expect("a runtime")
-        .block_on(boot_support::one_vm_test_at_a_time())
-}
-
-/// The image's generated builder table with `extra` builder keys (lines) added to
-/// `[builders.vm-aarch64]`.
-fn image_builder(img: &boot_support::VmImage, extra: &str) -> String {
-    let boot = format!("[builders.{BUILDER}.boot]");
-    let (head, tail) = img
-        .toml
-        .split_once(&boot)
-        .unwrap_or_else(|| panic!("no {boot} in the image's config:\n{}", img.toml));
-    format!("{head}{extra}\n\n{boot}{tail}")
-}
-
 /// Instantiates `uname_expr(name)` and builds its input locally; returns the expression file.
 fn prepare(daemon: &LocalDaemon, name: &str) -> (String, String) {
     let file = daemon.write_file(&format!("{name}.nix"), &uname_expr(name));
@@ -100,10 +81,11 @@ fn boot_history(cfg: &LazyConfig) -> Vec<u64> {
 
 #[test]
 fn qemu_aarch64_vm_boots_on_demand_builds_and_powers_off_when_idle() {
-    let _one_vm = one_vm_test_at_a_time();
+    let _one_vm = boot_support::one_vm_test_at_a_time_blocking();
     let img = boot_support::vm_image("aarch64");
-    let cfg = LazyConfig::write(&[image_builder(
-        &img,
+    let cfg = LazyConfig::write(&[with_builder_keys(
+        &img.toml,
+        BUILDER,
         "idle-timeout = \"4s\"\nboot-timeout = \"3m\"",
     )]);
     let _no_leftover_vm = KillMentioning(cfg.state_dir());
@@ -189,13 +171,17 @@ fn median(v: &[Duration]) -> Duration {
 #[test]
 #[ignore = "measurement, run by hand"]
 fn measure_cold_start_overhead() {
-    let _one_vm = one_vm_test_at_a_time();
+    let _one_vm = boot_support::one_vm_test_at_a_time_blocking();
     let runs: usize = std::env::var("NLB_COLD_RUNS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(3);
     let img = boot_support::vm_image("aarch64");
-    let text = image_builder(&img, "idle-timeout = \"1s\"\nboot-timeout = \"3m\"");
+    let text = with_builder_keys(
+        &img.toml,
+        BUILDER,
+        "idle-timeout = \"1s\"\nboot-timeout = \"3m\"",
+    );
     let cfg = LazyConfig::write(std::slice::from_ref(&text));
     let _no_leftover_vm = KillMentioning(cfg.state_dir());
     let builder = nix_lazy_builder::config::Config::parse(&text, &cfg.path())

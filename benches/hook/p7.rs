@@ -34,7 +34,7 @@ use nix_lazy_builder::supervisor::proto::State;
 
 use crate::common::{
     CmdOutput, KillMentioning, LazyConfig, LocalDaemon, StoreQueries, nix_build_streaming,
-    run_command, uname_expr, wait_until,
+    run_command, uname_expr, wait_until, with_builder_keys,
 };
 use crate::report::{Goal, Row};
 use crate::rows::Ctx;
@@ -152,16 +152,6 @@ fn flock(path: &Path) -> Result<std::fs::File, String> {
     Ok(file)
 }
 
-/// The image's builder table with `extra` keys added to `[builders.vm-aarch64]` (as the test's
-/// `image_builder`).
-fn image_builder(toml: &str, extra: &str) -> String {
-    let boot = format!("[builders.{BUILDER}.boot]");
-    let (head, tail) = toml
-        .split_once(&boot)
-        .unwrap_or_else(|| panic!("no {boot} in the image's config:\n{toml}"));
-    format!("{head}{extra}\n\n{boot}{tail}")
-}
-
 // ------------------------------------------------------------------------------------------------
 // The measurement
 
@@ -269,7 +259,11 @@ fn measure(ctx: &Ctx, img: &Image) -> Row {
             t_lock.elapsed()
         ));
     }
-    let text = image_builder(&img.toml, "idle-timeout = \"1s\"\nboot-timeout = \"3m\"");
+    let text = with_builder_keys(
+        &img.toml,
+        BUILDER,
+        "idle-timeout = \"1s\"\nboot-timeout = \"3m\"",
+    );
     let cfg = LazyConfig::write(std::slice::from_ref(&text));
     let bare_dir = ctx.dir.join("p7-bare-state");
     let _no_leftover_vm = KillMentioning(cfg.state_dir());
@@ -350,7 +344,7 @@ fn measure(ctx: &Ctx, img: &Image) -> Row {
 /// Self-checks run by `cargo test --benches` (see `main`).
 pub fn self_test() {
     let toml = "[builders.vm-aarch64]\nuri = \"ssh://root@127.0.0.1\"\n\n[builders.vm-aarch64.boot]\nkind = \"qemu\"\n";
-    let t = image_builder(toml, "idle-timeout = \"1s\"");
+    let t = with_builder_keys(toml, BUILDER, "idle-timeout = \"1s\"");
     assert_eq!(
         t,
         "[builders.vm-aarch64]\nuri = \"ssh://root@127.0.0.1\"\n\nidle-timeout = \"1s\"\n\n[builders.vm-aarch64.boot]\nkind = \"qemu\"\n"

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use crate::common::{
     FakeDrv, LocalDaemon, Nix, RemoteOpts, RemoteStore, Scheme, StoreQueries, hook_binary,
+    max_overlap,
 };
 use crate::report::{Goal, Row};
 use crate::rss::Sampler;
@@ -791,23 +792,6 @@ in {{ inherit input; all = builtins.genList mk {P6_BUILDS}; }}
         assert_eq!(seen.get(o), Some(&1), "{o} is not on exactly one builder");
     }
     (out.elapsed.as_secs_f64(), per_builder)
-}
-
-/// The most intervals `[start, end)` that overlap at any instant (an end and a start at the
-/// same instant do not overlap).
-pub fn max_overlap(intervals: &[(f64, f64)]) -> usize {
-    let mut ev: Vec<(f64, i32)> = Vec::new();
-    for &(s, e) in intervals {
-        ev.push((s, 1));
-        ev.push((e, -1));
-    }
-    ev.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-    let (mut cur, mut best) = (0i32, 0i32);
-    for (_, d) in ev {
-        cur += d;
-        best = best.max(cur);
-    }
-    best.max(0) as usize
 }
 
 /// Self-checks run by `cargo test --benches` (see `main`).

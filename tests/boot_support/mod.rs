@@ -381,18 +381,21 @@ pub struct VmLock {
 }
 
 pub async fn one_vm_test_at_a_time() -> VmLock {
-    tokio::task::spawn_blocking(|| {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(std::env::temp_dir().join("nix-lazy-builder-boot-vm-tests.lock"))
-            .expect("open the VM test lock");
-        use std::os::fd::AsRawFd;
-        // SAFETY: flock on an open file descriptor.
-        assert_eq!(unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) }, 0);
-        VmLock { _file: file }
-    })
-    .await
-    .expect("lock task")
+    tokio::task::spawn_blocking(one_vm_test_at_a_time_blocking)
+        .await
+        .expect("lock task")
+}
+
+/// [`one_vm_test_at_a_time`] for synchronous tests: blocks until the lock is ours.
+pub fn one_vm_test_at_a_time_blocking() -> VmLock {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(std::env::temp_dir().join("nix-lazy-builder-boot-vm-tests.lock"))
+        .expect("open the VM test lock");
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on an open file descriptor.
+    assert_eq!(unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) }, 0);
+    VmLock { _file: file }
 }

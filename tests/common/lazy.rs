@@ -566,6 +566,35 @@ pub fn cmdline(pid: u32) -> Option<Vec<String>> {
     )
 }
 
+/// `toml` (a builder table with `[builders.<builder>.boot]`) with `extra` key lines added to
+/// `[builders.<builder>]`, right before its boot section.
+#[track_caller]
+pub fn with_builder_keys(toml: &str, builder: &str, extra: &str) -> String {
+    let boot = format!("[builders.{builder}.boot]");
+    let (head, tail) = toml
+        .split_once(&boot)
+        .unwrap_or_else(|| panic!("no {boot} in the config:\n{toml}"));
+    format!("{head}{extra}\n\n{boot}{tail}")
+}
+
+/// The most intervals `(start, end)` that overlap at any instant; touching ends (one ends
+/// exactly when another starts) do not overlap.
+pub fn max_overlap(intervals: &[(f64, f64)]) -> usize {
+    let mut events: Vec<(f64, i32)> = Vec::new();
+    for &(s, e) in intervals {
+        events.push((s, 1));
+        events.push((e, -1));
+    }
+    // Ends before starts at the same instant.
+    events.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+    let (mut now, mut max) = (0i32, 0i32);
+    for (_, d) in events {
+        now += d;
+        max = max.max(now);
+    }
+    max.max(0) as usize
+}
+
 /// Kills, when dropped, every process whose command line mentions the directory (a test's or
 /// bench's own state directory: QEMU's QMP socket and serial log live there). The harness stops
 /// the daemon's namespace with SIGKILL, which can take the supervisor's watchdog down with the

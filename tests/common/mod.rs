@@ -49,8 +49,8 @@ pub(crate) use daemon::{set_mode, write};
 pub use drv::{FakeDrv, FakeDrvPaths, uname_expr};
 pub use lazy::{
     Background, KillMentioning, LazyConfig, LazyRemote, TimedLine, alive, cmdline, hook_pids,
-    lazy_binary, nix_build_streaming, processes_mentioning, processes_of, rss_kib, run_streaming,
-    toml_list, toml_str, wait_until,
+    lazy_binary, max_overlap, nix_build_streaming, processes_mentioning, processes_of, rss_kib,
+    run_streaming, toml_list, toml_str, wait_until, with_builder_keys,
 };
 pub use nix::{Nix, SID_CHROOT};
 pub use remote::{MachineLine, REMOTE_HOST, REMOTE_USER, RemoteOpts, RemoteStore, Scheme};
