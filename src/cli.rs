@@ -16,14 +16,9 @@ use crate::supervisor::proto::{BuilderStatus, State};
 
 /// Loads the TOML config the way the hook and the supervisor do.
 pub fn load_config(cli: Option<&Path>) -> Result<(Config, Option<PathBuf>), String> {
-    let env = std::env::var_os(config::CONFIG_ENV_VAR);
-    let path = config::resolve_config_path(cli, env.as_deref());
+    let path = config::ConfigPath::for_process(cli);
     let cfg = Config::load(&path).map_err(|e| e.to_string())?;
-    let named = match path.source {
-        config::ConfigSource::Default => None,
-        _ => Some(path.path.clone()),
-    };
-    Ok((cfg, named))
+    Ok((cfg, path.named().map(Path::to_owned)))
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, String> {

@@ -1157,6 +1157,20 @@ pub struct ConfigPath {
     pub source: ConfigSource,
 }
 
+impl ConfigPath {
+    /// The file for this process: `cli` (`--config`), else [`CONFIG_ENV_VAR`] from the
+    /// environment, else [`DEFAULT_CONFIG_PATH`] ([`resolve_config_path`]).
+    pub fn for_process(cli: Option<&Path>) -> ConfigPath {
+        resolve_config_path(cli, std::env::var_os(CONFIG_ENV_VAR).as_deref())
+    }
+
+    /// The path, when it was named (`--config` or the environment) rather than the default:
+    /// what a hook passes on to the supervisor it starts.
+    pub fn named(&self) -> Option<&Path> {
+        (self.source != ConfigSource::Default).then_some(self.path.as_path())
+    }
+}
+
 /// Pick the config file: `--config` wins over [`CONFIG_ENV_VAR`], which wins over
 /// [`DEFAULT_CONFIG_PATH`]. An empty value counts as unset.
 pub fn resolve_config_path(cli: Option<&Path>, env: Option<&OsStr>) -> ConfigPath {

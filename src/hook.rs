@@ -201,8 +201,7 @@ struct Loaded {
 }
 
 fn load_table(settings: &Settings, cli_config: Option<&Path>) -> Result<Loaded, ConfigError> {
-    let env = std::env::var_os(config::CONFIG_ENV_VAR);
-    let path = config::resolve_config_path(cli_config, env.as_deref());
+    let path = config::ConfigPath::for_process(cli_config);
     let cfg = Config::load(&path)?;
     let table = config::load_table(
         settings.builders(),
@@ -213,14 +212,10 @@ fn load_table(settings: &Settings, cli_config: Option<&Path>) -> Result<Loaded, 
     for n in &table.notes {
         n.emit();
     }
-    let named_config = match path.source {
-        config::ConfigSource::Default => None,
-        _ => Some(path.path),
-    };
     Ok(Loaded {
         table,
         config: cfg,
-        named_config,
+        named_config: path.named().map(Path::to_owned),
     })
 }
 

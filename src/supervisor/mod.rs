@@ -46,8 +46,7 @@ pub fn main(args: SuperviseArgs) -> ExitCode {
 /// [`main`] with a chosen backend (tests use a stand-in); returns the exit status.
 pub fn main_with(args: SuperviseArgs, backend: Arc<dyn backend::Backend>) -> u8 {
     init_logging();
-    let env = std::env::var_os(config::CONFIG_ENV_VAR);
-    let path = config::resolve_config_path(args.config.as_deref(), env.as_deref());
+    let path = config::ConfigPath::for_process(args.config.as_deref());
     let config = match Config::load(&path) {
         Ok(c) => c,
         Err(e) => {
