@@ -26,9 +26,8 @@
 //! # Host keys
 //!
 //! Pinned keys come from [`HostKeys`]:
-//! - [`HostKeys::from_machines_base64`]: Nix's machines file, column 8: base64 of one or more
-//!   `type base64 [comment]` lines (e.g. `base64 -w0 /etc/ssh/ssh_host_ed25519_key.pub`).
-//! - [`HostKeys::parse_openssh`]: the same lines, literally (the TOML config's `host-key`).
+//! - [`HostKeys::parse_openssh`]: `type base64 [comment]` lines (the TOML config's `host-key`,
+//!   and Nix's machines column 8 once `config` has decoded its base64).
 //! - [`HostKeys::from_known_hosts`] / [`HostKeys::from_known_hosts_file`]: an OpenSSH
 //!   `known_hosts` file. Supported: comments and blank lines; comma-separated host patterns;
 //!   `host` (port 22) and `[host]:port` forms; hashed `|1|salt|hmac` entries; `*` and `?`
@@ -184,10 +183,6 @@ impl fmt::Display for Stage {
 /// A host key specification that cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum HostKeyError {
-    #[error("host key column is not valid base64: {0}")]
-    Base64(String),
-    #[error("host key column does not decode to text")]
-    NotText,
     #[error("line {line}: not a public key line (`type base64 [comment]`): {reason}")]
     BadLine { line: usize, reason: String },
     #[error(
@@ -270,21 +265,6 @@ impl HostKeys {
             return Err(HostKeyError::Empty);
         }
         Ok(keys)
-    }
-
-    /// Decodes the machines file's 8th column: base64 of one or more public key lines.
-    pub fn from_machines_base64(column: &str) -> Result<Self, HostKeyError> {
-        let engine = base64::engine::GeneralPurpose::new(
-            &base64::alphabet::STANDARD,
-            base64::engine::GeneralPurposeConfig::new()
-                .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
-        );
-        let compact: String = column.chars().filter(|c| !c.is_whitespace()).collect();
-        let bytes = engine
-            .decode(compact.as_bytes())
-            .map_err(|e| HostKeyError::Base64(e.to_string()))?;
-        let text = String::from_utf8(bytes).map_err(|_| HostKeyError::NotText)?;
-        Self::parse_openssh(&text)
     }
 
     /// The keys that `known_hosts` text lists for `host` and `port` (see the module docs for
@@ -1836,26 +1816,16 @@ mod tests {
     const ED2: &str =
         "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIA6rWI3G1sz07DnfFlrouTcysQlj2P+jpNSOEWD9OJ3X";
 
-    fn b64(s: &str) -> String {
-        base64::engine::general_purpose::STANDARD.encode(s)
-    }
-
+    /// (The machines column's base64 is decoded, padded or not, by `config`, and tested there.)
     #[test]
-    fn parses_literal_and_machines_column() {
+    fn parses_one_or_more_key_lines() {
         let one = HostKeys::parse_openssh(&format!("{ED1} root@host")).unwrap();
         assert_eq!(one.len(), 1);
-        let col = HostKeys::from_machines_base64(&b64(&format!("{ED1} c1\n{ED2} c2\n"))).unwrap();
-        assert_eq!(col.len(), 2);
-        assert!(col.contains(&one.keys()[0]));
-        // Unpadded base64 is accepted, like Nix's decoder.
-        let unpadded = b64(&format!("{ED1} x")).trim_end_matches('=').to_owned();
-        assert_eq!(HostKeys::from_machines_base64(&unpadded).unwrap(), one);
+        let two = HostKeys::parse_openssh(&format!("{ED1} c1\n{ED2} c2\n")).unwrap();
+        assert_eq!(two.len(), 2);
+        assert!(two.contains(&one.keys()[0]));
         assert!(matches!(
-            HostKeys::from_machines_base64("!!!"),
-            Err(HostKeyError::Base64(_))
-        ));
-        assert!(matches!(
-            HostKeys::from_machines_base64(&b64("hello world")),
+            HostKeys::parse_openssh("hello world"),
             Err(HostKeyError::BadLine { line: 1, .. })
         ));
         assert!(matches!(

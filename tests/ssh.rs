@@ -652,11 +652,23 @@ async fn pins_from_machines_column_and_hashed_known_hosts() {
     let server = Server::start(Kind::OpenSsh, &keys, &[&keys.client]);
     let mut t = target(&server, &keys);
 
-    // The machines file's 8th column: `base64 -w0` of the .pub file.
+    // The machines file's 8th column: `base64 -w0` of the .pub file, read the way the hook
+    // reads it (the machines grammar, then the builder's SSH target).
     let col = run(Command::new("base64")
         .arg("-w0")
         .arg(keys.host.with_extension("pub")));
-    t.host_keys = HostKeys::from_machines_base64(&col).expect("column");
+    let line = format!(
+        "ssh://root@127.0.0.1:{} aarch64-linux {} 1 1 - - {}",
+        server.port,
+        keys.client.display(),
+        col.trim()
+    );
+    let (machines, _) =
+        nix_lazy_builder::config::parse_machines(&line, "x86_64-linux", &mut |p| std::fs::read(p))
+            .expect("the machines line");
+    t.host_keys = nix_lazy_builder::remote::ssh_target(&machines[0])
+        .expect("its SSH target")
+        .host_keys;
     ssh::connect(&t)
         .await
         .expect("machines column pin")
