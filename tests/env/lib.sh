@@ -1,5 +1,7 @@
+# shellcheck shell=bash
 # Shared shell helpers for tests/env/*.sh (sourced, not run): the Debian mirror from the machine's
-# own apt configuration, and elapsed-time formatting. Never hard-code a mirror host.
+# own apt configuration, where each cached chroot lives, and elapsed-time formatting. Never
+# hard-code a mirror host.
 
 # The URI of the main Debian archive: the first `URIs:` line of debian.sources whose stanza is not
 # a -security suite.
@@ -21,4 +23,12 @@ debian_mirror() {
 # elapsed START END: seconds between two `date +%s.%N` stamps, one decimal.
 elapsed() {
     awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", b - a }'
+}
+
+# chroot_dir SUITE: where tests/env/chroot.sh caches the Debian SUITE chroot: $NLB_<SUITE>_CHROOT
+# (e.g. NLB_SID_CHROOT, NLB_TRIXIE_CHROOT) or /var/cache/nix-lazy-builder/chroot-<suite>.
+chroot_dir() {
+    local var
+    var="NLB_$(tr '[:lower:]' '[:upper:]' <<<"$1")_CHROOT"
+    echo "${!var:-/var/cache/nix-lazy-builder/chroot-$1}"
 }

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Provisions a fresh Debian 12 machine (as root) with everything the tests need, idempotently:
 # Debian packages (Nix 2.8, OpenSSH, busybox, dropbear, QEMU, ...), build users for the tests'
-# "remote" stores, and the cached sid chroot with Nix 2.34 (tests/env/sid-chroot.sh). Prints how
-# long each part took. Safe to run again: parts that are already done are skipped.
+# "remote" stores, and the cached Debian chroots with newer Nix (tests/env/chroot.sh): sid with Nix
+# 2.34 and trixie with Nix 2.26. Prints how long each part took. Safe to run again: parts that are
+# already done are skipped.
 #
 # Build users created here (no login, no home, system uids):
 #   group nixrbld   users nixrbld1..nixrbld8     the usual remote store
@@ -23,7 +24,7 @@ if [[ $(id -u) != 0 ]]; then
 fi
 
 # --packages-only: just the Debian packages (what examples/quickstart.sh needs), no test build
-# users and no sid chroot.
+# users and no chroots.
 PACKAGES_ONLY=false
 [[ ${1:-} == --packages-only ]] && PACKAGES_ONLY=true
 
@@ -135,9 +136,11 @@ for g in a b c d; do
 done
 part_end "build users"
 
-# --- Nix 2.34 chroot --------------------------------------------------------------------------------
-part_start "sid chroot (Nix 2.34)"
-"$HERE/sid-chroot.sh"
-part_end "sid chroot (Nix 2.34)"
+# --- chroots with newer Nix (cached; built only when missing) ----------------------------------------
+for suite in sid:2.34 trixie:2.26; do
+    part_start "${suite%%:*} chroot (Nix ${suite#*:})"
+    "$HERE/chroot.sh" "${suite%%:*}"
+    part_end "${suite%%:*} chroot (Nix ${suite#*:})"
+done
 
 echo "provision total: $(elapsed "$T_ALL" "$(date +%s.%N)") s"
