@@ -598,7 +598,10 @@ fn eval_darwin(lib: &Path) {
     );
     // 6: keys before launchd starts the job.
     let pre = ev.str("/preActivation");
-    assert!(pre.contains("ssh-keygen"), "{pre}");
+    assert!(
+        pre.contains("ssh-keygen"),
+        "preActivation makes no keys: {pre:?}"
+    );
     let activation = ev.str("/activation");
     assert!(
         activation.starts_with(pre.trim_end()),
