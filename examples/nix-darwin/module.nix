@@ -132,6 +132,7 @@ in
         default = [ nixos.nixpkgs.hostPlatform.system ];
         defaultText = "The guest's `nixpkgs.hostPlatform.system`.";
         example = [ "aarch64-linux" ];
+        description = "The systems the builder takes (`systems`).";
       };
       sshPort = mkOption {
         type = types.port;
@@ -142,11 +143,28 @@ in
         type = types.ints.positive;
         default = nixos.virtualisation.cores;
         defaultText = "The guest's `virtualisation.cores`.";
+        description = "Builds at a time (`max-jobs`).";
       };
-      cores = mkOption { type = types.ints.positive; default = 4; };
-      memoryMiB = mkOption { type = types.ints.positive; default = 6144; };
-      diskMiB = mkOption { type = types.ints.positive; default = 40960; };
-      idleTimeout = mkOption { type = types.str; default = "15m"; };
+      cores = mkOption {
+        type = types.ints.positive;
+        default = 4;
+        description = "The VM's CPUs (runner only: the guest stays the cached one).";
+      };
+      memoryMiB = mkOption {
+        type = types.ints.positive;
+        default = 6144;
+        description = "The VM's memory in MiB (runner only).";
+      };
+      diskMiB = mkOption {
+        type = types.ints.positive;
+        default = 40960;
+        description = "The size of the VM's disk image in MiB when it is made (runner only).";
+      };
+      idleTimeout = mkOption {
+        type = types.str;
+        default = "15m";
+        description = "Power the VM off this long after its last build; \"0s\" = never.";
+      };
       bootTimeout = mkOption {
         type = types.str;
         default = "5m";

@@ -76,11 +76,31 @@ let
           default = 0;
           description = "Host port forwarded to the guest's sshd on 127.0.0.1; 0 = a free one at each boot.";
         };
-        maxJobs = mkOption { type = types.ints.positive; default = 2; };
-        speedFactor = mkOption { type = types.ints.positive; default = 1; };
-        features = mkOption { type = types.listOf types.str; default = [ "big-parallel" ]; };
-        mandatoryFeatures = mkOption { type = types.listOf types.str; default = [ ]; };
-        idleTimeout = mkOption { type = types.str; default = "15m"; };
+        maxJobs = mkOption {
+          type = types.ints.positive;
+          default = 2;
+          description = "Builds at a time on this VM (`max-jobs`).";
+        };
+        speedFactor = mkOption {
+          type = types.ints.positive;
+          default = 1;
+          description = "Nix's speed factor: a higher one is preferred (`speed-factor`).";
+        };
+        features = mkOption {
+          type = types.listOf types.str;
+          default = [ "big-parallel" ];
+          description = "Supported system features (`features`).";
+        };
+        mandatoryFeatures = mkOption {
+          type = types.listOf types.str;
+          default = [ ];
+          description = "Features a derivation must require to be built here (`mandatory-features`).";
+        };
+        idleTimeout = mkOption {
+          type = types.str;
+          default = "15m";
+          description = "Power the VM off this long after its last build; \"0s\" = never.";
+        };
         bootTimeout = mkOption {
           type = types.str;
           default = "5m";
@@ -89,7 +109,11 @@ let
             image before QEMU starts.
           '';
         };
-        bootForLocal = mkOption { type = types.bool; default = false; };
+        bootForLocal = mkOption {
+          type = types.bool;
+          default = false;
+          description = "Boot the VM even for derivations this machine could build itself.";
+        };
       };
       config = {
         nixos =
