@@ -1,6 +1,6 @@
-# NixOS module: nix-lazy-builder as the build hook, with lazy builder VMs on an x86_64 (or any)
-# Linux host. An aarch64-linux (or x86_64-linux) NixOS VM is booted when a build needs it and
-# powered off when idle.
+# NixOS module: nix-lazy-builder as the build hook, with lazy NixOS builder VMs. A VM (an
+# aarch64-linux guest on an x86_64 host, or any other pair QEMU can run) is booted when a build
+# needs it and powered off when idle.
 #
 #   imports = [ ./module.nix ];
 #   services.nix-lazy-builder = {
@@ -8,36 +8,145 @@
 #     package = nix-lazy-builder;                  # e.g. from this repository's build
 #     vms.aarch64 = {
 #       system = "aarch64-linux";
-#       vm = (import <nixpkgs/nixos> {
-#         system = "aarch64-linux";
-#         configuration = { imports = [ ./builder-vm.nix ]; };
-#       }).config.system.build.vm;                 # a NixOS `system.build.vm` runner
+#       config = { virtualisation.memorySize = 4096; };   # optional, on top of builder-vm.nix
 #       maxJobs = 2;
 #     };
 #   };
+#   boot.binfmt.emulatedSystems = [ "aarch64-linux" ];    # see "Building the guest" below
 #
-# Keys: the first start of the supervisor generates, per VM, a client key and a guest host key
-# in /var/lib/nix-lazy-builder/keys/NAME (never in the Nix store). The guest reads its host key
-# from a shared directory (see builder-vm.nix); the host pins the matching public key.
+# The guest is builder-vm.nix plus `config`, evaluated here for `system`; its runner (QEMU and
+# the scripts around it) is built for this host (`virtualisation.host.pkgs`), so an aarch64
+# guest runs under this machine's qemu-system-aarch64.
+#
+# Building the guest: its system (etc, initrd, toplevel) is made from your configuration, so it
+# is never on the binary cache, although the packages in it are. For a guest of another
+# architecture those few derivations must be built before the VM exists: list the guest's
+# system in `boot.binfmt.emulatedSystems` (QEMU user emulation builds them, slowly, once), or
+# have another builder for it in `nix.buildMachines`. The module warns when it sees neither.
+#
+# Keys: the supervisor unit's first start generates, per VM, a client key and a guest host key
+# under DATADIR/vms/NAME (never in the Nix store, never the same twice). The guest reads its
+# host key and the client's public key from DATADIR/vms/NAME/guest, shared read-only; the
+# client's private key is not shared. The host pins the guest's public key.
+#
+# Ports: each VM's sshd is forwarded from a free port on 127.0.0.1 that QEMU picks at each boot
+# (`sshPort = 0`, the default; the supervisor reads it back), so VMs never collide. Fixed ports
+# must be unique, which is asserted.
 { config, lib, pkgs, ... }:
 
 let
-  inherit (lib) mkEnableOption mkIf mkOption types mapAttrs' nameValuePair concatStrings
-    mapAttrsToList;
+  inherit (lib) mkEnableOption mkIf mkOption types;
   cfg = config.services.nix-lazy-builder;
+  common = import ../common.nix { inherit lib pkgs; };
   toml = pkgs.formats.toml { };
-  keysDir = name: "/var/lib/nix-lazy-builder/keys/${name}";
+  hostSystem = pkgs.stdenv.hostPlatform.system;
+  hookLine = common.hookLine cfg.package config.nix.package;
+  vmDir = name: "${cfg.dataDir}/vms/${name}";
+
+  vmOptions =
+    { name, config, ... }:
+    {
+      options = {
+        system = mkOption {
+          type = types.str;
+          example = "aarch64-linux";
+          description = "The guest's system: what builds it takes (`nixpkgs.hostPlatform`).";
+        };
+        config = mkOption {
+          type = types.deferredModule;
+          default = { };
+          example = lib.literalExpression "{ virtualisation.memorySize = 4096; virtualisation.cores = 4; }";
+          description = "NixOS configuration of the guest, on top of builder-vm.nix.";
+        };
+        nixos = mkOption {
+          type = types.unspecified;
+          readOnly = true;
+          description = "The guest's evaluated NixOS configuration (`config`), to inspect.";
+        };
+        runner = mkOption {
+          type = types.package;
+          readOnly = true;
+          description = ''
+            What the supervisor starts: the guest's `system.build.vm` runner, with its TMPDIR
+            (and so its Nix store image) emptied before and after every boot.
+          '';
+        };
+        sshPort = mkOption {
+          type = types.port;
+          default = 0;
+          description = "Host port forwarded to the guest's sshd on 127.0.0.1; 0 = a free one at each boot.";
+        };
+        maxJobs = mkOption {
+          type = types.ints.positive;
+          default = 2;
+          description = "Builds at a time on this VM (`max-jobs`).";
+        };
+        speedFactor = mkOption {
+          type = types.ints.positive;
+          default = 1;
+          description = "Nix's speed factor: a higher one is preferred (`speed-factor`).";
+        };
+        features = mkOption {
+          type = types.listOf types.str;
+          default = [ "big-parallel" ];
+          description = "Supported system features (`features`).";
+        };
+        mandatoryFeatures = mkOption {
+          type = types.listOf types.str;
+          default = [ ];
+          description = "Features a derivation must require to be built here (`mandatory-features`).";
+        };
+        idleTimeout = mkOption {
+          type = types.str;
+          default = "15m";
+          description = "Power the VM off this long after its last build; \"0s\" = never.";
+        };
+        bootTimeout = mkOption {
+          type = types.str;
+          default = "5m";
+          description = ''
+            How long a boot may take, including the runner building the guest's Nix store
+            image before QEMU starts.
+          '';
+        };
+        bootForLocal = mkOption {
+          type = types.bool;
+          default = false;
+          description = "Boot the VM even for derivations this machine could build itself.";
+        };
+      };
+      config = {
+        nixos =
+          (import (pkgs.path + "/nixos/lib/eval-config.nix") {
+            system = null;
+            modules = [
+              ./builder-vm.nix
+              config.config
+              {
+                nixpkgs.hostPlatform = config.system;
+                # The runner (QEMU, the image tools) for this machine, not for the guest.
+                virtualisation.host.pkgs = pkgs;
+              }
+            ];
+          }).config;
+        runner = common.runnerWrapper {
+          inherit name;
+          runner = lib.getExe config.nixos.system.build.vm;
+          tmpDir = "${vmDir name}/tmp";
+        };
+      };
+    };
 
   vmBuilder = name: vm: {
-    uri = "ssh-ng://root@127.0.0.1:${toString vm.sshPort}";
-    systems = [ vm.system ];
+    uri = "ssh-ng://root@127.0.0.1";
+    systems = [ vm.nixos.nixpkgs.hostPlatform.system ];
     features = vm.features;
     mandatory-features = vm.mandatoryFeatures;
     max-jobs = vm.maxJobs;
     speed-factor = vm.speedFactor;
-    ssh-key = "${keysDir name}/client_ed25519_key";
-    # Generated on this machine by the supervisor unit's ExecStartPre, never the same twice.
-    host-key-file = "${keysDir name}/guest/ssh_host_ed25519_key.pub";
+    ssh-key = "${vmDir name}/client_ed25519_key";
+    # Generated on this machine by the supervisor unit's preStart, never the same twice.
+    host-key-file = "${vmDir name}/guest/ssh_host_ed25519_key.pub";
     idle-timeout = vm.idleTimeout;
     boot-timeout = vm.bootTimeout;
     boot-for-local = vm.bootForLocal;
@@ -45,15 +154,33 @@ let
       kind = "qemu";
       # The NixOS runner honours QEMU_OPTS / QEMU_NET_OPTS, which is where the supervisor puts
       # its QMP socket and the port forward.
-      runner = if vm.runner != null then vm.runner else "${vm.vm}/bin/run-nixos-vm";
+      runner = "${vm.runner}";
       ssh-port = vm.sshPort;
       environment = {
-        # Where the runner keeps the VM's disk image (NIX_DISK_IMAGE) and the shared key dir.
-        NIX_DISK_IMAGE = "/var/lib/nix-lazy-builder/${name}.qcow2";
-        NLB_GUEST_KEYS = "${keysDir name}/guest";
+        NIX_DISK_IMAGE = "${vmDir name}/disk.qcow2";
+        NLB_GUEST_KEYS = "${vmDir name}/guest";
       };
     };
   };
+
+  # Fixed ports used by more than one VM: { port = [ names ]; }.
+  portClashes = lib.filterAttrs (_: names: lib.length names > 1) (
+    lib.zipAttrs (
+      lib.mapAttrsToList (name: vm: { ${toString vm.sshPort} = name; }) (
+        lib.filterAttrs (_: vm: vm.sshPort != 0) cfg.vms
+      )
+    )
+  );
+
+  # A guest of another architecture needs something to build its own system first.
+  unbuildable =
+    name: vm:
+    let
+      sys = vm.nixos.nixpkgs.hostPlatform.system;
+    in
+    sys != hostSystem
+    && !(lib.elem sys (config.boot.binfmt.emulatedSystems or [ ]))
+    && !(lib.any (m: lib.elem sys (m.systems ++ lib.optional (m.system != null) m.system)) config.nix.buildMachines);
 in
 {
   options.services.nix-lazy-builder = {
@@ -70,31 +197,16 @@ in
       description = "The supervisor's state directory (socket, locks, logs, console logs).";
     };
 
+    dataDir = mkOption {
+      type = types.str;
+      default = "/var/lib/nix-lazy-builder";
+      description = "Where the VMs' keys, disks and runner TMPDIRs live (root-only).";
+    };
+
     vms = mkOption {
       default = { };
       description = "Lazy NixOS VM builders, by name.";
-      type = types.attrsOf (types.submodule {
-        options = {
-          system = mkOption { type = types.str; example = "aarch64-linux"; };
-          vm = mkOption {
-            type = types.package;
-            description = "A NixOS `config.system.build.vm` whose guest imports builder-vm.nix.";
-          };
-          runner = mkOption {
-            type = types.nullOr types.str;
-            default = null;
-            description = "The runner script in `vm` (default: bin/run-nixos-vm; it is named after the guest's hostName).";
-          };
-          sshPort = mkOption { type = types.port; default = 31022; };
-          maxJobs = mkOption { type = types.ints.positive; default = 2; };
-          speedFactor = mkOption { type = types.ints.positive; default = 1; };
-          features = mkOption { type = types.listOf types.str; default = [ "big-parallel" ]; };
-          mandatoryFeatures = mkOption { type = types.listOf types.str; default = [ ]; };
-          idleTimeout = mkOption { type = types.str; default = "15m"; };
-          bootTimeout = mkOption { type = types.str; default = "3m"; };
-          bootForLocal = mkOption { type = types.bool; default = false; };
-        };
-      });
+      type = types.attrsOf (types.submodule vmOptions);
     };
 
     settings = mkOption {
@@ -108,40 +220,68 @@ in
   };
 
   config = mkIf cfg.enable {
-    # Nix >= 2.10 splits build-hook into words; the daemon appends the verbosity.
-    nix.settings.build-hook = "${cfg.package}/bin/nix-lazy-builder hook";
+    assertions = lib.mapAttrsToList (port: names: {
+      assertion = false;
+      message = "services.nix-lazy-builder.vms: ${lib.concatStringsSep " and " names} all use sshPort = ${port}; give each VM its own port, or 0 (the default) for a free one at each boot.";
+    }) portClashes;
 
-    environment.etc."nix/lazy-builder.toml".source = toml.generate "lazy-builder.toml"
-      (lib.recursiveUpdate
-        {
-          supervisor.state-dir = cfg.stateDir;
-          builders = lib.mapAttrs vmBuilder cfg.vms;
-        }
-        cfg.settings);
+    warnings = lib.mapAttrsToList (
+      name: vm:
+      let
+        sys = vm.nixos.nixpkgs.hostPlatform.system;
+      in
+      "services.nix-lazy-builder.vms.${name}: the guest is ${sys} and this host ${hostSystem}. The guest's own system (etc, initrd, toplevel) is not on the binary cache and nothing here builds ${sys} derivations before the VM runs: add \"${sys}\" to boot.binfmt.emulatedSystems, or another builder for ${sys} to nix.buildMachines."
+    ) (lib.filterAttrs unbuildable cfg.vms);
 
-    environment.systemPackages = [ cfg.package ];
+    nix.settings.build-hook = hookLine;
+    systemd.services.nix-daemon.environment.NIX_CONFIG = common.daemonNixConfig hookLine;
+
+    environment.etc."nix/lazy-builder.toml".source = toml.generate "lazy-builder.toml" (
+      lib.recursiveUpdate {
+        supervisor.state-dir = cfg.stateDir;
+        builders = lib.mapAttrs vmBuilder cfg.vms;
+      } cfg.settings
+    );
+
+    environment.systemPackages = [
+      cfg.package
+      (common.docs cfg.package)
+    ];
 
     systemd.services.nix-lazy-builder = {
       description = "nix-lazy-builder supervisor (boots lazy builders, stops idle ones)";
       wantedBy = [ "multi-user.target" ];
       before = [ "nix-daemon.service" ];
-      path = [ pkgs.openssh pkgs.qemu pkgs.coreutils ];
-      preStart = concatStrings (mapAttrsToList (name: _: ''
-        install -d -m 0700 ${keysDir name} ${keysDir name}/guest
-        [ -e ${keysDir name}/client_ed25519_key ] || \
-          ssh-keygen -q -t ed25519 -N "" -C "nix-lazy-builder@${name}" -f ${keysDir name}/client_ed25519_key
-        [ -e ${keysDir name}/guest/ssh_host_ed25519_key ] || \
-          ssh-keygen -q -t ed25519 -N "" -C "${name}" -f ${keysDir name}/guest/ssh_host_ed25519_key
-        cp ${keysDir name}/client_ed25519_key.pub ${keysDir name}/guest/authorized_keys
-      '') cfg.vms);
+      path = [ pkgs.coreutils ];
+      preStart = lib.concatStrings (
+        lib.mapAttrsToList (
+          name: _:
+          let
+            d = lib.escapeShellArg (vmDir name);
+          in
+          ''
+            install -d -m 0700 ${d} ${d}/guest
+            [ -e ${d}/client_ed25519_key ] || \
+              ${pkgs.openssh}/bin/ssh-keygen -q -t ed25519 -N "" -C "nix-lazy-builder@${name}" -f ${d}/client_ed25519_key
+            [ -e ${d}/guest/ssh_host_ed25519_key ] || \
+              ${pkgs.openssh}/bin/ssh-keygen -q -t ed25519 -N "" -C "${name}" -f ${d}/guest/ssh_host_ed25519_key
+            install -m 0600 ${d}/client_ed25519_key.pub ${d}/guest/authorized_keys
+          ''
+        ) cfg.vms
+      );
       serviceConfig = {
-        ExecStart = "${cfg.package}/bin/nix-lazy-builder supervise";
+        ExecStart = "${cfg.package}/bin/nix-lazy-builder supervise --config /etc/nix/lazy-builder.toml";
         # A changed /etc/nix/lazy-builder.toml is picked up without this too (the supervisor
         # notices the new file); `systemctl reload` makes it reread at once.
         ExecReload = "${pkgs.coreutils}/bin/kill -HUP $MAINPID";
+        # SIGTERM to the supervisor only: it powers every VM down (bounded); SIGKILL for the
+        # rest of the cgroup only after TimeoutStopSec.
         KillMode = "mixed";
         TimeoutStopSec = 120;
         Restart = "on-failure";
+        RestartSec = 5;
+        # Keys, disks, sockets, logs: everything it creates is root-only.
+        UMask = "0077";
       };
     };
   };

@@ -54,6 +54,11 @@ use crate::config::{Accel, QemuBoot};
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long QEMU has to open its QMP socket.
 const QMP_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// The same for a runner script. A NixOS runner with `useNixStoreImage` (darwin.linux-builder's
+/// guest) first writes the guest's whole closure into an erofs image (tar | mkfs.erofs: 12 s
+/// warm, 30 s cold for 2.1 GB here), so this is no liveness limit: the builder's
+/// `boot-timeout`, which bounds the whole start, is. A runner that exits is seen at once.
+const RUNNER_QMP_CONNECT_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 /// Limit of one QMP command.
 const QMP_COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
 /// The netdev id of our user-mode network.
@@ -701,7 +706,10 @@ async fn launch(
     // handshake: its exit, with its last words, is the better error.
     let connected = tokio::select! {
         exit = child.wait() => return Err(exited(exit, &child)),
-        q = Qmp::connect_retry(qmp_socket, QMP_CONNECT_TIMEOUT) => q,
+        q = Qmp::connect_retry(
+            qmp_socket,
+            if runner { RUNNER_QMP_CONNECT_TIMEOUT } else { QMP_CONNECT_TIMEOUT },
+        ) => q,
     };
     let mut q = match connected {
         Ok(q) => q,

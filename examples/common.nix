@@ -1,0 +1,53 @@
+# What the NixOS and the nix-darwin module share: the build-hook line, the runner wrapper that
+# keeps a NixOS VM runner from leaking its store image, and the man pages and completions.
+# Pure functions of `lib` and `pkgs`; it declares no options.
+{ lib, pkgs }:
+
+rec {
+  # The build-hook value for `nix`: Nix 2.8 and 2.9 take one bare path (they run it with the
+  # verbosity as its only argument); newer Nix split the setting into words.
+  hookLine =
+    package: nix:
+    if lib.versionOlder (lib.getVersion nix) "2.10" then
+      "${package}/bin/nix-lazy-builder"
+    else
+      "${package}/bin/nix-lazy-builder hook";
+
+  # Some daemons (about Nix 2.25 to 2.33, NixOS/nix#15083) read nix.conf and then reset
+  # build-hook to their default, silently; NIX_CONFIG in the daemon's environment is read
+  # later and wins. Every version reads it the same way, so the modules set both.
+  daemonNixConfig = line: "build-hook = ${line}";
+
+  # The script the supervisor starts for a NixOS VM runner (`system.build.vm`, also inside
+  # nixpkgs' darwin.linux-builder). With `virtualisation.useNixStoreImage` the runner writes
+  # the guest's whole closure into $TMPDIR/store.img before QEMU starts and never deletes it;
+  # it uses our TMPDIR only when USE_TMPDIR is set too (otherwise it makes a fresh
+  # `mktemp -d` every boot). So: our own TMPDIR, emptied before and after every boot. A
+  # SIGKILLed boot leaves it behind until the next one. Not `exec`: the shell stays to clean
+  # up; the supervisor stops the VM through QMP and kills the whole process group at the end.
+  runnerWrapper =
+    { name, runner, tmpDir }:
+    pkgs.writeShellScript "nix-lazy-builder-${name}-runner" ''
+      set -eu
+      export TMPDIR=${lib.escapeShellArg tmpDir} USE_TMPDIR=1
+      ${pkgs.coreutils}/bin/rm -rf "$TMPDIR"
+      ${pkgs.coreutils}/bin/mkdir -p -m 0700 "$TMPDIR"
+      trap '${pkgs.coreutils}/bin/rm -rf "$TMPDIR"' EXIT
+      trap 'exit 143' TERM
+      trap 'exit 130' INT
+      ${lib.escapeShellArg runner} "$@"
+    '';
+
+  # Man pages and shell completions, rendered by the binary itself (`man`, `completions`).
+  docs =
+    package:
+    pkgs.runCommand "nix-lazy-builder-docs" { } ''
+      exe=${package}/bin/nix-lazy-builder
+      mkdir -p $out/share/man/man1 $out/share/bash-completion/completions \
+        $out/share/zsh/site-functions $out/share/fish/vendor_completions.d
+      "$exe" man --dir $out/share/man/man1
+      "$exe" completions bash > $out/share/bash-completion/completions/nix-lazy-builder
+      "$exe" completions zsh > $out/share/zsh/site-functions/_nix-lazy-builder
+      "$exe" completions fish > $out/share/fish/vendor_completions.d/nix-lazy-builder.fish
+    '';
+}
