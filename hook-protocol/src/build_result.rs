@@ -11,8 +11,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use crate::path_info::{read_store_path, read_string_set};
-use crate::serve;
 use crate::store_path::StorePath;
+use crate::version::ProtocolVersion;
 use crate::wire::{self, DecodeError, Invalid, Reader, WireWrite};
 use crate::worker;
 
@@ -177,13 +177,13 @@ impl BuildResult {
     /// negotiate below 2.6 with such a server — announcing 2.7 avoids it.
     pub fn decode_serve(
         r: &mut Reader<'_>,
-        version: serve::Version,
+        version: ProtocolVersion,
         store_dir: &str,
     ) -> wire::Result<Self> {
-        let mut res = Self::decode_head(r, version >= serve::Version::new(2, 3))?;
-        if version >= serve::Version::new(2, 8) {
+        let mut res = Self::decode_head(r, version >= ProtocolVersion::new(2, 3))?;
+        if version >= ProtocolVersion::new(2, 8) {
             res.built_outputs = decode_output_map(r)?;
-        } else if version >= serve::Version::new(2, 6) {
+        } else if version >= ProtocolVersion::new(2, 6) {
             res.built_outputs = decode_realisation_json_map(r, store_dir)?;
         }
         Ok(res)
@@ -191,11 +191,11 @@ impl BuildResult {
 
     /// Appends the serve layout for `version` (what a `nix-store --serve` sends; for stand-in
     /// peers and tests).
-    pub fn encode_serve(&self, w: &mut Vec<u8>, version: serve::Version) {
-        self.encode_head(w, version >= serve::Version::new(2, 3));
-        if version >= serve::Version::new(2, 8) {
+    pub fn encode_serve(&self, w: &mut Vec<u8>, version: ProtocolVersion) {
+        self.encode_head(w, version >= ProtocolVersion::new(2, 3));
+        if version >= ProtocolVersion::new(2, 8) {
             self.encode_output_map(w);
-        } else if version >= serve::Version::new(2, 6) {
+        } else if version >= ProtocolVersion::new(2, 6) {
             self.encode_realisation_json_map(w);
         }
     }
@@ -209,14 +209,14 @@ impl BuildResult {
         store_dir: &str,
     ) -> wire::Result<Self> {
         let v = proto.version;
-        let mut res = Self::decode_head(r, v >= worker::Version::new(1, 29))?;
-        if v >= worker::Version::new(1, 37) {
+        let mut res = Self::decode_head(r, v >= ProtocolVersion::new(1, 29))?;
+        if v >= ProtocolVersion::new(1, 37) {
             res.cpu_user = decode_opt_micros(r)?;
             res.cpu_system = decode_opt_micros(r)?;
         }
         if proto.has_feature(worker::FEATURE_REALISATION_WITH_PATH) {
             res.built_outputs = decode_output_map(r)?;
-        } else if v >= worker::Version::new(1, 28) {
+        } else if v >= ProtocolVersion::new(1, 28) {
             res.built_outputs = decode_realisation_json_map(r, store_dir)?;
         }
         Ok(res)
@@ -225,14 +225,14 @@ impl BuildResult {
     /// Appends the worker layout for the negotiated protocol (what a daemon sends).
     pub fn encode_worker(&self, w: &mut Vec<u8>, proto: &worker::Negotiated) {
         let v = proto.version;
-        self.encode_head(w, v >= worker::Version::new(1, 29));
-        if v >= worker::Version::new(1, 37) {
+        self.encode_head(w, v >= ProtocolVersion::new(1, 29));
+        if v >= ProtocolVersion::new(1, 37) {
             encode_opt_micros(w, self.cpu_user);
             encode_opt_micros(w, self.cpu_system);
         }
         if proto.has_feature(worker::FEATURE_REALISATION_WITH_PATH) {
             self.encode_output_map(w);
-        } else if v >= worker::Version::new(1, 28) {
+        } else if v >= ProtocolVersion::new(1, 28) {
             self.encode_realisation_json_map(w);
         }
     }
@@ -476,7 +476,7 @@ pub(crate) mod tests {
             out.base_name()
         ));
         let (res, used) = wire::decode_with(&w, |r| {
-            BuildResult::decode_serve(r, serve::Version::new(2, 7), "/nix/store")
+            BuildResult::decode_serve(r, ProtocolVersion::new(2, 7), "/nix/store")
         })
         .unwrap();
         assert_eq!(used, w.len());
@@ -488,7 +488,7 @@ pub(crate) mod tests {
         assert_eq!(res.out_paths().get("out"), Some(&&out));
         // The same bytes under 2.5 stop after the times: the map is not read.
         let (_, used) = wire::decode_with(&w, |r| {
-            BuildResult::decode_serve(r, serve::Version::new(2, 5), "/nix/store")
+            BuildResult::decode_serve(r, ProtocolVersion::new(2, 5), "/nix/store")
         })
         .unwrap();
         assert_eq!(used, 8 + 8 + 32);
@@ -519,7 +519,7 @@ pub(crate) mod tests {
         res.cpu_user = Some(1234);
         res.cpu_system = Some(-1);
         for (minor, with_cpu) in [(36, false), (37, true), (38, true)] {
-            let proto = worker::Negotiated::new(worker::Version::new(1, minor));
+            let proto = worker::Negotiated::new(ProtocolVersion::new(1, minor));
             let mut w = Vec::new();
             res.encode_worker(&mut w, &proto);
             let got =
@@ -535,7 +535,7 @@ pub(crate) mod tests {
         w.put_u64(0);
         w.put_u64(0);
         w.put_u64(2); // bad optional tag
-        let proto = worker::Negotiated::new(worker::Version::new(1, 37));
+        let proto = worker::Negotiated::new(ProtocolVersion::new(1, 37));
         assert!(matches!(
             BuildResult::decode_worker(&mut Reader::new(&w), &proto, "/nix/store"),
             Err(DecodeError::Invalid(_))
@@ -545,7 +545,7 @@ pub(crate) mod tests {
     proptest! {
         #[test]
         fn serve_round_trip(res in arb_build_result(), minor in 0u8..=9) {
-            let v = serve::Version::new(2, minor);
+            let v = ProtocolVersion::new(2, minor);
             let mut w = Vec::new();
             res.encode_serve(&mut w, v);
             let (got, used) = wire::decode_with(&w, |r| BuildResult::decode_serve(r, v, "/nix/store")).unwrap();
@@ -559,7 +559,7 @@ pub(crate) mod tests {
 
         #[test]
         fn worker_round_trip(res in arb_build_result(), minor in 20u8..=39, feature in any::<bool>()) {
-            let mut proto = worker::Negotiated::new(worker::Version::new(1, minor));
+            let mut proto = worker::Negotiated::new(ProtocolVersion::new(1, minor));
             if feature {
                 proto.features.insert(worker::FEATURE_REALISATION_WITH_PATH.to_owned());
             }
@@ -576,8 +576,8 @@ pub(crate) mod tests {
 
         #[test]
         fn garbage_never_panics(data in proptest::collection::vec(any::<u8>(), 0..300), minor in 0u8..=40) {
-            let _ = BuildResult::decode_serve(&mut Reader::new(&data), serve::Version::new(2, minor % 10), "/nix/store");
-            let mut proto = worker::Negotiated::new(worker::Version::new(1, minor));
+            let _ = BuildResult::decode_serve(&mut Reader::new(&data), ProtocolVersion::new(2, minor % 10), "/nix/store");
+            let mut proto = worker::Negotiated::new(ProtocolVersion::new(1, minor));
             let _ = BuildResult::decode_worker(&mut Reader::new(&data), &proto, "/nix/store");
             proto.features.insert(worker::FEATURE_REALISATION_WITH_PATH.to_owned());
             let _ = BuildResult::decode_worker(&mut Reader::new(&data), &proto, "/nix/store");

@@ -20,9 +20,6 @@
 //! metadata (content address, signatures) as a stream, and from 2.4 on QueryPathInfos carries the
 //! NAR hash we must verify downloads against.
 
-use std::collections::BTreeSet;
-use std::fmt;
-
 use crate::build_result::BuildResult;
 use crate::derivation::BasicDerivation;
 use crate::path_info::{
@@ -30,7 +27,9 @@ use crate::path_info::{
     read_store_path_set, read_string_set,
 };
 use crate::store_path::StorePath;
+use crate::version::{self, ProtocolVersion, ServerHello};
 use crate::wire::{self, DecodeError, Invalid, Reader, WireWrite};
+use std::collections::BTreeSet;
 
 /// Sent by the client first.
 pub const MAGIC_1: u64 = 0x390c_9deb;
@@ -39,38 +38,10 @@ pub const MAGIC_2: u64 = 0x5452_eecb;
 /// The "NIXE" marker after each NAR in an export stream (PROTOCOL.md §9.3).
 pub const EXPORT_MAGIC: u64 = 0x4558_494e;
 
-/// A serve protocol version (`major << 8 | minor` on the wire).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Version {
-    pub major: u8,
-    pub minor: u8,
-}
-
-impl Version {
-    pub const fn new(major: u8, minor: u8) -> Self {
-        Version { major, minor }
-    }
-
-    pub fn to_wire(self) -> u64 {
-        (self.major as u64) << 8 | self.minor as u64
-    }
-
-    /// `None` for values no Nix can send (anything above 16 bits).
-    pub fn from_wire(v: u64) -> Option<Self> {
-        (v <= 0xffff).then(|| Version::new((v >> 8) as u8, v as u8))
-    }
-}
-
-impl fmt::Display for Version {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}.{}", self.major, self.minor)
-    }
-}
-
 /// The version we announce (see the module docs for why).
-pub const CLIENT_VERSION: Version = Version::new(2, 7);
+pub const CLIENT_VERSION: ProtocolVersion = ProtocolVersion::new(2, 7);
 /// The oldest server version we talk to (see the module docs for why).
-pub const MIN_SERVER_VERSION: Version = Version::new(2, 5);
+pub const MIN_SERVER_VERSION: ProtocolVersion = ProtocolVersion::new(2, 5);
 
 /// Serve protocol commands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -113,39 +84,20 @@ impl Command {
 // Handshake
 
 /// Appends the client greeting: `MAGIC_1, version`. Sent without waiting for the server.
-pub fn encode_hello(w: &mut Vec<u8>, client: Version) {
-    w.put_u64(MAGIC_1);
-    w.put_u64(client.to_wire());
-}
-
-/// What the server's greeting said.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ServerHello {
-    pub server: Version,
-    /// `min(client, server)`: gate every later message on this.
-    pub negotiated: Version,
+pub fn encode_hello(w: &mut Vec<u8>, client: ProtocolVersion) {
+    version::encode_greeting(w, MAGIC_1, client);
 }
 
 /// Decodes the server greeting (`MAGIC_2, version`) and negotiates. A wrong magic (e.g. a login
 /// shell printing a banner on stdout), a major version other than 2 or a server older than
 /// [`MIN_SERVER_VERSION`] is [`Invalid`].
-pub fn decode_hello(r: &mut Reader<'_>, client: Version) -> wire::Result<ServerHello> {
-    let magic = r.u64()?;
-    if magic != MAGIC_2 {
-        return Err(Invalid::Unexpected {
-            expected: format!("the 'nix-store --serve' greeting {MAGIC_2:#x}"),
-            got: format!(
-                "{magic:#x} ({:?})",
-                String::from_utf8_lossy(&magic.to_le_bytes())
-            ),
-        }
-        .into());
-    }
-    let raw = r.u64()?;
-    let server = Version::from_wire(raw).ok_or(Invalid::OutOfRange {
-        what: "serve protocol version",
-        value: raw,
-    })?;
+pub fn decode_hello(r: &mut Reader<'_>, client: ProtocolVersion) -> wire::Result<ServerHello> {
+    let server = version::decode_server_greeting(
+        r,
+        MAGIC_2,
+        "the 'nix-store --serve' greeting",
+        "serve protocol version",
+    )?;
     if server.major != 2 || server < MIN_SERVER_VERSION {
         return Err(DecodeError::malformed(format!(
             "the remote 'nix-store --serve' speaks protocol {server}; we need 2.x with x ≥ {} \
@@ -198,8 +150,11 @@ pub fn encode_query_path_infos<'a>(
 /// The QueryPathInfos reply: one entry per *valid* requested path (invalid ones are omitted),
 /// then an empty string. The serve layout carries neither registration time nor `ultimate`
 /// (they come back as 0 / false); the NAR hash is `sha256:<nix32>` (any form is accepted).
-pub fn decode_path_infos(r: &mut Reader<'_>, version: Version) -> wire::Result<Vec<PathInfo>> {
-    if version < Version::new(2, 4) {
+pub fn decode_path_infos(
+    r: &mut Reader<'_>,
+    version: ProtocolVersion,
+) -> wire::Result<Vec<PathInfo>> {
+    if version < ProtocolVersion::new(2, 4) {
         return Err(DecodeError::malformed(format!(
             "serve protocol {version} carries no NAR hashes in QueryPathInfos"
         )));
@@ -301,38 +256,38 @@ pub struct BuildOptions {
 }
 
 impl BuildOptions {
-    pub fn encode(&self, w: &mut Vec<u8>, version: Version) {
+    pub fn encode(&self, w: &mut Vec<u8>, version: ProtocolVersion) {
         let u32_clamp = |v: u64| v.min(u32::MAX as u64);
         w.put_u64(u32_clamp(self.max_silent_time));
         w.put_u64(u32_clamp(self.build_timeout));
-        if version >= Version::new(2, 2) {
+        if version >= ProtocolVersion::new(2, 2) {
             w.put_u64(self.max_log_size);
         }
-        if version >= Version::new(2, 3) {
+        if version >= ProtocolVersion::new(2, 3) {
             w.put_u64(u32_clamp(self.nr_repeats));
             w.put_bool(self.enforce_determinism);
         }
-        if version >= Version::new(2, 7) {
+        if version >= ProtocolVersion::new(2, 7) {
             w.put_bool(self.keep_failed);
         }
     }
 
     /// What a server reads (for stand-in peers and tests).
-    pub fn decode(r: &mut Reader<'_>, version: Version) -> wire::Result<Self> {
+    pub fn decode(r: &mut Reader<'_>, version: ProtocolVersion) -> wire::Result<Self> {
         let max = u32::MAX as u64;
         let mut o = BuildOptions {
             max_silent_time: r.u64_max("maxSilentTime", max)?,
             build_timeout: r.u64_max("buildTimeout", max)?,
             ..Default::default()
         };
-        if version >= Version::new(2, 2) {
+        if version >= ProtocolVersion::new(2, 2) {
             o.max_log_size = r.u64()?;
         }
-        if version >= Version::new(2, 3) {
+        if version >= ProtocolVersion::new(2, 3) {
             o.nr_repeats = r.u64_max("nrRepeats", max)?;
             o.enforce_determinism = r.bool()?;
         }
-        if version >= Version::new(2, 7) {
+        if version >= ProtocolVersion::new(2, 7) {
             o.keep_failed = r.bool()?;
         }
         Ok(o)
@@ -343,7 +298,7 @@ impl BuildOptions {
 /// Reply: [`decode_build_derivation_reply`]. The build log arrives on the server's stderr.
 pub fn encode_build_derivation(
     w: &mut Vec<u8>,
-    version: Version,
+    version: ProtocolVersion,
     drv_path: &StorePath,
     drv: &BasicDerivation,
     options: &BuildOptions,
@@ -358,7 +313,7 @@ pub fn encode_build_derivation(
 /// 2.6–2.7 layout carries.
 pub fn decode_build_derivation_reply(
     r: &mut Reader<'_>,
-    version: Version,
+    version: ProtocolVersion,
     store_dir: &str,
 ) -> wire::Result<BuildResult> {
     BuildResult::decode_serve(r, version, store_dir)
@@ -368,7 +323,7 @@ pub fn decode_build_derivation_reply(
 /// [`decode_build_paths_reply`].
 pub fn encode_build_paths(
     w: &mut Vec<u8>,
-    version: Version,
+    version: ProtocolVersion,
     paths: &[DerivedPath],
     options: &BuildOptions,
 ) {
@@ -416,22 +371,14 @@ pub mod server {
     use super::*;
 
     /// Decodes the client greeting and returns the client's version.
-    pub fn decode_hello(r: &mut Reader<'_>) -> wire::Result<Version> {
+    pub fn decode_hello(r: &mut Reader<'_>) -> wire::Result<ProtocolVersion> {
         r.expect_u64("the serve client greeting", MAGIC_1)?;
-        let raw = r.u64()?;
-        Version::from_wire(raw).ok_or_else(|| {
-            Invalid::OutOfRange {
-                what: "serve protocol version",
-                value: raw,
-            }
-            .into()
-        })
+        ProtocolVersion::decode(r, "serve protocol version")
     }
 
     /// Appends the server greeting.
-    pub fn encode_hello(w: &mut Vec<u8>, server: Version) {
-        w.put_u64(MAGIC_2);
-        w.put_u64(server.to_wire());
+    pub fn encode_hello(w: &mut Vec<u8>, server: ProtocolVersion) {
+        version::encode_greeting(w, MAGIC_2, server);
     }
 
     /// A decoded client request. For [`Request::ImportPaths`] the export stream follows; for
@@ -464,7 +411,7 @@ pub mod server {
     }
 
     /// Decodes one request, gated on the negotiated version.
-    pub fn decode_request(r: &mut Reader<'_>, version: Version) -> wire::Result<Request> {
+    pub fn decode_request(r: &mut Reader<'_>, version: ProtocolVersion) -> wire::Result<Request> {
         let code = r.u64()?;
         let cmd = Command::from_code(code).ok_or(Invalid::OutOfRange {
             what: "serve command",
@@ -542,14 +489,14 @@ pub mod server {
     }
 
     /// The QueryPathInfos reply (≥ 2.4 layout with hash, CA and signatures).
-    pub fn encode_path_infos(w: &mut Vec<u8>, version: Version, infos: &[PathInfo]) {
+    pub fn encode_path_infos(w: &mut Vec<u8>, version: ProtocolVersion, infos: &[PathInfo]) {
         for info in infos {
             w.put_str(info.path.as_str());
             put_opt_store_path(w, info.deriver.as_ref());
             put_paths(w, &info.references);
             w.put_u64(info.nar_size);
             w.put_u64(info.nar_size);
-            if version >= Version::new(2, 4) {
+            if version >= ProtocolVersion::new(2, 4) {
                 w.put_str(&info.nar_hash.to_prefixed_nix32());
                 w.put_str(info.ca.as_deref().unwrap_or(""));
                 w.put_strings(&info.sigs);
@@ -583,7 +530,7 @@ mod tests {
     use crate::store_path::Sha256;
     use proptest::prelude::*;
 
-    fn assert_prefixes_incomplete<T: fmt::Debug>(
+    fn assert_prefixes_incomplete<T: std::fmt::Debug>(
         bytes: &[u8],
         mut f: impl FnMut(&mut Reader<'_>) -> wire::Result<T>,
     ) {
@@ -612,12 +559,16 @@ mod tests {
 
         for (server_v, want) in [((2, 7), (2, 7)), ((2, 8), (2, 7)), ((2, 5), (2, 5))] {
             let mut s = Vec::new();
-            server::encode_hello(&mut s, Version::new(server_v.0, server_v.1));
+            server::encode_hello(&mut s, ProtocolVersion::new(server_v.0, server_v.1));
             let hello = decode_hello(&mut Reader::new(&s), CLIENT_VERSION).unwrap();
-            assert_eq!(hello.negotiated, Version::new(want.0, want.1));
+            assert_eq!(hello.negotiated, ProtocolVersion::new(want.0, want.1));
             assert_prefixes_incomplete(&s, |r| decode_hello(r, CLIENT_VERSION));
         }
-        for bad in [Version::new(2, 4), Version::new(3, 0), Version::new(1, 34)] {
+        for bad in [
+            ProtocolVersion::new(2, 4),
+            ProtocolVersion::new(3, 0),
+            ProtocolVersion::new(1, 34),
+        ] {
             let mut s = Vec::new();
             server::encode_hello(&mut s, bad);
             assert!(matches!(
@@ -644,7 +595,7 @@ mod tests {
             keep_failed: true,
         };
         for (minor, len) in [(1u8, 2), (2, 3), (3, 5), (6, 5), (7, 6), (8, 6)] {
-            let v = Version::new(2, minor);
+            let v = ProtocolVersion::new(2, minor);
             let mut w = Vec::new();
             o.encode(&mut w, v);
             assert_eq!(w.len(), len * 8, "2.{minor}");
@@ -684,7 +635,7 @@ mod tests {
         let mut w = Vec::new();
         server::encode_path_infos(&mut w, CLIENT_VERSION, &[]);
         assert_eq!(w, [0u8; 8]);
-        assert!(decode_path_infos(&mut Reader::new(&w), Version::new(2, 3)).is_err());
+        assert!(decode_path_infos(&mut Reader::new(&w), ProtocolVersion::new(2, 3)).is_err());
     }
 
     #[test]
@@ -823,7 +774,7 @@ mod tests {
 
         #[test]
         fn garbage_never_panics(data in proptest::collection::vec(any::<u8>(), 0..300), minor in 0u8..10) {
-            let v = Version::new(2, minor);
+            let v = ProtocolVersion::new(2, minor);
             let _ = decode_hello(&mut Reader::new(&data), CLIENT_VERSION);
             let _ = decode_path_set(&mut Reader::new(&data));
             let _ = decode_path_infos(&mut Reader::new(&data), v);

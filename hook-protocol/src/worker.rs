@@ -24,16 +24,15 @@
 //! `STDERR_READ` requests ([`nar_upload`]) and below 1.26 errors have the old layout (handled
 //! here).
 
-use std::collections::BTreeSet;
-use std::fmt;
-
 use crate::build_result::BuildResult;
 use crate::derivation::BasicDerivation;
 use crate::path_info::{
     DerivedPath, PathInfo, read_store_path, read_store_path_set, read_string_set,
 };
 use crate::store_path::StorePath;
+use crate::version::{self, ProtocolVersion, ServerHello};
 use crate::wire::{self, DecodeError, Invalid, Reader, WireWrite};
+use std::collections::BTreeSet;
 
 /// Sent by the client first.
 pub const MAGIC_1: u64 = 0x6e69_7863;
@@ -53,51 +52,23 @@ pub const STDERR_RESULT: u64 = 0x5253_4c54;
 /// realisation JSON (Nix ≥ 2.35).
 pub const FEATURE_REALISATION_WITH_PATH: &str = "realisation-with-path-not-hash";
 
-/// A worker protocol version number (`major << 8 | minor` on the wire).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Version {
-    pub major: u8,
-    pub minor: u8,
-}
-
-impl Version {
-    pub const fn new(major: u8, minor: u8) -> Self {
-        Version { major, minor }
-    }
-
-    pub fn to_wire(self) -> u64 {
-        (self.major as u64) << 8 | self.minor as u64
-    }
-
-    /// `None` for values no Nix can send (anything above 16 bits).
-    pub fn from_wire(v: u64) -> Option<Self> {
-        (v <= 0xffff).then(|| Version::new((v >> 8) as u8, v as u8))
-    }
-}
-
-impl fmt::Display for Version {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}.{}", self.major, self.minor)
-    }
-}
-
 /// The version we announce (see the module docs for why).
-pub const CLIENT_VERSION: Version = Version::new(1, 35);
+pub const CLIENT_VERSION: ProtocolVersion = ProtocolVersion::new(1, 35);
 /// The oldest daemon we talk to (see the module docs for why).
-pub const MIN_SERVER_VERSION: Version = Version::new(1, 21);
+pub const MIN_SERVER_VERSION: ProtocolVersion = ProtocolVersion::new(1, 21);
 /// From this version on, the handshake exchanges feature sets.
-pub const FEATURES_SINCE: Version = Version::new(1, 38);
+pub const FEATURES_SINCE: ProtocolVersion = ProtocolVersion::new(1, 38);
 
 /// The protocol both sides agreed on: `min(client, server)` and the intersection of features.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Negotiated {
-    pub version: Version,
+    pub version: ProtocolVersion,
     pub features: BTreeSet<String>,
 }
 
 impl Negotiated {
     /// A version with no features.
-    pub fn new(version: Version) -> Self {
+    pub fn new(version: ProtocolVersion) -> Self {
         Negotiated {
             version,
             features: BTreeSet::new(),
@@ -110,7 +81,7 @@ impl Negotiated {
 
     /// True if the negotiated version is at least `major.minor`.
     pub fn at_least(&self, major: u8, minor: u8) -> bool {
-        self.version >= Version::new(major, minor)
+        self.version >= ProtocolVersion::new(major, minor)
     }
 }
 
@@ -119,11 +90,15 @@ impl Negotiated {
 #[error("{what} needs worker protocol {needs} or newer, but the connection speaks {have}")]
 pub struct Unsupported {
     pub what: &'static str,
-    pub needs: Version,
-    pub have: Version,
+    pub needs: ProtocolVersion,
+    pub have: ProtocolVersion,
 }
 
-fn require(proto: &Negotiated, what: &'static str, needs: Version) -> Result<(), Unsupported> {
+fn require(
+    proto: &Negotiated,
+    what: &'static str,
+    needs: ProtocolVersion,
+) -> Result<(), Unsupported> {
     if proto.version >= needs {
         Ok(())
     } else {
@@ -182,38 +157,22 @@ impl Op {
 // 5. daemon: stderr messages up to STDERR_LAST (`decode_stderr` / `decode_response`)
 
 /// Step 1: `MAGIC_1, version`.
-pub fn encode_hello(w: &mut Vec<u8>, client: Version) {
-    w.put_u64(MAGIC_1);
-    w.put_u64(client.to_wire());
-}
-
-/// What the daemon's greeting said.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ServerHello {
-    pub server: Version,
-    /// `min(client, server)`.
-    pub version: Version,
+pub fn encode_hello(w: &mut Vec<u8>, client: ProtocolVersion) {
+    version::encode_greeting(w, MAGIC_1, client);
 }
 
 /// Step 2: decodes `MAGIC_2, version` and negotiates. A wrong magic, a major version other than
 /// 1 or a daemon older than [`MIN_SERVER_VERSION`] is [`Invalid`].
-pub fn decode_server_hello(r: &mut Reader<'_>, client: Version) -> wire::Result<ServerHello> {
-    let magic = r.u64()?;
-    if magic != MAGIC_2 {
-        return Err(Invalid::Unexpected {
-            expected: format!("the nix-daemon greeting {MAGIC_2:#x}"),
-            got: format!(
-                "{magic:#x} ({:?})",
-                String::from_utf8_lossy(&magic.to_le_bytes())
-            ),
-        }
-        .into());
-    }
-    let raw = r.u64()?;
-    let server = Version::from_wire(raw).ok_or(Invalid::OutOfRange {
-        what: "worker protocol version",
-        value: raw,
-    })?;
+pub fn decode_server_hello(
+    r: &mut Reader<'_>,
+    client: ProtocolVersion,
+) -> wire::Result<ServerHello> {
+    let server = version::decode_server_greeting(
+        r,
+        MAGIC_2,
+        "the nix-daemon greeting",
+        "worker protocol version",
+    )?;
     if server.major != 1 || server < MIN_SERVER_VERSION {
         return Err(DecodeError::malformed(format!(
             "the remote nix-daemon speaks worker protocol {server}; we need 1.x with x ≥ {} \
@@ -223,20 +182,24 @@ pub fn decode_server_hello(r: &mut Reader<'_>, client: Version) -> wire::Result<
     }
     Ok(ServerHello {
         server,
-        version: server.min(client),
+        negotiated: server.min(client),
     })
 }
 
 /// Step 3: the client's part after the greeting, for the negotiated `version`: our features
 /// (≥ 1.38 only), then the obsolete CPU-affinity (≥ 1.14) and reserve-space (≥ 1.11) fields.
-pub fn encode_after_hello(w: &mut Vec<u8>, version: Version, client_features: &BTreeSet<String>) {
+pub fn encode_after_hello(
+    w: &mut Vec<u8>,
+    version: ProtocolVersion,
+    client_features: &BTreeSet<String>,
+) {
     if version >= FEATURES_SINCE {
         w.put_strings(client_features);
     }
-    if version >= Version::new(1, 14) {
+    if version >= ProtocolVersion::new(1, 14) {
         w.put_u64(0);
     }
-    if version >= Version::new(1, 11) {
+    if version >= ProtocolVersion::new(1, 11) {
         w.put_u64(0);
     }
 }
@@ -264,7 +227,7 @@ pub struct ServerInfo {
 /// follow.
 pub fn decode_server_info(
     r: &mut Reader<'_>,
-    version: Version,
+    version: ProtocolVersion,
     client_features: &BTreeSet<String>,
 ) -> wire::Result<(Negotiated, ServerInfo)> {
     let server_features = if version >= FEATURES_SINCE {
@@ -272,12 +235,12 @@ pub fn decode_server_info(
     } else {
         BTreeSet::new()
     };
-    let nix_version = if version >= Version::new(1, 33) {
+    let nix_version = if version >= ProtocolVersion::new(1, 33) {
         Some(r.text()?)
     } else {
         None
     };
-    let trust = if version >= Version::new(1, 35) {
+    let trust = if version >= ProtocolVersion::new(1, 35) {
         match r.u64()? {
             0 => None,
             1 => Some(Trust::Trusted),
@@ -731,7 +694,7 @@ pub fn encode_add_multiple_to_store(
     repair: bool,
     dont_check_sigs: bool,
 ) -> Result<(), Unsupported> {
-    require(proto, "AddMultipleToStore", Version::new(1, 32))?;
+    require(proto, "AddMultipleToStore", ProtocolVersion::new(1, 32))?;
     w.put_u64(Op::AddMultipleToStore.code());
     w.put_bool(repair);
     w.put_bool(dont_check_sigs);
@@ -902,7 +865,7 @@ pub fn encode_build_paths_with_results(
     paths: &[DerivedPath],
     mode: BuildMode,
 ) -> Result<(), Unsupported> {
-    require(proto, "BuildPathsWithResults", Version::new(1, 34))?;
+    require(proto, "BuildPathsWithResults", ProtocolVersion::new(1, 34))?;
     w.put_u64(Op::BuildPathsWithResults.code());
     w.put_strings(paths.iter().map(DerivedPath::to_worker_string));
     w.put_u64(mode.code());
@@ -930,51 +893,43 @@ pub mod server {
     use super::*;
 
     /// Decodes the client's greeting (`MAGIC_1, version`) and returns the client's version.
-    pub fn decode_client_hello(r: &mut Reader<'_>) -> wire::Result<Version> {
+    pub fn decode_client_hello(r: &mut Reader<'_>) -> wire::Result<ProtocolVersion> {
         r.expect_u64("the nix-daemon client greeting", MAGIC_1)?;
-        let raw = r.u64()?;
-        Version::from_wire(raw).ok_or_else(|| {
-            Invalid::OutOfRange {
-                what: "worker protocol version",
-                value: raw,
-            }
-            .into()
-        })
+        ProtocolVersion::decode(r, "worker protocol version")
     }
 
-    pub fn encode_server_hello(w: &mut Vec<u8>, server: Version) {
-        w.put_u64(MAGIC_2);
-        w.put_u64(server.to_wire());
+    pub fn encode_server_hello(w: &mut Vec<u8>, server: ProtocolVersion) {
+        version::encode_greeting(w, MAGIC_2, server);
     }
 
     /// Decodes the client's step 3 and returns its features.
     pub fn decode_after_hello(
         r: &mut Reader<'_>,
-        version: Version,
+        version: ProtocolVersion,
     ) -> wire::Result<BTreeSet<String>> {
         let features = if version >= FEATURES_SINCE {
             read_string_set(r, "client features")?
         } else {
             BTreeSet::new()
         };
-        if version >= Version::new(1, 14) && r.bool()? {
+        if version >= ProtocolVersion::new(1, 14) && r.bool()? {
             let _affinity = r.u64()?;
         }
-        if version >= Version::new(1, 11) {
+        if version >= ProtocolVersion::new(1, 11) {
             let _reserve_space = r.u64()?;
         }
         Ok(features)
     }
 
     /// The daemon's step 4 (not including the stderr loop after it).
-    pub fn encode_server_info(w: &mut Vec<u8>, version: Version, info: &ServerInfo) {
+    pub fn encode_server_info(w: &mut Vec<u8>, version: ProtocolVersion, info: &ServerInfo) {
         if version >= FEATURES_SINCE {
             w.put_strings(&info.server_features);
         }
-        if version >= Version::new(1, 33) {
+        if version >= ProtocolVersion::new(1, 33) {
             w.put_str(info.nix_version.as_deref().unwrap_or(""));
         }
-        if version >= Version::new(1, 35) {
+        if version >= ProtocolVersion::new(1, 35) {
             w.put_u64(match info.trust {
                 None => 0,
                 Some(Trust::Trusted) => 1,
@@ -1206,7 +1161,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn proto(minor: u8) -> Negotiated {
-        Negotiated::new(Version::new(1, minor))
+        Negotiated::new(ProtocolVersion::new(1, minor))
     }
 
     #[test]
@@ -1233,7 +1188,7 @@ mod tests {
         }
     }
 
-    fn assert_prefixes_incomplete<T: fmt::Debug>(
+    fn assert_prefixes_incomplete<T: std::fmt::Debug>(
         bytes: &[u8],
         mut f: impl FnMut(&mut Reader<'_>) -> wire::Result<T>,
     ) {
@@ -1247,9 +1202,9 @@ mod tests {
 
     /// Runs the whole handshake between our client functions and the server codecs.
     fn handshake(
-        client: Version,
+        client: ProtocolVersion,
         client_features: &[&str],
-        server: Version,
+        server: ProtocolVersion,
         server_features: &[&str],
     ) -> (Negotiated, ServerInfo, Vec<u8>, Vec<u8>) {
         let client_features: BTreeSet<String> =
@@ -1264,10 +1219,10 @@ mod tests {
 
         let hello = decode_server_hello(&mut Reader::new(&to_client), client).unwrap();
         assert_eq!(hello.server, server);
-        encode_after_hello(&mut to_server, hello.version, &client_features);
+        encode_after_hello(&mut to_server, hello.negotiated, &client_features);
 
         let mut sr = Reader::new(&to_server[16..]);
-        let seen_features = server::decode_after_hello(&mut sr, hello.version).unwrap();
+        let seen_features = server::decode_after_hello(&mut sr, hello.negotiated).unwrap();
         assert!(sr.is_empty());
         assert_eq!(seen_features, client_features);
         let info = ServerInfo {
@@ -1276,19 +1231,21 @@ mod tests {
             trust: Some(Trust::Trusted),
         };
         let start = to_client.len();
-        server::encode_server_info(&mut to_client, hello.version, &info);
+        server::encode_server_info(&mut to_client, hello.negotiated, &info);
         let tail = to_client[start..].to_vec();
         let (neg, got) =
-            decode_server_info(&mut Reader::new(&tail), hello.version, &client_features).unwrap();
+            decode_server_info(&mut Reader::new(&tail), hello.negotiated, &client_features)
+                .unwrap();
         assert_prefixes_incomplete(&tail, |r| {
-            decode_server_info(r, hello.version, &client_features)
+            decode_server_info(r, hello.negotiated, &client_features)
         });
         (neg, got, to_server, to_client)
     }
 
     #[test]
     fn handshake_with_a_2_8_daemon() {
-        let (neg, info, to_server, _) = handshake(CLIENT_VERSION, &[], Version::new(1, 34), &[]);
+        let (neg, info, to_server, _) =
+            handshake(CLIENT_VERSION, &[], ProtocolVersion::new(1, 34), &[]);
         assert_eq!(neg, proto(34));
         assert_eq!(info.nix_version.as_deref(), Some("2.99.0"));
         assert_eq!(info.trust, None, "1.34 has no trust byte");
@@ -1300,15 +1257,15 @@ mod tests {
     #[test]
     fn handshake_with_feature_exchange() {
         let (neg, info, _, _) = handshake(
-            Version::new(1, 38),
+            ProtocolVersion::new(1, 38),
             &[FEATURE_REALISATION_WITH_PATH, "other"],
-            Version::new(1, 38),
+            ProtocolVersion::new(1, 38),
             &[
                 FEATURE_REALISATION_WITH_PATH,
                 "delete-dead-specific-referrers",
             ],
         );
-        assert_eq!(neg.version, Version::new(1, 38));
+        assert_eq!(neg.version, ProtocolVersion::new(1, 38));
         assert_eq!(
             neg.features,
             [FEATURE_REALISATION_WITH_PATH.to_owned()].into()
@@ -1316,16 +1273,16 @@ mod tests {
         assert_eq!(info.server_features.len(), 2);
         assert_eq!(info.trust, Some(Trust::Trusted));
         // Our default client never reaches the exchange, even with a 1.38 daemon.
-        let (neg, _, _, _) = handshake(CLIENT_VERSION, &[], Version::new(1, 38), &["x"]);
+        let (neg, _, _, _) = handshake(CLIENT_VERSION, &[], ProtocolVersion::new(1, 38), &["x"]);
         assert_eq!(neg, proto(35));
     }
 
     #[test]
     fn server_hello_checks() {
         for (v, ok) in [
-            (Version::new(1, 21), true),
-            (Version::new(1, 20), false),
-            (Version::new(2, 0), false),
+            (ProtocolVersion::new(1, 21), true),
+            (ProtocolVersion::new(1, 20), false),
+            (ProtocolVersion::new(2, 0), false),
         ] {
             let mut w = Vec::new();
             server::encode_server_hello(&mut w, v);
@@ -1345,7 +1302,7 @@ mod tests {
         let mut w = Vec::new();
         server::encode_server_info(
             &mut w,
-            Version::new(1, 35),
+            ProtocolVersion::new(1, 35),
             &ServerInfo {
                 server_features: BTreeSet::new(),
                 nix_version: Some("x".into()),
@@ -1353,15 +1310,22 @@ mod tests {
             },
         );
         *w.last_mut().unwrap() = 0; // keep trust 0 → None
-        let (_, info) =
-            decode_server_info(&mut Reader::new(&w), Version::new(1, 35), &BTreeSet::new())
-                .unwrap();
+        let (_, info) = decode_server_info(
+            &mut Reader::new(&w),
+            ProtocolVersion::new(1, 35),
+            &BTreeSet::new(),
+        )
+        .unwrap();
         assert_eq!(info.trust, None);
         let len = w.len();
         w[len - 8] = 3;
         assert!(
-            decode_server_info(&mut Reader::new(&w), Version::new(1, 35), &BTreeSet::new())
-                .is_err()
+            decode_server_info(
+                &mut Reader::new(&w),
+                ProtocolVersion::new(1, 35),
+                &BTreeSet::new()
+            )
+            .is_err()
         );
     }
 
@@ -1577,7 +1541,7 @@ mod tests {
         let mut w = Vec::new();
         let e = encode_build_paths_with_results(&mut w, &proto(33), &[], BuildMode::Normal)
             .unwrap_err();
-        assert_eq!(e.needs, Version::new(1, 34));
+        assert_eq!(e.needs, ProtocolVersion::new(1, 34));
         assert!(encode_add_multiple_to_store(&mut w, &proto(31), false, false).is_err());
         assert!(w.is_empty());
         assert_eq!(nar_upload(&proto(23)), NarUpload::Framed);

@@ -20,12 +20,13 @@ use std::collections::BTreeSet;
 use std::path::Path;
 
 use bad_input::{mutated, read_files};
+use hook_protocol::ProtocolVersion;
 use hook_protocol::derivation::{BasicDerivation, Derivation};
 use hook_protocol::hook::{AcceptedBuild, HookOutput, Reply, Request, Settings};
 use hook_protocol::path_info::{DerivedPath, PathInfo};
 use hook_protocol::serve;
 use hook_protocol::wire::{self, DecodeError, Reader};
-use hook_protocol::worker::{self, Negotiated, Version as WV};
+use hook_protocol::worker::{self, Negotiated};
 use hook_protocol::{Sha256, StorePath};
 use proptest::prelude::*;
 
@@ -49,25 +50,25 @@ fn dec<T>(
 }
 
 fn worker_protos() -> Vec<Negotiated> {
-    let mut with_feature = Negotiated::new(WV::new(1, 38));
+    let mut with_feature = Negotiated::new(ProtocolVersion::new(1, 38));
     with_feature
         .features
         .insert(worker::FEATURE_REALISATION_WITH_PATH.to_owned());
     vec![
-        Negotiated::new(WV::new(1, 21)),
-        Negotiated::new(WV::new(1, 26)),
-        Negotiated::new(WV::new(1, 34)),
-        Negotiated::new(WV::new(1, 35)),
-        Negotiated::new(WV::new(1, 37)),
-        Negotiated::new(WV::new(1, 38)),
+        Negotiated::new(ProtocolVersion::new(1, 21)),
+        Negotiated::new(ProtocolVersion::new(1, 26)),
+        Negotiated::new(ProtocolVersion::new(1, 34)),
+        Negotiated::new(ProtocolVersion::new(1, 35)),
+        Negotiated::new(ProtocolVersion::new(1, 37)),
+        Negotiated::new(ProtocolVersion::new(1, 38)),
         with_feature,
     ]
 }
 
-fn serve_versions() -> Vec<serve::Version> {
+fn serve_versions() -> Vec<ProtocolVersion> {
     [(2, 4), (2, 5), (2, 6), (2, 7), (2, 8)]
         .iter()
-        .map(|&(a, b)| serve::Version::new(a, b))
+        .map(|&(a, b)| ProtocolVersion::new(a, b))
         .collect()
 }
 

@@ -14,12 +14,13 @@ mod bad_input;
 use std::time::{Duration, Instant};
 
 use bad_input::{Counting, largest_allocation, read_files};
+use hook_protocol::ProtocolVersion;
 use hook_protocol::derivation::{BasicDerivation, Derivation, ParseErrorKind};
 use hook_protocol::hook::{AcceptedBuild, Request, Settings};
 use hook_protocol::log::Message;
 use hook_protocol::store_path::StorePathError;
 use hook_protocol::wire::{self, DecodeError, Invalid, MAX_COUNT, MAX_STRING, Reader, WireWrite};
-use hook_protocol::worker::{self, Negotiated, StderrMessage, Version as WV};
+use hook_protocol::worker::{self, Negotiated, StderrMessage};
 use hook_protocol::{StorePath, serve};
 
 #[global_allocator]
@@ -37,7 +38,7 @@ fn path(name: &str) -> String {
 }
 
 fn proto(major: u8, minor: u8) -> Negotiated {
-    Negotiated::new(WV::new(major, minor))
+    Negotiated::new(ProtocolVersion::new(major, minor))
 }
 
 fn hook_stream(r: &mut Reader<'_>) -> wire::Result<()> {
@@ -175,7 +176,11 @@ fn hostile_string_lengths_are_rejected_at_once() {
             "serve build result",
             || {
                 wire::decode_with(&b, |r| {
-                    serve::decode_build_derivation_reply(r, serve::Version::new(2, 7), "/nix/store")
+                    serve::decode_build_derivation_reply(
+                        r,
+                        ProtocolVersion::new(2, 7),
+                        "/nix/store",
+                    )
                 })
             },
             len,
@@ -262,7 +267,7 @@ fn hostile_counts_are_rejected_at_once() {
         b.put_str("");
         b.extend_from_slice(&words(&[1, 0, 0, 0]));
         b.put_u64(count);
-        for v in [serve::Version::new(2, 6), serve::Version::new(2, 8)] {
+        for v in [ProtocolVersion::new(2, 6), ProtocolVersion::new(2, 8)] {
             assert_too_long(
                 "serve built outputs",
                 || {
@@ -296,7 +301,7 @@ fn hostile_counts_are_rejected_at_once() {
             "serve path info references",
             || {
                 wire::decode_with(&b, |r| {
-                    serve::decode_path_infos(r, serve::Version::new(2, 7))
+                    serve::decode_path_infos(r, ProtocolVersion::new(2, 7))
                 })
             },
             count,
@@ -502,7 +507,7 @@ fn non_utf8_from_remote_stores() {
     let mut b = words(&[3]);
     b.put_bytes(BAD);
     let (res, _) = wire::decode_with(&b, |r| {
-        serve::decode_build_derivation_reply(r, serve::Version::new(2, 2), "/nix/store")
+        serve::decode_build_derivation_reply(r, ProtocolVersion::new(2, 2), "/nix/store")
     })
     .unwrap();
     assert_eq!(res.error_msg, "caf\u{fffd}-\u{fffd}\u{fffd}");

@@ -6,8 +6,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
+use hook_protocol::ProtocolVersion;
 use hook_protocol::build_result::BuildStatus;
-use hook_protocol::serve::{self, Version};
+use hook_protocol::serve;
 use hook_protocol::wire::{self, Reader};
 use hook_protocol::{Sha256, StorePath};
 use serde_json::Value;
@@ -23,9 +24,9 @@ fn data_dirs() -> Vec<PathBuf> {
     dirs
 }
 
-fn version(s: &str) -> Version {
+fn version(s: &str) -> ProtocolVersion {
     let (a, b) = s.split_once('.').unwrap();
-    Version::new(a.parse().unwrap(), b.parse().unwrap())
+    ProtocolVersion::new(a.parse().unwrap(), b.parse().unwrap())
 }
 
 fn sp(v: &Value) -> StorePath {

@@ -7,11 +7,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
+use hook_protocol::ProtocolVersion;
 use hook_protocol::build_result::{BuildResult, BuildStatus};
 use hook_protocol::path_info::{DerivedPath, OutputsSpec};
 use hook_protocol::wire::{self, Reader};
 use hook_protocol::worker::{
-    self, Negotiated, Response, StderrMessage, Trust, TypedResult, Version, activity,
+    self, Negotiated, Response, StderrMessage, Trust, TypedResult, activity,
 };
 use hook_protocol::{Sha256, StorePath};
 use serde_json::Value;
@@ -27,9 +28,9 @@ fn data_dirs() -> Vec<PathBuf> {
     dirs
 }
 
-fn version(s: &str) -> Version {
+fn version(s: &str) -> ProtocolVersion {
     let (a, b) = s.split_once('.').unwrap();
-    Version::new(a.parse().unwrap(), b.parse().unwrap())
+    ProtocolVersion::new(a.parse().unwrap(), b.parse().unwrap())
 }
 
 fn sp(v: &Value) -> StorePath {
@@ -193,7 +194,7 @@ fn check_session(dir: &Path) {
             hello.server,
             version(hs["server_version"].as_str().unwrap())
         );
-        let (proto, info) = worker::decode_server_info(r, hello.version, &client_features)?;
+        let (proto, info) = worker::decode_server_info(r, hello.negotiated, &client_features)?;
         let rest = worker::decode_response(r, &proto, |_| Ok(()))?;
         assert!(rest.outcome.is_ok());
         Ok((proto, info))
@@ -213,7 +214,7 @@ fn check_session(dir: &Path) {
         Some(_) => Some(Trust::NotTrusted),
     };
     assert_eq!(info.trust, want_trust);
-    if proto.version >= Version::new(1, 35) {
+    if proto.version >= ProtocolVersion::new(1, 35) {
         assert_eq!(
             info.trust,
             Some(Trust::Trusted),
@@ -335,10 +336,10 @@ fn check_session(dir: &Path) {
         "2.34.8" => assert_eq!((ok.times_built, ok.start_time, ok.stop_time), (0, 0, 0)),
         _ => assert!(ok.start_time <= ok.stop_time),
     }
-    if p.version >= Version::new(1, 37) {
+    if p.version >= ProtocolVersion::new(1, 37) {
         // The two CPU-time options are on the wire (as "none" here: no cgroups): reading the
         // same bytes with the 1.35 layout must not account for the whole reply.
-        let old = Negotiated::new(Version::new(1, 35));
+        let old = Negotiated::new(ProtocolVersion::new(1, 35));
         let bytes = s.step("build-derivation-bdOk");
         let full = wire::decode_with(&bytes, |r| {
             worker::decode_response(r, &old, |r| {
@@ -347,7 +348,7 @@ fn check_session(dir: &Path) {
         });
         assert!(!matches!(full, Ok((_, n)) if n == bytes.len()), "{full:?}");
     }
-    if p.version < Version::new(1, 37) {
+    if p.version < ProtocolVersion::new(1, 37) {
         assert_eq!((ok.cpu_user, ok.cpu_system), (None, None));
     }
 

@@ -54,11 +54,11 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> WorkerClient<R, W> {
             .await?;
         let features = BTreeSet::new();
         buf.clear();
-        worker::encode_after_hello(&mut buf, hello.version, &features);
+        worker::encode_after_hello(&mut buf, hello.negotiated, &features);
         write_all(&mut writer, &buf, peer).await?;
         let (proto, info) = reader
             .decode("the nix-daemon handshake", |r| {
-                worker::decode_server_info(r, hello.version, &features)
+                worker::decode_server_info(r, hello.negotiated, &features)
             })
             .await?;
         let mut client = WorkerClient {
