@@ -20,7 +20,7 @@
 //! metadata (content address, signatures) as a stream, and from 2.4 on QueryPathInfos carries the
 //! NAR hash we must verify downloads against.
 
-use crate::build_result::BuildResult;
+use crate::build_result::{BuildResult, BuildResultLayout, BuiltOutputsLayout};
 use crate::derivation::BasicDerivation;
 use crate::path_info::{
     DerivedPath, PathInfo, put_opt_store_path, read_nar_hash, read_opt_store_path, read_store_path,
@@ -316,7 +316,27 @@ pub fn decode_build_derivation_reply(
     version: ProtocolVersion,
     store_dir: &str,
 ) -> wire::Result<BuildResult> {
-    BuildResult::decode_serve(r, version, store_dir)
+    BuildResult::decode(r, build_result_layout(version), store_dir)
+}
+
+/// How a BuildResult is laid out at serve `version`: times from 2.3, the built outputs as
+/// realisation JSON in 2.6–2.7 and as `(path, signatures)` from 2.8, never CPU times.
+///
+/// Note: a Nix 2.8–2.34 *server* sends the 2.6+ built-outputs map whatever the client announced
+/// (it gates on `clientVersion >= 6` with a misplaced parenthesis), so never negotiate below 2.6
+/// with such a server: announcing 2.7 avoids it.
+pub fn build_result_layout(version: ProtocolVersion) -> BuildResultLayout {
+    BuildResultLayout {
+        times: version >= ProtocolVersion::new(2, 3),
+        cpu_times: false,
+        outputs: if version >= ProtocolVersion::new(2, 8) {
+            BuiltOutputsLayout::PathAndSignatures
+        } else if version >= ProtocolVersion::new(2, 6) {
+            BuiltOutputsLayout::RealisationJson
+        } else {
+            BuiltOutputsLayout::Absent
+        },
+    }
 }
 
 /// BuildPaths (cmd 6): build (or substitute) these paths on the remote. Reply:
@@ -510,6 +530,15 @@ pub mod server {
         w.put_u64(1);
     }
 
+    /// The BuildDerivation reply.
+    pub fn encode_build_derivation_reply(
+        w: &mut Vec<u8>,
+        version: ProtocolVersion,
+        res: &BuildResult,
+    ) {
+        res.encode(w, build_result_layout(version));
+    }
+
     pub fn encode_build_paths_reply(w: &mut Vec<u8>, outcome: &Result<(), BuildPathsFailure>) {
         match outcome {
             Ok(()) => w.put_u64(0),
@@ -525,6 +554,7 @@ pub mod server {
 mod tests {
     use super::server::Request;
     use super::*;
+    use crate::build_result::tests::{arb_build_result, carried};
     use crate::path_info::OutputsSpec;
     use crate::path_info::tests::{arb_path, arb_path_info, path};
     use crate::store_path::Sha256;
@@ -742,6 +772,21 @@ mod tests {
     }
 
     proptest! {
+        /// The BuildDerivation reply at every serve version: what each version carries.
+        #[test]
+        fn build_result_round_trip(res in arb_build_result(), minor in 0u8..=9) {
+            let v = ProtocolVersion::new(2, minor);
+            let mut w = Vec::new();
+            server::encode_build_derivation_reply(&mut w, v, &res);
+            let (got, used) = wire::decode_with(&w, |r| decode_build_derivation_reply(r, v, "/nix/store")).unwrap();
+            prop_assert_eq!(used, w.len());
+            prop_assert_eq!(got, carried(&res, minor >= 3, false, minor >= 6));
+            for cut in 0..w.len() {
+                let e = decode_build_derivation_reply(&mut Reader::new(&w[..cut]), v, "/nix/store").unwrap_err();
+                prop_assert!(e.is_incomplete(), "cut {}: {:?}", cut, e);
+            }
+        }
+
         #[test]
         fn path_set_round_trip(paths in proptest::collection::btree_set(arb_path(), 0..6)) {
             let mut w = Vec::new();

@@ -24,7 +24,7 @@
 //! `STDERR_READ` requests ([`nar_upload`]) and below 1.26 errors have the old layout (handled
 //! here).
 
-use crate::build_result::BuildResult;
+use crate::build_result::{BuildResult, BuildResultLayout, BuiltOutputsLayout};
 use crate::derivation::BasicDerivation;
 use crate::path_info::{
     DerivedPath, PathInfo, read_store_path, read_store_path_set, read_string_set,
@@ -82,6 +82,23 @@ impl Negotiated {
     /// True if the negotiated version is at least `major.minor`.
     pub fn at_least(&self, major: u8, minor: u8) -> bool {
         self.version >= ProtocolVersion::new(major, minor)
+    }
+
+    /// How a BuildResult is laid out on this connection: times from 1.29, CPU times from 1.37,
+    /// the built outputs as `(path, signatures)` with [`FEATURE_REALISATION_WITH_PATH`], else as
+    /// realisation JSON from 1.28.
+    pub fn build_result_layout(&self) -> BuildResultLayout {
+        BuildResultLayout {
+            times: self.at_least(1, 29),
+            cpu_times: self.at_least(1, 37),
+            outputs: if self.has_feature(FEATURE_REALISATION_WITH_PATH) {
+                BuiltOutputsLayout::PathAndSignatures
+            } else if self.at_least(1, 28) {
+                BuiltOutputsLayout::RealisationJson
+            } else {
+                BuiltOutputsLayout::Absent
+            },
+        }
     }
 }
 
@@ -855,7 +872,7 @@ pub fn decode_build_result(
     proto: &Negotiated,
     store_dir: &str,
 ) -> wire::Result<BuildResult> {
-    BuildResult::decode_worker(r, proto, store_dir)
+    BuildResult::decode(r, proto.build_result_layout(), store_dir)
 }
 
 /// BuildPathsWithResults (op 46, ≥ 1.34). Reply: [`decode_build_paths_with_results_reply`].
@@ -880,7 +897,7 @@ pub fn decode_build_paths_with_results_reply(
 ) -> wire::Result<Vec<(DerivedPath, BuildResult)>> {
     r.list("build results", |r| {
         let path = DerivedPath::read(r)?;
-        let res = BuildResult::decode_worker(r, proto, store_dir)?;
+        let res = BuildResult::decode(r, proto.build_result_layout(), store_dir)?;
         Ok((path, res))
     })
 }
@@ -1136,6 +1153,11 @@ pub mod server {
         put_paths(w, paths);
     }
 
+    /// A BuildResult (the BuildDerivation reply, and each BuildPathsWithResults entry).
+    pub fn encode_build_result(w: &mut Vec<u8>, proto: &Negotiated, res: &BuildResult) {
+        res.encode(w, proto.build_result_layout());
+    }
+
     /// The BuildPathsWithResults reply.
     pub fn encode_build_paths_with_results_reply(
         w: &mut Vec<u8>,
@@ -1145,7 +1167,7 @@ pub mod server {
         w.put_u64(results.len() as u64);
         for (path, res) in results {
             w.put_str(&path.to_worker_string());
-            res.encode_worker(w, proto);
+            encode_build_result(w, proto, res);
         }
     }
 }
@@ -1154,7 +1176,8 @@ pub mod server {
 mod tests {
     use super::server::Request;
     use super::*;
-    use crate::build_result::{BuildStatus, tests::arb_build_result};
+    use crate::build_result::BuildStatus;
+    use crate::build_result::tests::{arb_build_result, carried};
     use crate::path_info::OutputsSpec;
     use crate::path_info::tests::{arb_path, arb_path_info, path};
     use crate::store_path::Sha256;
@@ -1698,7 +1721,40 @@ mod tests {
         );
     }
 
+    #[test]
+    fn cpu_times_need_1_37() {
+        let mut res = BuildResult::new(BuildStatus::Built, "");
+        res.cpu_user = Some(1234);
+        res.cpu_system = Some(-1);
+        for (minor, with_cpu) in [(36, false), (37, true), (38, true)] {
+            let proto = proto(minor);
+            let mut w = Vec::new();
+            server::encode_build_result(&mut w, &proto, &res);
+            let got = decode_build_result(&mut Reader::new(&w), &proto, "/nix/store").unwrap();
+            assert_eq!(got.cpu_user.is_some(), with_cpu);
+            assert_eq!(got, carried(&res, true, with_cpu, true));
+        }
+    }
+
     proptest! {
+        /// A BuildResult at every worker version, with and without the feature.
+        #[test]
+        fn build_result_round_trip(res in arb_build_result(), minor in 20u8..=39, feature in any::<bool>()) {
+            let mut proto = proto(minor);
+            if feature {
+                proto.features.insert(FEATURE_REALISATION_WITH_PATH.to_owned());
+            }
+            let mut w = Vec::new();
+            server::encode_build_result(&mut w, &proto, &res);
+            let (got, used) = wire::decode_with(&w, |r| decode_build_result(r, &proto, "/nix/store")).unwrap();
+            prop_assert_eq!(used, w.len());
+            prop_assert_eq!(got, carried(&res, minor >= 29, minor >= 37, feature || minor >= 28));
+            for cut in 0..w.len() {
+                let e = decode_build_result(&mut Reader::new(&w[..cut]), &proto, "/nix/store").unwrap_err();
+                prop_assert!(e.is_incomplete(), "cut {}: {:?}", cut, e);
+            }
+        }
+
         #[test]
         fn stderr_round_trip(
             id in any::<u64>(), level in 0u64..8, t in any::<u64>(), text in ".{0,30}",
