@@ -14,7 +14,9 @@ use std::fmt;
 
 use crate::path_info::{read_store_path, read_string_set};
 use crate::store_path::StorePath;
-use crate::wire::{self, DecodeError, Invalid, Reader, WireWrite};
+use crate::wire::{self, DecodeError, Invalid, Reader};
+#[cfg(any(test, feature = "server"))]
+use crate::wire::WireWrite;
 
 /// Which of a BuildResult's optional parts are on the wire, and in which shape. Each protocol
 /// derives it from its negotiated version (docs/protocol.md §7.2 for serve, §8.3 for worker),
@@ -229,6 +231,7 @@ impl BuildResult {
 }
 
 /// The server's side: what a `nix-store --serve` or a daemon writes.
+#[cfg(any(test, feature = "server"))]
 impl BuildResult {
     /// Appends the BuildResult laid out as `layout` says (what a server sends; for stand-in
     /// peers and tests). Fields the layout does not carry are left out.
@@ -361,6 +364,7 @@ fn decode_opt_micros(r: &mut Reader<'_>) -> wire::Result<Option<i64>> {
     }
 }
 
+#[cfg(any(test, feature = "server"))]
 fn encode_opt_micros(w: &mut Vec<u8>, v: Option<i64>) {
     match v {
         None => w.put_u64(0),

@@ -105,6 +105,7 @@ impl PathInfo {
     }
 
     /// Decodes [`PathInfo::encode_for_upload`] (what a receiving store reads).
+    #[cfg(any(test, feature = "server"))]
     pub fn decode_for_upload(r: &mut Reader<'_>) -> wire::Result<Self> {
         let path = read_store_path(r, "uploaded path")?;
         Self::decode_unkeyed_worker(r, path, true)

@@ -47,6 +47,7 @@ impl BuildOptions {
     }
 
     /// What a server reads (for stand-in peers and tests).
+    #[cfg(any(test, feature = "server"))]
     pub fn decode(r: &mut Reader<'_>, version: ProtocolVersion) -> wire::Result<Self> {
         let max = u32::MAX as u64;
         let mut o = BuildOptions {
