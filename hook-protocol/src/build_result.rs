@@ -14,9 +14,9 @@ use std::fmt;
 
 use crate::path_info::{read_store_path, read_string_set};
 use crate::store_path::StorePath;
-use crate::wire::{self, DecodeError, Invalid, Reader};
 #[cfg(any(test, feature = "server"))]
 use crate::wire::WireWrite;
+use crate::wire::{self, DecodeError, Invalid, Reader};
 
 /// Which of a BuildResult's optional parts are on the wire, and in which shape. Each protocol
 /// derives it from its negotiated version (docs/protocol.md §7.2 for serve, §8.3 for worker),

@@ -22,7 +22,7 @@ use std::path::Path;
 use bad_input::{mutated, read_files};
 use hook_protocol::ProtocolVersion;
 use hook_protocol::derivation::{BasicDerivation, Derivation};
-use hook_protocol::hook::{AcceptedBuild, HookOutput, Reply, Request, Settings};
+use hook_protocol::hook::{AcceptedBuild, HookOutput, HookRequest, Reply, Settings};
 use hook_protocol::path_info::{DerivedPath, PathInfo};
 use hook_protocol::serve;
 use hook_protocol::wire::{self, DecodeError, Reader};
@@ -79,7 +79,7 @@ const PATH_A: &str = "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-a";
 /// request and, after a `try`, the inputs and wanted outputs.
 fn hook_stream(r: &mut Reader<'_>) -> wire::Result<()> {
     Settings::decode(r)?;
-    if let Request::Try(_) = Request::decode(r)? {
+    if let HookRequest::Try(_) = HookRequest::decode(r)? {
         AcceptedBuild::decode(r)?;
     }
     Ok(())
@@ -90,7 +90,7 @@ fn decoders() -> Vec<Decoder> {
     let mut d = vec![
         dec("hook stream (preamble, try, accepted)", hook_stream),
         dec("hook settings preamble", Settings::decode),
-        dec("hook request", Request::decode),
+        dec("hook request", HookRequest::decode),
         dec("hook accepted build", AcceptedBuild::decode),
         Decoder {
             name: "hook reply (daemon side)".into(),
@@ -314,17 +314,17 @@ fn seeds() -> Vec<Vec<u8>> {
                 level: 3,
                 activity_type: worker::activity::BUILD,
                 text: "building".into(),
-                fields: vec![worker::Field::String(b.to_string()), worker::Field::Int(1)],
+                fields: vec![worker::Field::Str(b.to_string()), worker::Field::Int(1)],
                 parent: 0,
             }),
             M::Result(worker::ActivityResult {
                 id: 7,
                 result_type: worker::result_type::BUILD_LOG_LINE,
-                fields: vec![worker::Field::String("hello".into())],
+                fields: vec![worker::Field::Str("hello".into())],
             }),
             M::StopActivity { id: 7 },
             M::Write(b"data".to_vec()),
-            M::Error(worker::RemoteError {
+            M::Error(worker::DaemonError {
                 message: "error: boom".into(),
                 level: p.at_least(1, 26).then_some(0),
                 traces: if p.at_least(1, 26) {

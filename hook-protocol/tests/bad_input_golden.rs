@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use bad_input::{Counting, largest_allocation, read_files};
 use hook_protocol::ProtocolVersion;
 use hook_protocol::derivation::{BasicDerivation, Derivation, ParseErrorKind};
-use hook_protocol::hook::{AcceptedBuild, Request, Settings};
+use hook_protocol::hook::{AcceptedBuild, HookRequest, Settings};
 use hook_protocol::log::Message;
 use hook_protocol::store_path::StorePathError;
 use hook_protocol::wire::{self, DecodeError, Invalid, MAX_COUNT, MAX_STRING, Reader, WireWrite};
@@ -43,7 +43,7 @@ fn proto(major: u8, minor: u8) -> Negotiated {
 
 fn hook_stream(r: &mut Reader<'_>) -> wire::Result<()> {
     Settings::decode(r)?;
-    if let Request::Try(_) = Request::decode(r)? {
+    if let HookRequest::Try(_) = HookRequest::decode(r)? {
         AcceptedBuild::decode(r)?;
     }
     Ok(())
@@ -129,7 +129,7 @@ fn hostile_string_lengths_are_rejected_at_once() {
         let b = words(&[len]);
         assert_too_long(
             "request word",
-            || wire::decode_with(&b, Request::decode),
+            || wire::decode_with(&b, HookRequest::decode),
             len,
             MAX_STRING,
         );
@@ -140,7 +140,7 @@ fn hostile_string_lengths_are_rejected_at_once() {
         b.put_u64(len);
         assert_too_long(
             "try drv path",
-            || wire::decode_with(&b, Request::decode),
+            || wire::decode_with(&b, HookRequest::decode),
             len,
             MAX_STRING,
         );
@@ -411,7 +411,7 @@ fn non_utf8_in_the_hook_protocol() {
         b.put_bytes(system);
         b.put_bytes(drv);
         b.put_strings([feature]);
-        wire::decode_with(&b, Request::decode)
+        wire::decode_with(&b, HookRequest::decode)
     };
     let drv = path("x.drv");
     not_utf8(try_with(BAD, drv.as_bytes(), b"kvm"), "needed system");
@@ -429,8 +429,8 @@ fn non_utf8_in_the_hook_protocol() {
     let mut b = Vec::new();
     b.put_bytes(BAD);
     assert!(matches!(
-        wire::decode_with(&b, Request::decode),
-        Ok((Request::Other(w), _)) if w.contains('\u{fffd}')
+        wire::decode_with(&b, HookRequest::decode),
+        Ok((HookRequest::Other(w), _)) if w.contains('\u{fffd}')
     ));
 
     // After `# accept`: input paths and output names.
@@ -553,7 +553,7 @@ fn bad_hash_parts_are_rejected_everywhere() {
         let mut accepted = paths.clone();
         accepted.put_strings(Vec::<String>::new());
         for (case, r) in [
-            ("try", wire::decode_with(&b, Request::decode).map(drop)),
+            ("try", wire::decode_with(&b, HookRequest::decode).map(drop)),
             (
                 "accepted",
                 wire::decode_with(&accepted, AcceptedBuild::decode).map(drop),

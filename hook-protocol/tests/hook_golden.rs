@@ -12,7 +12,7 @@
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 
-use hook_protocol::hook::{AcceptedBuild, MaxJobs, Request, Settings, verbosity_from_args};
+use hook_protocol::hook::{AcceptedBuild, HookRequest, MaxJobs, Settings, verbosity_from_args};
 use hook_protocol::log::Verbosity;
 use hook_protocol::wire::{self, Reader};
 use hook_protocol::{DecodeError, StorePath, WireWrite};
@@ -177,7 +177,7 @@ fn read(e: &Expect, ext: &str) -> Vec<u8> {
 #[derive(Debug, PartialEq)]
 struct Session {
     settings: Settings,
-    request: Request,
+    request: HookRequest,
     accepted: Option<AcceptedBuild>,
 }
 
@@ -186,7 +186,7 @@ struct Session {
 fn decode_session(buf: &[u8], accepted: bool) -> wire::Result<(Session, usize)> {
     let mut r = Reader::new(buf);
     let settings = Settings::decode(&mut r)?;
-    let request = Request::decode(&mut r)?;
+    let request = HookRequest::decode(&mut r)?;
     let accepted = if accepted {
         Some(AcceptedBuild::decode(&mut r)?)
     } else {
@@ -253,7 +253,7 @@ fn captures_decode_completely_into_what_the_readme_says() {
             .unwrap_or_else(|err| panic!("{what}: {err}"));
         assert_eq!(max_jobs, MaxJobs::Count(u64::from(e.am_willing)), "{what}");
 
-        let Request::Try(t) = &s.request else {
+        let HookRequest::Try(t) = &s.request else {
             panic!("{what}: expected a try, got {:?}", s.request);
         };
         assert_eq!(t.am_willing, e.am_willing, "{what}: amWilling");
@@ -314,7 +314,7 @@ fn a_declined_stream_is_a_try_then_nothing_more() {
         let mut r = Reader::new(&bytes);
         Settings::decode(&mut r).unwrap_or_else(|err| panic!("{}: {err}", e.session));
         let tail = r.rest();
-        let (req, used) = wire::decode_with(tail, Request::decode)
+        let (req, used) = wire::decode_with(tail, HookRequest::decode)
             .unwrap_or_else(|err| panic!("{}: {err}", e.session));
         assert_eq!(used, tail.len(), "nix-{}/{}", e.version, e.session);
         let mut again = Vec::new();

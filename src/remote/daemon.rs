@@ -152,7 +152,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> WorkerClient<R, W> {
                 StderrMessage::StartActivity(act) => {
                     if let Some(drv) = only_drv
                         && act.activity_type == worker::activity::BUILD
-                        && !matches!(act.fields.first(), Some(Field::String(p)) if p == drv.as_str())
+                        && !matches!(act.fields.first(), Some(Field::Str(p)) if p == drv.as_str())
                     {
                         other_builds.insert(act.id);
                     }

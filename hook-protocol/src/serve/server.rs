@@ -30,10 +30,11 @@ pub fn encode_hello(w: &mut Vec<u8>, server: ProtocolVersion) {
     version::encode_greeting(w, MAGIC_2, server);
 }
 
-/// A decoded client request. For [`Request::ImportPaths`] the export stream follows; for
-/// [`Request::AddToStoreNar`] `nar_size` bytes of NAR follow.
+/// A serve command with its arguments, as a server decodes it. For
+/// [`CommandRequest::ImportPaths`] the export stream follows; for
+/// [`CommandRequest::AddToStoreNar`] `nar_size` bytes of NAR follow.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Request {
+pub enum CommandRequest {
     QueryValidPaths {
         lock: bool,
         substitute: bool,
@@ -60,39 +61,42 @@ pub enum Request {
 }
 
 /// Decodes one request, gated on the negotiated version.
-pub fn decode_request(r: &mut Reader<'_>, version: ProtocolVersion) -> wire::Result<Request> {
+pub fn decode_request(
+    r: &mut Reader<'_>,
+    version: ProtocolVersion,
+) -> wire::Result<CommandRequest> {
     let code = r.u64()?;
     let cmd = Command::from_code(code).ok_or(Invalid::OutOfRange {
         what: "serve command",
         value: code,
     })?;
     Ok(match cmd {
-        Command::QueryValidPaths => Request::QueryValidPaths {
+        Command::QueryValidPaths => CommandRequest::QueryValidPaths {
             lock: r.bool()?,
             substitute: r.bool()?,
             paths: decode_path_set(r)?,
         },
-        Command::QueryPathInfos => Request::QueryPathInfos(decode_path_set(r)?),
-        Command::DumpStorePath => Request::DumpStorePath(read_store_path(r, "path")?),
-        Command::ImportPaths => Request::ImportPaths,
+        Command::QueryPathInfos => CommandRequest::QueryPathInfos(decode_path_set(r)?),
+        Command::DumpStorePath => CommandRequest::DumpStorePath(read_store_path(r, "path")?),
+        Command::ImportPaths => CommandRequest::ImportPaths,
         Command::ExportPaths => {
             let _obsolete = r.u64()?;
-            Request::ExportPaths(decode_path_set(r)?)
+            CommandRequest::ExportPaths(decode_path_set(r)?)
         }
-        Command::BuildPaths => Request::BuildPaths {
+        Command::BuildPaths => CommandRequest::BuildPaths {
             paths: r.list("paths to build", DerivedPath::read)?,
             options: BuildOptions::decode(r, version)?,
         },
-        Command::QueryClosure => Request::QueryClosure {
+        Command::QueryClosure => CommandRequest::QueryClosure {
             include_outputs: r.bool()?,
             paths: decode_path_set(r)?,
         },
-        Command::BuildDerivation => Request::BuildDerivation {
+        Command::BuildDerivation => CommandRequest::BuildDerivation {
             drv_path: read_store_path(r, "derivation path")?,
             drv: BasicDerivation::decode(r)?,
             options: BuildOptions::decode(r, version)?,
         },
-        Command::AddToStoreNar => Request::AddToStoreNar(PathInfo::decode_for_upload(r)?),
+        Command::AddToStoreNar => CommandRequest::AddToStoreNar(PathInfo::decode_for_upload(r)?),
     })
 }
 

@@ -1,7 +1,7 @@
 //! Unit tests of the serve codecs: each client encoder against the server-side decoder and
 //! back, every version gate, and the Incomplete-vs-Invalid contract on every proper prefix.
 
-use super::server::Request;
+use super::server::CommandRequest;
 use super::*;
 use crate::build_result::tests::{arb_build_result, carried};
 use crate::derivation::BasicDerivation;
@@ -196,27 +196,27 @@ fn requests_round_trip_through_the_server_decoder() {
     encode_add_to_store_nar(&mut w, &info);
     let mut r = Reader::new(&w);
     let want = [
-        Request::QueryValidPaths {
+        CommandRequest::QueryValidPaths {
             lock: true,
             substitute: false,
             paths: [a.clone()].into(),
         },
-        Request::QueryPathInfos([a.clone(), drv.clone()].into()),
-        Request::DumpStorePath(a.clone()),
-        Request::BuildPaths {
+        CommandRequest::QueryPathInfos([a.clone(), drv.clone()].into()),
+        CommandRequest::DumpStorePath(a.clone()),
+        CommandRequest::BuildPaths {
             paths,
             options: opts.clone(),
         },
-        Request::QueryClosure {
+        CommandRequest::QueryClosure {
             include_outputs: true,
             paths: [a.clone()].into(),
         },
-        Request::BuildDerivation {
+        CommandRequest::BuildDerivation {
             drv_path: drv,
             drv: basic,
             options: opts,
         },
-        Request::AddToStoreNar(info),
+        CommandRequest::AddToStoreNar(info),
     ];
     for want in want {
         assert_eq!(server::decode_request(&mut r, v).unwrap(), want);

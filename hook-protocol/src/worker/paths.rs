@@ -57,7 +57,7 @@ pub fn encode_query_path_info(w: &mut Vec<u8>, path: &StorePath) {
 }
 
 /// The QueryPathInfo reply for `path`: `None` if the path is not valid (≥ 1.17; below that an
-/// invalid path arrives as a [`RemoteError`](super::RemoteError) saying "… is not valid").
+/// invalid path arrives as a [`DaemonError`](super::DaemonError) saying "… is not valid").
 pub fn decode_query_path_info_reply(
     r: &mut Reader<'_>,
     proto: &Negotiated,

@@ -70,7 +70,7 @@ fn put_fields(w: &mut Vec<u8>, fields: &[Field]) {
                 w.put_u64(0);
                 w.put_u64(*v);
             }
-            Field::String(s) => {
+            Field::Str(s) => {
                 w.put_u64(1);
                 w.put_str(s);
             }
@@ -134,10 +134,10 @@ pub fn encode_stderr(w: &mut Vec<u8>, proto: &Negotiated, msg: &StderrMessage) {
     }
 }
 
-/// A decoded client request. After [`Request::AddToStoreNar`] and
-/// [`Request::AddMultipleToStore`] the data follows as [`nar_upload`] says.
+/// A worker operation with its arguments, as a daemon decodes it. After [`OpRequest::AddToStoreNar`] and
+/// [`OpRequest::AddMultipleToStore`] the data follows as [`nar_upload`] says.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Request {
+pub enum OpRequest {
     IsValidPath(StorePath),
     SetOptions(ClientOptions),
     QueryPathInfo(StorePath),
@@ -202,36 +202,36 @@ pub fn decode_set_options(r: &mut Reader<'_>, proto: &Negotiated) -> wire::Resul
 }
 
 /// Decodes one request (only the operations a hook sends).
-pub fn decode_request(r: &mut Reader<'_>, proto: &Negotiated) -> wire::Result<Request> {
+pub fn decode_request(r: &mut Reader<'_>, proto: &Negotiated) -> wire::Result<OpRequest> {
     let code = r.u64()?;
     let op = Op::from_code(code).ok_or(Invalid::OutOfRange {
         what: "worker operation",
         value: code,
     })?;
     Ok(match op {
-        Op::IsValidPath => Request::IsValidPath(read_store_path(r, "path")?),
-        Op::SetOptions => Request::SetOptions(decode_set_options(r, proto)?),
-        Op::QueryPathInfo => Request::QueryPathInfo(read_store_path(r, "path")?),
-        Op::QueryValidPaths => Request::QueryValidPaths {
+        Op::IsValidPath => OpRequest::IsValidPath(read_store_path(r, "path")?),
+        Op::SetOptions => OpRequest::SetOptions(decode_set_options(r, proto)?),
+        Op::QueryPathInfo => OpRequest::QueryPathInfo(read_store_path(r, "path")?),
+        Op::QueryValidPaths => OpRequest::QueryValidPaths {
             paths: decode_path_set(r)?,
             substitute: proto.at_least(1, 27) && r.bool()?,
         },
-        Op::BuildDerivation => Request::BuildDerivation {
+        Op::BuildDerivation => OpRequest::BuildDerivation {
             drv_path: read_store_path(r, "derivation path")?,
             drv: BasicDerivation::decode(r)?,
             mode: BuildMode::decode(r)?,
         },
-        Op::NarFromPath => Request::NarFromPath(read_store_path(r, "path")?),
-        Op::AddToStoreNar => Request::AddToStoreNar {
+        Op::NarFromPath => OpRequest::NarFromPath(read_store_path(r, "path")?),
+        Op::AddToStoreNar => OpRequest::AddToStoreNar {
             info: PathInfo::decode_for_upload(r)?,
             repair: r.bool()?,
             dont_check_sigs: r.bool()?,
         },
-        Op::AddMultipleToStore => Request::AddMultipleToStore {
+        Op::AddMultipleToStore => OpRequest::AddMultipleToStore {
             repair: r.bool()?,
             dont_check_sigs: r.bool()?,
         },
-        Op::BuildPathsWithResults => Request::BuildPathsWithResults {
+        Op::BuildPathsWithResults => OpRequest::BuildPathsWithResults {
             paths: r.list("derived paths", DerivedPath::read)?,
             mode: BuildMode::decode(r)?,
         },

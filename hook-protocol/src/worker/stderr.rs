@@ -18,13 +18,9 @@ pub const STDERR_START_ACTIVITY: u64 = 0x5354_5254;
 pub const STDERR_STOP_ACTIVITY: u64 = 0x5354_4f50;
 pub const STDERR_RESULT: u64 = 0x5253_4c54;
 
-/// A typed field of an activity or result.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Field {
-    Int(u64),
-    String(String),
-}
-
+/// A typed field of an activity or result: the same two kinds (and the same type) as the
+/// fields of the `@nix` log lines.
+pub use crate::log::Field;
 /// Activity and result types: the same numbers as the `@nix` log lines use.
 pub use crate::log::activity;
 pub use crate::log::result as result_type;
@@ -80,7 +76,7 @@ pub enum TypedResult<'a> {
 impl ActivityResult {
     /// The typed view, or `None` for an unknown type or fields of the wrong shape.
     pub fn typed(&self) -> Option<TypedResult<'_>> {
-        use Field::{Int, String as S};
+        use Field::{Int, Str as S};
         use result_type as t;
         Some(match (self.result_type, self.fields.as_slice()) {
             (t::FILE_LINKED, [Int(bytes), Int(blocks)]) => TypedResult::FileLinked {
@@ -113,7 +109,7 @@ impl ActivityResult {
 /// An error the daemon reported (`STDERR_ERROR`); the operation's reply does not follow.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{message}")]
-pub struct RemoteError {
+pub struct DaemonError {
     /// Usually starts with `error: ` and carries ANSI colour escapes.
     pub message: String,
     /// Verbosity level (≥ 1.26).
@@ -143,13 +139,13 @@ pub enum StderrMessage {
     /// End of the stream; the operation's reply (if any) follows.
     Last,
     /// The operation failed; no reply follows.
-    Error(RemoteError),
+    Error(DaemonError),
 }
 
 fn decode_fields(r: &mut Reader<'_>) -> wire::Result<Vec<Field>> {
     r.list("activity fields", |r| match r.u64()? {
         0 => Ok(Field::Int(r.u64()?)),
-        1 => Ok(Field::String(r.text()?)),
+        1 => Ok(Field::Str(r.text()?)),
         kind => Err(Invalid::OutOfRange {
             what: "activity field type",
             value: kind,
@@ -158,11 +154,11 @@ fn decode_fields(r: &mut Reader<'_>) -> wire::Result<Vec<Field>> {
     })
 }
 
-fn decode_error(r: &mut Reader<'_>, proto: &Negotiated) -> wire::Result<RemoteError> {
+fn decode_error(r: &mut Reader<'_>, proto: &Negotiated) -> wire::Result<DaemonError> {
     if !proto.at_least(1, 26) {
         let message = r.text()?;
         let status = r.u64_max("error exit status", u32::MAX as u64)?;
-        return Ok(RemoteError {
+        return Ok(DaemonError {
             message,
             level: None,
             traces: Vec::new(),
@@ -194,7 +190,7 @@ fn decode_error(r: &mut Reader<'_>, proto: &Negotiated) -> wire::Result<RemoteEr
         no_position(r)?;
         r.text()
     })?;
-    Ok(RemoteError {
+    Ok(DaemonError {
         message,
         level: Some(level),
         traces,
@@ -245,7 +241,7 @@ pub fn encode_read_reply(w: &mut Vec<u8>, data: &[u8]) {
 pub struct Response<T> {
     /// Everything before `STDERR_LAST` / `STDERR_ERROR` (log lines, activities, results).
     pub messages: Vec<StderrMessage>,
-    pub outcome: Result<T, RemoteError>,
+    pub outcome: Result<T, DaemonError>,
 }
 
 /// Decodes a whole response: stderr messages up to `STDERR_LAST`, then the reply with `reply`

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeSet;
 
-use super::server::Request;
+use super::server::OpRequest;
 use super::*;
 use crate::build_result::BuildResult;
 use crate::build_result::BuildStatus;
@@ -41,7 +41,7 @@ fn set_options_round_trips() {
         if minor < 12 {
             want.overrides.clear();
         }
-        assert_eq!(req, Request::SetOptions(want));
+        assert_eq!(req, OpRequest::SetOptions(want));
     }
 }
 
@@ -193,8 +193,8 @@ fn sample_messages() -> Vec<StderrMessage> {
             activity_type: activity::BUILD,
             text: "building '/nix/store/x.drv'".into(),
             fields: vec![
-                Field::String("/nix/store/x.drv".into()),
-                Field::String(String::new()),
+                Field::Str("/nix/store/x.drv".into()),
+                Field::Str(String::new()),
                 Field::Int(1),
                 Field::Int(1),
             ],
@@ -203,7 +203,7 @@ fn sample_messages() -> Vec<StderrMessage> {
         StderrMessage::Result(ActivityResult {
             id: (1234 << 32) + 1,
             result_type: result_type::BUILD_LOG_LINE,
-            fields: vec![Field::String("hello".into())],
+            fields: vec![Field::Str("hello".into())],
         }),
         StderrMessage::StopActivity {
             id: (1234 << 32) + 1,
@@ -236,7 +236,7 @@ fn typed_results() {
         fields,
     };
     assert_eq!(
-        r(result_type::BUILD_LOG_LINE, vec![Field::String("x".into())]).typed(),
+        r(result_type::BUILD_LOG_LINE, vec![Field::Str("x".into())]).typed(),
         Some(TypedResult::BuildLogLine("x"))
     );
     assert_eq!(
@@ -273,7 +273,7 @@ fn typed_results() {
 
 #[test]
 fn errors_in_both_layouts() {
-    let e = RemoteError {
+    let e = DaemonError {
         message: "error: path '/nix/store/x' is not valid".into(),
         level: Some(0),
         traces: vec!["while doing X".into()],
@@ -288,7 +288,7 @@ fn errors_in_both_layouts() {
     );
     assert_prefixes_incomplete(&w, |r| decode_stderr(r, &p));
 
-    let old = RemoteError {
+    let old = DaemonError {
         message: "error: old".into(),
         level: None,
         traces: vec![],
@@ -343,7 +343,7 @@ fn response_helper() {
     assert_prefixes_incomplete(&w, |r| decode_response(r, &p, decode_bool));
 
     let mut w = Vec::new();
-    let err = RemoteError {
+    let err = DaemonError {
         message: "boom".into(),
         level: Some(0),
         traces: vec![],
@@ -433,28 +433,28 @@ fn requests_round_trip_through_the_server_decoder() {
     encode_add_multiple_to_store(&mut w, &p, true, false).unwrap();
     encode_build_paths_with_results(&mut w, &p, &paths, BuildMode::Normal).unwrap();
     let want = [
-        Request::IsValidPath(a.clone()),
-        Request::QueryPathInfo(a.clone()),
-        Request::QueryValidPaths {
+        OpRequest::IsValidPath(a.clone()),
+        OpRequest::QueryPathInfo(a.clone()),
+        OpRequest::QueryValidPaths {
             paths: [a.clone()].into(),
             substitute: true,
         },
-        Request::BuildDerivation {
+        OpRequest::BuildDerivation {
             drv_path: drv.clone(),
             drv: basic,
             mode: BuildMode::Check,
         },
-        Request::NarFromPath(a.clone()),
-        Request::AddToStoreNar {
+        OpRequest::NarFromPath(a.clone()),
+        OpRequest::AddToStoreNar {
             info,
             repair: false,
             dont_check_sigs: true,
         },
-        Request::AddMultipleToStore {
+        OpRequest::AddMultipleToStore {
             repair: true,
             dont_check_sigs: false,
         },
-        Request::BuildPathsWithResults {
+        OpRequest::BuildPathsWithResults {
             paths,
             mode: BuildMode::Normal,
         },
@@ -597,13 +597,13 @@ proptest! {
     ) {
         let p = proto(minor);
         let mut fields: Vec<Field> = ints.into_iter().map(Field::Int).collect();
-        fields.extend(strs.into_iter().map(Field::String));
+        fields.extend(strs.into_iter().map(Field::Str));
         let new_layout = minor >= 26;
         let msgs = vec![
             StderrMessage::StartActivity(StartActivity { id, level, activity_type: t, text: text.clone(), fields: fields.clone(), parent: id / 2 }),
             StderrMessage::Result(ActivityResult { id, result_type: t, fields }),
             StderrMessage::Next(text.clone()),
-            StderrMessage::Error(RemoteError {
+            StderrMessage::Error(DaemonError {
                 message: text,
                 level: new_layout.then_some(level),
                 traces: if new_layout { traces } else { vec![] },
