@@ -8,8 +8,8 @@
 use std::collections::BTreeSet;
 
 use crate::path_info::{
-    PathInfo, put_opt_store_path, read_nar_hash, read_opt_store_path, read_store_path_set,
-    read_string_set,
+    PathInfo, put_opt_store_path, put_store_paths, read_nar_hash, read_opt_store_path,
+    read_store_path_set, read_string_set,
 };
 use crate::store_path::StorePath;
 use crate::version::ProtocolVersion;
@@ -19,11 +19,6 @@ use super::Command;
 
 /// The "NIXE" marker after each NAR in an export stream (PROTOCOL.md §9.3).
 pub const EXPORT_MAGIC: u64 = 0x4558_494e;
-
-pub(super) fn put_paths<'a>(w: &mut Vec<u8>, paths: impl IntoIterator<Item = &'a StorePath>) {
-    let paths: Vec<&StorePath> = paths.into_iter().collect();
-    w.put_strings(paths);
-}
 
 /// QueryValidPaths (cmd 1): `lock` adds temp roots on the remote; `substitute` lets the remote
 /// substitute first (`builders-use-substitutes`). Reply: [`decode_path_set`].
@@ -36,7 +31,7 @@ pub fn encode_query_valid_paths<'a>(
     w.put_u64(Command::QueryValidPaths.code());
     w.put_bool(lock);
     w.put_bool(substitute);
-    put_paths(w, paths);
+    put_store_paths(w, paths);
 }
 
 /// A set of store paths: the reply to QueryValidPaths and QueryClosure.
@@ -50,7 +45,7 @@ pub fn encode_query_path_infos<'a>(
     paths: impl IntoIterator<Item = &'a StorePath>,
 ) {
     w.put_u64(Command::QueryPathInfos.code());
-    put_paths(w, paths);
+    put_store_paths(w, paths);
 }
 
 /// The QueryPathInfos reply: one entry per *valid* requested path (invalid ones are omitted),
@@ -120,7 +115,7 @@ pub fn encode_export_item_end<'a>(
 ) {
     w.put_u64(EXPORT_MAGIC);
     w.put_str(path.as_str());
-    put_paths(w, references);
+    put_store_paths(w, references);
     put_opt_store_path(w, deriver);
     w.put_u64(0);
 }
@@ -153,5 +148,5 @@ pub fn encode_query_closure<'a>(
 ) {
     w.put_u64(Command::QueryClosure.code());
     w.put_bool(include_outputs);
-    put_paths(w, paths);
+    put_store_paths(w, paths);
 }

@@ -9,14 +9,13 @@ use std::collections::BTreeSet;
 use crate::build_result::BuildResult;
 use crate::derivation::BasicDerivation;
 use crate::path_info::{
-    DerivedPath, PathInfo, put_opt_store_path, read_opt_store_path, read_store_path,
-    read_store_path_set,
+    DerivedPath, PathInfo, put_opt_store_path, put_store_paths, read_opt_store_path,
+    read_store_path, read_store_path_set,
 };
 use crate::store_path::StorePath;
 use crate::version::{self, ProtocolVersion};
 use crate::wire::{self, Invalid, Reader, WireWrite};
 
-use super::paths::put_paths;
 use super::*;
 
 /// Decodes the client greeting and returns the client's version.
@@ -138,7 +137,7 @@ pub fn decode_export_item_end(r: &mut Reader<'_>) -> wire::Result<ExportTrailer>
 
 /// The reply to QueryValidPaths and QueryClosure.
 pub fn encode_path_set<'a>(w: &mut Vec<u8>, paths: impl IntoIterator<Item = &'a StorePath>) {
-    put_paths(w, paths);
+    put_store_paths(w, paths);
 }
 
 /// The QueryPathInfos reply (≥ 2.4 layout with hash, CA and signatures).
@@ -146,7 +145,7 @@ pub fn encode_path_infos(w: &mut Vec<u8>, version: ProtocolVersion, infos: &[Pat
     for info in infos {
         w.put_str(info.path.as_str());
         put_opt_store_path(w, info.deriver.as_ref());
-        put_paths(w, &info.references);
+        put_store_paths(w, &info.references);
         w.put_u64(info.nar_size);
         w.put_u64(info.nar_size);
         if version >= ProtocolVersion::new(2, 4) {

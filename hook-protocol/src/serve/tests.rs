@@ -10,20 +10,9 @@ use crate::path_info::tests::{arb_path, arb_path_info, path};
 use crate::path_info::{DerivedPath, PathInfo};
 use crate::store_path::Sha256;
 use crate::version::ProtocolVersion;
+use crate::wire::tests::assert_prefixes_incomplete;
 use crate::wire::{self, DecodeError, Invalid, Reader};
 use proptest::prelude::*;
-
-fn assert_prefixes_incomplete<T: std::fmt::Debug>(
-    bytes: &[u8],
-    mut f: impl FnMut(&mut Reader<'_>) -> wire::Result<T>,
-) {
-    for cut in 0..bytes.len() {
-        match f(&mut Reader::new(&bytes[..cut])) {
-            Err(e) if e.is_incomplete() => {}
-            other => panic!("prefix of {cut}/{} bytes: {other:?}", bytes.len()),
-        }
-    }
-}
 
 #[test]
 fn hello_layout_and_negotiation() {

@@ -7,18 +7,13 @@
 
 use std::collections::BTreeSet;
 
-use crate::path_info::{PathInfo, read_store_path_set};
+use crate::path_info::{PathInfo, put_store_paths, read_store_path_set};
 use crate::store_path::StorePath;
 use crate::version::ProtocolVersion;
 use crate::wire::{self, Reader, WireWrite};
 
 use super::Op;
 use super::handshake::{Negotiated, Unsupported, require};
-
-pub(super) fn put_paths<'a>(w: &mut Vec<u8>, paths: impl IntoIterator<Item = &'a StorePath>) {
-    let paths: Vec<&StorePath> = paths.into_iter().collect();
-    w.put_strings(paths);
-}
 
 /// IsValidPath (op 1). Reply: [`decode_bool`].
 pub fn encode_is_valid_path(w: &mut Vec<u8>, path: &StorePath) {
@@ -39,7 +34,7 @@ pub fn encode_query_valid_paths<'a>(
     substitute: bool,
 ) {
     w.put_u64(Op::QueryValidPaths.code());
-    put_paths(w, paths);
+    put_store_paths(w, paths);
     if proto.at_least(1, 27) {
         w.put_bool(substitute);
     }

@@ -8,12 +8,11 @@ use std::collections::BTreeSet;
 
 use crate::build_result::BuildResult;
 use crate::derivation::BasicDerivation;
-use crate::path_info::{DerivedPath, PathInfo, read_store_path, read_string_set};
+use crate::path_info::{DerivedPath, PathInfo, put_store_paths, read_store_path, read_string_set};
 use crate::store_path::StorePath;
 use crate::version::{self, ProtocolVersion};
 use crate::wire::{self, Invalid, Reader, WireWrite};
 
-use super::paths::put_paths;
 use super::*;
 
 /// Decodes the client's greeting (`MAGIC_1, version`) and returns the client's version.
@@ -250,7 +249,7 @@ pub fn encode_query_path_info_reply(w: &mut Vec<u8>, proto: &Negotiated, info: O
 }
 
 pub fn encode_path_set<'a>(w: &mut Vec<u8>, paths: impl IntoIterator<Item = &'a StorePath>) {
-    put_paths(w, paths);
+    put_store_paths(w, paths);
 }
 
 /// A BuildResult (the BuildDerivation reply, and each BuildPathsWithResults entry).
