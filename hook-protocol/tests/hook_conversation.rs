@@ -7,8 +7,9 @@
 //!
 //! Must never run Nix or read the machine's own `/nix`.
 
+mod golden;
+
 use std::collections::BTreeSet;
-use std::path::PathBuf;
 
 use hook_protocol::derivation::{Derivation, drv_name};
 use hook_protocol::hook::{AcceptedBuild, HookOutput, HookRequest, MaxJobs, Reply, Settings};
@@ -16,10 +17,7 @@ use hook_protocol::log::{Message, Verbosity};
 use hook_protocol::wire::{self, Reader};
 
 fn data(name: &str) -> Vec<u8> {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/data/hook")
-        .join(name);
-    std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+    golden::read(&golden::data_dir("hook").join(name))
 }
 
 /// A hook's stdin as it arrives from a pipe: `chunk` bytes at a time. Each message is decoded

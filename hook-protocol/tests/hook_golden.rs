@@ -9,8 +9,9 @@
 //! (`<session>.facts`) yields the client's verbosity. Must never run Nix or read the machine's
 //! own `/nix`.
 
+mod golden;
+
 use std::collections::BTreeSet;
-use std::path::PathBuf;
 
 use hook_protocol::hook::{AcceptedBuild, HookRequest, MaxJobs, Settings, verbosity_from_args};
 use hook_protocol::log::Verbosity;
@@ -162,15 +163,10 @@ fn expectations() -> Vec<Expect> {
     all
 }
 
-fn data_dir(version: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/data/hook")
-        .join(format!("nix-{version}"))
-}
-
 fn read(e: &Expect, ext: &str) -> Vec<u8> {
-    let path = data_dir(e.version).join(format!("{}.{ext}", e.session));
-    std::fs::read(&path).unwrap_or_else(|err| panic!("{}: {err}", path.display()))
+    golden::read(
+        &golden::data_dir(&format!("hook/nix-{}", e.version)).join(format!("{}.{ext}", e.session)),
+    )
 }
 
 /// A whole captured session, as a hook sees it.
