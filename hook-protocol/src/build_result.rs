@@ -195,9 +195,9 @@ impl BuildResult {
     }
 
     /// Decodes a BuildResult laid out as `layout` says (each protocol derives it from its
-    /// negotiated version: `serve::build_result_layout`, `worker::Negotiated::build_result_layout`).
-    /// `store_dir` (normally `/nix/store`) turns the basenames of the realisation-JSON layout
-    /// into full paths.
+    /// negotiated version: `serve::build_result_layout`,
+    /// `worker::Negotiated::build_result_layout`). `store_dir` (normally `/nix/store`) turns the
+    /// basenames of the realisation-JSON layout into full paths.
     pub fn decode(
         r: &mut Reader<'_>,
         layout: BuildResultLayout,
@@ -483,8 +483,8 @@ pub(crate) mod tests {
         all
     }
 
-    /// The serve 2.7 reply a Nix 2.8 server sent for a successful build, byte for byte as the
-    /// protocol reference describes it (status, message, times, then the JSON map).
+    /// The serve 2.7 reply a Nix 2.8 server sent for a successful build, byte for byte as
+    /// docs/protocol.md §7.2 lays it out (status, message, times, then the JSON map).
     #[test]
     fn serve_2_7_json_outputs_become_full_paths() {
         let out = path(4, "servebuild");

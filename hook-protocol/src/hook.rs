@@ -1,4 +1,4 @@
-//! The daemon↔hook conversation (PROTOCOL.md §3): the settings preamble, `try` requests, the
+//! The daemon↔hook conversation (docs/protocol.md §3): the settings preamble, `try` requests, the
 //! `# accept|decline|decline-permanently|postpone` replies, and the input paths and missing
 //! outputs the daemon sends after `# accept`. Both sides are here: the hook's decoders and
 //! encoders, and the daemon's, so tests, fuzzers and benchmarks can play the daemon.
@@ -152,7 +152,7 @@ impl Settings {
         }
     }
 
-    /// `builders`: the machine list (Nix's grammar, PROTOCOL.md §6).
+    /// `builders`: the machine list (Nix's grammar, docs/protocol.md §6).
     pub fn builders(&self) -> &str {
         self.get("builders").unwrap_or(defaults::BUILDERS)
     }
@@ -380,7 +380,7 @@ fn next_line(buf: &[u8]) -> wire::Result<(&[u8], usize)> {
     }
 }
 
-/// One unit of what the daemon reads from the hook's stderr (PROTOCOL.md §3.3).
+/// One unit of what the daemon reads from the hook's stderr (docs/protocol.md §3.3).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HookOutput {
     Reply(Reply),
@@ -438,7 +438,7 @@ impl AcceptedBuild {
 }
 
 /// The hook's verbosity from its argv: the last argument is the daemon's verbosity number
-/// (PROTOCOL.md §1.2); numbers above 7 mean 7. `None` if it is not a number.
+/// (docs/protocol.md §1.2); numbers above 7 mean 7. `None` if it is not a number.
 pub fn verbosity_from_args<I, S>(args: I) -> Option<Verbosity>
 where
     I: IntoIterator<Item = S>,
@@ -480,7 +480,7 @@ mod tests {
 
     #[test]
     fn preamble_matches_the_bytes_nix_sends() {
-        // PROTOCOL.md §2: the first bytes observed from a 2.8 daemon.
+        // docs/protocol.md §2: the first bytes observed from a 2.8 daemon.
         let mut want = Vec::new();
         want.extend_from_slice(&1u64.to_le_bytes());
         want.extend_from_slice(&19u64.to_le_bytes());

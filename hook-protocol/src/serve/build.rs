@@ -12,7 +12,7 @@ use crate::wire::{self, Reader, WireWrite};
 
 use super::Command;
 
-/// The `--max-silent-time`, `--timeout`, … settings sent with every build (PROTOCOL.md §7).
+/// The `--max-silent-time`, `--timeout`, … settings sent with every build (docs/protocol.md §7).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct BuildOptions {
     /// Seconds; 0 = none. Nix reads it as a 32-bit value: larger values are clamped.

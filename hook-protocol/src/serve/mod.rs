@@ -1,5 +1,5 @@
 //! The client side of Nix's legacy serve protocol (`nix-store --serve --write`, spoken over
-//! `ssh://`; PROTOCOL.md §7), plus the matching server-side codecs in `server` (cargo
+//! `ssh://`; docs/protocol.md §7), plus the matching server-side codecs in `server` (cargo
 //! feature `server`) for stand-in peers and tests.
 //!
 //! Owns the handshake and version negotiation, every request we send (QueryValidPaths,

@@ -17,7 +17,7 @@ use crate::wire::{self, DecodeError, Reader, WireWrite};
 
 use super::Command;
 
-/// The "NIXE" marker after each NAR in an export stream (PROTOCOL.md §9.3).
+/// The "NIXE" marker after each NAR in an export stream (docs/protocol.md §9.3).
 pub const EXPORT_MAGIC: u64 = 0x4558_494e;
 
 /// QueryValidPaths (cmd 1): `lock` adds temp roots on the remote; `substitute` lets the remote
@@ -126,7 +126,8 @@ pub fn encode_export_end(w: &mut Vec<u8>) {
 }
 
 /// The `u64 1` with which ImportPaths and AddToStoreNar report success. Anything else is
-/// [`Invalid`](crate::wire::Invalid) (a failing server prints its error on stderr and exits instead).
+/// [`Invalid`](crate::wire::Invalid) (a failing server prints its error on stderr and exits
+/// instead).
 pub fn decode_ok(r: &mut Reader<'_>) -> wire::Result<()> {
     r.expect_u64("success marker", 1)
 }

@@ -1,6 +1,6 @@
-//! The client side of Nix's worker protocol (`nix-daemon --stdio` over `ssh-ng://`, and the
-//! local daemon socket; PROTOCOL.md §8), plus the matching daemon-side codecs in `server` (cargo feature
-//! `server`) for stand-in peers and tests.
+//! The client side of Nix's worker protocol (`nix-daemon --stdio` over `ssh-ng://`, and the local
+//! daemon socket; docs/protocol.md §8), plus the matching daemon-side codecs in `server` (cargo
+//! feature `server`) for stand-in peers and tests.
 //!
 //! Owns the handshake and version/feature negotiation, the stderr message loop
 //! ([`StderrMessage`]), the requests we send (IsValidPath, QueryValidPaths, QueryPathInfo,

@@ -73,8 +73,9 @@ pub fn encode_nar_from_path(w: &mut Vec<u8>, path: &StorePath) {
 /// How AddToStoreNar's NAR travels for a negotiated version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NarUpload {
-    /// ≥ 1.23: as a framed stream ([`encode_frame`](super::encode_frame) … [`encode_frame_end`](super::encode_frame_end)) right after the
-    /// request; the daemon's stderr messages end with `STDERR_LAST`.
+    /// ≥ 1.23: as a framed stream ([`encode_frame`](super::encode_frame) …
+    /// [`encode_frame_end`](super::encode_frame_end)) right after the request; the daemon's stderr
+    /// messages end with `STDERR_LAST`.
     Framed,
     /// 1.21–1.22: the daemon pulls it with `STDERR_READ` messages, each answered with
     /// [`encode_read_reply`](super::encode_read_reply).

@@ -133,8 +133,9 @@ pub fn encode_stderr(w: &mut Vec<u8>, proto: &Negotiated, msg: &StderrMessage) {
     }
 }
 
-/// A worker operation with its arguments, as a daemon decodes it. After [`OpRequest::AddToStoreNar`] and
-/// [`OpRequest::AddMultipleToStore`] the data follows as [`nar_upload`] says.
+/// A worker operation with its arguments, as a daemon decodes it. After
+/// [`OpRequest::AddToStoreNar`] and [`OpRequest::AddMultipleToStore`] the data follows as
+/// [`nar_upload`] says.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum OpRequest {
     IsValidPath(StorePath),
