@@ -1,7 +1,7 @@
 //! The serve build commands (docs/protocol.md §7, §7.2): BuildDerivation and BuildPaths with
 //! their [`BuildOptions`], and the BuildResult layout each version uses.
 //!
-//! Must never decide what to build or how to read a result's status: `transfer` does.
+//! Must never decide what to build or what a result's status means: the caller does.
 
 use crate::build_result::{BuildResult, BuildResultLayout, BuiltOutputsLayout};
 use crate::derivation::BasicDerivation;

@@ -2,7 +2,7 @@
 //! BuildDerivation and BuildPathsWithResults, and the BuildResult replies in the layout the
 //! connection negotiated.
 //!
-//! Must never decide what to build or how to read a result's status: `transfer` does.
+//! Must never decide what to build or what a result's status means: the caller does.
 
 use crate::build_result::BuildResult;
 use crate::derivation::BasicDerivation;
