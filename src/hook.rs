@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use hook_protocol::StorePath;
 use hook_protocol::derivation::Derivation;
-use hook_protocol::hook::{AcceptedBuild, Reply, Request, Settings, TryRequest};
+use hook_protocol::hook::{AcceptedBuild, HookRequest, Reply, Settings, TryRequest};
 use hook_protocol::log::{Field, Message, Verbosity, activity};
 use hook_protocol::serve::BuildOptions;
 use tokio::io::AsyncRead;
@@ -271,11 +271,11 @@ async fn run(args: HookArgs, fd4: Option<OwnedFd>) -> Result<u8, HookError> {
     let memory = || memory_cell.get_or_init(|| FailureMemory::open(&cfg.supervisor.state_dir));
 
     loop {
-        let req = match stdin.decode("a request", Request::decode).await {
-            Ok(Request::Try(t)) => t,
+        let req = match stdin.decode("a request", HookRequest::decode).await {
+            Ok(HookRequest::Try(t)) => t,
             // As Nix's hook: any other word, or EOF where a request would start, means the
             // daemon is done with us. EOF inside a request is an error.
-            Ok(Request::Other(_)) => return Ok(0),
+            Ok(HookRequest::Other(_)) => return Ok(0),
             Err(WireError::UnexpectedEof { .. }) if stdin.buffered().is_empty() => return Ok(0),
             Err(e) => return Err(e.into()),
         };

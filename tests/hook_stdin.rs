@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use hook_protocol::StorePath;
-use hook_protocol::hook::{HookOutput, Reply, Request, Settings, TryRequest};
+use hook_protocol::hook::{HookOutput, HookRequest, Reply, Settings, TryRequest};
 use hook_protocol::log::{Message, Verbosity};
 use hook_protocol::wire::{MAX_STRING, WireWrite};
 
@@ -114,7 +114,7 @@ fn preamble() -> Vec<u8> {
 /// A `try` for an x86_64 derivation (no builder matches; the local machine could build it).
 fn try_request(features: &[&str]) -> Vec<u8> {
     let mut b = Vec::new();
-    Request::Try(TryRequest {
+    HookRequest::Try(TryRequest {
         am_willing: true,
         needed_system: "x86_64-linux".to_owned(),
         drv_path: StorePath::parse(DRV).expect("test drv path"),

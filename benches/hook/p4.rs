@@ -15,7 +15,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use hook_protocol::StorePath;
-use hook_protocol::hook::{Request, Settings, TryRequest};
+use hook_protocol::hook::{HookRequest, Settings, TryRequest};
 
 use crate::common::{CmdOutput, run_command};
 use crate::setup::Hook;
@@ -178,7 +178,7 @@ fn request_bytes() -> Vec<u8> {
     settings.encode(&mut out);
     let drv = StorePath::parse("/nix/store/00000000000000000000000000000000-nlb-bench-p4.drv")
         .unwrap_or_else(|e| panic!("drv path: {e}"));
-    Request::Try(TryRequest {
+    HookRequest::Try(TryRequest {
         am_willing: true,
         needed_system: "riscv64-linux".to_owned(),
         drv_path: drv,

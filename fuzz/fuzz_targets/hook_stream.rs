@@ -3,7 +3,7 @@
 //! hook's stderr (`# reply` lines and `@nix` JSON).
 #![no_main]
 
-use hook_protocol::hook::{AcceptedBuild, HookOutput, Reply, Request, Settings};
+use hook_protocol::hook::{AcceptedBuild, HookOutput, HookRequest, Reply, Settings};
 use hook_protocol::log::Message;
 use libfuzzer_sys::fuzz_target;
 use nix_lazy_builder_fuzz::check;
@@ -11,13 +11,13 @@ use nix_lazy_builder_fuzz::check;
 fuzz_target!(|data: &[u8]| {
     check("hook stream", data, |r| {
         Settings::decode(r)?;
-        if let Request::Try(_) = Request::decode(r)? {
+        if let HookRequest::Try(_) = HookRequest::decode(r)? {
             AcceptedBuild::decode(r)?;
         }
         Ok(())
     });
     check("settings", data, Settings::decode);
-    check("request", data, Request::decode);
+    check("request", data, HookRequest::decode);
     check("accepted", data, AcceptedBuild::decode);
     if let Ok((reply, n)) = Reply::decode(data) {
         assert!(n <= data.len());

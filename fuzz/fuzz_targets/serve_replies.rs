@@ -3,7 +3,8 @@
 //! peers use.
 #![no_main]
 
-use hook_protocol::serve::{self, Version};
+use hook_protocol::ProtocolVersion;
+use hook_protocol::serve;
 use libfuzzer_sys::fuzz_target;
 use nix_lazy_builder_fuzz::check;
 
@@ -11,7 +12,7 @@ fuzz_target!(|data: &[u8]| {
     let Some((&v, data)) = data.split_first() else {
         return;
     };
-    let version = Version::new(2, v % 10);
+    let version = ProtocolVersion::new(2, v % 10);
     check("hello", data, |r| {
         serve::decode_hello(r, serve::CLIENT_VERSION)
     });

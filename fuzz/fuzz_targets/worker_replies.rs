@@ -3,8 +3,9 @@
 //! decoder, and framed streams, at the protocol version (and feature) the first byte picks.
 #![no_main]
 
+use hook_protocol::ProtocolVersion;
 use hook_protocol::StorePath;
-use hook_protocol::worker::{self, Negotiated, Version};
+use hook_protocol::worker::{self, Negotiated};
 use libfuzzer_sys::fuzz_target;
 use nix_lazy_builder_fuzz::check;
 
@@ -12,7 +13,7 @@ fuzz_target!(|data: &[u8]| {
     let Some((&v, data)) = data.split_first() else {
         return;
     };
-    let mut p = Negotiated::new(Version::new(1, 21 + v % 18));
+    let mut p = Negotiated::new(ProtocolVersion::new(1, 21 + v % 18));
     if v & 0x80 != 0 {
         p.features
             .insert(worker::FEATURE_REALISATION_WITH_PATH.to_owned());

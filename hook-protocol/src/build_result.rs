@@ -1,20 +1,46 @@
-//! The outcome of a remote build: [`BuildStatus`] and [`BuildResult`], with their serve-protocol
-//! (cmd 8 reply, PROTOCOL.md §7.2) and worker-protocol (op 36 / op 46 replies, §8.3) layouts for
-//! every protocol version we may negotiate.
+//! The outcome of a remote build: [`BuildStatus`] and [`BuildResult`], in every layout the serve
+//! (cmd 8 reply, docs/protocol.md §7.2) and worker (op 36 / op 46 replies, §8.3) protocols use.
 //!
-//! Owns the normalisation of the built-outputs map, which the wire carries in three shapes
-//! (realisation JSON keyed by `sha256:<hex>!<output>` with a *basename* `outPath`, or
-//! `output → (full path, signatures)`), into one `output name → full store path` map. Pure
-//! functions over bytes; must never perform I/O or trust a peer's value to be well-formed.
+//! Owns the BuildResult codec for a given [`BuildResultLayout`] (are times there, are CPU times
+//! there, how the built outputs are laid out) and the normalisation of the built-outputs map,
+//! which the wire carries in two shapes (realisation JSON keyed by `sha256:<hex>!<output>` with a
+//! *basename* `outPath`, or `output → (full path, signatures)`), into one `output name → full
+//! store path` map. Which layout a connection uses is the protocol's business: this module must
+//! never import `serve` or `worker`. Pure functions over bytes; must never perform I/O or trust
+//! a peer's value to be well-formed.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use crate::path_info::{read_store_path, read_string_set};
-use crate::serve;
 use crate::store_path::StorePath;
-use crate::wire::{self, DecodeError, Invalid, Reader, WireWrite};
-use crate::worker;
+#[cfg(any(test, feature = "server"))]
+use crate::wire::WireWrite;
+use crate::wire::{self, DecodeError, Invalid, Reader};
+
+/// Which of a BuildResult's optional parts are on the wire, and in which shape. Each protocol
+/// derives it from its negotiated version (docs/protocol.md §7.2 for serve, §8.3 for worker),
+/// so this module needs to know neither protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BuildResultLayout {
+    /// `timesBuilt`, `isNonDeterministic`, `startTime`, `stopTime` (serve ≥ 2.3, worker ≥ 1.29).
+    pub times: bool,
+    /// `cpuUser`, `cpuSystem` as optional microseconds (worker ≥ 1.37).
+    pub cpu_times: bool,
+    pub outputs: BuiltOutputsLayout,
+}
+
+/// How a BuildResult carries its built outputs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BuiltOutputsLayout {
+    /// Not at all (serve < 2.6, worker < 1.28).
+    Absent,
+    /// `map<"sha256:<hex>!<output>", realisation JSON>` with a basename `outPath` (serve 2.6–2.7,
+    /// worker ≥ 1.28 without the `realisation-with-path-not-hash` feature).
+    RealisationJson,
+    /// `map<output name, (full path, signatures)>` (serve ≥ 2.8, worker with that feature).
+    PathAndSignatures,
+}
 
 /// How a build ended (Nix's `BuildResult::Status`; the same codes in every protocol).
 ///
@@ -168,73 +194,26 @@ impl BuildResult {
             .collect()
     }
 
-    /// Decodes the serve protocol's BuildResult (serve cmd 8 reply) for negotiated `version`.
-    /// `store_dir` (normally `/nix/store`) turns the basenames of the 2.6–2.7 layout into full
-    /// paths.
-    ///
-    /// Note: a Nix 2.8–2.34 *server* sends the 2.6+ built-outputs map whatever the client
-    /// announced (it gates on `clientVersion >= 6` with a misplaced parenthesis); so never
-    /// negotiate below 2.6 with such a server — announcing 2.7 avoids it.
-    pub fn decode_serve(
+    /// Decodes a BuildResult laid out as `layout` says (each protocol derives it from its
+    /// negotiated version: `serve::build_result_layout`,
+    /// `worker::Negotiated::build_result_layout`). `store_dir` (normally `/nix/store`) turns the
+    /// basenames of the realisation-JSON layout into full paths.
+    pub fn decode(
         r: &mut Reader<'_>,
-        version: serve::Version,
+        layout: BuildResultLayout,
         store_dir: &str,
     ) -> wire::Result<Self> {
-        let mut res = Self::decode_head(r, version >= serve::Version::new(2, 3))?;
-        if version >= serve::Version::new(2, 8) {
-            res.built_outputs = decode_output_map(r)?;
-        } else if version >= serve::Version::new(2, 6) {
-            res.built_outputs = decode_realisation_json_map(r, store_dir)?;
-        }
-        Ok(res)
-    }
-
-    /// Appends the serve layout for `version` (what a `nix-store --serve` sends; for stand-in
-    /// peers and tests).
-    pub fn encode_serve(&self, w: &mut Vec<u8>, version: serve::Version) {
-        self.encode_head(w, version >= serve::Version::new(2, 3));
-        if version >= serve::Version::new(2, 8) {
-            self.encode_output_map(w);
-        } else if version >= serve::Version::new(2, 6) {
-            self.encode_realisation_json_map(w);
-        }
-    }
-
-    /// Decodes the worker protocol's BuildResult (op 36 reply; op 46 entries) for the
-    /// negotiated protocol. `store_dir` (normally `/nix/store`) turns the basenames of the
-    /// realisation-JSON layout into full paths.
-    pub fn decode_worker(
-        r: &mut Reader<'_>,
-        proto: &worker::Negotiated,
-        store_dir: &str,
-    ) -> wire::Result<Self> {
-        let v = proto.version;
-        let mut res = Self::decode_head(r, v >= worker::Version::new(1, 29))?;
-        if v >= worker::Version::new(1, 37) {
+        let mut res = Self::decode_head(r, layout.times)?;
+        if layout.cpu_times {
             res.cpu_user = decode_opt_micros(r)?;
             res.cpu_system = decode_opt_micros(r)?;
         }
-        if proto.has_feature(worker::FEATURE_REALISATION_WITH_PATH) {
-            res.built_outputs = decode_output_map(r)?;
-        } else if v >= worker::Version::new(1, 28) {
-            res.built_outputs = decode_realisation_json_map(r, store_dir)?;
-        }
+        res.built_outputs = match layout.outputs {
+            BuiltOutputsLayout::Absent => BTreeMap::new(),
+            BuiltOutputsLayout::RealisationJson => decode_realisation_json_map(r, store_dir)?,
+            BuiltOutputsLayout::PathAndSignatures => decode_output_map(r)?,
+        };
         Ok(res)
-    }
-
-    /// Appends the worker layout for the negotiated protocol (what a daemon sends).
-    pub fn encode_worker(&self, w: &mut Vec<u8>, proto: &worker::Negotiated) {
-        let v = proto.version;
-        self.encode_head(w, v >= worker::Version::new(1, 29));
-        if v >= worker::Version::new(1, 37) {
-            encode_opt_micros(w, self.cpu_user);
-            encode_opt_micros(w, self.cpu_system);
-        }
-        if proto.has_feature(worker::FEATURE_REALISATION_WITH_PATH) {
-            self.encode_output_map(w);
-        } else if v >= worker::Version::new(1, 28) {
-            self.encode_realisation_json_map(w);
-        }
     }
 
     fn decode_head(r: &mut Reader<'_>, with_times: bool) -> wire::Result<Self> {
@@ -248,6 +227,25 @@ impl BuildResult {
             res.stop_time = r.u64()?;
         }
         Ok(res)
+    }
+}
+
+/// The server's side: what a `nix-store --serve` or a daemon writes.
+#[cfg(any(test, feature = "server"))]
+impl BuildResult {
+    /// Appends the BuildResult laid out as `layout` says (what a server sends; for stand-in
+    /// peers and tests). Fields the layout does not carry are left out.
+    pub fn encode(&self, w: &mut Vec<u8>, layout: BuildResultLayout) {
+        self.encode_head(w, layout.times);
+        if layout.cpu_times {
+            encode_opt_micros(w, self.cpu_user);
+            encode_opt_micros(w, self.cpu_system);
+        }
+        match layout.outputs {
+            BuiltOutputsLayout::Absent => {}
+            BuiltOutputsLayout::RealisationJson => self.encode_realisation_json_map(w),
+            BuiltOutputsLayout::PathAndSignatures => self.encode_output_map(w),
+        }
     }
 
     fn encode_head(&self, w: &mut Vec<u8>, with_times: bool) {
@@ -366,6 +364,7 @@ fn decode_opt_micros(r: &mut Reader<'_>) -> wire::Result<Option<i64>> {
     }
 }
 
+#[cfg(any(test, feature = "server"))]
 fn encode_opt_micros(w: &mut Vec<u8>, v: Option<i64>) {
     match v {
         None => w.put_u64(0),
@@ -418,7 +417,7 @@ pub(crate) mod tests {
     }
 
     /// What survives a trip through a protocol version that drops some fields.
-    fn carried(res: &BuildResult, times: bool, cpu: bool, outputs: bool) -> BuildResult {
+    pub(crate) fn carried(res: &BuildResult, times: bool, cpu: bool, outputs: bool) -> BuildResult {
         let mut r = res.clone();
         if !times {
             r.times_built = 0;
@@ -456,8 +455,36 @@ pub(crate) mod tests {
         );
     }
 
-    /// The serve 2.7 reply a Nix 2.8 server sent for a successful build, byte for byte as the
-    /// protocol reference describes it (status, message, times, then the JSON map).
+    /// The layout of serve 2.7 (what Nix 2.8 … 2.34 servers send).
+    const SERVE_2_7: BuildResultLayout = BuildResultLayout {
+        times: true,
+        cpu_times: false,
+        outputs: BuiltOutputsLayout::RealisationJson,
+    };
+
+    /// Every layout there is.
+    pub(crate) fn all_layouts() -> Vec<BuildResultLayout> {
+        let mut all = Vec::new();
+        for times in [false, true] {
+            for cpu_times in [false, true] {
+                for outputs in [
+                    BuiltOutputsLayout::Absent,
+                    BuiltOutputsLayout::RealisationJson,
+                    BuiltOutputsLayout::PathAndSignatures,
+                ] {
+                    all.push(BuildResultLayout {
+                        times,
+                        cpu_times,
+                        outputs,
+                    });
+                }
+            }
+        }
+        all
+    }
+
+    /// The serve 2.7 reply a Nix 2.8 server sent for a successful build, byte for byte as
+    /// docs/protocol.md §7.2 lays it out (status, message, times, then the JSON map).
     #[test]
     fn serve_2_7_json_outputs_become_full_paths() {
         let out = path(4, "servebuild");
@@ -475,10 +502,8 @@ pub(crate) mod tests {
             r#"{{"dependentRealisations":{{}},"id":"{id}","outPath":"{}","signatures":[]}}"#,
             out.base_name()
         ));
-        let (res, used) = wire::decode_with(&w, |r| {
-            BuildResult::decode_serve(r, serve::Version::new(2, 7), "/nix/store")
-        })
-        .unwrap();
+        let (res, used) =
+            wire::decode_with(&w, |r| BuildResult::decode(r, SERVE_2_7, "/nix/store")).unwrap();
         assert_eq!(used, w.len());
         assert!(res.is_success());
         assert_eq!(
@@ -487,10 +512,12 @@ pub(crate) mod tests {
         );
         assert_eq!(res.out_paths().get("out"), Some(&&out));
         // The same bytes under 2.5 stop after the times: the map is not read.
-        let (_, used) = wire::decode_with(&w, |r| {
-            BuildResult::decode_serve(r, serve::Version::new(2, 5), "/nix/store")
-        })
-        .unwrap();
+        let serve_2_5 = BuildResultLayout {
+            outputs: BuiltOutputsLayout::Absent,
+            ..SERVE_2_7
+        };
+        let (_, used) =
+            wire::decode_with(&w, |r| BuildResult::decode(r, serve_2_5, "/nix/store")).unwrap();
         assert_eq!(used, 8 + 8 + 32);
     }
 
@@ -514,19 +541,7 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn cpu_times_need_1_37() {
-        let mut res = BuildResult::new(BuildStatus::Built, "");
-        res.cpu_user = Some(1234);
-        res.cpu_system = Some(-1);
-        for (minor, with_cpu) in [(36, false), (37, true), (38, true)] {
-            let proto = worker::Negotiated::new(worker::Version::new(1, minor));
-            let mut w = Vec::new();
-            res.encode_worker(&mut w, &proto);
-            let got =
-                BuildResult::decode_worker(&mut Reader::new(&w), &proto, "/nix/store").unwrap();
-            assert_eq!(got.cpu_user.is_some(), with_cpu);
-            assert_eq!(got, carried(&res, true, with_cpu, true));
-        }
+    fn a_bad_duration_tag_is_invalid() {
         let mut w = Vec::new();
         w.put_u64(0);
         w.put_str("");
@@ -535,52 +550,37 @@ pub(crate) mod tests {
         w.put_u64(0);
         w.put_u64(0);
         w.put_u64(2); // bad optional tag
-        let proto = worker::Negotiated::new(worker::Version::new(1, 37));
+        let layout = BuildResultLayout {
+            times: true,
+            cpu_times: true,
+            outputs: BuiltOutputsLayout::RealisationJson,
+        };
         assert!(matches!(
-            BuildResult::decode_worker(&mut Reader::new(&w), &proto, "/nix/store"),
+            BuildResult::decode(&mut Reader::new(&w), layout, "/nix/store"),
             Err(DecodeError::Invalid(_))
         ));
     }
 
     proptest! {
         #[test]
-        fn serve_round_trip(res in arb_build_result(), minor in 0u8..=9) {
-            let v = serve::Version::new(2, minor);
+        fn every_layout_round_trips(res in arb_build_result(), layout in proptest::sample::select(all_layouts())) {
             let mut w = Vec::new();
-            res.encode_serve(&mut w, v);
-            let (got, used) = wire::decode_with(&w, |r| BuildResult::decode_serve(r, v, "/nix/store")).unwrap();
+            res.encode(&mut w, layout);
+            let (got, used) = wire::decode_with(&w, |r| BuildResult::decode(r, layout, "/nix/store")).unwrap();
             prop_assert_eq!(used, w.len());
-            prop_assert_eq!(got, carried(&res, minor >= 3, false, minor >= 6));
+            let outputs = layout.outputs != BuiltOutputsLayout::Absent;
+            prop_assert_eq!(got, carried(&res, layout.times, layout.cpu_times, outputs));
             for cut in 0..w.len() {
-                let e = BuildResult::decode_serve(&mut Reader::new(&w[..cut]), v, "/nix/store").unwrap_err();
+                let e = BuildResult::decode(&mut Reader::new(&w[..cut]), layout, "/nix/store").unwrap_err();
                 prop_assert!(e.is_incomplete(), "cut {}: {:?}", cut, e);
             }
         }
 
         #[test]
-        fn worker_round_trip(res in arb_build_result(), minor in 20u8..=39, feature in any::<bool>()) {
-            let mut proto = worker::Negotiated::new(worker::Version::new(1, minor));
-            if feature {
-                proto.features.insert(worker::FEATURE_REALISATION_WITH_PATH.to_owned());
+        fn garbage_never_panics(data in proptest::collection::vec(any::<u8>(), 0..300)) {
+            for layout in all_layouts() {
+                let _ = BuildResult::decode(&mut Reader::new(&data), layout, "/nix/store");
             }
-            let mut w = Vec::new();
-            res.encode_worker(&mut w, &proto);
-            let (got, used) = wire::decode_with(&w, |r| BuildResult::decode_worker(r, &proto, "/nix/store")).unwrap();
-            prop_assert_eq!(used, w.len());
-            prop_assert_eq!(got, carried(&res, minor >= 29, minor >= 37, feature || minor >= 28));
-            for cut in 0..w.len() {
-                let e = BuildResult::decode_worker(&mut Reader::new(&w[..cut]), &proto, "/nix/store").unwrap_err();
-                prop_assert!(e.is_incomplete(), "cut {}: {:?}", cut, e);
-            }
-        }
-
-        #[test]
-        fn garbage_never_panics(data in proptest::collection::vec(any::<u8>(), 0..300), minor in 0u8..=40) {
-            let _ = BuildResult::decode_serve(&mut Reader::new(&data), serve::Version::new(2, minor % 10), "/nix/store");
-            let mut proto = worker::Negotiated::new(worker::Version::new(1, minor));
-            let _ = BuildResult::decode_worker(&mut Reader::new(&data), &proto, "/nix/store");
-            proto.features.insert(worker::FEATURE_REALISATION_WITH_PATH.to_owned());
-            let _ = BuildResult::decode_worker(&mut Reader::new(&data), &proto, "/nix/store");
         }
     }
 }

@@ -1,7 +1,7 @@
 //! Derivations: the ATerm `.drv` format parsed into a [`Derivation`] and printed back exactly as
-//! Nix writes it, and the [`BasicDerivation`] wire encoding that serve cmd 8 and worker op 36
-//! carry (PROTOCOL.md §7.1), plus what the hook derives from a `.drv`: its output paths and the
-//! BasicDerivation to send for a remote build (PROTOCOL.md §3.4 step 4).
+//! Nix writes it, and the [`BasicDerivation`] wire encoding that serve cmd 8 and worker op 36 carry
+//! (docs/protocol.md §7.1), plus what the hook derives from a `.drv`: its output paths and the
+//! BasicDerivation to send for a remote build (docs/protocol.md §3.4 step 4).
 //!
 //! Pure functions over bytes: nothing here reads a `.drv` from disk, and no input, however
 //! malformed, may make a parser panic. Strings in a `.drv` are raw bytes; only the fields whose
@@ -22,7 +22,7 @@ pub struct DerivationOutput {
     pub hash: String,
 }
 
-/// What kind of output a [`DerivationOutput`] triple describes (PROTOCOL.md §7.1).
+/// What kind of output a [`DerivationOutput`] triple describes (docs/protocol.md §7.1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OutputKind {
     /// Path known, no hash: the usual case.
@@ -87,7 +87,7 @@ pub enum DerivationError {
 }
 
 impl BasicDerivation {
-    /// Appends the BasicDerivation wire form (PROTOCOL.md §7.1).
+    /// Appends the BasicDerivation wire form (docs/protocol.md §7.1).
     pub fn encode(&self, w: &mut Vec<u8>) {
         w.put_u64(self.outputs.len() as u64);
         for (name, o) in &self.outputs {
@@ -310,7 +310,7 @@ impl Derivation {
         self.basic.output_paths()
     }
 
-    /// The BasicDerivation a hook sends for a remote build (PROTOCOL.md §3.4 step 4): if the
+    /// The BasicDerivation a hook sends for a remote build (docs/protocol.md §3.4 step 4): if the
     /// derivation has any input derivations, its `inputSrcs` are replaced by the full input
     /// closure the daemon sent after `# accept` (so the remote sees every path the build may
     /// use); otherwise they are kept as they are (changing them would break content-addressed

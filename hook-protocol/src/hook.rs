@@ -1,4 +1,4 @@
-//! The daemon↔hook conversation (PROTOCOL.md §3): the settings preamble, `try` requests, the
+//! The daemon↔hook conversation (docs/protocol.md §3): the settings preamble, `try` requests, the
 //! `# accept|decline|decline-permanently|postpone` replies, and the input paths and missing
 //! outputs the daemon sends after `# accept`. Both sides are here: the hook's decoders and
 //! encoders, and the daemon's, so tests, fuzzers and benchmarks can play the daemon.
@@ -152,7 +152,7 @@ impl Settings {
         }
     }
 
-    /// `builders`: the machine list (Nix's grammar, PROTOCOL.md §6).
+    /// `builders`: the machine list (Nix's grammar, docs/protocol.md §6).
     pub fn builders(&self) -> &str {
         self.get("builders").unwrap_or(defaults::BUILDERS)
     }
@@ -237,19 +237,22 @@ pub struct TryRequest {
     pub required_features: BTreeSet<String>,
 }
 
-/// What the daemon sends after the preamble: `try`, or anything else, which means "stop".
+/// What the daemon asks of the hook after the preamble (docs/protocol.md §3.2): `try`, or
+/// anything else, which means "stop".
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Request {
+pub enum HookRequest {
     Try(TryRequest),
     /// Any other word: the hook should exit 0 (as it should on EOF).
     Other(String),
 }
 
-impl Request {
+impl HookRequest {
     pub fn decode(r: &mut Reader<'_>) -> wire::Result<Self> {
         let word = r.bytes()?;
         if word != b"try" {
-            return Ok(Request::Other(String::from_utf8_lossy(word).into_owned()));
+            return Ok(HookRequest::Other(
+                String::from_utf8_lossy(word).into_owned(),
+            ));
         }
         let am_willing = r.bool()?;
         let needed_system = r.string("needed system")?;
@@ -260,7 +263,7 @@ impl Request {
             .strings("required features")?
             .into_iter()
             .collect::<BTreeSet<_>>();
-        Ok(Request::Try(TryRequest {
+        Ok(HookRequest::Try(TryRequest {
             am_willing,
             needed_system,
             drv_path,
@@ -270,14 +273,14 @@ impl Request {
 
     pub fn encode(&self, w: &mut Vec<u8>) {
         match self {
-            Request::Try(t) => {
+            HookRequest::Try(t) => {
                 w.put_str("try");
                 w.put_bool(t.am_willing);
                 w.put_str(&t.needed_system);
                 w.put_str(t.drv_path.as_str());
                 w.put_strings(&t.required_features);
             }
-            Request::Other(word) => w.put_str(word),
+            HookRequest::Other(word) => w.put_str(word),
         }
     }
 }
@@ -377,7 +380,7 @@ fn next_line(buf: &[u8]) -> wire::Result<(&[u8], usize)> {
     }
 }
 
-/// One unit of what the daemon reads from the hook's stderr (PROTOCOL.md §3.3).
+/// One unit of what the daemon reads from the hook's stderr (docs/protocol.md §3.3).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HookOutput {
     Reply(Reply),
@@ -435,7 +438,7 @@ impl AcceptedBuild {
 }
 
 /// The hook's verbosity from its argv: the last argument is the daemon's verbosity number
-/// (PROTOCOL.md §1.2); numbers above 7 mean 7. `None` if it is not a number.
+/// (docs/protocol.md §1.2); numbers above 7 mean 7. `None` if it is not a number.
 pub fn verbosity_from_args<I, S>(args: I) -> Option<Verbosity>
 where
     I: IntoIterator<Item = S>,
@@ -477,7 +480,7 @@ mod tests {
 
     #[test]
     fn preamble_matches_the_bytes_nix_sends() {
-        // PROTOCOL.md §2: the first bytes observed from a 2.8 daemon.
+        // docs/protocol.md §2: the first bytes observed from a 2.8 daemon.
         let mut want = Vec::new();
         want.extend_from_slice(&1u64.to_le_bytes());
         want.extend_from_slice(&19u64.to_le_bytes());
@@ -594,9 +597,11 @@ mod tests {
         b.put_str("aarch64-linux");
         b.put_str(DRV);
         b.put_strings(["kvm", "big-parallel", "kvm"]);
-        let (r, used) = decode_with(&b, Request::decode).unwrap();
+        let (r, used) = decode_with(&b, HookRequest::decode).unwrap();
         assert_eq!(used, b.len());
-        let Request::Try(t) = r else { panic!("{r:?}") };
+        let HookRequest::Try(t) = r else {
+            panic!("{r:?}")
+        };
         assert!(t.am_willing);
         assert_eq!(t.needed_system, "aarch64-linux");
         assert_eq!(t.drv_path.as_str(), DRV);
@@ -608,8 +613,8 @@ mod tests {
         let mut b = Vec::new();
         b.put_str("exit");
         assert_eq!(
-            decode_with(&b, Request::decode).unwrap().0,
-            Request::Other("exit".into())
+            decode_with(&b, HookRequest::decode).unwrap().0,
+            HookRequest::Other("exit".into())
         );
 
         let mut b = Vec::new();
@@ -619,7 +624,7 @@ mod tests {
         b.put_str("/not/a/store/path");
         b.put_strings(Vec::<String>::new());
         assert!(matches!(
-            decode_with(&b, Request::decode),
+            decode_with(&b, HookRequest::decode),
             Err(DecodeError::Invalid(_))
         ));
     }
@@ -706,7 +711,7 @@ mod tests {
         prop::collection::vec((".{0,20}", ".{0,40}"), 0..12).prop_map(|pairs| Settings { pairs })
     }
 
-    fn request() -> impl Strategy<Value = Request> {
+    fn request() -> impl Strategy<Value = HookRequest> {
         prop_oneof![
             (
                 any::<bool>(),
@@ -716,7 +721,7 @@ mod tests {
             )
                 .prop_map(
                     |(am_willing, needed_system, drv_path, required_features)| {
-                        Request::Try(TryRequest {
+                        HookRequest::Try(TryRequest {
                             am_willing,
                             needed_system,
                             drv_path,
@@ -726,7 +731,7 @@ mod tests {
                 ),
             ".{0,10}"
                 .prop_filter("not try", |s| s != "try")
-                .prop_map(Request::Other),
+                .prop_map(HookRequest::Other),
         ]
     }
 
@@ -751,7 +756,7 @@ mod tests {
         fn requests_round_trip(r in request()) {
             let mut b = Vec::new();
             r.encode(&mut b);
-            check_prefixes(&b, &r, |b| decode_with(b, Request::decode))?;
+            check_prefixes(&b, &r, |b| decode_with(b, HookRequest::decode))?;
         }
 
         #[test]
@@ -785,7 +790,7 @@ mod tests {
         #[test]
         fn arbitrary_bytes_never_panic(data in prop::collection::vec(any::<u8>(), 0..200)) {
             let _ = decode_with(&data, Settings::decode);
-            let _ = decode_with(&data, Request::decode);
+            let _ = decode_with(&data, HookRequest::decode);
             let _ = decode_with(&data, AcceptedBuild::decode);
             let _ = Reply::decode(&data);
             let _ = HookOutput::decode(&data);

@@ -13,8 +13,10 @@ pub mod log;
 pub mod path_info;
 pub mod serve;
 pub mod store_path;
+pub mod version;
 pub mod wire;
 pub mod worker;
 
 pub use store_path::{Sha256, StorePath};
+pub use version::{ProtocolVersion, ServerHello};
 pub use wire::{DecodeError, Invalid, Reader, WireWrite};

@@ -1,4 +1,4 @@
-//! The `@nix` JSON log lines a hook writes on stderr (PROTOCOL.md §3.6): the message types,
+//! The `@nix` JSON log lines a hook writes on stderr (docs/protocol.md §3.6): the message types,
 //! their one-line encoding, a decoder for lines from a peer or a test, Nix's activity, result
 //! and verbosity numbers, and a helper that strips ANSI escapes from remote text.
 //!

@@ -49,6 +49,12 @@ pub fn read_string_set(r: &mut Reader<'_>, what: &'static str) -> wire::Result<B
     Ok(r.strings(what)?.into_iter().collect())
 }
 
+/// Writes a list or set of store paths (a u64 count, then the printed paths).
+pub fn put_store_paths<'a>(w: &mut Vec<u8>, paths: impl IntoIterator<Item = &'a StorePath>) {
+    let paths: Vec<&StorePath> = paths.into_iter().collect();
+    w.put_strings(paths);
+}
+
 /// Writes an optional store path (`""` when absent).
 pub fn put_opt_store_path(w: &mut Vec<u8>, p: Option<&StorePath>) {
     w.put_str(p.map(StorePath::as_str).unwrap_or(""));
@@ -105,6 +111,7 @@ impl PathInfo {
     }
 
     /// Decodes [`PathInfo::encode_for_upload`] (what a receiving store reads).
+    #[cfg(any(test, feature = "server"))]
     pub fn decode_for_upload(r: &mut Reader<'_>) -> wire::Result<Self> {
         let path = read_store_path(r, "uploaded path")?;
         Self::decode_unkeyed_worker(r, path, true)

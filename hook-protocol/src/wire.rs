@@ -271,9 +271,23 @@ impl WireWrite for Vec<u8> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// Checks the decoder contract's first half on `bytes`, a whole message: every proper
+    /// prefix of it is merely Incomplete.
+    pub(crate) fn assert_prefixes_incomplete<T: fmt::Debug>(
+        bytes: &[u8],
+        mut f: impl FnMut(&mut Reader<'_>) -> Result<T>,
+    ) {
+        for cut in 0..bytes.len() {
+            match f(&mut Reader::new(&bytes[..cut])) {
+                Err(e) if e.is_incomplete() => {}
+                other => panic!("prefix of {cut}/{} bytes: {other:?}", bytes.len()),
+            }
+        }
+    }
 
     #[test]
     fn string_layout_matches_nix() {

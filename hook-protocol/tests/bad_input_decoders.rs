@@ -20,12 +20,13 @@ use std::collections::BTreeSet;
 use std::path::Path;
 
 use bad_input::{mutated, read_files};
+use hook_protocol::ProtocolVersion;
 use hook_protocol::derivation::{BasicDerivation, Derivation};
-use hook_protocol::hook::{AcceptedBuild, HookOutput, Reply, Request, Settings};
+use hook_protocol::hook::{AcceptedBuild, HookOutput, HookRequest, Reply, Settings};
 use hook_protocol::path_info::{DerivedPath, PathInfo};
 use hook_protocol::serve;
 use hook_protocol::wire::{self, DecodeError, Reader};
-use hook_protocol::worker::{self, Negotiated, Version as WV};
+use hook_protocol::worker::{self, Negotiated};
 use hook_protocol::{Sha256, StorePath};
 use proptest::prelude::*;
 
@@ -49,25 +50,25 @@ fn dec<T>(
 }
 
 fn worker_protos() -> Vec<Negotiated> {
-    let mut with_feature = Negotiated::new(WV::new(1, 38));
+    let mut with_feature = Negotiated::new(ProtocolVersion::new(1, 38));
     with_feature
         .features
         .insert(worker::FEATURE_REALISATION_WITH_PATH.to_owned());
     vec![
-        Negotiated::new(WV::new(1, 21)),
-        Negotiated::new(WV::new(1, 26)),
-        Negotiated::new(WV::new(1, 34)),
-        Negotiated::new(WV::new(1, 35)),
-        Negotiated::new(WV::new(1, 37)),
-        Negotiated::new(WV::new(1, 38)),
+        Negotiated::new(ProtocolVersion::new(1, 21)),
+        Negotiated::new(ProtocolVersion::new(1, 26)),
+        Negotiated::new(ProtocolVersion::new(1, 34)),
+        Negotiated::new(ProtocolVersion::new(1, 35)),
+        Negotiated::new(ProtocolVersion::new(1, 37)),
+        Negotiated::new(ProtocolVersion::new(1, 38)),
         with_feature,
     ]
 }
 
-fn serve_versions() -> Vec<serve::Version> {
+fn serve_versions() -> Vec<ProtocolVersion> {
     [(2, 4), (2, 5), (2, 6), (2, 7), (2, 8)]
         .iter()
-        .map(|&(a, b)| serve::Version::new(a, b))
+        .map(|&(a, b)| ProtocolVersion::new(a, b))
         .collect()
 }
 
@@ -78,7 +79,7 @@ const PATH_A: &str = "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-a";
 /// request and, after a `try`, the inputs and wanted outputs.
 fn hook_stream(r: &mut Reader<'_>) -> wire::Result<()> {
     Settings::decode(r)?;
-    if let Request::Try(_) = Request::decode(r)? {
+    if let HookRequest::Try(_) = HookRequest::decode(r)? {
         AcceptedBuild::decode(r)?;
     }
     Ok(())
@@ -89,7 +90,7 @@ fn decoders() -> Vec<Decoder> {
     let mut d = vec![
         dec("hook stream (preamble, try, accepted)", hook_stream),
         dec("hook settings preamble", Settings::decode),
-        dec("hook request", Request::decode),
+        dec("hook request", HookRequest::decode),
         dec("hook accepted build", AcceptedBuild::decode),
         Decoder {
             name: "hook reply (daemon side)".into(),
@@ -313,17 +314,17 @@ fn seeds() -> Vec<Vec<u8>> {
                 level: 3,
                 activity_type: worker::activity::BUILD,
                 text: "building".into(),
-                fields: vec![worker::Field::String(b.to_string()), worker::Field::Int(1)],
+                fields: vec![worker::Field::Str(b.to_string()), worker::Field::Int(1)],
                 parent: 0,
             }),
             M::Result(worker::ActivityResult {
                 id: 7,
                 result_type: worker::result_type::BUILD_LOG_LINE,
-                fields: vec![worker::Field::String("hello".into())],
+                fields: vec![worker::Field::Str("hello".into())],
             }),
             M::StopActivity { id: 7 },
             M::Write(b"data".to_vec()),
-            M::Error(worker::RemoteError {
+            M::Error(worker::DaemonError {
                 message: "error: boom".into(),
                 level: p.at_least(1, 26).then_some(0),
                 traces: if p.at_least(1, 26) {

@@ -14,12 +14,13 @@ mod bad_input;
 use std::time::{Duration, Instant};
 
 use bad_input::{Counting, largest_allocation, read_files};
+use hook_protocol::ProtocolVersion;
 use hook_protocol::derivation::{BasicDerivation, Derivation, ParseErrorKind};
-use hook_protocol::hook::{AcceptedBuild, Request, Settings};
+use hook_protocol::hook::{AcceptedBuild, HookRequest, Settings};
 use hook_protocol::log::Message;
 use hook_protocol::store_path::StorePathError;
 use hook_protocol::wire::{self, DecodeError, Invalid, MAX_COUNT, MAX_STRING, Reader, WireWrite};
-use hook_protocol::worker::{self, Negotiated, StderrMessage, Version as WV};
+use hook_protocol::worker::{self, Negotiated, StderrMessage};
 use hook_protocol::{StorePath, serve};
 
 #[global_allocator]
@@ -37,12 +38,12 @@ fn path(name: &str) -> String {
 }
 
 fn proto(major: u8, minor: u8) -> Negotiated {
-    Negotiated::new(WV::new(major, minor))
+    Negotiated::new(ProtocolVersion::new(major, minor))
 }
 
 fn hook_stream(r: &mut Reader<'_>) -> wire::Result<()> {
     Settings::decode(r)?;
-    if let Request::Try(_) = Request::decode(r)? {
+    if let HookRequest::Try(_) = HookRequest::decode(r)? {
         AcceptedBuild::decode(r)?;
     }
     Ok(())
@@ -128,7 +129,7 @@ fn hostile_string_lengths_are_rejected_at_once() {
         let b = words(&[len]);
         assert_too_long(
             "request word",
-            || wire::decode_with(&b, Request::decode),
+            || wire::decode_with(&b, HookRequest::decode),
             len,
             MAX_STRING,
         );
@@ -139,7 +140,7 @@ fn hostile_string_lengths_are_rejected_at_once() {
         b.put_u64(len);
         assert_too_long(
             "try drv path",
-            || wire::decode_with(&b, Request::decode),
+            || wire::decode_with(&b, HookRequest::decode),
             len,
             MAX_STRING,
         );
@@ -175,7 +176,11 @@ fn hostile_string_lengths_are_rejected_at_once() {
             "serve build result",
             || {
                 wire::decode_with(&b, |r| {
-                    serve::decode_build_derivation_reply(r, serve::Version::new(2, 7), "/nix/store")
+                    serve::decode_build_derivation_reply(
+                        r,
+                        ProtocolVersion::new(2, 7),
+                        "/nix/store",
+                    )
                 })
             },
             len,
@@ -262,7 +267,7 @@ fn hostile_counts_are_rejected_at_once() {
         b.put_str("");
         b.extend_from_slice(&words(&[1, 0, 0, 0]));
         b.put_u64(count);
-        for v in [serve::Version::new(2, 6), serve::Version::new(2, 8)] {
+        for v in [ProtocolVersion::new(2, 6), ProtocolVersion::new(2, 8)] {
             assert_too_long(
                 "serve built outputs",
                 || {
@@ -296,7 +301,7 @@ fn hostile_counts_are_rejected_at_once() {
             "serve path info references",
             || {
                 wire::decode_with(&b, |r| {
-                    serve::decode_path_infos(r, serve::Version::new(2, 7))
+                    serve::decode_path_infos(r, ProtocolVersion::new(2, 7))
                 })
             },
             count,
@@ -406,7 +411,7 @@ fn non_utf8_in_the_hook_protocol() {
         b.put_bytes(system);
         b.put_bytes(drv);
         b.put_strings([feature]);
-        wire::decode_with(&b, Request::decode)
+        wire::decode_with(&b, HookRequest::decode)
     };
     let drv = path("x.drv");
     not_utf8(try_with(BAD, drv.as_bytes(), b"kvm"), "needed system");
@@ -424,8 +429,8 @@ fn non_utf8_in_the_hook_protocol() {
     let mut b = Vec::new();
     b.put_bytes(BAD);
     assert!(matches!(
-        wire::decode_with(&b, Request::decode),
-        Ok((Request::Other(w), _)) if w.contains('\u{fffd}')
+        wire::decode_with(&b, HookRequest::decode),
+        Ok((HookRequest::Other(w), _)) if w.contains('\u{fffd}')
     ));
 
     // After `# accept`: input paths and output names.
@@ -502,7 +507,7 @@ fn non_utf8_from_remote_stores() {
     let mut b = words(&[3]);
     b.put_bytes(BAD);
     let (res, _) = wire::decode_with(&b, |r| {
-        serve::decode_build_derivation_reply(r, serve::Version::new(2, 2), "/nix/store")
+        serve::decode_build_derivation_reply(r, ProtocolVersion::new(2, 2), "/nix/store")
     })
     .unwrap();
     assert_eq!(res.error_msg, "caf\u{fffd}-\u{fffd}\u{fffd}");
@@ -548,7 +553,7 @@ fn bad_hash_parts_are_rejected_everywhere() {
         let mut accepted = paths.clone();
         accepted.put_strings(Vec::<String>::new());
         for (case, r) in [
-            ("try", wire::decode_with(&b, Request::decode).map(drop)),
+            ("try", wire::decode_with(&b, HookRequest::decode).map(drop)),
             (
                 "accepted",
                 wire::decode_with(&accepted, AcceptedBuild::decode).map(drop),

@@ -4,6 +4,8 @@
 //! Owns only these checks: parse → print reproduces each file byte for byte, and the parsed
 //! fields are what the expressions say. Must never depend on the machine's own `/nix`.
 
+mod golden;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
@@ -12,12 +14,12 @@ use hook_protocol::wire::decode_with;
 use hook_protocol::{Sha256, StorePath};
 
 fn data_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/drv")
+    golden::data_dir("drv")
 }
 
 /// attr name → the store path Nix gave the `.drv`.
 fn drv_paths() -> BTreeMap<String, StorePath> {
-    let text = std::fs::read_to_string(data_dir().join("paths.txt")).expect("paths.txt");
+    let text = golden::read_text(&data_dir().join("paths.txt"));
     text.lines()
         .map(|l| {
             let (attr, path) = l.split_once(' ').expect("'<attr> <path>' line");
@@ -27,7 +29,7 @@ fn drv_paths() -> BTreeMap<String, StorePath> {
 }
 
 fn raw(attr: &str) -> Vec<u8> {
-    std::fs::read(data_dir().join(format!("{attr}.drv"))).expect("golden .drv file")
+    golden::read(&data_dir().join(format!("{attr}.drv")))
 }
 
 /// Parses a golden file and checks that printing it gives the same bytes and that its
@@ -198,7 +200,7 @@ fn escapes_and_raw_bytes() {
         env(&d, "unicode"),
         "grüße, 日本語, emoji 🦀, nbsp\u{a0}end".as_bytes()
     );
-    let raw_file = std::fs::read(data_dir().join("drv_raw_bytes.bin")).expect("raw bytes");
+    let raw_file = golden::read(&data_dir().join("drv_raw_bytes.bin"));
     assert!(std::str::from_utf8(&raw_file).is_err(), "really not UTF-8");
     assert_eq!(env(&d, "rawBytes"), raw_file.as_slice());
     assert_eq!(env(&d, "empty"), b"");

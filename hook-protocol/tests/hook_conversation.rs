@@ -7,19 +7,17 @@
 //!
 //! Must never run Nix or read the machine's own `/nix`.
 
+mod golden;
+
 use std::collections::BTreeSet;
-use std::path::PathBuf;
 
 use hook_protocol::derivation::{Derivation, drv_name};
-use hook_protocol::hook::{AcceptedBuild, HookOutput, MaxJobs, Reply, Request, Settings};
+use hook_protocol::hook::{AcceptedBuild, HookOutput, HookRequest, MaxJobs, Reply, Settings};
 use hook_protocol::log::{Message, Verbosity};
 use hook_protocol::wire::{self, Reader};
 
 fn data(name: &str) -> Vec<u8> {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/data/hook")
-        .join(name);
-    std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+    golden::read(&golden::data_dir("hook").join(name))
 }
 
 /// A hook's stdin as it arrives from a pipe: `chunk` bytes at a time. Each message is decoded
@@ -73,7 +71,7 @@ fn decodes_a_real_nix_2_8_stream_arriving_in_pieces() {
     for chunk in [1, 3, 8, 64, 4096, stdin.len()] {
         let mut pipe = Pipe::new(stdin.clone(), chunk);
         let settings = pipe.next(Settings::decode);
-        let request = pipe.next(Request::decode);
+        let request = pipe.next(HookRequest::decode);
         let accepted = pipe.next(AcceptedBuild::decode);
         assert!(pipe.at_eof(), "chunk {chunk}: bytes left over");
         if chunk == 1 {
@@ -98,7 +96,7 @@ fn decodes_a_real_nix_2_8_stream_arriving_in_pieces() {
         assert_eq!(settings.get("log-lines"), Some("10"));
         assert_eq!(settings.get("max-free"), Some("18446744073709551615"));
 
-        let Request::Try(t) = request else {
+        let HookRequest::Try(t) = request else {
             panic!("expected try, got {request:?}")
         };
         assert!(!t.am_willing, "max-jobs 0 means not willing");
@@ -121,7 +119,7 @@ fn the_captured_drv_matches_the_try_and_the_inputs() {
     let stdin = data("hook_capture_2.8.stdin");
     let mut r = Reader::new(&stdin);
     Settings::decode(&mut r).unwrap();
-    let Request::Try(t) = Request::decode(&mut r).unwrap() else {
+    let HookRequest::Try(t) = HookRequest::decode(&mut r).unwrap() else {
         panic!("expected try")
     };
     let accepted = AcceptedBuild::decode(&mut r).unwrap();

@@ -9,10 +9,11 @@
 //! (`<session>.facts`) yields the client's verbosity. Must never run Nix or read the machine's
 //! own `/nix`.
 
-use std::collections::BTreeSet;
-use std::path::PathBuf;
+mod golden;
 
-use hook_protocol::hook::{AcceptedBuild, MaxJobs, Request, Settings, verbosity_from_args};
+use std::collections::BTreeSet;
+
+use hook_protocol::hook::{AcceptedBuild, HookRequest, MaxJobs, Settings, verbosity_from_args};
 use hook_protocol::log::Verbosity;
 use hook_protocol::wire::{self, Reader};
 use hook_protocol::{DecodeError, StorePath, WireWrite};
@@ -162,22 +163,17 @@ fn expectations() -> Vec<Expect> {
     all
 }
 
-fn data_dir(version: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/data/hook")
-        .join(format!("nix-{version}"))
-}
-
 fn read(e: &Expect, ext: &str) -> Vec<u8> {
-    let path = data_dir(e.version).join(format!("{}.{ext}", e.session));
-    std::fs::read(&path).unwrap_or_else(|err| panic!("{}: {err}", path.display()))
+    golden::read(
+        &golden::data_dir(&format!("hook/nix-{}", e.version)).join(format!("{}.{ext}", e.session)),
+    )
 }
 
 /// A whole captured session, as a hook sees it.
 #[derive(Debug, PartialEq)]
 struct Session {
     settings: Settings,
-    request: Request,
+    request: HookRequest,
     accepted: Option<AcceptedBuild>,
 }
 
@@ -186,7 +182,7 @@ struct Session {
 fn decode_session(buf: &[u8], accepted: bool) -> wire::Result<(Session, usize)> {
     let mut r = Reader::new(buf);
     let settings = Settings::decode(&mut r)?;
-    let request = Request::decode(&mut r)?;
+    let request = HookRequest::decode(&mut r)?;
     let accepted = if accepted {
         Some(AcceptedBuild::decode(&mut r)?)
     } else {
@@ -253,7 +249,7 @@ fn captures_decode_completely_into_what_the_readme_says() {
             .unwrap_or_else(|err| panic!("{what}: {err}"));
         assert_eq!(max_jobs, MaxJobs::Count(u64::from(e.am_willing)), "{what}");
 
-        let Request::Try(t) = &s.request else {
+        let HookRequest::Try(t) = &s.request else {
             panic!("{what}: expected a try, got {:?}", s.request);
         };
         assert_eq!(t.am_willing, e.am_willing, "{what}: amWilling");
@@ -314,7 +310,7 @@ fn a_declined_stream_is_a_try_then_nothing_more() {
         let mut r = Reader::new(&bytes);
         Settings::decode(&mut r).unwrap_or_else(|err| panic!("{}: {err}", e.session));
         let tail = r.rest();
-        let (req, used) = wire::decode_with(tail, Request::decode)
+        let (req, used) = wire::decode_with(tail, HookRequest::decode)
             .unwrap_or_else(|err| panic!("{}: {err}", e.session));
         assert_eq!(used, tail.len(), "nix-{}/{}", e.version, e.session);
         let mut again = Vec::new();

@@ -8,16 +8,13 @@
 //! log file); every line Nix itself printed decodes, and re-encodes to the same JSON values.
 //! Must never run Nix.
 
-use std::path::PathBuf;
+mod golden;
 
 use hook_protocol::log::{Field, Message, Verbosity, activity, result, strip_ansi};
 use serde_json::Value;
 
 fn text(name: &str) -> String {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/data/log")
-        .join(name);
-    std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+    golden::read_text(&golden::data_dir("log").join(name))
 }
 
 fn before_accept() -> Vec<Message> {

@@ -4,97 +4,35 @@
 //! `tests/capture/capture.py`; see `tests/data/worker/<dir>/manifest.json` for what was sent.
 //! Every proper prefix of every reply must decode as Incomplete.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+mod golden;
 
-use hook_protocol::build_result::{BuildResult, BuildStatus};
+use std::collections::BTreeSet;
+use std::ops::Deref;
+
+use golden::{Capture, decode_all, outs, string_set, version};
+use hook_protocol::build_result::BuildStatus;
 use hook_protocol::path_info::{DerivedPath, OutputsSpec};
 use hook_protocol::wire::{self, Reader};
 use hook_protocol::worker::{
-    self, Negotiated, Response, StderrMessage, Trust, TypedResult, Version, activity,
+    self, Negotiated, Response, StderrMessage, Trust, TypedResult, activity,
 };
-use hook_protocol::{Sha256, StorePath};
-use serde_json::Value;
+use hook_protocol::{ProtocolVersion, StorePath};
 
-fn data_dirs() -> Vec<PathBuf> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/worker");
-    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&root)
-        .unwrap_or_else(|e| panic!("{}: {e}", root.display()))
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.join("manifest.json").is_file())
-        .collect();
-    dirs.sort();
-    dirs
-}
-
-fn version(s: &str) -> Version {
-    let (a, b) = s.split_once('.').unwrap();
-    Version::new(a.parse().unwrap(), b.parse().unwrap())
-}
-
-fn sp(v: &Value) -> StorePath {
-    StorePath::parse(v.as_str().unwrap()).unwrap()
-}
-
-/// Decodes `bytes` fully with `f`, and checks that every proper prefix is Incomplete.
-fn decode_all<T: std::fmt::Debug>(
-    name: &str,
-    bytes: &[u8],
-    mut f: impl FnMut(&mut Reader<'_>) -> wire::Result<T>,
-) -> T {
-    let (value, used) =
-        wire::decode_with(bytes, &mut f).unwrap_or_else(|e| panic!("{name}: {e:?}"));
-    assert_eq!(used, bytes.len(), "{name}: trailing bytes after the reply");
-    for cut in 0..bytes.len() {
-        match f(&mut Reader::new(&bytes[..cut])) {
-            Err(e) if e.is_incomplete() => {}
-            other => panic!("{name}: prefix {cut}/{}: {other:?}", bytes.len()),
-        }
-    }
-    value
-}
-
+/// A capture and the protocol its handshake negotiated.
 struct Session {
-    dir: PathBuf,
-    m: Value,
+    capture: Capture,
     proto: Negotiated,
 }
 
+impl Deref for Session {
+    type Target = Capture;
+
+    fn deref(&self) -> &Capture {
+        &self.capture
+    }
+}
+
 impl Session {
-    fn step(&self, name: &str) -> Vec<u8> {
-        let step = self.m["steps"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|s| s["name"] == name)
-            .unwrap_or_else(|| panic!("{}: no step {name}", self.dir.display()));
-        std::fs::read(self.dir.join(step["file"].as_str().unwrap())).unwrap()
-    }
-
-    fn path(&self, key: &str) -> StorePath {
-        if key == "missing" {
-            return sp(&self.m["missing"]);
-        }
-        sp(&self.m["paths"][key]["path"])
-    }
-
-    fn paths(&self, keys: &[&str]) -> BTreeSet<StorePath> {
-        keys.iter().map(|k| self.path(k)).collect()
-    }
-
-    fn drv(&self, key: &str) -> StorePath {
-        sp(&self.m["drvs"][key]["drv_path"])
-    }
-
-    fn outputs(&self, drv: &str) -> BTreeMap<String, StorePath> {
-        self.m["drvs"][drv]["outputs"]
-            .as_object()
-            .unwrap()
-            .iter()
-            .map(|(k, v)| (k.clone(), sp(v)))
-            .collect()
-    }
-
     /// Decodes a whole response (stderr messages, then the reply) fully, prefixes included.
     fn response<T: std::fmt::Debug>(
         &self,
@@ -118,13 +56,6 @@ impl Session {
             Err(e) => panic!("{name}: the daemon reported {e:?}"),
         }
     }
-}
-
-fn outs(res: &BuildResult) -> BTreeMap<String, StorePath> {
-    res.built_outputs
-        .iter()
-        .map(|(k, o)| (k.clone(), o.path.clone()))
-        .collect()
 }
 
 /// The build log lines carried by `STDERR_RESULT` messages of type 101.
@@ -172,40 +103,27 @@ fn check_build_activity(name: &str, messages: &[StderrMessage], drv: &StorePath)
     assert!(open.is_empty(), "{name}: activities left open: {open:?}");
 }
 
-fn check_session(dir: &Path) {
-    let m: Value =
-        serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
+fn check_session(capture: Capture) {
+    let m = &capture.m;
     let client = version(m["client_version"].as_str().unwrap());
-    let client_features: BTreeSet<String> = m["client_features"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|f| f.as_str().unwrap().to_owned())
-        .collect();
+    let client_features = string_set(&m["client_features"]);
     let hs = &m["steps"][0];
     assert_eq!(hs["name"], "handshake");
 
     // Handshake: greeting, then (after our part) the server info, then stderr up to LAST.
-    let bytes = std::fs::read(dir.join(hs["file"].as_str().unwrap())).unwrap();
-    let (proto, info) = decode_all("handshake", &bytes, |r| {
+    let (proto, info) = decode_all("handshake", &capture.step("handshake"), |r| {
         let hello = worker::decode_server_hello(r, client)?;
         assert_eq!(
             hello.server,
             version(hs["server_version"].as_str().unwrap())
         );
-        let (proto, info) = worker::decode_server_info(r, hello.version, &client_features)?;
+        let (proto, info) = worker::decode_server_info(r, hello.negotiated, &client_features)?;
         let rest = worker::decode_response(r, &proto, |_| Ok(()))?;
         assert!(rest.outcome.is_ok());
         Ok((proto, info))
     });
     assert_eq!(proto.version, version(m["negotiated"].as_str().unwrap()));
-    let features: BTreeSet<String> = m["features"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|f| f.as_str().unwrap().to_owned())
-        .collect();
-    assert_eq!(proto.features, features);
+    assert_eq!(proto.features, string_set(&m["features"]));
     assert_eq!(info.nix_version.as_deref(), m["nix_version"].as_str());
     let want_trust = match hs["trust"].as_u64() {
         None | Some(0) => None,
@@ -213,7 +131,7 @@ fn check_session(dir: &Path) {
         Some(_) => Some(Trust::NotTrusted),
     };
     assert_eq!(info.trust, want_trust);
-    if proto.version >= Version::new(1, 35) {
+    if proto.version >= ProtocolVersion::new(1, 35) {
         assert_eq!(
             info.trust,
             Some(Trust::Trusted),
@@ -221,11 +139,7 @@ fn check_session(dir: &Path) {
         );
     }
 
-    let s = Session {
-        dir: dir.to_owned(),
-        m,
-        proto,
-    };
+    let s = Session { capture, proto };
     let p = s.proto.clone();
 
     assert!(!s.ok("is-valid-path-missing", worker::decode_bool).1);
@@ -253,11 +167,7 @@ fn check_session(dir: &Path) {
             .unwrap_or_else(|| panic!("{name}: not valid"));
         let sent = &s.m["paths"][key];
         assert_eq!(info.path, path);
-        assert_eq!(
-            info.nar_hash,
-            Sha256::parse_any(sent["nar_sha256"].as_str().unwrap()).unwrap()
-        );
-        assert_eq!(info.nar_size, sent["nar_size"].as_u64().unwrap());
+        s.assert_path_info(key, &info);
         assert_eq!(
             info.registration_time,
             sent["registration_time"].as_u64().unwrap()
@@ -266,28 +176,6 @@ fn check_session(dir: &Path) {
         // always clears it.
         let ultimate = key == "B" && sent["ultimate"].as_bool().unwrap();
         assert_eq!(info.ultimate, ultimate, "{key}");
-        let refs: BTreeSet<StorePath> = sent["references"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(sp)
-            .collect();
-        assert_eq!(info.references, refs);
-        assert_eq!(
-            info.deriver.as_ref().map(StorePath::as_str).unwrap_or(""),
-            sent["deriver"].as_str().unwrap()
-        );
-        let sigs: BTreeSet<String> = sent["sigs"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_str().unwrap().to_owned())
-            .collect();
-        assert_eq!(info.sigs, sigs);
-        assert_eq!(
-            info.ca.as_deref().unwrap_or(""),
-            sent["ca"].as_str().unwrap()
-        );
     }
     let missing = s.path("missing");
     assert_eq!(
@@ -299,15 +187,11 @@ fn check_session(dir: &Path) {
     );
 
     // NarFromPath: LAST, then the NAR unframed, byte-identical to the one we uploaded.
-    let a = &s.m["paths"]["A"];
-    let nar_size = a["nar_size"].as_u64().unwrap() as usize;
+    let nar_size = s.m["paths"]["A"]["nar_size"].as_u64().unwrap() as usize;
     let nar = s
         .ok("nar-from-path-A", |r| r.raw(nar_size).map(<[u8]>::to_vec))
         .1;
-    assert_eq!(
-        Sha256::digest(&nar).to_base16(),
-        a["nar_sha256"].as_str().unwrap()
-    );
+    s.assert_nar("A", &nar);
 
     // BuildDerivation, success: log lines arrive as results of the build activity.
     let (msgs, ok) = s.ok("build-derivation-bdOk", |r| {
@@ -322,23 +206,11 @@ fn check_session(dir: &Path) {
     assert!(lines.contains(&"to-stderr".to_owned()), "{lines:?}");
     assert_eq!(ok.status, BuildStatus::Built);
     assert_eq!(outs(&ok), s.outputs("bdOk"));
-    match s.m["nix_version"].as_str().unwrap() {
-        // Nix 2.8 reports one build with its wall-clock times.
-        "2.8.0" => {
-            assert_eq!(ok.times_built, 1);
-            assert!(
-                ok.start_time > 1_600_000_000 && ok.start_time <= ok.stop_time,
-                "{ok:?}"
-            );
-        }
-        // Nix 2.34 leaves them zero (observed): never rely on them.
-        "2.34.8" => assert_eq!((ok.times_built, ok.start_time, ok.stop_time), (0, 0, 0)),
-        _ => assert!(ok.start_time <= ok.stop_time),
-    }
-    if p.version >= Version::new(1, 37) {
+    s.assert_build_times(&ok);
+    if p.version >= ProtocolVersion::new(1, 37) {
         // The two CPU-time options are on the wire (as "none" here: no cgroups): reading the
         // same bytes with the 1.35 layout must not account for the whole reply.
-        let old = Negotiated::new(Version::new(1, 35));
+        let old = Negotiated::new(ProtocolVersion::new(1, 35));
         let bytes = s.step("build-derivation-bdOk");
         let full = wire::decode_with(&bytes, |r| {
             worker::decode_response(r, &old, |r| {
@@ -347,7 +219,7 @@ fn check_session(dir: &Path) {
         });
         assert!(!matches!(full, Ok((_, n)) if n == bytes.len()), "{full:?}");
     }
-    if p.version < Version::new(1, 37) {
+    if p.version < ProtocolVersion::new(1, 37) {
         assert_eq!((ok.cpu_user, ok.cpu_system), (None, None));
     }
 
@@ -410,16 +282,7 @@ fn check_session(dir: &Path) {
 
 #[test]
 fn real_worker_sessions_decode() {
-    let dirs = data_dirs();
-    let names: Vec<String> = dirs
-        .iter()
-        .map(|d| d.file_name().unwrap().to_string_lossy().into_owned())
-        .collect();
-    assert!(
-        names.iter().any(|n| n == "nix-2.8.0"),
-        "the Nix 2.8 capture is missing: {names:?}"
-    );
-    for dir in &dirs {
-        check_session(dir);
+    for capture in Capture::all("worker") {
+        check_session(capture);
     }
 }

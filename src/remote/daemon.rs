@@ -54,11 +54,11 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> WorkerClient<R, W> {
             .await?;
         let features = BTreeSet::new();
         buf.clear();
-        worker::encode_after_hello(&mut buf, hello.version, &features);
+        worker::encode_after_hello(&mut buf, hello.negotiated, &features);
         write_all(&mut writer, &buf, peer).await?;
         let (proto, info) = reader
             .decode("the nix-daemon handshake", |r| {
-                worker::decode_server_info(r, hello.version, &features)
+                worker::decode_server_info(r, hello.negotiated, &features)
             })
             .await?;
         let mut client = WorkerClient {
@@ -152,7 +152,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> WorkerClient<R, W> {
                 StderrMessage::StartActivity(act) => {
                     if let Some(drv) = only_drv
                         && act.activity_type == worker::activity::BUILD
-                        && !matches!(act.fields.first(), Some(Field::String(p)) if p == drv.as_str())
+                        && !matches!(act.fields.first(), Some(Field::Str(p)) if p == drv.as_str())
                     {
                         other_builds.insert(act.id);
                     }

@@ -8,11 +8,12 @@
 
 use std::collections::BTreeSet;
 
+use hook_protocol::ProtocolVersion;
 use hook_protocol::StorePath;
 use hook_protocol::build_result::BuildResult;
 use hook_protocol::derivation::BasicDerivation;
 use hook_protocol::path_info::PathInfo;
-use hook_protocol::serve::{self, BuildOptions, Version};
+use hook_protocol::serve::{self, BuildOptions};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::RemoteError;
@@ -23,8 +24,8 @@ use crate::wire_io::WireReader;
 pub struct ServeClient<R, W> {
     reader: WireReader<R>,
     writer: W,
-    version: Version,
-    server: Version,
+    version: ProtocolVersion,
+    server: ProtocolVersion,
     peer: String,
     store_dir: String,
 }
@@ -50,7 +51,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> ServeClient<R, W> {
         })
     }
 
-    pub fn server_version(&self) -> Version {
+    pub fn server_version(&self) -> ProtocolVersion {
         self.server
     }
 

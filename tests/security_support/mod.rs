@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use hook_protocol::StorePath;
-use hook_protocol::hook::{Request, Settings, TryRequest};
+use hook_protocol::hook::{HookRequest, Settings, TryRequest};
 
 use super::common::{CmdOutput, hook_binary, require_file, require_root, run_command};
 pub(crate) use super::common::{free_port, keygen, read, set_mode, write};
@@ -269,7 +269,7 @@ pub fn daemon_stdin(builders: &str) -> Vec<u8> {
     }
     let mut b = Vec::new();
     s.encode(&mut b);
-    Request::Try(TryRequest {
+    HookRequest::Try(TryRequest {
         am_willing: true,
         needed_system: "aarch64-linux".to_owned(),
         drv_path: StorePath::parse(DRV).expect("test drv path"),
