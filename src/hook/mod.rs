@@ -591,6 +591,92 @@ mod tests {
         (step, held)
     }
 
+    #[test]
+    fn a_slot_reserved_for_a_boot_is_held_until_the_builder_is_leased() {
+        use crate::config::{BootSpec, CommandBoot, LazySettings, StopSignal};
+        use crate::supervisor::client::Verdict;
+        use crate::supervisor::proto::{BuilderStatus, State};
+        let state = tempfile::tempdir().unwrap();
+        let d = LoadDir::open(state.path()).unwrap();
+        let mut vm = builder("vm", 1);
+        vm.lazy = Some(LazySettings {
+            idle_timeout: None,
+            boot_timeout: Duration::from_secs(60),
+            boot_for_local: false,
+            boot: BootSpec::Command(CommandBoot {
+                command: vec!["/x".into()],
+                stop_command: None,
+                stop_signal: StopSignal::Term,
+                environment: Default::default(),
+            }),
+        });
+        let table = [vm];
+        let status = |state, port| BuilderStatus {
+            name: "vm".into(),
+            state,
+            ssh_port: port,
+            booting_ms: Some(0),
+            expected_boot_ms: Some(1000),
+            uptime_ms: None,
+            idle_stop_in_ms: None,
+            leases: 0,
+            boots: 0,
+            last_failure: None,
+            nix_version: None,
+        };
+        let local = LocalCapability {
+            system: "x86_64-linux".into(),
+            max_jobs: 1,
+            ..Default::default()
+        };
+        let mut planner = Planner::new(&table, local, plan::Limits::new(Duration::from_secs(5)));
+        let req = TryRequest {
+            am_willing: false,
+            needed_system: "aarch64-linux".into(),
+            drv_path: StorePath::parse("/nix/store/00000000000000000000000000000000-x.drv")
+                .unwrap(),
+            required_features: BTreeSet::new(),
+        };
+        let now = Instant::now();
+        let Next::ReadDrv(s) = planner.start(&req, now).next else {
+            panic!("no derivation to read")
+        };
+        let Next::Refresh(r) = s.read(None, now).next else {
+            panic!("no refresh")
+        };
+        let Next::Probe(p) = r.refreshed(Ok(vec![status(State::Down, None)]), now).next else {
+            panic!("no probe")
+        };
+        let mut held = HeldSlot::default();
+        let step = probe_round(p, &d, d.lock_main().unwrap(), &table, &mut held).unwrap();
+        let Next::Boot(boot) = step.next else {
+            panic!("no boot: {step:?}")
+        };
+        assert!(held_path(&held).ends_with("ssh:__vm-0"));
+        let step = boot.answered(Ok(Verdict::Granted(status(State::Booting, None))), now);
+        held.keep(step.holding());
+        let Next::WaitReady(wait) = step.next else {
+            panic!("no wait: {step:?}")
+        };
+        // Meanwhile nobody else can take the slot the boot is for.
+        assert!(d.try_lock_slot("ssh://vm", 0).unwrap().is_none());
+        let step = wait.answered(Ok(status(State::Up, Some(2222))), now);
+        held.keep(step.holding());
+        let Next::Refresh(r) = step.next else {
+            panic!("no refresh: {step:?}")
+        };
+        let step = r.refreshed(Ok(vec![status(State::Up, Some(2222))]), now);
+        held.keep(step.holding());
+        let Next::Probe(p) = step.next else {
+            panic!("no probe: {step:?}")
+        };
+        // The reserved slot is ours, not load: the builder is leased with it.
+        let step = probe_round(p, &d, d.lock_main().unwrap(), &table, &mut held).unwrap();
+        assert!(matches!(step.next, Next::Lease(_)), "{step:?}");
+        assert_eq!(step.holding(), Some(0));
+        assert!(held_path(&held).ends_with("ssh:__vm-0"));
+    }
+
     fn connected(step: &plan::Step<'_, '_>) -> Option<usize> {
         match &step.next {
             Next::Connect(c) => Some(c.builder()),
