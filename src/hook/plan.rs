@@ -832,6 +832,12 @@ mod tests {
 
     const SYS: &str = "aarch64-linux";
 
+    /// Where a test's time starts. Any instant will do: the planner only adds to and compares
+    /// the instants it is given, and never reads the clock itself.
+    fn epoch() -> Instant {
+        Instant::now()
+    }
+
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)
     }
@@ -978,7 +984,7 @@ mod tests {
         let mut table = table.to_vec();
         table[2].systems = set(&["x86_64-linux"]);
         let mut p = Planner::new(&table, local(), limits());
-        let t0 = Instant::now();
+        let t0 = epoch();
         let s = next!(p.start(&want(SYS, false), t0), Next::ReadDrv(s) => s);
         // An unreadable derivation is no reason to decline: the error is the accept's to
         // report.
@@ -997,7 +1003,7 @@ mod tests {
     #[test]
     fn decline_reasons_and_levels() {
         let table = [always("a", 1)];
-        let t0 = Instant::now();
+        let t0 = epoch();
         let mut p = Planner::new(&table, local(), limits());
         // Nothing matches and the local machine cannot build it: a warning, and neither the
         // derivation nor the slots are looked at.
@@ -1079,7 +1085,7 @@ mod tests {
     fn full_builders_are_watched_for_slot_wait_then_postponed() {
         let table = [always("a", 1)];
         let mut p = Planner::new(&table, local(), limits());
-        let t0 = Instant::now();
+        let t0 = epoch();
         let busy = "waiting for a builder for aarch64-linux: 'a' is busy (1/1 jobs)";
         let step = to_probe(&mut p, &want(SYS, false), t0).probed(vec![full(1)], t0);
         assert_eq!(step.notes, postponing(busy));
@@ -1109,7 +1115,7 @@ mod tests {
     fn a_slot_that_frees_during_the_wait_is_taken() {
         let table = [always("a", 1)];
         let mut p = Planner::new(&table, local(), limits());
-        let t0 = Instant::now();
+        let t0 = epoch();
         let step = to_probe(&mut p, &want(SYS, false), t0).probed(vec![full(1)], t0);
         let probe =
             next!(next!(step, Next::Sleep(s) => s).woke(t0 + SLOT_POLL), Next::Probe(p) => p);
@@ -1122,7 +1128,7 @@ mod tests {
     fn a_failed_connect_falls_to_the_next_builder() {
         let table = [always("a", 1), always("b", 1)];
         let mut p = Planner::new(&table, local(), limits());
-        let t0 = Instant::now();
+        let t0 = epoch();
         let step = to_probe(&mut p, &want(SYS, false), t0).probed(vec![free(0), free(0)], t0);
         let c = next!(step, Next::Connect(c) => c);
         assert_eq!(c.builder(), 0, "full tie: table order");
@@ -1158,7 +1164,7 @@ mod tests {
     fn a_boot_that_finishes_within_the_wait_is_used_with_its_reserved_slot() {
         let table = [lazy("vm")];
         let mut p = Planner::new(&table, local(), limits());
-        let t0 = Instant::now();
+        let t0 = epoch();
         let step = lazy_round(
             &mut p,
             &want(SYS, false),
@@ -1204,7 +1210,7 @@ mod tests {
         let table = [lazy("vm")];
         // The daemon polls every 2 s: a boot expected in 4.5 s is not waited for.
         let mut p = Planner::new(&table, local(), Limits::new(crate::lazy::wait_limit(2)));
-        let t0 = Instant::now();
+        let t0 = epoch();
         let step = lazy_round(
             &mut p,
             &want(SYS, false),
@@ -1240,7 +1246,7 @@ mod tests {
     fn a_boot_started_by_another_hook_is_waited_for_only_when_close() {
         let table = [lazy("vm")];
         let mut p = Planner::new(&table, local(), limits());
-        let t0 = Instant::now();
+        let t0 = epoch();
         let far = booting("vm", 1000, 7000);
         let step = lazy_round(&mut p, &want(SYS, false), vec![far.clone()], t0);
         let step = next!(step, Next::Probe(p) => p).probed(vec![free(0)], t0);
@@ -1268,7 +1274,7 @@ mod tests {
     fn a_boot_that_fails_during_the_wait_is_reported_in_the_same_try() {
         let table = [lazy("vm")];
         let mut p = Planner::new(&table, local(), limits());
-        let t0 = Instant::now();
+        let t0 = epoch();
         let step = lazy_round(
             &mut p,
             &want(SYS, false),
@@ -1301,7 +1307,7 @@ mod tests {
     fn a_refused_lease_chooses_again() {
         let table = [lazy("vm")];
         let mut p = Planner::new(&table, local(), limits());
-        let t0 = Instant::now();
+        let t0 = epoch();
         let step = lazy_round(&mut p, &want(SYS, false), vec![up("vm", 2222)], t0);
         let lease =
             next!(next!(step, Next::Probe(p) => p).probed(vec![free(0)], t0), Next::Lease(l) => l);
@@ -1351,7 +1357,7 @@ mod tests {
     fn an_unreachable_supervisor_disables_lazy_builders_until_it_answers() {
         let table = [lazy("vm")];
         let mut p = Planner::new(&table, local(), limits());
-        let t0 = Instant::now();
+        let t0 = epoch();
         let s = next!(p.start(&want(SYS, false), t0), Next::ReadDrv(s) => s);
         let r = next!(s.read(None, t0), Next::Refresh(r) => r);
         let step = r.refreshed(Err("connection refused".into()), t0);
@@ -1385,7 +1391,7 @@ mod tests {
         // the slot reserved on 'vm' is given back.
         let table = [always("a", 1), lazy("vm")];
         let mut p = Planner::new(&table, local(), limits());
-        let t0 = Instant::now();
+        let t0 = epoch();
         let s = next!(p.start(&want(SYS, false), t0), Next::ReadDrv(s) => s);
         let r = next!(s.read(None, t0), Next::Refresh(r) => r);
         let r = next!(r.refreshed(Ok(vec![status("vm", State::Down)]), t0), Next::Recall(r) => r);
