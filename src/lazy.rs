@@ -1,13 +1,14 @@
-//! The hook's side of lazy builders: what the supervisor says about them, turned into choices.
+//! The hook's side of lazy builders: its connection to the supervisor and what the user sees
+//! of the boots.
 //!
 //! Owns the hook's connection to the supervisor (started on first need; every lease this hook
-//! takes lives as long as that connection), the per-`try` status refresh, leases, boot requests,
-//! the bounded wait for a boot that is about to finish, and the "booting builder …" activity in
-//! the user's progress display. It never blocks a `try` for longer than the daemon's
-//! `build-poll-interval`, and never longer than [`MAX_WAIT`]: a boot further away than that is
-//! answered with `# postpone`, and the daemon asks again.
+//! takes lives as long as that connection), the requests a `try` makes of it (status, lease,
+//! boot, wait for ready, report a failure), the "booting builder …" activity in the user's
+//! progress display and the one line that says a watched boot failed. It never decides: what to
+//! ask, and how long to wait for a boot (never longer than the daemon's `build-poll-interval`,
+//! never longer than [`MAX_WAIT`]), is `hook/plan.rs`'s.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -15,8 +16,7 @@ use hook_protocol::log::{Message, Verbosity, activity};
 
 use crate::config::Builder;
 use crate::logging::{self, Activity};
-use crate::select::Availability;
-use crate::supervisor::client::{self, Client, ClientError, Verdict};
+use crate::supervisor::client::{Client, ClientError, Verdict};
 use crate::supervisor::proto::{BuilderStatus, State};
 
 /// The longest a `try` ever waits for a boot to finish. A `# postpone` costs a whole
@@ -41,36 +41,19 @@ pub struct Lazy {
     state_dir: PathBuf,
     config: Option<PathBuf>,
     client: Option<Client>,
-    /// Why the supervisor cannot be reached, if it cannot.
-    unavailable: Option<String>,
-    statuses: HashMap<String, BuilderStatus>,
     progress: Option<(String, Activity)>,
     /// Builders this hook saw booting: if such a boot fails, the user is told once, why.
     watching: HashSet<String>,
-    /// The longest wait for a boot in one `try` ([`wait_limit`]).
-    wait_limit: Duration,
-}
-
-/// What to do after a lazy builder's verdict.
-pub enum Next {
-    /// Lease held: connect to this port.
-    Use { port: Option<u16> },
-    /// The builder became ready while we waited: choose again now.
-    ChooseAgain,
-    /// Not ready yet: reply `# postpone`.
-    Postpone,
 }
 
 impl Lazy {
-    /// `wait_limit`: see [`wait_limit`].
-    pub fn new(state_dir: PathBuf, config: Option<PathBuf>, wait_limit: Duration) -> Self {
+    /// Connects on first use, to the supervisor of `state_dir` (started with `config` if none
+    /// answers).
+    pub fn new(state_dir: PathBuf, config: Option<PathBuf>) -> Self {
         Lazy {
-            wait_limit,
             state_dir,
             config,
             client: None,
-            unavailable: None,
-            statuses: HashMap::new(),
             progress: None,
             watching: HashSet::new(),
         }
@@ -84,135 +67,91 @@ impl Lazy {
         Ok(self.client.as_mut().expect("just set"))
     }
 
-    fn broke(&mut self, e: &ClientError) {
+    /// The connection is unusable: say so, drop it (the next request reconnects), and give the
+    /// reason for the plan.
+    fn broke(&mut self, e: &ClientError) -> String {
         tracing::warn!("lazy builders unavailable: {e}");
-        self.unavailable = Some(e.to_string());
         self.client = None;
+        e.to_string()
     }
 
-    /// Fetches every lazy builder's state (once per `try`).
-    pub async fn refresh(&mut self) {
+    /// Every lazy builder's state, or why the supervisor cannot be asked.
+    pub async fn refresh(&mut self) -> Result<Vec<BuilderStatus>, String> {
         let r = match self.client().await {
             Ok(c) => c.status().await,
             Err(e) => Err(e),
         };
         match r {
             Ok(list) => {
-                self.unavailable = None;
-                self.statuses = list.into_iter().map(|s| (s.name.clone(), s)).collect();
-                let seen: Vec<BuilderStatus> = self
-                    .watching
+                let watched: Vec<&BuilderStatus> = list
                     .iter()
-                    .filter_map(|n| self.statuses.get(n).cloned())
+                    .filter(|s| self.watching.contains(&s.name))
                     .collect();
-                for st in &seen {
+                for st in watched {
                     self.note(st);
                 }
+                Ok(list)
             }
-            Err(e) => {
-                self.broke(&e);
-                self.statuses.clear();
-            }
+            Err(e) => Err(self.broke(&e)),
         }
     }
 
-    /// How `select` should see a lazy builder now.
-    pub fn availability(&self, b: &Builder) -> Availability {
-        if let Some(why) = &self.unavailable {
-            return Availability::BackingOff {
-                cause: format!("the supervisor is unavailable: {why}"),
-                retry_in: Duration::ZERO,
-            };
-        }
-        match self.statuses.get(&b.name) {
-            Some(s) => client::availability(s),
-            None => Availability::BackingOff {
-                cause: "the running supervisor does not know it (it reads another config file, \
-                        or could not reload this one: see its log)"
-                    .into(),
-                retry_in: Duration::ZERO,
-            },
-        }
-    }
-
-    /// A lazy builder the choice fell on: lease it if it is up, boot it if it is down, and wait
-    /// for it when it is moments away.
-    pub async fn engage(&mut self, b: &Builder, boot: bool) -> Next {
-        let name = b.name.clone();
+    /// Asks for a lease on an up builder. A granted lease ends the boot activity.
+    pub async fn lease(&mut self, b: &Builder) -> Result<Verdict, String> {
         let verdict = match self.client().await {
-            Ok(c) => {
-                if boot {
-                    c.boot(&name, false).await
-                } else {
-                    c.lease(&name).await
-                }
-            }
+            Ok(c) => c.lease(&b.name).await,
             Err(e) => Err(e),
         };
-        let status = match verdict {
-            Ok(Verdict::Granted(s)) if !boot => {
-                self.stop_progress();
-                return Next::Use { port: s.ssh_port };
-            }
-            Ok(Verdict::Granted(s)) => s,
-            Ok(Verdict::Refused { reason, status }) => {
-                tracing::debug!(builder = %name, "supervisor refused: {reason}");
-                match status {
-                    Some(s) => s,
-                    None => return Next::Postpone,
+        if let Ok(Verdict::Granted(_)) = verdict {
+            self.stop_progress();
+        }
+        self.verdict(b, verdict)
+    }
+
+    /// Asks for a boot of a down builder.
+    pub async fn boot(&mut self, b: &Builder) -> Result<Verdict, String> {
+        let verdict = match self.client().await {
+            Ok(c) => c.boot(&b.name, false).await,
+            Err(e) => Err(e),
+        };
+        self.verdict(b, verdict)
+    }
+
+    fn verdict(
+        &mut self,
+        b: &Builder,
+        verdict: Result<Verdict, ClientError>,
+    ) -> Result<Verdict, String> {
+        match verdict {
+            Ok(v) => {
+                if let Verdict::Refused { reason, .. } = &v {
+                    tracing::debug!(builder = %b.name, "supervisor refused: {reason}");
                 }
+                Ok(v)
             }
-            Err(e) => {
-                self.broke(&e);
-                return Next::Postpone;
-            }
-        };
-        self.wait_if_close(status).await
-    }
-
-    /// A matching builder is booting: wait for it if it is about to be ready.
-    pub async fn wait_for(&mut self, b: &Builder) -> Next {
-        match self.statuses.get(&b.name).cloned() {
-            Some(s) => self.wait_if_close(s).await,
-            None => Next::Postpone,
+            Err(e) => Err(self.broke(&e)),
         }
     }
 
-    async fn wait_if_close(&mut self, status: BuilderStatus) -> Next {
-        if status.state == State::Up {
-            return Next::ChooseAgain;
-        }
-        // The boot is shown while the hook waits for it too, not only when it postpones.
-        self.show_progress(&status);
-        let Some(wait) = wait_budget(&status, self.wait_limit) else {
-            return Next::Postpone;
-        };
+    /// Waits up to `within` for a booting builder to be up or failed; a failed boot is reported
+    /// (see [`note`](Self::note)).
+    pub async fn wait_ready(
+        &mut self,
+        b: &Builder,
+        within: Duration,
+    ) -> Result<BuilderStatus, String> {
         let r = match self.client().await {
-            Ok(c) => c.wait_ready(&status.name, wait).await,
+            Ok(c) => c.wait_ready(&b.name, within).await,
             Err(e) => Err(e),
         };
         match r {
-            Ok(s) if s.state == State::Up => {
-                self.statuses.insert(s.name.clone(), s);
-                Next::ChooseAgain
-            }
-            Ok(s) if s.state == State::Failed => {
-                // The boot failed while we waited: choose again now, so that this `try`
-                // already reports the failure (or uses another builder) instead of
-                // postponing it to the daemon's next poll.
-                self.note(&s);
-                self.statuses.insert(s.name.clone(), s);
-                Next::ChooseAgain
-            }
             Ok(s) => {
-                self.show_progress(&s);
-                self.statuses.insert(s.name.clone(), s);
-                Next::Postpone
+                if s.state == State::Failed {
+                    self.note(&s);
+                }
+                Ok(s)
             }
-            Err(e) => {
-                self.broke(&e);
-                Next::Postpone
-            }
+            Err(e) => Err(self.broke(&e)),
         }
     }
 
@@ -260,8 +199,9 @@ impl Lazy {
         }
     }
 
-    /// Shows (or refreshes) "booting builder NAME (N s, about M s expected)" in the progress display.
-    fn show_progress(&mut self, s: &BuilderStatus) {
+    /// Shows (or refreshes) "booting builder NAME (N s, about M s expected)" in the progress
+    /// display, for a builder that is booting (anything else shows nothing).
+    pub fn show_progress(&mut self, s: &BuilderStatus) {
         if s.state != State::Booting {
             return;
         }
@@ -282,23 +222,6 @@ impl Lazy {
     pub fn stop_progress(&mut self) {
         self.progress = None;
     }
-}
-
-/// How long to wait for a boot now, or `None` to postpone: only when it should be done within
-/// `limit` with a tenth of its expected duration to spare (a boot that outlasts the wait costs
-/// the wait *and* the next poll interval), or is a little overdue (then it is most likely
-/// moments away). A boot that is far overdue is stuck, and waiting on it every time would
-/// stall the daemon for nothing.
-pub fn wait_budget(s: &BuilderStatus, limit: Duration) -> Option<Duration> {
-    if s.state != State::Booting {
-        return None;
-    }
-    let max = limit.as_millis() as u64;
-    let elapsed = s.booting_ms.unwrap_or(0);
-    let expected = s.expected_boot_ms?;
-    let close = expected.saturating_sub(elapsed) + expected / 10 <= max;
-    let stuck = elapsed > expected.saturating_mul(2) + max;
-    (close && !stuck).then_some(limit)
 }
 
 fn progress_text(s: &BuilderStatus) -> String {
@@ -336,30 +259,12 @@ mod tests {
     }
 
     #[test]
-    fn waits_only_when_the_boot_is_close_or_overdue() {
-        let l = wait_limit(5);
-        assert_eq!(l, Duration::from_secs(5));
-        assert_eq!(wait_budget(&booting(0, Some(7000)), l), None);
-        assert_eq!(wait_budget(&booting(5000, Some(7000)), l), Some(l));
-        assert_eq!(wait_budget(&booting(9000, Some(7000)), l), Some(l));
-        assert_eq!(wait_budget(&booting(60_000, Some(7000)), l), None);
-        assert_eq!(wait_budget(&booting(0, Some(2000)), l), Some(l));
-        assert_eq!(wait_budget(&booting(1000, None), l), None);
-        // A boot expected in 4.5 s is waited for at the default poll interval (a postpone would
-        // cost 5 s), but not when the daemon polls every 2 s.
-        assert_eq!(wait_budget(&booting(0, Some(4500)), l), Some(l));
-        // Too close to the limit to bet on: 4.7 s + 10 % is over 5 s.
-        assert_eq!(wait_budget(&booting(0, Some(4700)), l), None);
-        assert_eq!(wait_budget(&booting(500, Some(4700)), l), Some(l));
-        let short = wait_limit(2);
-        assert_eq!(wait_budget(&booting(0, Some(4500)), short), None);
-        assert_eq!(wait_budget(&booting(3000, Some(4500)), short), Some(short));
+    fn the_wait_follows_the_poll_interval() {
+        assert_eq!(wait_limit(5), Duration::from_secs(5));
+        assert_eq!(wait_limit(2), Duration::from_secs(2));
         // Never 0 (Nix polls at least every second), never above MAX_WAIT.
         assert_eq!(wait_limit(0), Duration::from_secs(1));
         assert_eq!(wait_limit(3600), MAX_WAIT);
-        let mut up = booting(0, Some(1));
-        up.state = State::Up;
-        assert_eq!(wait_budget(&up, l), None);
     }
 
     #[test]

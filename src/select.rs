@@ -1,9 +1,10 @@
 //! Choosing a builder for one `try`: Nix's matching rules and ordering, the local-build checks,
 //! and the decision (accept / boot / postpone / decline) with a one-line reason.
 //!
-//! Pure functions over the builder table and per-builder state. This module must never do
-//! I/O, read a clock, take a lock or log: `slots.rs` measures the loads, the supervisor reports
-//! availability, and the hook prints the decision.
+//! Pure functions over the builder table and per-builder state: [`Matches`] once per `try`,
+//! [`choose`] once per round. Only a lazy builder can be booted ([`LazyIndex`]). This module
+//! must never do I/O, read a clock, take a lock or log: `slots.rs` measures the loads, the
+//! planner (`hook/plan.rs`) merges the availability, and the hook prints the decision.
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -95,14 +96,61 @@ pub fn check_match(
     Ok(())
 }
 
+/// [`check_match`] for every builder of a table, in table order: computed once per `try`, then
+/// read by every round's [`choose`] (the matching builders are the ones whose slots are probed;
+/// the others give the decline reason).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Matches(Vec<Result<(), Mismatch>>);
+
+impl Matches {
+    pub fn new(table: &[Builder], req: &Request<'_>) -> Self {
+        Matches(
+            table
+                .iter()
+                .map(|b| check_match(b, req.system, req.required_features))
+                .collect(),
+        )
+    }
+
+    /// Indices of the builders that match, in table order.
+    pub fn indices(&self) -> impl Iterator<Item = usize> + '_ {
+        self.0
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| m.is_ok())
+            .map(|(i, _)| i)
+    }
+
+    pub fn contains(&self, i: usize) -> bool {
+        matches!(self.0.get(i), Some(Ok(())))
+    }
+
+    /// No builder matches.
+    pub fn none(&self) -> bool {
+        self.indices().next().is_none()
+    }
+}
+
 /// Indices of the builders that match, in table order: the ones whose slots must be probed.
 pub fn matching(table: &[Builder], req: &Request<'_>) -> Vec<usize> {
-    table
-        .iter()
-        .enumerate()
-        .filter(|(_, b)| check_match(b, req.system, req.required_features).is_ok())
-        .map(|(i, _)| i)
-        .collect()
+    Matches::new(table, req).indices().collect()
+}
+
+/// A table index that names a lazy builder: the only kind that can be booted, leased or waited
+/// for. Made only by [`LazyIndex::of`] (which checks) and by [`choose`] for [`Decision::Boot`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct LazyIndex(usize);
+
+impl LazyIndex {
+    /// Entry `i` of `table`, if it is a lazy builder.
+    pub fn of(table: &[Builder], i: usize) -> Option<LazyIndex> {
+        table.get(i)?.lazy.as_ref().map(|_| LazyIndex(i))
+    }
+
+    /// The index into the table.
+    pub fn index(self) -> usize {
+        self.0
+    }
 }
 
 /// Whether a builder can take work now. Always-on builders are always [`Availability::Up`];
@@ -144,8 +192,8 @@ pub enum DeclineLevel {
 pub enum Decision {
     /// Build on this builder (index into the table); its free slot is the one to keep.
     Accept { builder: usize },
-    /// Boot this lazy builder (its slot is reserved); answer `# postpone` meanwhile.
-    Boot { builder: usize },
+    /// Boot this lazy builder (its free slot is the one to reserve for it).
+    Boot { builder: LazyIndex },
     /// Something matches but is full or booting, and the local machine cannot take it now.
     Postpone { reason: String },
     /// Nothing can take it: build locally or fail. `reason` is one line.
@@ -180,12 +228,22 @@ fn pick_best(table: &[Builder], states: &[BuilderState], pool: &[usize]) -> Opti
     best
 }
 
+fn pick_best_lazy(
+    table: &[Builder],
+    states: &[BuilderState],
+    pool: &[LazyIndex],
+) -> Option<LazyIndex> {
+    let indices: Vec<usize> = pool.iter().map(|l| l.0).collect();
+    pick_best(table, states, &indices).map(LazyIndex)
+}
+
 fn state(states: &[BuilderState], i: usize) -> BuilderState {
     states.get(i).cloned().unwrap_or_default()
 }
 
-/// Decide one `try`. `states` runs parallel to `table`; only the entries of matching builders
-/// are read (a missing entry counts as up with no free slot).
+/// Decide one round of a `try`. `matches` is [`Matches::new`] of the same table and request;
+/// `states` runs parallel to `table`; only the entries of matching builders are read (a missing
+/// entry counts as up with no free slot).
 ///
 /// Rules, in order:
 /// 1. Matching as in [`check_match`]; a builder backing off is skipped.
@@ -198,6 +256,7 @@ fn state(states: &[BuilderState], i: usize) -> BuilderState {
 /// 5. Otherwise decline, at warn level when the local machine could never build it.
 pub fn choose(
     table: &[Builder],
+    matches: &Matches,
     states: &[BuilderState],
     req: &Request<'_>,
     local: &LocalCapability,
@@ -211,9 +270,9 @@ pub fn choose(
     let mut busy: Vec<String> = Vec::new();
     let mut booting = false;
 
-    for (i, b) in table.iter().enumerate() {
-        if let Err(m) = check_match(b, req.system, req.required_features) {
-            reasons.push(describe_mismatch(b, req.system, &m));
+    for (i, (b, matched)) in table.iter().zip(&matches.0).enumerate() {
+        if let Err(m) = matched {
+            reasons.push(describe_mismatch(b, req.system, m));
             continue;
         }
         let st = state(states, i);
@@ -245,24 +304,24 @@ pub fn choose(
                     b.name, st.load, b.max_jobs
                 ));
             }
-            Availability::MustBoot => {
-                let for_local = b.lazy.as_ref().is_some_and(|l| l.boot_for_local);
-                if could_local && !for_local {
+            Availability::MustBoot => match &b.lazy {
+                Some(l) if could_local && !l.boot_for_local => {
                     reasons.push(format!(
                         "'{}' is down and is not booted for derivations this machine can build (boot-for-local = false)",
                         b.name
                     ));
-                } else {
-                    boot_free.push(i);
                 }
-            }
+                Some(_) => boot_free.push(LazyIndex(i)),
+                // Only lazy builders boot; an always-on one said to be down is just down.
+                None => reasons.push(format!("'{}' is down", b.name)),
+            },
         }
     }
 
     if let Some(i) = pick_best(table, states, &up_free) {
         return Decision::Accept { builder: i };
     }
-    if !booting && let Some(i) = pick_best(table, states, &boot_free) {
+    if !booting && let Some(i) = pick_best_lazy(table, states, &boot_free) {
         return Decision::Boot { builder: i };
     }
     let wanted = describe_request(req);
@@ -423,16 +482,12 @@ mod tests {
         l: &LocalCapability,
     ) -> Decision {
         let f = set(feats);
-        choose(
-            table,
-            states,
-            &Request {
-                system,
-                required_features: &f,
-                am_willing: willing,
-            },
-            l,
-        )
+        let req = Request {
+            system,
+            required_features: &f,
+            am_willing: willing,
+        };
+        choose(table, &Matches::new(table, &req), states, &req, l)
     }
 
     #[test]
@@ -477,6 +532,42 @@ mod tests {
             ),
             [2]
         );
+    }
+
+    #[test]
+    fn only_lazy_builders_boot() {
+        let sys = "aarch64-linux";
+        let l = local("x86_64-linux");
+        let always = builder("always", &[sys], &[], &[]);
+        let vm = lazy(builder("vm", &[sys], &[], &[]), false);
+        let table = [always, vm];
+        assert_eq!(LazyIndex::of(&table, 0), None);
+        assert_eq!(LazyIndex::of(&table, 1).map(LazyIndex::index), Some(1));
+        assert_eq!(LazyIndex::of(&table, 2), None);
+        // An always-on builder said to be down is never booted: it is down.
+        match decide(
+            &table[..1],
+            &[st(Availability::MustBoot, 0, true)],
+            sys,
+            &[],
+            true,
+            &l,
+        ) {
+            Decision::Decline { reason, .. } => {
+                assert_eq!(reason, "no builder for aarch64-linux: 'always' is down")
+            }
+            d => panic!("{d:?}"),
+        }
+        let f = set(&[]);
+        let req = Request {
+            system: sys,
+            required_features: &f,
+            am_willing: true,
+        };
+        let m = Matches::new(&table, &req);
+        assert_eq!(m.indices().collect::<Vec<_>>(), [0, 1]);
+        assert!(m.contains(1) && !m.contains(2) && !m.none());
+        assert!(Matches::new(&table[..0], &req).none());
     }
 
     #[test]
@@ -676,7 +767,9 @@ mod tests {
                 true,
                 &l
             ),
-            Decision::Boot { builder: 1 }
+            Decision::Boot {
+                builder: LazyIndex(1)
+            }
         );
         // Already booting: wait for it instead of booting more.
         let vm2 = lazy(builder("vm2", &[sys], &[], &[]), false);
@@ -741,7 +834,9 @@ mod tests {
                 true,
                 &l
             ),
-            Decision::Boot { builder: 0 }
+            Decision::Boot {
+                builder: LazyIndex(0)
+            }
         );
         // Backing off: skipped, with the cause in the reason.
         let off = st(

@@ -6,8 +6,8 @@
 //! slot files `<escapeUri(uri)>-<n>` for `n < maxJobs`, probed with non-blocking locks; a hook
 //! keeps the lock of the slot it took until it exits; `<escapeUri(uri)>.upload-lock` serialises
 //! input uploads to one builder. Every lock is released by closing its file (dropping the guard)
-//! or by the holder's death. This module must never decide which builder to use (that is
-//! `select.rs`) and never talks to a builder.
+//! or by the holder's death. This module only locks and probes: it must never decide which
+//! builder to use (that is `select.rs`, driven by `hook/plan.rs`) and never talks to a builder.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -16,9 +16,6 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use rustix::fs::{FlockOperation, Timespec, Timestamps, UTIME_NOW};
-
-use crate::config::Builder;
-use crate::select::{self, Availability, BuilderState, Decision, LocalCapability, Request};
 
 /// Nix's default `stateDir` for the local store; `current-load` lives under it.
 pub const NIX_STATE_DIR: &str = "/nix/var/nix";
@@ -91,11 +88,20 @@ impl MainLock {
 
 /// A held slot of one builder; other hooks count it as load. Keep it for the whole build.
 #[derive(Debug)]
-pub struct SlotLock(Held);
+pub struct SlotLock {
+    held: Held,
+    /// Its number among the builder's slots.
+    slot: u32,
+}
 
 impl SlotLock {
     pub fn path(&self) -> &Path {
-        self.0.path()
+        self.held.path()
+    }
+
+    /// Its number among the builder's slots (`<stem>-<n>`).
+    pub fn slot(&self) -> u32 {
+        self.slot
     }
 
     /// Set the slot file's times to now, as Nix does for the chosen slot.
@@ -105,14 +111,14 @@ impl SlotLock {
             tv_nsec: UTIME_NOW,
         };
         rustix::fs::futimens(
-            &self.0.file,
+            &self.held.file,
             &Timestamps {
                 last_access: now,
                 last_modification: now,
             },
         )
         .map_err(|e| SlotError::Touch {
-            path: self.0.path.clone(),
+            path: self.held.path.clone(),
             source: e.into(),
         })
     }
@@ -233,16 +239,42 @@ impl LoadDir {
 
     /// Try to take one slot of a builder without waiting.
     pub fn try_lock_slot(&self, uri: &str, slot: u32) -> Result<Option<SlotLock>, SlotError> {
-        Ok(self.lock(&slot_file_name(uri, slot), false)?.map(SlotLock))
+        Ok(self
+            .lock(&slot_file_name(uri, slot), false)?
+            .map(|held| SlotLock { held, slot }))
     }
 
     /// Probe every slot of a builder (Nix's loop): each slot is tried without waiting; the
     /// first free one is kept, the busy ones count as load. Requires `main-lock`, so that
     /// probing and choosing are atomic with respect to other hooks.
-    pub fn probe(&self, _main: &MainLock, uri: &str, max_jobs: u32) -> Result<Probe, SlotError> {
+    pub fn probe(&self, main: &MainLock, uri: &str, max_jobs: u32) -> Result<Probe, SlotError> {
+        self.probe_slots(main, uri, max_jobs, None)
+    }
+
+    /// [`probe`](Self::probe) for a builder one of whose slots this process already holds
+    /// (reserved while the builder boots): that slot is not tried (our own lock would count as
+    /// load), the others are, and the held one comes back as the free slot.
+    pub fn probe_holding(
+        &self,
+        main: &MainLock,
+        uri: &str,
+        max_jobs: u32,
+        held: SlotLock,
+    ) -> Result<Probe, SlotError> {
+        self.probe_slots(main, uri, max_jobs, Some(held))
+    }
+
+    fn probe_slots(
+        &self,
+        _main: &MainLock,
+        uri: &str,
+        max_jobs: u32,
+        held: Option<SlotLock>,
+    ) -> Result<Probe, SlotError> {
+        let mine = held.as_ref().map(SlotLock::slot);
         let mut load = 0;
-        let mut free = None;
-        for slot in 0..max_jobs {
+        let mut free = held;
+        for slot in (0..max_jobs).filter(|&s| Some(s) != mine) {
             match self.try_lock_slot(uri, slot)? {
                 Some(lock) => {
                     if free.is_none() {
@@ -279,60 +311,9 @@ impl LoadDir {
     }
 }
 
-/// One complete choice, as Nix's hook makes it: take `main-lock`, probe the slots of every
-/// matching builder, [`select::choose`], keep the chosen builder's slot (touched) and release
-/// everything else, including `main-lock`.
-///
-/// `availability(i)` gives the state of table entry `i` (always [`Availability::Up`] for
-/// always-on builders). The returned slot lock is `Some` for [`Decision::Accept`] and
-/// [`Decision::Boot`]; hold it until the build is over.
-pub fn choose_with_slots(
-    load_dir: &LoadDir,
-    table: &[Builder],
-    req: &Request<'_>,
-    local: &LocalCapability,
-    availability: &dyn Fn(usize) -> Availability,
-) -> Result<(Decision, Option<SlotLock>), SlotError> {
-    let main = load_dir.lock_main()?;
-    let mut states = vec![BuilderState::default(); table.len()];
-    let mut free: Vec<Option<SlotLock>> = Vec::new();
-    free.resize_with(table.len(), || None);
-    for i in select::matching(table, req) {
-        let b = &table[i];
-        let availability = availability(i);
-        if matches!(availability, Availability::BackingOff { .. }) {
-            states[i].availability = availability;
-            continue;
-        }
-        let probe = load_dir.probe(&main, b.slot_key(), b.max_jobs)?;
-        states[i] = BuilderState {
-            availability,
-            load: probe.load,
-            free_slot: probe.free.is_some(),
-        };
-        free[i] = probe.free;
-    }
-    let decision = select::choose(table, &states, req, local);
-    let slot = match decision {
-        Decision::Accept { builder } | Decision::Boot { builder } => {
-            let slot = free[builder].take();
-            if let Some(s) = &slot {
-                s.touch()?;
-            }
-            slot
-        }
-        _ => None,
-    };
-    drop(free);
-    drop(main);
-    Ok((decision, slot))
-}
-
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
-    use crate::config::{BuilderUri, HostKeys, Origin};
-    use std::collections::BTreeSet;
     use std::io::{BufRead, BufReader, Write};
     use std::os::unix::fs::MetadataExt;
     use std::process::{Child, Command, Stdio};
@@ -400,7 +381,7 @@ mod tests {
     }
 
     /// A child process holding `locks` in the load dir under `state`.
-    fn holder(state: &Path, locks: &str) -> Child {
+    pub(crate) fn holder(state: &Path, locks: &str) -> Child {
         let mut child = Command::new(std::env::current_exe().unwrap())
             .args([
                 "--ignored",
@@ -431,7 +412,7 @@ mod tests {
         child
     }
 
-    fn kill(mut child: Child) {
+    pub(crate) fn kill(mut child: Child) {
         child.kill().unwrap();
         child.wait().unwrap();
     }
@@ -504,6 +485,41 @@ mod tests {
         let p = d.probe(&main, "ssh://other", 0).unwrap();
         assert_eq!((p.load, p.free.is_none()), (0, true));
         drop(free);
+    }
+
+    #[test]
+    fn a_held_slot_is_probed_as_ours() {
+        let state = tempfile::tempdir().unwrap();
+        let d = LoadDir::open(state.path()).unwrap();
+        let main = d.lock_main().unwrap();
+        let mine = d.probe(&main, URI, 3).unwrap().free.unwrap();
+        assert_eq!(mine.slot(), 0);
+        // Another process takes slot 1 while we hold slot 0 (say, for a booting builder).
+        let child = holder(state.path(), &format!("{URI}#1"));
+        let p = d.probe_holding(&main, URI, 3, mine).unwrap();
+        assert_eq!(
+            p.load, 1,
+            "only the other process's slot is load, not our own"
+        );
+        let free = p.free.unwrap();
+        assert_eq!(free.slot(), 0, "our slot comes back");
+        assert!(
+            free.path()
+                .to_string_lossy()
+                .ends_with("ssh:__root@127.0.0.1:2222-0")
+        );
+        // Slot 2 was free but is not kept: a plain probe takes it now.
+        let other = d.probe(&main, URI, 3).unwrap();
+        assert_eq!(
+            (other.load, other.free.as_ref().map(SlotLock::slot)),
+            (2, Some(2))
+        );
+        drop(other);
+        // Given back: slot 0 is free again, slot 1 is still the other process's.
+        drop(free);
+        let p = d.probe(&main, URI, 3).unwrap();
+        assert_eq!((p.load, p.free.as_ref().map(SlotLock::slot)), (1, Some(0)));
+        kill(child);
     }
 
     #[test]
@@ -594,87 +610,5 @@ mod tests {
             waiter.join().unwrap().unwrap(),
             UploadLockOutcome::Acquired(_)
         ));
-    }
-
-    fn builder(name: &str, max_jobs: u32, speed: f64) -> Builder {
-        let uri = format!("ssh://{name}");
-        Builder {
-            name: name.to_owned(),
-            uri: BuilderUri::parse(&uri).unwrap(),
-            store_uri: uri,
-            systems: BTreeSet::from(["aarch64-linux".to_owned()]),
-            ssh_key: None,
-            max_jobs,
-            speed_factor: speed,
-            supported_features: BTreeSet::new(),
-            mandatory_features: BTreeSet::new(),
-            host_keys: HostKeys::SshDefault,
-            allow_well_known_host_key: false,
-            origin: Origin::Toml {
-                file: "/t".into(),
-                name: name.to_owned(),
-            },
-            lazy: None,
-        }
-    }
-
-    #[test]
-    fn choose_with_slots_end_to_end() {
-        let state = tempfile::tempdir().unwrap();
-        let d = LoadDir::open(state.path()).unwrap();
-        let table = [builder("a", 2, 1.0), builder("b", 1, 1.0)];
-        let feats = BTreeSet::new();
-        let req = Request {
-            system: "aarch64-linux",
-            required_features: &feats,
-            am_willing: false,
-        };
-        let local = LocalCapability {
-            system: "x86_64-linux".into(),
-            max_jobs: 1,
-            ..Default::default()
-        };
-        let up = |_: usize| Availability::Up;
-        // An old slot file, as a long-gone hook leaves it: the chosen slot gets touched.
-        let old = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
-        let b0 = File::create(d.path().join("ssh:__b-0")).unwrap();
-        b0.set_modified(old).unwrap();
-        drop(b0);
-        // Another process already runs a build on 'a'.
-        let child = holder(state.path(), "ssh://a#0");
-        let (d1, s1) = choose_with_slots(&d, &table, &req, &local, &up).unwrap();
-        assert_eq!(
-            d1,
-            Decision::Accept { builder: 1 },
-            "'b' has load 0, 'a' load 1"
-        );
-        let s1 = s1.unwrap();
-        assert!(s1.path().to_string_lossy().ends_with("ssh:__b-0"));
-        let touched = std::fs::metadata(s1.path()).unwrap().modified().unwrap();
-        assert!(
-            touched.elapsed().unwrap() < Duration::from_secs(60),
-            "{touched:?}"
-        );
-        let (d2, s2) = choose_with_slots(&d, &table, &req, &local, &up).unwrap();
-        assert_eq!(d2, Decision::Accept { builder: 0 });
-        assert!(
-            s2.as_ref()
-                .unwrap()
-                .path()
-                .to_string_lossy()
-                .ends_with("ssh:__a-1")
-        );
-        // Everything is taken now: postpone, and no slot is kept.
-        let (d3, s3) = choose_with_slots(&d, &table, &req, &local, &up).unwrap();
-        assert!(matches!(d3, Decision::Postpone { .. }), "{d3:?}");
-        assert!(s3.is_none());
-        // main-lock is released after each choice.
-        assert!(d.try_lock_main().unwrap().is_some());
-        // The other process dies: its slot on 'a' is free again.
-        kill(child);
-        let (d4, s4) = choose_with_slots(&d, &table, &req, &local, &up).unwrap();
-        assert_eq!(d4, Decision::Accept { builder: 0 });
-        assert!(s4.unwrap().path().to_string_lossy().ends_with("ssh:__a-0"));
-        drop((s1, s2));
     }
 }
