@@ -36,7 +36,11 @@ use crate::wire_io::{WireError, WireReader};
 
 /// What `main` parsed from the command line.
 pub struct HookArgs {
-    pub config: Option<PathBuf>,
+    /// The TOML config, as `main` resolved it (`--config`, else the environment, else the
+    /// default).
+    pub config: config::ConfigPath,
+    /// `NIX_SSHOPTS`, as `main` read it from the environment.
+    pub nix_sshopts: Option<String>,
     /// The client's verbosity (the daemon's last argument).
     pub verbosity: Option<u8>,
 }
@@ -200,13 +204,16 @@ struct Loaded {
     named_config: Option<PathBuf>,
 }
 
-fn load_table(settings: &Settings, cli_config: Option<&Path>) -> Result<Loaded, ConfigError> {
-    let path = config::ConfigPath::for_process(cli_config);
-    let cfg = Config::load(&path)?;
+fn load_table(
+    settings: &Settings,
+    path: &config::ConfigPath,
+    nix_sshopts: Option<&str>,
+) -> Result<Loaded, ConfigError> {
+    let cfg = Config::load(path)?;
     let table = config::load_table(
         settings.builders(),
         settings.system().unwrap_or("x86_64-linux"),
-        std::env::var("NIX_SSHOPTS").ok().as_deref(),
+        nix_sshopts,
         &cfg,
     )?;
     for n in &table.notes {
@@ -235,7 +242,7 @@ async fn run(args: HookArgs, fd4: Option<OwnedFd>) -> Result<u8, HookError> {
         table,
         config: cfg,
         named_config,
-    } = match load_table(&settings, args.config.as_deref()) {
+    } = match load_table(&settings, &args.config, args.nix_sshopts.as_deref()) {
         Ok(t) => t,
         Err(e) => {
             // A broken configuration must not wedge local builds: say why, loudly, and step

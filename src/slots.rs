@@ -331,7 +331,7 @@ pub fn choose_with_slots(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{BuilderUri, HostKeys, Origin};
+    use crate::config::{BuilderUri, HostKeySpec, Origin};
     use std::collections::BTreeSet;
     use std::io::{BufRead, BufReader, Write};
     use std::os::unix::fs::MetadataExt;
@@ -608,7 +608,7 @@ mod tests {
             speed_factor: speed,
             supported_features: BTreeSet::new(),
             mandatory_features: BTreeSet::new(),
-            host_keys: HostKeys::SshDefault,
+            host_keys: HostKeySpec::SshDefault,
             allow_well_known_host_key: false,
             origin: Origin::Toml {
                 file: "/t".into(),

@@ -23,7 +23,7 @@ use hook_protocol::worker::{ClientOptions, Trust};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe;
 
-use crate::config::{Builder, HostKeys as ConfigHostKeys, Scheme};
+use crate::config::{Builder, HostKeySpec, Scheme};
 use crate::ssh::{self, Exec, ExecOutput, ExecStdin, HostKeys, SshError, SshTarget};
 use crate::wire_io::{CopyError, WireError, WireReader};
 use daemon::{NarSink, NarSource, WorkerClient};
@@ -191,14 +191,14 @@ pub fn ssh_target(builder: &Builder) -> Result<SshTarget, RemoteError> {
         source,
     };
     let host_keys = match &builder.host_keys {
-        ConfigHostKeys::Pinned(keys) => {
+        HostKeySpec::Pinned(keys) => {
             let lines: Vec<String> = keys.iter().map(|k| k.openssh()).collect();
             HostKeys::parse_openssh(&lines.join("\n")).map_err(key_err)?
         }
-        ConfigHostKeys::KnownHostsFile(path) => {
+        HostKeySpec::KnownHostsFile(path) => {
             HostKeys::from_known_hosts_file(path, &host, port).map_err(key_err)?
         }
-        ConfigHostKeys::SshDefault => {
+        HostKeySpec::SshDefault => {
             let mut keys = HostKeys::new(Vec::new());
             let mut files = vec![std::path::PathBuf::from("/etc/ssh/ssh_known_hosts")];
             if let Some(home) = std::env::var_os("HOME") {
