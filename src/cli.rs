@@ -2,14 +2,13 @@
 //! `doctor` (one report that checks every builder end to end).
 //!
 //! These are the only parts of the library that print to stdout; they talk to the supervisor
-//! through its client and to builders through `ssh`/`remote`, and never change a store.
+//! through its client and to builders through `ssh`, and never change a store.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::config::{self, Builder, Config, ConfigPath, HostKeySpec};
-use crate::remote;
 use crate::ssh;
 use crate::supervisor::client::{Client, ClientError, Verdict};
 use crate::supervisor::proto::{BuilderStatus, State};
@@ -350,7 +349,7 @@ async fn doctor_one(b: &Builder, cfg: &Config, named: Option<&Path>) -> Vec<Chec
             detail: "none configured: the default identities of this user are tried".into(),
         }),
     }
-    let mut target = match remote::ssh_target(b) {
+    let mut target = match ssh::SshTarget::for_builder(b) {
         Ok(t) => t,
         Err(e) => fail!("host key", e.to_string()),
     };

@@ -27,7 +27,7 @@ use crate::lazy::{Lazy, Next};
 use crate::local::LocalStore;
 use crate::logging::{self, Activity};
 use crate::memory::FailureMemory;
-use crate::remote::{self, BuildLog, Remote, RemoteError};
+use crate::remote::{BuildLog, Remote, RemoteError};
 use crate::select::{Availability, Decision, DeclineLevel, LocalCapability};
 use crate::slots::{self, LoadDir, SlotLock, UploadLockOutcome};
 use crate::ssh;
@@ -509,7 +509,7 @@ async fn connect(b: &Builder, log: &BuildLog) -> Result<Remote, RemoteError> {
         format!("connecting to '{}'", b.store_uri),
         vec![],
     );
-    let target = remote::ssh_target(b)?;
+    let target = ssh::SshTarget::for_builder(b)?;
     let session = ssh::connect(&target).await?;
     let remote = Remote::open(session, b, log).await?;
     tracing::debug!(builder = %b.name, protocol = %remote.describe(), "connected");

@@ -23,8 +23,8 @@ use hook_protocol::worker::{ClientOptions, Trust};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe;
 
-use crate::config::{Builder, HostKeySpec, Scheme};
-use crate::ssh::{self, Exec, ExecOutput, ExecStdin, HostKeys, SshError, SshTarget};
+use crate::config::{Builder, Scheme};
+use crate::ssh::{self, Exec, ExecOutput, ExecStdin, SshError};
 use crate::wire_io::{CopyError, WireError, WireReader};
 use daemon::{NarSink, NarSource, WorkerClient};
 use serve::ServeClient;
@@ -58,24 +58,9 @@ pub enum RemoteError {
     Protocol { peer: String, message: String },
     #[error("cannot build the remote command line: {0}")]
     Quote(#[from] ssh::ShellQuoteError),
-    #[error("builder '{builder}': {source}")]
-    HostKeys {
-        builder: String,
-        #[source]
-        source: ssh::HostKeyError,
-    },
-    /// A pinned key is one whose private half is public (see
-    /// [`crate::config::WELL_KNOWN_HOST_KEYS`]) and the builder does not allow it.
-    #[error(
-        "builder '{builder}': refusing to connect: its pinned host key {key} is the well-known \
-         key of {what}, so anyone can impersonate this builder. {fix}"
-    )]
-    WellKnownHostKey {
-        builder: String,
-        key: String,
-        what: &'static str,
-        fix: String,
-    },
+    /// The builder's configuration gives no SSH target (its host keys).
+    #[error(transparent)]
+    Target(#[from] ssh::TargetError),
 }
 
 fn tail_suffix(stderr: &str) -> String {
@@ -174,100 +159,6 @@ impl BuildLog {
             phase: phase.to_owned(),
         });
     }
-}
-
-/// The SSH target for a builder: its address, key and pinned host keys.
-pub fn ssh_target(builder: &Builder) -> Result<SshTarget, RemoteError> {
-    let host = builder.uri.host.clone();
-    let port = builder.uri.port_or_default();
-    let user = builder
-        .uri
-        .user
-        .clone()
-        .or_else(|| std::env::var("USER").ok())
-        .unwrap_or_else(|| "root".to_owned());
-    let key_err = |source| RemoteError::HostKeys {
-        builder: builder.name.clone(),
-        source,
-    };
-    let host_keys = match &builder.host_keys {
-        HostKeySpec::Pinned(keys) => {
-            let lines: Vec<String> = keys.iter().map(|k| k.openssh()).collect();
-            HostKeys::parse_openssh(&lines.join("\n")).map_err(key_err)?
-        }
-        HostKeySpec::KnownHostsFile(path) => {
-            HostKeys::from_known_hosts_file(path, &host, port).map_err(key_err)?
-        }
-        HostKeySpec::SshDefault => {
-            let mut keys = HostKeys::new(Vec::new());
-            let mut files = vec![std::path::PathBuf::from("/etc/ssh/ssh_known_hosts")];
-            if let Some(home) = std::env::var_os("HOME") {
-                files.push(std::path::Path::new(&home).join(".ssh/known_hosts"));
-            }
-            for f in files.iter().filter(|f| f.is_file()) {
-                keys.extend(HostKeys::from_known_hosts_file(f, &host, port).map_err(key_err)?);
-            }
-            keys
-        }
-    };
-    check_well_known_host_keys(builder, &host_keys)?;
-    let identities = match &builder.ssh_key {
-        Some(k) => vec![k.clone()],
-        None => SshTarget::default_identities(),
-    };
-    Ok(SshTarget {
-        builder: builder.name.clone(),
-        host,
-        port,
-        user,
-        identities,
-        host_keys,
-        timeouts: ssh::Timeouts::default(),
-    })
-}
-
-/// Refuses a pinned key whose private half is public unless the builder allows it (TOML
-/// `allow-well-known-host-key = true`), and warns when it does. Every path that connects to a
-/// builder (hook, readiness check, `doctor`) gets its target from [`ssh_target`], so this is the
-/// one place the rule is enforced.
-fn check_well_known_host_keys(builder: &Builder, keys: &HostKeys) -> Result<(), RemoteError> {
-    for key in keys.keys() {
-        let Some(known) = key
-            .to_bytes()
-            .ok()
-            .and_then(|blob| crate::config::well_known_host_key(&blob))
-        else {
-            continue;
-        };
-        if builder.allow_well_known_host_key {
-            tracing::warn!(
-                "builder '{}' is pinned to the well-known host key of {} \
-                 (allowed by allow-well-known-host-key): anyone can impersonate it, so it must \
-                 only be reachable on a port nobody else can use",
-                builder.name,
-                known.what
-            );
-            continue;
-        }
-        let fix = match &builder.origin {
-            crate::config::Origin::Toml { file, .. } => format!(
-                "Give the builder its own host key and pin that, or, if nobody else can reach \
-                 its port, set `allow-well-known-host-key = true` for it in {}.",
-                file.display()
-            ),
-            crate::config::Origin::Machines(_) => "Give the builder its own host key and pin \
-                 that; the machines table cannot allow this key: define the builder in the \
-                 lazy-builder TOML config with `allow-well-known-host-key = true` instead."
-                .to_owned(),
-        };
-        return Err(RemoteError::WellKnownHostKey {
-            builder: builder.name.clone(),
-            key: known.key.to_owned(),
-            what: known.what,
-            fix,
-        });
-    }
-    Ok(())
 }
 
 /// The remote command line for a builder's store URI.
