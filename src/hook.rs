@@ -24,13 +24,12 @@ use tokio::io::AsyncRead;
 
 use crate::config::{self, Builder, BuilderTable, Config, ConfigError};
 use crate::lazy::{Lazy, Next};
-use crate::local::LocalStore;
 use crate::logging::{self, Activity};
 use crate::memory::FailureMemory;
-use crate::remote::{BuildLog, Remote, RemoteError};
 use crate::select::{Availability, Decision, DeclineLevel, LocalCapability};
 use crate::slots::{self, LoadDir, SlotLock, UploadLockOutcome};
 use crate::ssh;
+use crate::store::{BuildLog, LocalStore, Remote, RemoteError};
 use crate::transfer::{self, Job};
 use crate::wire_io::{WireError, WireReader};
 

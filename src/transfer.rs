@@ -24,11 +24,9 @@ use hook_protocol::serve::BuildOptions;
 use hook_protocol::worker::Trust;
 use tokio::sync::mpsc;
 
-use crate::local::LocalStore;
 use crate::logging::Activity;
 use crate::place::{ChunkReader, ExpectedNar, PlaceError, Placed};
-use crate::remote::daemon::NarSink;
-use crate::remote::{BuildLog, Remote, RemoteError};
+use crate::store::{BuildLog, LocalStore, NarSink, Remote, RemoteError};
 use crate::wire_io::{WireError, WireReader};
 
 /// Everything the daemon told us about the build.

@@ -20,7 +20,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use nix_lazy_builder::config::{self, Config};
-use nix_lazy_builder::remote;
+use nix_lazy_builder::store;
 use security_support::*;
 
 /// Values that create `marker` (a file name, relative to the shell's working directory) if a
@@ -86,7 +86,7 @@ fn remote_command_lines_give_back_the_exact_words_in_every_shell() {
                 pct(&format!("/opt/nix store/{value}"))
             );
             let t = config::load_table(&line, "x86_64-linux", None, &Config::default()).unwrap();
-            let cmd = remote::remote_command(&t.builders[0]).unwrap();
+            let cmd = store::remote_command(&t.builders[0]).unwrap();
             let mut want = vec![format!("/opt/nix store/{value}")];
             if scheme == "ssh" {
                 want.extend(["--serve".into(), "--write".into()]);
@@ -115,7 +115,7 @@ fn remote_command_lines_give_back_the_exact_words_in_every_shell() {
     // A NUL cannot be passed at all: a clear error, not a truncated word.
     let line = "ssh://h?remote-store=a%00b x86_64-linux";
     let t = config::load_table(line, "x86_64-linux", None, &Config::default()).unwrap();
-    let e = remote::remote_command(&t.builders[0]).unwrap_err();
+    let e = store::remote_command(&t.builders[0]).unwrap_err();
     assert!(e.to_string().contains("NUL"), "{e}");
 }
 
