@@ -530,7 +530,7 @@ async fn accepted(
     logging::reply(&Reply::accept(&builder.store_uri));
     // Start the registering `nix-store` now: its start-up overlaps the build.
     let nix_store = which::which("nix-store").unwrap_or_else(|_| PathBuf::from("nix-store"));
-    crate::place::prepare_register(&nix_store);
+    let registrar = crate::place::Registrar::start(&nix_store);
     let accepted = stdin
         .decode("the inputs and wanted outputs", AcceptedBuild::decode)
         .await?;
@@ -553,7 +553,6 @@ async fn accepted(
             enforce_determinism: false,
             keep_failed: settings.keep_failed()?,
         },
-        nix_store,
         state_dir: nix_state_dir(),
     };
     let mut local = LocalStore::connect()
@@ -580,7 +579,15 @@ async fn accepted(
         format!("building '{}' on '{}'", job.drv_path, builder.store_uri),
         vec![Field::from(job.drv_path.to_string())],
     );
-    let timings = transfer::run(&job, &mut remote, &mut local, &mut log, upload_lock).await?;
+    let timings = transfer::run(
+        &job,
+        &mut remote,
+        &mut local,
+        &mut log,
+        upload_lock,
+        registrar,
+    )
+    .await?;
     drop(build_act);
     tracing::debug!(?timings, "remote build finished");
     drop(slot);

@@ -25,7 +25,7 @@ use hook_protocol::worker::Trust;
 use tokio::sync::mpsc;
 
 use crate::logging::Activity;
-use crate::place::{ChunkReader, ExpectedNar, PlaceError, Placed};
+use crate::place::{ChunkReader, ExpectedNar, PlaceError, Placed, Registrar};
 use crate::store::{BuildLog, LocalStore, NarSink, Remote, RemoteError};
 use crate::wire_io::{WireError, WireReader};
 
@@ -39,8 +39,6 @@ pub struct Job {
     pub wanted: BTreeSet<String>,
     pub substitute_on_remote: bool,
     pub options: BuildOptions,
-    /// `nix-store`, for `--register-validity`.
-    pub nix_store: PathBuf,
     /// Nix's state directory (`NIX_STATE_DIR`, `/nix/var/nix`): the unpack journal lives there.
     pub state_dir: PathBuf,
 }
@@ -142,7 +140,7 @@ impl TransferError {
     }
 
     /// The hook's exit status: Nix 2.8–2.28 map 100 to a permanent build failure and 101 to a
-    /// timeout (PROTOCOL.md §4.5); anything else is a miscellaneous failure.
+    /// timeout (docs/protocol.md §4.5); anything else is a miscellaneous failure.
     pub fn exit_code(&self) -> u8 {
         match self {
             TransferError::BuildFailed { status, .. } => match status {
@@ -170,13 +168,15 @@ pub struct Timings {
 }
 
 /// Runs the build on `remote`. `upload_lock` (the builder's upload lock, held by the caller's
-/// choice) is released as soon as the inputs are there.
+/// choice) is released as soon as the inputs are there; `registrar` (started at accept time)
+/// registers the outputs.
 pub async fn run<L>(
     job: &Job,
     remote: &mut Remote,
     local: &mut LocalStore,
     log: &mut BuildLog,
     upload_lock: L,
+    registrar: Registrar,
 ) -> Result<Timings, TransferError> {
     let uri = remote.uri().to_owned();
     let mut t = Timings::default();
@@ -295,8 +295,7 @@ pub async fn run<L>(
         placed = download_one(remote, info, &job.drv_path, placed, &uri).await?;
         t.downloaded_bytes += info.nar_size;
     }
-    let nix_store = job.nix_store.clone();
-    tokio::task::spawn_blocking(move || placed.register(&nix_store))
+    tokio::task::spawn_blocking(move || placed.register(registrar))
         .await
         .map_err(|_| TransferError::Place {
             uri: uri.clone(),
