@@ -1,5 +1,6 @@
-//! One remote build, after `# accept` (DESIGN.md "One remote build", steps 3–6): copy the
-//! missing inputs, build, stream the log, bring the outputs back verified and registered.
+//! One remote build, after `# accept` (steps 1 and 2, choosing a builder and connecting, are the
+//! hook's): 3. copy the missing inputs, 4. build, streaming the log, 5. bring the outputs back,
+//! verified, and 6. register them.
 //!
 //! An `ssh-ng://` daemon that says it does not trust us gets, for an input-addressed
 //! derivation, the closure of the `.drv` instead of the inputs and builds it from its own store
@@ -7,9 +8,9 @@
 //! too old to say) takes the BuildDerivation path.
 //!
 //! Owns the order of operations and what counts as success. It never parses a wire (that is
-//! `hook-protocol`), never opens connections (the hook hands it a [`Remote`] and a
-//! [`LocalStore`]), and never makes a path valid except through `place`, after its hash was
-//! checked.
+//! `hook-protocol`), never opens connections or starts processes (the hook hands it a
+//! [`Remote`], a [`LocalStore`] and the [`Registrar`] it started at accept time), and never
+//! makes a path valid except through `place`, after its hash was checked.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;

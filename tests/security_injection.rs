@@ -3,7 +3,7 @@
 //! table or the TOML config) reach the remote program as exactly the argument they were, and
 //! never run anything.
 //!
-//! Proved three ways: the command line `remote::remote_command` builds is evaluated by dash,
+//! Proved three ways: the command line `store::remote_command` builds is evaluated by dash,
 //! bash and busybox sh and must give back the exact words; the hook and `doctor` run against a
 //! real sshd whose remote program is a stub that records its argv (the stub's own file name is
 //! hostile too); and each hostile value, had it been run by a shell, would create a marker file
