@@ -3,7 +3,7 @@
 //! forwarded as SetOptions, BuildDerivation, and BuildPathsWithResults for a daemon that does
 //! not trust us.
 //!
-//! It never decides which way to build (`transfer` does, from [`trust`]).
+//! It never decides which way to build (`transfer` does, from the daemon's trust).
 
 use std::collections::BTreeSet;
 
@@ -18,82 +18,67 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use super::worker::WorkerClient;
 use super::{BuildLog, RemoteError};
 
-/// A protocol description for messages, e.g. `nix-daemon protocol 1.35 (Nix 2.34.8)`.
-pub(super) fn describe<R, W>(c: &WorkerClient<R, W>) -> String
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let v = c.negotiated().version;
-    match &c.server_info().nix_version {
-        Some(n) => format!("nix-daemon protocol {v} (Nix {n})"),
-        None => format!("nix-daemon protocol {v}"),
+/// What a remote build asks of `ssh-ng://` that the local store never does.
+impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> WorkerClient<R, W> {
+    /// A protocol description for messages, e.g. `nix-daemon protocol 1.35 (Nix 2.34.8)`.
+    pub(super) fn describe(&self) -> String {
+        let v = self.negotiated().version;
+        match &self.server_info().nix_version {
+            Some(n) => format!("nix-daemon protocol {v} (Nix {n})"),
+            None => format!("nix-daemon protocol {v}"),
+        }
     }
-}
 
-/// Whether the daemon trusts us; `None` when it is too old to say (worker protocol < 1.35).
-pub(super) fn trust<R, W>(c: &WorkerClient<R, W>) -> Option<Trust>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    c.server_info().trust
-}
+    /// Whether the daemon trusts us; `None` when it is too old to say (worker protocol < 1.35).
+    pub(super) fn trust(&self) -> Option<Trust> {
+        self.server_info().trust
+    }
 
-/// Path infos of the valid ones among `paths`.
-pub(super) async fn query_path_infos<R, W>(
-    c: &mut WorkerClient<R, W>,
-    paths: &[StorePath],
-) -> Result<Vec<PathInfo>, RemoteError>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    Ok(c.query_path_infos(paths)
-        .await?
-        .into_iter()
-        .flatten()
-        .collect())
-}
+    /// Path infos of the valid ones among `paths`.
+    pub(super) async fn valid_path_infos(
+        &mut self,
+        paths: &[StorePath],
+    ) -> Result<Vec<PathInfo>, RemoteError> {
+        Ok(self
+            .query_path_infos(paths)
+            .await?
+            .into_iter()
+            .flatten()
+            .collect())
+    }
 
-/// SetOptions with the build's limits, then BuildDerivation; output goes to `log`.
-pub(super) async fn build<R, W>(
-    c: &mut WorkerClient<R, W>,
-    drv_path: &StorePath,
-    drv: &BasicDerivation,
-    options: &BuildOptions,
-    log: &mut BuildLog,
-) -> Result<BuildResult, RemoteError>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    c.set_options(&client_options(options)).await?;
-    c.build_derivation(drv_path, drv, log).await
-}
+    /// SetOptions with the build's limits, then BuildDerivation; output goes to `log`.
+    pub(super) async fn build_with_options(
+        &mut self,
+        drv_path: &StorePath,
+        drv: &BasicDerivation,
+        options: &BuildOptions,
+        log: &mut BuildLog,
+    ) -> Result<BuildResult, RemoteError> {
+        self.set_options(&client_options(options)).await?;
+        self.build_derivation(drv_path, drv, log).await
+    }
 
-/// SetOptions with the build's limits, then BuildPathsWithResults for `drv_path`'s `outputs`,
-/// built from the derivation in the daemon's own store (inputs it lacks included).
-pub(super) async fn build_from_store<R, W>(
-    c: &mut WorkerClient<R, W>,
-    drv_path: &StorePath,
-    outputs: BTreeSet<String>,
-    options: &BuildOptions,
-    log: &mut BuildLog,
-) -> Result<BuildResult, RemoteError>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let wanted = DerivedPath::Built {
-        drv_path: drv_path.clone(),
-        outputs: OutputsSpec::Names(outputs),
-    };
-    c.set_options(&client_options(options)).await?;
-    let results = c
-        .build_paths_with_results(std::slice::from_ref(&wanted), drv_path, log)
-        .await?;
-    one_result(results, &wanted, c.peer())
+    /// SetOptions with the build's limits, then BuildPathsWithResults for `drv_path`'s
+    /// `outputs`, built from the derivation in the daemon's own store (inputs it lacks
+    /// included).
+    pub(super) async fn build_from_store(
+        &mut self,
+        drv_path: &StorePath,
+        outputs: BTreeSet<String>,
+        options: &BuildOptions,
+        log: &mut BuildLog,
+    ) -> Result<BuildResult, RemoteError> {
+        let wanted = DerivedPath::Built {
+            drv_path: drv_path.clone(),
+            outputs: OutputsSpec::Names(outputs),
+        };
+        self.set_options(&client_options(options)).await?;
+        let results = self
+            .build_paths_with_results(std::slice::from_ref(&wanted), drv_path, log)
+            .await?;
+        one_result(results, &wanted, self.peer())
+    }
 }
 
 /// The build's timeouts and log limit as SetOptions: Nix's own ssh-ng store forwards none of

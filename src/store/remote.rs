@@ -17,7 +17,6 @@ use hook_protocol::serve::BuildOptions;
 use hook_protocol::worker::Trust;
 use tokio::io::AsyncReadExt;
 
-use super::daemon;
 use super::nar::{NarSink, NarSource};
 use super::serve::ServeClient;
 use super::worker::WorkerClient;
@@ -103,7 +102,7 @@ impl Remote {
     pub fn describe(&self) -> String {
         match &self.client {
             Client::Serve(c) => format!("nix-store --serve protocol {}", c.server_version()),
-            Client::Daemon(c) => daemon::describe(c),
+            Client::Daemon(c) => c.describe(),
         }
     }
 
@@ -149,7 +148,7 @@ impl Remote {
     ) -> Result<BuildResult, RemoteError> {
         let r = match &mut self.client {
             Client::Serve(c) => c.build_derivation(drv_path, drv, options).await,
-            Client::Daemon(c) => daemon::build(c, drv_path, drv, options, log).await,
+            Client::Daemon(c) => c.build_with_options(drv_path, drv, options, log).await,
         };
         self.explained(r).await
     }
@@ -159,7 +158,7 @@ impl Remote {
     pub fn trust(&self) -> Option<Trust> {
         match &self.client {
             Client::Serve(_) => None,
-            Client::Daemon(c) => daemon::trust(c),
+            Client::Daemon(c) => c.trust(),
         }
     }
 
@@ -179,7 +178,7 @@ impl Remote {
                 peer: self.uri.clone(),
                 message: "building a derivation from the remote store needs ssh-ng://".into(),
             }),
-            Client::Daemon(c) => daemon::build_from_store(c, drv_path, outputs, options, log).await,
+            Client::Daemon(c) => c.build_from_store(drv_path, outputs, options, log).await,
         };
         self.explained(r).await
     }
@@ -191,7 +190,7 @@ impl Remote {
     ) -> Result<Vec<PathInfo>, RemoteError> {
         let r = match &mut self.client {
             Client::Serve(c) => c.query_path_infos(paths).await,
-            Client::Daemon(c) => daemon::query_path_infos(c, paths).await,
+            Client::Daemon(c) => c.valid_path_infos(paths).await,
         };
         self.explained(r).await
     }
