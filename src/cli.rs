@@ -2,22 +2,20 @@
 //! `doctor` (one report that checks every builder end to end).
 //!
 //! These are the only parts of the library that print to stdout; they talk to the supervisor
-//! through its client and to builders through `ssh`/`remote`, and never change a store.
+//! through its client and to builders through `ssh`, and never change a store.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::config::{self, Builder, Config, HostKeys};
-use crate::remote;
+use crate::config::{self, Builder, Config, ConfigPath, HostKeySpec};
 use crate::ssh;
 use crate::supervisor::client::{Client, ClientError, Verdict};
 use crate::supervisor::proto::{BuilderStatus, State};
 
 /// Loads the TOML config the way the hook and the supervisor do.
-pub fn load_config(cli: Option<&Path>) -> Result<(Config, Option<PathBuf>), String> {
-    let path = config::ConfigPath::for_process(cli);
-    let cfg = Config::load(&path).map_err(|e| e.to_string())?;
+pub fn load_config(path: &ConfigPath) -> Result<(Config, Option<PathBuf>), String> {
+    let cfg = Config::load(path).map_err(|e| e.to_string())?;
     Ok((cfg, path.named().map(Path::to_owned)))
 }
 
@@ -126,7 +124,7 @@ fn root_only(command: &str, e: &ClientError) -> Option<String> {
 }
 
 /// `status [--json]`: asks the running supervisor; without one every lazy builder is down.
-pub fn status(config: Option<&Path>, json: bool) -> Result<String, String> {
+pub fn status(config: &ConfigPath, json: bool) -> Result<String, String> {
     let (cfg, _) = load_config(config)?;
     let rt = runtime()?;
     let list = rt.block_on(async {
@@ -192,7 +190,7 @@ fn lazy_builder<'a>(cfg: &'a Config, name: &str) -> Result<&'a Builder, String> 
 
 /// `up NAME`: boots a builder (even while it backs off after a failure) and waits until it is
 /// ready or its boot fails.
-pub fn up(config: Option<&Path>, name: &str) -> Result<String, String> {
+pub fn up(config: &ConfigPath, name: &str) -> Result<String, String> {
     let (cfg, named) = load_config(config)?;
     let b = lazy_builder(&cfg, name)?;
     let timeout = b
@@ -234,7 +232,7 @@ pub fn up(config: Option<&Path>, name: &str) -> Result<String, String> {
 }
 
 /// `down NAME`: stops a builder once its running builds are done.
-pub fn down(config: Option<&Path>, name: &str) -> Result<String, String> {
+pub fn down(config: &ConfigPath, name: &str) -> Result<String, String> {
     let (cfg, _) = load_config(config)?;
     lazy_builder(&cfg, name)?;
     let rt = runtime()?;
@@ -268,17 +266,17 @@ struct Check {
 
 /// `doctor`: checks config, keys, host keys, boot, SSH, the remote Nix and its systems for every
 /// builder (the TOML file's and, with `builders`, a machines table), and prints one verdict per
-/// builder. Returns the report and whether every builder passed.
-pub fn doctor(config: Option<&Path>, builders: Option<&str>) -> Result<(String, bool), String> {
+/// builder. Returns the report and whether every builder passed. `nix_sshopts` is
+/// `NIX_SSHOPTS`, as `main` read it.
+pub fn doctor(
+    config: &ConfigPath,
+    builders: Option<&str>,
+    nix_sshopts: Option<&str>,
+) -> Result<(String, bool), String> {
     let (cfg, named) = load_config(config)?;
     let machines = builders.unwrap_or(config::DEFAULT_BUILDERS);
-    let table = config::load_table(
-        machines,
-        &current_system(),
-        std::env::var("NIX_SSHOPTS").ok().as_deref(),
-        &cfg,
-    )
-    .map_err(|e| e.to_string())?;
+    let table = config::load_table(machines, &current_system(), nix_sshopts, &cfg)
+        .map_err(|e| e.to_string())?;
     let mut report = String::new();
     let _ = writeln!(
         report,
@@ -351,7 +349,7 @@ async fn doctor_one(b: &Builder, cfg: &Config, named: Option<&Path>) -> Vec<Chec
             detail: "none configured: the default identities of this user are tried".into(),
         }),
     }
-    let mut target = match remote::ssh_target(b) {
+    let mut target = match ssh::SshTarget::for_builder(b) {
         Ok(t) => t,
         Err(e) => fail!("host key", e.to_string()),
     };
@@ -359,7 +357,7 @@ async fn doctor_one(b: &Builder, cfg: &Config, named: Option<&Path>) -> Vec<Chec
         fail!(
             "host key",
             match &b.host_keys {
-                HostKeys::SshDefault => format!(
+                HostKeySpec::SshDefault => format!(
                     "no pinned host key and no known_hosts entry for {}",
                     b.uri.host
                 ),

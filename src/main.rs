@@ -1,5 +1,6 @@
-//! The command line: parses arguments and hands over to the library, and renders its own
-//! documentation (`help`, `completions SHELL`, `man`). Nothing else lives here.
+//! The command line: parses arguments, reads the environment the library needs (the config
+//! path variable and `NIX_SSHOPTS`: the library reads neither), hands over to the library, and
+//! renders its own documentation (`help`, `completions SHELL`, `man`). Nothing else lives here.
 //!
 //! nix-daemon runs the hook in two shapes: Nix 2.8/2.9 take `build-hook` as one bare path and
 //! run it as `[name, VERBOSITY]`; newer Nix split the setting, so `build-hook =
@@ -15,6 +16,7 @@ use std::process::ExitCode;
 
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use nix_lazy_builder::cli;
+use nix_lazy_builder::config::{self, ConfigPath};
 
 /// What `--help` says about the two ways nix-daemon runs the hook.
 const HOOK_SETUP: &str = "\
@@ -140,6 +142,20 @@ struct BuilderName {
     name: String,
 }
 
+/// The TOML config for this process: `--config`, else `$NIX_LAZY_BUILDER_CONFIG`, else the
+/// default.
+fn config_path(cli: Option<PathBuf>) -> ConfigPath {
+    config::resolve_config_path(
+        cli.as_deref(),
+        std::env::var_os(config::CONFIG_ENV_VAR).as_deref(),
+    )
+}
+
+/// `NIX_SSHOPTS`, which nix-daemon passes on to its hook as Nix's own hook expects it.
+fn nix_sshopts() -> Option<String> {
+    std::env::var(config::SSHOPTS_ENV_VAR).ok()
+}
+
 /// Prints a command's output, or its error on stderr with exit status 1.
 fn report(r: Result<String, String>) -> ExitCode {
     match r {
@@ -229,28 +245,36 @@ fn main() -> ExitCode {
     if args.len() == 2 && args[1].to_str().is_some_and(|a| a.parse::<u8>().is_ok()) {
         let verbosity = args[1].to_str().and_then(|a| a.parse().ok());
         return nix_lazy_builder::hook::main(nix_lazy_builder::hook::HookArgs {
-            config: None,
+            config: config_path(None),
+            nix_sshopts: nix_sshopts(),
             verbosity,
         });
     }
     match Cli::parse_from(args).command {
         Command::Hook { config, rest } => {
             nix_lazy_builder::hook::main(nix_lazy_builder::hook::HookArgs {
-                config: config.config,
+                config: config_path(config.config),
+                nix_sshopts: nix_sshopts(),
                 verbosity: rest.last().and_then(|v| v.parse().ok()),
             })
         }
         Command::Supervise { config, auto } => {
             nix_lazy_builder::supervisor::main(nix_lazy_builder::supervisor::SuperviseArgs {
-                config: config.config,
+                config: config_path(config.config),
                 auto,
             })
         }
-        Command::Status { config, json } => report(cli::status(config.config.as_deref(), json)),
-        Command::Up { name, config } => report(cli::up(config.config.as_deref(), &name.name)),
-        Command::Down { name, config } => report(cli::down(config.config.as_deref(), &name.name)),
+        Command::Status { config, json } => report(cli::status(&config_path(config.config), json)),
+        Command::Up { name, config } => report(cli::up(&config_path(config.config), &name.name)),
+        Command::Down { name, config } => {
+            report(cli::down(&config_path(config.config), &name.name))
+        }
         Command::Doctor { config, builders } => {
-            match cli::doctor(config.config.as_deref(), builders.as_deref()) {
+            match cli::doctor(
+                &config_path(config.config),
+                builders.as_deref(),
+                nix_sshopts().as_deref(),
+            ) {
                 Ok((out, ok)) => {
                     print!("{out}");
                     if ok {

@@ -1,7 +1,7 @@
 //! Placing build outputs in the local store while nix-daemon holds their locks.
 //!
 //! The daemon holds `flock`s on every output path while the hook runs, so a new daemon
-//! connection or a plain `nix-store --import` would deadlock (PROTOCOL.md §4). Instead each
+//! connection or a plain `nix-store --import` would deadlock (docs/protocol.md §4). Instead each
 //! output's NAR is decoded by `nix-archive` and unpacked ([`restore_nar`]: descriptor-relative,
 //! so nothing outside the output is ever followed or created; file contents in 256 KiB writes)
 //! under a hidden name beside its store path while it is hashed,
@@ -10,8 +10,8 @@
 //! `nix-store --register-validity --hash-given` call, which canonicalises them and commits them
 //! in one database transaction.
 //!
-//! Invariant: a path becomes valid only through [`register_validity`], and only after its bytes
-//! were verified. Anything unpacked but not registered is removed ([`Placed`]'s drop).
+//! Invariant: a path becomes valid only through [`Placed::register`] (the one
+//! [`Registrar`]'s child), and only after its bytes were verified. Anything unpacked but not registered is removed ([`Placed`]'s drop).
 
 use std::ffi::OsStr;
 use std::io::{self, Read, Write};
@@ -19,7 +19,6 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Mutex;
 
 use hook_protocol::{Sha256, StorePath};
 use rustix::fs::{Mode, OFlags};
@@ -524,15 +523,15 @@ impl Placed {
     }
 
     /// Moves every verified output into place and registers them all in one
-    /// `nix-store --register-validity --hash-given`.
-    pub fn register(mut self, nix_store: &Path) -> Result<(), PlaceError> {
+    /// `nix-store --register-validity --hash-given`, the one `registrar` started.
+    pub fn register(mut self, registrar: Registrar) -> Result<(), PlaceError> {
         if self.outputs.is_empty() {
             self.registered = true;
             return Ok(());
         }
         self.move_into_place()?;
         let expected: Vec<ExpectedNar> = self.outputs.iter().map(|o| o.expected.clone()).collect();
-        register_validity(nix_store, &expected)?;
+        registrar.register(&expected)?;
         self.registered = true;
         Ok(())
     }
@@ -560,7 +559,7 @@ impl Drop for Placed {
     }
 }
 
-/// The records `nix-store --register-validity --hash-given` reads (PROTOCOL.md §4.3).
+/// The records `nix-store --register-validity --hash-given` reads (docs/protocol.md §4.3).
 pub fn register_validity_input(outputs: &[ExpectedNar]) -> String {
     let mut s = String::new();
     for o in outputs {
@@ -584,14 +583,73 @@ pub fn register_validity_input(outputs: &[ExpectedNar]) -> String {
     s
 }
 
-/// A `nix-store --register-validity --hash-given` started before it is needed
-/// ([`prepare_register`]), waiting on its stdin.
-struct Prepared {
+/// The one `nix-store --register-validity --hash-given` that registers a build's outputs.
+///
+/// [`Registrar::start`] starts it at accept time, so that its start-up (loading Nix and opening
+/// the store, about 10 ms) overlaps the remote build instead of following it; the hook hands
+/// it to `transfer`, which feeds it once at the end through [`Placed::register`]. Until it is
+/// fed the child only waits on its stdin; a registrar dropped unfed (the build failed, nothing
+/// to fetch) closes that stdin, and the child reads end-of-file, registers nothing and exits.
+pub struct Registrar {
     program: PathBuf,
-    child: Child,
+    /// The child waiting on its stdin; `None` when it could not be started.
+    waiting: Option<Child>,
 }
 
-static PREPARED: Mutex<Option<Prepared>> = Mutex::new(None);
+impl Registrar {
+    /// Starts the child for `nix_store` now. Failing to start it here is not an error: the
+    /// registration then starts its own and reports any failure.
+    pub fn start(nix_store: &Path) -> Registrar {
+        Registrar {
+            program: nix_store.to_owned(),
+            waiting: spawn_register(nix_store).ok(),
+        }
+    }
+
+    /// Registers `outputs` in one go, through the waiting child if it is still alive, else a
+    /// fresh one. The child opens the local store directly (we are root in the daemon's mount
+    /// namespace); its stdout never reaches our fd 1, which is the daemon's reply pipe.
+    fn register(mut self, outputs: &[ExpectedNar]) -> Result<(), PlaceError> {
+        let mut child = self.child()?;
+        let input = register_validity_input(outputs);
+        if let Some(mut stdin) = child.stdin.take() {
+            // A write error shows up as the child's failure below.
+            let _ = stdin.write_all(input.as_bytes());
+        }
+        let out = child
+            .wait_with_output()
+            .map_err(|source| PlaceError::Spawn {
+                program: self.program.display().to_string(),
+                source,
+            })?;
+        if !out.status.success() {
+            return Err(PlaceError::Register {
+                status: out.status.to_string(),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The waiting child if it is still waiting, else a new one.
+    fn child(&mut self) -> Result<Child, PlaceError> {
+        if let Some(mut child) = self.waiting.take() {
+            if matches!(child.try_wait(), Ok(None)) {
+                return Ok(child);
+            }
+            // It died while waiting (its stderr says why, at debug level).
+            let _ = child.kill();
+            if let Ok(out) = child.wait_with_output() {
+                tracing::debug!(
+                    status = %out.status,
+                    stderr = %String::from_utf8_lossy(&out.stderr).trim(),
+                    "the prepared nix-store is gone; starting another"
+                );
+            }
+        }
+        spawn_register(&self.program)
+    }
+}
 
 fn spawn_register(nix_store: &Path) -> Result<Child, PlaceError> {
     Command::new(nix_store)
@@ -605,69 +663,6 @@ fn spawn_register(nix_store: &Path) -> Result<Child, PlaceError> {
             program: nix_store.display().to_string(),
             source,
         })
-}
-
-/// Starts the `nix-store --register-validity --hash-given` that [`register_validity`] will
-/// feed, now, so that its start-up (loading Nix and opening the store, about 10 ms) overlaps
-/// the remote build instead of following it. Until it is fed it only waits on its stdin; if it
-/// is never fed (the build failed, nothing to fetch) it reads end-of-file when this process
-/// exits, registers nothing and exits. Failing to start it here is not an error: the
-/// registration then starts its own and reports any failure.
-pub fn prepare_register(nix_store: &Path) {
-    let Ok(child) = spawn_register(nix_store) else {
-        return;
-    };
-    let mut prepared = PREPARED.lock().unwrap_or_else(|e| e.into_inner());
-    *prepared = Some(Prepared {
-        program: nix_store.to_owned(),
-        child,
-    });
-}
-
-/// The prepared child for `nix_store` if it is still waiting, else a new one.
-fn register_child(nix_store: &Path) -> Result<Child, PlaceError> {
-    let prepared = PREPARED.lock().unwrap_or_else(|e| e.into_inner()).take();
-    if let Some(mut p) = prepared {
-        if p.program == nix_store && matches!(p.child.try_wait(), Ok(None)) {
-            return Ok(p.child);
-        }
-        // It died while waiting (its stderr said why, at debug level) or is for another program.
-        let _ = p.child.kill();
-        if let Ok(out) = p.child.wait_with_output() {
-            tracing::debug!(
-                status = %out.status,
-                stderr = %String::from_utf8_lossy(&out.stderr).trim(),
-                "the prepared nix-store is gone; starting another"
-            );
-        }
-    }
-    spawn_register(nix_store)
-}
-
-/// Runs one `nix-store --register-validity --hash-given` for all `outputs` (the one
-/// [`prepare_register`] started, if any). The child opens the local store directly (we are root
-/// in the daemon's mount namespace); its stdout never reaches our fd 1, which is the daemon's
-/// reply pipe.
-pub fn register_validity(nix_store: &Path, outputs: &[ExpectedNar]) -> Result<(), PlaceError> {
-    let mut child = register_child(nix_store)?;
-    let input = register_validity_input(outputs);
-    if let Some(mut stdin) = child.stdin.take() {
-        // A write error shows up as the child's failure below.
-        let _ = stdin.write_all(input.as_bytes());
-    }
-    let out = child
-        .wait_with_output()
-        .map_err(|source| PlaceError::Spawn {
-            program: nix_store.display().to_string(),
-            source,
-        })?;
-    if !out.status.success() {
-        return Err(PlaceError::Register {
-            status: out.status.to_string(),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        });
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -973,9 +968,9 @@ mod tests {
         assert!(restore_nar(&mut &nar[..], &dest).is_err());
     }
 
-    /// The registration feeds the `nix-store` started by `prepare_register` instead of starting
-    /// another, and one that died while waiting is replaced. (A shell script stands in for
-    /// `nix-store` here: it logs its pid and copies what it is fed.)
+    /// The registration feeds the `nix-store` the registrar started instead of starting
+    /// another, and one that died while waiting (or never started) is replaced. (A shell script
+    /// stands in for `nix-store` here: it logs its pid and copies what it is fed.)
     #[test]
     fn registration_uses_the_prepared_child() {
         use std::os::unix::fs::PermissionsExt;
@@ -998,31 +993,48 @@ mod tests {
             references: vec![],
         };
         let pids = || std::fs::read_to_string(dir.path().join("pids")).unwrap_or_default();
+        let wait_for_pids = |n: usize| {
+            let t0 = std::time::Instant::now();
+            while pids().lines().count() < n && t0.elapsed().as_secs() < 10 {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        };
 
-        prepare_register(&script);
-        let t0 = std::time::Instant::now();
-        while pids().lines().count() < 1 && t0.elapsed().as_secs() < 10 {
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
+        let registrar = Registrar::start(&script);
+        wait_for_pids(1);
         assert_eq!(
             pids().lines().count(),
             1,
             "the prepared child did not start"
         );
-        register_validity(&script, std::slice::from_ref(&out)).unwrap();
+        registrar.register(std::slice::from_ref(&out)).unwrap();
         assert_eq!(pids().lines().count(), 1, "a second child was started");
         assert_eq!(
             std::fs::read_to_string(dir.path().join("fed")).unwrap(),
             register_validity_input(std::slice::from_ref(&out))
         );
 
-        // Nothing prepared (it was used): a fresh child does the work.
-        register_validity(&script, std::slice::from_ref(&out)).unwrap();
+        // Nothing waiting (it could not be started): a fresh child does the work.
+        let unstarted = Registrar {
+            program: script.clone(),
+            waiting: None,
+        };
+        unstarted.register(std::slice::from_ref(&out)).unwrap();
         assert_eq!(pids().lines().count(), 2);
-        // Prepared for another program: not used, a fresh child for the right one.
-        prepare_register(Path::new("/bin/true"));
-        register_validity(&script, std::slice::from_ref(&out)).unwrap();
-        assert_eq!(pids().lines().count(), 3);
+        // The waiting child died: not fed, a fresh child for the same program.
+        let mut registrar = Registrar::start(&script);
+        wait_for_pids(3);
+        let mut waiting = registrar.waiting.take().unwrap();
+        waiting.kill().unwrap();
+        waiting.wait().unwrap();
+        registrar.waiting = Some(waiting);
+        registrar.register(std::slice::from_ref(&out)).unwrap();
+        assert_eq!(pids().lines().count(), 4);
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("fed")).unwrap(),
+            register_validity_input(std::slice::from_ref(&out)).repeat(3),
+            "the dead child was fed nothing; three registrations, three records"
+        );
     }
 
     #[test]

@@ -398,7 +398,7 @@ impl fmt::Display for Secs {
 mod tests {
     use super::*;
     use crate::config::{
-        BootSpec, BuilderUri, CommandBoot, HostKeys, LazySettings, Origin, StopSignal,
+        BootSpec, BuilderUri, CommandBoot, HostKeySpec, LazySettings, Origin, StopSignal,
     };
     use std::path::PathBuf;
 
@@ -418,7 +418,7 @@ mod tests {
             speed_factor: 1.0,
             supported_features: set(supported),
             mandatory_features: set(mandatory),
-            host_keys: HostKeys::SshDefault,
+            host_keys: HostKeySpec::SshDefault,
             allow_well_known_host_key: false,
             origin: Origin::Toml {
                 file: PathBuf::from("/t"),

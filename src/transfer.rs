@@ -1,5 +1,6 @@
-//! One remote build, after `# accept` (DESIGN.md "One remote build", steps 3–6): copy the
-//! missing inputs, build, stream the log, bring the outputs back verified and registered.
+//! One remote build, after `# accept` (steps 1 and 2, choosing a builder and connecting, are the
+//! hook's): 3. copy the missing inputs, 4. build, streaming the log, 5. bring the outputs back,
+//! verified, and 6. register them.
 //!
 //! An `ssh-ng://` daemon that says it does not trust us gets, for an input-addressed
 //! derivation, the closure of the `.drv` instead of the inputs and builds it from its own store
@@ -7,9 +8,9 @@
 //! too old to say) takes the BuildDerivation path.
 //!
 //! Owns the order of operations and what counts as success. It never parses a wire (that is
-//! `hook-protocol`), never opens connections (the hook hands it a [`Remote`] and a
-//! [`LocalStore`]), and never makes a path valid except through `place`, after its hash was
-//! checked.
+//! `hook-protocol`), never opens connections or starts processes (the hook hands it a
+//! [`Remote`], a [`LocalStore`] and the [`Registrar`] it started at accept time), and never
+//! makes a path valid except through `place`, after its hash was checked.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -24,11 +25,9 @@ use hook_protocol::serve::BuildOptions;
 use hook_protocol::worker::Trust;
 use tokio::sync::mpsc;
 
-use crate::local::LocalStore;
 use crate::logging::Activity;
-use crate::place::{ChunkReader, ExpectedNar, PlaceError, Placed};
-use crate::remote::daemon::NarSink;
-use crate::remote::{BuildLog, Remote, RemoteError};
+use crate::place::{ChunkReader, ExpectedNar, PlaceError, Placed, Registrar};
+use crate::store::{BuildLog, LocalStore, NarSink, Remote, RemoteError};
 use crate::wire_io::{WireError, WireReader};
 
 /// Everything the daemon told us about the build.
@@ -41,8 +40,6 @@ pub struct Job {
     pub wanted: BTreeSet<String>,
     pub substitute_on_remote: bool,
     pub options: BuildOptions,
-    /// `nix-store`, for `--register-validity`.
-    pub nix_store: PathBuf,
     /// Nix's state directory (`NIX_STATE_DIR`, `/nix/var/nix`): the unpack journal lives there.
     pub state_dir: PathBuf,
 }
@@ -144,7 +141,7 @@ impl TransferError {
     }
 
     /// The hook's exit status: Nix 2.8–2.28 map 100 to a permanent build failure and 101 to a
-    /// timeout (PROTOCOL.md §4.5); anything else is a miscellaneous failure.
+    /// timeout (docs/protocol.md §4.5); anything else is a miscellaneous failure.
     pub fn exit_code(&self) -> u8 {
         match self {
             TransferError::BuildFailed { status, .. } => match status {
@@ -172,13 +169,15 @@ pub struct Timings {
 }
 
 /// Runs the build on `remote`. `upload_lock` (the builder's upload lock, held by the caller's
-/// choice) is released as soon as the inputs are there.
+/// choice) is released as soon as the inputs are there; `registrar` (started at accept time)
+/// registers the outputs.
 pub async fn run<L>(
     job: &Job,
     remote: &mut Remote,
     local: &mut LocalStore,
     log: &mut BuildLog,
     upload_lock: L,
+    registrar: Registrar,
 ) -> Result<Timings, TransferError> {
     let uri = remote.uri().to_owned();
     let mut t = Timings::default();
@@ -297,8 +296,7 @@ pub async fn run<L>(
         placed = download_one(remote, info, &job.drv_path, placed, &uri).await?;
         t.downloaded_bytes += info.nar_size;
     }
-    let nix_store = job.nix_store.clone();
-    tokio::task::spawn_blocking(move || placed.register(&nix_store))
+    tokio::task::spawn_blocking(move || placed.register(registrar))
         .await
         .map_err(|_| TransferError::Place {
             uri: uri.clone(),

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use base64::Engine as _;
 use hook_protocol::hook::Reply;
 use nix_lazy_builder::config::{
-    self, Builder, Config, ConfigError, ConfigPath, ConfigSource, HostKeys, SshOpts,
+    self, Builder, Config, ConfigError, ConfigPath, ConfigSource, HostKeySpec, SshOpts,
 };
 use proptest::prelude::*;
 
@@ -83,7 +83,7 @@ fn check_builder(b: &Builder) -> Result<(), TestCaseError> {
         "bad system or feature in {:?}",
         b
     );
-    if let HostKeys::Pinned(keys) = &b.host_keys {
+    if let HostKeySpec::Pinned(keys) = &b.host_keys {
         prop_assert!(!keys.is_empty());
     }
     Ok(())
@@ -211,7 +211,7 @@ fn the_valid_machines_table_parses() {
         config::parse_machines(&valid_machines(), "x86_64-linux", &mut fake_fs(files)).unwrap();
     assert_eq!(b.len(), 4, "{b:#?}");
     assert!(notes.is_empty(), "{notes:?}");
-    assert!(matches!(&b[0].host_keys, HostKeys::Pinned(k) if k.len() == 1));
+    assert!(matches!(&b[0].host_keys, HostKeySpec::Pinned(k) if k.len() == 1));
 }
 
 #[test]
@@ -385,7 +385,7 @@ fn check_toml(text: &str) -> Result<(), TestCaseError> {
             for b in &c.builders {
                 check_builder(b)?;
                 prop_assert!(
-                    !matches!(b.host_keys, HostKeys::SshDefault),
+                    !matches!(b.host_keys, HostKeySpec::SshDefault),
                     "TOML builder '{}' is not pinned",
                     b.name
                 );

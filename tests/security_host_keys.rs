@@ -18,7 +18,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use nix_lazy_builder::config::{self, Config};
-use nix_lazy_builder::remote::{self, RemoteError};
+use nix_lazy_builder::ssh::{SshTarget, TargetError};
 use security_support::*;
 
 /// A machines line for `sshd` with `host_key_column` (or none) and a stub remote program.
@@ -70,8 +70,8 @@ fn the_well_known_key_is_refused_by_ssh_target_unless_allowed() {
     };
     let file = Path::new("/etc/nix/lazy-builder.toml");
     let c = Config::parse(&text(""), file).unwrap();
-    match remote::ssh_target(&c.builders[0]) {
-        Err(e @ RemoteError::WellKnownHostKey { .. }) => {
+    match SshTarget::for_builder(&c.builders[0]) {
+        Err(e @ TargetError::WellKnownHostKey { .. }) => {
             let m = e.to_string();
             assert!(m.contains(WELL_KNOWN_KEY), "{m}");
             assert!(m.contains("darwin.linux-builder"), "{m}");
@@ -84,7 +84,7 @@ fn the_well_known_key_is_refused_by_ssh_target_unless_allowed() {
         other => panic!("{other:?}"),
     }
     let c = Config::parse(&text("allow-well-known-host-key = true\n"), file).unwrap();
-    let t = remote::ssh_target(&c.builders[0]).expect("allowed");
+    let t = SshTarget::for_builder(&c.builders[0]).expect("allowed");
     assert_eq!(t.host_keys.len(), 1);
 
     // A machines line cannot allow it.
@@ -93,8 +93,8 @@ fn the_well_known_key_is_refused_by_ssh_target_unless_allowed() {
         b64(WELL_KNOWN_KEY)
     );
     let t = config::load_table(&line, "x86_64-linux", None, &Config::default()).unwrap();
-    match remote::ssh_target(&t.builders[0]) {
-        Err(e @ RemoteError::WellKnownHostKey { .. }) => {
+    match SshTarget::for_builder(&t.builders[0]) {
+        Err(e @ TargetError::WellKnownHostKey { .. }) => {
             assert!(
                 e.to_string().contains("the machines table cannot allow"),
                 "{e}"
@@ -117,8 +117,8 @@ fn the_well_known_key_is_refused_by_ssh_target_unless_allowed() {
     )
     .unwrap();
     assert!(matches!(
-        remote::ssh_target(&c.builders[0]),
-        Err(RemoteError::WellKnownHostKey { .. })
+        SshTarget::for_builder(&c.builders[0]),
+        Err(TargetError::WellKnownHostKey { .. })
     ));
     let _ = stub;
 }

@@ -3,7 +3,7 @@
 //! table or the TOML config) reach the remote program as exactly the argument they were, and
 //! never run anything.
 //!
-//! Proved three ways: the command line `remote::remote_command` builds is evaluated by dash,
+//! Proved three ways: the command line `store::remote_command` builds is evaluated by dash,
 //! bash and busybox sh and must give back the exact words; the hook and `doctor` run against a
 //! real sshd whose remote program is a stub that records its argv (the stub's own file name is
 //! hostile too); and each hostile value, had it been run by a shell, would create a marker file
@@ -20,7 +20,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use nix_lazy_builder::config::{self, Config};
-use nix_lazy_builder::remote;
+use nix_lazy_builder::store;
 use security_support::*;
 
 /// Values that create `marker` (a file name, relative to the shell's working directory) if a
@@ -86,7 +86,7 @@ fn remote_command_lines_give_back_the_exact_words_in_every_shell() {
                 pct(&format!("/opt/nix store/{value}"))
             );
             let t = config::load_table(&line, "x86_64-linux", None, &Config::default()).unwrap();
-            let cmd = remote::remote_command(&t.builders[0]).unwrap();
+            let cmd = store::remote_command(&t.builders[0]).unwrap();
             let mut want = vec![format!("/opt/nix store/{value}")];
             if scheme == "ssh" {
                 want.extend(["--serve".into(), "--write".into()]);
@@ -115,7 +115,7 @@ fn remote_command_lines_give_back_the_exact_words_in_every_shell() {
     // A NUL cannot be passed at all: a clear error, not a truncated word.
     let line = "ssh://h?remote-store=a%00b x86_64-linux";
     let t = config::load_table(line, "x86_64-linux", None, &Config::default()).unwrap();
-    let e = remote::remote_command(&t.builders[0]).unwrap_err();
+    let e = store::remote_command(&t.builders[0]).unwrap_err();
     assert!(e.to_string().contains("NUL"), "{e}");
 }
 

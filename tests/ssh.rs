@@ -18,7 +18,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nix_lazy_builder::ssh::{
-    self, ExitStatus, HostKeys, SshErrorKind, SshTarget, Stage, Timeouts, shell_command,
+    self, ExitStatus, HostKeySet, SshErrorKind, SshTarget, Stage, Timeouts, shell_command,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -85,8 +85,8 @@ impl Keys {
         }
     }
 
-    fn host_keys(&self) -> HostKeys {
-        HostKeys::parse_openssh(&pub_line(&self.host)).expect("host key")
+    fn host_keys(&self) -> HostKeySet {
+        HostKeySet::parse_openssh(&pub_line(&self.host)).expect("host key")
     }
 }
 
@@ -594,7 +594,7 @@ async fn wrong_host_key_is_refused_naming_both_fingerprints() {
     for kind in BOTH {
         let server = Server::start(kind, &keys, &[&keys.client]);
         let mut t = target(&server, &keys);
-        t.host_keys = HostKeys::parse_openssh(&pub_line(&keys.other_host)).expect("key");
+        t.host_keys = HostKeySet::parse_openssh(&pub_line(&keys.other_host)).expect("key");
         let err = ssh::connect(&t).await.expect_err("must refuse");
         match &err.kind {
             SshErrorKind::HostKeyMismatch {
@@ -628,7 +628,7 @@ async fn missing_host_key_is_refused_before_connecting() {
         port,
         user: "root".into(),
         identities: vec![keys.client.clone()],
-        host_keys: HostKeys::default(),
+        host_keys: HostKeySet::default(),
         timeouts: Timeouts::default(),
     };
     let err = ssh::connect(&t).await.expect_err("must refuse");
@@ -641,7 +641,7 @@ async fn missing_host_key_is_refused_before_connecting() {
     let kh = keys.dir.path().join("known_hosts");
     std::fs::write(&kh, format!("[127.0.0.1]:1 {}", pub_line(&keys.host))).expect("write");
     let mut t = t;
-    t.host_keys = HostKeys::from_known_hosts_file(&kh, "127.0.0.1", port).expect("parse");
+    t.host_keys = HostKeySet::from_known_hosts_file(&kh, "127.0.0.1", port).expect("parse");
     let err = ssh::connect(&t).await.expect_err("must refuse");
     assert!(matches!(err.kind, SshErrorKind::HostKeyMissing), "{err}");
 }
@@ -666,7 +666,7 @@ async fn pins_from_machines_column_and_hashed_known_hosts() {
     let (machines, _) =
         nix_lazy_builder::config::parse_machines(&line, "x86_64-linux", &mut |p| std::fs::read(p))
             .expect("the machines line");
-    t.host_keys = nix_lazy_builder::remote::ssh_target(&machines[0])
+    t.host_keys = SshTarget::for_builder(&machines[0])
         .expect("its SSH target")
         .host_keys;
     ssh::connect(&t)
@@ -693,7 +693,7 @@ async fn pins_from_machines_column_and_hashed_known_hosts() {
         !hashed.contains("127.0.0.1"),
         "ssh-keygen -H hashed the names"
     );
-    t.host_keys = HostKeys::from_known_hosts_file(&kh, "127.0.0.1", server.port).expect("parse");
+    t.host_keys = HostKeySet::from_known_hosts_file(&kh, "127.0.0.1", server.port).expect("parse");
     assert_eq!(t.host_keys.len(), 1);
     ssh::connect(&t)
         .await

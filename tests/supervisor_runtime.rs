@@ -649,7 +649,7 @@ fn child_supervisor() {
     };
     let code = nix_lazy_builder::supervisor::main_with(
         SuperviseArgs {
-            config: Some(config.into()),
+            config: nix_lazy_builder::config::resolve_config_path(Some(config.as_ref()), None),
             auto: true,
         },
         Arc::new(Fake),

@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use libfuzzer_sys::fuzz_target;
-use nix_lazy_builder::config::{Config, ConfigError, HostKeys};
+use nix_lazy_builder::config::{Config, ConfigError, HostKeySpec};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
@@ -19,7 +19,7 @@ fuzz_target!(|data: &[u8]| {
         Ok(c) => {
             assert!(c.supervisor.state_dir.is_absolute());
             for b in c.builders {
-                assert!(!matches!(b.host_keys, HostKeys::SshDefault));
+                assert!(!matches!(b.host_keys, HostKeySpec::SshDefault));
                 assert!(b.max_jobs >= 1 && b.speed_factor.is_finite() && b.speed_factor > 0.0);
                 assert!(!b.systems.is_empty());
             }

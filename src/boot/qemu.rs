@@ -1056,7 +1056,7 @@ async fn ssh_poweroff(
     port: Option<u16>,
     how: &StopHow,
 ) -> Result<(), String> {
-    let mut target = crate::remote::ssh_target(builder).map_err(|e| e.to_string())?;
+    let mut target = crate::ssh::SshTarget::for_builder(builder).map_err(|e| e.to_string())?;
     if let Some(p) = port {
         target.port = p;
     }

@@ -64,8 +64,8 @@ pub async fn wait_ready(
 ) -> Result<Ready, BootError> {
     let deadline = deadline.into();
     let t0 = Instant::now();
-    let mut target = crate::remote::ssh_target(builder)
-        // ssh_target's errors already name the builder.
+    let mut target = ssh::SshTarget::for_builder(builder)
+        // for_builder's errors already name the builder.
         .map_err(|e| BootError::SshSetup(e.to_string()))?;
     if instance.forwards_to_localhost() {
         target.host = Ipv4Addr::LOCALHOST.to_string();

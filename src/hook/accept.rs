@@ -1,8 +1,8 @@
 //! Connecting to the chosen builder and, once that worked, the accepted build: `# accept`, the
 //! inputs and wanted outputs from the daemon, the upload lock, and `transfer`.
 //!
-//! The one place the hook reaches builders and stores: `remote::ssh_target`, `ssh::connect`,
-//! `Remote::open`, `place::prepare_register` and `LocalStore`. It never chooses a builder and
+//! The one place the hook reaches builders and stores: `ssh::SshTarget::for_builder`,
+//! `ssh::connect`, `Remote::open`, `place::Registrar` and `LocalStore`. It never chooses a builder and
 //! never answers a `try` with anything but `# accept`.
 
 use std::collections::BTreeSet;
@@ -17,11 +17,10 @@ use tokio::io::AsyncRead;
 
 use super::{HookError, nix_state_dir};
 use crate::config::Builder;
-use crate::local::LocalStore;
 use crate::logging::{self, Activity};
-use crate::remote::{self, BuildLog, Remote, RemoteError};
 use crate::slots::{LoadDir, SlotLock, UploadLockOutcome};
 use crate::ssh;
+use crate::store::{BuildLog, LocalStore, Remote, RemoteError};
 use crate::transfer::{self, Job};
 use crate::wire_io::WireReader;
 
@@ -46,7 +45,7 @@ pub(super) async fn connect(
         format!("connecting to '{}'", b.store_uri),
         vec![],
     );
-    let target = remote::ssh_target(b)?;
+    let target = ssh::SshTarget::for_builder(b)?;
     let session = ssh::connect(&target).await?;
     let remote = Remote::open(session, b, log).await?;
     tracing::debug!(builder = %b.name, protocol = %remote.describe(), "connected");
@@ -70,7 +69,7 @@ pub(super) async fn accepted(
     logging::reply(&Reply::accept(&builder.store_uri));
     // Start the registering `nix-store` now: its start-up overlaps the build.
     let nix_store = which::which("nix-store").unwrap_or_else(|_| PathBuf::from("nix-store"));
-    crate::place::prepare_register(&nix_store);
+    let registrar = crate::place::Registrar::start(&nix_store);
     let accepted = stdin
         .decode("the inputs and wanted outputs", AcceptedBuild::decode)
         .await?;
@@ -93,7 +92,6 @@ pub(super) async fn accepted(
             enforce_determinism: false,
             keep_failed: settings.keep_failed()?,
         },
-        nix_store,
         state_dir: nix_state_dir(),
     };
     let mut local = LocalStore::connect()
@@ -120,7 +118,15 @@ pub(super) async fn accepted(
         format!("building '{}' on '{}'", job.drv_path, builder.store_uri),
         vec![Field::from(job.drv_path.to_string())],
     );
-    let timings = transfer::run(&job, &mut remote, &mut local, &mut log, upload_lock).await?;
+    let timings = transfer::run(
+        &job,
+        &mut remote,
+        &mut local,
+        &mut log,
+        upload_lock,
+        registrar,
+    )
+    .await?;
     drop(build_act);
     tracing::debug!(?timings, "remote build finished");
     drop(slot);

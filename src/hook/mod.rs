@@ -28,16 +28,20 @@ use crate::config::{self, Builder, BuilderTable, Config, ConfigError};
 use crate::lazy::{self, Lazy};
 use crate::logging;
 use crate::memory::FailureMemory;
-use crate::remote::{BuildLog, RemoteError};
 use crate::select::LocalCapability;
 use crate::slots::{self, LoadDir, MainLock, SlotLock};
+use crate::store::{BuildLog, RemoteError};
 use crate::transfer;
 use crate::wire_io::{WireError, WireReader};
 use plan::{Load, Next, Note, Planner};
 
 /// What `main` parsed from the command line.
 pub struct HookArgs {
-    pub config: Option<PathBuf>,
+    /// The TOML config, as `main` resolved it (`--config`, else the environment, else the
+    /// default).
+    pub config: config::ConfigPath,
+    /// `NIX_SSHOPTS`, as `main` read it from the environment.
+    pub nix_sshopts: Option<String>,
     /// The client's verbosity (the daemon's last argument).
     pub verbosity: Option<u8>,
 }
@@ -192,13 +196,16 @@ struct Loaded {
     named_config: Option<PathBuf>,
 }
 
-fn load_table(settings: &Settings, cli_config: Option<&Path>) -> Result<Loaded, ConfigError> {
-    let path = config::ConfigPath::for_process(cli_config);
-    let cfg = Config::load(&path)?;
+fn load_table(
+    settings: &Settings,
+    path: &config::ConfigPath,
+    nix_sshopts: Option<&str>,
+) -> Result<Loaded, ConfigError> {
+    let cfg = Config::load(path)?;
     let table = config::load_table(
         settings.builders(),
         settings.system().unwrap_or("x86_64-linux"),
-        std::env::var("NIX_SSHOPTS").ok().as_deref(),
+        nix_sshopts,
         &cfg,
     )?;
     for n in &table.notes {
@@ -227,7 +234,7 @@ async fn run(args: HookArgs, fd4: Option<OwnedFd>) -> Result<u8, HookError> {
         table,
         config: cfg,
         named_config,
-    } = match load_table(&settings, args.config.as_deref()) {
+    } = match load_table(&settings, &args.config, args.nix_sshopts.as_deref()) {
         Ok(t) => t,
         Err(e) => {
             // A broken configuration must not wedge local builds: say why, loudly, and step
@@ -534,7 +541,7 @@ fn nix_state_dir() -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{BuilderUri, HostKeys, Origin};
+    use crate::config::{BuilderUri, HostKeySpec, Origin};
     use crate::slots::tests::{holder, kill};
     use hook_protocol::hook::TryRequest;
     use std::collections::BTreeSet;
@@ -552,7 +559,7 @@ mod tests {
             speed_factor: 1.0,
             supported_features: BTreeSet::new(),
             mandatory_features: BTreeSet::new(),
-            host_keys: HostKeys::SshDefault,
+            host_keys: HostKeySpec::SshDefault,
             allow_well_known_host_key: false,
             origin: Origin::Toml {
                 file: "/t".into(),

@@ -815,7 +815,7 @@ impl<'p, 't> Plan<'p, 't> {
 mod tests {
     use super::*;
     use crate::config::{
-        BootSpec, BuilderUri, CommandBoot, HostKeys, LazySettings, Origin, StopSignal,
+        BootSpec, BuilderUri, CommandBoot, HostKeySpec, LazySettings, Origin, StopSignal,
     };
     use crate::supervisor::proto::Failure;
     use std::path::PathBuf;
@@ -858,7 +858,7 @@ mod tests {
             speed_factor: 1.0,
             supported_features: BTreeSet::new(),
             mandatory_features: BTreeSet::new(),
-            host_keys: HostKeys::SshDefault,
+            host_keys: HostKeySpec::SshDefault,
             allow_well_known_host_key: false,
             origin: Origin::Toml {
                 file: PathBuf::from("/t"),

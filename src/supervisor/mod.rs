@@ -11,7 +11,6 @@ pub mod proto;
 pub mod server;
 pub mod state;
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -23,8 +22,9 @@ pub use server::{Bound, ServeOptions, Server, SuperviseError};
 /// `nix-lazy-builder supervise [--config PATH] [--auto]`.
 #[derive(Clone, Debug, Default)]
 pub struct SuperviseArgs {
-    /// `--config`: the lazy-builder TOML (else `$NIX_LAZY_BUILDER_CONFIG`, else the default).
-    pub config: Option<PathBuf>,
+    /// The lazy-builder TOML, as `main` resolved it (`--config`, else
+    /// `$NIX_LAZY_BUILDER_CONFIG`, else the default).
+    pub config: config::ConfigPath,
     /// `--auto`: started by a hook; exits once idle.
     pub auto: bool,
 }
@@ -46,7 +46,7 @@ pub fn main(args: SuperviseArgs) -> ExitCode {
 /// [`main`] with a chosen backend (tests use a stand-in); returns the exit status.
 pub fn main_with(args: SuperviseArgs, backend: Arc<dyn backend::Backend>) -> u8 {
     init_logging();
-    let path = config::ConfigPath::for_process(args.config.as_deref());
+    let path = args.config;
     let config = match Config::load(&path) {
         Ok(c) => c,
         Err(e) => {

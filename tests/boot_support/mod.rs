@@ -346,7 +346,7 @@ pub fn vm_image(arch: &str) -> VmImage {
 /// Runs `cmd` on the builder with our own SSH client (pinned host key), returning stdout.
 pub async fn run_over_ssh(builder: &Builder, port: u16, cmd: &str) -> String {
     use tokio::io::AsyncReadExt;
-    let mut target = nix_lazy_builder::remote::ssh_target(builder).expect("ssh target");
+    let mut target = nix_lazy_builder::ssh::SshTarget::for_builder(builder).expect("ssh target");
     target.port = port;
     let session = nix_lazy_builder::ssh::connect(&target)
         .await

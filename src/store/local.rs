@@ -2,7 +2,7 @@
 //! socket through the same worker-protocol client that talks to `ssh-ng://` builders.
 //!
 //! Only reads go through the daemon: a write to an output the daemon has locked would deadlock
-//! (PROTOCOL.md §4), so outputs are placed by `place` instead. When no daemon socket exists (a
+//! (docs/protocol.md §4), so outputs are placed by `place` instead. When no daemon socket exists (a
 //! daemonless, root `nix-build`), `nix-daemon --stdio` serves the same protocol from a child.
 
 use std::collections::BTreeSet;
@@ -15,8 +15,9 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::UnixStream;
 use tokio::process::{Child, Command};
 
-use crate::remote::daemon::{NarSink, NarSource, WorkerClient};
-use crate::remote::{RemoteError, copy_nar};
+use super::RemoteError;
+use super::nar::{NarSink, NarSource};
+use super::worker::WorkerClient;
 
 /// Where the daemon listens unless `NIX_DAEMON_SOCKET_PATH` says otherwise.
 pub const DEFAULT_SOCKET: &str = "/nix/var/nix/daemon-socket/socket";
@@ -136,7 +137,6 @@ impl NarSource for LocalStore {
         info: &PathInfo,
         sink: &mut W,
     ) -> Result<(), RemoteError> {
-        self.client.start_nar_from_path(&info.path).await?;
-        copy_nar(self.client.nar_reader(), info.nar_size, sink).await
+        self.client.nar(info, sink).await
     }
 }

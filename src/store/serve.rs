@@ -1,4 +1,4 @@
-//! The serve-protocol client: `nix-store --serve --write` behind `ssh://`.
+//! `ssh://`: the serve-protocol client for a builder's `nix-store --serve --write`.
 //!
 //! Owns the handshake and the operations a hook needs, gated on the negotiated version. Uploads
 //! are pipelined: every path's AddToStoreNar goes out back to back and the acknowledgements are
@@ -17,7 +17,7 @@ use hook_protocol::serve::{self, BuildOptions};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::RemoteError;
-use super::daemon::{NarSource, PlainSink, write_all, write_all_noflush};
+use super::nar::{NarSink, NarSource, PlainSink, copy_nar, write_all, write_all_noflush};
 use crate::wire_io::WireReader;
 
 /// A connected serve-protocol client.
@@ -130,15 +130,16 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> ServeClient<R, W> {
             .await?)
     }
 
-    /// DumpStorePath: afterwards the path's NAR (of the size its path info gave) is waiting in
-    /// [`ServeClient::nar_reader`]; consume it whole before the next request.
-    pub async fn start_dump(&mut self, path: &StorePath) -> Result<(), RemoteError> {
+    /// DumpStorePath: streams the NAR of `info.path` (exactly `info.nar_size` bytes, the size
+    /// its path info gave; the reply carries nothing else) into `sink`.
+    pub async fn nar<S: NarSink>(
+        &mut self,
+        info: &PathInfo,
+        sink: &mut S,
+    ) -> Result<(), RemoteError> {
         let mut buf = Vec::new();
-        serve::encode_dump_store_path(&mut buf, path);
-        write_all(&mut self.writer, &buf, &self.peer).await
-    }
-
-    pub fn nar_reader(&mut self) -> &mut WireReader<R> {
-        &mut self.reader
+        serve::encode_dump_store_path(&mut buf, &info.path);
+        write_all(&mut self.writer, &buf, &self.peer).await?;
+        copy_nar(&mut self.reader, info.nar_size, sink).await
     }
 }

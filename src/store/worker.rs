@@ -1,5 +1,5 @@
-//! The worker-protocol client: `nix-daemon --stdio` behind `ssh-ng://`, and the local
-//! nix-daemon's socket (see `local`). One client for both, generic over the byte streams.
+//! The worker-protocol client: `nix-daemon --stdio` behind `ssh-ng://` (see `daemon`), and the
+//! local nix-daemon's socket (see `local`). One client for both, generic over the byte streams.
 //!
 //! Owns the handshake, the stderr message loop (log lines go to the [`BuildLog`], remote errors
 //! become [`RemoteError::Daemon`]) and the operations a hook needs. Requests that can be batched
@@ -19,8 +19,9 @@ use hook_protocol::worker::{
     self, BuildMode, ClientOptions, Field, NarUpload, Negotiated, ServerInfo, StderrMessage,
     TypedResult,
 };
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 
+use super::nar::{NarSink, NarSource, copy_nar, write_all, write_all_noflush};
 use super::{BuildLog, RemoteError};
 use crate::wire_io::WireReader;
 
@@ -40,7 +41,7 @@ pub struct WorkerClient<R, W> {
 }
 
 impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> WorkerClient<R, W> {
-    /// Performs the handshake (PROTOCOL.md §8.1). `peer` names the other side in errors.
+    /// Performs the handshake (docs/protocol.md §8.1). `peer` names the other side in errors.
     pub async fn handshake(reader: R, mut writer: W, peer: &str) -> Result<Self, RemoteError> {
         let mut reader = WireReader::new(reader, peer);
         let client = worker::CLIENT_VERSION;
@@ -218,18 +219,18 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> WorkerClient<R, W> {
         Ok(out)
     }
 
-    /// NarFromPath: after this returns, exactly `nar_size` NAR bytes are waiting in
-    /// [`WorkerClient::nar_reader`]; the caller must consume them all before the next request.
-    pub async fn start_nar_from_path(&mut self, path: &StorePath) -> Result<(), RemoteError> {
+    /// NarFromPath: streams the NAR of `info.path` (exactly `info.nar_size` bytes, which the
+    /// reply carries unframed) into `sink`.
+    pub async fn nar<S: NarSink>(
+        &mut self,
+        info: &PathInfo,
+        sink: &mut S,
+    ) -> Result<(), RemoteError> {
         let mut buf = Vec::new();
-        worker::encode_nar_from_path(&mut buf, path);
+        worker::encode_nar_from_path(&mut buf, &info.path);
         self.send(&buf).await?;
-        self.finish_op(None).await
-    }
-
-    /// The reader positioned on a NAR after [`WorkerClient::start_nar_from_path`].
-    pub fn nar_reader(&mut self) -> &mut WireReader<R> {
-        &mut self.reader
+        self.finish_op(None).await?;
+        copy_nar(&mut self.reader, info.nar_size, sink).await
     }
 
     /// Uploads paths (dependencies first). Each NAR is produced by `source`, which must write
@@ -329,35 +330,6 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> WorkerClient<R, W> {
     }
 }
 
-/// Produces the NAR of a path into a sink (the local store's NarFromPath, in practice).
-pub trait NarSource {
-    fn copy_nar<W: NarSink>(
-        &mut self,
-        info: &PathInfo,
-        sink: &mut W,
-    ) -> impl std::future::Future<Output = Result<(), RemoteError>>;
-}
-
-/// Where NAR bytes go: a plain stream, or a framed one.
-pub trait NarSink {
-    fn write(&mut self, data: &[u8]) -> impl std::future::Future<Output = Result<(), RemoteError>>;
-
-    /// Moves the next chunk (1 to `max` bytes) from `reader` into the sink; returns its length.
-    /// A sink that keeps the bytes (hands them to another thread) takes them owned instead,
-    /// with [`WireReader::take_raw_chunk`].
-    fn write_from<R: AsyncRead + Unpin>(
-        &mut self,
-        reader: &mut WireReader<R>,
-        max: usize,
-    ) -> impl std::future::Future<Output = Result<usize, RemoteError>> {
-        async move {
-            let chunk = reader.read_raw_chunk(max, "a NAR").await?;
-            self.write(chunk).await?;
-            Ok(chunk.len())
-        }
-    }
-}
-
 /// Writes a framed stream (worker ≥ 1.23), coalescing small writes into large frames.
 pub struct FramedWriter<'a, W> {
     inner: &'a mut W,
@@ -408,39 +380,4 @@ impl<W: AsyncWrite + Unpin> NarSink for FramedWriter<'_, W> {
         }
         Ok(())
     }
-}
-
-/// A plain byte stream as a [`NarSink`].
-pub struct PlainSink<'a, W> {
-    pub inner: &'a mut W,
-    pub peer: &'a str,
-}
-
-impl<W: AsyncWrite + Unpin> NarSink for PlainSink<'_, W> {
-    async fn write(&mut self, data: &[u8]) -> Result<(), RemoteError> {
-        write_all_noflush(self.inner, data, self.peer).await
-    }
-}
-
-pub(super) async fn write_all_noflush<W: AsyncWrite + Unpin>(
-    w: &mut W,
-    buf: &[u8],
-    peer: &str,
-) -> Result<(), RemoteError> {
-    w.write_all(buf).await.map_err(|source| RemoteError::Write {
-        peer: peer.to_owned(),
-        source,
-    })
-}
-
-pub(super) async fn write_all<W: AsyncWrite + Unpin>(
-    w: &mut W,
-    buf: &[u8],
-    peer: &str,
-) -> Result<(), RemoteError> {
-    write_all_noflush(w, buf, peer).await?;
-    w.flush().await.map_err(|source| RemoteError::Write {
-        peer: peer.to_owned(),
-        source,
-    })
 }
