@@ -3,6 +3,7 @@
 //! The library holds everything; `main.rs` is only the command line. See ARCHITECTURE.md for
 //! the code map and the invariants each module keeps.
 
+pub mod backoff;
 pub mod boot;
 pub mod cli;
 pub mod config;

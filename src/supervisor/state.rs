@@ -20,7 +20,7 @@
 //! - The idle timer runs from the last release (or from "up" if nobody leased it; then it is
 //!   at least [`FIRST_LEASE_GRACE`], so the hook that asked for the boot finds it up).
 //! - Boot failures, unexpected exits and reported failures back off exponentially
-//!   ([`backoff`]); a successful boot resets the count.
+//!   ([`crate::backoff`]); a successful boot resets the count.
 //! - Events from an instance that is no longer current (an older generation) are ignored.
 //! - A new configuration ([`Event::Reconfigure`]) never revokes a lease and never stops a
 //!   leased builder: a new builder appears down; a removed one that has no instance disappears
@@ -38,6 +38,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use super::proto::{BuilderStatus, Failure, Request, Response, State};
+use crate::backoff::backoff;
 use crate::config::Builder;
 
 /// Identifies one client connection.
@@ -48,10 +49,6 @@ pub type Generation = u64;
 
 /// A builder up at least this long before it failed is rebooted without a backoff.
 pub const STABLE_UPTIME: Duration = Duration::from_secs(60);
-/// First backoff delay after a failure.
-pub const BACKOFF_BASE: Duration = Duration::from_secs(10);
-/// Longest backoff delay.
-pub const BACKOFF_CAP: Duration = Duration::from_secs(10 * 60);
 /// How many boot durations are kept per builder for [`BuilderStatus::expected_boot_ms`].
 pub const HISTORY_LEN: usize = 5;
 /// The boot-time guess before a builder has ever booted (capped by its boot timeout). Small VMs
@@ -66,15 +63,6 @@ pub const MAX_WAIT: Duration = Duration::from_secs(30 * 60);
 /// the daemon's next poll (`build-poll-interval`, 5 s by default). Without it, a builder whose
 /// idle timeout is shorter than that is stopped before its first build and booted again.
 pub const FIRST_LEASE_GRACE: Duration = Duration::from_secs(10);
-
-/// The backoff after `consecutive` failures in a row: 10 s × 2^(n−1), capped at 10 min.
-pub fn backoff(consecutive: u32) -> Duration {
-    if consecutive == 0 {
-        return Duration::ZERO;
-    }
-    let shift = (consecutive - 1).min(16);
-    BACKOFF_BASE.saturating_mul(1 << shift).min(BACKOFF_CAP)
-}
 
 /// What the machine needs to know about one lazy builder.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -1435,17 +1423,6 @@ mod tests {
             Response::Refused { reason, .. } => reason,
             other => panic!("expected a refusal, got {other:?}"),
         }
-    }
-
-    #[test]
-    fn backoff_grows_and_caps() {
-        assert_eq!(backoff(0), Duration::ZERO);
-        assert_eq!(backoff(1), 10 * S);
-        assert_eq!(backoff(2), 20 * S);
-        assert_eq!(backoff(3), 40 * S);
-        assert_eq!(backoff(6), 320 * S);
-        assert_eq!(backoff(7), 600 * S);
-        assert_eq!(backoff(1000), 600 * S);
     }
 
     #[test]
