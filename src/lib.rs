@@ -12,6 +12,7 @@ pub mod lazy;
 pub mod local;
 pub mod logging;
 pub mod memory;
+pub mod os;
 pub mod place;
 pub mod remote;
 pub mod select;

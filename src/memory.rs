@@ -28,6 +28,7 @@ use sha2::{Digest, Sha256};
 
 use crate::backoff::backoff;
 use crate::config::Builder;
+use crate::os::ensure_private_dir;
 use crate::select::Availability;
 
 /// The directory under the state directory that holds the records.
@@ -105,8 +106,8 @@ impl FailureMemory {
     /// someone else's or writable by others.
     pub fn open(state_dir: &Path) -> Self {
         let dir = state_dir.join(DIR_NAME);
-        let r = crate::supervisor::server::ensure_private_dir(state_dir)
-            .and_then(|()| crate::supervisor::server::ensure_private_dir(&dir))
+        let r = ensure_private_dir(state_dir)
+            .and_then(|()| ensure_private_dir(&dir))
             .and_then(|()| check_ours(&dir));
         match r {
             Ok(()) => FailureMemory { dir: Some(dir) },

@@ -13,9 +13,9 @@
 //! their tasks, and a forced shutdown aborts those tasks, which drops (and so kills) them.
 
 use std::collections::HashMap;
-use std::fs::{DirBuilder, File, OpenOptions};
+use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -32,6 +32,7 @@ use super::state::{
     Action, BootHistory, BuilderConfig, ConnId, Event, Generation, Machine, Settings,
 };
 use crate::config::{Builder, Config, ConfigPath, ConfigSource};
+use crate::os::ensure_private_dir;
 
 /// The lock file that makes sure one supervisor runs per state directory.
 pub const LOCK_NAME: &str = "supervisor.lock";
@@ -223,21 +224,6 @@ impl Reloader {
 /// The socket path for a state directory.
 pub fn socket_path(state_dir: &Path) -> PathBuf {
     state_dir.join(proto::SOCKET_NAME)
-}
-
-/// Create `path` as a directory only its owner can use (0700); parents are created normally.
-pub fn ensure_private_dir(path: &Path) -> io::Result<()> {
-    if let Some(parent) = path.parent()
-        && !parent.as_os_str().is_empty()
-    {
-        std::fs::create_dir_all(parent)?;
-    }
-    match DirBuilder::new().mode(0o700).create(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && path.is_dir() => {}
-        Err(e) => return Err(e),
-    }
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
 }
 
 /// Connect and read the hello: is a supervisor serving on `socket`?
