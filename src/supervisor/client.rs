@@ -19,8 +19,8 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 
+use super::paths::{log_path, socket_path};
 use super::proto::{BuilderStatus, Request, Response, State};
-use super::server::{LOG_NAME, socket_path};
 use crate::os::ensure_private_dir;
 use crate::select::Availability;
 
@@ -277,7 +277,7 @@ impl Client {
     ) -> Result<Client, ClientError> {
         tracing::debug!("no supervisor answers ({first}); starting one");
         let socket = socket_path(state_dir);
-        let log = state_dir.join(LOG_NAME);
+        let log = log_path(state_dir);
         let spawn_err = |source| ClientError::Spawn {
             socket: socket.clone(),
             program: cmd.program.display().to_string(),

@@ -1,12 +1,14 @@
 //! The supervisor: one long-lived process per host that owns every lazy builder. `state.rs`
 //! decides (a pure state machine), `server.rs` carries the decisions out (socket, lock, tasks,
 //! timers, signals), `backend.rs` is its view of the boot backends, `client.rs` is what hooks and
-//! the CLI call, and `proto.rs` is the socket protocol between them.
+//! the CLI call, `proto.rs` is the socket protocol between them and `paths.rs` the state
+//! directory's layout they share.
 //!
 //! Nothing here prints to stdout; an auto-started supervisor's stderr is its log file.
 
 pub mod backend;
 pub mod client;
+pub mod paths;
 pub mod proto;
 pub mod server;
 pub mod state;

@@ -27,6 +27,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use tracing::{debug, error, info, warn};
 
 use super::backend::{Backend, InstanceContext};
+use super::paths::{BUILDERS_DIR, HISTORY_NAME, LOCK_NAME, builder_dir, socket_path};
 use super::proto::{self, Request, Response};
 use super::state::{
     Action, BootHistory, BuilderConfig, ConnId, Event, Generation, Machine, Settings,
@@ -34,14 +35,6 @@ use super::state::{
 use crate::config::{Builder, Config, ConfigPath, ConfigSource};
 use crate::os::ensure_private_dir;
 
-/// The lock file that makes sure one supervisor runs per state directory.
-pub const LOCK_NAME: &str = "supervisor.lock";
-/// Where an auto-started supervisor's stdout and stderr go.
-pub const LOG_NAME: &str = "supervisor.log";
-/// Boot durations, so that a restarted supervisor still knows how long a boot takes.
-pub const HISTORY_NAME: &str = "boot-times.json";
-/// Per-builder directories live under this directory of the state directory.
-pub const BUILDERS_DIR: &str = "builders";
 /// Overrides [`DEFAULT_EXIT_AFTER_IDLE`] (milliseconds), e.g. for tests.
 pub const LINGER_ENV: &str = "NIX_LAZY_BUILDER_SUPERVISOR_LINGER_MS";
 /// How long an auto-started supervisor stays with every builder down and no client.
@@ -219,11 +212,6 @@ impl Reloader {
             }
         }
     }
-}
-
-/// The socket path for a state directory.
-pub fn socket_path(state_dir: &Path) -> PathBuf {
-    state_dir.join(proto::SOCKET_NAME)
 }
 
 /// Connect and read the hello: is a supervisor serving on `socket`?
@@ -482,7 +470,7 @@ impl Server {
         }
         let lazy = lazy_builders(&config);
         for b in &lazy {
-            let dir = self.state_dir.join(BUILDERS_DIR).join(&b.name);
+            let dir = builder_dir(&self.state_dir, &b.name);
             if let Err(e) = ensure_private_dir(&dir) {
                 // Its boot will say so again; the rest of the config still applies.
                 warn!("config reload: cannot create '{}': {e}", dir.display());
@@ -678,7 +666,7 @@ impl Server {
                         let (stop_tx, stop_rx) = oneshot::channel();
                         let ctx = InstanceContext {
                             builder: builder.clone(),
-                            dir: self.state_dir.join(BUILDERS_DIR).join(&builder),
+                            dir: builder_dir(&self.state_dir, &builder),
                         };
                         let join = tokio::spawn(instance_task(
                             backend.clone(),
