@@ -241,14 +241,14 @@ struct UpInfo {
 }
 
 #[derive(Clone, Debug)]
-struct FailureMemory {
+struct LastFailure {
     cause: String,
     at: Instant,
     /// Failures in a row; 0 after a successful boot (the cause stays for `status`).
     consecutive: u32,
 }
 
-impl FailureMemory {
+impl LastFailure {
     fn retry_at(&self) -> Instant {
         self.at + backoff(self.consecutive)
     }
@@ -267,7 +267,7 @@ struct Slot {
     /// Whether a lease was granted since the builder last came up ([`FIRST_LEASE_GRACE`]).
     leased_since_up: bool,
     boots: u32,
-    failure: Option<FailureMemory>,
+    failure: Option<LastFailure>,
     history: VecDeque<u64>,
     /// Connections waiting in `wait-ready`, with their deadlines.
     waiters: Vec<(ConnId, Instant)>,
@@ -297,7 +297,7 @@ impl Slot {
         }
     }
 
-    fn backing_off(&self, now: Instant) -> Option<&FailureMemory> {
+    fn backing_off(&self, now: Instant) -> Option<&LastFailure> {
         self.failure
             .as_ref()
             .filter(|f| f.consecutive > 0 && f.retry_at() > now)
@@ -740,7 +740,7 @@ impl Machine {
             s.cfg.name,
             backoff(consecutive).as_secs()
         );
-        s.failure = Some(FailureMemory {
+        s.failure = Some(LastFailure {
             cause,
             at: now,
             consecutive,
