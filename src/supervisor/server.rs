@@ -30,7 +30,7 @@ use super::backend::{Backend, InstanceContext};
 use super::paths::{BUILDERS_DIR, HISTORY_NAME, LOCK_NAME, builder_dir, socket_path};
 use super::proto::{self, Request, Response};
 use super::state::{
-    Action, BootHistory, BuilderConfig, ConnId, Event, Generation, Machine, Settings,
+    Action, BootHistory, BuilderConfig, ConnId, Event, Generation, LogLevel, Machine, Settings,
 };
 use crate::config::{Builder, Config, ConfigPath, ConfigSource};
 use crate::os::ensure_private_dir;
@@ -410,6 +410,20 @@ fn save_history(path: &Path, history: &BootHistory) {
     }
 }
 
+/// The target of the machine's log lines: its own module, so that a filter such as
+/// `NIX_LAZY_BUILDER_LOG=nix_lazy_builder::supervisor::state=debug` selects them.
+const MACHINE_LOG: &str = "nix_lazy_builder::supervisor::state";
+
+/// Write one of the machine's log lines ([`Action::Log`]).
+fn log_line(level: LogLevel, message: &str) {
+    match level {
+        LogLevel::Debug => debug!(target: MACHINE_LOG, "{message}"),
+        LogLevel::Info => info!(target: MACHINE_LOG, "{message}"),
+        LogLevel::Warn => warn!(target: MACHINE_LOG, "{message}"),
+        LogLevel::Error => error!(target: MACHINE_LOG, "{message}"),
+    }
+}
+
 /// One instance task's handle.
 struct InstanceHandle {
     generation: Generation,
@@ -704,6 +718,7 @@ impl Server {
                     Action::SetTimer(t) => timer = t,
                     Action::SaveHistory => save_history(&history_path, &self.machine.history()),
                     Action::Exit => break 'serve false,
+                    Action::Log { level, message } => log_line(level, &message),
                 }
             }
         };

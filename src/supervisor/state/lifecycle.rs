@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::{Action, Generation, LastFailure, Machine, Phase, Slot, UpInfo, ms};
+use super::{Action, Generation, LastFailure, LogLevel, Machine, Phase, Slot, UpInfo, log, ms};
 use crate::backoff::backoff;
 
 /// A builder up at least this long before it failed is rebooted without a backoff.
@@ -28,13 +28,22 @@ impl Slot {
 
 impl Machine {
     /// The slot index if `generation` is the builder's current instance and it has one.
-    pub(super) fn current(&self, builder: &str, generation: Generation) -> Option<usize> {
+    pub(super) fn current(
+        &self,
+        builder: &str,
+        generation: Generation,
+        out: &mut Vec<Action>,
+    ) -> Option<usize> {
         let i = self.slot_index(builder)?;
         let s = &self.slots[i];
         if s.generation == generation && s.phase.has_instance() {
             Some(i)
         } else {
-            tracing::debug!("ignoring a stale event of builder '{builder}' instance {generation}");
+            log(
+                out,
+                LogLevel::Debug,
+                format!("ignoring a stale event of builder '{builder}' instance {generation}"),
+            );
             None
         }
     }
@@ -57,14 +66,24 @@ impl Machine {
         s.phase = Phase::Booting { since: now };
         s.up = None;
         s.reboot_after_stop = false;
-        tracing::info!("booting builder '{}' (boot {})", s.cfg.name, s.boots);
+        log(
+            out,
+            LogLevel::Info,
+            format!("booting builder '{}' (boot {})", s.cfg.name, s.boots),
+        );
         out.push(Action::StartBoot {
             builder: s.cfg.name.clone(),
             generation: s.generation,
         });
     }
 
-    pub(super) fn record_failure(&mut self, i: usize, cause: String, now: Instant) {
+    pub(super) fn record_failure(
+        &mut self,
+        i: usize,
+        cause: String,
+        now: Instant,
+        out: &mut Vec<Action>,
+    ) {
         let s = &mut self.slots[i];
         // A builder that ran well for a while and then died (a VM killed, OOM) is not a boot
         // loop: remember why, but let the next build boot it again at once.
@@ -76,10 +95,14 @@ impl Machine {
         } else {
             s.failure.as_ref().map_or(0, |f| f.consecutive) + 1
         };
-        tracing::warn!(
-            "builder '{}' failed ({consecutive} in a row, next boot in {}s at the earliest): {cause}",
-            s.cfg.name,
-            backoff(consecutive).as_secs()
+        log(
+            out,
+            LogLevel::Warn,
+            format!(
+                "builder '{}' failed ({consecutive} in a row, next boot in {}s at the earliest): {cause}",
+                s.cfg.name,
+                backoff(consecutive).as_secs()
+            ),
         );
         s.failure = Some(LastFailure {
             cause,
@@ -102,10 +125,14 @@ impl Machine {
             // A stop raced with the end of the boot; the stop's own event follows.
             return;
         }
-        tracing::info!(
-            "builder '{}' is up after {:.1}s (port {port}, {nix_version})",
-            s.cfg.name,
-            took.as_secs_f64()
+        log(
+            out,
+            LogLevel::Info,
+            format!(
+                "builder '{}' is up after {:.1}s (port {port}, {nix_version})",
+                s.cfg.name,
+                took.as_secs_f64()
+            ),
         );
         s.phase = Phase::Up;
         s.up = Some(UpInfo {
@@ -141,7 +168,7 @@ impl Machine {
         };
         match how {
             Gone::BootFailed(cause) => {
-                self.record_failure(i, cause, now);
+                self.record_failure(i, cause, now, out);
                 failed = true;
             }
             Gone::Exited(report) if !matches!(phase, Phase::Stopping { .. }) => {
@@ -150,17 +177,25 @@ impl Machine {
                 } else {
                     "exited on its own"
                 };
-                self.record_failure(i, format!("{what}: {report}"), now);
+                self.record_failure(i, format!("{what}: {report}"), now, out);
                 failed = true;
             }
             Gone::Exited(report) | Gone::Stopped(report) => {
-                tracing::info!("builder '{name}' stopped: {report}");
+                log(
+                    out,
+                    LogLevel::Info,
+                    format!("builder '{name}' stopped: {report}"),
+                );
             }
         }
         // The instance is gone: leases on it mean nothing any more.
         let dropped = self.slots[i].leases;
         if dropped > 0 {
-            tracing::warn!("builder '{name}' is gone while {dropped} lease(s) were held");
+            log(
+                out,
+                LogLevel::Warn,
+                format!("builder '{name}' is gone while {dropped} lease(s) were held"),
+            );
             for c in self.clients.values_mut() {
                 c.leases.remove(&name);
             }
@@ -178,7 +213,11 @@ impl Machine {
         let reboot = std::mem::take(&mut self.slots[i].reboot_after_stop);
         if self.slots[i].removed {
             self.wake_waiters(i, now, out);
-            tracing::info!("builder '{name}' was removed from the config and is gone now");
+            log(
+                out,
+                LogLevel::Info,
+                format!("builder '{name}' was removed from the config and is gone now"),
+            );
             self.slots.remove(i);
         } else if reboot && !self.shutting_down && self.slots[i].backing_off(now).is_none() {
             self.start_boot(i, now, out);
@@ -190,7 +229,7 @@ impl Machine {
     /// SIGTERM/SIGINT: stop every instance, leases or not (the exit follows once all are gone).
     pub(super) fn shutdown(&mut self, out: &mut Vec<Action>) {
         if !self.shutting_down {
-            tracing::info!("shutting down: stopping every builder");
+            log(out, LogLevel::Info, "shutting down: stopping every builder");
             self.shutting_down = true;
             for i in 0..self.slots.len() {
                 self.slots[i].reboot_after_stop = false;

@@ -188,6 +188,25 @@ pub enum Action {
     SaveHistory,
     /// Exit: every instance is gone and nobody needs the supervisor.
     Exit,
+    /// Write this line to the supervisor's log.
+    Log { level: LogLevel, message: String },
+}
+
+/// How much a log line matters (the runtime maps it onto its logger's levels).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogLevel {
+    Debug,
+    Info,
+    Warn,
+    Error,
+}
+
+/// Log `message` at `level` (an [`Action::Log`]).
+fn log(out: &mut Vec<Action>, level: LogLevel, message: impl Into<String>) {
+    out.push(Action::Log {
+        level,
+        message: message.into(),
+    });
 }
 
 /// Why a builder drains.
@@ -410,7 +429,7 @@ impl Machine {
                 nix_version,
                 took,
             } => {
-                if let Some(i) = self.current(&builder, generation) {
+                if let Some(i) = self.current(&builder, generation, &mut out) {
                     self.boot_succeeded(i, port, nix_version, took, now, &mut out);
                 }
             }
@@ -419,7 +438,7 @@ impl Machine {
                 generation,
                 cause,
             } => {
-                if let Some(i) = self.current(&builder, generation) {
+                if let Some(i) = self.current(&builder, generation, &mut out) {
                     self.instance_gone(i, Gone::BootFailed(cause), now, &mut out);
                 }
             }
@@ -428,7 +447,7 @@ impl Machine {
                 generation,
                 report,
             } => {
-                if let Some(i) = self.current(&builder, generation) {
+                if let Some(i) = self.current(&builder, generation, &mut out) {
                     self.instance_gone(i, Gone::Exited(report), now, &mut out);
                 }
             }
@@ -437,7 +456,7 @@ impl Machine {
                 generation,
                 report,
             } => {
-                if let Some(i) = self.current(&builder, generation) {
+                if let Some(i) = self.current(&builder, generation, &mut out) {
                     self.instance_gone(i, Gone::Stopped(report), now, &mut out);
                 }
             }

@@ -7,7 +7,7 @@ use std::collections::VecDeque;
 use std::time::Instant;
 
 use super::status::answer_waiters;
-use super::{Action, BuilderConfig, DrainReason, Machine, Phase, Slot};
+use super::{Action, BuilderConfig, DrainReason, LogLevel, Machine, Phase, Slot, log};
 
 impl Machine {
     /// Apply a new configuration; see the module comment for the rules.
@@ -25,14 +25,22 @@ impl Machine {
                 continue; // The config parser refuses duplicates; never two slots per name.
             }
             let Some(pos) = old.iter().position(|s| s.cfg.name == cfg.name) else {
-                tracing::info!("config: new lazy builder '{}'", cfg.name);
+                log(
+                    out,
+                    LogLevel::Info,
+                    format!("config: new lazy builder '{}'", cfg.name),
+                );
                 slots.push(Slot::new(cfg, VecDeque::new(), now));
                 continue;
             };
             let mut s = old.remove(pos);
             if s.removed {
                 // Back before its instance was gone: it keeps serving as it was.
-                tracing::info!("config: builder '{}' is configured again", cfg.name);
+                log(
+                    out,
+                    LogLevel::Info,
+                    format!("config: builder '{}' is configured again", cfg.name),
+                );
                 s.removed = false;
                 if s.phase == Phase::Draining(DrainReason::Removed) {
                     s.undrain(now);
@@ -40,16 +48,20 @@ impl Machine {
             }
             if s.cfg != cfg {
                 let boot_changed = s.cfg.boot_fingerprint != cfg.boot_fingerprint;
-                tracing::info!(
-                    "config: builder '{}' changed{}",
-                    cfg.name,
-                    match (s.phase.has_instance(), boot_changed) {
-                        (true, true) =>
-                            "; the running instance is kept, the new boot settings apply from its next boot",
-                        (false, true) =>
-                            "; its boot settings changed, so its failure memory is cleared",
-                        _ => "",
-                    }
+                log(
+                    out,
+                    LogLevel::Info,
+                    format!(
+                        "config: builder '{}' changed{}",
+                        cfg.name,
+                        match (s.phase.has_instance(), boot_changed) {
+                            (true, true) =>
+                                "; the running instance is kept, the new boot settings apply from its next boot",
+                            (false, true) =>
+                                "; its boot settings changed, so its failure memory is cleared",
+                            _ => "",
+                        }
+                    ),
                 );
                 if boot_changed {
                     s.failure = None;
@@ -72,14 +84,22 @@ impl Machine {
             s.reboot_after_stop = false;
             match s.phase {
                 Phase::Down | Phase::Failed => {
-                    tracing::info!("config: builder '{}' removed", s.cfg.name);
+                    log(
+                        out,
+                        LogLevel::Info,
+                        format!("config: builder '{}' removed", s.cfg.name),
+                    );
                     // Nobody waits on a builder without an instance, but answer any anyway.
                     let status = self.status_of_slot(&s, now);
                     answer_waiters(std::mem::take(&mut s.waiters), &status, out);
                     continue;
                 }
                 Phase::Booting { .. } | Phase::Up if s.leases == 0 => {
-                    tracing::info!("config: builder '{}' removed: stopping it", s.cfg.name);
+                    log(
+                        out,
+                        LogLevel::Info,
+                        format!("config: builder '{}' removed: stopping it", s.cfg.name),
+                    );
                     s.removed = true;
                     s.phase = Phase::Stopping { failed: false };
                     out.push(Action::Stop {
@@ -88,16 +108,23 @@ impl Machine {
                     });
                 }
                 Phase::Up | Phase::Draining(_) => {
-                    tracing::info!(
-                        "config: builder '{}' removed: draining {} lease(s), then stopping it",
-                        s.cfg.name,
-                        s.leases
+                    log(
+                        out,
+                        LogLevel::Info,
+                        format!(
+                            "config: builder '{}' removed: draining {} lease(s), then stopping it",
+                            s.cfg.name, s.leases
+                        ),
                     );
                     s.removed = true;
                     s.phase = Phase::Draining(DrainReason::Removed);
                 }
                 Phase::Booting { .. } | Phase::Stopping { .. } => {
-                    tracing::info!("config: builder '{}' removed: stopping it", s.cfg.name);
+                    log(
+                        out,
+                        LogLevel::Info,
+                        format!("config: builder '{}' removed: stopping it", s.cfg.name),
+                    );
                     s.removed = true;
                 }
             }

@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::{Action, ConnId, DrainReason, Machine, Phase, Slot, one_line};
+use super::{Action, ConnId, DrainReason, LogLevel, Machine, Phase, Slot, log, one_line};
 use crate::supervisor::proto::{Request, Response};
 
 /// The longest `wait-ready` a client may ask for.
@@ -103,7 +103,7 @@ impl Machine {
                 let cause = one_line(&cause);
                 match self.slots[i].phase {
                     Phase::Up => {
-                        self.record_failure(i, cause, now);
+                        self.record_failure(i, cause, now, out);
                         if self.slots[i].leases == 0 {
                             self.stop(i, true, out);
                         } else {
@@ -111,14 +111,18 @@ impl Machine {
                         }
                     }
                     Phase::Draining(DrainReason::Down) => {
-                        self.record_failure(i, cause, now);
+                        self.record_failure(i, cause, now, out);
                         self.slots[i].phase = Phase::Draining(DrainReason::Failure);
                     }
                     // Already handled (a second report of the same incident), or about an
                     // instance that is gone: nothing to restart.
-                    _ => tracing::debug!(
-                        "builder '{name}': failure report ignored in state {:?}: {cause}",
-                        self.slots[i].phase.state()
+                    _ => log(
+                        out,
+                        LogLevel::Debug,
+                        format!(
+                            "builder '{name}': failure report ignored in state {:?}: {cause}",
+                            self.slots[i].phase.state()
+                        ),
                     ),
                 }
                 Self::reply(out, conn, Response::Ok);
@@ -130,9 +134,13 @@ impl Machine {
                     Phase::Booting { .. } => self.stop(i, false, out),
                     Phase::Up if s.leases == 0 => self.stop(i, false, out),
                     Phase::Up => {
-                        tracing::info!(
-                            "builder '{name}': down requested, draining {} lease(s)",
-                            s.leases
+                        log(
+                            out,
+                            LogLevel::Info,
+                            format!(
+                                "builder '{name}': down requested, draining {} lease(s)",
+                                s.leases
+                            ),
                         );
                         s.phase = Phase::Draining(DrainReason::Down);
                     }
@@ -193,18 +201,26 @@ impl Machine {
         match s.phase {
             Phase::Booting { .. } | Phase::Up => {}
             Phase::Draining(DrainReason::Down) => {
-                tracing::info!(
-                    "builder '{}': boot requested while draining, kept up",
-                    s.cfg.name
+                log(
+                    out,
+                    LogLevel::Info,
+                    format!(
+                        "builder '{}': boot requested while draining, kept up",
+                        s.cfg.name
+                    ),
                 );
                 s.undrain(now);
             }
             Phase::Draining(DrainReason::Removed) => {} // refused above
             Phase::Draining(DrainReason::Failure) => {
                 if force {
-                    tracing::info!(
-                        "builder '{}': forced up while draining after a failure, kept up",
-                        s.cfg.name
+                    log(
+                        out,
+                        LogLevel::Info,
+                        format!(
+                            "builder '{}': forced up while draining after a failure, kept up",
+                            s.cfg.name
+                        ),
                     );
                     s.undrain(now);
                 } else {
@@ -303,7 +319,11 @@ impl Machine {
         };
         for (name, n) in info.leases {
             if let Some(i) = self.slot_index(&name) {
-                tracing::info!("a client went away holding {n} lease(s) on '{name}': released");
+                log(
+                    out,
+                    LogLevel::Info,
+                    format!("a client went away holding {n} lease(s) on '{name}': released"),
+                );
                 self.release_n(i, n, now, out);
             }
         }
@@ -324,14 +344,18 @@ impl Machine {
         }
         s.idle_since = now;
         if let Phase::Draining(reason) = s.phase {
-            tracing::info!(
-                "builder '{}': last lease released, stopping it ({})",
-                s.cfg.name,
-                match reason {
-                    DrainReason::Down => "down was requested",
-                    DrainReason::Failure => "restart after a reported failure",
-                    DrainReason::Removed => "removed from the config",
-                }
+            log(
+                out,
+                LogLevel::Info,
+                format!(
+                    "builder '{}': last lease released, stopping it ({})",
+                    s.cfg.name,
+                    match reason {
+                        DrainReason::Down => "down was requested",
+                        DrainReason::Failure => "restart after a reported failure",
+                        DrainReason::Removed => "removed from the config",
+                    }
+                ),
             );
             self.stop(i, reason == DrainReason::Failure, out);
         }

@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use super::status::answer_waiters;
-use super::{Action, Machine, Phase, Slot};
+use super::{Action, LogLevel, Machine, Phase, Slot, log};
 
 /// A freshly booted builder that nobody has leased yet is kept at least this long, whatever its
 /// idle timeout: the hook that asked for the boot usually postponed and comes back only with
@@ -59,10 +59,16 @@ impl Machine {
     pub(super) fn timers(&mut self, now: Instant, out: &mut Vec<Action>) {
         for i in 0..self.slots.len() {
             if self.slots[i].idle_stop_at().is_some_and(|t| t <= now) {
-                tracing::info!(
-                    "builder '{}' has been idle for {}: stopping it",
-                    self.slots[i].cfg.name,
-                    humantime::format_duration(self.slots[i].cfg.idle_timeout.unwrap_or_default())
+                log(
+                    out,
+                    LogLevel::Info,
+                    format!(
+                        "builder '{}' has been idle for {}: stopping it",
+                        self.slots[i].cfg.name,
+                        humantime::format_duration(
+                            self.slots[i].cfg.idle_timeout.unwrap_or_default()
+                        )
+                    ),
                 );
                 self.stop(i, false, out);
             }
@@ -80,7 +86,11 @@ impl Machine {
             self.exited = true;
             out.push(Action::Exit);
         } else if self.exit_at().is_some_and(|t| t <= now) {
-            tracing::info!("every builder is down and no client is connected: exiting");
+            log(
+                out,
+                LogLevel::Info,
+                "every builder is down and no client is connected: exiting",
+            );
             self.exited = true;
             out.push(Action::Exit);
         }

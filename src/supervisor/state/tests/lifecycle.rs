@@ -186,3 +186,36 @@ fn shutdown_stops_everything_then_exits() {
     let out = t.fail("b", "cancelled");
     assert!(has_exit(&out));
 }
+
+#[test]
+fn log_lines_are_actions_next_to_what_they_describe() {
+    let mut t = T::new(vec![cfg("vm", 1, Some(30))], None);
+    let out = t.boot(1, "vm");
+    let logged = |out: &[Action], level: LogLevel, text: &str| {
+        out.iter().position(|a| {
+            matches!(a, Action::Log { level: l, message } if *l == level && message.contains(text))
+        })
+    };
+    let start = out
+        .iter()
+        .position(|a| matches!(a, Action::StartBoot { .. }))
+        .expect("a boot");
+    let line = logged(&out, LogLevel::Info, "booting builder 'vm' (boot 1)").expect("logged");
+    assert!(
+        line < start,
+        "the line comes before the boot it announces: {out:?}"
+    );
+    let out = t.succeed("vm", 3);
+    assert!(logged(&out, LogLevel::Info, "builder 'vm' is up after 3.0s").is_some());
+    // A stale instance's event is only worth a debug line.
+    let out = t.ev(Event::StopFinished {
+        builder: "vm".into(),
+        generation: 0,
+        report: "x".into(),
+    });
+    assert!(logged(&out, LogLevel::Debug, "ignoring a stale event").is_some());
+    let out = t.advance(30 * S);
+    assert!(logged(&out, LogLevel::Info, "has been idle for 30s: stopping it").is_some());
+    let out = t.fail("vm", "boom");
+    assert!(logged(&out, LogLevel::Warn, "builder 'vm' failed (1 in a row").is_some());
+}
