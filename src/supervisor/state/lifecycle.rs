@@ -1,15 +1,20 @@
 //! A builder's life: boot (a new generation each time), up, stop, gone; failures remembered
 //! with an exponential backoff (`crate::backoff`) unless the builder ran well for a while;
-//! events of an older generation ignored; the boot-time history; and the supervisor's shutdown.
+//! events of an older generation ignored; the boot-time history; and the supervisor's shutdown
+//! (graceful first, killed on a second signal or after [`SHUTDOWN_BOUND`]).
 
 use std::time::{Duration, Instant};
 
-use super::{Action, Generation, LastFailure, LogLevel, Machine, Phase, Slot, UpInfo, log, ms};
+use super::{
+    Action, Generation, LastFailure, LogLevel, Machine, Phase, SHUTDOWN_BOUND, Slot, UpInfo, log,
+    ms,
+};
 use crate::backoff::backoff;
 
 /// A builder up at least this long before it failed is rebooted without a backoff.
 pub const STABLE_UPTIME: Duration = Duration::from_secs(60);
-/// How many boot durations are kept per builder for [`BuilderStatus::expected_boot_ms`].
+/// How many boot durations are kept per builder for
+/// [`BuilderStatus::expected_boot_ms`](crate::supervisor::proto::BuilderStatus::expected_boot_ms).
 pub const HISTORY_LEN: usize = 5;
 
 impl LastFailure {
@@ -226,21 +231,39 @@ impl Machine {
         }
     }
 
-    /// SIGTERM/SIGINT: stop every instance, leases or not (the exit follows once all are gone).
-    pub(super) fn shutdown(&mut self, out: &mut Vec<Action>) {
-        if !self.shutting_down {
-            log(out, LogLevel::Info, "shutting down: stopping every builder");
-            self.shutting_down = true;
-            for i in 0..self.slots.len() {
-                self.slots[i].reboot_after_stop = false;
-                match self.slots[i].phase {
-                    Phase::Booting { .. } | Phase::Up | Phase::Draining(_) => {
-                        self.stop(i, false, out)
-                    }
-                    _ => {}
-                }
+    /// SIGTERM/SIGINT. The first stops every instance, leases or not (the exit follows once all
+    /// are gone, or the kill at [`SHUTDOWN_BOUND`]); a second kills them now.
+    pub(super) fn shutdown(&mut self, now: Instant, out: &mut Vec<Action>) {
+        if self.shutting_down {
+            log(
+                out,
+                LogLevel::Warn,
+                "second signal: killing every builder now",
+            );
+            self.kill_all(out);
+            return;
+        }
+        log(
+            out,
+            LogLevel::Info,
+            "signal received: stopping every builder, then exiting",
+        );
+        log(out, LogLevel::Info, "shutting down: stopping every builder");
+        self.shutting_down = true;
+        self.kill_at = Some(now + SHUTDOWN_BOUND);
+        for i in 0..self.slots.len() {
+            self.slots[i].reboot_after_stop = false;
+            match self.slots[i].phase {
+                Phase::Booting { .. } | Phase::Up | Phase::Draining(_) => self.stop(i, false, out),
+                _ => {}
             }
         }
+    }
+
+    /// Give up on graceful stops: the runtime kills every instance and exits.
+    pub(super) fn kill_all(&mut self, out: &mut Vec<Action>) {
+        self.exited = true;
+        out.push(Action::KillAll);
     }
 }
 

@@ -1,21 +1,24 @@
 //! The supervisor's state machine: every lazy builder's life (down → booting → up → draining →
 //! stopping → down, plus failed with backoff), the leases each connection holds, the WaitReady
-//! waiters, the idle timers, failure memory, boot-time history and the exit decision.
+//! waiters, the idle timers, failure memory, boot-time history, when to read the configuration
+//! again, the shutdown (and its kill) and the exit decision.
 //!
 //! It is sans-IO: [`Machine::handle`] takes an [`Event`] and the current time and returns the
-//! [`Action`]s the runtime must carry out. It must never read a clock, touch a file, spawn a task
-//! or talk to a socket; the runtime (`server.rs`) does all of that.
+//! [`Action`]s the runtime must carry out, its log lines included ([`Action::Log`]). It must
+//! never read a clock, touch a file, spawn a task, talk to a socket or write a log; the runtime
+//! (`server.rs`) does all of that.
 //!
 //! This file holds the machine's types and its dispatch; the rules live one per file:
 //! `requests.rs` (what clients ask, leases), `lifecycle.rs` (boots, failures, stops, shutdown),
-//! `reconfigure.rs` (a new configuration), `status.rs` (what `status` shows) and `timers.rs`
-//! (idle stops, deadlines, the exit).
+//! `reconfigure.rs` (when to reread the configuration, and applying it), `status.rs` (what
+//! `status` shows) and `timers.rs` (idle stops, deadlines, the exit, the shutdown's kill).
 //!
 //! Rules it keeps (each has a unit test in `tests/`, one file per rule):
 //! - A lease is tied to its connection; a connection that goes away releases all of its leases.
 //! - A builder holding a lease is never stopped: an idle stop, a `down` request and a
 //!   `report-failure` all wait until the last lease is released. Only a supervisor shutdown
-//!   (SIGTERM) overrides that.
+//!   (SIGTERM) overrides that; a second signal, or [`SHUTDOWN_BOUND`] without every instance
+//!   gone, kills them ([`Action::KillAll`]).
 //! - `report-failure` records the failure (with backoff) once per incident and drains the
 //!   builder: holders keep their leases until they release them, no new lease is granted, and the
 //!   builder is stopped after the last release. It is booted again by the next `boot` once the
@@ -36,6 +39,10 @@
 //!   settings changed, its failure memory and backoff are cleared. A configuration that could
 //!   not be loaded ([`Event::ReconfigureFailed`]) changes nothing but is named in the error
 //!   for an unknown builder.
+//! - The configuration is read again ([`Action::ReloadConfig`]) on SIGHUP, when the file
+//!   changed and has settled ([`SETTLE`]), and before answering a boot, wait-ready or lease
+//!   for a builder it does not know (when the file changed at all, or at most every
+//!   [`UNKNOWN_RELOAD_EVERY`]); never without a file ([`Settings::reloads`]).
 
 mod lifecycle;
 mod reconfigure;
@@ -55,9 +62,10 @@ use crate::config::Builder;
 
 use lifecycle::Gone;
 pub use lifecycle::{HISTORY_LEN, STABLE_UPTIME};
+pub use reconfigure::{ConfigFileSeen, ReloadWhy, SETTLE, UNKNOWN_RELOAD_EVERY};
 pub use requests::MAX_WAIT;
 pub use status::DEFAULT_EXPECTED_BOOT;
-pub use timers::FIRST_LEASE_GRACE;
+pub use timers::{FIRST_LEASE_GRACE, SHUTDOWN_BOUND};
 
 /// Identifies one client connection.
 pub type ConnId = u64;
@@ -112,6 +120,9 @@ pub struct Settings {
     /// Auto-started supervisors exit after this long with every builder down and no client
     /// connected; `None` (a supervisor run by a service manager) never exits on its own.
     pub exit_after_idle: Option<Duration>,
+    /// There is a configuration file to read again ([`Action::ReloadConfig`]) on SIGHUP, when
+    /// it changed, or when a request names a builder the machine does not know; `false`: never.
+    pub reloads: bool,
 }
 
 /// Boot durations per builder, newest last, in milliseconds. Persisted by the runtime as JSON.
@@ -155,12 +166,20 @@ pub enum Event {
     },
     /// The timer set with [`Action::SetTimer`] fired (spurious ticks are harmless).
     Tick,
-    /// SIGTERM/SIGINT: stop every instance (leases or not) and exit.
+    /// SIGTERM or SIGINT. The first stops every instance (leases or not) and exits once they
+    /// are gone, killing what is left after [`SHUTDOWN_BOUND`]; a second one kills them now
+    /// ([`Action::KillAll`]).
     Shutdown,
-    /// The configuration was (re)loaded: these are the lazy builders now, in file order.
+    /// SIGHUP: read the configuration again.
+    ReloadSignal,
+    /// What one `stat` of the configuration file says, taken as a client connected or sent a
+    /// request and fed just before that event.
+    ConfigFile(ConfigFileSeen),
+    /// The configuration was (re)loaded: these are the lazy builders now, in file order. The
+    /// answer to [`Action::ReloadConfig`], or the runtime's own first read.
     Reconfigure(Vec<BuilderConfig>),
-    /// Reloading the configuration failed (one line: file, line, why); the old one stays. The
-    /// cause is appended to the error for an unknown builder until a reload succeeds.
+    /// Reloading the configuration failed (file, line, why); the old one stays. The cause is
+    /// appended to the error for an unknown builder until a reload succeeds.
     ReconfigureFailed(String),
 }
 
@@ -188,6 +207,13 @@ pub enum Action {
     SaveHistory,
     /// Exit: every instance is gone and nobody needs the supervisor.
     Exit,
+    /// Kill every instance now (no graceful stop: dropping it kills its processes) and exit.
+    /// The last action; the machine takes no more events.
+    KillAll,
+    /// Read the configuration file again, then feed [`Event::Reconfigure`] or
+    /// [`Event::ReconfigureFailed`] before any other event (with the same `now`): a request
+    /// that named an unknown builder waits in the machine for that answer.
+    ReloadConfig { why: ReloadWhy },
     /// Write this line to the supervisor's log.
     Log { level: LogLevel, message: String },
 }
@@ -329,12 +355,16 @@ pub struct Machine {
     /// When the supervisor last became quiet (a client left, an instance ended, start).
     quiet_since: Instant,
     shutting_down: bool,
+    /// Where a shutdown stops waiting for graceful stops ([`SHUTDOWN_BOUND`]).
+    kill_at: Option<Instant>,
     exited: bool,
     /// The last generation handed out (machine-wide, so that a builder removed and added again
     /// never reuses one).
     last_generation: Generation,
     /// Why the last configuration reload failed, until one succeeds.
     config_error: Option<String>,
+    /// When to read the configuration again.
+    reloads: reconfigure::Reloads,
 }
 
 fn ms(d: Duration) -> u64 {
@@ -372,9 +402,12 @@ impl Machine {
             epoch: (now, now_wall),
             quiet_since: now,
             shutting_down: false,
+            kill_at: None,
             exited: false,
             last_generation: 0,
             config_error: None,
+            // The runtime read the file just before it made the machine.
+            reloads: reconfigure::Reloads::new(now),
         }
     }
 
@@ -396,7 +429,7 @@ impl Machine {
         }
     }
 
-    /// Whether [`Action::Exit`] was emitted.
+    /// Whether [`Action::Exit`] or [`Action::KillAll`] was emitted.
     pub fn has_exited(&self) -> bool {
         self.exited
     }
@@ -416,12 +449,21 @@ impl Machine {
         if self.exited {
             return out;
         }
+        if !matches!(event, Event::Reconfigure(_) | Event::ReconfigureFailed(_)) {
+            // A runtime that never answered a ReloadConfig: the waiting request goes on with
+            // the configuration the machine has.
+            self.resume_deferred(now, &mut out);
+        }
         match event {
             Event::ClientConnected(conn) => {
                 self.clients.entry(conn).or_default();
             }
             Event::ClientGone(conn) => self.client_gone(conn, now, &mut out),
-            Event::Request(conn, req) => self.request(conn, req, now, &mut out),
+            Event::Request(conn, req) => {
+                if let Some((conn, req)) = self.reload_for_request(conn, req, now, &mut out) {
+                    self.request(conn, req, now, &mut out);
+                }
+            }
             Event::BootSucceeded {
                 builder,
                 generation,
@@ -461,13 +503,15 @@ impl Machine {
                 }
             }
             Event::Tick => {}
-            Event::Reconfigure(builders) => self.reconfigure(builders, now, &mut out),
-            Event::ReconfigureFailed(cause) => {
-                self.config_error = Some(one_line(&cause));
-            }
-            Event::Shutdown => self.shutdown(&mut out),
+            Event::Shutdown => self.shutdown(now, &mut out),
+            Event::ReloadSignal => self.reload_signal(now, &mut out),
+            Event::ConfigFile(seen) => self.config_file(seen, now, &mut out),
+            Event::Reconfigure(builders) => self.reloaded(builders, now, &mut out),
+            Event::ReconfigureFailed(cause) => self.reload_failed(&cause, now, &mut out),
         }
-        self.timers(now, &mut out);
+        if !self.exited {
+            self.timers(now, &mut out);
+        }
         if !self.exited {
             out.push(Action::SetTimer(self.next_deadline(now)));
         }

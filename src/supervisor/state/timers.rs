@@ -1,6 +1,7 @@
 //! Everything that happens because time passed: idle stops (from the last release, or from
 //! "up" with a first-lease grace), `wait-ready` deadlines, the auto-started supervisor's exit
-//! when quiet, and the one wake-up instant that covers them all.
+//! when quiet, the kill once a shutdown's graceful stops took too long, and the one wake-up
+//! instant that covers them all.
 
 use std::time::{Duration, Instant};
 
@@ -12,6 +13,8 @@ use super::{Action, LogLevel, Machine, Phase, Slot, log};
 /// the daemon's next poll (`build-poll-interval`, 5 s by default). Without it, a builder whose
 /// idle timeout is shorter than that is stopped before its first build and booted again.
 pub const FIRST_LEASE_GRACE: Duration = Duration::from_secs(10);
+/// After SIGTERM, how long graceful stops may take before instances are killed.
+pub const SHUTDOWN_BOUND: Duration = Duration::from_secs(90);
 
 impl Slot {
     pub(super) fn idle_stop_at(&self) -> Option<Instant> {
@@ -26,7 +29,8 @@ impl Slot {
 }
 
 impl Machine {
-    /// The earliest instant at which something is due (idle stop, waiter deadline, exit).
+    /// The earliest instant at which something is due (idle stop, waiter deadline, exit, the
+    /// shutdown's kill).
     pub fn next_deadline(&self, now: Instant) -> Option<Instant> {
         let mut next: Option<Instant> = None;
         let mut consider = |t: Instant| next = Some(next.map_or(t, |n: Instant| n.min(t)));
@@ -40,6 +44,9 @@ impl Machine {
         }
         if let Some(t) = self.exit_at() {
             consider(t.max(now));
+        }
+        if let Some(t) = self.kill_at {
+            consider(t);
         }
         next
     }
@@ -55,7 +62,7 @@ impl Machine {
         Some(self.quiet_since + linger)
     }
 
-    /// Idle stops, waiter deadlines, exit.
+    /// Idle stops, waiter deadlines, exit, the shutdown's kill.
     pub(super) fn timers(&mut self, now: Instant, out: &mut Vec<Action>) {
         for i in 0..self.slots.len() {
             if self.slots[i].idle_stop_at().is_some_and(|t| t <= now) {
@@ -85,6 +92,16 @@ impl Machine {
         if self.shutting_down && all_gone {
             self.exited = true;
             out.push(Action::Exit);
+        } else if self.kill_at.is_some_and(|t| t <= now) {
+            log(
+                out,
+                LogLevel::Warn,
+                format!(
+                    "builders did not stop within {}: killing them",
+                    humantime::format_duration(SHUTDOWN_BOUND)
+                ),
+            );
+            self.kill_all(out);
         } else if self.exit_at().is_some_and(|t| t <= now) {
             log(
                 out,

@@ -219,3 +219,35 @@ fn log_lines_are_actions_next_to_what_they_describe() {
     let out = t.fail("vm", "boom");
     assert!(logged(&out, LogLevel::Warn, "builder 'vm' failed (1 in a row").is_some());
 }
+
+#[test]
+fn a_second_signal_kills_every_builder_at_once() {
+    let mut t = T::new(vec![cfg("a", 1, None), cfg("b", 1, None)], None);
+    t.bring_up("a");
+    assert!(matches!(t.lease(1, "a"), Response::Leased { .. }));
+    t.boot(1, "b");
+    let out = t.ev(Event::Shutdown);
+    assert!(has_stop(&out, "a") && has_stop(&out, "b"));
+    assert!(
+        out.iter().any(
+            |a| matches!(a, Action::Log { level: LogLevel::Info, message }
+            if message == "signal received: stopping every builder, then exiting")
+        ),
+        "{out:?}"
+    );
+    assert!(!out.contains(&Action::KillAll));
+    t.stopped("a");
+    let out = t.ev(Event::Shutdown);
+    assert_eq!(
+        out,
+        [
+            Action::Log {
+                level: LogLevel::Warn,
+                message: "second signal: killing every builder now".into()
+            },
+            Action::KillAll
+        ]
+    );
+    assert!(t.m.has_exited());
+    assert!(t.ev(Event::Tick).is_empty(), "nothing after the kill");
+}

@@ -46,10 +46,25 @@ impl T {
     }
 
     fn with_history(builders: Vec<BuilderConfig>, linger: Option<u64>, h: &BootHistory) -> T {
-        let now = Instant::now();
         let settings = Settings {
             exit_after_idle: linger.map(Duration::from_secs),
+            reloads: false,
         };
+        Self::with_settings(builders, settings, h)
+    }
+
+    /// A machine with a configuration file to read again.
+    fn reloading(builders: Vec<BuilderConfig>) -> T {
+        let settings = Settings {
+            exit_after_idle: None,
+            reloads: true,
+        };
+        Self::with_settings(builders, settings, &BootHistory::default())
+    }
+
+    fn with_settings(builders: Vec<BuilderConfig>, settings: Settings, h: &BootHistory) -> T {
+        // The tests' one clock reading: a starting instant, moved only by `advance`.
+        let now = Instant::now();
         T {
             m: Machine::new(builders, settings, h, now, SystemTime::now()),
             now,

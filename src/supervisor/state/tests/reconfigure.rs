@@ -342,3 +342,151 @@ fn an_auto_started_supervisor_exits_after_its_last_builder_was_removed() {
     assert!(!has_exit(&t.advance(59 * S)));
     assert!(has_exit(&t.advance(S)));
 }
+
+// ---- when the configuration is read again
+
+fn reloads(out: &[Action]) -> Vec<ReloadWhy> {
+    out.iter()
+        .filter_map(|a| match a {
+            Action::ReloadConfig { why } => Some(*why),
+            _ => None,
+        })
+        .collect()
+}
+
+fn seen(changed: bool, age_ms: Option<u64>) -> Event {
+    Event::ConfigFile(ConfigFileSeen {
+        changed,
+        age: age_ms.map(Duration::from_millis),
+    })
+}
+
+fn logged(out: &[Action], level: LogLevel) -> Vec<&str> {
+    out.iter()
+        .filter_map(|a| match a {
+            Action::Log { level: l, message } if *l == level => Some(message.as_str()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn sighup_rereads_the_config_and_a_machine_without_a_file_never_does() {
+    let mut t = T::reloading(vec![cfg("vm", 1, None)]);
+    assert_eq!(reloads(&t.ev(Event::ReloadSignal)), [ReloadWhy::Signal]);
+    let mut t = T::new(vec![cfg("vm", 1, None)], None);
+    assert!(reloads(&t.ev(Event::ReloadSignal)).is_empty());
+    assert!(reloads(&t.ev(seen(true, None))).is_empty());
+    t.now += 10 * S;
+    let r = t.ask(
+        1,
+        Request::Lease {
+            builder: "new".into(),
+        },
+    );
+    assert!(matches!(r, Response::Error { .. }), "{r:?}");
+}
+
+#[test]
+fn a_changed_file_is_reread_once_it_has_settled() {
+    let mut t = T::reloading(vec![cfg("vm", 1, None)]);
+    assert!(reloads(&t.ev(seen(false, None))).is_empty(), "unchanged");
+    // Modified just now: an editor may still be writing it.
+    assert!(reloads(&t.ev(seen(true, Some(50)))).is_empty());
+    assert!(reloads(&t.ev(seen(true, Some(199)))).is_empty());
+    assert_eq!(reloads(&t.ev(seen(true, Some(200)))), [ReloadWhy::Changed]);
+    // Vanished, or modified "in the future" (a clock step): settled.
+    assert_eq!(reloads(&t.ev(seen(true, None))), [ReloadWhy::Changed]);
+}
+
+#[test]
+fn a_request_for_an_unknown_builder_waits_for_a_reread() {
+    let mut t = T::reloading(vec![cfg("vm", 1, None)]);
+    // The file was read just now and has not changed: answered at once.
+    let out = t.req(
+        1,
+        Request::Lease {
+            builder: "new".into(),
+        },
+    );
+    assert!(reloads(&out).is_empty());
+    assert!(matches!(T::reply(&out, 1), Response::Error { .. }));
+    // Changed but not settled: a request for a builder it does not know rereads it anyway,
+    // and is answered after the new config applied.
+    t.ev(seen(true, Some(10)));
+    let out = t.boot(1, "new");
+    assert_eq!(reloads(&out), [ReloadWhy::UnknownBuilder]);
+    assert!(
+        !out.iter().any(|a| matches!(a, Action::Reply { .. })),
+        "{out:?}"
+    );
+    let out = t.reconfigure(vec![cfg("vm", 1, None), cfg("new", 1, None)]);
+    assert!(has_start(&out, "new"), "{out:?}");
+    assert!(
+        matches!(T::reply(&out, 1), Response::Builder { status } if status.name == "new"),
+        "{out:?}"
+    );
+    // Unchanged and read less than a second ago: no reread.
+    let lease_other = |t: &mut T| {
+        t.req(
+            2,
+            Request::Lease {
+                builder: "other".into(),
+            },
+        )
+    };
+    t.now += UNKNOWN_RELOAD_EVERY - Duration::from_millis(1);
+    t.ev(seen(false, None));
+    let out = lease_other(&mut t);
+    assert!(reloads(&out).is_empty());
+    assert!(matches!(T::reply(&out, 2), Response::Error { .. }));
+    // A second later it is reread; the failure is the error's tail and one error line.
+    t.now += Duration::from_millis(1);
+    t.ev(seen(false, None));
+    assert_eq!(reloads(&lease_other(&mut t)), [ReloadWhy::UnknownBuilder]);
+    let out = t.ev(Event::ReconfigureFailed(
+        "lb.toml:2: unknown key 'bogus'\n".into(),
+    ));
+    assert_eq!(
+        logged(&out, LogLevel::Error),
+        [
+            "config reload (a request named a builder it did not know) failed, still running the previous config: lb.toml:2: unknown key 'bogus'"
+        ]
+    );
+    match T::reply(&out, 2) {
+        Response::Error { message } => assert!(
+            message.contains("no lazy builder named 'other'") && message.contains("bogus"),
+            "{message}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    // The same failure again is a debug line; on SIGHUP it is an error line every time.
+    t.now += UNKNOWN_RELOAD_EVERY;
+    assert_eq!(reloads(&lease_other(&mut t)), [ReloadWhy::UnknownBuilder]);
+    let out = t.ev(Event::ReconfigureFailed(
+        "lb.toml:2: unknown key 'bogus'".into(),
+    ));
+    assert!(logged(&out, LogLevel::Error).is_empty(), "{out:?}");
+    assert_eq!(logged(&out, LogLevel::Debug).len(), 1, "{out:?}");
+    t.ev(Event::ReloadSignal);
+    let out = t.ev(Event::ReconfigureFailed(
+        "lb.toml:2: unknown key 'bogus'".into(),
+    ));
+    assert_eq!(logged(&out, LogLevel::Error).len(), 1, "{out:?}");
+    // Only boot, wait-ready and lease need a configured builder.
+    t.now += UNKNOWN_RELOAD_EVERY;
+    let out = t.req(
+        2,
+        Request::Release {
+            builder: "other".into(),
+        },
+    );
+    assert!(reloads(&out).is_empty());
+    // A runtime that never answers the reload: the request goes on at the next event.
+    assert_eq!(reloads(&t.boot(3, "other")), [ReloadWhy::UnknownBuilder]);
+    let out = t.ev(Event::Tick);
+    assert!(
+        matches!(T::reply(&out, 3), Response::Error { .. }),
+        "{out:?}"
+    );
+}

@@ -83,3 +83,34 @@ fn service_supervisor_never_exits_on_idle() {
     assert!(!has_exit(&t.advance(1_000_000 * S)));
     assert_eq!(timer(&t.advance(S)), None);
 }
+
+#[test]
+fn a_shutdown_kills_what_did_not_stop_within_its_bound() {
+    let mut t = T::new(vec![cfg("a", 1, None), cfg("b", 1, None)], None);
+    t.bring_up("a");
+    t.bring_up("b");
+    let out = t.ev(Event::Shutdown);
+    assert_eq!(timer(&out), Some(t.now + SHUTDOWN_BOUND));
+    t.stopped("a");
+    let out = t.advance(SHUTDOWN_BOUND - S);
+    assert!(!out.contains(&Action::KillAll) && !has_exit(&out));
+    assert_eq!(timer(&out), Some(t.now + S), "the kill is still due");
+    let out = t.advance(S);
+    assert_eq!(
+        out,
+        [
+            Action::Log {
+                level: LogLevel::Warn,
+                message: "builders did not stop within 1m 30s: killing them".into()
+            },
+            Action::KillAll
+        ]
+    );
+    assert!(t.m.has_exited());
+    // Everything stopped in time: a plain exit, and no kill later.
+    let mut t = T::new(vec![cfg("a", 1, None)], None);
+    t.bring_up("a");
+    t.ev(Event::Shutdown);
+    assert!(has_exit(&t.stopped("a")));
+    assert!(t.advance(SHUTDOWN_BOUND).is_empty());
+}
