@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 
 /// The socket's file name inside the state directory.
 pub const SOCKET_NAME: &str = "supervisor.sock";
+/// Where the socket is bound before it is made 0600 and renamed to [`SOCKET_NAME`].
+pub const SOCKET_FRESH_NAME: &str = ".supervisor.sock.new";
 /// The lock file that makes sure one supervisor runs per state directory.
 pub const LOCK_NAME: &str = "supervisor.lock";
 /// Where an auto-started supervisor's stdout and stderr go.

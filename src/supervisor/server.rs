@@ -28,7 +28,9 @@ use tokio::task::{JoinHandle, JoinSet};
 use tracing::{debug, error, info, warn};
 
 use super::backend::{Backend, InstanceContext};
-use super::paths::{BUILDERS_DIR, HISTORY_NAME, LOCK_NAME, builder_dir, socket_path};
+use super::paths::{
+    BUILDERS_DIR, HISTORY_NAME, LOCK_NAME, SOCKET_FRESH_NAME, builder_dir, socket_path,
+};
 use super::proto::{self, Request, Response};
 use super::state::{
     Action, BootHistory, BuilderConfig, ConfigFileSeen, ConnId, Event, Generation, LogLevel,
@@ -278,8 +280,17 @@ pub async fn bind(config: &Config, opts: &ServeOptions) -> Result<Bound, Supervi
         path: socket.clone(),
         source,
     };
-    let listener = UnixListener::bind(&socket).map_err(listen_err)?;
-    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))
+    // Bound under another name and renamed once it is 0600, so that nobody ever finds the
+    // socket with the umask's mode (rename replaces the name atomically).
+    let fresh = state_dir.join(SOCKET_FRESH_NAME);
+    match std::fs::remove_file(&fresh) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(listen_err(e)),
+    }
+    let listener = UnixListener::bind(&fresh).map_err(listen_err)?;
+    std::fs::set_permissions(&fresh, std::fs::Permissions::from_mode(0o600))
+        .and_then(|()| std::fs::rename(&fresh, &socket))
         .map_err(listen_err)?;
 
     let history = load_history(&state_dir.join(HISTORY_NAME));
