@@ -1,4 +1,4 @@
-//! The supervisor: one long-lived process per host that owns every lazy builder. `state.rs`
+//! The supervisor: one long-lived process per host that owns every lazy builder. `state/`
 //! decides (a pure state machine), `server.rs` carries the decisions out (socket, lock, tasks,
 //! timers, signals), `backend.rs` is its view of the boot backends, `client.rs` is what hooks and
 //! the CLI call, `proto.rs` is the socket protocol between them and `paths.rs` the state
