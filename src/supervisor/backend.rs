@@ -2,8 +2,8 @@
 //! when it exits, stop it. The runtime only talks to these two traits, so it can be tested with a
 //! stand-in instance; [`BootBackend`] adapts the real backends in `crate::boot`.
 //!
-//! This module must never decide *when* to boot or stop (that is the machine in `state/`) and never hold
-//! builder state; a [`RunningBuilder`] is owned by exactly one task in `server.rs`.
+//! This module must never decide *when* to boot or stop (that is the machine in `state/`) and
+//! never hold builder state; a [`RunningBuilder`] is owned by exactly one task in `server.rs`.
 
 use std::future::Future;
 use std::path::PathBuf;
