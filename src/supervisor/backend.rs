@@ -34,7 +34,8 @@ pub trait Backend: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<Box<dyn RunningBuilder>, String>>;
 }
 
-/// One running builder instance (the supervisor's view of a `crate::boot::Instance`, or a stand-in).
+/// One running builder instance: the supervisor's view of a `crate::boot::Instance` (or of a
+/// stand-in).
 pub trait RunningBuilder: Send {
     /// The host port its sshd is reachable on, when the instance chose it at start.
     fn ssh_port(&self) -> Option<u16>;
