@@ -3,6 +3,7 @@
 //! The library holds everything; `main.rs` is only the command line. See ARCHITECTURE.md for
 //! the code map and the invariants each module keeps.
 
+pub mod backoff;
 pub mod boot;
 pub mod cli;
 pub mod config;
@@ -10,6 +11,7 @@ pub mod hook;
 pub mod lazy;
 pub mod logging;
 pub mod memory;
+pub mod os;
 pub mod place;
 pub mod select;
 pub mod slots;

@@ -5,7 +5,7 @@
 //! writes one small JSON record for it under `<state-dir>/failures/`; the next hook process
 //! reads it when it chooses, and skips the builder until its backoff has run out, with the
 //! cause in its one-line reason. The backoff grows with consecutive failures
-//! ([`crate::supervisor::state::backoff`], as for lazy builders: 10 s × 2^(n−1), capped at
+//! ([`crate::backoff`], as for lazy builders: 10 s × 2^(n−1), capped at
 //! 10 min); a successful connection removes the record. A record only counts for the builder
 //! definition it was written for: change the builder's URI, key or host key and it is fresh.
 //! (Lazy builders have the supervisor's memory instead.)
@@ -26,9 +26,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use sha2::{Digest, Sha256};
 
+use crate::backoff::backoff;
 use crate::config::Builder;
+use crate::os::ensure_private_dir;
 use crate::select::Availability;
-use crate::supervisor::state::backoff;
 
 /// The directory under the state directory that holds the records.
 pub const DIR_NAME: &str = "failures";
@@ -105,8 +106,8 @@ impl FailureMemory {
     /// someone else's or writable by others.
     pub fn open(state_dir: &Path) -> Self {
         let dir = state_dir.join(DIR_NAME);
-        let r = crate::supervisor::server::ensure_private_dir(state_dir)
-            .and_then(|()| crate::supervisor::server::ensure_private_dir(&dir))
+        let r = ensure_private_dir(state_dir)
+            .and_then(|()| ensure_private_dir(&dir))
             .and_then(|()| check_ours(&dir));
         match r {
             Ok(()) => FailureMemory { dir: Some(dir) },

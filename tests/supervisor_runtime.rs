@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix_lazy_builder::config::{BootSpec, Builder, Config};
-use nix_lazy_builder::supervisor::backend::{Backend, BoxFuture, Instance, InstanceContext};
+use nix_lazy_builder::supervisor::backend::{Backend, BoxFuture, InstanceContext, RunningBuilder};
 use nix_lazy_builder::supervisor::proto::{Response, State};
 use nix_lazy_builder::supervisor::server::{self, Bound, ServeOptions};
 use nix_lazy_builder::supervisor::{Client, ClientError, StartCommand, SuperviseArgs, Verdict};
@@ -45,7 +45,7 @@ impl Backend for Fake {
         &'a self,
         builder: &'a Builder,
         ctx: &'a InstanceContext,
-    ) -> BoxFuture<'a, Result<Box<dyn Instance>, String>> {
+    ) -> BoxFuture<'a, Result<Box<dyn RunningBuilder>, String>> {
         Box::pin(async move {
             let Some(BootSpec::Command(c)) = builder.lazy.as_ref().map(|l| &l.boot) else {
                 return Err("the stand-in backend only runs kind = \"command\"".to_owned());
@@ -64,12 +64,12 @@ impl Backend for Fake {
                 child,
                 pid,
                 dir: ctx.dir.clone(),
-            }) as Box<dyn Instance>)
+            }) as Box<dyn RunningBuilder>)
         })
     }
 }
 
-impl Instance for FakeInstance {
+impl RunningBuilder for FakeInstance {
     fn ssh_port(&self) -> Option<u16> {
         None
     }

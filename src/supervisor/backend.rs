@@ -2,8 +2,8 @@
 //! when it exits, stop it. The runtime only talks to these two traits, so it can be tested with a
 //! stand-in instance; [`BootBackend`] adapts the real backends in `crate::boot`.
 //!
-//! This module must never decide *when* to boot or stop (that is `state.rs`) and never hold
-//! builder state; an [`Instance`] is owned by exactly one task in `server.rs`.
+//! This module must never decide *when* to boot or stop (that is the machine in `state/`) and
+//! never hold builder state; a [`RunningBuilder`] is owned by exactly one task in `server.rs`.
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -31,11 +31,12 @@ pub trait Backend: Send + Sync + 'static {
         &'a self,
         builder: &'a Builder,
         ctx: &'a InstanceContext,
-    ) -> BoxFuture<'a, Result<Box<dyn Instance>, String>>;
+    ) -> BoxFuture<'a, Result<Box<dyn RunningBuilder>, String>>;
 }
 
-/// One running builder instance.
-pub trait Instance: Send {
+/// One running builder instance: the supervisor's view of a `crate::boot::Instance` (or of a
+/// stand-in).
+pub trait RunningBuilder: Send {
     /// The host port its sshd is reachable on, when the instance chose it at start.
     fn ssh_port(&self) -> Option<u16>;
     /// The main process, for logs.
@@ -59,7 +60,7 @@ pub trait Instance: Send {
 #[derive(Clone, Debug, Default)]
 pub struct BootBackend;
 
-struct BootInstance {
+struct BootRunning {
     inner: crate::boot::Instance,
     builder: Builder,
 }
@@ -69,7 +70,7 @@ impl Backend for BootBackend {
         &'a self,
         builder: &'a Builder,
         ctx: &'a InstanceContext,
-    ) -> BoxFuture<'a, Result<Box<dyn Instance>, String>> {
+    ) -> BoxFuture<'a, Result<Box<dyn RunningBuilder>, String>> {
         Box::pin(async move {
             let lazy = builder
                 .lazy
@@ -79,15 +80,15 @@ impl Backend for BootBackend {
             let inner = crate::boot::start(&lazy.boot, &boot_ctx)
                 .await
                 .map_err(|e| e.to_string())?;
-            Ok(Box::new(BootInstance {
+            Ok(Box::new(BootRunning {
                 inner,
                 builder: builder.clone(),
-            }) as Box<dyn Instance>)
+            }) as Box<dyn RunningBuilder>)
         })
     }
 }
 
-impl Instance for BootInstance {
+impl RunningBuilder for BootRunning {
     fn ssh_port(&self) -> Option<u16> {
         self.inner.ssh_port()
     }

@@ -19,8 +19,9 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 
+use super::paths::{log_path, socket_path};
 use super::proto::{BuilderStatus, Request, Response, State};
-use super::server::{LOG_NAME, ensure_private_dir, socket_path};
+use crate::os::ensure_private_dir;
 use crate::select::Availability;
 
 /// How long a plain request may take (the supervisor answers at once; this guards a hung one).
@@ -142,43 +143,6 @@ fn nobody_there(e: &ClientError) -> bool {
     }
 }
 
-/// Mark every descriptor above 2 close-on-exec. Runs in the forked child before exec, so it only
-/// makes system calls.
-fn cloexec_from_3(max_fd: i32) {
-    #[cfg(target_os = "linux")]
-    {
-        const CLOSE_RANGE_CLOEXEC: u32 = 1 << 2;
-        // SAFETY: close_range with CLOSE_RANGE_CLOEXEC only sets flags on descriptors.
-        if unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, CLOSE_RANGE_CLOEXEC) } == 0
-        {
-            return;
-        }
-    }
-    for fd in 3..max_fd {
-        // SAFETY: fcntl on a descriptor number; one that is not open just fails.
-        unsafe {
-            let flags = libc::fcntl(fd, libc::F_GETFD);
-            if flags >= 0 && flags & libc::FD_CLOEXEC == 0 {
-                libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC);
-            }
-        }
-    }
-}
-
-fn max_fd() -> i32 {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes into the struct we own.
-    let ok = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0;
-    if ok && lim.rlim_cur != libc::RLIM_INFINITY {
-        i32::try_from(lim.rlim_cur.min(1 << 20)).unwrap_or(1 << 20)
-    } else {
-        65536
-    }
-}
-
 /// Start `cmd` detached: its own session, stdin from /dev/null, stdout and stderr appended to
 /// `log`, no other descriptor inherited, working directory `/`.
 pub fn spawn_detached(cmd: &StartCommand, log: &Path) -> io::Result<std::process::Child> {
@@ -188,7 +152,7 @@ pub fn spawn_detached(cmd: &StartCommand, log: &Path) -> io::Result<std::process
         .mode(0o600)
         .open(log)?;
     let log_err = log_file.try_clone()?;
-    let limit = max_fd();
+    let cloexec = crate::os::ChildCloexec::new(3);
     let mut command = Command::new(&cmd.program);
     command
         .args(&cmd.args)
@@ -198,13 +162,13 @@ pub fn spawn_detached(cmd: &StartCommand, log: &Path) -> io::Result<std::process
         .stdout(Stdio::from(log_file))
         .stderr(Stdio::from(log_err));
     // SAFETY: the closure runs between fork and exec and only makes async-signal-safe system
-    // calls (setsid, close_range/fcntl); it allocates nothing.
+    // calls (setsid, then close_range or fcntl in `ChildCloexec::apply`); it allocates nothing.
     unsafe {
         command.pre_exec(move || {
             if libc::setsid() < 0 {
                 return Err(io::Error::last_os_error());
             }
-            cloexec_from_3(limit);
+            cloexec.apply();
             Ok(())
         });
     }
@@ -313,7 +277,7 @@ impl Client {
     ) -> Result<Client, ClientError> {
         tracing::debug!("no supervisor answers ({first}); starting one");
         let socket = socket_path(state_dir);
-        let log = state_dir.join(LOG_NAME);
+        let log = log_path(state_dir);
         let spawn_err = |source| ClientError::Spawn {
             socket: socket.clone(),
             program: cmd.program.display().to_string(),

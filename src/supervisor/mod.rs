@@ -1,12 +1,14 @@
-//! The supervisor: one long-lived process per host that owns every lazy builder. `state.rs`
+//! The supervisor: one long-lived process per host that owns every lazy builder. `state/`
 //! decides (a pure state machine), `server.rs` carries the decisions out (socket, lock, tasks,
 //! timers, signals), `backend.rs` is its view of the boot backends, `client.rs` is what hooks and
-//! the CLI call, and `proto.rs` is the socket protocol between them.
+//! the CLI call, `proto.rs` is the socket protocol between them and `paths.rs` the state
+//! directory's layout they share.
 //!
 //! Nothing here prints to stdout; an auto-started supervisor's stderr is its log file.
 
 pub mod backend;
 pub mod client;
+pub mod paths;
 pub mod proto;
 pub mod server;
 pub mod state;
@@ -38,7 +40,9 @@ pub fn default_backend() -> Arc<dyn backend::Backend> {
 /// supervisor first closes every descriptor it inherited beyond 0–2 (whoever started it).
 pub fn main(args: SuperviseArgs) -> ExitCode {
     if args.auto {
-        close_inherited_descriptors();
+        // SAFETY: this runs first thing, before anything in this process opened a descriptor:
+        // every number above 2 is one it inherited (a hook's pipes, its log).
+        unsafe { crate::os::close_from(3) };
     }
     ExitCode::from(main_with(args, default_backend()))
 }
@@ -133,29 +137,4 @@ fn init_logging() {
         .with_writer(std::io::stderr)
         .with_ansi(false)
         .try_init();
-}
-
-/// Close every descriptor above 2 (an auto-started supervisor must not keep a hook's pipes
-/// open). Called before anything else is opened.
-fn close_inherited_descriptors() {
-    #[cfg(target_os = "linux")]
-    {
-        // SAFETY: close_range only closes descriptor numbers; nothing in this process owns any
-        // of them yet (this runs first thing in `main`).
-        if unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) } == 0 {
-            return;
-        }
-    }
-    let fds: Vec<i32> = match std::fs::read_dir("/proc/self/fd") {
-        Ok(dir) => dir
-            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-            .filter(|&fd| fd > 2)
-            .collect(),
-        Err(_) => (3..1024).collect(),
-    };
-    for fd in fds {
-        // SAFETY: as above; closing a number that is not open (or was the directory's, now
-        // closed) fails harmlessly.
-        unsafe { libc::close(fd) };
-    }
 }

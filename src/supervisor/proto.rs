@@ -1,16 +1,14 @@
 //! The supervisor's socket protocol: what hooks and the CLI ask, and what the supervisor
 //! answers. One JSON object per line in each direction, over the unix socket
-//! `<state-dir>/supervisor.sock`; requests are answered in order. The supervisor speaks first:
-//! one [`Response::Hello`] line as soon as it has accepted the connection. A line that is not a
-//! valid request is answered with [`Response::Error`] and the connection stays usable.
+//! `<state-dir>/supervisor.sock` ([`super::paths::socket_path`]); requests are answered in
+//! order. The supervisor speaks first: one [`Response::Hello`] line as soon as it has accepted
+//! the connection. A line that is not a valid request is answered with [`Response::Error`] and
+//! the connection stays usable.
 //!
 //! A connection is a client's identity: every lease it takes is released when it closes, so a
 //! hook that dies (even by SIGKILL) frees its slot. This module is types only; it never does I/O.
 
 use serde::{Deserialize, Serialize};
-
-/// The socket's file name inside the state directory.
-pub const SOCKET_NAME: &str = "supervisor.sock";
 
 /// Sent in [`Response::Hello`]; bumped when a change would confuse an older client.
 pub const PROTOCOL_VERSION: u32 = 1;

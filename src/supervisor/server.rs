@@ -1,21 +1,22 @@
 //! The supervisor's runtime: the state directory, the lock, the socket, one task per client
-//! connection, one task per builder instance, the wake-up timer, signals, and the boot-history
-//! file. Every decision is taken by [`Machine`]; this module carries its actions out.
-//!
-//! It also reloads the configuration: on SIGHUP, and on its own when the file's identity (one
-//! `stat`: device, inode, size, mtime, ctime) differs from what it last read, checked when a
-//! client connects or sends a request, and when a request names a builder it does not know. A
-//! reload that fails keeps the running configuration and says why in one log line.
+//! connection, one task per builder instance, the wake-up timer, signals, config-file reads,
+//! and the boot-history file. Every decision is taken by [`Machine`]; this module turns each
+//! input into the machine's events (a signal into [`Event::Shutdown`] or
+//! [`Event::ReloadSignal`], a connect or a request into one `stat` of the config file,
+//! [`Event::ConfigFile`], then the event itself), hands them over with one reading of the
+//! clock, and carries the actions out: replies, boots, stops, the timer, the history, log lines,
+//! config reloads (whose answer it feeds back at once), the exit and the kill.
 //!
 //! It must never decide anything about builders itself (no state outside the machine except the
-//! handles it needs to carry actions out), never block the event loop on a slow client or a slow
-//! backend (each gets its own task), and never leave an instance behind: instances are owned by
-//! their tasks, and a forced shutdown aborts those tasks, which drops (and so kills) them.
+//! handles it needs to carry actions out, and the config file's identity at its last read),
+//! never block the event loop on a slow client or a slow backend (each gets its own task), and
+//! never leave an instance behind: instances are owned by their tasks, and a forced shutdown
+//! aborts those tasks, which drops (and so kills) them.
 
-use std::collections::HashMap;
-use std::fs::{DirBuilder, File, OpenOptions};
+use std::collections::{HashMap, VecDeque};
+use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -27,28 +28,23 @@ use tokio::task::{JoinHandle, JoinSet};
 use tracing::{debug, error, info, warn};
 
 use super::backend::{Backend, InstanceContext};
+use super::paths::{
+    BUILDERS_DIR, HISTORY_NAME, LOCK_NAME, SOCKET_FRESH_NAME, builder_dir, socket_path,
+};
 use super::proto::{self, Request, Response};
 use super::state::{
-    Action, BootHistory, BuilderConfig, ConnId, Event, Generation, Machine, Settings,
+    Action, BootHistory, BuilderConfig, ConfigFileSeen, ConnId, Event, Generation, LogLevel,
+    Machine, ReloadWhy, Settings,
 };
 use crate::config::{Builder, Config, ConfigPath, ConfigSource};
+use crate::os::ensure_private_dir;
 
-/// The lock file that makes sure one supervisor runs per state directory.
-pub const LOCK_NAME: &str = "supervisor.lock";
-/// Where an auto-started supervisor's stdout and stderr go.
-pub const LOG_NAME: &str = "supervisor.log";
-/// Boot durations, so that a restarted supervisor still knows how long a boot takes.
-pub const HISTORY_NAME: &str = "boot-times.json";
-/// Per-builder directories live under this directory of the state directory.
-pub const BUILDERS_DIR: &str = "builders";
 /// Overrides [`DEFAULT_EXIT_AFTER_IDLE`] (milliseconds), e.g. for tests.
 pub const LINGER_ENV: &str = "NIX_LAZY_BUILDER_SUPERVISOR_LINGER_MS";
 /// How long an auto-started supervisor stays with every builder down and no client.
 pub const DEFAULT_EXIT_AFTER_IDLE: Duration = Duration::from_secs(60);
 /// The longest request line accepted.
 pub const MAX_LINE: usize = 64 * 1024;
-/// After SIGTERM, how long graceful stops may take before instances are killed.
-pub const SHUTDOWN_BOUND: Duration = Duration::from_secs(90);
 /// Extra time given to a backend's readiness check beyond the boot deadline it was handed.
 const READY_GRACE: Duration = Duration::from_secs(5);
 /// How long a supervisor that finds the lock taken keeps trying before it gives up (an exiting
@@ -56,12 +52,6 @@ const READY_GRACE: Duration = Duration::from_secs(5);
 const LOCK_WAIT: Duration = Duration::from_secs(5);
 /// How long to wait for a reply already on its way when a client closed its side.
 const HALF_CLOSE_GRACE: Duration = Duration::from_millis(100);
-/// A request for an unknown builder reloads an unchanged file at most this often.
-const UNKNOWN_RELOAD_EVERY: Duration = Duration::from_secs(1);
-/// A file modified less than this long ago is not reloaded just because it changed: an editor
-/// that rewrites it in place may not be done (an empty or cut-off file would remove builders).
-/// A request for an unknown builder and SIGHUP do not wait.
-const SETTLE: Duration = Duration::from_millis(200);
 
 /// Why the supervisor cannot run.
 #[derive(Debug, thiserror::Error)]
@@ -131,7 +121,7 @@ pub struct Server {
     listener: UnixListener,
     builders: Vec<Arc<Builder>>,
     machine: Machine,
-    reloader: Option<Reloader>,
+    watch: Option<ConfigWatch>,
 }
 
 /// What one `stat` says about a file: any change means it was rewritten.
@@ -158,86 +148,33 @@ fn file_id(path: &Path) -> Option<FileId> {
     })
 }
 
-/// Why the configuration is read again.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum ReloadWhy {
-    Signal,
-    Changed,
-    UnknownBuilder,
-}
-
-impl ReloadWhy {
-    fn text(self) -> &'static str {
-        match self {
-            ReloadWhy::Signal => "SIGHUP",
-            ReloadWhy::Changed => "the file changed",
-            ReloadWhy::UnknownBuilder => "a request named a builder it did not know",
-        }
-    }
-}
-
-/// The config file and what was seen of it at the last read.
-struct Reloader {
+/// The config file, and its identity when it was last read.
+struct ConfigWatch {
     path: ConfigPath,
-    /// Its identity before the last read (successful or not).
+    /// Its identity just before the last read (successful or not).
     seen: Option<FileId>,
-    read_at: Instant,
-    /// The last reload's error, so that the same failure is logged once, not per request.
-    last_error: Option<String>,
 }
 
-impl Reloader {
+impl ConfigWatch {
     fn new(path: ConfigPath) -> Self {
         // Taken after the supervisor read the file: an edit in between is caught by the
         // unknown-builder trigger or the next edit.
-        Reloader {
+        ConfigWatch {
             seen: file_id(&path.path),
             path,
-            read_at: Instant::now(),
-            last_error: None,
         }
     }
 
-    /// Whether the file should be read again now.
-    fn due(&self, why: ReloadWhy) -> bool {
-        match why {
-            ReloadWhy::Signal => true,
-            ReloadWhy::Changed => {
-                let now = file_id(&self.path.path);
-                // A modification time in the future (a clock step) counts as settled.
-                let settled = now.is_none_or(|id| {
-                    SystemTime::now()
-                        .duration_since(id.mtime)
-                        .map_or(true, |age| age >= SETTLE)
-                });
-                now != self.seen && settled
-            }
-            ReloadWhy::UnknownBuilder => {
-                file_id(&self.path.path) != self.seen
-                    || self.read_at.elapsed() >= UNKNOWN_RELOAD_EVERY
-            }
-        }
+    /// One `stat`: what the machine needs to decide whether to read the file again.
+    fn look(&self) -> ConfigFileSeen {
+        let now = file_id(&self.path.path);
+        let changed = now != self.seen;
+        // The wall clock dates the modification time; only a changed file needs it.
+        let age = now
+            .filter(|_| changed)
+            .and_then(|id| SystemTime::now().duration_since(id.mtime).ok());
+        ConfigFileSeen { changed, age }
     }
-}
-
-/// The socket path for a state directory.
-pub fn socket_path(state_dir: &Path) -> PathBuf {
-    state_dir.join(proto::SOCKET_NAME)
-}
-
-/// Create `path` as a directory only its owner can use (0700); parents are created normally.
-pub fn ensure_private_dir(path: &Path) -> io::Result<()> {
-    if let Some(parent) = path.parent()
-        && !parent.as_os_str().is_empty()
-    {
-        std::fs::create_dir_all(parent)?;
-    }
-    match DirBuilder::new().mode(0o700).create(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && path.is_dir() => {}
-        Err(e) => return Err(e),
-    }
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
 }
 
 /// Connect and read the hello: is a supervisor serving on `socket`?
@@ -343,13 +280,23 @@ pub async fn bind(config: &Config, opts: &ServeOptions) -> Result<Bound, Supervi
         path: socket.clone(),
         source,
     };
-    let listener = UnixListener::bind(&socket).map_err(listen_err)?;
-    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))
+    // Bound under another name and renamed once it is 0600, so that nobody ever finds the
+    // socket with the umask's mode (rename replaces the name atomically).
+    let fresh = state_dir.join(SOCKET_FRESH_NAME);
+    match std::fs::remove_file(&fresh) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(listen_err(e)),
+    }
+    let listener = UnixListener::bind(&fresh).map_err(listen_err)?;
+    std::fs::set_permissions(&fresh, std::fs::Permissions::from_mode(0o600))
+        .and_then(|()| std::fs::rename(&fresh, &socket))
         .map_err(listen_err)?;
 
     let history = load_history(&state_dir.join(HISTORY_NAME));
     let settings = Settings {
         exit_after_idle: opts.auto.then_some(opts.exit_after_idle),
+        reloads: opts.config_path.is_some(),
     };
     let machine = Machine::new(
         builder_configs(&lazy),
@@ -379,7 +326,7 @@ pub async fn bind(config: &Config, opts: &ServeOptions) -> Result<Bound, Supervi
         listener,
         builders: lazy,
         machine,
-        reloader: opts.config_path.clone().map(Reloader::new),
+        watch: opts.config_path.clone().map(ConfigWatch::new),
     })))
 }
 
@@ -436,6 +383,20 @@ fn save_history(path: &Path, history: &BootHistory) {
     }
 }
 
+/// The target of the machine's log lines: its own module, so that a filter such as
+/// `NIX_LAZY_BUILDER_LOG=nix_lazy_builder::supervisor::state=debug` selects them.
+const MACHINE_LOG: &str = "nix_lazy_builder::supervisor::state";
+
+/// Write one of the machine's log lines ([`Action::Log`]).
+fn log_line(level: LogLevel, message: &str) {
+    match level {
+        LogLevel::Debug => debug!(target: MACHINE_LOG, "{message}"),
+        LogLevel::Info => info!(target: MACHINE_LOG, "{message}"),
+        LogLevel::Warn => warn!(target: MACHINE_LOG, "{message}"),
+        LogLevel::Error => error!(target: MACHINE_LOG, "{message}"),
+    }
+}
+
 /// One instance task's handle.
 struct InstanceHandle {
     generation: Generation,
@@ -448,7 +409,6 @@ enum Input {
     Accepted(UnixStream),
     Signal,
     SignalsClosed,
-    Forced,
     AcceptFailed(io::Error),
     Reaped,
     Reload,
@@ -460,33 +420,25 @@ impl Server {
         &self.socket_path
     }
 
-    /// Read the config again if `why` says so; the event for the machine if it was read.
-    fn reload(&mut self, why: ReloadWhy) -> Option<Event> {
-        let r = self.reloader.as_mut()?;
-        if !r.due(why) {
-            return None;
-        }
-        let t0 = Instant::now();
-        r.seen = file_id(&r.path.path);
-        r.read_at = t0;
-        let path = r.path.path.clone();
-        let config = match Config::load(&r.path) {
-            Ok(c) => c,
-            Err(e) => {
-                let cause = super::state::one_line(&e.to_string());
-                if why == ReloadWhy::Signal || r.last_error.as_ref() != Some(&cause) {
-                    error!(
-                        "config reload ({}) failed, still running the previous config: {cause}",
-                        why.text()
-                    );
-                } else {
-                    debug!("config reload ({}) failed again: {cause}", why.text());
-                }
-                r.last_error = Some(cause.clone());
-                return Some(Event::ReconfigureFailed(cause));
-            }
+    /// The config file's [`Event::ConfigFile`], fed before a connect or a request.
+    fn look_at_config(&self) -> Option<Event> {
+        self.watch.as_ref().map(|w| Event::ConfigFile(w.look()))
+    }
+
+    /// Carry out [`Action::ReloadConfig`]: read the file, and say what came of it.
+    fn load_config(&mut self, why: ReloadWhy) -> Event {
+        let Some(w) = self.watch.as_mut() else {
+            // The machine asks only when there is a file (`Settings::reloads`).
+            return Event::ReconfigureFailed("no configuration file to read again".to_owned());
         };
-        r.last_error = None;
+        w.seen = file_id(&w.path.path);
+        // Timed for the log line only; nothing is decided by it.
+        let t0 = Instant::now();
+        let config = match Config::load(&w.path) {
+            Ok(c) => c,
+            Err(e) => return Event::ReconfigureFailed(e.to_string()),
+        };
+        let path = w.path.path.clone();
         if config.supervisor.state_dir != self.state_dir {
             warn!(
                 "config reload: state-dir changed to '{}'; this supervisor keeps '{}' until it is restarted",
@@ -496,7 +448,7 @@ impl Server {
         }
         let lazy = lazy_builders(&config);
         for b in &lazy {
-            let dir = self.state_dir.join(BUILDERS_DIR).join(&b.name);
+            let dir = builder_dir(&self.state_dir, &b.name);
             if let Err(e) = ensure_private_dir(&dir) {
                 // Its boot will say so again; the rest of the config still applies.
                 warn!("config reload: cannot create '{}': {e}", dir.display());
@@ -516,12 +468,14 @@ impl Server {
         );
         // Running instances keep the `Arc<Builder>` they were started with; new boots use these.
         self.builders = lazy;
-        Some(Event::Reconfigure(cfgs))
+        Event::Reconfigure(cfgs)
     }
 
-    /// Serve until the machine says exit. `signals`: the first message asks for a graceful
-    /// shutdown (stop every instance, bounded by [`SHUTDOWN_BOUND`]), a second one kills them.
-    /// The config is reloaded when it changed (see the module comment), never on a signal.
+    /// Serve until the machine says exit. Each message on `signals` is a SIGTERM/SIGINT
+    /// ([`Event::Shutdown`]: the first stops every instance gracefully; a second one, or
+    /// [`SHUTDOWN_BOUND`](super::state::SHUTDOWN_BOUND) without every instance gone, kills
+    /// them). The config is reloaded when it changed or a request names an unknown builder
+    /// (`state/reconfigure.rs` says when), never on a signal.
     pub async fn serve(
         self,
         backend: Arc<dyn Backend>,
@@ -532,6 +486,10 @@ impl Server {
     }
 
     /// [`Server::serve`], and each message on `reloads` (SIGHUP) reloads the config.
+    ///
+    /// Each input (a signal, a connection, a client's line, an instance's report, the timer)
+    /// becomes the machine's events, which are handled with one reading of the clock; then
+    /// their actions are carried out, a config reload feeding its answer back first.
     pub async fn serve_with_reloads(
         mut self,
         backend: Arc<dyn Backend>,
@@ -544,15 +502,17 @@ impl Server {
         let mut instances: HashMap<String, InstanceHandle> = HashMap::new();
         let mut timer: Option<Instant> = None;
         let mut next_conn: ConnId = 1;
-        let mut shutdown_asked = false;
-        let mut forced_at: Option<tokio::time::Instant> = None;
         let mut signals_open = true;
         let mut reloads_open = true;
         let history_path = self.state_dir.join(HISTORY_NAME);
-        let far = || tokio::time::Instant::now() + Duration::from_secs(86400 * 365);
 
         let forced = 'serve: loop {
-            let wake = timer.map_or_else(far, tokio::time::Instant::from_std);
+            let wake = async {
+                match timer {
+                    Some(t) => tokio::time::sleep_until(tokio::time::Instant::from_std(t)).await,
+                    None => std::future::pending().await,
+                }
+            };
             let input = tokio::select! {
                 biased;
                 s = signals.recv(), if signals_open => match s {
@@ -563,10 +523,9 @@ impl Server {
                     Some(()) => Input::Reload,
                     None => Input::ReloadsClosed,
                 },
-                _ = tokio::time::sleep_until(forced_at.unwrap_or_else(far)), if forced_at.is_some() => Input::Forced,
                 Some(ev) = rx.recv() => Input::Event(ev),
                 // Before accepts, so that a stream of new clients cannot starve the timers.
-                _ = tokio::time::sleep_until(wake) => Input::Event(Event::Tick),
+                () = wake => Input::Event(Event::Tick),
                 // Finished connection tasks are collected so the set does not grow.
                 Some(_) = conn_tasks.join_next(), if !conn_tasks.is_empty() => Input::Reaped,
                 r = self.listener.accept() => match r {
@@ -574,163 +533,142 @@ impl Server {
                     Err(e) => Input::AcceptFailed(e),
                 },
             };
+
+            // The input as the machine's events, with a look at the config file where a client
+            // is involved (before its request, so that the request sees a changed config).
+            let mut events: VecDeque<Event> = VecDeque::new();
             let mut accepted = None;
-            // A reload before the event, so that the event sees the new config.
-            let mut reload = None;
-            let event = match input {
-                Input::Reload => match self.reload(ReloadWhy::Signal) {
-                    Some(ev) => ev,
-                    None => continue,
-                },
-                Input::ReloadsClosed => {
-                    reloads_open = false;
-                    continue;
-                }
-                Input::Event(ev) => ev,
-                Input::Accepted(stream) => {
-                    let id = next_conn;
-                    next_conn += 1;
-                    accepted = Some((id, stream));
-                    reload = self.reload(ReloadWhy::Changed);
-                    Event::ClientConnected(id)
-                }
-                Input::Signal if shutdown_asked => {
-                    warn!("second signal: killing every builder now");
-                    break 'serve true;
-                }
-                Input::Signal => {
-                    info!("signal received: stopping every builder, then exiting");
-                    shutdown_asked = true;
-                    forced_at = Some(tokio::time::Instant::now() + SHUTDOWN_BOUND);
-                    Event::Shutdown
-                }
+            match input {
+                Input::Signal => events.push_back(Event::Shutdown),
+                Input::Reload => events.push_back(Event::ReloadSignal),
                 Input::SignalsClosed => {
                     signals_open = false;
                     continue;
                 }
-                Input::Reaped => continue,
-                Input::Forced => {
-                    warn!(
-                        "builders did not stop within {}: killing them",
-                        humantime::format_duration(SHUTDOWN_BOUND)
-                    );
-                    break 'serve true;
+                Input::ReloadsClosed => {
+                    reloads_open = false;
+                    continue;
                 }
+                Input::Reaped => continue,
                 Input::AcceptFailed(e) => {
                     // EMFILE and friends: do not spin.
                     error!("accepting a connection failed: {e}");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
-            };
-            if let Event::Request(conn, req) = &event {
-                debug!("client {conn}: {req:?}");
-                // Only the requests that need a configured builder (a release or a report
-                // about one removed from the config is answered from what it still knows).
-                let unknown = match req {
-                    Request::Boot { builder, .. }
-                    | Request::WaitReady { builder, .. }
-                    | Request::Lease { builder } => {
-                        Some(builder).filter(|b| !self.machine.knows(b))
+                Input::Accepted(stream) => {
+                    let id = next_conn;
+                    next_conn += 1;
+                    accepted = Some((id, stream));
+                    // Counted first: from then on the machine does not exit under the client.
+                    events.push_back(Event::ClientConnected(id));
+                    events.extend(self.look_at_config());
+                }
+                Input::Event(event) => {
+                    match &event {
+                        Event::Request(conn, req) => {
+                            debug!("client {conn}: {req:?}");
+                            events.extend(self.look_at_config());
+                        }
+                        // An instance's last event: its task is done with it.
+                        Event::BootFailed {
+                            builder,
+                            generation,
+                            ..
+                        }
+                        | Event::InstanceExited {
+                            builder,
+                            generation,
+                            ..
+                        }
+                        | Event::StopFinished {
+                            builder,
+                            generation,
+                            ..
+                        } if instances
+                            .get(builder)
+                            .is_some_and(|h| h.generation == *generation) =>
+                        {
+                            instances.remove(builder);
+                        }
+                        Event::ClientGone(conn) => {
+                            conns.remove(conn);
+                        }
+                        _ => {}
                     }
-                    _ => None,
-                };
-                reload = self.reload(ReloadWhy::Changed);
-                if reload.is_none() && unknown.is_some() {
-                    reload = self.reload(ReloadWhy::UnknownBuilder);
+                    events.push_back(event);
                 }
             }
-            // An instance's last event: its task is done with it.
-            if let Event::BootFailed {
-                builder,
-                generation,
-                ..
+
+            // One clock reading for everything this input causes.
+            let now = Instant::now();
+            while let Some(event) = events.pop_front() {
+                for action in self.machine.handle(event, now) {
+                    match action {
+                        Action::Reply { conn, response } => {
+                            if let Some(c) = conns.get(&conn) {
+                                let _ = c.send(response);
+                            }
+                        }
+                        Action::StartBoot {
+                            builder,
+                            generation,
+                        } => {
+                            let Some(b) = self.builders.iter().find(|b| b.name == builder) else {
+                                continue;
+                            };
+                            let (stop_tx, stop_rx) = oneshot::channel();
+                            let ctx = InstanceContext {
+                                builder: builder.clone(),
+                                dir: builder_dir(&self.state_dir, &builder),
+                            };
+                            let join = tokio::spawn(instance_task(
+                                backend.clone(),
+                                b.clone(),
+                                ctx,
+                                generation,
+                                stop_rx,
+                                tx.clone(),
+                            ));
+                            if let Some(old) = instances.insert(
+                                builder.clone(),
+                                InstanceHandle {
+                                    generation,
+                                    stop: Some(stop_tx),
+                                    join,
+                                },
+                            ) {
+                                // The machine never starts a second instance; if it did, the
+                                // old one must not survive unnoticed.
+                                error!("builder '{builder}' had a running instance; killing it");
+                                old.join.abort();
+                            }
+                        }
+                        Action::Stop {
+                            builder,
+                            generation,
+                        } => {
+                            if let Some(h) = instances.get_mut(&builder)
+                                && h.generation == generation
+                                && let Some(stop) = h.stop.take()
+                            {
+                                let _ = stop.send(());
+                            }
+                        }
+                        Action::SetTimer(t) => timer = t,
+                        Action::SaveHistory => save_history(&history_path, &self.machine.history()),
+                        // Its answer goes before anything else this input brought.
+                        Action::ReloadConfig { why } => events.push_front(self.load_config(why)),
+                        Action::Log { level, message } => log_line(level, &message),
+                        Action::KillAll => break 'serve true,
+                        Action::Exit => break 'serve false,
+                    }
+                }
             }
-            | Event::InstanceExited {
-                builder,
-                generation,
-                ..
-            }
-            | Event::StopFinished {
-                builder,
-                generation,
-                ..
-            } = &event
-                && instances
-                    .get(builder)
-                    .is_some_and(|h| h.generation == *generation)
-            {
-                instances.remove(builder);
-            }
-            if let Event::ClientGone(conn) = &event {
-                conns.remove(conn);
-            }
-            let mut actions = match reload {
-                Some(ev) => self.machine.handle(ev, Instant::now()),
-                None => Vec::new(),
-            };
-            actions.extend(self.machine.handle(event, Instant::now()));
             if let Some((id, stream)) = accepted {
                 let (reply_tx, reply_rx) = mpsc::unbounded_channel();
                 conns.insert(id, reply_tx);
                 conn_tasks.spawn(connection(stream, id, tx.clone(), reply_rx));
-            }
-            for action in actions {
-                match action {
-                    Action::Reply { conn, response } => {
-                        if let Some(c) = conns.get(&conn) {
-                            let _ = c.send(response);
-                        }
-                    }
-                    Action::StartBoot {
-                        builder,
-                        generation,
-                    } => {
-                        let Some(b) = self.builders.iter().find(|b| b.name == builder) else {
-                            continue;
-                        };
-                        let (stop_tx, stop_rx) = oneshot::channel();
-                        let ctx = InstanceContext {
-                            builder: builder.clone(),
-                            dir: self.state_dir.join(BUILDERS_DIR).join(&builder),
-                        };
-                        let join = tokio::spawn(instance_task(
-                            backend.clone(),
-                            b.clone(),
-                            ctx,
-                            generation,
-                            stop_rx,
-                            tx.clone(),
-                        ));
-                        if let Some(old) = instances.insert(
-                            builder.clone(),
-                            InstanceHandle {
-                                generation,
-                                stop: Some(stop_tx),
-                                join,
-                            },
-                        ) {
-                            // The machine never starts a second instance; if it did, the old
-                            // one must not survive unnoticed.
-                            error!("builder '{builder}' had a running instance; killing it");
-                            old.join.abort();
-                        }
-                    }
-                    Action::Stop {
-                        builder,
-                        generation,
-                    } => {
-                        if let Some(h) = instances.get_mut(&builder)
-                            && h.generation == generation
-                            && let Some(stop) = h.stop.take()
-                        {
-                            let _ = stop.send(());
-                        }
-                    }
-                    Action::SetTimer(t) => timer = t,
-                    Action::SaveHistory => save_history(&history_path, &self.machine.history()),
-                    Action::Exit => break 'serve false,
-                }
             }
         };
 
