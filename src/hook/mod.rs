@@ -134,24 +134,10 @@ pub fn main(args: HookArgs) -> ExitCode {
 /// read end of the log pipe as fd 5: close fd 5, and make sure no child we start inherits
 /// anything but stdio, or the daemon would wait for it to close fd 2/4 (docs/protocol.md §1.4).
 fn prepare_descriptors() {
-    // SAFETY: closing fd 5, which nothing in this process uses; an error (not open) is fine.
-    unsafe { libc::close(5) };
-    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
-        return;
-    };
-    let fds: Vec<i32> = dir
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .filter(|&fd| fd > 2)
-        .collect();
-    for fd in fds {
-        // SAFETY: F_GETFD/F_SETFD only change the close-on-exec flag of a descriptor number.
-        unsafe {
-            let flags = libc::fcntl(fd, libc::F_GETFD);
-            if flags >= 0 {
-                libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC);
-            }
-        }
-    }
+    // SAFETY: fd 5 is the log pipe's read end the daemon leaks to us; nothing in this process
+    // uses it.
+    unsafe { crate::os::close(5) };
+    crate::os::cloexec_from(3);
 }
 
 fn stdin_reader() -> Box<dyn AsyncRead + Unpin + Send> {

@@ -22,8 +22,7 @@ impl BuildLog {
     /// Takes fd 4 if the daemon gave us one (it always does; a hand-run hook may not have it).
     /// Call this first thing, before anything else opens a descriptor that could land on 4.
     pub fn claim_fd4() -> Option<OwnedFd> {
-        // SAFETY: fcntl only inspects the descriptor number.
-        if unsafe { libc::fcntl(4, libc::F_GETFD) } == -1 {
+        if !crate::os::is_open(4) {
             return None;
         }
         // SAFETY: fd 4 is open (checked above), we are called before anything in this process
