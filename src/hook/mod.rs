@@ -547,6 +547,7 @@ mod tests {
             mandatory_features: BTreeSet::new(),
             host_keys: HostKeySpec::SshDefault,
             allow_well_known_host_key: false,
+            keep_warm: Duration::ZERO,
             origin: Origin::Toml {
                 file: "/t".into(),
                 name: name.to_owned(),
