@@ -2,7 +2,9 @@
 //! `nix-store --serve --write` for `ssh://` (`serve`) or `nix-daemon --stdio` for `ssh-ng://`
 //! (`daemon`), behind one [`Remote`] (`remote`). The worker-protocol client the local store and
 //! `ssh-ng://` share is `worker`; the NAR streams every client reads and writes are `nar`; the
-//! build log they write into is `build_log`.
+//! build log they write into is `build_log`; `warm` is both ends of a warm session (the
+//! supervisor starting and handshaking a remote program ahead of time, the hook taking it
+//! over).
 //!
 //! [`BuildLog`] (nix-daemon's fd 4) lives here because its only writers are these clients: the
 //! `ssh://` stderr pump and the worker protocol's log messages. The hook only claims the
@@ -19,6 +21,7 @@ mod local;
 mod nar;
 mod remote;
 mod serve;
+pub mod warm;
 mod worker;
 
 use crate::ssh::{self, SshError};
@@ -27,7 +30,7 @@ use crate::wire_io::{CopyError, WireError};
 pub use build_log::BuildLog;
 pub use local::LocalStore;
 pub use nar::{NarSink, NarSource};
-pub use remote::{Remote, remote_command};
+pub use remote::{Reconnect, Remote, remote_command};
 
 /// A failure talking to a remote store (or to the local daemon, which speaks the same protocol).
 #[derive(Debug, thiserror::Error)]
