@@ -50,6 +50,7 @@ fn state_name(s: State) -> &'static str {
         State::Draining => "draining",
         State::Stopping => "stopping",
         State::Failed => "failed",
+        State::AlwaysOn => "always-on",
     }
 }
 
@@ -62,6 +63,8 @@ pub fn status_table(list: &[BuilderStatus]) -> String {
         "IDLE STOP IN".to_owned(),
         "BUILDS".to_owned(),
         "BOOTS".to_owned(),
+        "WARM".to_owned(),
+        "HAND-OUTS".to_owned(),
         "LAST FAILURE".to_owned(),
     ]];
     for s in list {
@@ -76,24 +79,40 @@ pub fn status_table(list: &[BuilderStatus]) -> String {
             }
             Some(f) => f.cause.clone(),
         };
+        let (failure, warm, hand_outs) = match &s.warm {
+            None => (failure, "-".to_owned(), "-".to_owned()),
+            Some(w) => (
+                match (&w.last_failure, failure.as_str()) {
+                    (Some(f), "-") => format!("warm connection: {f}"),
+                    _ => failure,
+                },
+                warm_cell(w),
+                w.hand_outs.to_string(),
+            ),
+        };
+        let always_on = s.state == State::AlwaysOn;
+        let or_dash = |v: String| if always_on { "-".to_owned() } else { v };
         rows.push([
             s.name.clone(),
             state,
             dur(s.uptime_ms),
             dur(s.idle_stop_in_ms),
-            s.leases.to_string(),
-            s.boots.to_string(),
+            or_dash(s.leases.to_string()),
+            or_dash(s.boots.to_string()),
+            warm,
+            hand_outs,
             failure,
         ]);
     }
-    let widths: Vec<usize> = (0..7)
+    let last = rows[0].len() - 1;
+    let widths: Vec<usize> = (0..=last)
         .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
         .collect();
     let mut out = String::new();
     for r in &rows {
         let mut line = String::new();
         for (c, cell) in r.iter().enumerate() {
-            if c == 6 {
+            if c == last {
                 line.push_str(cell);
             } else {
                 let _ = write!(line, "{cell:<w$}  ", w = widths[c]);
@@ -103,6 +122,19 @@ pub fn status_table(list: &[BuilderStatus]) -> String {
         out.push('\n');
     }
     out
+}
+
+/// A warm connection in one cell: sessions ready (and in use), or why there are none.
+fn warm_cell(w: &crate::supervisor::proto::WarmStatus) -> String {
+    let mut cell = if w.connected {
+        format!("{} ready", w.ready)
+    } else {
+        "not connected".to_owned()
+    };
+    if w.in_use > 0 {
+        let _ = write!(cell, ", {} in use", w.in_use);
+    }
+    cell
 }
 
 /// The supervisor's control socket is root-only (0600 in a 0700 state directory) and there is
@@ -163,6 +195,7 @@ fn down_status(name: &str) -> BuilderStatus {
         boots: 0,
         last_failure: None,
         nix_version: None,
+        warm: None,
     }
 }
 
@@ -525,8 +558,38 @@ mod tests {
             retry_in_ms: 20_000,
             consecutive: 1,
         });
-        let t = status_table(&[a, b]);
+        a.warm = Some(crate::supervisor::proto::WarmStatus {
+            connected: true,
+            ready: 2,
+            in_use: 1,
+            hand_outs: 14,
+            closes_in_ms: None,
+            last_failure: None,
+        });
+        let mut c = down_status("ssh://root@x86");
+        c.state = State::AlwaysOn;
+        c.warm = Some(crate::supervisor::proto::WarmStatus {
+            connected: false,
+            hand_outs: 3,
+            last_failure: Some("HOST KEY MISMATCH".into()),
+            ..Default::default()
+        });
+        let t = status_table(&[a, b, c]);
         let lines: Vec<&str> = t.lines().collect();
+        assert!(
+            lines[0].contains("WARM") && lines[0].contains("HAND-OUTS"),
+            "{t}"
+        );
+        assert!(
+            lines[1].contains("2 ready, 1 in use") && lines[1].contains(" 14 "),
+            "{t}"
+        );
+        assert!(
+            lines[3].contains("always-on")
+                && lines[3].contains("not connected")
+                && lines[3].ends_with("warm connection: HOST KEY MISMATCH"),
+            "{t}"
+        );
         assert!(lines[0].starts_with("BUILDER"), "{t}");
         assert!(
             lines[1].contains("up") && lines[1].contains("2m05s") && lines[1].contains("10m00s")

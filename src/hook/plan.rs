@@ -922,6 +922,7 @@ mod tests {
             boots: 0,
             last_failure: None,
             nix_version: None,
+            warm: None,
         }
     }
 

@@ -47,11 +47,14 @@ impl Slot {
 }
 
 impl Machine {
-    /// The status of every builder, in configuration order.
+    /// The status of every lazy builder, in configuration order, then of every always-on
+    /// builder with a warm connection.
     pub fn status(&self, now: Instant) -> Vec<BuilderStatus> {
-        (0..self.slots.len())
+        let mut all: Vec<BuilderStatus> = (0..self.slots.len())
             .map(|i| self.slot_status(i, now))
-            .collect()
+            .collect();
+        all.extend(self.always_on_status(now));
+        all
     }
 
     pub(super) fn slot_status(&self, i: usize, now: Instant) -> BuilderStatus {
@@ -105,6 +108,7 @@ impl Machine {
             boots: s.boots,
             last_failure,
             nix_version: up.map(|u| u.nix_version.clone()),
+            warm: self.warm_status(&s.cfg.name, true, now),
         }
     }
 

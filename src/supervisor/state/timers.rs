@@ -1,7 +1,8 @@
 //! Everything that happens because time passed: idle stops (from the last release, or from
-//! "up" with a first-lease grace), `wait-ready` deadlines, the auto-started supervisor's exit
-//! when quiet, the kill once a shutdown's graceful stops took too long, and the one wake-up
-//! instant that covers them all.
+//! "up" with a first-lease grace), `wait-ready` deadlines, warm connections closing (keep-warm,
+//! or their lazy builder no longer up: `warm.rs`), the auto-started supervisor's exit when
+//! quiet (never while a warm connection is open), the kill once a shutdown's graceful stops
+//! took too long, and the one wake-up instant that covers them all.
 
 use std::time::{Duration, Instant};
 
@@ -42,6 +43,9 @@ impl Machine {
                 consider(*d);
             }
         }
+        if let Some(t) = self.pools.next_deadline() {
+            consider(t);
+        }
         if let Some(t) = self.exit_at() {
             consider(t.max(now));
         }
@@ -56,7 +60,10 @@ impl Machine {
             return None;
         }
         let linger = self.settings.exit_after_idle?;
-        if !self.clients.is_empty() || self.slots.iter().any(|s| s.phase.has_instance()) {
+        if !self.clients.is_empty()
+            || self.slots.iter().any(|s| s.phase.has_instance())
+            || !self.pools.is_empty()
+        {
             return None;
         }
         Some(self.quiet_since + linger)
@@ -88,7 +95,8 @@ impl Machine {
                 answer_waiters(due, &self.slot_status(i, now), out);
             }
         }
-        let all_gone = !self.slots.iter().any(|s| s.phase.has_instance());
+        self.warm_timers(now, out);
+        let all_gone = !self.slots.iter().any(|s| s.phase.has_instance()) && self.pools.is_empty();
         if self.shutting_down && all_gone {
             self.exited = true;
             out.push(Action::Exit);
