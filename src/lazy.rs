@@ -82,7 +82,7 @@ impl Lazy {
             let mut c = Client::connect(&self.state_dir).await?;
             c.lease_session(spec, SESSION_TIMEOUT).await
         };
-        match tokio::time::timeout(SESSION_TIMEOUT * 2, asked).await {
+        match tokio::time::timeout(SESSION_TIMEOUT, asked).await {
             Ok(Ok(SessionAnswer::Session(s))) => {
                 tracing::debug!(builder = %spec.builder, "warm session handed over");
                 Some(s)
