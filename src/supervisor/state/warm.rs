@@ -7,9 +7,10 @@
 //! - A hook asks for a session ([`Request::LeaseSession`]) and is answered at once: a ready
 //!   session is handed out ([`Action::HandOut`]), else [`Response::NoSession`] and the hook
 //!   connects directly; the pool warms up in the background either way. It never waits.
-//! - A pool keeps min(max-jobs, [`READY_MAX`]) sessions ready, refilled after each hand-out,
-//!   and at most [`SESSIONS_PER_CONNECTION`] on its connection in all (below OpenSSH's default
-//!   `MaxSessions`).
+//! - A pool keeps min(max-jobs + 1, [`READY_MAX`]) sessions ready (one more than can be in
+//!   use at once, so that back-to-back builds never find it refilling), refilled after each
+//!   hand-out, and at most [`SESSIONS_PER_CONNECTION`] on its connection in all (below
+//!   OpenSSH's default `MaxSessions`).
 //! - A connect or a session start that fails backs off ([`crate::backoff`]); meanwhile hooks
 //!   are told no and connect directly. A lost connection is made again on the next request.
 //!   Sessions that die while pooled are replaced, but not after [`DEATHS_BEFORE_PAUSE`] in a
@@ -36,7 +37,7 @@ pub type PoolId = u64;
 pub type SessionId = u64;
 
 /// Most sessions a pool keeps ready.
-pub const READY_MAX: u32 = 2;
+pub const READY_MAX: u32 = 3;
 /// Most sessions one connection carries: ready, being opened and in use together. OpenSSH's
 /// sshd allows 10 (`MaxSessions`) by default.
 pub const SESSIONS_PER_CONNECTION: u32 = 8;
@@ -123,7 +124,7 @@ impl Pool {
     }
 
     fn want_ready(&self) -> u32 {
-        self.spec.max_jobs.clamp(1, READY_MAX)
+        self.spec.max_jobs.max(1).saturating_add(1).min(READY_MAX)
     }
 
     fn carried(&self) -> u32 {
