@@ -212,19 +212,14 @@ pub struct WarmSession {
     pub handshake: Handshake,
 }
 
-/// The remote program's stdout, through the supervisor: an end of stream is a clean end only
-/// when the status socket says the program exited; a broken connection or a supervisor that
-/// went away is an error (`ConnectionAborted`), so a truncated stream is never taken for a
-/// complete one. Counts what it delivered.
-pub(super) struct WarmOutput {
-    inner: OwnedReadHalf,
+/// How a warm session ended, read once from its status socket and shared by both directions.
+struct End {
     status: Option<std::os::unix::net::UnixStream>,
-    received: Arc<AtomicU64>,
     ended: Option<Result<(), String>>,
 }
 
-impl WarmOutput {
-    fn end(&mut self) -> Result<(), String> {
+impl End {
+    fn get(&mut self) -> Result<(), String> {
         if let Some(e) = &self.ended {
             return e.clone();
         }
@@ -243,6 +238,8 @@ impl WarmOutput {
         e
     }
 }
+
+type SharedEnd = Arc<std::sync::Mutex<End>>;
 
 /// Reads the [`SessionEnd`] line already waiting on `status` (without blocking).
 fn read_end(status: &std::os::unix::net::UnixStream) -> Option<SessionEnd> {
@@ -265,6 +262,68 @@ fn read_end(status: &std::os::unix::net::UnixStream) -> Option<SessionEnd> {
     serde_json::from_slice(line).ok()
 }
 
+fn end_of(end: &SharedEnd) -> Result<(), String> {
+    end.lock().unwrap_or_else(|p| p.into_inner()).get()
+}
+
+/// The remote program's stdout, through the supervisor: an end of stream is a clean end only
+/// when the status socket says the program exited; a broken connection or a supervisor that
+/// went away is an error (`ConnectionAborted`), so a truncated stream is never taken for a
+/// complete one. Counts what it delivered.
+pub(super) struct WarmOutput {
+    inner: OwnedReadHalf,
+    end: SharedEnd,
+    received: Arc<AtomicU64>,
+}
+
+/// The remote program's stdin, through the supervisor: a write to a session that is gone
+/// fails with why it is gone.
+pub(super) struct WarmInput {
+    inner: OwnedWriteHalf,
+    end: SharedEnd,
+}
+
+impl WarmInput {
+    fn explain<T>(&self, r: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        match r {
+            Poll::Ready(Err(e))
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::BrokenPipe
+                        | io::ErrorKind::ConnectionReset
+                        | io::ErrorKind::NotConnected
+                ) =>
+            {
+                let why = end_of(&self.end).err().unwrap_or_else(|| {
+                    "the remote program's session is closed (it exited)".to_owned()
+                });
+                Poll::Ready(Err(io::Error::new(io::ErrorKind::BrokenPipe, why)))
+            }
+            r => r,
+        }
+    }
+}
+
+impl AsyncWrite for WarmInput {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.explain(r)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let r = Pin::new(&mut self.inner).poll_flush(cx);
+        self.explain(r)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
 impl AsyncRead for WarmOutput {
     fn poll_read(
         mut self: Pin<&mut Self>,
@@ -282,7 +341,7 @@ impl AsyncRead for WarmOutput {
             return Poll::Ready(Ok(()));
         }
         Poll::Ready(
-            self.end()
+            end_of(&self.end)
                 .map_err(|reason| io::Error::new(io::ErrorKind::ConnectionAborted, reason)),
         )
     }
@@ -311,7 +370,7 @@ impl AsyncRead for Stdout {
 /// The remote program's stdin, likewise.
 pub(super) enum Stdin {
     Ssh(ExecStdin),
-    Warm(OwnedWriteHalf),
+    Warm(WarmInput),
 }
 
 impl AsyncWrite for Stdin {
@@ -363,15 +422,18 @@ impl WarmSession {
         let status = std::os::unix::net::UnixStream::from(self.status);
         status.set_nonblocking(true)?;
         let received = Arc::new(AtomicU64::new(0));
+        let end = Arc::new(std::sync::Mutex::new(End {
+            status: Some(status),
+            ended: None,
+        }));
         Ok((
             WarmStreams {
                 stdout: Stdout::Warm(WarmOutput {
                     inner: rd,
-                    status: Some(status),
+                    end: end.clone(),
                     received: received.clone(),
-                    ended: None,
                 }),
-                stdin: Stdin::Warm(wr),
+                stdin: Stdin::Warm(WarmInput { inner: wr, end }),
                 stderr,
                 received,
             },

@@ -67,9 +67,40 @@ struct Relay {
 /// [`proto::Response::Session`]: super::proto::Response::Session
 pub(super) type HookEnds = [OwnedFd; 3];
 
+/// A pool's SSH connection, shared by its session tasks; closed when the last one lets go
+/// (politely if russh still listens, else at once: [`ssh::Session::aborter`]).
+pub(super) struct Link(Option<ssh::Session>);
+
+impl std::ops::Deref for Link {
+    type Target = ssh::Session;
+    fn deref(&self) -> &ssh::Session {
+        self.0
+            .as_ref()
+            .expect("a link holds its session until dropped")
+    }
+}
+
+/// How long a closing connection may take to say goodbye before it is cut.
+const CLOSE_GRACE: Duration = Duration::from_millis(500);
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        let Some(session) = self.0.take() else { return };
+        let cut = session.aborter();
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            cut.cancel();
+            return;
+        };
+        rt.spawn(async move {
+            let _ = tokio::time::timeout(CLOSE_GRACE, session.close()).await;
+            cut.cancel();
+        });
+    }
+}
+
 /// Warm connections and sessions, as far as the runtime must hold them.
 pub(super) struct WarmRuntime {
-    links: HashMap<PoolId, Arc<ssh::Session>>,
+    links: HashMap<PoolId, Arc<Link>>,
     /// Sessions not handed out yet (opening or pooled): the way to hand each one out.
     waiting: HashMap<SessionId, (PoolId, oneshot::Sender<Relay>)>,
     tx: mpsc::UnboundedSender<WarmReport>,
@@ -105,7 +136,7 @@ impl WarmRuntime {
                     negotiated = ?session.negotiated(),
                     "warm connection up"
                 );
-                self.links.insert(pool, Arc::new(session));
+                self.links.insert(pool, Arc::new(Link(Some(session))));
                 Event::WarmConnected { pool }
             }
             Err(cause) => Event::WarmConnectFailed { pool, cause },
@@ -178,7 +209,7 @@ fn event(tx: &mpsc::UnboundedSender<WarmReport>, e: Event) {
 /// One warm session from start to end: open it, keep it while pooled, relay it once handed
 /// out. Reports `WarmReady` (then `WarmEnded`) or `WarmOpenFailed`.
 async fn session_task(
-    link: Arc<ssh::Session>,
+    link: Arc<Link>,
     pool: PoolId,
     session: SessionId,
     spec: SessionSpec,
