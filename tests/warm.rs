@@ -512,7 +512,7 @@ fn a_lazy_builder_with_warm_sessions_stops_at_its_idle_timeout() {
     );
     assert!(stopped.warm.is_none(), "its pool outlived it: {stopped:?}");
     let t0 = Instant::now();
-    while !(!alive(sshd) && remote.processes().is_empty()) {
+    while alive(sshd) || !remote.processes().is_empty() {
         let left: Vec<String> = remote
             .processes()
             .iter()
