@@ -17,6 +17,7 @@
 //!   selecting the prefix; stopped with `darling shutdown`.
 //! - `command` (`command.rs`): any foreground command; stopped by a stop command or a signal.
 
+pub mod agent;
 mod child;
 mod command;
 mod darling;
@@ -24,6 +25,8 @@ mod logs;
 pub mod qemu;
 pub mod qmp;
 mod ready;
+mod restore;
+pub mod snapshot;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -32,10 +35,10 @@ use std::time::{Duration, Instant};
 use crate::config::{BootSpec, Builder};
 
 pub use qemu::AccelUsed;
-pub use ready::{Ready, wait_ready};
+pub use ready::Ready;
 
 /// Where and for whom an instance runs.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct BootContext {
     /// The builder's name (messages, QEMU's `-name`).
     pub builder: String,
@@ -47,6 +50,8 @@ pub struct BootContext {
     /// The port in the builder's URI: the host port a QEMU builder forwards to the guest's
     /// port 22 when its boot section has no `ssh-port`.
     pub uri_port: Option<u16>,
+    /// The whole builder: a restore checks readiness itself, with its SSH settings.
+    pub config: Builder,
 }
 
 impl BootContext {
@@ -57,6 +62,7 @@ impl BootContext {
             dir,
             systems: builder.systems.iter().cloned().collect(),
             uri_port: builder.uri.port,
+            config: builder.clone(),
         }
     }
 }
@@ -317,6 +323,15 @@ impl fmt::Display for StopReport {
     }
 }
 
+/// How an instance came up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BootKind {
+    /// Booted from scratch.
+    Cold,
+    /// Restored from a snapshot (`snapshot = true`).
+    Restored,
+}
+
 /// The backend-specific part of a running instance.
 enum Kind {
     Qemu(qemu::Vm),
@@ -333,6 +348,33 @@ pub struct Instance {
     ssh_port: Option<u16>,
     /// Log files, most telling first, for the last line of an [`ExitReport`].
     logs: Vec<PathBuf>,
+    /// Readiness already checked while starting (a restore): [`wait_ready`] returns it.
+    ready: Option<Ready>,
+}
+
+/// Waits until the builder answers on `port` (`ready.rs`: SSH banner, handshake with the
+/// pinned host key, the remote Nix's `--version`), or fails: at once for a wrong host key or
+/// the instance's exit, else at `deadline`. A restored instance was checked while it started
+/// and answers at once. A cold boot of a `snapshot = true` builder is snapshotted here, once it
+/// is ready and before anyone builds on it; failing to make the snapshot never fails the
+/// boot (it is logged, and the next cold boot tries again).
+pub async fn wait_ready(
+    builder: &Builder,
+    port: u16,
+    instance: &mut Instance,
+    deadline: impl Into<tokio::time::Instant>,
+) -> Result<Ready, BootError> {
+    if let Some(r) = instance.ready.take() {
+        return Ok(r);
+    }
+    let deadline = deadline.into();
+    let ready = ready::wait_ready(builder, port, instance, deadline).await?;
+    if let Kind::Qemu(vm) = &mut instance.kind
+        && let Some(pending) = vm.pending.take()
+    {
+        restore::make_logged(vm.builder(), pending, &mut instance.child, &ready, deadline).await;
+    }
+    Ok(ready)
 }
 
 /// Starts `spec` for the builder described by `ctx`. Returns once the process runs (and, for
@@ -369,6 +411,25 @@ impl Instance {
     pub fn accel(&self) -> Option<AccelUsed> {
         match &self.kind {
             Kind::Qemu(vm) => Some(vm.accel()),
+            _ => None,
+        }
+    }
+
+    /// Restored from a snapshot or booted cold (every backend but a `snapshot = true` qemu
+    /// builder boots cold).
+    pub fn boot_kind(&self) -> BootKind {
+        match &self.kind {
+            Kind::Qemu(vm) => vm.how,
+            _ => BootKind::Cold,
+        }
+    }
+
+    /// For a `snapshot = true` builder that booted cold: why it was not restored ("there is no
+    /// snapshot yet", "the configuration changed (memory 1024 → 2048 MiB)", "the restore failed:
+    /// …").
+    pub fn snapshot_note(&self) -> Option<&str> {
+        match &self.kind {
+            Kind::Qemu(vm) => vm.snapshot_note.as_deref(),
             _ => None,
         }
     }
