@@ -452,6 +452,15 @@ impl Instance {
         self.report(exit)
     }
 
+    /// `why` a step failed, unless the process ended meanwhile (or does within a moment):
+    /// then its exit report, with its last words, says more.
+    async fn exit_or(&mut self, why: String) -> String {
+        match self.child.wait_for(Duration::from_millis(500)).await {
+            Some(exit) => format!("{} ({why})", self.report(exit)),
+            None => why,
+        }
+    }
+
     fn report(&self, exit: child::Exit) -> ExitReport {
         ExitReport {
             what: self.what.clone(),

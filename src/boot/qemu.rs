@@ -920,19 +920,27 @@ async fn restore_vm(
     };
     // From here on, an error drops `inst`, which kills QEMU.
     let deadline = tokio::time::Instant::from_std(t0 + super::restore::RESTORE_LIMIT);
-    super::restore::incoming(
+    let loaded = super::restore::incoming(
         &p.qmp_socket,
         &mut inst.child,
         &files.devices(),
         &ctx.dir.join("migrate.sock"),
         deadline,
     )
-    .await?;
+    .await;
+    if let Err(why) = loaded {
+        return Err(inst.exit_or(why).await);
+    }
     let running = t0.elapsed();
     let refreshed = tokio::select! {
-        exit = inst.child.wait() => return Err(format!("qemu {} after the restore", super::child::describe_status(&exit.status))),
-        r = super::agent::refresh(&p.agent_socket, deadline) => r.map_err(|e| e.to_string())?,
+        exit = inst.child.wait() => return Err(format!("{} after the restore", inst.report(exit))),
+        r = super::agent::refresh(&p.agent_socket, deadline) => r,
     };
+    let refreshed = match refreshed {
+        Ok(r) => r,
+        Err(e) => return Err(inst.exit_or(e.to_string()).await),
+    };
+    let refresh_done = t0.elapsed();
     let port = port.ok_or_else(|| "no forwarded SSH port".to_owned())?;
     let ready = super::ready::wait_ready(&ctx.config, port, &mut inst, deadline)
         .await
@@ -942,6 +950,7 @@ async fn restore_vm(
         pid = inst.child.pid(),
         port,
         running = %fmt_elapsed(running),
+        refreshed = %fmt_elapsed(refresh_done),
         ready = %fmt_elapsed(t0.elapsed()),
         agent = %refreshed,
         "restored from the snapshot"
