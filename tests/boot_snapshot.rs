@@ -188,6 +188,8 @@ async fn cold_then_two_fresh_restores(arch: &str) {
 
     let mut seen = Vec::new();
     for i in 0..2 {
+        // Long enough a sleep for a clock that was not set to be off by more than 2 s.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
         let (inst, port, took) = up(&b, &ctx).await;
         assert_eq!(inst.boot_kind(), BootKind::Restored, "restore {i}");
         eprintln!("{arch}: restore {i} ready in {took:?}");
