@@ -159,9 +159,13 @@ impl LiveRam {
         static N: AtomicU64 = AtomicU64::new(0);
         let bytes = memory_mib * 1024 * 1024;
         let shm = Path::new("/dev/shm");
+        let prefix = format!("nix-lazy-builder-{builder}-");
+        for d in [shm, state_dir] {
+            remove_stale(d, &prefix);
+        }
         let dir = if has_room(shm, bytes) { shm } else { state_dir };
         let path = dir.join(format!(
-            "nix-lazy-builder-{builder}-{}-{}.ram",
+            "{prefix}{}-{}.ram",
             std::process::id(),
             N.fetch_add(1, Ordering::Relaxed)
         ));
@@ -195,6 +199,33 @@ impl LiveRam {
 impl Drop for LiveRam {
     fn drop(&mut self) {
         self.unlink();
+    }
+}
+
+/// Removes `PREFIX<pid>-<n>.ram` files in `dir` whose process is gone: a supervisor killed in
+/// the moment between creating a RAM file and QEMU mapping it leaves its name behind.
+fn remove_stale(dir: &Path, prefix: &str) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(prefix)) else {
+            continue;
+        };
+        let Some(pid) = rest
+            .strip_suffix(".ram")
+            .and_then(|r| r.split_once('-'))
+            .and_then(|(pid, _)| pid.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        // SAFETY: kill with signal 0 only checks whether the process exists.
+        let gone = unsafe { libc::kill(pid, 0) } != 0
+            && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+        if gone {
+            let _ = std::fs::remove_file(e.path());
+        }
     }
 }
 
@@ -486,5 +517,38 @@ pub(super) async fn incoming(
     match tokio::time::timeout_at(deadline, work).await {
         Ok(r) => r,
         Err(_) => Err("the device state was not loaded in time".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn live_ram_is_private_sparse_and_stale_names_go() {
+        let dir = tempfile::tempdir().unwrap();
+        // A name left by a process that is gone, one of a live process, one of another builder.
+        let dead = dir.path().join("nix-lazy-builder-vm-2147483646-0.ram");
+        let live = dir
+            .path()
+            .join(format!("nix-lazy-builder-vm-{}-99.ram", std::process::id()));
+        let other = dir.path().join("nix-lazy-builder-vm2-2147483646-0.ram");
+        for p in [&dead, &live, &other] {
+            std::fs::write(p, b"x").unwrap();
+        }
+        remove_stale(dir.path(), "nix-lazy-builder-vm-");
+        assert!(!dead.exists());
+        assert!(live.exists() && other.exists());
+
+        let ram = LiveRam::create(dir.path(), "vm", 4).unwrap();
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let m = std::fs::metadata(ram.path()).unwrap();
+        assert_eq!(m.len(), 4 << 20);
+        assert_eq!(m.permissions().mode() & 0o777, 0o600);
+        assert!(m.blocks() * 512 < 4 << 20, "sparse");
+        let path = ram.path().to_owned();
+        ram.unlink();
+        assert!(!path.exists());
+        drop(ram);
     }
 }
