@@ -348,3 +348,66 @@ async fn turning_snapshots_off_removes_the_snapshot() {
     assert!(!ctx.dir.join("snapshot").exists());
     down(&plain, inst).await;
 }
+
+/// An ephemeral disk (a blank raw image the guest formats and mounts on /nix): the snapshot
+/// keeps the disk as it was; each restore writes to a fresh overlay of it, so what one restore
+/// wrote is gone in the next, and the guest's filesystem stays consistent.
+#[tokio::test]
+async fn ephemeral_disk_is_part_of_the_snapshot() {
+    require_root();
+    let _one_vm = one_vm_test_at_a_time().await;
+    let img = vm_image("x86_64");
+    let (_state, ctx0) = {
+        let b = img.builder();
+        context(&b)
+    };
+    let disk = ctx0.dir.join("blank.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let b = img.builder_with(|t| {
+        let t = set_key(t, "snapshot", "true");
+        let t = set_key(t, "ephemeral", "true");
+        set_key(t, "disk", &toml_str(&disk.to_string_lossy()))
+    });
+    let ctx = BootContext::new(&b, ctx0.dir.clone());
+    let (inst, port, _) = up(&b, &ctx).await;
+    assert_eq!(inst.boot_kind(), BootKind::Cold);
+    assert!(
+        run_over_ssh(&b, port, "grep ' /nix ' /proc/mounts")
+            .await
+            .starts_with("/dev/vda /nix"),
+        "{}",
+        console(&ctx)
+    );
+    run_over_ssh(&b, port, "echo after-snapshot > /nix/cold; sync").await;
+    down(&b, inst).await;
+    assert!(snapshot::info(&ctx.dir).unwrap().meta.disk);
+    assert!(snapshot::Layout::new(&ctx.dir).current().disk().exists());
+    let base = std::fs::read(&disk).unwrap();
+    assert!(
+        base.iter().all(|&b| b == 0),
+        "the configured disk was written to"
+    );
+
+    for i in 0..2 {
+        let (inst, port, _) = up(&b, &ctx).await;
+        assert_eq!(inst.boot_kind(), BootKind::Restored, "{}", note(&inst));
+        let seen = run_over_ssh(
+            &b,
+            port,
+            "ls /nix; cat /nix/cold /nix/restored 2>/dev/null; echo restore-$0 > /nix/restored; sync; cat /nix/restored; dmesg | grep -ci 'ext.-fs error' || true",
+        )
+        .await;
+        eprintln!("restore {i}: {seen:?}");
+        assert!(seen.contains("store"), "{seen}");
+        assert!(
+            !seen.contains("after-snapshot"),
+            "a write after the snapshot leaked: {seen}"
+        );
+        assert_eq!(seen.matches("restore-").count(), 1, "{seen}");
+        assert!(seen.ends_with('0'), "filesystem errors: {seen}");
+        down(&b, inst).await;
+    }
+}
