@@ -185,6 +185,15 @@ async fn cold_then_two_fresh_restores(arch: &str) {
     }
     assert_eq!(info.meta.ram_bytes, 1 << 30);
     down(&b, inst).await;
+    let spec = &b.lazy.as_ref().unwrap().boot;
+    assert!(
+        matches!(
+            boot::next_boot(spec, &ctx).await,
+            Ok(boot::NextBoot::Restore(_))
+        ),
+        "{:?}",
+        boot::next_boot(spec, &ctx).await
+    );
 
     let mut seen = Vec::new();
     for i in 0..2 {
@@ -253,6 +262,10 @@ async fn damaged_or_outdated_snapshots_are_remade() {
         .unwrap()
         .set_len(4096)
         .unwrap();
+    match boot::next_boot(&b.lazy.as_ref().unwrap().boot, &ctx).await {
+        Ok(boot::NextBoot::MakeSnapshot { why }) => assert!(why.contains("damaged"), "{why}"),
+        other => panic!("{other:?}"),
+    }
     let (inst, port, _) = up(&b, &ctx).await;
     assert_eq!(inst.boot_kind(), BootKind::Cold);
     assert!(

@@ -352,6 +352,26 @@ pub struct Instance {
     ready: Option<Ready>,
 }
 
+/// What the next boot of a builder will do, as far as can be told without booting.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NextBoot {
+    /// A plain cold boot (no `snapshot = true`, or not a qemu builder).
+    Cold,
+    /// A restore of this snapshot (unless QEMU rejects it: then a cold boot at once).
+    Restore(Box<snapshot::Meta>),
+    /// A cold boot that makes a snapshot, and why there is none to restore.
+    MakeSnapshot { why: String },
+}
+
+/// [`NextBoot`] for `spec` in `ctx` (reads the snapshot's metadata, checks its files, and runs
+/// `qemu --version` once per QEMU binary): for `status`, `doctor` and the progress line.
+pub async fn next_boot(spec: &BootSpec, ctx: &BootContext) -> Result<NextBoot, BootError> {
+    match spec {
+        BootSpec::Qemu(q) if q.snapshot && q.runner.is_none() => qemu::next_boot(q, ctx).await,
+        _ => Ok(NextBoot::Cold),
+    }
+}
+
 /// Waits until the builder answers on `port` (`ready.rs`: SSH banner, handshake with the
 /// pinned host key, the remote Nix's `--version`), or fails: at once for a wrong host key or
 /// the instance's exit, else at `deadline`. A restored instance was checked while it started

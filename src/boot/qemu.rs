@@ -643,6 +643,25 @@ pub(super) async fn start(spec: &QemuBoot, ctx: &BootContext) -> Result<Instance
     .await
 }
 
+/// What [`start`] would do now for a `snapshot = true` builder.
+pub(super) async fn next_boot(
+    spec: &QemuBoot,
+    ctx: &BootContext,
+) -> Result<super::NextBoot, BootError> {
+    let p = prepare(spec, ctx)?;
+    let fingerprint = super::restore::fingerprint(spec, &p.binary, p.arch.as_deref()).await?;
+    let files = snapshot::Layout::new(&ctx.dir).current();
+    Ok(
+        match snapshot::decide(true, &fingerprint, snapshot::read_meta(&files), |m| {
+            snapshot::check_files(&files, m)
+        }) {
+            snapshot::Decision::Restore(meta) => super::NextBoot::Restore(meta),
+            snapshot::Decision::Make { why } => super::NextBoot::MakeSnapshot { why },
+            snapshot::Decision::Off => super::NextBoot::Cold,
+        },
+    )
+}
+
 /// A cold boot that is to be snapshotted once ready.
 struct ColdSnapshot {
     fingerprint: snapshot::Fingerprint,
