@@ -13,7 +13,7 @@
 //! in the harness's private mount namespaces), listen beyond 127.0.0.1, or leave a process
 //! behind (every handle stops what it started by pid).
 
-#[path = "../../tests/common/mod.rs"]
+#[path = "../../tests/it/harness/mod.rs"]
 mod common;
 mod p4;
 mod p7;
