@@ -32,7 +32,7 @@ use nix_lazy_builder::boot::{self, BootContext, StopHow};
 use nix_lazy_builder::config::{Builder, Config};
 use nix_lazy_builder::supervisor::proto::State;
 
-use crate::common::{
+use crate::harness::{
     CmdOutput, KillMentioning, LazyConfig, LocalDaemon, StoreQueries, nix_build_streaming,
     run_command, uname_expr, wait_until, with_builder_keys,
 };

@@ -15,7 +15,7 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::common::{
+use crate::harness::{
     FakeDrv, LocalDaemon, Nix, RemoteOpts, RemoteStore, Scheme, StoreQueries, hook_binary,
     max_overlap,
 };
@@ -480,7 +480,7 @@ impl<'a> Transfer<'a> {
 /// Between transfer runs (untimed): write back what the previous run and the cleanup left
 /// dirty, so a run does not pay for its predecessor's writeback.
 fn settle() {
-    let out = crate::common::run_command(
+    let out = crate::harness::run_command(
         &mut std::process::Command::new("sync"),
         None,
         Duration::from_secs(300),
@@ -624,7 +624,7 @@ pub fn supervisor_idle(ctx: &Ctx) -> Row {
         std::thread::sleep(Duration::from_millis(20));
     }
     // One status round trip: it really serves.
-    let status = crate::common::run_command(
+    let status = crate::harness::run_command(
         std::process::Command::new(hook_binary())
             .args(["status", "--config"])
             .arg(&config),

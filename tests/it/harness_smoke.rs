@@ -12,12 +12,10 @@
 //! Must never: test nix-lazy-builder's behaviour (other tests do), or pass without a real
 //! remote build having happened (the remote store must hold the outputs afterwards).
 
-use crate::harness as common;
-
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::harness::*;
 
 /// One smoke case: `local` daemon with its own hook, `remote` store, over `scheme`.
 fn smoke(case: &str, local: Nix, remote_nix: Nix, scheme: Scheme) {

@@ -22,6 +22,8 @@ use nix_lazy_builder::ssh::{
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use crate::harness::{descendants, free_port};
+
 // ---------------------------------------------------------------------------------------------
 // Helpers: keys and servers
 // ---------------------------------------------------------------------------------------------
@@ -101,44 +103,6 @@ struct Server {
     child: Child,
     port: u16,
     _dir: tempfile::TempDir,
-}
-
-fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
-}
-
-/// Children of `pid` (recursively), from /proc.
-fn descendants(pid: u32) -> Vec<u32> {
-    let mut parent_of: Vec<(u32, u32)> = Vec::new();
-    if let Ok(rd) = std::fs::read_dir("/proc") {
-        for e in rd.flatten() {
-            let Ok(p) = e.file_name().to_string_lossy().parse::<u32>() else {
-                continue;
-            };
-            let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else {
-                continue;
-            };
-            // pid (comm) state ppid ...
-            let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
-                continue;
-            };
-            if let Some(ppid) = rest.split_whitespace().nth(1).and_then(|s| s.parse().ok()) {
-                parent_of.push((p, ppid));
-            }
-        }
-    }
-    let mut out = Vec::new();
-    let mut frontier = vec![pid];
-    while let Some(q) = frontier.pop() {
-        for &(p, pp) in &parent_of {
-            if pp == q && !out.contains(&p) {
-                out.push(p);
-                frontier.push(p);
-            }
-        }
-    }
-    out
 }
 
 fn signal(pid: u32, sig: i32) {

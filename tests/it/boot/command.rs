@@ -4,13 +4,13 @@
 //! that fails at once, one that never opens its port, a wrong host key, and process-group
 //! cleanup when the instance is dropped or the supervisor itself is SIGKILLed.
 
-use crate::harness::boot as boot_support;
-
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use boot_support::*;
 use nix_lazy_builder::boot::{self, BootError, StopHow, StopStep};
+
+use crate::harness::boot::*;
+use crate::harness::*;
 
 fn command_builder(
     sshd: &Sshd,
@@ -310,13 +310,7 @@ fn supervisor_death_takes_the_process_group_along() {
     let dir = tempfile::tempdir().unwrap();
     let exe = std::env::current_exe().unwrap();
     let mut helper = std::process::Command::new(exe)
-        .args([
-            "--exact",
-            "boot::command::fake_supervisor_helper",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
+        .args(one_test_args(module_path!(), "fake_supervisor_helper"))
         .env(HELPER_ENV, dir.path())
         .stdin(std::process::Stdio::null())
         .spawn()

@@ -4,13 +4,13 @@
 //! OpenSSH sshd with the prefix's own Nix store, so readiness (pinned host key, remote Nix
 //! version) and the stop path are exercised for real; only Darling is simulated.
 
-use crate::harness::boot as boot_support;
-
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use boot_support::*;
 use nix_lazy_builder::boot::{self, BootError, StopHow, StopStep};
+
+use crate::harness::boot::*;
+use crate::harness::*;
 
 /// Puts the stand-in first on PATH (this test binary holds only darling tests).
 fn use_stand_in() {

@@ -8,14 +8,14 @@
 //! VM tests take a lock (across test processes) so that only one of them runs at a time (two
 //! cores).
 
-use crate::harness::boot as boot_support;
-
 use std::time::{Duration, Instant};
 
-use boot_support::*;
 use nix_lazy_builder::boot::qemu::AccelChoice;
 use nix_lazy_builder::boot::{self, BootError, Instance, StopHow, StopStep};
 use nix_lazy_builder::config::{Accel, BootSpec, Builder};
+
+use crate::harness::boot::*;
+use crate::harness::*;
 
 const READY_WITHIN: Duration = Duration::from_secs(180);
 
@@ -246,7 +246,7 @@ fn stand_in_runner(img: &VmImage, dir: &std::path::Path) -> std::path::PathBuf {
         &script,
         format!(
             "#!/usr/bin/env bash\n\
-             # STAND-IN for a NixOS VM runner (see tests/boot_qemu.rs).\n\
+             # STAND-IN for a NixOS VM runner (see tests/it/boot/qemu.rs).\n\
              set -e\n\
              exec qemu-system-x86_64 -name stand-in-runner -m 1024 -smp 2 -machine q35 -accel tcg -cpu max \\\n\
              \x20 -device virtio-rng-pci \\\n\
@@ -260,7 +260,7 @@ fn stand_in_runner(img: &VmImage, dir: &std::path::Path) -> std::path::PathBuf {
         ),
     )
     .unwrap();
-    set_exec(&script);
+    set_mode(&script, 0o755);
     script
 }
 

@@ -14,17 +14,14 @@
 //! Must never: pass without the listener having accepted the hook's connection (the hang was
 //! really hit), or let a later build connect to the hanging builder during its backoff.
 
-use crate::harness as common;
-use crate::harness::fault as fault_support;
-
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::*;
-use fault_support::*;
+use crate::harness::fault::*;
+use crate::harness::*;
 
 /// Accepts TCP connections on 127.0.0.1 and holds them open without sending anything.
 struct Hanging {

@@ -16,14 +16,12 @@
 //! Must never: signal a process that is not this daemon's hook, or pass without the signal
 //! landing inside its phase.
 
-use crate::harness as common;
-use crate::harness::fault as fault_support;
-
 use std::time::{Duration, Instant};
 
-use common::*;
-use fault_support::*;
 use nix_lazy_builder::supervisor::proto::State;
+
+use crate::harness::fault::*;
+use crate::harness::*;
 
 const BUILDER: &str = "lazy";
 
@@ -33,16 +31,6 @@ enum Kill {
     Kill,
     /// SIGTERM, then SIGKILL after 500 ms if the hook still runs (current Nix).
     TermThenKill,
-}
-
-/// Every live descendant of `root`.
-fn descendants(root: u32) -> Vec<u32> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|&p| p != root && descends_from(p, Some(root)) && alive(p))
-        .collect()
 }
 
 fn describe(pids: &[u32]) -> Vec<String> {

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""A FAULT INJECTOR around a real Nix remote program, for tests/fault_proxy.rs only.
+"""A FAULT INJECTOR around a real Nix remote program, for tests/it/fault/proxy.rs only.
 
 It is started by the remote's sshd in place of `nix-store --serve --write` or
 `nix-daemon --stdio` (the machines URI says `?remote-program=<wrapper>`, and the wrapper runs

@@ -13,14 +13,11 @@
 //! Must never: pass without the proxy having injected its fault (it logs each injection to a
 //! file the test reads).
 
-use crate::harness as common;
-use crate::harness::fault as fault_support;
-
 use std::path::PathBuf;
 use std::time::Duration;
 
-use common::*;
-use fault_support::*;
+use crate::harness::fault::*;
+use crate::harness::*;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Corruption {
@@ -57,7 +54,7 @@ fn wrapper(
     std::fs::write(
         &path,
         format!(
-            "#!/bin/sh\n# Fault injector around the real {real} (tests/fault_proxy.rs).\n\
+            "#!/bin/sh\n# Fault injector around the real {real} (tests/it/fault/proxy.rs).\n\
              exec /usr/bin/python3 {} {} {} {} {real} \"$@\"\n",
             proxy.display(),
             c.mode(),

@@ -12,13 +12,10 @@
 //! Must never: pass without the fault landing inside its phase (the phase's bytes or its log
 //! line are seen before the kill, and the build has not finished).
 
-use crate::harness as common;
-use crate::harness::fault as fault_support;
-
 use std::time::Duration;
 
-use common::*;
-use fault_support::*;
+use crate::harness::fault::*;
+use crate::harness::*;
 
 fn remote_killed(phase: Phase, scheme: Scheme) {
     let test = format!("remote killed during {phase:?} over {}", scheme.prefix());

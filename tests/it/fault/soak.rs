@@ -12,16 +12,13 @@
 //! (`NLB_SOAK_BUILDS` changes the number of builds, `NLB_FAULT_SEED` replays a run). It prints
 //! the builds, the success rate, the boots and stops per builder and the wall time.
 
-use crate::harness as common;
-use crate::harness::fault as fault_support;
-
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::*;
-use fault_support::*;
+use crate::harness::fault::*;
+use crate::harness::*;
 
 const CLIENTS: usize = 3;
 

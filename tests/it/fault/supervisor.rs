@@ -14,14 +14,12 @@
 //! Must never: kill a supervisor that is not this test's (its pid comes from its own hello on
 //! this test's state directory), or pass without both leases held at the fault.
 
-use crate::harness as common;
-use crate::harness::fault as fault_support;
-
 use std::time::{Duration, Instant};
 
-use common::*;
-use fault_support::*;
 use nix_lazy_builder::supervisor::proto::State;
+
+use crate::harness::fault::*;
+use crate::harness::*;
 
 const BUILDER: &str = "leased";
 

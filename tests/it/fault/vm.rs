@@ -13,20 +13,18 @@
 //!   the hook's SSH keepalive declares it dead within about 15 s and the build fails; the
 //!   hook tells the supervisor, which replaces the VM, so the next build succeeds.
 //!
-//! VM tests take the same cross-process lock as tests/boot_qemu.rs (one VM test at a time).
+//! VM tests take the same cross-process lock as `boot::qemu` (one VM test at a time).
 //!
 //! Must never: leave a QEMU running (every process that names the test's state directory is
 //! killed when the test ends, pass or fail), or signal a QEMU that is not this test's.
 
-use crate::harness as common;
-use crate::harness::boot as boot_support;
-use crate::harness::fault as fault_support;
-
 use std::time::{Duration, Instant};
 
-use common::*;
-use fault_support::*;
 use nix_lazy_builder::supervisor::proto::State;
+
+use crate::harness::boot;
+use crate::harness::fault::*;
+use crate::harness::*;
 
 const BUILDER: &str = "vm-aarch64";
 
@@ -74,15 +72,15 @@ fn build_ok(daemon: &LocalDaemon, name: &str) -> CmdOutput {
 }
 
 struct Vm {
-    _lock: boot_support::VmLock,
+    _lock: boot::VmLock,
     cfg: LazyConfig,
     _no_leftover_vm: KillMentioning,
     daemon: LocalDaemon,
 }
 
 fn vm_setup() -> Vm {
-    let lock = boot_support::one_vm_test_at_a_time_blocking();
-    let img = boot_support::vm_image("aarch64");
+    let lock = boot::one_vm_test_at_a_time_blocking();
+    let img = boot::vm_image("aarch64");
     let cfg = LazyConfig::write(&[with_builder_keys(
         &img.toml,
         BUILDER,

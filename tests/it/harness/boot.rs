@@ -1,11 +1,10 @@
-//! Shared pieces of the `boot_*` integration tests: a real OpenSSH sshd set-up (keys, config,
-//! a free port), builders made through the real TOML loader, and process checks.
+//! The harness's part for the boot backends (`boot::*`, and the VM tests of `fault::vm` and
+//! `lazy::qemu`): a real OpenSSH sshd set-up (keys, config, a free port), builders made
+//! through the real TOML loader, boot contexts, process checks, the QEMU builder images of
+//! examples/vm/make-image and the one-VM-test-at-a-time lock.
 //!
 //! Must never: listen on anything but 127.0.0.1, or signal a process it did not start.
 
-#![allow(dead_code)]
-
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -13,35 +12,7 @@ use std::time::{Duration, Instant};
 use nix_lazy_builder::boot::{BootContext, Instance};
 use nix_lazy_builder::config::{Builder, Config};
 
-/// Panics unless the tests run as root (mount namespaces, sshd, QEMU's state dirs).
-#[track_caller]
-pub fn require_root() {
-    // SAFETY: geteuid has no preconditions.
-    let euid = unsafe { libc::geteuid() };
-    assert_eq!(
-        euid, 0,
-        "the boot integration tests must run as root (private mount namespaces, sshd); euid is {euid}"
-    );
-}
-
-/// A port that was free a moment ago.
-pub fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    l.local_addr().expect("local addr").port()
-}
-
-pub fn keygen(path: &Path, comment: &str) {
-    let out = Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-C", comment, "-f"])
-        .arg(path)
-        .output()
-        .expect("run ssh-keygen");
-    assert!(out.status.success(), "ssh-keygen: {out:?}");
-}
-
-fn read(path: &Path) -> String {
-    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
-}
+use super::{free_port, keygen, read, set_mode};
 
 /// Keys and an sshd_config for a real OpenSSH sshd on 127.0.0.1 (key-only, root allowed).
 pub struct Sshd {
@@ -106,14 +77,9 @@ impl Sshd {
             ),
         )
         .expect("write start script");
-        set_exec(&script);
+        set_mode(&script, 0o755);
         script
     }
-}
-
-pub fn set_exec(path: &Path) {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
 }
 
 /// A builder made by the real TOML loader: `[builders.NAME]` with `uri` and keys, plus the
@@ -141,23 +107,6 @@ pub fn builder(
     config.builders.into_iter().next().expect("one builder")
 }
 
-/// A TOML string literal.
-pub fn toml_str(s: &str) -> String {
-    format!("{:?}", s)
-}
-
-/// A TOML array of strings.
-pub fn toml_list(items: &[&str]) -> String {
-    format!(
-        "[{}]",
-        items
-            .iter()
-            .map(|s| toml_str(s))
-            .collect::<Vec<_>>()
-            .join(", ")
-    )
-}
-
 /// A fresh 0700 state directory and the boot context for `builder` in it.
 pub fn context(builder: &Builder) -> (tempfile::TempDir, BootContext) {
     let dir = tempfile::Builder::new()
@@ -176,42 +125,6 @@ pub async fn start(builder: &Builder, ctx: &BootContext) -> Instance {
     nix_lazy_builder::boot::start(&lazy.boot, ctx)
         .await
         .expect("start")
-}
-
-/// Whether `pid` is a live process (a zombie counts as gone).
-pub fn alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => !s
-            .rsplit_once(')')
-            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
-        Err(_) => false,
-    }
-}
-
-/// Waits until `pid` is gone; false on timeout.
-pub fn wait_gone(pid: u32, limit: Duration) -> bool {
-    let t0 = Instant::now();
-    while t0.elapsed() < limit {
-        if !alive(pid) {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    !alive(pid)
-}
-
-/// Reads a pid a process wrote to `path`, waiting for it to appear.
-pub fn read_pid(path: &Path, limit: Duration) -> u32 {
-    let t0 = Instant::now();
-    loop {
-        if let Ok(s) = std::fs::read_to_string(path)
-            && let Ok(p) = s.trim().parse()
-        {
-            return p;
-        }
-        assert!(t0.elapsed() < limit, "no pid in {}", path.display());
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// Whether something accepts TCP on 127.0.0.1:port.

@@ -203,14 +203,6 @@ impl LocalDaemon {
         LocalDaemon { opts, proc, base }
     }
 
-    pub fn nix(&self) -> Nix {
-        self.opts.nix
-    }
-
-    pub fn opts(&self) -> &DaemonOpts {
-        &self.opts
-    }
-
     /// The daemon's pid (the namespace to `nsenter`).
     pub fn pid(&self) -> u32 {
         self.proc.pid()
@@ -308,7 +300,7 @@ impl LocalDaemon {
         self.processes()
             .into_iter()
             .filter(|(p, _)| std::fs::read_link(format!("/proc/{p}/exe")).is_ok_and(|e| e == exe))
-            .filter(|(_, argv)| super::lazy::is_hook_argv(argv))
+            .filter(|(_, argv)| super::procs::is_hook_argv(argv))
             .map(|(p, _)| p)
             .collect()
     }

@@ -1,4 +1,4 @@
-//! Shared pieces of the fault-injection tests (`tests/fault_*.rs`): a seeded random source
+//! The harness's part for the fault-injection tests (`fault::*`): a seeded random source
 //! whose seed is printed (replay a failure with `NLB_FAULT_SEED=<seed>`), derivations with a
 //! large input, a slow build and a large output, waits for "a random point within a phase" of
 //! a [`Background`] `nix-build` (by bytes transferred or by time into the build), and the
@@ -8,8 +8,6 @@
 //! Must never: pick a fault point it cannot reproduce from the printed seed, declare a phase
 //! reached without seeing it (the bytes on disk, the build's own log line), or signal a
 //! process outside the test's own daemon, remote or lazy machine.
-
-#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::thread;
@@ -23,7 +21,6 @@ use super::*;
 /// splitmix64: small, good enough to place faults, and reproducible from one printed number.
 pub struct FaultRng {
     state: u64,
-    pub seed: u64,
 }
 
 impl FaultRng {
@@ -40,7 +37,7 @@ impl FaultRng {
                 t ^ u64::from(std::process::id()).rotate_left(32)
             });
         eprintln!("[fault] {test}: seed {seed} (replay with NLB_FAULT_SEED={seed})");
-        FaultRng { state: seed, seed }
+        FaultRng { state: seed }
     }
 
     pub fn next_u64(&mut self) -> u64 {
@@ -476,28 +473,6 @@ pub fn assert_no_strays(daemon: &LocalDaemon, supervisor: Option<u32>, limit: Du
         );
         thread::sleep(Duration::from_millis(50));
     }
-}
-
-/// Whether `pid`'s parent chain reaches `ancestor`.
-pub fn descends_from(pid: u32, ancestor: Option<u32>) -> bool {
-    let Some(a) = ancestor else {
-        return false;
-    };
-    let mut p = pid;
-    for _ in 0..64 {
-        match parent_of(p) {
-            Some(pp) if pp == a => return true,
-            Some(pp) if pp > 1 => p = pp,
-            _ => return false,
-        }
-    }
-    false
-}
-
-pub fn parent_of(pid: u32) -> Option<u32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let (_, rest) = stat.rsplit_once(')')?;
-    rest.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// The `error:` lines the client printed, each also logged under `test`.

@@ -14,7 +14,7 @@
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read};
-use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -25,6 +25,7 @@ use nix_lazy_builder::supervisor::proto::BuilderStatus;
 
 use super::daemon::{mkdir, set_mode, write};
 use super::ns::{SHARED_USERPOOL, STD_PATH};
+use super::procs::{alive, all_pids, mnt_ns_of, processes_mentioning};
 use super::store::StoreQueries;
 use super::{
     CmdOutput, DEFAULT_COMMAND_TIMEOUT, LocalDaemon, REMOTE_HOST, REMOTE_USER, RemoteOpts, Scheme,
@@ -119,10 +120,6 @@ impl LazyRemote {
 
     pub fn client_key(&self) -> PathBuf {
         self.dir().join("ssh/client_key")
-    }
-
-    pub fn host_key_line(&self) -> &str {
-        &self.host_key_line
     }
 
     /// Its sshd config (a path no other process on the machine mentions).
@@ -534,38 +531,6 @@ pub fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> D
     t0.elapsed()
 }
 
-/// Whether `pid` is a live process (a zombie counts as gone).
-pub fn alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => !s
-            .rsplit_once(')')
-            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
-        Err(_) => false,
-    }
-}
-
-/// `VmRSS` of a process in KiB.
-pub fn rss_kib(pid: u32) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
-}
-
-/// A process's argv.
-pub fn cmdline(pid: u32) -> Option<Vec<String>> {
-    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    Some(
-        raw.split(|&b| b == 0)
-            .filter(|a| !a.is_empty())
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect(),
-    )
-}
-
 /// `toml` (a builder table with `[builders.<builder>.boot]`) with `extra` key lines added to
 /// `[builders.<builder>]`, right before its boot section.
 #[track_caller]
@@ -610,58 +575,6 @@ impl Drop for KillMentioning {
             unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
         }
     }
-}
-
-/// Live processes whose command line names `dir` (a test's own state directory), with their
-/// argv.
-pub fn processes_mentioning(dir: &Path) -> Vec<(u32, Vec<String>)> {
-    let needle = dir.to_string_lossy().into_owned();
-    all_pids()
-        .into_iter()
-        .filter(|&p| alive(p))
-        .filter_map(|p| Some((p, cmdline(p)?)))
-        .filter(|(_, argv)| argv.iter().any(|a| a.contains(&needle)))
-        .collect()
-}
-
-/// Live processes running `exe` (by `/proc/PID/exe`), with their argv.
-pub fn processes_of(exe: &Path) -> Vec<(u32, Vec<String>)> {
-    all_pids()
-        .into_iter()
-        .filter(|&p| std::fs::read_link(format!("/proc/{p}/exe")).is_ok_and(|e| e == exe))
-        .filter(|&p| alive(p))
-        .filter_map(|p| Some((p, cmdline(p)?)))
-        .collect()
-}
-
-/// Live hook processes of our binary (not `supervise`, not the CLI).
-pub fn hook_pids() -> Vec<u32> {
-    processes_of(&lazy_binary())
-        .into_iter()
-        .filter(|(_, argv)| is_hook_argv(argv))
-        .map(|(p, _)| p)
-        .collect()
-}
-
-/// Whether our binary's `argv` is a hook's: not `supervise`, not a CLI command.
-pub(crate) fn is_hook_argv(argv: &[String]) -> bool {
-    !argv
-        .iter()
-        .any(|a| ["supervise", "status", "up", "down", "doctor"].contains(&a.as_str()))
-}
-
-fn all_pids() -> Vec<u32> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .collect()
-}
-
-fn mnt_ns_of(pid: &str) -> Option<String> {
-    std::fs::read_link(format!("/proc/{pid}/ns/mnt"))
-        .ok()
-        .map(|p| p.to_string_lossy().into_owned())
 }
 
 /// One stderr line of a [`Background`] command and when it arrived (from the start).
@@ -748,11 +661,6 @@ impl Background {
 
     pub fn is_finished(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(Some(_)))
-    }
-
-    /// The stderr lines so far, with their times.
-    pub fn timed_lines(&self) -> Vec<TimedLine> {
-        self.lines.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     pub fn stderr_so_far(&self) -> String {

@@ -33,8 +33,7 @@
 //!
 //! Prerequisites (tests/env/provision.sh): root; nix-bin, openssh-server/-client,
 //! busybox-static; groups `nixbld` and `nixrbld`; for [`Nix::Sid`] the chroot at
-//! [`SID_CHROOT`] with its `.ready` marker. Missing ones panic with what to run.
-#![allow(dead_code, unused_imports)]
+//! [`nix::SID_CHROOT`] with its `.ready` marker. Missing ones panic with what to run.
 
 pub mod boot;
 mod daemon;
@@ -43,6 +42,7 @@ pub mod fault;
 mod lazy;
 mod nix;
 mod ns;
+mod procs;
 mod remote;
 pub mod security;
 mod store;
@@ -51,11 +51,11 @@ pub use daemon::{DaemonOpts, LocalDaemon};
 pub(crate) use daemon::{set_mode, write};
 pub use drv::{FakeDrv, FakeDrvPaths, uname_expr};
 pub use lazy::{
-    Background, KillMentioning, LazyConfig, LazyRemote, TimedLine, alive, cmdline, hook_pids,
-    lazy_binary, max_overlap, nix_build_streaming, processes_mentioning, processes_of, rss_kib,
-    run_streaming, toml_list, toml_str, wait_until, with_builder_keys,
+    Background, KillMentioning, LazyConfig, LazyRemote, TimedLine, lazy_binary, max_overlap,
+    nix_build_streaming, toml_list, toml_str, wait_until, with_builder_keys,
 };
-pub use nix::{Nix, SID_CHROOT};
+pub use nix::Nix;
+pub use procs::*;
 pub use remote::{MachineLine, REMOTE_HOST, REMOTE_USER, RemoteOpts, RemoteStore, Scheme};
 pub(crate) use remote::{free_port, keygen, read};
 pub use store::StoreQueries;
@@ -269,6 +269,24 @@ pub(crate) fn sh_quote(word: impl AsRef<OsStr>) -> String {
     } else {
         format!("'{}'", w.replace('\'', r"'\''"))
     }
+}
+
+/// The arguments that make this test binary run exactly one of its tests, `name` in the
+/// module `module` (the caller's `module_path!()`), in a process of its own: for tests that
+/// need a second process of the suite (a helper that is killed) or an environment no test
+/// may change in a process that runs others at the same time.
+pub fn one_test_args(module: &str, name: &str) -> Vec<String> {
+    // `module_path!()` starts with the crate's name; test names do not.
+    let path = module.split_once("::").map_or("", |(_, p)| p);
+    [
+        "--exact",
+        &format!("{path}::{name}"),
+        "--include-ignored",
+        "--nocapture",
+        "--test-threads=1",
+    ]
+    .map(str::to_owned)
+    .to_vec()
 }
 
 /// Measures a smoke-test phase and prints it (visible with `--nocapture`), returning the value.

@@ -7,7 +7,6 @@
 //! is fine: `require` panics with what to run.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
 /// The cached sid chroot with Nix 2.34.
 pub const SID_CHROOT: &str = "/var/cache/nix-lazy-builder/chroot-sid";
@@ -86,17 +85,5 @@ impl Nix {
                 }
             }
         }
-    }
-
-    /// Waits up to `limit` for [`Nix::available`]; true if it became available.
-    pub fn wait_available(self, limit: Duration) -> bool {
-        let deadline = Instant::now() + limit;
-        while !self.available() {
-            if Instant::now() > deadline {
-                return false;
-            }
-            std::thread::sleep(Duration::from_secs(5));
-        }
-        true
     }
 }

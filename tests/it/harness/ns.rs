@@ -16,6 +16,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use super::Nix;
+use super::procs::{mnt_ns_of, pids_in_namespace, with_descendants};
 
 /// PATH for everything run in a namespace (daemon, sshd, clients).
 pub(crate) const STD_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -260,7 +261,7 @@ impl NsProcess {
             }
             for p in left {
                 // SAFETY: kill(2); p was just seen in the namespace this handle created.
-                unsafe { libc::kill(p, libc::SIGKILL) };
+                unsafe { libc::kill(p as libc::pid_t, libc::SIGKILL) };
             }
             thread::sleep(Duration::from_millis(20));
         }
@@ -278,10 +279,8 @@ impl NsProcess {
         if mnt_ns_of("self").as_deref() == Some(ns.as_str()) {
             return Vec::new();
         }
-        let roots: Vec<libc::pid_t> = pids_in_namespace(ns);
-        with_descendants(&roots)
+        with_descendants(&pids_in_namespace(ns))
             .into_iter()
-            .map(|p| p as u32)
             .filter(|&p| super::alive(p))
             .collect()
     }
@@ -321,53 +320,8 @@ impl NsProcess {
     }
 }
 
-/// `roots` and every process whose parent chain leads to one of them.
-fn with_descendants(roots: &[libc::pid_t]) -> Vec<libc::pid_t> {
-    let Ok(dir) = fs::read_dir("/proc") else {
-        return roots.to_vec();
-    };
-    let parents: Vec<(libc::pid_t, libc::pid_t)> = dir
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<libc::pid_t>().ok())
-        .filter_map(|p| {
-            let stat = fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
-            let (_, rest) = stat.rsplit_once(')')?;
-            let ppid = rest.split_whitespace().nth(1)?.parse().ok()?;
-            Some((p, ppid))
-        })
-        .collect();
-    let mut all: Vec<libc::pid_t> = roots.to_vec();
-    let mut i = 0;
-    while i < all.len() {
-        let parent = all[i];
-        for &(p, pp) in &parents {
-            if pp == parent && !all.contains(&p) {
-                all.push(p);
-            }
-        }
-        i += 1;
-    }
-    all
-}
-
 impl Drop for NsProcess {
     fn drop(&mut self) {
         self.stop();
     }
-}
-
-fn mnt_ns_of(pid: &str) -> Option<String> {
-    fs::read_link(format!("/proc/{pid}/ns/mnt"))
-        .ok()
-        .map(|p| p.to_string_lossy().into_owned())
-}
-
-/// Pids whose mount namespace is `ns` (zombies have no namespace link and are skipped).
-fn pids_in_namespace(ns: &str) -> Vec<libc::pid_t> {
-    let Ok(dir) = fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.filter_map(|e| e.ok())
-        .filter_map(|e| e.file_name().to_str()?.parse::<libc::pid_t>().ok())
-        .filter(|p| mnt_ns_of(&p.to_string()).as_deref() == Some(ns))
-        .collect()
 }

@@ -91,7 +91,6 @@ pub struct RemoteStore {
     port: u16,
     host_key_line: String,
     nix_version: String,
-    build_users_group: String,
     // Field order matters: the process must stop before the temp dir is removed.
     proc: NsProcess,
     base: tempfile::TempDir,
@@ -195,7 +194,6 @@ impl RemoteStore {
                 port,
                 host_key_line,
                 nix_version: out.stdout.trim().to_owned(),
-                build_users_group: group,
                 proc,
                 base,
             };
@@ -203,33 +201,17 @@ impl RemoteStore {
         panic!("{label}: no free port after 5 attempts; last attempt:\n{last_log}");
     }
 
-    pub fn nix(&self) -> Nix {
-        self.opts.nix
-    }
-
     /// `nix-store --version` as seen over ssh, e.g. `nix-store (Nix) 2.8.0`.
     pub fn nix_version(&self) -> &str {
         &self.nix_version
-    }
-
-    /// The build-users group its nix.conf names.
-    pub fn build_users_group(&self) -> &str {
-        &self.build_users_group
     }
 
     pub fn port(&self) -> u16 {
         self.port
     }
 
-    pub fn user(&self) -> &'static str {
-        REMOTE_USER
-    }
-
-    pub fn host(&self) -> &'static str {
-        REMOTE_HOST
-    }
-
     /// sshd's pid (the namespace to `nsenter`).
+    #[allow(dead_code, reason = "benches/hook measures the remote's CPU from it")]
     pub fn pid(&self) -> u32 {
         self.proc.pid()
     }
@@ -271,11 +253,6 @@ impl RemoteStore {
     pub fn host_key_base64(&self) -> String {
         let file = format!("{}\n", self.host_key_line);
         base64::engine::general_purpose::STANDARD.encode(file.as_bytes())
-    }
-
-    /// Base64 of the host key line without a trailing newline (also valid in column 8).
-    pub fn host_key_base64_no_newline(&self) -> String {
-        base64::engine::general_purpose::STANDARD.encode(self.host_key_line.as_bytes())
     }
 
     /// A known_hosts file with `[127.0.0.1]:PORT <host key>`.
@@ -354,11 +331,6 @@ impl RemoteStore {
     /// sshd's log (`-e`: everything it logs goes there).
     pub fn sshd_log(&self) -> String {
         self.proc.log_text()
-    }
-
-    /// The remote's nix.conf.
-    pub fn conf_file(&self) -> PathBuf {
-        self.dir().join("etc-nix/nix.conf")
     }
 
     /// Every live process of this machine: sshd, its sessions, the remote Nix programs and

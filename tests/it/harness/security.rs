@@ -1,4 +1,4 @@
-//! Shared pieces of the `security_*` tests: a real OpenSSH sshd on 127.0.0.1 (fresh host and
+//! The harness's part for the `security::*` tests: a real OpenSSH sshd on 127.0.0.1 (fresh host and
 //! client keys, key-only authentication, its own mount namespace so its privilege-separation
 //! directory never touches the machine's `/run`), a scratch environment that runs the real
 //! binary as nix-daemon runs the hook (or as an administrator runs the CLI, as root or as
@@ -8,8 +8,6 @@
 //! here runs a real Nix command on this machine: remote programs are stub scripts), stop a
 //! process it did not start, or stop one other than by its pid.
 
-#![allow(dead_code)]
-
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -18,8 +16,10 @@ use base64::Engine as _;
 use hook_protocol::StorePath;
 use hook_protocol::hook::{Request, Settings, TryRequest};
 
-use super::{CmdOutput, hook_binary, require_file, require_root, run_command};
-pub(crate) use super::{free_port, keygen, read, set_mode, write};
+use super::{
+    CmdOutput, free_port, hook_binary, keygen, read, require_file, require_root, run_command,
+    set_mode, write,
+};
 
 /// The derivation every `try` asks about (never read: no test gets as far as an accept).
 pub const DRV: &str = "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-nlb-security.drv";
@@ -348,10 +348,6 @@ impl Supervisor {
             std::thread::sleep(Duration::from_millis(50));
         }
         s
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
     }
 
     pub fn output(&self) -> String {

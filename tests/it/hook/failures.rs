@@ -15,12 +15,10 @@
 //! `failed with exit code N` line, and a daemonless `nix-build` (same store, same nix.conf,
 //! `NIX_REMOTE` unset) exits with Nix's 100/101.
 
-use crate::harness as common;
-
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::harness::*;
 
 /// A daemon on Nix 2.8 with our hook and one remote (2.8) over `scheme`, port in the URI.
 fn setup(scheme: Scheme) -> (RemoteStore, LocalDaemon) {

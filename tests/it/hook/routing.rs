@@ -12,11 +12,9 @@
 //! Must never: accept a build as routed without checking both stores (the chosen one holds the
 //! outputs, the other one nothing).
 
-use crate::harness as common;
-
 use std::time::Instant;
 
-use common::*;
+use crate::harness::*;
 
 struct Two {
     a: RemoteStore,

@@ -14,18 +14,17 @@
 //! Must never: touch the machine's `/nix` (the hook gets its own `NIX_STATE_DIR`, config and
 //! `HOME`), or connect anywhere (no input here ever gets as far as an accept).
 
-use crate::harness as common;
-
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::*;
 use hook_protocol::StorePath;
 use hook_protocol::hook::{HookOutput, Reply, Request, Settings, TryRequest};
 use hook_protocol::log::{Message, Verbosity};
 use hook_protocol::wire::{MAX_STRING, WireWrite};
+
+use crate::harness::*;
 
 const DRV: &str = "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-nlb-stdin.drv";
 

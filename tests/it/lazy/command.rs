@@ -13,12 +13,11 @@
 //! Must never: pass without a real remote build on the lazily started machine, or leave one of
 //! its processes running (every handle kills what it started when dropped).
 
-use crate::harness as common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
 use nix_lazy_builder::supervisor::proto::State;
+
+use crate::harness::*;
 
 /// How long the auto-started supervisor stays once everything is down: long enough for the
 /// test to read `status` (boots, state) after the idle stop.

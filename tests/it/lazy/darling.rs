@@ -10,13 +10,12 @@
 //! derivation: the supervisor "boots" the prefix, the build runs there over `ssh-ng://`, the
 //! outputs come back, and the prefix is shut down after `idle-timeout`.
 
-use crate::harness as common;
-
 use std::path::Path;
 use std::time::Duration;
 
-use common::*;
 use nix_lazy_builder::supervisor::proto::State;
+
+use crate::harness::*;
 
 /// An x86_64-darwin derivation with one x86_64-linux input built locally. The remote store has
 /// no build users and no sandbox, so the builder is busybox itself (its `sh` finds its applets

@@ -9,16 +9,15 @@
 //! Also measures the cold-start overhead (first build-log byte at the client minus the bare
 //! boot-to-SSH time of the same VM); `measure_cold_start_overhead` repeats it, by hand.
 //!
-//! VM tests take the same cross-process lock as tests/boot_qemu.rs (one VM test at a time on
+//! VM tests take the same cross-process lock as `boot::qemu` (one VM test at a time on
 //! two cores).
-
-use crate::harness as common;
-use crate::harness::boot as boot_support;
 
 use std::time::{Duration, Instant};
 
-use common::*;
 use nix_lazy_builder::supervisor::proto::State;
+
+use crate::harness::boot;
+use crate::harness::*;
 
 const BUILDER: &str = "vm-aarch64";
 
@@ -81,8 +80,8 @@ fn boot_history(cfg: &LazyConfig) -> Vec<u64> {
 
 #[test]
 fn qemu_aarch64_vm_boots_on_demand_builds_and_powers_off_when_idle() {
-    let _one_vm = boot_support::one_vm_test_at_a_time_blocking();
-    let img = boot_support::vm_image("aarch64");
+    let _one_vm = boot::one_vm_test_at_a_time_blocking();
+    let img = boot::vm_image("aarch64");
     let cfg = LazyConfig::write(&[with_builder_keys(
         &img.toml,
         BUILDER,
@@ -171,12 +170,12 @@ fn median(v: &[Duration]) -> Duration {
 #[test]
 #[ignore = "measurement, run by hand"]
 fn measure_cold_start_overhead() {
-    let _one_vm = boot_support::one_vm_test_at_a_time_blocking();
+    let _one_vm = boot::one_vm_test_at_a_time_blocking();
     let runs: usize = std::env::var("NLB_COLD_RUNS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(3);
-    let img = boot_support::vm_image("aarch64");
+    let img = boot::vm_image("aarch64");
     let text = with_builder_keys(
         &img.toml,
         BUILDER,
@@ -205,7 +204,7 @@ fn measure_cold_start_overhead() {
         });
         // The same VM, booted bare.
         let bare = rt.block_on(async {
-            let (_state, ctx) = boot_support::context(&builder);
+            let (_state, ctx) = boot::context(&builder);
             let t0 = Instant::now();
             let mut inst =
                 nix_lazy_builder::boot::start(&builder.lazy.as_ref().expect("lazy").boot, &ctx)

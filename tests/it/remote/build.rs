@@ -12,11 +12,9 @@
 //! Must never: pass without a real remote build (the remote must hold the outputs and the
 //! copied input afterwards, and must not have had the input before).
 
-use crate::harness as common;
-
 use std::time::Instant;
 
-use common::*;
+use crate::harness::*;
 
 /// Where the hook learns the builder's ssh port.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -14,11 +14,9 @@
 //! Must never: pass without a real remote build, or pass when the input's output was uploaded
 //! to the untrusted remote instead of built there.
 
-use crate::harness as common;
-
 use std::time::Instant;
 
-use common::*;
+use crate::harness::*;
 
 /// The log line the input's builder prints (see `FakeDrv::expr`).
 fn input_log_line(name: &str) -> String {

@@ -11,15 +11,14 @@
 //! - and, as a control that the tests can tell the difference, the right key gets as far as
 //!   running the remote program (a stub that fails), with a login in the server's log.
 
-use crate::harness as common;
-use crate::harness::security as security_support;
-
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use nix_lazy_builder::config::{self, Config};
 use nix_lazy_builder::remote::{self, RemoteError};
-use security_support::*;
+
+use crate::harness::security::*;
+use crate::harness::{CmdOutput, free_port, keygen, require_file, require_root, write};
 
 /// A machines line for `sshd` with `host_key_column` (or none) and a stub remote program.
 fn machines_line(sshd: &Sshd, stub: &Path, host_key_column: Option<&str>) -> String {
@@ -43,7 +42,7 @@ fn toml_builder(name: &str, sshd: &Sshd, stub: &Path, host_key: &str, extra: &st
 }
 
 #[track_caller]
-fn assert_refused_by_hook(out: &common::CmdOutput, why: &str) {
+fn assert_refused_by_hook(out: &CmdOutput, why: &str) {
     let r = replies(out);
     assert!(
         !r.iter().any(|w| w == "accept"),
@@ -330,6 +329,6 @@ fn the_readiness_check_refuses_wrong_and_well_known_keys() {
 }
 
 fn require_sshd_files() {
-    common::require_root();
-    common::require_file("/usr/sbin/sshd", "openssh-server");
+    require_root();
+    require_file("/usr/sbin/sshd", "openssh-server");
 }

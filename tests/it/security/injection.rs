@@ -12,15 +12,15 @@
 //! paths (validated to Nix's name characters, and carried by the protocol, not the command
 //! line); a hostile user name is a login name, never a shell word.
 
-use crate::harness::security as security_support;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 use nix_lazy_builder::config::{self, Config};
 use nix_lazy_builder::remote;
-use security_support::*;
+
+use crate::harness::security::*;
+use crate::harness::{set_mode, write};
 
 /// Values that create `marker` (a file name, relative to the shell's working directory) if a
 /// shell ever interprets them. Kept short: a builder's URI names its slot files.

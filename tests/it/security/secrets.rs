@@ -9,11 +9,10 @@
 //! cannot be parsed), and the key that works (a full login with signing, then a failing remote
 //! program).
 
-use crate::harness::security as security_support;
-
 use std::path::Path;
 
-use security_support::*;
+use crate::harness::security::*;
+use crate::harness::{keygen, read, write};
 
 const SECRET_VAR: &str = "NLB_PLANTED_SECRET";
 

@@ -9,17 +9,15 @@
 //! as the supervisor made it and once with the directory opened up to show that the socket's
 //! own mode refuses too. As a control, the same commands as root work.
 
-use crate::harness as common;
-use crate::harness::security as security_support;
-
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::process::Command;
 use std::time::Duration;
 
-use security_support::*;
+use crate::harness::security::*;
+use crate::harness::{CmdOutput, require_file, require_root, run_command, set_mode};
 
 /// `nobody` tries to connect to `socket` with a plain `connect(2)`; returns perl's verdict.
-fn raw_connect_as_nobody(socket: &std::path::Path) -> common::CmdOutput {
+fn raw_connect_as_nobody(socket: &std::path::Path) -> CmdOutput {
     let mut c = Command::new("/usr/bin/setpriv");
     c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
         .args([
@@ -32,14 +30,14 @@ fn raw_connect_as_nobody(socket: &std::path::Path) -> common::CmdOutput {
         .arg(socket)
         .env_clear()
         .env("PATH", "/usr/bin:/bin");
-    common::run_command(&mut c, None, Duration::from_secs(30))
+    run_command(&mut c, None, Duration::from_secs(30))
 }
 
 #[test]
 fn the_control_socket_is_root_only() {
-    common::require_root();
-    common::require_file("/usr/bin/setpriv", "util-linux");
-    common::require_file("/usr/bin/perl", "perl-base");
+    require_root();
+    require_file("/usr/bin/setpriv", "util-linux");
+    require_file("/usr/bin/perl", "perl-base");
     let env = Env::new();
     env.write_config(
         "[builders.vm]\nuri = \"ssh://root@127.0.0.1:2\"\nsystems = [\"aarch64-linux\"]\n\

@@ -8,13 +8,12 @@
 //! Must never: pass without real builds on the lazy machines, or leave a process behind (the
 //! `LazyRemote`s kill what they started when dropped; the supervisor is stopped by its pid).
 
-use crate::harness as common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
 use nix_lazy_builder::supervisor::proto::State;
 use nix_lazy_builder::supervisor::{Client, ClientError, Verdict};
+
+use crate::harness::*;
 
 /// Long enough that the auto-started supervisor never exits on its own during the test.
 const LINGER: Duration = Duration::from_secs(120);

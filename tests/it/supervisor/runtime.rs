@@ -26,6 +26,8 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 
+use crate::harness::{alive, one_test_args};
+
 const HOST_KEY: &str =
     "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAICT/aPpF9RiADUeMHD4QX1NbY3svFgk5WNFMSEq6P3wi";
 
@@ -176,16 +178,6 @@ async fn serve(config: &Config, auto: bool, linger: Duration) -> Running {
 
 fn mode(p: &Path) -> u32 {
     std::fs::metadata(p).unwrap().permissions().mode() & 0o7777
-}
-
-fn alive(pid: u32) -> bool {
-    // A zombie counts as gone.
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => !s
-            .rsplit_once(')')
-            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
-        Err(_) => false,
-    }
 }
 
 async fn wait_for<F: FnMut() -> bool>(what: &str, limit: Duration, mut f: F) {
@@ -620,16 +612,10 @@ async fn a_request_for_an_unknown_builder_rereads_a_fresh_config_at_once() {
 fn helper(name: &str, env: &[(&str, &OsString)]) -> StartCommand {
     StartCommand {
         program: std::env::current_exe().unwrap(),
-        args: [
-            "--exact",
-            &format!("supervisor::runtime::{name}"),
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ]
-        .into_iter()
-        .map(OsString::from)
-        .collect(),
+        args: one_test_args(module_path!(), name)
+            .into_iter()
+            .map(OsString::from)
+            .collect(),
         env: env
             .iter()
             .map(|(k, v)| (OsString::from(k), (*v).clone()))
