@@ -4,6 +4,7 @@
 //! OpenSSH sshd with the prefix's own Nix store, so readiness (pinned host key, remote Nix
 //! version) and the stop path are exercised for real; only Darling is simulated.
 
+use std::ffi::OsStr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -12,16 +13,28 @@ use nix_lazy_builder::boot::{self, BootError, StopHow, StopStep};
 use crate::harness::boot::*;
 use crate::harness::*;
 
-/// Puts the stand-in first on PATH (this test binary holds only darling tests).
-fn use_stand_in() {
+/// Set in the process a darling test runs in (see [`in_stand_in_process`]).
+const STAND_IN_ENV: &str = "NLB_TEST_DARLING_STAND_IN";
+
+/// The darling backend finds `darling` on PATH, and no test may change the environment of the
+/// test process (other tests run in it at the same time): each test here runs again in a
+/// process of its own whose PATH starts with the stand-in. True in that process (go on with
+/// the test); false in the test's first run, once the second has passed.
+fn in_stand_in_process(test: &str) -> bool {
+    if std::env::var_os(STAND_IN_ENV).is_some() {
+        return true;
+    }
     let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
     let path = std::env::var_os("PATH").unwrap_or_default();
     let mut dirs = vec![fixtures];
     dirs.extend(std::env::split_paths(&path));
     let joined = std::env::join_paths(dirs).unwrap();
-    // SAFETY: set once per test, before any thread of ours reads the environment; every test
-    // here sets the same value.
-    unsafe { std::env::set_var("PATH", joined) };
+    run_one_test(
+        module_path!(),
+        test,
+        &[("PATH", &joined), (STAND_IN_ENV, OsStr::new("1"))],
+    );
+    false
 }
 
 /// A darling builder whose prefix is the sshd fixture's directory, running `sshd_config`.
@@ -43,7 +56,9 @@ fn darling_builder(sshd: &Sshd, sshd_config: &Path) -> nix_lazy_builder::config:
 #[tokio::test]
 async fn darling_stand_in_boots_answers_and_shuts_down() {
     require_root();
-    use_stand_in();
+    if !in_stand_in_process("darling_stand_in_boots_answers_and_shuts_down") {
+        return;
+    }
     // The prefix is the sshd fixture's directory: its sshd_config, keys and own `nix/`.
     let sshd = Sshd::new();
     let b = darling_builder(&sshd, &sshd.config);
@@ -119,7 +134,9 @@ async fn darling_stand_in_boots_answers_and_shuts_down() {
 #[tokio::test]
 async fn darling_sshd_that_fails_reports_its_last_line() {
     require_root();
-    use_stand_in();
+    if !in_stand_in_process("darling_sshd_that_fails_reports_its_last_line") {
+        return;
+    }
     let sshd = Sshd::new();
     // A config path that does not exist in the prefix: sshd exits at once and says why.
     let b = darling_builder(&sshd, Path::new("/nonexistent/sshd_config"));

@@ -289,6 +289,26 @@ pub fn one_test_args(module: &str, name: &str) -> Vec<String> {
     .to_vec()
 }
 
+/// Runs the test `name` of `module` (see [`one_test_args`]) in a child process with `env`
+/// added, to completion; panics, showing its output, unless it ran exactly that one test and
+/// it passed (a misspelt name would otherwise run nothing and pass).
+#[track_caller]
+pub fn run_one_test(module: &str, name: &str, env: &[(&str, &OsStr)]) -> CmdOutput {
+    let exe = std::env::current_exe().unwrap_or_else(|e| panic!("current_exe: {e}"));
+    let mut cmd = Command::new(exe);
+    cmd.args(one_test_args(module, name));
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = run_command(&mut cmd, None, DEFAULT_COMMAND_TIMEOUT);
+    eprintln!("{out}");
+    assert!(
+        out.success() && out.stdout.contains("test result: ok. 1 passed;"),
+        "{name} in a process of its own did not pass as the only test run:\n{out}"
+    );
+    out
+}
+
 /// Measures a smoke-test phase and prints it (visible with `--nocapture`), returning the value.
 pub fn timed<T>(what: &str, f: impl FnOnce() -> T) -> T {
     let start = Instant::now();
