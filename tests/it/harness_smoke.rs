@@ -276,9 +276,12 @@ fn parallel_stores_get_distinct_build_uids() {
             .iter()
             .zip(marks)
             .map(|(d, mark)| {
-                let expr = format!(
-                    r#"derivation {{ name = "nlb-uid"; system = "x86_64-linux"; builder = "/bin/sh"; args = [ "-c" "echo > $out; sleep {mark}" ]; }}"#
-                );
+                let expr = DrvExpr::sh(
+                    "nlb-uid",
+                    "x86_64-linux",
+                    &format!("echo > $out; sleep {mark}"),
+                )
+                .nix();
                 let f = d.write_file("uid.nix", &expr);
                 s.spawn(move || d.nix_build(&[&f.to_string_lossy()]))
             })
@@ -309,4 +312,27 @@ fn parallel_stores_get_distinct_build_uids() {
             b.join().expect("build thread").assert_success();
         }
     });
+}
+
+/// The one expression writer (`harness::expr`) hands a value to the builder byte for byte,
+/// whatever it means to Nix or to the shell: quotes, backslashes, `${`, `$${`, `''`, tabs,
+/// newlines and a `$` at the very end (built locally, no hook involved).
+#[test]
+fn the_expression_writer_keeps_every_byte_of_a_value() {
+    let daemon = LocalDaemon::start(DaemonOpts::new(Nix::Host));
+    let tricky = "a \"quoted\" \\back\\slash\\ ${not-interpolated} $${x} ''two quotes'' \
+                  '${y}\nsecond line\t$HOME $out `ls` $";
+    let expr = DrvExpr::sh(
+        "nlb-quoting",
+        "x86_64-linux",
+        "printf '%s' \"$tricky\" > $out",
+    )
+    .string("tricky", tricky)
+    .nix();
+    let file = daemon.write_file("quoting.nix", &expr);
+    let out = daemon.nix_build(&[&file.to_string_lossy()]);
+    out.assert_success();
+    let built = std::fs::read_to_string(daemon.host_path(out.stdout.trim()))
+        .unwrap_or_else(|e| panic!("the output: {e}\n{out}"));
+    assert_eq!(built, tricky, "the expression was:\n{expr}");
 }

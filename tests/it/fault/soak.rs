@@ -64,16 +64,15 @@ fn epoch_now() -> f64 {
 
 /// One tiny aarch64 derivation that records when it ran (machine uptime, seconds).
 fn soak_expr(i: usize, sleep_ms: u64) -> String {
-    format!(
-        r#"derivation {{
-  name = "soak-{i}";
-  system = "aarch64-linux";
-  builder = "/bin/sh";
-  args = [ "-c" "read s _ < /proc/uptime; sleep {secs}; read e _ < /proc/uptime; echo \"$s $e\" > $out" ];
-}}
-"#,
-        secs = sleep_ms as f64 / 1000.0
+    let secs = sleep_ms as f64 / 1000.0;
+    DrvExpr::sh(
+        &format!("soak-{i}"),
+        "aarch64-linux",
+        &format!(
+            "read s _ < /proc/uptime; sleep {secs}; read e _ < /proc/uptime; echo \"$s $e\" > $out"
+        ),
     )
+    .nix()
 }
 
 /// Up intervals of `builder` (epoch seconds): from "is up" to the next "stopping it" (or to

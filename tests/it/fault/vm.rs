@@ -39,15 +39,14 @@ fn qemus(cfg: &LazyConfig) -> Vec<u32> {
 
 /// An aarch64 derivation that records `uname -m`, says it started, and sleeps `secs` in the VM.
 fn vm_expr(name: &str, secs: u32) -> String {
-    format!(
-        r#"derivation {{
-  name = "{name}";
-  system = "aarch64-linux";
-  builder = "/bin/sh";
-  args = [ "-c" "echo 'nlb-vm {name}: build started'; sleep {secs}; uname -m > $out; echo 'nlb-vm {name}: done'" ];
-}}
-"#
+    DrvExpr::sh(
+        name,
+        "aarch64-linux",
+        &format!(
+            "echo 'nlb-vm {name}: build started'; sleep {secs}; uname -m > $out; echo 'nlb-vm {name}: done'"
+        ),
     )
+    .nix()
 }
 
 fn vm_build(daemon: &LocalDaemon, name: &str, secs: u32) -> Background {

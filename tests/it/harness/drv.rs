@@ -5,14 +5,16 @@
 //! `out` → {input, dev, out itself}, `dev` → {input}. It prints log lines tests look for.
 //! Variants: failing (log lines, then exit N), required features, slow, a large blob.
 //!
-//! Owns: the expression text, the expected log lines and references, and the checks that a
-//! build's outputs arrived intact ([`FakeDrvPaths::assert_built`]).
+//! Owns: what the standard derivations do (their scripts, written out by `expr.rs`), the
+//! expected log lines and references, and the checks that a build's outputs arrived intact
+//! ([`FakeDrvPaths::assert_built`]).
 //!
-//! Must never: depend on anything outside the sandbox but busybox's `/bin/sh`, or produce
-//! expression text from unchecked strings (names and seeds are restricted to safe characters).
+//! Must never: depend on anything outside the sandbox but busybox's `/bin/sh`, or put
+//! unchecked strings into a script (names and seeds are restricted to safe characters).
 
 use std::path::PathBuf;
 
+use super::expr::{DrvExpr, rec_set};
 use super::store::StoreQueries;
 use super::{CmdOutput, LocalDaemon};
 
@@ -22,25 +24,21 @@ use super::{CmdOutput, LocalDaemon};
 #[track_caller]
 pub fn uname_expr(name: &str) -> String {
     assert_safe(name);
-    format!(
-        r#"rec {{
-  input = derivation {{
-    name = "{name}-input";
-    system = "x86_64-linux";
-    builder = "/bin/sh";
-    args = [ "-c" "echo payload-of-{name} > $out" ];
-    preferLocalBuild = true;
-  }};
-  main = derivation {{
-    name = "{name}";
-    system = "aarch64-linux";
-    builder = "/bin/sh";
-    inherit input;
-    args = [ "-c" "echo 'nlb-vm {name}: building'; uname -m > $out; cat $input >> $out; echo $input >> $out" ];
-  }};
-}}
-"#
+    let input = DrvExpr::sh(
+        &format!("{name}-input"),
+        "x86_64-linux",
+        &format!("echo payload-of-{name} > $out"),
     )
+    .prefer_local();
+    let main = DrvExpr::sh(
+        name,
+        "aarch64-linux",
+        &format!(
+            "echo 'nlb-vm {name}: building'; uname -m > $out; cat $input >> $out; echo $input >> $out"
+        ),
+    )
+    .inherit("input");
+    rec_set(&[("input", &input), ("main", &main)])
 }
 
 /// A fake derivation. Build with [`FakeDrv::new`] and the `with_*` methods.
@@ -62,9 +60,6 @@ pub struct FakeDrv {
     pub required_features: Vec<String>,
     /// Size of an extra random file `$out/blob` (0: none).
     pub blob_bytes: u64,
-    /// Mark the x86_64 input `preferLocalBuild` (so no hook is asked about it while the
-    /// daemon has `max-jobs > 0`). Default true.
-    pub input_prefer_local: bool,
 }
 
 impl FakeDrv {
@@ -81,7 +76,6 @@ impl FakeDrv {
             sleep_secs: 0,
             required_features: Vec::new(),
             blob_bytes: 0,
-            input_prefer_local: true,
         }
     }
 
@@ -186,40 +180,25 @@ impl FakeDrv {
         }
         script += "echo $input > $dev/input-ref\n";
         script += &format!("echo 'nlb-log {}: done'\n", self.name);
-        debug_assert!(!script.contains("''") && !script.contains("${"));
 
-        let features = self
-            .required_features
-            .iter()
-            .map(|f| format!("\"{f}\""))
-            .collect::<Vec<_>>()
-            .join(" ");
-        format!(
-            r#"rec {{
-  input = derivation {{
-    name = "{name}-input";
-    system = "x86_64-linux";
-    builder = "/bin/sh";
-    args = [ "-c" "echo 'nlb-log {name}-input: building'; echo '{payload}' > $out" ];
-    preferLocalBuild = {prefer};
-  }};
-  main = derivation {{
-    name = "{name}";
-    system = "{system}";
-    builder = "/bin/sh";
-    outputs = [ "out" "dev" ];
-    inherit input;
-    requiredSystemFeatures = [ {features} ];
-    args = [ "-c" ''
-{script}'' ];
-  }};
-}}
-"#,
-            name = self.name,
-            payload = self.input_payload(),
-            prefer = self.input_prefer_local,
-            system = self.system,
+        let input = DrvExpr::sh(
+            &format!("{}-input", self.name),
+            "x86_64-linux",
+            &format!(
+                "echo 'nlb-log {}-input: building'; echo '{}' > $out",
+                self.name,
+                self.input_payload()
+            ),
         )
+        .prefer_local();
+        let mut main = DrvExpr::sh(&self.name, &self.system, &script)
+            .outputs(&["out", "dev"])
+            .inherit("input");
+        if !self.required_features.is_empty() {
+            let features: Vec<&str> = self.required_features.iter().map(String::as_str).collect();
+            main = main.features(&features);
+        }
+        rec_set(&[("input", &input), ("main", &main)])
     }
 
     /// Writes the expression into the daemon's work dir and instantiates it.

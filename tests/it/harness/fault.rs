@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use super::expr::{DrvExpr, rec_set};
 use super::*;
 
 // ------------------------------------------------------------------------------------------------
@@ -148,28 +149,12 @@ impl BigDrv {
             script += "echo \"NLB-FAULT-$((6*7))-MARKER and some more text\" > $out/marker\n";
         }
         script += &format!("echo '{}'\n", self.done_line());
-        format!(
-            r#"rec {{
-  input = derivation {{
-    name = "{name}-input";
-    system = "x86_64-linux";
-    builder = "/bin/sh";
-    args = [ "-c" "{input}" ];
-    preferLocalBuild = true;
-  }};
-  main = derivation {{
-    name = "{name}";
-    system = "aarch64-linux";
-    builder = "/bin/sh";
-    outputs = [ "out" "dev" ];
-    inherit input;
-    args = [ "-c" ''
-{script}'' ];
-  }};
-}}
-"#,
-            name = self.name,
-        )
+        let input =
+            DrvExpr::sh(&format!("{}-input", self.name), "x86_64-linux", &input).prefer_local();
+        let main = DrvExpr::sh(&self.name, "aarch64-linux", &script)
+            .outputs(&["out", "dev"])
+            .inherit("input");
+        rec_set(&[("input", &input), ("main", &main)])
     }
 
     /// Writes the expression, builds the input locally (`--max-jobs 1`) and instantiates

@@ -38,6 +38,7 @@
 pub mod boot;
 mod daemon;
 mod drv;
+mod expr;
 pub mod fault;
 mod lazy;
 mod nix;
@@ -50,6 +51,7 @@ mod store;
 pub use daemon::{DaemonOpts, LocalDaemon};
 pub(crate) use daemon::{set_mode, write};
 pub use drv::{FakeDrv, FakeDrvPaths, uname_expr};
+pub use expr::{DrvExpr, nix_str, rec_set};
 pub use lazy::{
     Background, KillMentioning, LazyConfig, LazyRemote, TimedLine, lazy_binary, max_overlap,
     nix_build_streaming, toml_list, toml_str, wait_until, with_builder_keys,

@@ -158,16 +158,11 @@ fn floating_ca_derivation_is_declined_up_front() {
     let daemon = LocalDaemon::start(opts);
     let expr = daemon.write_file(
         "floating.nix",
-        r#"derivation {
-  name = "nlb-floating-ca";
-  system = "aarch64-linux";
-  builder = "/bin/sh";
-  args = [ "-c" "echo floating > $out" ];
-  __contentAddressed = true;
-  outputHashMode = "recursive";
-  outputHashAlgo = "sha256";
-}
-"#,
+        &DrvExpr::sh("nlb-floating-ca", "aarch64-linux", "echo floating > $out")
+            .attr("__contentAddressed", "true")
+            .string("outputHashMode", "recursive")
+            .string("outputHashAlgo", "sha256")
+            .nix(),
     );
     const CA: [&str; 2] = ["--extra-experimental-features", "ca-derivations"];
     let drv = daemon.nix_instantiate(&[CA[0], CA[1], expr.to_str().unwrap()]);

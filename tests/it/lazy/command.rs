@@ -350,16 +350,18 @@ fn build_longer_than_the_idle_timeout_is_never_cut_short() {
 /// `n` aarch64 derivations named `<prefix>-<i>` that each sleep `secs` and record, in `$out`,
 /// when they started and ended (seconds of the machine's uptime, shared by every namespace).
 fn timestamped_drvs(prefix: &str, n: usize, secs: u32) -> String {
-    let names: Vec<String> = (1..=n).map(|i| format!("\"{prefix}-{i}\"")).collect();
+    let names: Vec<String> = (1..=n).map(|i| nix_str(&format!("{prefix}-{i}"))).collect();
+    // `$name`: the builder's environment holds every attribute, its name too.
+    let mk = DrvExpr::named_by(
+        "name",
+        "aarch64-linux",
+        &format!(
+            "read s _ < /proc/uptime; echo \"nlb-par $name: started at $s\"; sleep {secs}; read e _ < /proc/uptime; echo \"$s $e\" > $out"
+        ),
+    );
     format!(
-        r#"let mk = name: derivation {{
-  inherit name;
-  system = "aarch64-linux";
-  builder = "/bin/sh";
-  args = [ "-c" "read s _ < /proc/uptime; echo \"nlb-par ${{name}}: started at $s\"; sleep {secs}; read e _ < /proc/uptime; echo \"$s $e\" > $out" ];
-}};
-in map mk [ {} ]
-"#,
+        "let mk = name: {};\nin map mk [ {} ]\n",
+        mk.nix(),
         names.join(" ")
     )
 }

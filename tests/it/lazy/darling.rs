@@ -21,25 +21,22 @@ use crate::harness::*;
 /// no build users and no sandbox, so the builder is busybox itself (its `sh` finds its applets
 /// without a PATH).
 fn darwin_expr(name: &str) -> String {
-    format!(
-        r#"rec {{
-  input = derivation {{
-    name = "{name}-input";
-    system = "x86_64-linux";
-    builder = "/bin/sh";
-    args = [ "-c" "echo input-of-{name} > $out" ];
-    preferLocalBuild = true;
-  }};
-  main = derivation {{
-    name = "{name}";
-    system = "x86_64-darwin";
-    builder = "/bin/busybox";
-    inherit input;
-    args = [ "sh" "-c" "echo 'nlb-darling {name}: building'; cat $input > $out; echo $input >> $out; echo built-for-x86_64-darwin >> $out" ];
-  }};
-}}
-"#
+    let input = DrvExpr::sh(
+        &format!("{name}-input"),
+        "x86_64-linux",
+        &format!("echo input-of-{name} > $out"),
     )
+    .prefer_local();
+    let main = DrvExpr::sh(
+        name,
+        "x86_64-darwin",
+        &format!(
+            "echo 'nlb-darling {name}: building'; cat $input > $out; echo $input >> $out; echo built-for-x86_64-darwin >> $out"
+        ),
+    )
+    .busybox()
+    .inherit("input");
+    rec_set(&[("input", &input), ("main", &main)])
 }
 
 #[test]

@@ -209,17 +209,9 @@ fn untrusted_remote_refusing_the_closure_is_explained() {
     let paths = FakeDrv::new("nlb-untrusted-src").build_input(&daemon);
     let file = daemon.write_file(
         "nlb-untrusted-src-main.nix",
-        &format!(
-            r#"derivation {{
-  name = "nlb-untrusted-src-main";
-  system = "aarch64-linux";
-  builder = "/bin/sh";
-  inp = builtins.storePath "{}";
-  args = [ "-c" "cat $inp > $out" ];
-}}
-"#,
-            paths.input_out
-        ),
+        &DrvExpr::sh("nlb-untrusted-src-main", "aarch64-linux", "cat $inp > $out")
+            .store_path("inp", &paths.input_out)
+            .nix(),
     );
     let out = daemon.nix_build(&[&file.to_string_lossy()]);
     out.assert_failure();
