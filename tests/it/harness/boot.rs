@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use nix_lazy_builder::boot::{BootContext, Instance};
 use nix_lazy_builder::config::{Builder, Config};
 
-use super::{free_port, keygen, read, set_mode};
+use super::{free_port, keygen, read, run_command, set_mode};
 
 /// Keys and an sshd_config for a real OpenSSH sshd on 127.0.0.1 (key-only, root allowed).
 pub struct Sshd {
@@ -223,37 +223,75 @@ static IMAGE_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 /// Makes (or refreshes from make-image's cache: about a second) the `arch` image under
 /// `$NIX_LAZY_BUILDER_VM_CACHE/test-images/ARCH` (default cache /var/cache/nix-lazy-builder).
 /// Panics with make-image's output if that fails.
+#[track_caller]
 pub fn vm_image(arch: &str) -> VmImage {
+    try_vm_image(arch).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`vm_image`], or why there is none, in one line (make-image's whole output goes to stderr):
+/// for the bench, which reports a row it cannot measure instead of failing.
+pub fn try_vm_image(arch: &str) -> Result<VmImage, String> {
     let _g = IMAGE_LOCK.lock().unwrap_or_else(|p| p.into_inner());
     let cache = std::env::var_os("NIX_LAZY_BUILDER_VM_CACHE")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/var/cache/nix-lazy-builder"));
     let dir = cache.join("test-images").join(arch);
-    std::fs::create_dir_all(&dir).expect("create the image dir");
-    // Serialise with other test binaries making the same image.
-    let lock =
-        std::fs::File::create(cache.join(format!("test-images/.lock-{arch}"))).expect("lock file");
-    use std::os::fd::AsRawFd;
-    // SAFETY: flock on an open file descriptor.
-    assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| format!("cannot create the image dir {}: {e}", dir.display()))?;
+    // Serialise with other processes making the same image.
+    let _lock = lock_exclusive(&cache.join(format!("test-images/.lock-{arch}")))?;
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/vm/make-image");
     let t0 = Instant::now();
-    let out = Command::new(&script)
-        .arg(arch)
-        .arg(&dir)
-        .output()
-        .expect("run make-image");
-    assert!(
-        out.status.success(),
-        "{} {arch} {} failed:\n{}\n{}",
-        script.display(),
-        dir.display(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let mut make = Command::new(&script);
+    make.arg(arch).arg(&dir);
+    let out = run_command(&mut make, None, Duration::from_secs(900));
+    if !out.success() {
+        eprintln!("{out}");
+        let last = out
+            .stderr
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("no message");
+        return Err(format!(
+            "no builder image: `examples/vm/make-image {arch} {}` failed ({}): {last}",
+            dir.display(),
+            out.status
+        ));
+    }
     eprintln!("make-image {arch}: {:?}", t0.elapsed());
-    let toml = std::fs::read_to_string(dir.join("lazy-builder.toml")).expect("read snippet");
-    VmImage { dir, toml }
+    for f in ["vmlinuz", "initrd.cpio"] {
+        if !dir.join(f).is_file() {
+            return Err(format!(
+                "no builder image: {} is missing after make-image",
+                dir.join(f).display()
+            ));
+        }
+    }
+    let snippet = dir.join("lazy-builder.toml");
+    let toml = std::fs::read_to_string(&snippet)
+        .map_err(|e| format!("no builder image: cannot read {}: {e}", snippet.display()))?;
+    Ok(VmImage { dir, toml })
+}
+
+/// An exclusive `flock` on `path` (created if need be), held until the file is dropped.
+pub fn lock_exclusive(path: &Path) -> Result<std::fs::File, String> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(|e| format!("cannot open the lock {}: {e}", path.display()))?;
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on an open file descriptor.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(format!(
+            "cannot lock {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(file)
 }
 
 /// Runs `cmd` on the builder with our own SSH client (pinned host key), returning stdout.
@@ -300,15 +338,15 @@ pub async fn one_vm_test_at_a_time() -> VmLock {
 }
 
 /// [`one_vm_test_at_a_time`] for synchronous tests: blocks until the lock is ours.
+#[track_caller]
 pub fn one_vm_test_at_a_time_blocking() -> VmLock {
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(std::env::temp_dir().join("nix-lazy-builder-boot-vm-tests.lock"))
-        .expect("open the VM test lock");
-    use std::os::fd::AsRawFd;
-    // SAFETY: flock on an open file descriptor.
-    assert_eq!(unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) }, 0);
+    let file =
+        lock_exclusive(&vm_lock_file(&std::env::temp_dir())).unwrap_or_else(|e| panic!("{e}"));
     VmLock { _file: file }
+}
+
+/// The lock file of [`one_vm_test_at_a_time`] under the temp dir `tmp` (the bench, which
+/// points TMPDIR elsewhere, names the tests' one).
+pub fn vm_lock_file(tmp: &Path) -> PathBuf {
+    tmp.join("nix-lazy-builder-boot-vm-tests.lock")
 }

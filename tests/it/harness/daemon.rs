@@ -118,15 +118,11 @@ impl LocalDaemon {
         if !group.is_empty() {
             super::require_group(opts.nix.root(), &group);
         }
-        let base = tempfile::Builder::new()
-            .prefix("nlb-daemon-")
-            .tempdir()
-            .unwrap_or_else(|e| panic!("cannot create a temp dir: {e}"));
+        let base = scratch(
+            "nlb-daemon-",
+            &["nix", "etc-nix", "client-conf", "home", "work"],
+        );
         let b = base.path().to_path_buf();
-        set_mode(&b, 0o755);
-        for d in ["nix", "etc-nix", "client-conf", "home", "work"] {
-            mkdir(&b.join(d));
-        }
         let mut conf = vec![
             format!("build-users-group = {group}"),
             "substituters =".to_owned(),
@@ -328,6 +324,21 @@ impl StoreQueries for LocalDaemon {
 
 pub(crate) fn mkdir(p: &Path) {
     fs::create_dir_all(p).unwrap_or_else(|e| panic!("cannot create {}: {e}", p.display()));
+}
+
+/// A fresh temp dir named `<prefix>…` that the daemon's build users, sshd and `nobody` can
+/// traverse (0755), with `subdirs` created in it. Removed when dropped.
+#[track_caller]
+pub fn scratch(prefix: &str, subdirs: &[&str]) -> tempfile::TempDir {
+    let dir = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .unwrap_or_else(|e| panic!("cannot create a temp dir: {e}"));
+    set_mode(dir.path(), 0o755);
+    for d in subdirs {
+        mkdir(&dir.path().join(d));
+    }
+    dir
 }
 
 pub(crate) fn write(p: &Path, contents: &str) {

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use nix_lazy_builder::supervisor::proto::BuilderStatus;
 
-use super::daemon::{mkdir, set_mode, write};
+use super::daemon::{scratch, write};
 use super::ns::{SHARED_USERPOOL, STD_PATH};
 use super::procs::{alive, all_pids, mnt_ns_of, processes_mentioning};
 use super::store::StoreQueries;
@@ -63,15 +63,11 @@ impl LazyRemote {
         }
         std::fs::create_dir_all(SHARED_USERPOOL)
             .unwrap_or_else(|e| panic!("cannot create {SHARED_USERPOOL}: {e}"));
-        let base = tempfile::Builder::new()
-            .prefix("nlb-lazy-remote-")
-            .tempdir()
-            .unwrap_or_else(|e| panic!("cannot create a temp dir: {e}"));
+        let base = scratch(
+            "nlb-lazy-remote-",
+            &["nix/var/nix/userpool", "etc-nix", "ssh", "home"],
+        );
         let b = base.path().to_path_buf();
-        set_mode(&b, 0o755);
-        for d in ["nix/var/nix/userpool", "etc-nix", "ssh", "home"] {
-            mkdir(&b.join(d));
-        }
         let ssh = b.join("ssh");
         let host_key_line = super::remote::prepare_remote_dir(&b, &opts, &group, "nlb-lazy-remote");
 
@@ -386,11 +382,7 @@ impl LazyConfig {
     /// Writes `<tmp>/lazy-builder.toml` with `state-dir = <tmp>/state` and `builders`.
     #[track_caller]
     pub fn write(builders: &[String]) -> Self {
-        let dir = tempfile::Builder::new()
-            .prefix("nlb-lazy-config-")
-            .tempdir()
-            .unwrap_or_else(|e| panic!("cannot create a temp dir: {e}"));
-        set_mode(dir.path(), 0o755);
+        let dir = scratch("nlb-lazy-config-", &[]);
         let mut text = format!(
             "[supervisor]\nstate-dir = {}\n\n",
             toml_str(&dir.path().join("state").to_string_lossy())
@@ -605,10 +597,7 @@ impl Background {
 
     /// Starts `cmd` with no stdin, its stdout and stderr captured.
     pub fn spawn(cmd: &mut Command) -> Self {
-        let argv: Vec<String> = std::iter::once(cmd.get_program())
-            .chain(cmd.get_args())
-            .map(|a| a.to_string_lossy().into_owned())
-            .collect();
+        let argv = super::argv_of(cmd);
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());

@@ -49,7 +49,7 @@ pub mod security;
 mod store;
 
 pub use daemon::{DaemonOpts, LocalDaemon};
-pub(crate) use daemon::{set_mode, write};
+pub(crate) use daemon::{scratch, set_mode, write};
 pub use drv::{FakeDrv, FakeDrvPaths, uname_expr};
 pub use expr::{DrvExpr, nix_str, rec_set};
 pub use lazy::{
@@ -140,10 +140,7 @@ impl fmt::Display for CmdOutput {
 /// Kills it (by pid) and panics with what it printed so far if it outlives `timeout`.
 #[track_caller]
 pub fn run_command(cmd: &mut Command, stdin: Option<&[u8]>, timeout: Duration) -> CmdOutput {
-    let argv: Vec<String> = std::iter::once(cmd.get_program())
-        .chain(cmd.get_args())
-        .map(|a| a.to_string_lossy().into_owned())
-        .collect();
+    let argv = argv_of(cmd);
     cmd.stdin(if stdin.is_some() {
         Stdio::piped()
     } else {
@@ -196,6 +193,14 @@ pub fn run_command(cmd: &mut Command, stdin: Option<&[u8]>, timeout: Duration) -
         stderr: join_reader(err_reader),
         elapsed: start.elapsed(),
     }
+}
+
+/// `cmd`'s program and arguments, for messages.
+pub(crate) fn argv_of(cmd: &Command) -> Vec<String> {
+    std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect()
 }
 
 type Reader = Option<thread::JoinHandle<Vec<u8>>>;

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 
-use super::daemon::{mkdir, set_mode, write};
+use super::daemon::{scratch, write};
 use super::ns::{Layout, NsProcess};
 use super::store::StoreQueries;
 use super::{CmdOutput, DEFAULT_COMMAND_TIMEOUT, Nix, group_exists, run_command};
@@ -126,15 +126,8 @@ impl RemoteStore {
             super::require_group(opts.nix.root(), &group);
         }
 
-        let base = tempfile::Builder::new()
-            .prefix("nlb-remote-")
-            .tempdir()
-            .unwrap_or_else(|e| panic!("cannot create a temp dir: {e}"));
+        let base = scratch("nlb-remote-", &["nix", "etc-nix", "ssh", "home"]);
         let b = base.path().to_path_buf();
-        set_mode(&b, 0o755);
-        for d in ["nix", "etc-nix", "ssh", "home"] {
-            mkdir(&b.join(d));
-        }
         let ssh = b.join("ssh");
         let host_key_line = prepare_remote_dir(&b, &opts, &group, "nlb-test-remote");
 

@@ -18,7 +18,7 @@ use hook_protocol::hook::{Request, Settings, TryRequest};
 
 use super::{
     CmdOutput, free_port, hook_binary, keygen, read, require_file, require_root, run_command,
-    set_mode, write,
+    scratch, set_mode, write,
 };
 
 /// The derivation every `try` asks about (never read: no test gets as far as an accept).
@@ -31,16 +31,6 @@ pub const WELL_KNOWN_KEY: &str =
 
 pub fn b64(s: &str) -> String {
     base64::engine::general_purpose::STANDARD.encode(s)
-}
-
-/// A scratch directory that `nobody` can traverse (the CLI is run as `nobody` from it).
-pub fn scratch(prefix: &str) -> tempfile::TempDir {
-    let d = tempfile::Builder::new()
-        .prefix(prefix)
-        .tempdir()
-        .expect("temp dir");
-    set_mode(d.path(), 0o755);
-    d
 }
 
 /// A real OpenSSH sshd on 127.0.0.1, stopped (by pid) when dropped.
@@ -59,7 +49,7 @@ impl Sshd {
         require_root();
         require_file("/usr/sbin/sshd", "openssh-server");
         require_file("/usr/bin/ssh-keygen", "openssh-client");
-        let dir = scratch("nlb-sec-sshd-");
+        let dir = scratch("nlb-sec-sshd-", &[]);
         let d = dir.path();
         keygen(&d.join("host_key"), "nlb-security-host");
         keygen(&d.join("client_key"), "nlb-security-client");
@@ -174,11 +164,8 @@ pub struct Env {
 
 impl Env {
     pub fn new() -> Env {
-        let dir = scratch("nlb-sec-env-");
+        let dir = scratch("nlb-sec-env-", &["state", "home/.ssh", "lazy-state"]);
         let d = dir.path();
-        for sub in ["state", "home", "home/.ssh", "lazy-state"] {
-            std::fs::create_dir_all(d.join(sub)).expect("mkdir");
-        }
         let bin = d.join("nix-lazy-builder");
         std::fs::copy(hook_binary(), &bin).expect("copy the binary");
         set_mode(&bin, 0o755);

@@ -18,7 +18,7 @@ use nix_lazy_builder::config::{self, Config};
 use nix_lazy_builder::remote::{self, RemoteError};
 
 use crate::harness::security::*;
-use crate::harness::{CmdOutput, free_port, keygen, require_file, require_root, write};
+use crate::harness::{CmdOutput, free_port, keygen, require_file, require_root, scratch, write};
 
 /// A machines line for `sshd` with `host_key_column` (or none) and a stub remote program.
 fn machines_line(sshd: &Sshd, stub: &Path, host_key_column: Option<&str>) -> String {
@@ -103,7 +103,7 @@ fn the_well_known_key_is_refused_by_ssh_target_unless_allowed() {
     }
 
     // Nor does it get in through a known_hosts file.
-    let dir = scratch("nlb-sec-kh-");
+    let dir = scratch("nlb-sec-kh-", &[]);
     let kh = dir.path().join("known_hosts");
     write(&kh, &format!("[127.0.0.1]:2 {WELL_KNOWN_KEY}\n"));
     let c = Config::parse(
@@ -275,7 +275,7 @@ fn the_readiness_check_refuses_wrong_and_well_known_keys() {
     let env = Env::new();
     // The sshd a lazy builder boots: its config and keys, not started (the supervisor starts
     // it through the `command` backend).
-    let dir = scratch("nlb-sec-lazy-");
+    let dir = scratch("nlb-sec-lazy-", &[]);
     let d = dir.path();
     keygen(&d.join("host_key"), "nlb-sec-lazy-host");
     keygen(&d.join("client_key"), "nlb-sec-lazy-client");

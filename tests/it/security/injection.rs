@@ -20,7 +20,7 @@ use nix_lazy_builder::config::{self, Config};
 use nix_lazy_builder::remote;
 
 use crate::harness::security::*;
-use crate::harness::{set_mode, write};
+use crate::harness::{scratch, set_mode, write};
 
 /// Values that create `marker` (a file name, relative to the shell's working directory) if a
 /// shell ever interprets them. Kept short: a builder's URI names its slot files.
@@ -57,7 +57,7 @@ fn pct(s: &str) -> String {
 }
 
 fn marker_dir() -> tempfile::TempDir {
-    scratch("nlb-sec-inj-")
+    scratch("nlb-sec-inj-", &[])
 }
 
 fn assert_no_marker(marker: &Path) {
