@@ -2,6 +2,14 @@
 //! remote stores, real QEMU VMs and the real `nix-lazy-builder` binary, driven through the one
 //! harness in [`harness`]. Modules by area; a test's name is its module path
 //! (`fault::hang::…`, `security::socket::…`), so `cargo test --test it -- fault::` runs one area.
+//! The long-running soak is ignored by default:
+//! `cargo test --release --test it -- --ignored fault::soak`.
+//!
+//! All tests share one process, so nothing here may change what is process-wide: the
+//! environment, the working directory, the umask, signal dispositions. A test that needs such a
+//! change runs itself again in a process of its own (`harness::run_one_test`, as `boot::darling`
+//! does for PATH). The process's allocator is `bad_input::nar`'s counting one; it counts per
+//! thread, so other tests do not disturb its measurements.
 //!
 //! Must never: hold a second copy of a harness helper in an area module, or touch the machine's
 //! own `/nix` (see [`harness`] for the rules every test here follows).

@@ -26,6 +26,8 @@ use bad_input::{Counting, largest_allocation};
 use hook_protocol::{Sha256, StorePath};
 use nix_lazy_builder::place::{ExpectedNar, PlaceError, Placed};
 
+/// The allocator of the whole test process (tests/it/main.rs says so): it records the largest
+/// allocation per thread, which is what `hostile_lengths_fail_fast_without_allocating` reads.
 #[global_allocator]
 static ALLOC: Counting = Counting;
 
