@@ -1,14 +1,12 @@
 //! Process lookups in `/proc` for every part of the harness and the tests: whether a pid is
 //! alive, its parent, argv, RSS and mount namespace, its descendants, the processes of a
-//! namespace, of a binary or naming a directory, and waits for a pid to go or to be written.
+//! namespace or naming a directory, and waits for a pid to go or to be written.
 //!
 //! Must never: signal anything (callers decide what to stop, by pid), or count a zombie as
 //! alive.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
-
-use super::lazy_binary;
 
 /// Every pid in `/proc` now.
 pub fn all_pids() -> Vec<u32> {
@@ -126,25 +124,6 @@ pub fn processes_mentioning(dir: &Path) -> Vec<(u32, Vec<String>)> {
         .filter(|&p| alive(p))
         .filter_map(|p| Some((p, cmdline(p)?)))
         .filter(|(_, argv)| argv.iter().any(|a| a.contains(&needle)))
-        .collect()
-}
-
-/// Live processes running `exe` (by `/proc/PID/exe`), with their argv.
-pub fn processes_of(exe: &Path) -> Vec<(u32, Vec<String>)> {
-    all_pids()
-        .into_iter()
-        .filter(|&p| std::fs::read_link(format!("/proc/{p}/exe")).is_ok_and(|e| e == exe))
-        .filter(|&p| alive(p))
-        .filter_map(|p| Some((p, cmdline(p)?)))
-        .collect()
-}
-
-/// Live hook processes of our binary (not `supervise`, not the CLI).
-pub fn hook_pids() -> Vec<u32> {
-    processes_of(&lazy_binary())
-        .into_iter()
-        .filter(|(_, argv)| is_hook_argv(argv))
-        .map(|(p, _)| p)
         .collect()
 }
 

@@ -289,7 +289,7 @@ fn build_longer_than_the_idle_timeout_is_never_cut_short() {
         let mut seen = 0;
         let mut hook_rss = Vec::new();
         while t0.elapsed() < idle * 2 && !h.is_finished() {
-            hook_rss.extend(hook_pids().into_iter().filter_map(rss_kib));
+            hook_rss.extend(daemon.hook_pids().into_iter().filter_map(rss_kib));
             let st = cfg.status_of(&daemon, "slow");
             if st.leases == 1 {
                 seen += 1;
