@@ -1,12 +1,17 @@
-//! Integration-test harness: real nix-daemons and real sshd "remote machines", each in its own
-//! private mount namespace with its own throw-away `/nix`, so tests drive the real
-//! `nix-lazy-builder` binary (or Nix's own hook) exactly as a user's daemon would.
+//! The one integration-test harness (of the test crate `tests/it`, and included as source by
+//! benches/hook): real nix-daemons and real sshd "remote machines", each in its own private
+//! mount namespace with its own throw-away `/nix`, so tests drive the real `nix-lazy-builder`
+//! binary (or Nix's own hook) exactly as a user's daemon would.
 //!
 //! Owns: starting, querying and stopping those processes ([`LocalDaemon`], [`RemoteStore`]), the
-//! Nix version selector ([`Nix`]), the test derivations ([`FakeDrv`]) and command plumbing
-//! ([`CmdOutput`]); for lazy builders, a remote machine that a boot command starts
+//! Nix version selector ([`Nix`]), the test derivations ([`FakeDrv`]) and the one writer of
+//! their Nix text ([`DrvExpr`]), command plumbing ([`CmdOutput`], [`run_one_test`]) and `/proc`
+//! lookups (`procs.rs`); for lazy builders, a remote machine that a boot command starts
 //! ([`LazyRemote`]) and the lazy-builder TOML, `status --json` and supervisor log around it
-//! ([`LazyConfig`]).
+//! ([`LazyConfig`]). The parts only some areas need are submodules: [`boot`] (sshd fixtures,
+//! boot contexts, VM images and the one-VM-at-a-time lock), [`fault`] (seeded fault points,
+//! big derivations, the checks after a fault) and [`security`] (a running sshd, the binary in a
+//! scratch environment, the daemon's side of the hook protocol).
 //!
 //! Must never: touch the machine's real `/nix` or `/etc/nix`, listen anywhere but 127.0.0.1, use
 //! a fixed port or any state shared between tests (the only shared thing is the build-user lock
@@ -17,8 +22,7 @@
 //! unwinding from a failed assertion; tests run in parallel, each with its own instances):
 //!
 //! ```text
-//! mod common;
-//! use common::*;
+//! use crate::harness::*;
 //!
 //! let remote = RemoteStore::start(RemoteOpts::new(Nix::Host));        // or Nix::Sid (2.34)
 //! let mut opts = DaemonOpts::new(Nix::Host).with_our_hook();          // build-hook = our binary
