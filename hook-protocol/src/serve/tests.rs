@@ -3,6 +3,7 @@
 
 use super::server::CommandRequest;
 use super::*;
+use crate::build_result::BuiltOutputsLayout;
 use crate::build_result::tests::{arb_build_result, carried};
 use crate::derivation::BasicDerivation;
 use crate::path_info::OutputsSpec;
@@ -222,7 +223,14 @@ proptest! {
         server::encode_build_derivation_reply(&mut w, v, &res);
         let (got, used) = wire::decode_with(&w, |r| decode_build_derivation_reply(r, v, "/nix/store")).unwrap();
         prop_assert_eq!(used, w.len());
-        prop_assert_eq!(got, carried(&res, minor >= 3, false, minor >= 6));
+        let outputs = if minor >= 8 {
+            BuiltOutputsLayout::PathAndSignatures
+        } else if minor >= 6 {
+            BuiltOutputsLayout::RealisationJson
+        } else {
+            BuiltOutputsLayout::Absent
+        };
+        prop_assert_eq!(got, carried(&res, minor >= 3, false, outputs));
         for cut in 0..w.len() {
             let e = decode_build_derivation_reply(&mut Reader::new(&w[..cut]), v, "/nix/store").unwrap_err();
             prop_assert!(e.is_incomplete(), "cut {}: {:?}", cut, e);
