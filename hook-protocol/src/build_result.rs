@@ -154,7 +154,8 @@ pub struct BuiltOutput {
     /// ([`DrvOutput::is_dummy`], which Nix ≥ 2.35 servers send over serve 2.7): the caller then
     /// has to know the id itself (`Derivation::floating_output_ids`).
     pub id: Option<DrvOutput>,
-    /// The realisation's dependencies as Nix 2.4–2.2x recorded them; empty otherwise.
+    /// The realisation's dependencies (`Realisation::dependent_realisations`); empty when the
+    /// layout carries none.
     pub dependent_realisations: BTreeMap<DrvOutput, StorePath>,
 }
 

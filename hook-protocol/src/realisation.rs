@@ -214,9 +214,9 @@ pub struct Realisation {
     /// `<key name>:<base64 signature>` over the realisation's fingerprint; carried, never checked
     /// here.
     pub signatures: BTreeSet<String>,
-    /// What Nix 2.4–2.2x recorded as the realisations this one depends on (id → path). Nix from
-    /// 2.25 or so always writes `{}` and ignores what it reads; kept so that a realisation passes
-    /// through unchanged (its signatures cover this field).
+    /// The realisations this one depends on (id → path), as Nix up to 2.33 reads and writes
+    /// them; Nix 2.34 always writes `{}` and ignores what it reads. Kept so that a realisation
+    /// passes through unchanged (on those versions its signatures cover this field).
     pub dependent_realisations: BTreeMap<DrvOutput, StorePath>,
 }
 

@@ -12,7 +12,7 @@ use crate::path_info::{DerivedPath, PathInfo};
 use crate::store_path::Sha256;
 use crate::version::ProtocolVersion;
 use crate::wire::tests::assert_prefixes_incomplete;
-use crate::wire::{self, DecodeError, Invalid, Reader};
+use crate::wire::{self, DecodeError, Invalid, Reader, WireWrite};
 use proptest::prelude::*;
 
 #[test]
@@ -212,6 +212,23 @@ fn requests_round_trip_through_the_server_decoder() {
         assert_eq!(server::decode_request(&mut r, v).unwrap(), want);
     }
     assert!(r.is_empty());
+}
+
+/// QueryValidPaths is `u64 1, u64 lock, u64 substitute, set paths`: `substitute` is how
+/// `builders-use-substitutes` reaches the remote (docs/protocol.md §7).
+#[test]
+fn query_valid_paths_carries_lock_and_substitute() {
+    let a = path(1, "a");
+    for (lock, substitute) in [(false, false), (false, true), (true, false), (true, true)] {
+        let mut w = Vec::new();
+        encode_query_valid_paths(&mut w, lock, substitute, [&a]);
+        let mut want = Vec::new();
+        want.put_u64(1);
+        want.put_u64(lock as u64);
+        want.put_u64(substitute as u64);
+        want.put_strings([a.as_str()]);
+        assert_eq!(w, want, "lock {lock}, substitute {substitute}");
+    }
 }
 
 proptest! {
