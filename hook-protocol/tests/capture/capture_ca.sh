@@ -93,6 +93,7 @@ PidFile none
 SetEnv HOME=$D/home
 EOF
     echo "$port" >"$D/port"
+    # shellcheck disable=SC2016 # the inner shell expands $1
     setsid "$RUN" sid --tmpfs /tmp --bind "$W" "$W" --bind "$D/nix" /nix --bind "$D/etc-nix" /etc/nix \
         --tmpfs /run -- /bin/sh -ec 'mkdir -p /run/sshd; exec /usr/sbin/sshd -D -e -f "$1"' sh \
         "$D/ssh/sshd_config" </dev/null >"$W/log/$n-sshd.log" 2>&1 &
@@ -239,7 +240,9 @@ for tag in ssh ssh-ng; do
         client -- nix-instantiate "$W/expr/ca.nix" --argstr tag "$tag" -A "$a" >>"$W/log/drvs.txt"
     done
 done
-client -- sh -c 'for d in '"$(tr '\n' ' ' <"$W/log/drvs.txt")"'; do echo "$d"; cat "$d"; echo; done' \
+mapfile -t drvs <"$W/log/drvs.txt"
+# shellcheck disable=SC2016 # the inner shell expands $d
+client -- sh -c 'for d in "$@"; do echo "$d"; cat "$d"; echo; done' sh "${drvs[@]}" \
     >"$W/log/drvs-aterm.txt"
 client -- nix-store --version >"$W/log/version.txt"
 
@@ -285,4 +288,4 @@ with open(os.path.join(out, "manifest.json"), "w") as f:
     json.dump(manifest, f, indent=2, sort_keys=True)
     f.write("\n")
 PY
-echo "captures in $out: $(ls "$out" | tr '\n' ' ')"
+echo "captures in $out"
