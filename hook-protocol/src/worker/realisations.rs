@@ -38,7 +38,7 @@ pub enum RealisationsUnsupported {
     KeyedByPath,
 }
 
-fn gate(proto: &Negotiated, what: &'static str) -> Result<(), RealisationsUnsupported> {
+pub(super) fn gate(proto: &Negotiated, what: &'static str) -> Result<(), RealisationsUnsupported> {
     require(proto, what, REALISATIONS_SINCE)?;
     if proto.has_feature(FEATURE_REALISATION_WITH_PATH) {
         return Err(RealisationsUnsupported::KeyedByPath);

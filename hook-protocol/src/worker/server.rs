@@ -244,11 +244,21 @@ pub fn decode_request(
             paths: r.list("derived paths", DerivedPath::read)?,
             mode: BuildMode::decode(r)?,
         },
+        // Below 1.27 these do not exist, and under realisation-with-path-not-hash they have
+        // another layout: both are Invalid, as the client refuses to write them.
         Op::RegisterDrvOutput => {
+            realisation_layout(proto, "RegisterDrvOutput")?;
             OpRequest::RegisterDrvOutput(decode_register_drv_output(r, proto, store_dir)?)
         }
-        Op::QueryRealisation => OpRequest::QueryRealisation(read_drv_output(r)?),
+        Op::QueryRealisation => {
+            realisation_layout(proto, "QueryRealisation")?;
+            OpRequest::QueryRealisation(read_drv_output(r)?)
+        }
     })
+}
+
+fn realisation_layout(proto: &Negotiated, what: &'static str) -> wire::Result<()> {
+    super::realisations::gate(proto, what).map_err(|e| Invalid::Malformed(e.to_string()).into())
 }
 
 fn read_drv_output(r: &mut Reader<'_>) -> wire::Result<DrvOutput> {

@@ -601,6 +601,15 @@ fn realisation_ops_are_gated() {
         Err(RealisationsUnsupported::KeyedByPath)
     );
     assert!(w.is_empty(), "nothing is written when refused");
+    // The daemon side refuses them alike.
+    let mut req = Vec::new();
+    encode_query_realisation(&mut req, &proto(27), &r.id).unwrap();
+    for p in [proto(26), keyed.clone()] {
+        assert!(matches!(
+            server::decode_request(&mut Reader::new(&req), &p, "/nix/store"),
+            Err(DecodeError::Invalid(_))
+        ));
+    }
     let mut info = ServerInfo {
         server_features: BTreeSet::new(),
         nix_version: Some("2.34.8".into()),
