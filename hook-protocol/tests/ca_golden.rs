@@ -407,10 +407,21 @@ fn check_ca_builds(scheme: &str, first: Seen, second: Seen) {
             input_drvs: BTreeMap::new(),
         };
         let drv_name = b.drv_path.name();
+        let aterm = drv.to_aterm();
         assert_eq!(
-            text_path(drv_name, &drv.to_aterm(), &b.drv.input_srcs),
+            text_path(drv_name, &aterm, &b.drv.input_srcs),
             b.drv_path.as_str(),
             "{what}: the ATerm of the derivation sent is the one in the store"
+        );
+        // That `.drv`, as our hook reads it, parses back, and gives the BasicDerivation Nix's
+        // hook sent (no input derivations: `inputSrcs` stay as they are).
+        let parsed = Derivation::parse(&aterm).expect("the .drv parses");
+        assert_eq!(parsed, drv, "{what}");
+        assert_eq!(parsed.output_paths().unwrap().values().flatten().count(), 0);
+        assert_eq!(
+            parsed.basic_for_remote(["/nix/store/00000000000000000000000000000000-unrelated"]),
+            b.drv,
+            "{what}"
         );
         // The remote reports each output's realisation under the id we compute for it.
         let res = &b.result;
