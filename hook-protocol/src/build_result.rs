@@ -6,14 +6,16 @@
 //! which the wire carries in two shapes (realisation JSON keyed by `sha256:<hex>!<output>` with a
 //! *basename* `outPath`, or `output → (full path, signatures)`), into one `output name →`
 //! [`BuiltOutput`] map that keeps the realisation's id when the wire has it (content-addressed
-//! derivations need it to register the realisation locally, docs/protocol.md §7.2). Which layout
-//! a connection uses is the protocol's business: this module must never import `serve` or
-//! `worker`. Pure functions over bytes; must never perform I/O or trust a peer's value to be
-//! well-formed.
+//! derivations need it to register the realisation locally, docs/protocol.md §7.2), and the
+//! realisations to register for a resolved content-addressed derivation
+//! ([`BuildResult::realisations_of`]). Which layout a connection uses is the protocol's
+//! business: this module must never import `serve` or `worker`. Pure functions over bytes; must
+//! never perform I/O or trust a peer's value to be well-formed.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
+use crate::derivation::Derivation;
 use crate::path_info::{read_store_path, read_string_set};
 use crate::realisation::{DrvOutput, Realisation, check_output_name};
 use crate::store_path::StorePath;
@@ -193,6 +195,30 @@ impl From<Realisation> for BuiltOutput {
     }
 }
 
+/// Why a build result's outputs are not the realisations of a derivation
+/// ([`BuildResult::realisations_of`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RealisationsError {
+    #[error(
+        "the derivation is not a resolved content-addressed one (every output floating, no \
+         input derivations), so its realisation ids cannot be computed"
+    )]
+    NotResolvedCa,
+    #[error("the remote reported no path for output '{output}'")]
+    Missing { output: String },
+    #[error("the remote reported an output '{output}' the derivation does not have")]
+    Unexpected { output: String },
+    #[error(
+        "the remote reported output '{output}' as the realisation of '{reported}', but the \
+         derivation's is '{expected}'"
+    )]
+    IdMismatch {
+        output: String,
+        reported: String,
+        expected: String,
+    },
+}
+
 /// What a remote build reported.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BuildResult {
@@ -246,6 +272,50 @@ impl BuildResult {
         self.built_outputs
             .iter()
             .filter_map(|(k, v)| Some((k.as_str(), v.realisation()?)))
+            .collect()
+    }
+
+    /// The realisations to register locally after building the resolved content-addressed
+    /// derivation `drv` (the one the daemon handed the hook; docs/protocol.md §3.4): one per
+    /// output of `drv`, each at the path the remote built, under the id computed from `drv`
+    /// ([`Derivation::floating_output_ids`]), so also when the remote did not say it (Nix ≥ 2.35
+    /// servers). A remote that reports another id, or other outputs, built something else: that
+    /// is an error, and nothing should be registered.
+    pub fn realisations_of(
+        &self,
+        drv: &Derivation,
+    ) -> Result<BTreeMap<String, Realisation>, RealisationsError> {
+        let ids = drv
+            .floating_output_ids()
+            .ok_or(RealisationsError::NotResolvedCa)?;
+        if let Some(extra) = self.built_outputs.keys().find(|k| !ids.contains_key(*k)) {
+            return Err(RealisationsError::Unexpected {
+                output: extra.clone(),
+            });
+        }
+        ids.into_iter()
+            .map(|(name, id)| {
+                let built =
+                    self.built_outputs
+                        .get(&name)
+                        .ok_or_else(|| RealisationsError::Missing {
+                            output: name.clone(),
+                        })?;
+                if let Some(reported) = built.id.as_ref().filter(|r| **r != id) {
+                    return Err(RealisationsError::IdMismatch {
+                        output: name,
+                        reported: reported.to_string(),
+                        expected: id.to_string(),
+                    });
+                }
+                let realisation = Realisation {
+                    id,
+                    out_path: built.path.clone(),
+                    signatures: built.signatures.clone(),
+                    dependent_realisations: built.dependent_realisations.clone(),
+                };
+                Ok((name, realisation))
+            })
             .collect()
     }
 
@@ -673,6 +743,60 @@ pub(crate) mod tests {
         }
         let e = decode_output_map(&mut Reader::new(&w)).unwrap_err();
         assert!(e.to_string().contains("listed twice"), "{e}");
+    }
+
+    /// The realisations of a resolved CA derivation: ids computed from it, paths from the
+    /// result; a result that does not fit the derivation is refused.
+    #[test]
+    fn realisations_of_a_resolved_derivation() {
+        let aterm = br#"Derive([("dev","","r:sha256",""),("out","","r:sha256","")],[],[],"x86_64-linux","/bin/sh",[],[("dev","/d"),("out","/o")])"#;
+        let drv = Derivation::parse(aterm).unwrap();
+        let ids = drv.floating_output_ids().unwrap();
+        let mut res = BuildResult::new(BuildStatus::Built, "");
+        res.built_outputs
+            .insert("out".into(), BuiltOutput::new(path(1, "o")));
+        let mut dev = BuiltOutput::new(path(2, "d"));
+        dev.id = Some(ids["dev"].clone());
+        dev.signatures.insert("k-1:AAAA".into());
+        res.built_outputs.insert("dev".into(), dev);
+        let got = res.realisations_of(&drv).unwrap();
+        assert_eq!(
+            got["out"].id, ids["out"],
+            "computed when the remote gave none"
+        );
+        assert_eq!(got["out"].out_path, path(1, "o"));
+        assert_eq!(got["dev"].signatures.len(), 1);
+
+        let mut wrong = res.clone();
+        wrong.built_outputs.get_mut("out").unwrap().id = Some(ids["dev"].clone());
+        assert!(matches!(
+            wrong.realisations_of(&drv),
+            Err(RealisationsError::IdMismatch { ref output, .. }) if output == "out"
+        ));
+        let mut missing = res.clone();
+        missing.built_outputs.remove("dev");
+        assert_eq!(
+            missing.realisations_of(&drv),
+            Err(RealisationsError::Missing {
+                output: "dev".into()
+            })
+        );
+        let mut extra = res.clone();
+        extra
+            .built_outputs
+            .insert("lib".into(), BuiltOutput::new(path(3, "l")));
+        assert!(matches!(
+            extra.realisations_of(&drv),
+            Err(RealisationsError::Unexpected { .. })
+        ));
+        let mut unresolved = drv.clone();
+        unresolved
+            .input_drvs
+            .insert(path(4, "x.drv").to_string(), ["out".to_owned()].into());
+        assert_eq!(
+            res.realisations_of(&unresolved),
+            Err(RealisationsError::NotResolvedCa)
+        );
     }
 
     /// The id a realisation-JSON layout carries is kept, Nix's placeholder id is not, and the

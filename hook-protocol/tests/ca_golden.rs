@@ -442,6 +442,16 @@ fn check_ca_builds(scheme: &str, first: Seen, second: Seen) {
             );
             assert!(r.dependent_realisations.is_empty(), "Nix 2.34 records none");
         }
+        // What to register locally: the same realisations, by output.
+        let to_register = res
+            .realisations_of(&drv)
+            .expect("the result fits the derivation");
+        let reported: BTreeMap<String, Realisation> = res
+            .realisations()
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect();
+        assert_eq!(to_register, reported, "{what}");
         // Nix's hook then fetched exactly the built outputs.
         let paths: BTreeSet<StorePath> =
             res.built_outputs.values().map(|o| o.path.clone()).collect();
