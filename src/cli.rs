@@ -115,7 +115,7 @@ fn root_only(command: &str, e: &ClientError) -> Option<String> {
         {
             Some(format!(
                 "`{command}` needs root: the supervisor's control socket {} is root-only \
-                 (there is no read-only status for other users); run it as root, e.g. with sudo",
+                 (there is no read-only status for other users): run it as root",
                 socket.display()
             ))
         }

@@ -5,7 +5,8 @@
 //! The model (`model`: builders, boot specs, the TOML config and where it is; `error`: errors
 //! and notes) is apart from the parsers, one file per grammar:
 //! store URIs (`uri`), the machines grammar (`machines`), host-key lines and files
-//! (`host_key`), `NIX_SSHOPTS` (`sshopts`) and the TOML file (`toml_file`). This file merges
+//! (`host_key`), `NIX_SSHOPTS` (`sshopts`) and the TOML file (`toml_file`, its decoder's messages reworded
+//! by `words`). This file merges
 //! their results into the [`BuilderTable`] and re-exports the room's whole public surface, so
 //! every item has the one path `config::Item`.
 //!
@@ -22,6 +23,7 @@ mod model;
 mod sshopts;
 mod toml_file;
 mod uri;
+mod words;
 
 #[cfg(test)]
 mod test_support;
