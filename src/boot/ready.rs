@@ -189,6 +189,7 @@ fn is_permanent(kind: &SshErrorKind) -> bool {
             | SshErrorKind::KeyFileUnreadable { .. }
             | SshErrorKind::KeyFileUnsupported { .. }
             | SshErrorKind::KeyFileEncrypted { .. }
+            | SshErrorKind::KeyFileTooOpen { .. }
             | SshErrorKind::NoIdentity
     )
 }
