@@ -77,15 +77,15 @@ fn found_words(found: &str) -> String {
             .and_then(|(_, r)| r.split_once('`'))
             .map(|(v, _)| v.to_owned())
     };
-    if found.starts_with("integer ") || found.starts_with("floating point ") {
-        if let Some(v) = quoted(found) {
-            return format!("the number {v}");
-        }
+    if (found.starts_with("integer ") || found.starts_with("floating point "))
+        && let Some(v) = quoted(found)
+    {
+        return format!("the number {v}");
     }
-    if found.starts_with("boolean ") {
-        if let Some(v) = quoted(found) {
-            return v;
-        }
+    if found.starts_with("boolean ")
+        && let Some(v) = quoted(found)
+    {
+        return v;
     }
     if let Some(s) = found.strip_prefix("string ") {
         return format!("the string {s}");

@@ -862,7 +862,10 @@ async fn instance_task(
             send(Event::BootFailed {
                 builder: name,
                 generation,
-                cause: format!("boot timed out after {timeout_text} while starting"),
+                cause: format!(
+                    "boot timed out after {timeout_text} while starting{}",
+                    backend.start_timed_out(&builder, &ctx)
+                ),
             });
             return;
         }
@@ -909,7 +912,8 @@ async fn instance_task(
         }
         Some(Ok(Err(cause))) => Some(cause),
         Some(Err(_)) => Some(format!(
-            "boot timed out after {timeout_text}: the builder did not become ready"
+            "boot timed out after {timeout_text}: the builder did not become ready{}",
+            backend.start_timed_out(&builder, &ctx)
         )),
     };
     if let Some(cause) = cause {
