@@ -17,6 +17,7 @@
 //!   selecting the prefix; stopped with `darling shutdown`.
 //! - `command` (`command.rs`): any foreground command; stopped by a stop command or a signal.
 
+mod check;
 mod child;
 mod command;
 pub mod console;
@@ -32,6 +33,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::{BootSpec, Builder};
 
+pub use check::check_spec;
 pub use qemu::AccelUsed;
 pub use ready::{Ready, wait_ready};
 

@@ -301,6 +301,22 @@ impl Config {
         }
     }
 
+    /// The state directory of a config that does not load (to find its supervisor anyway):
+    /// the `[supervisor] state-dir` it names if it is TOML that says so, else the default.
+    pub fn state_dir_hint(path: &ConfigPath) -> PathBuf {
+        std::fs::read_to_string(&path.path)
+            .ok()
+            .and_then(|text| text.parse::<toml::Table>().ok())
+            .and_then(|t| {
+                t.get("supervisor")?
+                    .get("state-dir")?
+                    .as_str()
+                    .map(PathBuf::from)
+            })
+            .filter(|p| p.is_absolute())
+            .unwrap_or_else(|| SupervisorSettings::default().state_dir)
+    }
+
     /// Parse and validate config text that was read from `path` (used in messages and to
     /// resolve relative paths). Reads `host-key-file`s.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {

@@ -297,6 +297,7 @@ pub async fn bind(config: &Config, opts: &ServeOptions) -> Result<Bound, Supervi
     let settings = Settings {
         exit_after_idle: opts.auto.then_some(opts.exit_after_idle),
         reloads: opts.config_path.is_some(),
+        config_file: opts.config_path.as_ref().map(|c| c.path.clone()),
     };
     let machine = Machine::new(
         builder_configs(&lazy),
@@ -305,6 +306,9 @@ pub async fn bind(config: &Config, opts: &ServeOptions) -> Result<Bound, Supervi
         Instant::now(),
         SystemTime::now(),
     );
+    for w in machine.config_warnings() {
+        warn!("{w}");
+    }
     info!(
         "supervisor {} serving {} lazy builder(s) on '{}'{}",
         std::process::id(),
