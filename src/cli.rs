@@ -172,6 +172,12 @@ pub struct Printed {
     pub error: Option<String>,
 }
 
+/// The config file this command reads, named or the default one, made absolute: what a
+/// supervisor serving it reports (a supervisor started without `--config` serves the default).
+pub(crate) fn config_file(path: &ConfigPath) -> PathBuf {
+    std::path::absolute(&path.path).unwrap_or_else(|_| path.path.clone())
+}
+
 /// Whether two names of a config file are the same file.
 pub(crate) fn same_file(a: &Path, b: &Path) -> bool {
     a == b
@@ -187,17 +193,17 @@ fn status_warnings(
     report: &StatusReport,
     pid: u32,
     cfg: Option<&Config>,
-    named: Option<&Path>,
+    ours: &Path,
 ) -> Vec<String> {
     let mut w = Vec::new();
-    match (&report.config_file, named) {
-        (Some(theirs), Some(ours)) if !same_file(theirs, ours) => w.push(format!(
+    match &report.config_file {
+        Some(theirs) if !same_file(theirs, ours) => w.push(format!(
             "warning: the supervisor (pid {pid}) serves {}, not {}: the builders below are \
              that file's",
             theirs.display(),
             ours.display()
         )),
-        (None, Some(ours)) => w.push(format!(
+        None => w.push(format!(
             "warning: the supervisor (pid {pid}) was started without a config file to read \
              again; it does not follow changes to {}",
             ours.display()
@@ -247,17 +253,12 @@ pub(crate) fn boot_timeout_warning(b: &Builder, expected_ms: u64) -> Option<Stri
 /// config that does not load is the error, and the running supervisor's state (as it loaded its
 /// config before) is shown below it.
 pub fn status(config: &ConfigPath, json: bool) -> Printed {
-    let (cfg, named, state_dir, error) = match load_config(config) {
-        Ok((cfg, named)) => {
+    let (cfg, state_dir, error) = match load_config(config) {
+        Ok((cfg, _)) => {
             let dir = cfg.supervisor.state_dir.clone();
-            (Some(cfg), named, dir, None)
+            (Some(cfg), dir, None)
         }
-        Err(e) => {
-            let named = config
-                .named()
-                .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.to_owned()));
-            (None, named, Config::state_dir_hint(config), Some(e))
-        }
+        Err(e) => (None, Config::state_dir_hint(config), Some(e)),
     };
     let fail = |e: String| Printed {
         stdout: String::new(),
@@ -274,7 +275,7 @@ pub fn status(config: &ConfigPath, json: bool) -> Printed {
     });
     let (list, header) = match (asked, &cfg) {
         (Ok((pid, report)), _) => {
-            let mut header = status_warnings(&report, pid, cfg.as_ref(), named.as_deref());
+            let mut header = status_warnings(&report, pid, cfg.as_ref(), &config_file(config));
             if error.is_some() {
                 header.insert(
                     0,
@@ -499,7 +500,7 @@ mod tests {
             config_file: Some("/etc/other.toml".into()),
             config_error: Some("/etc/other.toml:3:1: unknown key `x`".into()),
         };
-        let w = status_warnings(&report, 42, Some(&cfg), Some(Path::new("/etc/mine.toml")));
+        let w = status_warnings(&report, 42, Some(&cfg), Path::new("/etc/mine.toml"));
         assert_eq!(
             w,
             [
@@ -521,6 +522,6 @@ mod tests {
             builders: vec![],
             ..report
         };
-        assert!(status_warnings(&report, 42, None, Some(&real)).is_empty());
+        assert!(status_warnings(&report, 42, None, &real).is_empty());
     }
 }

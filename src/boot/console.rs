@@ -98,7 +98,7 @@ pub fn start_timed_out(spec: &BootSpec, dir: &Path, boot_timeout: Duration) -> S
 fn timed_out_tail(files: &[PathBuf], boot_timeout: Duration) -> String {
     let said = match summary(files) {
         Some(l) => format!("; its last output: '{l}'"),
-        None => "; it printed nothing".to_owned(),
+        None => "; its logs are empty".to_owned(),
     };
     format!(
         "{said}; raise boot-timeout (now {}) if it is only slow",

@@ -14,7 +14,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::{dur, load_config, runtime, same_file, state_name};
+use super::{config_file, dur, load_config, runtime, same_file, state_name};
 use crate::config::{
     self, Builder, Config, ConfigPath, HostKeySpec, NixConfEnv, NoteLevel, SshOpts,
 };
@@ -125,10 +125,13 @@ pub fn doctor(args: DoctorArgs<'_>) -> Result<(String, bool), String> {
 
     let _ = writeln!(
         report,
-        "config: {}: {} builder(s) ({} lazy); supervisor state in {}",
-        named
-            .as_deref()
-            .map_or_else(|| "(no file)".to_owned(), |p| p.display().to_string()),
+        "config: {}{}: {} builder(s) ({} lazy); supervisor state in {}",
+        config_file(args.config).display(),
+        if cfg.path.is_none() {
+            " (does not exist)"
+        } else {
+            ""
+        },
         table.builders.len(),
         table.builders.iter().filter(|b| b.is_lazy()).count(),
         cfg.supervisor.state_dir.display()
@@ -169,10 +172,9 @@ pub fn doctor(args: DoctorArgs<'_>) -> Result<(String, bool), String> {
     let rt = runtime()?;
     let lazy_count = table.builders.iter().filter(|b| b.is_lazy()).count();
     let view = if lazy_count > 0 {
-        let view = rt.block_on(look_at_supervisor(&cfg, named.as_deref()));
-        if let Some(line) = describe_view(&view, &cfg, named.as_deref()) {
-            report.push_str(&line);
-        }
+        let ours = config_file(args.config);
+        let view = rt.block_on(look_at_supervisor(&cfg, &ours));
+        report.push_str(&describe_view(&view, &cfg, &ours));
         view
     } else {
         SupervisorView::NotRunning
@@ -251,7 +253,7 @@ fn daemon_builders(env: &NixConfEnv, report: &mut String, all_ok: &mut bool) -> 
     }
 }
 
-async fn look_at_supervisor(cfg: &Config, named: Option<&Path>) -> SupervisorView {
+async fn look_at_supervisor(cfg: &Config, ours: &Path) -> SupervisorView {
     let mut c = match Client::connect(&cfg.supervisor.state_dir).await {
         Ok(c) => c,
         Err(e) => {
@@ -263,9 +265,8 @@ async fn look_at_supervisor(cfg: &Config, named: Option<&Path>) -> SupervisorVie
     };
     let pid = c.supervisor_pid();
     match c.status_report().await {
-        Ok(StatusReport { config_file, .. }) => match (&config_file, named) {
-            (Some(theirs), Some(ours)) if same_file(theirs, ours) => SupervisorView::Ours { pid },
-            (None, None) => SupervisorView::Ours { pid },
+        Ok(StatusReport { config_file, .. }) => match &config_file {
+            Some(theirs) if same_file(theirs, ours) => SupervisorView::Ours { pid },
             _ => SupervisorView::Other {
                 pid,
                 file: config_file,
@@ -275,9 +276,9 @@ async fn look_at_supervisor(cfg: &Config, named: Option<&Path>) -> SupervisorVie
     }
 }
 
-fn describe_view(view: &SupervisorView, cfg: &Config, named: Option<&Path>) -> Option<String> {
+fn describe_view(view: &SupervisorView, cfg: &Config, ours: &Path) -> String {
     let dir = cfg.supervisor.state_dir.display();
-    Some(match view {
+    match view {
         SupervisorView::NotRunning => {
             format!("supervisor: none runs on {dir}; doctor starts one with this config\n")
         }
@@ -287,10 +288,10 @@ fn describe_view(view: &SupervisorView, cfg: &Config, named: Option<&Path>) -> O
              file's builders, so this file's lazy builders are not checked\n",
             file.as_deref()
                 .map_or_else(|| "no config file".to_owned(), |p| p.display().to_string()),
-            named.map_or_else(|| "no file".to_owned(), |p| p.display().to_string())
+            ours.display()
         ),
         SupervisorView::Broken(e) => format!("warning: the supervisor cannot be asked: {e}\n"),
-    })
+    }
 }
 
 pub(super) fn current_system() -> String {
