@@ -17,6 +17,7 @@
 //!   selecting the prefix; stopped with `darling shutdown`.
 //! - `command` (`command.rs`): any foreground command; stopped by a stop command or a signal.
 
+pub mod agent;
 mod check;
 mod child;
 mod command;
@@ -26,6 +27,8 @@ mod logs;
 pub mod qemu;
 pub mod qmp;
 mod ready;
+mod restore;
+pub mod snapshot;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -35,10 +38,10 @@ use crate::config::{BootSpec, Builder};
 
 pub use check::check_spec;
 pub use qemu::AccelUsed;
-pub use ready::{Ready, wait_ready};
+pub use ready::Ready;
 
 /// Where and for whom an instance runs.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct BootContext {
     /// The builder's name (messages, QEMU's `-name`).
     pub builder: String,
@@ -50,6 +53,8 @@ pub struct BootContext {
     /// The port in the builder's URI: the host port a QEMU builder forwards to the guest's
     /// port 22 when its boot section has no `ssh-port`.
     pub uri_port: Option<u16>,
+    /// The whole builder: a restore checks readiness itself, with its SSH settings.
+    pub config: Builder,
 }
 
 impl BootContext {
@@ -60,6 +65,7 @@ impl BootContext {
             dir,
             systems: builder.systems.iter().cloned().collect(),
             uri_port: builder.uri.port,
+            config: builder.clone(),
         }
     }
 }
@@ -359,6 +365,15 @@ impl fmt::Display for StopReport {
     }
 }
 
+/// How an instance came up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BootKind {
+    /// Booted from scratch.
+    Cold,
+    /// Restored from a snapshot (`snapshot = true`).
+    Restored,
+}
+
 /// The backend-specific part of a running instance.
 enum Kind {
     Qemu(qemu::Vm),
@@ -375,6 +390,53 @@ pub struct Instance {
     ssh_port: Option<u16>,
     /// Log files, most telling first, for the last line of an [`ExitReport`].
     logs: Vec<PathBuf>,
+    /// Readiness already checked while starting (a restore): [`wait_ready`] returns it.
+    ready: Option<Ready>,
+}
+
+/// What the next boot of a builder will do, as far as can be told without booting.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NextBoot {
+    /// A plain cold boot (no `snapshot = true`, or not a qemu builder).
+    Cold,
+    /// A restore of this snapshot (unless QEMU rejects it: then a cold boot at once).
+    Restore(Box<snapshot::Meta>),
+    /// A cold boot that makes a snapshot, and why there is none to restore.
+    MakeSnapshot { why: String },
+}
+
+/// [`NextBoot`] for `spec` in `ctx` (reads the snapshot's metadata, checks its files, and runs
+/// `qemu --version` once per QEMU binary): for `status`, `doctor` and the progress line.
+pub async fn next_boot(spec: &BootSpec, ctx: &BootContext) -> Result<NextBoot, BootError> {
+    match spec {
+        BootSpec::Qemu(q) if q.snapshot && q.runner.is_none() => qemu::next_boot(q, ctx).await,
+        _ => Ok(NextBoot::Cold),
+    }
+}
+
+/// Waits until the builder answers on `port` (`ready.rs`: SSH banner, handshake with the
+/// pinned host key, the remote Nix's `--version`), or fails: at once for a wrong host key or
+/// the instance's exit, else at `deadline`. A restored instance was checked while it started
+/// and answers at once. A cold boot of a `snapshot = true` builder is snapshotted here, once it
+/// is ready and before anyone builds on it; failing to make the snapshot never fails the
+/// boot (it is logged, and the next cold boot tries again).
+pub async fn wait_ready(
+    builder: &Builder,
+    port: u16,
+    instance: &mut Instance,
+    deadline: impl Into<tokio::time::Instant>,
+) -> Result<Ready, BootError> {
+    if let Some(r) = instance.ready.take() {
+        return Ok(r);
+    }
+    let deadline = deadline.into();
+    let ready = ready::wait_ready(builder, port, instance, deadline).await?;
+    if let Kind::Qemu(vm) = &mut instance.kind
+        && let Some(pending) = vm.pending.take()
+    {
+        restore::make_logged(vm.builder(), pending, &mut instance.child, &ready, deadline).await;
+    }
+    Ok(ready)
 }
 
 /// Starts `spec` for the builder described by `ctx`. Returns once the process runs (and, for
@@ -415,6 +477,25 @@ impl Instance {
         }
     }
 
+    /// Restored from a snapshot or booted cold (every backend but a `snapshot = true` qemu
+    /// builder boots cold).
+    pub fn boot_kind(&self) -> BootKind {
+        match &self.kind {
+            Kind::Qemu(vm) => vm.how,
+            _ => BootKind::Cold,
+        }
+    }
+
+    /// For a `snapshot = true` builder that booted cold: why it was not restored ("there is no
+    /// snapshot yet", "the configuration changed (memory 1024 → 2048 MiB)", "the restore failed:
+    /// …").
+    pub fn snapshot_note(&self) -> Option<&str> {
+        match &self.kind {
+            Kind::Qemu(vm) => vm.snapshot_note.as_deref(),
+            _ => None,
+        }
+    }
+
     /// Whether the builder is reached through a port forwarded on 127.0.0.1 (qemu) rather
     /// than at the URI's host.
     pub fn forwards_to_localhost(&self) -> bool {
@@ -431,6 +512,15 @@ impl Instance {
     pub async fn exited(&mut self) -> ExitReport {
         let exit = self.child.wait().await;
         self.report(exit)
+    }
+
+    /// `why` a step failed, unless the process ended meanwhile (or does within a moment):
+    /// then its exit report, with its last words, says more.
+    async fn exit_or(&mut self, why: String) -> String {
+        match self.child.wait_for(Duration::from_millis(500)).await {
+            Some(exit) => format!("{} ({why})", self.report(exit)),
+            None => why,
+        }
     }
 
     fn report(&self, exit: child::Exit) -> ExitReport {

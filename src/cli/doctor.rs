@@ -361,7 +361,10 @@ async fn doctor_one(
             crate::boot::check_spec(&lazy.boot, &b.systems.iter().cloned().collect::<Vec<_>>());
         let setup_ok = setup.is_ok();
         match setup {
-            Ok(found) => rows.push(Level::Ok, "boot setup", found),
+            Ok(found) => {
+                let next = next_boot(b, &lazy.boot, cfg).await;
+                rows.push(Level::Ok, "boot setup", format!("{found}{next}"))
+            }
             Err(why) => rows.push(
                 Level::Fail,
                 "boot setup",
@@ -527,6 +530,20 @@ async fn doctor_one(
     }
     session.close().await;
     (rows, booted)
+}
+
+/// What the next boot of `b` will do, for a snapshotting qemu builder ("; next boot: …").
+async fn next_boot(b: &Builder, spec: &crate::config::BootSpec, cfg: &Config) -> String {
+    use crate::boot::NextBoot;
+    let dir = crate::supervisor::paths::builder_dir(&cfg.supervisor.state_dir, &b.name);
+    match crate::boot::next_boot(spec, &crate::boot::BootContext::new(b, dir)).await {
+        Ok(NextBoot::Cold) => String::new(),
+        Ok(NextBoot::Restore(_)) => "; next boot: restores its snapshot".to_owned(),
+        Ok(NextBoot::MakeSnapshot { why }) => {
+            format!("; next boot: cold, and makes a snapshot ({why})")
+        }
+        Err(e) => format!("; next boot: cannot tell ({e})"),
+    }
 }
 
 /// Boots `b` (even while it backs off) and waits until it is up or its boot failed.

@@ -89,6 +89,7 @@ struct RawBoot {
     machine: Option<Spanned<String>>,
     cpu: Option<Spanned<String>>,
     extra_args: Option<Spanned<Vec<String>>>,
+    snapshot: Option<Spanned<bool>>,
     // qemu and command
     environment: Option<Spanned<BTreeMap<String, String>>>,
 }
@@ -120,6 +121,7 @@ impl RawBoot {
             s("machine", &self.machine),
             s("cpu", &self.cpu),
             s("extra-args", &self.extra_args),
+            s("snapshot", &self.snapshot),
             s("environment", &self.environment),
         ]
         .into_iter()
@@ -146,8 +148,23 @@ const QEMU_KEYS: &[&str] = &[
     "machine",
     "cpu",
     "extra-args",
+    "snapshot",
     "environment",
 ];
+
+/// Whether a QEMU `-drive` value opens its image read-only (`readonly=on`, or a bare
+/// `readonly`; the last one given wins, as in QEMU's option parser). `,,` is an escaped comma.
+fn drive_is_read_only(drive: &str) -> bool {
+    let mut ro = false;
+    let unescaped = drive.replace(",,", "\u{0}");
+    for opt in unescaped.split(',') {
+        let (k, v) = opt.split_once('=').unwrap_or((opt, "on"));
+        if k == "readonly" {
+            ro = matches!(v, "on" | "yes" | "true" | "y");
+        }
+    }
+    ro
+}
 
 /// Error construction with file, line, column and key.
 struct TomlCtx<'a> {
@@ -712,6 +729,32 @@ fn boot_from_toml(
                     return Err(ctx.err(v.span(), key(k), "needs kernel"));
                 }
             }
+            let ephemeral = b.ephemeral.as_ref().is_some_and(|e| *e.get_ref());
+            if let Some(snap) = b.snapshot.as_ref().filter(|s| *s.get_ref()) {
+                if b.runner.is_some() {
+                    return Err(ctx.err(
+                        snap.span(),
+                        key("snapshot"),
+                        "cannot be used with runner: the runner script's VM keeps its own writable disk image, which a restore cannot roll back",
+                    ));
+                }
+                if let Some(d) = b.disk.as_ref().filter(|_| !ephemeral) {
+                    return Err(ctx.err(
+                        d.span(),
+                        key("disk"),
+                        "snapshot = true needs ephemeral = true: a restore cannot be consistent with a writable disk that outlives the snapshot",
+                    ));
+                }
+                if let Some(d) = &b.drives
+                    && let Some(w) = d.get_ref().iter().find(|v| !drive_is_read_only(v))
+                {
+                    return Err(ctx.err(
+                        d.span(),
+                        key("drives"),
+                        format!("snapshot = true needs every extra drive read-only (readonly=on): '{w}' could be written, and a restore cannot roll it back"),
+                    ));
+                }
+            }
             BootSpec::Qemu(Box::new(QemuBoot {
                 binary: b.binary.map(Spanned::into_inner),
                 accel,
@@ -721,7 +764,7 @@ fn boot_from_toml(
                 initrd: b.initrd.map(|k| ctx.path(k.get_ref())),
                 append: b.append.map(Spanned::into_inner),
                 disk: b.disk.map(|k| ctx.path(k.get_ref())),
-                ephemeral: b.ephemeral.map(Spanned::into_inner).unwrap_or(false),
+                ephemeral,
                 drives: b.drives.map(Spanned::into_inner).unwrap_or_default(),
                 ssh_port,
                 runner: b.runner.map(|k| ctx.path(k.get_ref())),
@@ -729,6 +772,7 @@ fn boot_from_toml(
                 cpu: b.cpu.map(Spanned::into_inner),
                 extra_args: b.extra_args.map(Spanned::into_inner).unwrap_or_default(),
                 environment: b.environment.map(Spanned::into_inner).unwrap_or_default(),
+                snapshot: b.snapshot.map(Spanned::into_inner).unwrap_or(false),
             }))
         }
     })
@@ -965,6 +1009,65 @@ stop-signal = "SIGINT"
         mini(&format!(
             "boot-timeout = \"30s\"\n[builders.b.boot]\n{extra}"
         ))
+    }
+
+    /// `snapshot = true` is refused where a restore cannot be consistent, naming the key.
+    #[test]
+    fn snapshot_key() {
+        let ok = |extra: &str| {
+            let text = boot(extra);
+            let c = Config::parse(&text, Path::new("/etc/nix/lazy-builder.toml"))
+                .unwrap_or_else(|e| panic!("{e}\n{text}"));
+            match &c.builders[0].lazy.as_ref().unwrap().boot {
+                BootSpec::Qemu(q) => q.snapshot,
+                other => panic!("{other:?}"),
+            }
+        };
+        assert!(ok("kind = \"qemu\"\nkernel = \"/k\"\nsnapshot = true\n"));
+        assert!(!ok("kind = \"qemu\"\nkernel = \"/k\"\n"));
+        assert!(ok(
+            "kind = \"qemu\"\ndisk = \"/d\"\nephemeral = true\nsnapshot = true\n"
+        ));
+        assert!(ok(
+            "kind = \"qemu\"\nkernel = \"/k\"\ndrives = [\"file=/x,,y,readonly=on\"]\nsnapshot = true\n"
+        ));
+        // A writable disk that outlives the snapshot.
+        let (line, key, msg) = toml_err(&boot("kind = \"qemu\"\ndisk = \"/d\"\nsnapshot = true\n"));
+        assert_eq!((line, key.as_deref()), (8, Some("builders.b.boot.disk")));
+        assert!(msg.contains("ephemeral = true"), "{msg}");
+        let (_, key, _) = toml_err(&boot(
+            "kind = \"qemu\"\ndisk = \"/d\"\nephemeral = false\nsnapshot = true\n",
+        ));
+        assert_eq!(key.as_deref(), Some("builders.b.boot.disk"));
+        // snapshot = false never refuses.
+        assert!(!ok("kind = \"qemu\"\ndisk = \"/d\"\nsnapshot = false\n"));
+        // Runners.
+        let (_, key, msg) = toml_err(&boot(
+            "kind = \"qemu\"\nrunner = \"/run-vm\"\nsnapshot = true\n",
+        ));
+        assert_eq!(key.as_deref(), Some("builders.b.boot.snapshot"));
+        assert!(msg.contains("runner"), "{msg}");
+        // Writable extra drives (an escaped ",,readonly=on" is part of the file name).
+        for d in [
+            "file=/x",
+            "file=/x,readonly=off",
+            "file=/x,,readonly=on",
+            "file=/x,readonly,readonly=no",
+        ] {
+            let (_, key, msg) = toml_err(&boot(&format!(
+                "kind = \"qemu\"\nkernel = \"/k\"\ndrives = [\"{d}\"]\nsnapshot = true\n"
+            )));
+            assert_eq!(key.as_deref(), Some("builders.b.boot.drives"), "{d}");
+            assert!(msg.contains("readonly=on"), "{msg}");
+        }
+        assert!(drive_is_read_only("file=/x,readonly"));
+        assert!(drive_is_read_only("readonly=yes,file=/x"));
+        // Not a key of the other kinds.
+        let (_, key, msg) = toml_err(&boot(
+            "kind = \"command\"\ncommand = [\"/x\"]\nsnapshot = true\n",
+        ));
+        assert_eq!(key.as_deref(), Some("builders.b.boot.snapshot"));
+        assert!(msg.contains("does not apply"), "{msg}");
     }
 
     #[test]
