@@ -415,7 +415,9 @@ async fn doctor_one(
                     s
                 }
                 Err(cause) if cause.contains(HOST_KEY_MISMATCH) => {
-                    mismatch(&mut rows, format!("the guest booted, but {cause}"));
+                    // (From the mismatch on: the section already names the builder.)
+                    let at = cause.find(HOST_KEY_MISMATCH).unwrap_or(0);
+                    mismatch(&mut rows, format!("booted, but {}", &cause[at..]));
                     return (rows, booted);
                 }
                 Err(cause) => fail!("boot", cause),
@@ -430,9 +432,9 @@ async fn doctor_one(
             if booted {
                 "booted by doctor".to_owned()
             } else {
-                format!("for {}", dur(s.uptime_ms))
+                format!("for {}", short(s.uptime_ms))
             },
-            dur(s.expected_boot_ms)
+            short(s.expected_boot_ms)
         );
         if s.boot_settings_outdated {
             rows.push(
@@ -460,7 +462,7 @@ async fn doctor_one(
     let session = match ssh::connect(&target).await {
         Ok(s) => s,
         Err(e) if matches!(e.kind, SshErrorKind::HostKeyMismatch { .. }) => {
-            mismatch(&mut rows, e.to_string());
+            mismatch(&mut rows, e.kind.to_string());
             return (rows, booted);
         }
         Err(e) => fail!("ssh", e.to_string()),
@@ -543,6 +545,14 @@ async fn next_boot(b: &Builder, spec: &crate::config::BootSpec, cfg: &Config) ->
             format!("; next boot: cold, and makes a snapshot ({why})")
         }
         Err(e) => format!("; next boot: cannot tell ({e})"),
+    }
+}
+
+/// [`dur`], with "under a second" for what `dur` would call "0s".
+fn short(ms: Option<u64>) -> String {
+    match ms {
+        Some(ms) if ms < 1000 => "under a second".to_owned(),
+        ms => dur(ms),
     }
 }
 

@@ -43,9 +43,9 @@
 //!   changed and has settled ([`SETTLE`]), and before answering a boot, wait-ready or lease
 //!   for a builder it does not know (when the file changed at all, or at most every
 //!   [`UNKNOWN_RELOAD_EVERY`]); never without a file ([`Settings::reloads`]). A request whose
-//!   answer would report a failure older than a file that is still settling waits until it
-//!   has settled and was read (at most [`SETTLE`]): a config fixed just before a build is the
-//!   one that build sees.
+//!   answer would report a failure while a changed file is still settling waits until it has
+//!   settled and was read (at most [`SETTLE`]): a config fixed just before a build is the one
+//!   that build sees.
 //! - A builder whose boot-timeout is below the boot time it has been measured to take is
 //!   warned about when a configuration is applied ([`Machine::config_warnings`]).
 

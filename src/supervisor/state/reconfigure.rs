@@ -9,9 +9,9 @@
 //! changed at all or was last read [`UNKNOWN_RELOAD_EVERY`] ago (that request waits for the
 //! answer). A reload that fails is logged as an error once per distinct cause (every time on
 //! SIGHUP) and keeps the running configuration. A status, boot, wait-ready or lease whose
-//! answer would report a failure older than the file's last modification, while the file is
-//! still settling, waits until it has settled ([`SETTLE`] after that modification) and was
-//! read: a config fixed right before a build is the one the build sees.
+//! answer would report a failure while a changed file is still settling waits until it has
+//! settled ([`SETTLE`] after its modification) and was read: a config fixed right before a
+//! build is the one the build sees.
 //!
 //! Applying: new builders appear down, a removed one disappears at once without an instance or
 //! drains (never losing a lease) and disappears once its instance is gone, a kept one takes its
@@ -170,9 +170,11 @@ impl Machine {
         None
     }
 
-    /// When the file that changed after a failure `req`'s answer would report settles, if it
-    /// has not yet: a status about any builder, a boot, wait-ready or lease about one, that is
-    /// failed or backing off for a cause recorded before the file's last modification.
+    /// When the changed file settles, if it has not yet and `req`'s answer would report a
+    /// failure: a status about any builder, a boot, wait-ready or lease about one, that is
+    /// failed or backing off. Every such failure is older than the file's content, which was
+    /// never read; and whether it is older than the file's modification time cannot be told
+    /// to the millisecond (file times come from the kernel's coarse clock), so none is asked.
     fn settles_at_after_a_failure(&self, req: &Request, now: Instant) -> Option<Instant> {
         let r = &self.reloads;
         let modified = r.modified_at.filter(|_| r.changed && r.pending.is_none())?;
@@ -181,8 +183,7 @@ impl Machine {
             return None;
         }
         let stale = |s: &Slot| {
-            s.failure.as_ref().is_some_and(|f| f.at <= modified)
-                && (s.phase == Phase::Failed || s.backing_off(now).is_some())
+            s.failure.is_some() && (s.phase == Phase::Failed || s.backing_off(now).is_some())
         };
         let reports_stale = match req {
             Request::Status => self.slots.iter().any(stale),
