@@ -192,7 +192,13 @@ fn guest_cause(text: &str) -> Option<String> {
         .rev()
         .find(|l| l.starts_with("Initramfs unpacking failed"))
     {
-        return Some(format!("the guest could not unpack its initrd: {l}"));
+        // "write error": the unpacked initrd did not fit in the guest's memory.
+        let hint = if l.contains("write error") {
+            " (it did not fit in the guest's memory: raise memory)"
+        } else {
+            ""
+        };
+        return Some(format!("the guest could not unpack its initrd: {l}{hint}"));
     }
     None
 }
@@ -266,6 +272,20 @@ mod tests {
             Some(
                 "the guest's NixOS stage 1 failed: mount: mounting /dev/disk/by-label/nixos on \
                  /mnt-root/ failed: No such file or directory"
+            )
+        );
+        // The end of a real aarch64 console with `-m 160` and a 77 MB initrd.
+        assert_eq!(
+            guest_cause(
+                "[    0.839691] Initramfs unpacking failed: write error\n\
+                 /usr/bin/nix-daemon: error while loading shared libraries: libnixexpr.so: cannot \
+                 open shared object file: No such file or directory\n\
+                 can't run '/usr/sbin/dropbear': No such file or directory\n"
+            )
+            .as_deref(),
+            Some(
+                "the guest could not unpack its initrd: Initramfs unpacking failed: write error \
+                 (it did not fit in the guest's memory: raise memory)"
             )
         );
         assert_eq!(guest_cause("Creating Nix store image...\n"), None);

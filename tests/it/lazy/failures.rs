@@ -159,6 +159,52 @@ fn a_guest_that_panics_is_told_by_its_panic_and_the_console_log() {
 }
 
 #[test]
+fn qemus_own_error_and_a_guest_short_of_memory_are_named() {
+    let _one_vm = boot::one_vm_test_at_a_time_blocking();
+    let img = boot::vm_image("aarch64");
+    // 64 MiB cannot even hold the 77 MB initrd: QEMU itself refuses, in qemu.log.
+    let cfg = vm_config(
+        &img,
+        "boot-timeout = \"10s\"\nidle-timeout = \"30s\"",
+        |t| set_key(set_key(t, "memory", "\"64M\""), "accel", "\"tcg\""),
+    );
+    let _no_leftover_vm = KillMentioning(cfg.state_dir());
+    let daemon = LocalDaemon::start(cfg.daemon_opts(Duration::from_secs(60)));
+    let up = cfg.cli(&daemon, &["up", VM]);
+    assert_eq!(up.code(), Some(1), "{up}");
+    let console = console(&cfg);
+    assert!(
+        up.stderr
+            .contains("qemu exited with status 1 during boot (after ")
+            && up.stderr.trim_end().ends_with(&format!(
+                "): qemu-system-aarch64: could not load initrd '{}'; console: {console}",
+                img.dir.join("initrd.cpio").display()
+            )),
+        "{up}"
+    );
+    // 160 MiB holds it, but not unpacked: the guest runs on without its SSH server, and its
+    // console's cause is named rather than its last line.
+    write(
+        &cfg.path(),
+        &std::fs::read_to_string(cfg.path())
+            .unwrap()
+            .replace("memory = \"64M\"", "memory = \"160M\""),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let up = cfg.cli(&daemon, &["up", VM]);
+    assert_eq!(up.code(), Some(1), "{up}");
+    assert!(
+        up.stderr.contains(&format!(
+            "its last output: 'the guest could not unpack its initrd: Initramfs unpacking \
+             failed: write error (it did not fit in the guest's memory: raise memory)'; raise \
+             boot-timeout (now 10s) if it is only slow; console: {console}"
+        )),
+        "{up}\n{}",
+        cfg.builder_log(VM, "console.log")
+    );
+}
+
+#[test]
 fn a_hung_guest_is_the_guests_silence_with_boot_timeout_and_console() {
     let _one_vm = boot::one_vm_test_at_a_time_blocking();
     let img = boot::vm_image("aarch64");
