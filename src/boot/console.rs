@@ -55,7 +55,8 @@ pub(super) fn summary(logs: &[PathBuf]) -> Option<String> {
             return Some(cause);
         }
     }
-    logs::last_line_of_any(logs)
+    // (Without the kernel's time stamp, which says nothing to a user.)
+    logs::last_line_of_any(logs).map(|l| strip_stamp(&l).to_owned())
 }
 
 /// The whole failure message for a boot of `spec` that failed with `err`: the error, for a
@@ -320,8 +321,10 @@ mod tests {
                 "qemu-system-x86_64: -drive file=/x: Could not open '/x': No such file or directory"
             )
         );
-        // Nothing known: the last line, as before.
+        // Nothing known: the last line, without the kernel's stamp.
         std::fs::write(&qemu, "").unwrap();
+        std::fs::write(&console, "[    3.060902] Memory Limit: none\n").unwrap();
+        assert_eq!(summary(&both).as_deref(), Some("Memory Limit: none"));
         std::fs::write(&console, "Creating Nix store image...\n").unwrap();
         assert_eq!(
             summary(&both).as_deref(),
