@@ -26,6 +26,10 @@ mod boot {
     mod qemu;
     mod snapshot;
 }
+mod cli {
+    mod doctor;
+    mod status;
+}
 mod examples;
 mod fault {
     mod hang;
@@ -45,6 +49,7 @@ mod hook {
 mod lazy {
     mod command;
     mod darling;
+    mod failures;
     mod qemu;
     mod snapshot;
 }

@@ -140,6 +140,22 @@ impl fmt::Display for CmdOutput {
     }
 }
 
+/// `cmd.spawn()`, tried again while the program is "busy" (ETXTBSY): a binary a test just
+/// copied (`security::Env`) is briefly open for writing in any child another test thread forks
+/// at that moment, until that child's exec closes it.
+pub fn spawn_retrying(cmd: &mut Command) -> std::io::Result<std::process::Child> {
+    let mut tries = 0;
+    loop {
+        match cmd.spawn() {
+            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy && tries < 100 => {
+                tries += 1;
+                thread::sleep(Duration::from_millis(20));
+            }
+            r => return r,
+        }
+    }
+}
+
 /// Runs `cmd` to completion with no stdin (or `stdin` bytes), capturing stdout and stderr.
 /// Kills it (by pid) and panics with what it printed so far if it outlives `timeout`.
 #[track_caller]
@@ -153,9 +169,8 @@ pub fn run_command(cmd: &mut Command, stdin: Option<&[u8]>, timeout: Duration) -
     .stdout(Stdio::piped())
     .stderr(Stdio::piped());
     let start = Instant::now();
-    let mut child = cmd
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start `{}`: {e}", argv.join(" ")));
+    let mut child =
+        spawn_retrying(cmd).unwrap_or_else(|e| panic!("cannot start `{}`: {e}", argv.join(" ")));
     let feeder = match (stdin, child.stdin.take()) {
         (Some(bytes), Some(mut pipe)) => {
             let bytes = bytes.to_vec();
