@@ -2,7 +2,9 @@
 //! `doctor` (one report that checks every builder end to end).
 //!
 //! These are the only parts of the library that print to stdout; they talk to the supervisor
-//! through its client and to builders through `ssh`, and never change a store.
+//! through its client, to builders through `ssh` and to the local daemon through `store` (its
+//! version and the build hook it really runs: `daemon_hook.rs`), and never change a store but
+//! for the daemon probe's one small `.drv`.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -12,6 +14,8 @@ use crate::config::{self, Builder, Config, ConfigPath, HostKeySpec};
 use crate::ssh;
 use crate::supervisor::client::{Client, ClientError, Verdict};
 use crate::supervisor::proto::{BuilderStatus, State};
+
+mod daemon_hook;
 
 /// Loads the TOML config the way the hook and the supervisor do.
 pub fn load_config(path: &ConfigPath) -> Result<(Config, Option<PathBuf>), String> {
@@ -289,7 +293,10 @@ pub fn doctor(
         let _ = writeln!(report, "note: {}", n.message);
     }
     let rt = runtime()?;
-    let mut all_ok = true;
+    // The running daemon's version and the build hook it really starts (daemon_hook.rs).
+    let daemon = daemon_hook::check(&rt);
+    report.push_str(&daemon.text);
+    let mut all_ok = daemon.level != daemon_hook::Level::Fail;
     for b in &table.builders {
         let checks = rt.block_on(doctor_one(b, &cfg, named.as_deref()));
         let ok = checks.iter().all(|c| c.ok);

@@ -38,6 +38,7 @@ mod fault {
 }
 mod harness_smoke;
 mod hook {
+    mod daemon_hook;
     mod failures;
     mod routing;
     mod stdin;
