@@ -34,6 +34,7 @@ mod fault {
     mod remote_kill;
     mod soak;
     mod supervisor;
+    mod term_then_kill;
     mod vm;
 }
 mod harness_smoke;
