@@ -52,6 +52,7 @@ mod lazy {
 }
 mod remote {
     mod build;
+    mod substitutes;
     mod untrusted;
 }
 mod security {
