@@ -6,8 +6,8 @@
 //! `kind = "command"` builder (the harness's real sshd, started by the supervisor); this test,
 //! not the daemon, sends the signals, exactly as a newer daemon would.
 //!
-//! Two timeouts: 500 ms (the default: a hook that honours SIGTERM is gone before the SIGKILL)
-//! and 1 ms, where the SIGKILL follows 25 ms after the SIGTERM unless the hook is gone by then,
+//! Two timeouts: 500 ms (the default: the hook must be gone before the SIGKILL, having cancelled
+//! the remote build and cleaned up) and 1 ms, where the SIGKILL follows 25 ms after the SIGTERM unless the hook is gone by then,
 //! so both signals land while the hook is still cancelling. After each: the build fails; nothing invalid or partial is left in
 //! the local store (at once when the hook finished its clean-up, else once the next hook has
 //! swept the killed one's unpack directory); the remote build is gone (within seconds when the
@@ -26,6 +26,8 @@ use crate::harness::fault::*;
 use crate::harness::*;
 
 const BUILDER: &str = "lazy";
+/// `build-hook-kill-timeout`'s default.
+const DEFAULT_KILL_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// The hook of the one build running now: our binary, a child of a per-client nix-daemon
 /// process, leading its own process group.
@@ -133,6 +135,14 @@ fn term_then_kill(scheme: Scheme, timeout: Duration) {
             "exited before the SIGKILL"
         }
     );
+    // The hook's side of the contract: it cancels and exits within the daemon's default
+    // build-hook-kill-timeout, so the SIGKILL finds nothing to kill.
+    if timeout >= DEFAULT_KILL_TIMEOUT {
+        assert!(
+            !stopped.killed,
+            "{test}: hook {hook} still ran {timeout:?} after the SIGTERM; Nix 2.35 SIGKILLs it there"
+        );
+    }
     let out = build.finish(Duration::from_secs(120));
     out.assert_failure();
     assert!(out.stderr.contains(&paths.drv), "{out}");
@@ -212,12 +222,12 @@ fn term_then_kill(scheme: Scheme, timeout: Duration) {
 
 #[test]
 fn default_timeout_mid_build_over_ssh() {
-    term_then_kill(Scheme::Ssh, Duration::from_millis(500));
+    term_then_kill(Scheme::Ssh, DEFAULT_KILL_TIMEOUT);
 }
 
 #[test]
 fn default_timeout_mid_build_over_ssh_ng() {
-    term_then_kill(Scheme::SshNg, Duration::from_millis(500));
+    term_then_kill(Scheme::SshNg, DEFAULT_KILL_TIMEOUT);
 }
 
 #[test]
