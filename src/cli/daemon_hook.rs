@@ -108,10 +108,10 @@ pub(super) fn report(probe: Result<DaemonFacts, String>, own_exe: &Path) -> Daem
     let version = facts.nix_version.as_deref();
     let _ = writeln!(
         text,
-        "daemon: Nix {} (worker protocol {}) at {}",
+        "daemon: Nix {} at {} (worker protocol {} agreed)",
         version.unwrap_or("of unknown version"),
-        facts.protocol,
-        facts.socket.display()
+        facts.socket.display(),
+        facts.protocol
     );
     let ours_line = if hook_is_one_path(version) {
         own_exe.display().to_string()
@@ -228,7 +228,10 @@ mod tests {
         assert_eq!(r.level, Level::Fail);
         let lines: Vec<&str> = r.text.lines().collect();
         assert_eq!(lines.len(), 2, "{}", r.text);
-        assert!(lines[0].starts_with("daemon: Nix 2.26.3 (worker protocol 1.38)"));
+        assert_eq!(
+            lines[0],
+            "daemon: Nix 2.26.3 at /nix/var/nix/daemon-socket/socket (worker protocol 1.38 agreed)"
+        );
         let row = lines[1];
         for want in [
             "[FAIL] build-hook",
