@@ -6,9 +6,11 @@
 //! `kind = "command"` builder (the harness's real sshd, started by the supervisor); this test,
 //! not the daemon, sends the signals, exactly as a newer daemon would.
 //!
-//! Two timeouts: 500 ms (the default: the hook must be gone before the SIGKILL, having cancelled
-//! the remote build and cleaned up) and 1 ms, where the SIGKILL follows 25 ms after the SIGTERM unless the hook is gone by then,
-//! so both signals land while the hook is still cancelling. After each: the build fails; nothing invalid or partial is left in
+//! Two moments for the SIGKILL: at the default 500 ms (the hook must be gone by then, having
+//! cancelled the remote build and cleaned up, so the SIGKILL finds nothing to kill), and at a
+//! seeded point within 15 ms of the SIGTERM: sooner than a daemon can send it (its first look is
+//! after 25 ms), so that both signals land while the hook is still cancelling (it needs about
+//! 25 ms; the test says when the hook was faster). After each: the build fails; nothing invalid or partial is left in
 //! the local store (at once when the hook finished its clean-up, else once the next hook has
 //! swept the killed one's unpack directory); the remote build is gone (within seconds when the
 //! hook had time to cancel it, else when it ends); the group signals reached neither the
@@ -59,25 +61,23 @@ struct Stopped {
     gone_after: Duration,
 }
 
-/// Nix's `Pid::kill` for a hook: SIGTERM to the group, then every 25 ms a look whether the hook
-/// has exited, and at `timeout` SIGKILL to the group if it has not.
-fn stop_like_nix_2_35(hook: u32, timeout: Duration) -> Stopped {
+/// Nix's `Pid::kill` for a hook: SIGTERM to the group, then SIGKILL to the group at `kill_at`
+/// if the hook has not exited by then (Nix looks every 25 ms; this looks every millisecond).
+fn stop_like_nix_2_35(hook: u32, kill_at: Duration) -> Stopped {
     let group = -(hook as libc::pid_t);
     let t0 = Instant::now();
     // SAFETY: kill(2) on the process group the daemon made for this hook (checked by
     // `the_hook`: the group's leader is the hook, alive, child of this test's daemon).
     assert_eq!(unsafe { libc::kill(group, libc::SIGTERM) }, 0);
-    let mut waited = Duration::ZERO;
     let mut killed = false;
     while alive(hook) {
-        if waited >= timeout {
+        if t0.elapsed() >= kill_at {
             // SAFETY: as above; the leader still runs, so the group is still the hook's.
             unsafe { libc::kill(group, libc::SIGKILL) };
             killed = true;
             break;
         }
-        std::thread::sleep(Duration::from_millis(25));
-        waited += Duration::from_millis(25);
+        std::thread::sleep(Duration::from_millis(1));
     }
     wait_until("the hook to die", Duration::from_secs(5), || !alive(hook));
     Stopped {
@@ -86,12 +86,26 @@ fn stop_like_nix_2_35(hook: u32, timeout: Duration) -> Stopped {
     }
 }
 
-fn term_then_kill(scheme: Scheme, timeout: Duration) {
+/// When the SIGKILL is due: the daemon's timeout, or a seeded point within the first 15 ms
+/// (while the hook is still cancelling).
+#[derive(Clone, Copy, Debug)]
+enum KillAt {
+    /// `build-hook-kill-timeout`'s default.
+    Default,
+    /// Soon after the SIGTERM.
+    Soon,
+}
+
+fn term_then_kill(scheme: Scheme, when: KillAt) {
     let test = format!(
-        "hook stopped like Nix 2.35 (kill timeout {timeout:?}) mid-build over {}",
+        "hook stopped like Nix 2.35 (SIGKILL {when:?}) mid-build over {}",
         scheme.prefix()
     );
     let mut rng = FaultRng::new(&test);
+    let kill_at = match when {
+        KillAt::Default => DEFAULT_KILL_TIMEOUT,
+        KillAt::Soon => rng.duration(Duration::ZERO, Duration::from_millis(15)),
+    };
     let remote = LazyRemote::prepare(RemoteOpts::new(Nix::Host));
     let cfg = LazyConfig::write(&[remote.builder_toml(
         BUILDER,
@@ -102,8 +116,8 @@ fn term_then_kill(scheme: Scheme, timeout: Duration) {
     )]);
     let daemon = LocalDaemon::start(cfg.daemon_opts(Duration::from_secs(120)));
     let name = format!(
-        "fault-ttk-{}ms-{}",
-        timeout.as_millis(),
+        "fault-ttk-{}-{}",
+        format!("{when:?}").to_lowercase(),
         scheme.prefix().replace('-', "")
     );
     let paths = phase_drv(&name, Phase::Build).prepare(&daemon);
@@ -125,9 +139,9 @@ fn term_then_kill(scheme: Scheme, timeout: Duration) {
         still_in_phase(Phase::Build, &build, &paths, &store, &daemon),
         "the build ended before the signals"
     );
-    let stopped = stop_like_nix_2_35(hook, timeout);
+    let stopped = stop_like_nix_2_35(hook, kill_at);
     eprintln!(
-        "[fault] {test}: stopped hook {hook} at {point}; gone after {:.2?}, {}",
+        "[fault] {test}: stopped hook {hook} at {point}; gone after {:.2?}, {} (due at {kill_at:.2?})",
         stopped.gone_after,
         if stopped.killed {
             "SIGKILL sent"
@@ -137,10 +151,10 @@ fn term_then_kill(scheme: Scheme, timeout: Duration) {
     );
     // The hook's side of the contract: it cancels and exits within the daemon's default
     // build-hook-kill-timeout, so the SIGKILL finds nothing to kill.
-    if timeout >= DEFAULT_KILL_TIMEOUT {
+    if matches!(when, KillAt::Default) {
         assert!(
             !stopped.killed,
-            "{test}: hook {hook} still ran {timeout:?} after the SIGTERM; Nix 2.35 SIGKILLs it there"
+            "{test}: hook {hook} still ran {kill_at:?} after the SIGTERM; Nix 2.35 SIGKILLs it there"
         );
     }
     let out = build.finish(Duration::from_secs(120));
@@ -222,15 +236,15 @@ fn term_then_kill(scheme: Scheme, timeout: Duration) {
 
 #[test]
 fn default_timeout_mid_build_over_ssh() {
-    term_then_kill(Scheme::Ssh, DEFAULT_KILL_TIMEOUT);
+    term_then_kill(Scheme::Ssh, KillAt::Default);
 }
 
 #[test]
 fn default_timeout_mid_build_over_ssh_ng() {
-    term_then_kill(Scheme::SshNg, DEFAULT_KILL_TIMEOUT);
+    term_then_kill(Scheme::SshNg, KillAt::Default);
 }
 
 #[test]
-fn sigkill_25ms_after_sigterm_mid_build_over_ssh_ng() {
-    term_then_kill(Scheme::SshNg, Duration::from_millis(1));
+fn sigkill_while_the_hook_cancels_mid_build_over_ssh_ng() {
+    term_then_kill(Scheme::SshNg, KillAt::Soon);
 }
