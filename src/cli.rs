@@ -3,9 +3,12 @@
 //! report that checks every builder end to end).
 //!
 //! These are the only parts of the library that print to stdout; they talk to the supervisor
-//! through its client and to builders through `ssh`, and never change a store. The status
-//! table is a list of columns ([`COLUMNS`]): a new column is one entry there.
+//! through its client, to builders through `ssh` and to the local daemon through `store` (its
+//! version and the build hook it really runs: `daemon_hook.rs`), and never change a store but
+//! for the daemon probe's one small `.drv`. The status table is a list of columns
+//! ([`COLUMNS`]): a new column is one entry there.
 
+mod daemon_hook;
 mod doctor;
 
 use std::fmt::Write as _;

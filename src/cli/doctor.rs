@@ -14,7 +14,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::{config_file, dur, load_config, runtime, same_file, state_name};
+use super::{config_file, daemon_hook, dur, load_config, runtime, same_file, state_name};
 use crate::config::{
     self, Builder, Config, ConfigPath, HostKeySpec, NixConfEnv, NoteLevel, SshOpts,
 };
@@ -170,6 +170,12 @@ pub fn doctor(args: DoctorArgs<'_>) -> Result<(String, bool), String> {
     }
 
     let rt = runtime()?;
+    // The running daemon's version and the build hook it really starts (daemon_hook.rs).
+    let daemon = daemon_hook::check(&rt);
+    report.push_str(&daemon.text);
+    if daemon.level == daemon_hook::Level::Fail {
+        all_ok = false;
+    }
     let lazy_count = table.builders.iter().filter(|b| b.is_lazy()).count();
     let view = if lazy_count > 0 {
         let ours = config_file(args.config);

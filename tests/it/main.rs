@@ -38,10 +38,12 @@ mod fault {
     mod remote_kill;
     mod soak;
     mod supervisor;
+    mod term_then_kill;
     mod vm;
 }
 mod harness_smoke;
 mod hook {
+    mod daemon_hook;
     mod failures;
     mod routing;
     mod stdin;
@@ -55,6 +57,7 @@ mod lazy {
 }
 mod remote {
     mod build;
+    mod substitutes;
     mod untrusted;
 }
 mod security {

@@ -24,7 +24,7 @@
 //! ```text
 //! use crate::harness::*;
 //!
-//! let remote = RemoteStore::start(RemoteOpts::new(Nix::Host));        // or Nix::Sid (2.34)
+//! let remote = RemoteStore::start(RemoteOpts::new(Nix::Host)); // or Nix::Trixie (2.26), Nix::Sid (2.34)
 //! let mut opts = DaemonOpts::new(Nix::Host).with_our_hook();          // build-hook = our binary
 //! opts.builders = Some(remote.machines_line(&MachineLine::new(Scheme::Ssh, true)));
 //! let daemon = LocalDaemon::start(opts);                              // /etc/nix is its own
@@ -36,8 +36,9 @@
 //! ```
 //!
 //! Prerequisites (tests/env/provision.sh): root; nix-bin, openssh-server/-client,
-//! busybox-static; groups `nixbld` and `nixrbld`; for [`Nix::Sid`] the chroot at
-//! [`nix::SID_CHROOT`] with its `.ready` marker. Missing ones panic with what to run.
+//! busybox-static; groups `nixbld` and `nixrbld`; for [`Nix::Trixie`] and [`Nix::Sid`] the
+//! chroots at [`nix::TRIXIE_CHROOT`] and [`nix::SID_CHROOT`] with their `.ready` markers. Missing
+//! ones panic with what to run.
 
 pub mod boot;
 mod daemon;
@@ -52,7 +53,7 @@ mod remote;
 pub mod security;
 mod store;
 
-pub use daemon::{DaemonOpts, LocalDaemon};
+pub use daemon::{DaemonOpts, HookVia, LocalDaemon};
 pub(crate) use daemon::{scratch, set_mode, write};
 pub use drv::{FakeDrv, FakeDrvPaths, uname_expr};
 pub use expr::{DrvExpr, nix_str, rec_set};
