@@ -1,7 +1,7 @@
 //! The hook's voice towards nix-daemon: reply lines and `@nix` log messages on stderr, and a
 //! `tracing` layer that turns events into `@nix` `msg` lines so they reach the user's terminal.
 //!
-//! stdout and stderr are the same pipe (PROTOCOL.md §1.3), and the daemon reads it line by line,
+//! stdout and stderr are the same pipe (docs/protocol.md §1.3), and the daemon reads it line by line,
 //! so every write here is one whole line under one lock: a reply word and the machine name that
 //! follows it can never be split by a log line. Nothing is written while the daemon is not
 //! reading (between `try`s) except in answer to a request. Build logs do not go through here;

@@ -241,8 +241,16 @@ pub fn self_test() {
         ours: s(&[1.6]),
         ..overhead.clone()
     };
-    assert_eq!(slower.met(), Some(false), "0.6 of ControlPersist's overhead");
-    assert!(slower.line("t").contains("| 1+1+1 |"), "{}", slower.line("t"));
+    assert_eq!(
+        slower.met(),
+        Some(false),
+        "0.6 of ControlPersist's overhead"
+    );
+    assert!(
+        slower.line("t").contains("| 1+1+1 |"),
+        "{}",
+        slower.line("t")
+    );
     assert!(line.ends_with("| a\\|b |"), "{line}");
     assert_eq!(row_key(&line), Some("P1 ssh://"));
     assert_eq!(row_key("|---|---|"), None);

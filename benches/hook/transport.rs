@@ -58,7 +58,9 @@ fn measure(w: OwnedFd, r: OwnedFd) -> (f64, f64, f64) {
     }
     drop(f);
     let wcpu = thread_cpu() - c0;
-    let rcpu = reader.join().unwrap_or_else(|_| panic!("the reader panicked"));
+    let rcpu = reader
+        .join()
+        .unwrap_or_else(|_| panic!("the reader panicked"));
     (TOTAL as f64 / t.elapsed().as_secs_f64() / 1e6, wcpu, rcpu)
 }
 

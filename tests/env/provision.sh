@@ -32,6 +32,11 @@ export DEBIAN_FRONTEND=noninteractive
 APT_PACKAGES=(nix-bin openssh-server openssh-client busybox-static debootstrap dropbear-bin cpio
     iproute2 hyperfine python3)
 QEMU_PACKAGES=(qemu-system-x86 qemu-system-arm)
+# C compilers for both guest architectures: examples/vm/make-image compiles the guest agent.
+case $(dpkg --print-architecture) in
+amd64) APT_PACKAGES+=(gcc libc6-dev gcc-aarch64-linux-gnu libc6-dev-arm64-cross) ;;
+arm64) APT_PACKAGES+=(gcc libc6-dev gcc-x86-64-linux-gnu libc6-dev-amd64-cross) ;;
+esac
 BACKPORTS_SOURCE=/etc/apt/sources.list.d/nix-lazy-builder-backports.sources
 
 T_ALL=$(date +%s.%N)
