@@ -50,6 +50,7 @@ mod lazy {
 }
 mod remote {
     mod build;
+    mod ca;
     mod untrusted;
 }
 mod security {
