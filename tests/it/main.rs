@@ -45,6 +45,7 @@ mod hook {
 mod lazy {
     mod command;
     mod darling;
+    mod progress;
     mod qemu;
     mod snapshot;
 }
