@@ -13,9 +13,11 @@
 //! dependency pointing down (hook → store → logging, for the phase line).
 //!
 //! This room speaks the protocols (`hook-protocol` encodes and decodes them) and carries bytes;
-//! it never decides what to copy or build (`transfer` does) and never writes to the local store
-//! (a write to an output the daemon has locked would deadlock; `place` puts outputs there); the
-//! one exception is `probe`'s own small `.drv`, added by `doctor`, never by a hook.
+//! it never decides what to copy or build (`transfer` does) and never writes a path to the local
+//! store that the daemon has locked (that would deadlock; `place` puts those outputs there). It
+//! adds only what `transfer` hands it as unlocked: floating content-addressed outputs, which the
+//! daemon locks by derivation and output name (docs/protocol.md §4.6), and `probe`'s own small
+//! `.drv`, added by `doctor`, never by a hook.
 
 mod build_log;
 mod daemon;

@@ -52,11 +52,13 @@ mod lazy {
     mod command;
     mod darling;
     mod failures;
+    mod progress;
     mod qemu;
     mod snapshot;
 }
 mod remote {
     mod build;
+    mod ca;
     mod substitutes;
     mod untrusted;
 }
