@@ -877,6 +877,7 @@ mod tests {
             mandatory_features: BTreeSet::new(),
             host_keys: HostKeySpec::SshDefault,
             allow_well_known_host_key: false,
+            keep_warm: Duration::ZERO,
             origin: Origin::Toml {
                 file: PathBuf::from("/t"),
                 name: name.to_owned(),
@@ -941,6 +942,7 @@ mod tests {
             boot_settings_outdated: false,
             last_failure: None,
             nix_version: None,
+            warm: None,
         }
     }
 

@@ -75,6 +75,26 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> WorkerClient<R, W> {
         Ok(client)
     }
 
+    /// A client for a daemon whose handshake was already done (by the supervisor, for a warm
+    /// session): `proto` and `info` are what that handshake found.
+    pub fn resume(reader: R, writer: W, peer: &str, proto: Negotiated, info: ServerInfo) -> Self {
+        WorkerClient {
+            reader: WireReader::new(reader, peer),
+            writer,
+            proto,
+            info,
+            peer: peer.to_owned(),
+            store_dir: "/nix/store".to_owned(),
+        }
+    }
+
+    /// The streams back after the handshake, with what was read but not consumed, and what
+    /// the handshake found (for [`WorkerClient::resume`]).
+    pub fn into_parts(self) -> (R, W, Vec<u8>, Negotiated, ServerInfo) {
+        let (reader, rest) = self.reader.into_parts();
+        (reader, self.writer, rest, self.proto, self.info)
+    }
+
     pub fn negotiated(&self) -> &Negotiated {
         &self.proto
     }

@@ -74,3 +74,9 @@ mod supervisor {
     mod reload;
     mod runtime;
 }
+mod warm {
+    mod as_today;
+    mod fallback;
+    mod pool;
+    mod supervisor_kill;
+}
