@@ -370,23 +370,7 @@ pub fn status(config: &ConfigPath, json: bool) -> Printed {
 }
 
 fn down_status(name: &str) -> BuilderStatus {
-    BuilderStatus {
-        name: name.to_owned(),
-        state: State::Down,
-        ssh_port: None,
-        booting_ms: None,
-        expected_boot_ms: None,
-        uptime_ms: None,
-        idle_stop_in_ms: None,
-        leases: 0,
-        boots: 0,
-        boots_ok: 0,
-        boots_failed: 0,
-        boot_settings_outdated: false,
-        last_failure: None,
-        nix_version: None,
-        warm: None,
-    }
+    BuilderStatus::new(name, State::Down)
 }
 
 fn lazy_builder<'a>(cfg: &'a Config, name: &str) -> Result<&'a Builder, String> {

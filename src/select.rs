@@ -437,50 +437,18 @@ impl fmt::Display for Secs {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{
-        BootSpec, BuilderUri, CommandBoot, HostKeySpec, LazySettings, Origin, StopSignal,
-    };
-    use std::path::PathBuf;
-
-    fn set(items: &[&str]) -> BTreeSet<String> {
-        items.iter().map(|s| s.to_string()).collect()
-    }
+    use crate::config::test_support::{command_lazy, set, ssh_builder};
 
     fn builder(name: &str, systems: &[&str], supported: &[&str], mandatory: &[&str]) -> Builder {
-        let uri = format!("ssh://{name}");
         Builder {
-            name: name.to_owned(),
-            uri: BuilderUri::parse(&uri).unwrap(),
-            store_uri: uri,
-            systems: set(systems),
-            ssh_key: None,
-            max_jobs: 2,
-            speed_factor: 1.0,
             supported_features: set(supported),
             mandatory_features: set(mandatory),
-            host_keys: HostKeySpec::SshDefault,
-            allow_well_known_host_key: false,
-            keep_warm: Duration::ZERO,
-            origin: Origin::Toml {
-                file: PathBuf::from("/t"),
-                name: name.to_owned(),
-            },
-            lazy: None,
+            ..ssh_builder(name, systems, 2)
         }
     }
 
     fn lazy(mut b: Builder, boot_for_local: bool) -> Builder {
-        b.lazy = Some(LazySettings {
-            idle_timeout: None,
-            boot_timeout: Duration::from_secs(60),
-            boot_for_local,
-            boot: BootSpec::Command(CommandBoot {
-                command: vec!["/x".into()],
-                stop_command: None,
-                stop_signal: StopSignal::Term,
-                environment: Default::default(),
-            }),
-        });
+        b.lazy = Some(command_lazy(boot_for_local));
         b
     }
 

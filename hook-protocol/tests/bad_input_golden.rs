@@ -105,167 +105,139 @@ fn words(ws: &[u64]) -> Vec<u8> {
     ws.iter().flat_map(|w| w.to_le_bytes()).collect()
 }
 
+/// A string as the wire writes it: its length, then its bytes, padded.
+fn string(s: &str) -> Vec<u8> {
+    let mut b = Vec::new();
+    b.put_str(s);
+    b
+}
+
+/// One hostile-length case: its name, the bytes, and the decoder that must refuse them.
+type Case = (&'static str, Vec<u8>, fn(&[u8]) -> wire::Result<String>);
+
+/// Decodes `b` with `f`; the value is shown only when a case wrongly succeeds.
+fn shown<'a, T: std::fmt::Debug>(
+    b: &'a [u8],
+    f: impl FnOnce(&mut Reader<'a>) -> wire::Result<T>,
+) -> wire::Result<String> {
+    wire::decode_with(b, f).map(|v| format!("{v:?}"))
+}
+
 #[test]
 fn hostile_string_lengths_are_rejected_at_once() {
     for len in [u64::MAX, u64::MAX - 7, 1 << 63, MAX_STRING + 1] {
-        // The preamble: a setting's name, then a setting's value.
-        let b = words(&[1, len]);
-        assert_too_long(
-            "setting name",
-            || wire::decode_with(&b, Settings::decode),
-            len,
-            MAX_STRING,
-        );
-        let mut b = words(&[1]);
-        b.put_str("max-jobs");
-        b.extend_from_slice(&len.to_le_bytes());
-        assert_too_long(
-            "setting value",
-            || wire::decode_with(&b, Settings::decode),
-            len,
-            MAX_STRING,
-        );
-        // The request word, and the derivation path inside a `try`.
-        let b = words(&[len]);
-        assert_too_long(
-            "request word",
-            || wire::decode_with(&b, HookRequest::decode),
-            len,
-            MAX_STRING,
-        );
-        let mut b = Vec::new();
-        b.put_str("try");
-        b.put_u64(1);
-        b.put_str("aarch64-linux");
-        b.put_u64(len);
-        assert_too_long(
-            "try drv path",
-            || wire::decode_with(&b, HookRequest::decode),
-            len,
-            MAX_STRING,
-        );
-        // A log line and an error from a remote nix-daemon.
-        let b = words(&[worker::STDERR_NEXT, len]);
-        assert_too_long(
-            "STDERR_NEXT",
-            || wire::decode_with(&b, |r| worker::decode_stderr(r, &proto(1, 35))),
-            len,
-            MAX_STRING,
-        );
-        let b = words(&[worker::STDERR_WRITE, len]);
-        assert_too_long(
-            "STDERR_WRITE",
-            || wire::decode_with(&b, |r| worker::decode_stderr(r, &proto(1, 35))),
-            len,
-            MAX_STRING,
-        );
-        let mut b = words(&[worker::STDERR_ERROR]);
-        b.put_str("Error");
-        b.put_u64(0);
-        b.put_str("name");
-        b.put_u64(len);
-        assert_too_long(
-            "STDERR_ERROR message",
-            || wire::decode_with(&b, |r| worker::decode_stderr(r, &proto(1, 35))),
-            len,
-            MAX_STRING,
-        );
-        // A build result's error message, over both protocols.
-        let b = words(&[3, len]);
-        assert_too_long(
-            "serve build result",
-            || {
-                wire::decode_with(&b, |r| {
+        let cases: [Case; 15] = [
+            // The preamble: a setting's name, then a setting's value.
+            ("setting name", words(&[1, len]), |b| {
+                shown(b, Settings::decode)
+            }),
+            (
+                "setting value",
+                [words(&[1]), string("max-jobs"), words(&[len])].concat(),
+                |b| shown(b, Settings::decode),
+            ),
+            // The request word, and the derivation path inside a `try`.
+            ("request word", words(&[len]), |b| {
+                shown(b, HookRequest::decode)
+            }),
+            (
+                "try drv path",
+                [
+                    string("try"),
+                    words(&[1]),
+                    string("aarch64-linux"),
+                    words(&[len]),
+                ]
+                .concat(),
+                |b| shown(b, HookRequest::decode),
+            ),
+            // A log line and an error from a remote nix-daemon.
+            ("STDERR_NEXT", words(&[worker::STDERR_NEXT, len]), |b| {
+                shown(b, |r| worker::decode_stderr(r, &proto(1, 35)))
+            }),
+            ("STDERR_WRITE", words(&[worker::STDERR_WRITE, len]), |b| {
+                shown(b, |r| worker::decode_stderr(r, &proto(1, 35)))
+            }),
+            (
+                "STDERR_ERROR message",
+                [
+                    words(&[worker::STDERR_ERROR]),
+                    string("Error"),
+                    words(&[0]),
+                    string("name"),
+                    words(&[len]),
+                ]
+                .concat(),
+                |b| shown(b, |r| worker::decode_stderr(r, &proto(1, 35))),
+            ),
+            // A build result's error message, over both protocols.
+            ("serve build result", words(&[3, len]), |b| {
+                shown(b, |r| {
                     serve::decode_build_derivation_reply(
                         r,
                         ProtocolVersion::new(2, 7),
                         "/nix/store",
                     )
                 })
-            },
-            len,
-            MAX_STRING,
-        );
-        assert_too_long(
-            "worker build result",
-            || {
-                wire::decode_with(&b, |r| {
+            }),
+            ("worker build result", words(&[3, len]), |b| {
+                shown(b, |r| {
                     worker::decode_build_result(r, &proto(1, 35), "/nix/store")
                 })
-            },
-            len,
-            MAX_STRING,
-        );
-        // The serve greeting is fine, the path set's first path is not.
-        let b = words(&[1, len]);
-        assert_too_long(
-            "serve path set",
-            || wire::decode_with(&b, serve::decode_path_set),
-            len,
-            MAX_STRING,
-        );
-        // A BasicDerivation's builder.
-        let mut b = words(&[0, 0]);
-        b.put_str("x86_64-linux");
-        b.put_u64(len);
-        assert_too_long(
-            "derivation builder",
-            || wire::decode_with(&b, BasicDerivation::decode),
-            len,
-            MAX_STRING,
-        );
-        // A built output's id, then its realisation JSON.
-        let mut b = words(&[0]);
-        b.put_str("");
-        b.extend_from_slice(&words(&[1, 0, 0, 0, 1, len]));
-        assert_too_long(
-            "built output id",
-            || {
-                wire::decode_with(&b, |r| {
-                    worker::decode_build_result(r, &proto(1, 35), "/nix/store")
-                })
-            },
-            len,
-            MAX_STRING,
-        );
-        let mut b = words(&[0]);
-        b.put_str("");
-        b.extend_from_slice(&words(&[1, 0, 0, 0, 1]));
-        b.put_str(&format!("sha256:{}!out", "0".repeat(64)));
-        b.put_u64(len);
-        assert_too_long(
-            "built output realisation",
-            || {
-                wire::decode_with(&b, |r| {
-                    serve::decode_build_derivation_reply(
-                        r,
-                        ProtocolVersion::new(2, 7),
-                        "/nix/store",
-                    )
-                })
-            },
-            len,
-            MAX_STRING,
-        );
-        // A QueryRealisation reply's realisation, and RegisterDrvOutput's (daemon side).
-        let b = words(&[1, len]);
-        assert_too_long(
-            "query realisation reply",
-            || wire::decode_with(&b, |r| query_realisation(r, 35)),
-            len,
-            MAX_STRING,
-        );
-        let b = words(&[42, len]);
-        assert_too_long(
-            "register drv output request",
-            || {
-                wire::decode_with(&b, |r| {
+            }),
+            // The serve greeting is fine, the path set's first path is not.
+            ("serve path set", words(&[1, len]), |b| {
+                shown(b, serve::decode_path_set)
+            }),
+            // A BasicDerivation's builder.
+            (
+                "derivation builder",
+                [words(&[0, 0]), string("x86_64-linux"), words(&[len])].concat(),
+                |b| shown(b, BasicDerivation::decode),
+            ),
+            // A built output's id, then its realisation JSON.
+            (
+                "built output id",
+                [words(&[0]), string(""), words(&[1, 0, 0, 0, 1, len])].concat(),
+                |b| {
+                    shown(b, |r| {
+                        worker::decode_build_result(r, &proto(1, 35), "/nix/store")
+                    })
+                },
+            ),
+            (
+                "built output realisation",
+                [
+                    words(&[0]),
+                    string(""),
+                    words(&[1, 0, 0, 0, 1]),
+                    string(&format!("sha256:{}!out", "0".repeat(64))),
+                    words(&[len]),
+                ]
+                .concat(),
+                |b| {
+                    shown(b, |r| {
+                        serve::decode_build_derivation_reply(
+                            r,
+                            ProtocolVersion::new(2, 7),
+                            "/nix/store",
+                        )
+                    })
+                },
+            ),
+            // A QueryRealisation reply's realisation, and RegisterDrvOutput's (daemon side).
+            ("query realisation reply", words(&[1, len]), |b| {
+                shown(b, |r| query_realisation(r, 35))
+            }),
+            ("register drv output request", words(&[42, len]), |b| {
+                shown(b, |r| {
                     worker::server::decode_request(r, &proto(1, 35), "/nix/store")
                 })
-            },
-            len,
-            MAX_STRING,
-        );
+            }),
+        ];
+        for (case, b, decode) in cases {
+            assert_too_long(case, || decode(&b), len, MAX_STRING);
+        }
     }
 }
 
@@ -281,103 +253,85 @@ fn query_realisation(r: &mut Reader<'_>, minor: u8) -> wire::Result<Option<Reali
 #[test]
 fn hostile_counts_are_rejected_at_once() {
     for count in [u64::MAX, 1 << 63, MAX_COUNT + 1] {
-        let b = words(&[count]);
-        assert_too_long(
-            "accepted build: input paths",
-            || wire::decode_with(&b, AcceptedBuild::decode),
-            count,
-            MAX_COUNT,
-        );
-        assert_too_long(
-            "serve path set",
-            || wire::decode_with(&b, serve::decode_path_set),
-            count,
-            MAX_COUNT,
-        );
-        assert_too_long(
-            "derivation outputs",
-            || wire::decode_with(&b, BasicDerivation::decode),
-            count,
-            MAX_COUNT,
-        );
-        // Activity fields, error traces, built outputs, path info references.
-        let mut b = words(&[worker::STDERR_START_ACTIVITY, 1, 0, 105]);
-        b.put_str("building");
-        b.put_u64(count);
-        assert_too_long(
-            "activity fields",
-            || wire::decode_with(&b, |r| worker::decode_stderr(r, &proto(1, 35))),
-            count,
-            MAX_COUNT,
-        );
-        let mut b = words(&[worker::STDERR_ERROR]);
-        b.put_str("Error");
-        b.put_u64(0);
-        b.put_str("name");
-        b.put_str("message");
-        b.put_u64(0);
-        b.put_u64(count);
-        assert_too_long(
-            "error traces",
-            || wire::decode_with(&b, |r| worker::decode_stderr(r, &proto(1, 35))),
-            count,
-            MAX_COUNT,
-        );
         // A successful build result with times, then the built-outputs count.
-        let mut b = words(&[0]);
-        b.put_str("");
-        b.extend_from_slice(&words(&[1, 0, 0, 0]));
-        b.put_u64(count);
-        for v in [ProtocolVersion::new(2, 6), ProtocolVersion::new(2, 8)] {
-            assert_too_long(
-                "serve built outputs",
-                || {
-                    wire::decode_with(&b, |r| {
-                        serve::decode_build_derivation_reply(r, v, "/nix/store")
-                    })
-                },
-                count,
-                MAX_COUNT,
-            );
-        }
-        let mut b = words(&[0]);
-        b.put_str("");
-        b.extend_from_slice(&words(&[1, 0, 0, 0]));
-        b.put_u64(count);
-        assert_too_long(
-            "worker 1.35 built outputs",
-            || {
-                wire::decode_with(&b, |r| {
+        let built = [words(&[0]), string(""), words(&[1, 0, 0, 0, count])].concat();
+        let cases: [Case; 11] = [
+            ("accepted build: input paths", words(&[count]), |b| {
+                shown(b, AcceptedBuild::decode)
+            }),
+            ("serve path set", words(&[count]), |b| {
+                shown(b, serve::decode_path_set)
+            }),
+            ("derivation outputs", words(&[count]), |b| {
+                shown(b, BasicDerivation::decode)
+            }),
+            // Activity fields, error traces, built outputs, path info references.
+            (
+                "activity fields",
+                [
+                    words(&[worker::STDERR_START_ACTIVITY, 1, 0, 105]),
+                    string("building"),
+                    words(&[count]),
+                ]
+                .concat(),
+                |b| shown(b, |r| worker::decode_stderr(r, &proto(1, 35))),
+            ),
+            (
+                "error traces",
+                [
+                    words(&[worker::STDERR_ERROR]),
+                    string("Error"),
+                    words(&[0]),
+                    string("name"),
+                    string("message"),
+                    words(&[0, count]),
+                ]
+                .concat(),
+                |b| shown(b, |r| worker::decode_stderr(r, &proto(1, 35))),
+            ),
+            ("serve built outputs", built.clone(), |b| {
+                shown(b, |r| {
+                    serve::decode_build_derivation_reply(
+                        r,
+                        ProtocolVersion::new(2, 6),
+                        "/nix/store",
+                    )
+                })
+            }),
+            ("serve built outputs", built.clone(), |b| {
+                shown(b, |r| {
+                    serve::decode_build_derivation_reply(
+                        r,
+                        ProtocolVersion::new(2, 8),
+                        "/nix/store",
+                    )
+                })
+            }),
+            ("worker 1.35 built outputs", built, |b| {
+                shown(b, |r| {
                     worker::decode_build_result(r, &proto(1, 35), "/nix/store")
                 })
-            },
-            count,
-            MAX_COUNT,
-        );
-        // QueryRealisation replies, in both layouts.
-        let b = words(&[count]);
-        for minor in [30, 35] {
-            assert_too_long(
-                "query realisation reply",
-                || wire::decode_with(&b, |r| query_realisation(r, minor)),
-                count,
-                MAX_COUNT,
-            );
+            }),
+            // QueryRealisation replies, in both layouts.
+            ("query realisation reply", words(&[count]), |b| {
+                shown(b, |r| query_realisation(r, 30))
+            }),
+            ("query realisation reply", words(&[count]), |b| {
+                shown(b, |r| query_realisation(r, 35))
+            }),
+            (
+                "serve path info references",
+                [string(&path("a")), string(""), words(&[count])].concat(),
+                |b| {
+                    shown(b, |r| {
+                        serve::decode_path_infos(r, ProtocolVersion::new(2, 7))
+                    })
+                },
+            ),
+        ];
+        for (case, b, decode) in cases {
+            assert_too_long(case, || decode(&b), count, MAX_COUNT);
         }
-        let mut b = Vec::new();
-        b.put_str(&path("a"));
-        b.put_str("");
-        b.put_u64(count);
-        assert_too_long(
-            "serve path info references",
-            || {
-                wire::decode_with(&b, |r| {
-                    serve::decode_path_infos(r, ProtocolVersion::new(2, 7))
-                })
-            },
-            count,
-            MAX_COUNT,
-        );
     }
 }
 

@@ -27,7 +27,7 @@ mod uri;
 mod words;
 
 #[cfg(test)]
-mod test_support;
+pub(crate) mod test_support;
 
 use std::path::Path;
 use std::time::Duration;

@@ -99,39 +99,27 @@ pub fn daemon_setting(
     name: &str,
     read: &mut dyn FnMut(&Path) -> io::Result<Vec<u8>>,
 ) -> Result<(Option<SettingValue>, Vec<Note>), NixConfError> {
-    let mut found = None;
-    let mut notes = Vec::new();
+    let mut l = Lookup {
+        name,
+        read,
+        stack: Vec::new(),
+        found: None,
+        notes: Vec::new(),
+    };
     for file in env.files() {
-        let bytes = match read(&file) {
+        let bytes = match (l.read)(&file) {
             Ok(b) => b,
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
             Err(source) => return Err(NixConfError::Read { path: file, source }),
         };
-        let mut stack = vec![file.clone()];
-        let text = String::from_utf8_lossy(&bytes);
-        apply(
-            &text,
-            Source::File(&file),
-            name,
-            read,
-            &mut stack,
-            &mut found,
-            &mut notes,
-        )?;
+        l.stack.push(file.clone());
+        l.apply(&String::from_utf8_lossy(&bytes), Source::File(&file))?;
+        l.stack.pop();
     }
     if let Some(text) = &env.nix_config {
-        let mut stack = Vec::new();
-        apply(
-            text,
-            Source::Env,
-            name,
-            read,
-            &mut stack,
-            &mut found,
-            &mut notes,
-        )?;
+        l.apply(text, Source::Env)?;
     }
-    Ok((found, notes))
+    Ok((l.found, l.notes))
 }
 
 #[derive(Clone, Copy)]
@@ -149,75 +137,80 @@ impl Source<'_> {
     }
 }
 
-fn apply(
-    text: &str,
-    source: Source<'_>,
-    name: &str,
-    read: &mut dyn FnMut(&Path) -> io::Result<Vec<u8>>,
-    stack: &mut Vec<PathBuf>,
-    found: &mut Option<SettingValue>,
-    notes: &mut Vec<Note>,
-) -> Result<(), NixConfError> {
-    for (i, raw) in text.split('\n').enumerate() {
-        let origin = source.origin(i + 1);
-        let line = raw.split('#').next().unwrap_or("");
-        let words: Vec<&str> = line
-            .split([' ', '\t', '\r'])
-            .filter(|w| !w.is_empty())
-            .collect();
-        if words.is_empty() {
-            continue;
-        }
-        let illegal = || NixConfError::Illegal {
-            origin: origin.clone(),
-            line: line.trim().to_owned(),
-        };
-        if words[0] == "include" || words[0] == "!include" {
-            let [_, path] = words[..] else {
-                return Err(illegal());
-            };
-            // Relative to the including file (NIX_CONFIG: to the working directory, as Nix).
-            let path = match source {
-                Source::File(f) => f.parent().unwrap_or(Path::new("/")).join(path),
-                Source::Env => PathBuf::from(path),
-            };
-            match read(&path) {
-                Ok(bytes) => {
-                    if stack.contains(&path) {
-                        return Err(NixConfError::Loop { origin, path });
-                    }
-                    stack.push(path.clone());
-                    let text = String::from_utf8_lossy(&bytes);
-                    apply(&text, Source::File(&path), name, read, stack, found, notes)?;
-                    stack.pop();
-                }
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    if words[0] == "include" {
-                        notes.push(Note::new(
-                            NoteLevel::Warn,
-                            format!(
-                                "{origin}: included file {} does not exist (Nix refuses this \
-                                 configuration; `!include` allows a missing file)",
-                                path.display()
-                            ),
-                        ));
-                    }
-                }
-                Err(source) => return Err(NixConfError::Read { path, source }),
+/// One setting looked up through the files and NIX_CONFIG, in Nix's order: the last
+/// assignment wins.
+struct Lookup<'r> {
+    name: &'r str,
+    read: &'r mut dyn FnMut(&Path) -> io::Result<Vec<u8>>,
+    /// The files being read, the outermost first (to see include loops).
+    stack: Vec<PathBuf>,
+    found: Option<SettingValue>,
+    notes: Vec<Note>,
+}
+
+impl Lookup<'_> {
+    fn apply(&mut self, text: &str, source: Source<'_>) -> Result<(), NixConfError> {
+        for (i, raw) in text.split('\n').enumerate() {
+            let origin = source.origin(i + 1);
+            let line = raw.split('#').next().unwrap_or("");
+            let words: Vec<&str> = line
+                .split([' ', '\t', '\r'])
+                .filter(|w| !w.is_empty())
+                .collect();
+            if words.is_empty() {
+                continue;
             }
-            continue;
+            let illegal = || NixConfError::Illegal {
+                origin: origin.clone(),
+                line: line.trim().to_owned(),
+            };
+            if words[0] == "include" || words[0] == "!include" {
+                let [_, path] = words[..] else {
+                    return Err(illegal());
+                };
+                // Relative to the including file (NIX_CONFIG: to the working directory, as Nix).
+                let path = match source {
+                    Source::File(f) => f.parent().unwrap_or(Path::new("/")).join(path),
+                    Source::Env => PathBuf::from(path),
+                };
+                match (self.read)(&path) {
+                    Ok(bytes) => {
+                        if self.stack.contains(&path) {
+                            return Err(NixConfError::Loop { origin, path });
+                        }
+                        self.stack.push(path.clone());
+                        let text = String::from_utf8_lossy(&bytes);
+                        self.apply(&text, Source::File(&path))?;
+                        self.stack.pop();
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                        if words[0] == "include" {
+                            self.notes.push(Note::new(
+                                NoteLevel::Warn,
+                                format!(
+                                    "{origin}: included file {} does not exist (Nix refuses this \
+                                     configuration; `!include` allows a missing file)",
+                                    path.display()
+                                ),
+                            ));
+                        }
+                    }
+                    Err(source) => return Err(NixConfError::Read { path, source }),
+                }
+                continue;
+            }
+            if words.len() < 2 || words[1] != "=" {
+                return Err(illegal());
+            }
+            if words[0] == self.name {
+                self.found = Some(SettingValue {
+                    value: words[2..].join(" "),
+                    origin,
+                });
+            }
         }
-        if words.len() < 2 || words[1] != "=" {
-            return Err(illegal());
-        }
-        if words[0] == name {
-            *found = Some(SettingValue {
-                value: words[2..].join(" "),
-                origin,
-            });
-        }
+        Ok(())
     }
-    Ok(())
 }
 
 #[cfg(test)]

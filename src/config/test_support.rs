@@ -1,5 +1,7 @@
 //! Fixtures the config parsers' unit tests share: two real public keys, a fake file system for
-//! `@file` includes, and short ways to parse a machines line or a TOML text.
+//! `@file` includes, and short ways to parse a machines line or a TOML text; and, for the unit
+//! tests of the rooms that choose among builders, a plain `ssh://` builder and the lazy
+//! settings of a `command` boot.
 
 use std::collections::{BTreeSet, HashMap};
 use std::io;
@@ -7,7 +9,12 @@ use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
 
-use super::{Builder, Config, ConfigError, Note, parse_machines};
+use std::time::Duration;
+
+use super::{
+    BootSpec, Builder, BuilderUri, CommandBoot, Config, ConfigError, HostKeySpec, LazySettings,
+    Note, Origin, StopSignal, parse_machines,
+};
 
 pub(super) const ED25519: &str =
     "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFwgxv0w8zjLFNJ6M4EHyBd7/gHpLNuw1C+/JusH19ZC root@builder";
@@ -47,7 +54,7 @@ pub(super) fn one(line: &str) -> Builder {
     b.into_iter().next().unwrap()
 }
 
-pub(super) fn set(items: &[&str]) -> BTreeSet<String> {
+pub(crate) fn set(items: &[&str]) -> BTreeSet<String> {
     items.iter().map(|s| s.to_string()).collect()
 }
 
@@ -79,4 +86,44 @@ pub(super) const MINI: &str = "[builders.b]\nuri = \"ssh://h\"\nsystems = [\"x86
 
 pub(super) fn mini(extra: &str) -> String {
     format!("{MINI}host-key = \"{ED25519}\"\n{extra}")
+}
+
+/// An always-on `ssh://NAME` builder for `systems`, as a `[builders.NAME]` table in /t with
+/// only `uri`, `systems` and `max-jobs` gives it.
+pub(crate) fn ssh_builder(name: &str, systems: &[&str], max_jobs: u32) -> Builder {
+    let uri = format!("ssh://{name}");
+    Builder {
+        name: name.to_owned(),
+        uri: BuilderUri::parse(&uri).unwrap(),
+        store_uri: uri,
+        systems: set(systems),
+        ssh_key: None,
+        max_jobs,
+        speed_factor: 1.0,
+        supported_features: BTreeSet::new(),
+        mandatory_features: BTreeSet::new(),
+        host_keys: HostKeySpec::SshDefault,
+        allow_well_known_host_key: false,
+        keep_warm: Duration::ZERO,
+        origin: Origin::Toml {
+            file: PathBuf::from("/t"),
+            name: name.to_owned(),
+        },
+        lazy: None,
+    }
+}
+
+/// A lazy builder's settings for `command = ["/x"]`: no idle stop, a 60 s boot timeout.
+pub(crate) fn command_lazy(boot_for_local: bool) -> LazySettings {
+    LazySettings {
+        idle_timeout: None,
+        boot_timeout: Duration::from_secs(60),
+        boot_for_local,
+        boot: BootSpec::Command(CommandBoot {
+            command: vec!["/x".into()],
+            stop_command: None,
+            stop_signal: StopSignal::Term,
+            environment: Default::default(),
+        }),
+    }
 }

@@ -528,33 +528,30 @@ fn nix_state_dir() -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{BuilderUri, HostKeySpec, Origin};
+    use crate::config::test_support::{command_lazy, ssh_builder};
     use crate::slots::tests::{holder, kill};
     use hook_protocol::hook::TryRequest;
     use std::collections::BTreeSet;
     use std::fs::File;
 
     fn builder(name: &str, max_jobs: u32) -> Builder {
-        let uri = format!("ssh://{name}");
-        Builder {
-            name: name.to_owned(),
-            uri: BuilderUri::parse(&uri).unwrap(),
-            store_uri: uri,
-            systems: BTreeSet::from(["aarch64-linux".to_owned()]),
-            ssh_key: None,
-            max_jobs,
-            speed_factor: 1.0,
-            supported_features: BTreeSet::new(),
-            mandatory_features: BTreeSet::new(),
-            host_keys: HostKeySpec::SshDefault,
-            allow_well_known_host_key: false,
-            keep_warm: Duration::ZERO,
-            origin: Origin::Toml {
-                file: "/t".into(),
-                name: name.to_owned(),
-            },
-            lazy: None,
-        }
+        ssh_builder(name, &["aarch64-linux"], max_jobs)
+    }
+
+    /// A new `try` of an aarch64-linux derivation, up to the step after reading it (which
+    /// read nothing).
+    fn start<'p, 't>(planner: &'p mut Planner<'t>, now: Instant) -> Next<'p, 't> {
+        let req = TryRequest {
+            am_willing: false,
+            needed_system: "aarch64-linux".into(),
+            drv_path: StorePath::parse("/nix/store/00000000000000000000000000000000-x.drv")
+                .unwrap(),
+            required_features: BTreeSet::new(),
+        };
+        let Next::ReadDrv(s) = planner.start(&req, now).next else {
+            panic!("no derivation to read")
+        };
+        s.read(None, now).next
     }
 
     /// One round of a new `try`, with real slot files: the step after the probe, and the slot
@@ -564,18 +561,8 @@ mod tests {
         d: &LoadDir,
         table: &[Builder],
     ) -> (plan::Step<'p, 't>, HeldSlot) {
-        let req = TryRequest {
-            am_willing: false,
-            needed_system: "aarch64-linux".into(),
-            drv_path: StorePath::parse("/nix/store/00000000000000000000000000000000-x.drv")
-                .unwrap(),
-            required_features: BTreeSet::new(),
-        };
         let now = Instant::now();
-        let Next::ReadDrv(s) = planner.start(&req, now).next else {
-            panic!("no derivation to read")
-        };
-        let Next::Recall(r) = s.read(None, now).next else {
+        let Next::Recall(r) = start(planner, now) else {
             panic!("no failure memory to read")
         };
         let Next::Probe(p) = r.recalled(vec![None; 2], now).next else {
@@ -588,40 +575,18 @@ mod tests {
 
     #[test]
     fn a_slot_reserved_for_a_boot_is_held_until_the_builder_is_leased() {
-        use crate::config::{BootSpec, CommandBoot, LazySettings, StopSignal};
         use crate::supervisor::client::Verdict;
         use crate::supervisor::proto::{BuilderStatus, State};
         let state = tempfile::tempdir().unwrap();
         let d = LoadDir::open(state.path()).unwrap();
         let mut vm = builder("vm", 1);
-        vm.lazy = Some(LazySettings {
-            idle_timeout: None,
-            boot_timeout: Duration::from_secs(60),
-            boot_for_local: false,
-            boot: BootSpec::Command(CommandBoot {
-                command: vec!["/x".into()],
-                stop_command: None,
-                stop_signal: StopSignal::Term,
-                environment: Default::default(),
-            }),
-        });
+        vm.lazy = Some(command_lazy(false));
         let table = [vm];
         let status = |state, port| BuilderStatus {
-            name: "vm".into(),
-            state,
             ssh_port: port,
             booting_ms: Some(0),
             expected_boot_ms: Some(1000),
-            uptime_ms: None,
-            idle_stop_in_ms: None,
-            leases: 0,
-            boots: 0,
-            boots_ok: 0,
-            boots_failed: 0,
-            boot_settings_outdated: false,
-            last_failure: None,
-            nix_version: None,
-            warm: None,
+            ..BuilderStatus::new("vm", state)
         };
         let local = LocalCapability {
             system: "x86_64-linux".into(),
@@ -629,18 +594,8 @@ mod tests {
             ..Default::default()
         };
         let mut planner = Planner::new(&table, local, plan::Limits::new(Duration::from_secs(5)));
-        let req = TryRequest {
-            am_willing: false,
-            needed_system: "aarch64-linux".into(),
-            drv_path: StorePath::parse("/nix/store/00000000000000000000000000000000-x.drv")
-                .unwrap(),
-            required_features: BTreeSet::new(),
-        };
         let now = Instant::now();
-        let Next::ReadDrv(s) = planner.start(&req, now).next else {
-            panic!("no derivation to read")
-        };
-        let Next::Refresh(r) = s.read(None, now).next else {
+        let Next::Refresh(r) = start(&mut planner, now) else {
             panic!("no refresh")
         };
         let Next::Probe(p) = r.refreshed(Ok(vec![status(State::Down, None)]), now).next else {

@@ -831,11 +831,8 @@ impl<'p, 't> Plan<'p, 't> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{
-        BootSpec, BuilderUri, CommandBoot, HostKeySpec, LazySettings, Origin, StopSignal,
-    };
+    use crate::config::test_support::{command_lazy, ssh_builder};
     use crate::supervisor::proto::Failure;
-    use std::path::PathBuf;
 
     /// The `Next` of a step, which must match the pattern; evaluates to the expression.
     macro_rules! next {
@@ -864,41 +861,12 @@ mod tests {
     }
 
     fn always(name: &str, max_jobs: u32) -> Builder {
-        let uri = format!("ssh://{name}");
-        Builder {
-            name: name.to_owned(),
-            uri: BuilderUri::parse(&uri).unwrap(),
-            store_uri: uri,
-            systems: set(&[SYS]),
-            ssh_key: None,
-            max_jobs,
-            speed_factor: 1.0,
-            supported_features: BTreeSet::new(),
-            mandatory_features: BTreeSet::new(),
-            host_keys: HostKeySpec::SshDefault,
-            allow_well_known_host_key: false,
-            keep_warm: Duration::ZERO,
-            origin: Origin::Toml {
-                file: PathBuf::from("/t"),
-                name: name.to_owned(),
-            },
-            lazy: None,
-        }
+        ssh_builder(name, &[SYS], max_jobs)
     }
 
     fn lazy(name: &str) -> Builder {
         let mut b = always(name, 1);
-        b.lazy = Some(LazySettings {
-            idle_timeout: None,
-            boot_timeout: Duration::from_secs(60),
-            boot_for_local: false,
-            boot: BootSpec::Command(CommandBoot {
-                command: vec!["/x".into()],
-                stop_command: None,
-                stop_signal: StopSignal::Term,
-                environment: Default::default(),
-            }),
-        });
+        b.lazy = Some(command_lazy(false));
         b
     }
 
@@ -927,23 +895,7 @@ mod tests {
     }
 
     fn status(name: &str, state: State) -> BuilderStatus {
-        BuilderStatus {
-            name: name.into(),
-            state,
-            ssh_port: None,
-            booting_ms: None,
-            expected_boot_ms: None,
-            uptime_ms: None,
-            idle_stop_in_ms: None,
-            leases: 0,
-            boots: 0,
-            boots_ok: 0,
-            boots_failed: 0,
-            boot_settings_outdated: false,
-            last_failure: None,
-            nix_version: None,
-            warm: None,
-        }
+        BuilderStatus::new(name, state)
     }
 
     fn booting(name: &str, elapsed: u64, expected: u64) -> BuilderStatus {

@@ -239,6 +239,30 @@ pub struct WarmStatus {
     pub last_failure: Option<String>,
 }
 
+impl BuilderStatus {
+    /// A builder in `state` with nothing else to report: no port, no timings, no leases, no
+    /// boots, no failure.
+    pub fn new(name: &str, state: State) -> BuilderStatus {
+        BuilderStatus {
+            name: name.to_owned(),
+            state,
+            ssh_port: None,
+            booting_ms: None,
+            expected_boot_ms: None,
+            uptime_ms: None,
+            idle_stop_in_ms: None,
+            leases: 0,
+            boots: 0,
+            boots_ok: 0,
+            boots_failed: 0,
+            boot_settings_outdated: false,
+            last_failure: None,
+            nix_version: None,
+            warm: None,
+        }
+    }
+}
+
 /// A remembered failure.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Failure {
