@@ -11,7 +11,7 @@ use std::time::Duration;
 use crate::config::{self, Builder, Config, ConfigPath, HostKeySpec};
 use crate::ssh;
 use crate::supervisor::client::{Client, ClientError, Verdict};
-use crate::supervisor::proto::{BuilderStatus, State};
+use crate::supervisor::proto::{BootKind, BuilderStatus, SnapshotFiles, SnapshotStatus, State};
 
 /// Loads the TOML config the way the hook and the supervisor do.
 pub fn load_config(path: &ConfigPath) -> Result<(Config, Option<PathBuf>), String> {
@@ -62,6 +62,7 @@ pub fn status_table(list: &[BuilderStatus]) -> String {
         "IDLE STOP IN".to_owned(),
         "BUILDS".to_owned(),
         "BOOTS".to_owned(),
+        "SNAPSHOT".to_owned(),
         "LAST FAILURE".to_owned(),
     ]];
     for s in list {
@@ -76,24 +77,26 @@ pub fn status_table(list: &[BuilderStatus]) -> String {
             }
             Some(f) => f.cause.clone(),
         };
+        let (boots, snapshot) = snapshot_cells(s);
         rows.push([
             s.name.clone(),
             state,
             dur(s.uptime_ms),
             dur(s.idle_stop_in_ms),
             s.leases.to_string(),
-            s.boots.to_string(),
+            boots,
+            snapshot,
             failure,
         ]);
     }
-    let widths: Vec<usize> = (0..7)
+    let widths: Vec<usize> = (0..8)
         .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
         .collect();
     let mut out = String::new();
     for r in &rows {
         let mut line = String::new();
         for (c, cell) in r.iter().enumerate() {
-            if c == 6 {
+            if c == 7 {
                 line.push_str(cell);
             } else {
                 let _ = write!(line, "{cell:<w$}  ", w = widths[c]);
@@ -103,6 +106,72 @@ pub fn status_table(list: &[BuilderStatus]) -> String {
         out.push('\n');
     }
     out
+}
+
+/// The BOOTS and SNAPSHOT cells: "3 (2 restored)"; the snapshot's age and size, and what the
+/// next boot does with it.
+fn snapshot_cells(s: &BuilderStatus) -> (String, String) {
+    let Some(snap) = &s.snapshot else {
+        return (s.boots.to_string(), "-".to_owned());
+    };
+    let boots = format!("{} ({} restored)", s.boots, snap.restored);
+    let cell = match &snap.files {
+        None => "none".to_owned(),
+        Some(f) => {
+            let mut c = format!(
+                "{} old, {}",
+                dur(Some(f.age_ms)),
+                crate::boot::fmt_bytes(f.disk_bytes)
+            );
+            if f.next_boot != "restore" {
+                c.push_str(" (remade next boot)");
+            }
+            c
+        }
+    };
+    (boots, cell)
+}
+
+/// What `status` adds for a `snapshot = true` builder: its snapshot's files as they are on
+/// disk, and (with no supervisor to say) what the next boot does.
+async fn add_snapshot(b: &Builder, state_dir: &Path, s: &mut BuilderStatus) {
+    let Some(lazy) = &b.lazy else { return };
+    let config::BootSpec::Qemu(q) = &lazy.boot else {
+        return;
+    };
+    if !q.snapshot || q.runner.is_some() {
+        return;
+    }
+    let dir = crate::supervisor::paths::builder_dir(state_dir, &b.name);
+    let ctx = crate::boot::BootContext::new(b, dir.clone());
+    let next = crate::boot::next_boot(&lazy.boot, &ctx).await;
+    let (kind, why) = match &next {
+        Ok(crate::boot::NextBoot::Restore(_)) => (BootKind::Restore, None),
+        Ok(crate::boot::NextBoot::MakeSnapshot { why }) => (BootKind::Make, Some(why.clone())),
+        Ok(crate::boot::NextBoot::Cold) => (BootKind::Cold, None),
+        Err(e) => (BootKind::Make, Some(format!("cannot tell: {e}"))),
+    };
+    let now = std::time::SystemTime::now();
+    let files = crate::boot::snapshot::info(&dir).map(|i| SnapshotFiles {
+        created_unix: i.meta.created,
+        age_ms: u64::try_from(i.age(now).as_millis()).unwrap_or(u64::MAX),
+        disk_bytes: i.disk_bytes,
+        next_boot: match &why {
+            None => "restore".to_owned(),
+            Some(w) => format!("remade: {w}"),
+        },
+    });
+    let snap = s.snapshot.get_or_insert_with(|| {
+        Box::new(SnapshotStatus {
+            boot_kind: kind,
+            restorable: kind == BootKind::Restore,
+            restored: 0,
+            booted_cold: 0,
+            note: why,
+            files: None,
+        })
+    });
+    snap.files = files;
 }
 
 /// The supervisor's control socket is root-only (0600 in a 0700 state directory) and there is
@@ -128,18 +197,24 @@ pub fn status(config: &ConfigPath, json: bool) -> Result<String, String> {
     let (cfg, _) = load_config(config)?;
     let rt = runtime()?;
     let list = rt.block_on(async {
-        match Client::connect(&cfg.supervisor.state_dir).await {
-            Ok(mut c) => c.status().await.map_err(|e| e.to_string()),
+        let mut list: Vec<BuilderStatus> = match Client::connect(&cfg.supervisor.state_dir).await {
+            Ok(mut c) => c.status().await.map_err(|e| e.to_string())?,
             Err(e) => match root_only("nix-lazy-builder status", &e) {
-                Some(m) => Err(m),
-                None => Ok(cfg
+                Some(m) => return Err(m),
+                None => cfg
                     .builders
                     .iter()
                     .filter(|b| b.is_lazy())
                     .map(|b| down_status(&b.name))
-                    .collect()),
+                    .collect(),
             },
+        };
+        for s in &mut list {
+            if let Some(b) = cfg.builders.iter().find(|b| b.name == s.name) {
+                add_snapshot(b, &cfg.supervisor.state_dir, s).await;
+            }
         }
+        Ok::<_, String>(list)
     })?;
     if json {
         serde_json::to_string_pretty(&list)
@@ -163,6 +238,7 @@ fn down_status(name: &str) -> BuilderStatus {
         boots: 0,
         last_failure: None,
         nix_version: None,
+        snapshot: None,
     }
 }
 
@@ -292,19 +368,27 @@ pub fn doctor(
     let mut all_ok = true;
     for b in &table.builders {
         let checks = rt.block_on(doctor_one(b, &cfg, named.as_deref()));
-        let ok = checks.iter().all(|c| c.ok);
+        let ok = checks.iter().all(|c| c.ok || c.what == SNAPSHOT);
         all_ok &= ok;
         let _ = writeln!(report, "\n{} ({}, {})", b.name, b.store_uri, b.origin);
         for c in &checks {
             let _ = writeln!(
                 report,
                 "  [{}] {:<10} {}",
-                if c.ok { " ok " } else { "FAIL" },
+                match (c.ok, c.what) {
+                    (true, _) => " ok ",
+                    // A builder without a snapshot still builds (cold).
+                    (false, SNAPSHOT) => "warn",
+                    (false, _) => "FAIL",
+                },
                 c.what,
                 c.detail
             );
         }
-        let verdict = match checks.iter().find(|c| !c.ok) {
+        let verdict = match checks.iter().find(|c| !c.ok && c.what != SNAPSHOT) {
+            None if checks.iter().any(|c| !c.ok) => {
+                "usable, but it boots cold every time (see snapshot above)".to_owned()
+            }
             None => "usable".to_owned(),
             Some(c) => format!("NOT usable: {} failed", c.what),
         };
@@ -371,6 +455,18 @@ async fn doctor_one(b: &Builder, cfg: &Config, named: Option<&Path>) -> Vec<Chec
         detail: target.host_keys.fingerprints().join(", "),
     });
     if let Some(lazy) = &b.lazy {
+        let dir = crate::supervisor::paths::builder_dir(&cfg.supervisor.state_dir, &b.name);
+        let boot_ctx = crate::boot::BootContext::new(b, dir.clone());
+        for c in crate::boot::snapshot_checks(&lazy.boot, &boot_ctx)
+            .await
+            .unwrap_or_default()
+        {
+            checks.push(Check {
+                ok: c.ok,
+                what: SNAPSHOT,
+                detail: c.detail,
+            });
+        }
         let booted = async {
             let mut c = Client::connect_or_start(&cfg.supervisor.state_dir, named)
                 .await
@@ -403,6 +499,9 @@ async fn doctor_one(b: &Builder, cfg: &Config, named: Option<&Path>) -> Vec<Chec
                     what: "boot",
                     detail: format!("up (boot usually takes {})", dur(s.expected_boot_ms)),
                 });
+                if let Some(snap) = &s.snapshot {
+                    checks.push(snapshot_after_boot(snap, &dir));
+                }
             }
             Err(e) => fail!("boot", e),
         }
@@ -475,6 +574,51 @@ async fn doctor_one(b: &Builder, cfg: &Config, named: Option<&Path>) -> Vec<Chec
     }
     session.close().await;
     checks
+}
+
+/// The `doctor` row a `snapshot = true` builder's check name.
+const SNAPSHOT: &str = "snapshot";
+
+/// What the boot doctor asked for (or found) says about snapshots: restored, made one, or
+/// could not make one and why (the guest agent did not answer, too little time, …).
+fn snapshot_after_boot(snap: &SnapshotStatus, dir: &Path) -> Check {
+    let on_disk = crate::boot::snapshot::info(dir).map(|i| {
+        format!(
+            "{} on disk, made {} ago",
+            crate::boot::fmt_bytes(i.disk_bytes),
+            crate::boot::fmt_age(i.age(std::time::SystemTime::now()))
+        )
+    });
+    let (ok, detail) = match (snap.boot_kind, snap.restorable, &on_disk) {
+        (BootKind::Restore, _, _) => (
+            true,
+            format!(
+                "it came up restored from its snapshot ({}): the guest agent reseeded its RNG and set its clock",
+                on_disk.as_deref().unwrap_or("its files are gone since")
+            ),
+        ),
+        (BootKind::Make, true, Some(d)) => (
+            true,
+            format!("it booted cold and made a snapshot ({d}); the next boot restores it"),
+        ),
+        (kind, _, _) => (
+            false,
+            format!(
+                "it booted {} and made no snapshot: {}",
+                if kind == BootKind::Make {
+                    "cold"
+                } else {
+                    "cold (snapshot = true has no effect here)"
+                },
+                snap.note.as_deref().unwrap_or("no reason was given")
+            ),
+        ),
+    };
+    Check {
+        ok,
+        what: SNAPSHOT,
+        detail,
+    }
 }
 
 fn join_or_none(set: &std::collections::BTreeSet<String>) -> String {

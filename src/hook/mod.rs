@@ -616,6 +616,7 @@ mod tests {
             boots: 0,
             last_failure: None,
             nix_version: None,
+            snapshot: None,
         };
         let local = LocalCapability {
             system: "x86_64-linux".into(),

@@ -921,6 +921,7 @@ mod tests {
             boots: 0,
             last_failure: None,
             nix_version: None,
+            snapshot: None,
         }
     }
 

@@ -533,6 +533,7 @@ mod tests {
             boots: 0,
             last_failure: failure,
             nix_version: None,
+            snapshot: None,
         }
     }
 
