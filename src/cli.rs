@@ -654,6 +654,59 @@ mod tests {
     use crate::supervisor::proto::Failure;
 
     #[test]
+    fn table_shows_restores_and_the_snapshot() {
+        let mut a = down_status("vm");
+        a.boots = 3;
+        a.snapshot = Some(Box::new(SnapshotStatus {
+            boot_kind: BootKind::Restore,
+            restorable: true,
+            restored: 2,
+            booted_cold: 1,
+            note: None,
+            files: Some(SnapshotFiles {
+                created_unix: 0,
+                age_ms: 125_000,
+                disk_bytes: 212 << 20,
+                next_boot: "restore".into(),
+            }),
+        }));
+        let mut b = a.clone();
+        b.name = "vm2".into();
+        if let Some(s) = b.snapshot.as_mut()
+            && let Some(f) = s.files.as_mut()
+        {
+            f.next_boot = "remade: the configuration changed (memory 1024 → 2048 MiB)".into();
+        }
+        let mut c = a.clone();
+        c.name = "vm3".into();
+        if let Some(s) = c.snapshot.as_mut() {
+            s.files = None;
+        }
+        let t = status_table(&[a, b, c, down_status("plain")]);
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(
+            lines[0].contains("  BOOTS  ") && lines[0].contains("  SNAPSHOT  "),
+            "{t}"
+        );
+        assert!(
+            lines[1].contains("3 (2 restored)  2m05s old, 212 MiB  "),
+            "{t}"
+        );
+        assert!(
+            lines[2].contains("2m05s old, 212 MiB (remade next boot)"),
+            "{t}"
+        );
+        assert!(lines[3].contains("3 (2 restored)  none "), "{t}");
+        assert!(
+            lines[4].starts_with("plain ") && lines[4].contains(" 0               -  "),
+            "{t}"
+        );
+        // JSON keeps every field, and an older client's reading ignores what it does not know.
+        let json = serde_json::to_string(&down_status("plain")).unwrap();
+        assert!(!json.contains("snapshot"), "{json}");
+    }
+
+    #[test]
     fn table_shows_every_column() {
         let mut a = down_status("aarch64");
         a.state = State::Up;
