@@ -970,7 +970,7 @@ async fn restore_vm(
     };
     let refresh_done = t0.elapsed();
     let port = port.ok_or_else(|| "no forwarded SSH port".to_owned())?;
-    let ready = super::ready::wait_ready(&ctx.config, port, &mut inst, deadline)
+    let ready = super::ready::wait_ready_restored(&ctx.config, port, &mut inst, deadline)
         .await
         .map_err(|e| e.to_string())?;
     info!(
