@@ -79,14 +79,14 @@ fn row(ours: Samples, note: String) -> Row {
 // Prerequisites
 
 /// The image's generated builder snippet (its paths point into the image's directory).
-struct Image {
-    toml: String,
+pub(crate) struct Image {
+    pub(crate) toml: String,
 }
 
 /// QEMU on PATH, then the image made (or refreshed from make-image's cache, about a second)
 /// where tests/boot_support puts it: `$NIX_LAZY_BUILDER_VM_CACHE/test-images/aarch64`
 /// (default cache /var/cache/nix-lazy-builder), under the same lock as the tests.
-fn image() -> Result<Image, String> {
+pub(crate) fn image() -> Result<Image, String> {
     which::which(QEMU).map_err(|_| {
         format!("{QEMU} is not on PATH (Debian package qemu-system-arm; tests/env/provision.sh installs it)")
     })?;
@@ -133,7 +133,7 @@ fn image() -> Result<Image, String> {
 }
 
 /// An exclusive flock on `path` (created if need be), held until the file is dropped.
-fn flock(path: &Path) -> Result<std::fs::File, String> {
+pub(crate) fn flock(path: &Path) -> Result<std::fs::File, String> {
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -188,7 +188,7 @@ fn cold_build(daemon: &LocalDaemon, name: &str) -> (Duration, Duration) {
 }
 
 /// The build ran on aarch64 with its input (not somewhere else, not from a cache).
-fn check_output(daemon: &LocalDaemon, out: &CmdOutput, name: &str, input: &str) {
+pub(crate) fn check_output(daemon: &LocalDaemon, out: &CmdOutput, name: &str, input: &str) {
     let path = out.stdout.trim().to_owned();
     let host = daemon.host_path(&path);
     let content = std::fs::read_to_string(&host)
