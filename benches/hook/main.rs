@@ -14,8 +14,15 @@
 //! in the harness's private mount namespaces), listen beyond 127.0.0.1, or leave a process
 //! behind (every handle stops what it started by pid).
 
-#[path = "../../tests/common/mod.rs"]
-mod common;
+// The integration tests' harness, shared as source. The bench uses a part of it; its unused
+// items are found where all of it is used, in the test crate (tests/it).
+#[path = "../../tests/it/harness/mod.rs"]
+#[allow(
+    dead_code,
+    unused_imports,
+    reason = "the bench uses a part of the test harness"
+)]
+mod harness;
 mod p4;
 mod p7;
 mod p7restore;
@@ -30,7 +37,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Nix, hook_binary, run_command};
+use harness::{Nix, hook_binary, run_command};
 use report::{Goal, Row};
 use rows::{Ctx, MANY_GIB, ONE_100MIB, ONE_GIB, Transfer, transfer_rows};
 
@@ -131,7 +138,7 @@ fn main() {
         eprintln!("[bench] warning: {runs} runs per figure; the goals ask for the median of ≥ 5");
     }
 
-    common::require_root();
+    harness::require_root();
     Nix::Host.require();
     let host_tmp = std::env::temp_dir();
     let stores = choose_store_dir();

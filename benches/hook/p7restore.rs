@@ -35,11 +35,12 @@ use nix_lazy_builder::boot::{self, BootContext, BootKind, Instance, StopHow};
 use nix_lazy_builder::config::{Builder, Config};
 use nix_lazy_builder::supervisor::proto::State;
 
-use crate::common::{
-    Background, KillMentioning, LazyConfig, LocalDaemon, StoreQueries, TimedLine, uname_expr,
-    wait_until, with_builder_keys,
+use crate::harness::boot::{VmImage, lock_exclusive, vm_lock_file};
+use crate::harness::{
+    Background, KillMentioning, LazyConfig, LocalDaemon, StoreQueries, uname_expr, wait_until,
+    with_builder_keys,
 };
-use crate::p7::{self, Image};
+use crate::p7;
 use crate::report::{Goal, Row};
 use crate::rows::Ctx;
 use crate::stats::{Samples, fmt_num, fmt_samples};
@@ -187,16 +188,13 @@ fn build(daemon: &LocalDaemon, name: &str, progress_line: &str) -> Run {
     }
     // The last lines may still be in the pipe.
     std::thread::sleep(Duration::from_millis(100));
-    let timed = bg.timed_lines();
+    let first = bg.line_at(&format!("nlb-vm {name}: building"));
+    let shown = bg.line_at(progress_line);
     let out = bg.finish(Duration::from_secs(300));
     out.assert_success();
     p7::check_output(daemon, &out, name, &input);
-    let at = |needle: &str, exact: bool| -> Duration {
-        find_line(&timed, needle, exact)
-            .unwrap_or_else(|| panic!("no line {needle:?} at the client:\n{out}"))
-    };
-    let first = at(&format!("nlb-vm {name}: building"), true);
-    let shown = at(progress_line, false);
+    let first = first.unwrap_or_else(|| panic!("no build log line at the client:\n{out}"));
+    let shown = shown.unwrap_or_else(|| panic!("no line {progress_line:?} at the client:\n{out}"));
     assert!(shown < first, "{out}");
     let hook_start = hook_start.unwrap_or_else(|| panic!("no hook process was seen:\n{out}"));
     let from_try = first.saturating_sub(hook_start.saturating_sub(t_boot));
@@ -215,21 +213,6 @@ fn build(daemon: &LocalDaemon, name: &str, progress_line: &str) -> Run {
         from_progress: first.saturating_sub(shown),
         total: out.elapsed,
     }
-}
-
-/// When the client printed a line equal to (or starting with) `needle`, from `nix-build`'s
-/// start.
-fn find_line(lines: &[TimedLine], needle: &str, exact: bool) -> Option<Duration> {
-    lines
-        .iter()
-        .find(|l| {
-            if exact {
-                l.text == needle
-            } else {
-                l.text.starts_with(needle)
-            }
-        })
-        .map(|l| l.at)
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -365,7 +348,7 @@ impl Variant {
 
 const RELAY_URI: &str = "ssh-ng://root@127.0.0.1?remote-program=/sbin/nlb-relay";
 
-fn config(img: &Image, v: Variant) -> (LazyConfig, Builder) {
+fn config(img: &VmImage, v: Variant) -> (LazyConfig, Builder) {
     let mut toml = img.toml.clone();
     if v != Variant::Cold {
         toml = toml.replace("# snapshot = true", "snapshot = true");
@@ -493,9 +476,8 @@ impl Series {
     }
 }
 
-fn measure(ctx: &Ctx, img: &Image) -> Vec<Row> {
-    let _one_vm = p7::flock(&ctx.host_tmp.join("nix-lazy-builder-boot-vm-tests.lock"))
-        .unwrap_or_else(|e| panic!("{e}"));
+fn measure(ctx: &Ctx, img: &VmImage) -> Vec<Row> {
+    let _one_vm = lock_exclusive(&vm_lock_file(&ctx.host_tmp)).unwrap_or_else(|e| panic!("{e}"));
     let mem_dir = ctx.dir.join("p7-restore-memory");
     let mut series: Vec<Series> = [Variant::Cold, Variant::Restore, Variant::Relay]
         .into_iter()

@@ -15,8 +15,8 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::common::{
-    FakeDrv, LocalDaemon, Nix, RemoteOpts, RemoteStore, Scheme, StoreQueries, hook_binary,
+use crate::harness::{
+    DrvExpr, FakeDrv, LocalDaemon, Nix, RemoteOpts, RemoteStore, Scheme, StoreQueries, hook_binary,
     max_overlap,
 };
 use crate::report::{Goal, Row};
@@ -480,7 +480,7 @@ impl<'a> Transfer<'a> {
 /// Between transfer runs (untimed): write back what the previous run and the cleanup left
 /// dirty, so a run does not pay for its predecessor's writeback.
 fn settle() {
-    let out = crate::common::run_command(
+    let out = crate::harness::run_command(
         &mut std::process::Command::new("sync"),
         None,
         Duration::from_secs(300),
@@ -490,9 +490,13 @@ fn settle() {
 
 /// P2's derivation: a small output, `input` (a store path) as its only input.
 pub fn p2_expr(seed: &str, input: &str) -> String {
-    format!(
-        "derivation {{\n  name = \"nlb-bench-p2-{seed}\";\n  system = \"aarch64-linux\";\n  builder = \"/bin/sh\";\n  input = builtins.storePath \"{input}\";\n  args = [ \"-c\" \"test -e $input && echo {seed} > $out\" ];\n}}\n"
+    DrvExpr::sh(
+        &format!("nlb-bench-p2-{seed}"),
+        "aarch64-linux",
+        &format!("test -e $input && echo {seed} > $out"),
     )
+    .store_path("input", input)
+    .nix()
 }
 
 /// P3's derivation: an output of `shape`, copied from `input` (which has that shape).
@@ -501,10 +505,13 @@ pub fn p3_expr(shape: Shape, input: &str) -> String {
         Shape::OneFile(_) => "cp $input/blob $out",
         Shape::ManyFiles { .. } => "cp -r $input $out",
     };
-    format!(
-        "derivation {{\n  name = \"nlb-bench-p3-{}\";\n  system = \"aarch64-linux\";\n  builder = \"/bin/sh\";\n  input = builtins.storePath \"{input}\";\n  args = [ \"-c\" \"{copy}\" ];\n}}\n",
-        shape.slug()
+    DrvExpr::sh(
+        &format!("nlb-bench-p3-{}", shape.slug()),
+        "aarch64-linux",
+        copy,
     )
+    .store_path("input", input)
+    .nix()
 }
 
 fn nar_size_of(store: &impl StoreQueries, path: &str) -> u64 {
@@ -624,7 +631,7 @@ pub fn supervisor_idle(ctx: &Ctx) -> Row {
         std::thread::sleep(Duration::from_millis(20));
     }
     // One status round trip: it really serves.
-    let status = crate::common::run_command(
+    let status = crate::harness::run_command(
         std::process::Command::new(hook_binary())
             .args(["status", "--config"])
             .arg(&config),
@@ -741,24 +748,24 @@ pub fn p6(ctx: &Ctx) -> Row {
 
 /// One P6 run: returns the wall time and, per builder, the most builds that ran at once.
 fn p6_once(daemon: &LocalDaemon, remotes: &[RemoteStore], seed: &str) -> (f64, Vec<usize>) {
+    let input = DrvExpr::sh(
+        &format!("nlb-bench-p6-input-{seed}"),
+        "x86_64-linux",
+        &format!("echo {seed} > $out"),
+    )
+    .prefer_local();
+    let mk = DrvExpr::named_by(
+        &format!("\"nlb-bench-p6-{seed}-${{toString i}}\""),
+        "aarch64-linux",
+        &format!(
+            "read s x < /proc/uptime; sleep {P6_SLEEP}; read e x < /proc/uptime; echo $s $e > $out"
+        ),
+    )
+    .inherit("input");
     let expr = format!(
-        r#"let
-  input = derivation {{
-    name = "nlb-bench-p6-input-{seed}";
-    system = "x86_64-linux";
-    builder = "/bin/sh";
-    args = [ "-c" "echo {seed} > $out" ];
-    preferLocalBuild = true;
-  }};
-  mk = i: derivation {{
-    name = "nlb-bench-p6-{seed}-${{toString i}}";
-    system = "aarch64-linux";
-    builder = "/bin/sh";
-    inherit input;
-    args = [ "-c" "read s x < /proc/uptime; sleep {P6_SLEEP}; read e x < /proc/uptime; echo $s $e > $out" ];
-  }};
-in {{ inherit input; all = builtins.genList mk {P6_BUILDS}; }}
-"#
+        "let\n  input = {};\n  mk = i: {};\nin {{ inherit input; all = builtins.genList mk {P6_BUILDS}; }}\n",
+        input.nix(),
+        mk.nix()
     );
     let file = daemon.write_file(&format!("p6-{seed}.nix"), &expr);
     let f = file.to_string_lossy().into_owned();

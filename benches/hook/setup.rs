@@ -13,9 +13,9 @@ use std::fmt::Write as _;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use crate::common::{
-    DaemonOpts, LocalDaemon, MachineLine, NIX_28_BUILD_REMOTE, Nix, RemoteStore, Scheme,
-    hook_binary,
+use crate::harness::{
+    DaemonOpts, LocalDaemon, MachineLine, NIX_28_BUILD_REMOTE, Nix, REMOTE_HOST, REMOTE_USER,
+    RemoteStore, Scheme, hook_binary,
 };
 
 /// Which build hook a daemon runs.
@@ -150,15 +150,14 @@ pub fn daemon(spec: &DaemonSpec<'_>) -> LocalDaemon {
                     let alias = format!("nlb-bench-b{i}");
                     let _ = writeln!(
                         text,
-                        "Host {alias}\n  HostName {}\n  Port {}\n  HostKeyAlias {alias}\n",
-                        r.host(),
+                        "Host {alias}\n  HostName {REMOTE_HOST}\n  Port {}\n  HostKeyAlias {alias}\n",
                         r.port()
                     );
                     let mut m = MachineLine::new(spec.scheme, false);
                     m.max_jobs = spec.max_jobs;
                     let line = r.machines_line(&m);
                     let plain = r.uri_without_port(spec.scheme);
-                    let aliased = format!("{}://{}@{alias}", spec.scheme.prefix(), r.user());
+                    let aliased = format!("{}://{REMOTE_USER}@{alias}", spec.scheme.prefix());
                     assert!(line.starts_with(&plain), "{line}");
                     lines.push(line.replacen(&plain, &aliased, 1));
                 }
