@@ -104,6 +104,7 @@ async fn wait_ready_from(
     let command = ssh::shell_command([program.as_str(), "--version"])
         .map_err(|e| BootError::Config(format!("builder '{}': {e}", builder.name)))?;
 
+    let forwarded = instance.forwards_to_localhost();
     let mut stage = Stage::Banner("nothing tried yet".into());
     let mut attempts = 0u32;
     let result = loop {
@@ -111,7 +112,7 @@ async fn wait_ready_from(
         let r = tokio::select! {
             biased;
             report = instance.exited() => break Err(BootError::Exited { report, during: "before it was ready" }),
-            _ = tokio::time::sleep_until(deadline) => break Err(timeout_error(&addr, t0.elapsed(), &stage)),
+            _ = tokio::time::sleep_until(deadline) => break Err(timeout_error(&addr, t0.elapsed(), &stage, forwarded)),
             r = attempt(&target, &command, deadline, probe_banner) => r,
         };
         probe_banner = true;
@@ -126,7 +127,7 @@ async fn wait_ready_from(
         tokio::select! {
             biased;
             report = instance.exited() => break Err(BootError::Exited { report, during: "before it was ready" }),
-            _ = tokio::time::sleep_until(deadline) => break Err(timeout_error(&addr, t0.elapsed(), &stage)),
+            _ = tokio::time::sleep_until(deadline) => break Err(timeout_error(&addr, t0.elapsed(), &stage, forwarded)),
             _ = sleep(RETRY_PAUSE) => {}
         }
     };
@@ -146,12 +147,13 @@ fn stage_text(s: &Stage) -> &str {
     }
 }
 
-fn timeout_error(addr: &str, after: Duration, stage: &Stage) -> BootError {
+fn timeout_error(addr: &str, after: Duration, stage: &Stage, forwarded: bool) -> BootError {
     match stage {
         Stage::Banner(last) => BootError::NoBanner {
             addr: addr.to_owned(),
             after,
             last: last.clone(),
+            forwarded,
         },
         Stage::Ssh(last) => BootError::SshNotReady {
             addr: addr.to_owned(),
@@ -229,6 +231,7 @@ fn is_permanent(kind: &SshErrorKind) -> bool {
             | SshErrorKind::KeyFileUnreadable { .. }
             | SshErrorKind::KeyFileUnsupported { .. }
             | SshErrorKind::KeyFileEncrypted { .. }
+            | SshErrorKind::KeyFileTooOpen { .. }
             | SshErrorKind::NoIdentity
     )
 }

@@ -224,7 +224,11 @@ fn a_hanging_only_builder_fails_at_once_while_it_backs_off_and_the_backoff_grows
     let lines: Vec<&str> = second
         .stderr
         .lines()
-        .filter(|l| l.contains(&reason) && l.contains("retrying in "))
+        .filter(|l| {
+            l.contains(&reason)
+                && l.contains(") and is not tried again for another ")
+                && l.contains("Nothing retries this build: it fails now; start it again in ")
+        })
         .collect();
     assert_eq!(lines.len(), 1, "{second}");
     eprintln!(
@@ -254,11 +258,11 @@ fn a_hanging_only_builder_fails_at_once_while_it_backs_off_and_the_backoff_grows
         .find(|l| l.contains(&reason))
         .unwrap_or_else(|| panic!("{fourth}"));
     let secs: u64 = line
-        .rsplit_once("retrying in ")
+        .split_once("is not tried again for another ")
         .and_then(|(_, t)| {
-            t.trim_end_matches(|c: char| !c.is_ascii_digit())
-                .parse()
-                .ok()
+            t.split(|c: char| !c.is_ascii_digit())
+                .next()
+                .and_then(|n| n.parse().ok())
         })
         .unwrap_or_else(|| panic!("no retry time in {line:?}"));
     assert!((11..=20).contains(&secs), "{line}");

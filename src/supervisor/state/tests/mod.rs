@@ -51,6 +51,7 @@ impl T {
         let settings = Settings {
             exit_after_idle: linger.map(Duration::from_secs),
             reloads: false,
+            config_file: None,
         };
         Self::with_settings(builders, settings, h)
     }
@@ -60,6 +61,7 @@ impl T {
         let settings = Settings {
             exit_after_idle: None,
             reloads: true,
+            config_file: Some("/etc/nix/lazy-builder.toml".into()),
         };
         Self::with_settings(builders, settings, &BootHistory::default())
     }
