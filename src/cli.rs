@@ -19,7 +19,7 @@ pub use doctor::{DoctorArgs, doctor};
 
 use crate::config::{self, Builder, Config, ConfigPath};
 use crate::supervisor::client::{Client, ClientError, StatusReport, Verdict};
-use crate::supervisor::proto::{BuilderStatus, State};
+use crate::supervisor::proto::{BootKind, BuilderStatus, SnapshotFiles, SnapshotStatus, State};
 
 /// Loads the TOML config the way the hook and the supervisor do; the file's name comes back
 /// absolute (a supervisor it starts runs elsewhere, and `status` compares it with the one a
@@ -103,9 +103,13 @@ const COLUMNS: &[Column] = &[
         header: "RUNNING BUILDS",
         cell: |s| lazy_only(s, s.leases),
     },
+    // A `snapshot = true` builder's good boots say how many were restores: "3 (2 restored)".
     Column {
         header: "BOOTS OK",
-        cell: |s| lazy_only(s, s.boots_ok),
+        cell: |s| match &s.snapshot {
+            Some(snap) => format!("{} ({} restored)", s.boots_ok, snap.restored),
+            None => lazy_only(s, s.boots_ok),
+        },
     },
     Column {
         header: "BOOTS FAILED",
@@ -123,6 +127,10 @@ const COLUMNS: &[Column] = &[
                 .as_ref()
                 .map_or_else(|| "-".to_owned(), |w| w.hand_outs.to_string())
         },
+    },
+    Column {
+        header: "SNAPSHOT",
+        cell: snapshot_cell,
     },
     Column {
         header: "LAST FAILURE",
@@ -188,6 +196,69 @@ pub fn status_table(list: &[BuilderStatus]) -> String {
         out.push('\n');
     }
     out
+}
+
+/// The SNAPSHOT cell: the snapshot's age and size, and whether the next boot remakes it.
+fn snapshot_cell(s: &BuilderStatus) -> String {
+    let Some(snap) = &s.snapshot else {
+        return "-".to_owned();
+    };
+    match &snap.files {
+        None => "none".to_owned(),
+        Some(f) => {
+            let mut c = format!(
+                "{} old, {}",
+                dur(Some(f.age_ms)),
+                crate::boot::fmt_bytes(f.disk_bytes)
+            );
+            if f.next_boot != "restore" {
+                c.push_str(" (remade next boot)");
+            }
+            c
+        }
+    }
+}
+
+/// What `status` adds for a `snapshot = true` builder: its snapshot's files as they are on
+/// disk, and (with no supervisor to say) what the next boot does.
+async fn add_snapshot(b: &Builder, state_dir: &Path, s: &mut BuilderStatus) {
+    let Some(lazy) = &b.lazy else { return };
+    let config::BootSpec::Qemu(q) = &lazy.boot else {
+        return;
+    };
+    if !q.snapshot || q.runner.is_some() {
+        return;
+    }
+    let dir = crate::supervisor::paths::builder_dir(state_dir, &b.name);
+    let ctx = crate::boot::BootContext::new(b, dir.clone());
+    let next = crate::boot::next_boot(&lazy.boot, &ctx).await;
+    let (kind, why) = match &next {
+        Ok(crate::boot::NextBoot::Restore(_)) => (BootKind::Restore, None),
+        Ok(crate::boot::NextBoot::MakeSnapshot { why }) => (BootKind::Make, Some(why.clone())),
+        Ok(crate::boot::NextBoot::Cold) => (BootKind::Cold, None),
+        Err(e) => (BootKind::Make, Some(format!("cannot tell: {e}"))),
+    };
+    let now = std::time::SystemTime::now();
+    let files = crate::boot::snapshot::info(&dir).map(|i| SnapshotFiles {
+        created_unix: i.meta.created,
+        age_ms: u64::try_from(i.age(now).as_millis()).unwrap_or(u64::MAX),
+        disk_bytes: i.disk_bytes,
+        next_boot: match &why {
+            None => "restore".to_owned(),
+            Some(w) => format!("remade: {w}"),
+        },
+    });
+    let snap = s.snapshot.get_or_insert_with(|| {
+        Box::new(SnapshotStatus {
+            boot_kind: kind,
+            restorable: kind == BootKind::Restore,
+            restored: 0,
+            booted_cold: 0,
+            note: why,
+            files: None,
+        })
+    });
+    snap.files = files;
 }
 
 /// The supervisor's control socket is root-only (0600 in a 0700 state directory) and there is
@@ -353,6 +424,16 @@ pub fn status(config: &ConfigPath, json: bool) -> Printed {
             Vec::new(),
         ),
     };
+    let mut list = list;
+    if let Some(cfg) = &cfg {
+        rt.block_on(async {
+            for s in &mut list {
+                if let Some(b) = cfg.builders.iter().find(|b| b.name == s.name) {
+                    add_snapshot(b, &cfg.supervisor.state_dir, s).await;
+                }
+            }
+        });
+    }
     let stdout = if json {
         match serde_json::to_string_pretty(&list) {
             Ok(s) => s + "\n",
@@ -470,6 +551,65 @@ mod tests {
     use crate::supervisor::proto::Failure;
 
     #[test]
+    fn table_shows_restores_and_the_snapshot() {
+        let mut a = down_status("vm");
+        a.boots = 4;
+        a.boots_ok = 3;
+        a.snapshot = Some(Box::new(SnapshotStatus {
+            boot_kind: BootKind::Restore,
+            restorable: true,
+            restored: 2,
+            booted_cold: 1,
+            note: None,
+            files: Some(SnapshotFiles {
+                created_unix: 0,
+                age_ms: 125_000,
+                disk_bytes: 212 << 20,
+                next_boot: "restore".into(),
+            }),
+        }));
+        let mut b = a.clone();
+        b.name = "vm2".into();
+        if let Some(s) = b.snapshot.as_mut()
+            && let Some(f) = s.files.as_mut()
+        {
+            f.next_boot = "remade: the configuration changed (memory 1024 → 2048 MiB)".into();
+        }
+        let mut c = a.clone();
+        c.name = "vm3".into();
+        if let Some(s) = c.snapshot.as_mut() {
+            s.files = None;
+        }
+        let t = status_table(&[a, b, c, down_status("plain")]);
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(
+            lines[0].contains("  BOOTS OK  ") && lines[0].contains("  SNAPSHOT  "),
+            "{t}"
+        );
+        assert!(
+            lines[1]
+                .contains("3 (2 restored)  0             -     -          2m05s old, 212 MiB  "),
+            "{t}"
+        );
+        assert!(
+            lines[2].contains("2m05s old, 212 MiB (remade next boot)"),
+            "{t}"
+        );
+        assert!(
+            lines[3].contains("3 (2 restored)  0             -     -          none "),
+            "{t}"
+        );
+        assert!(
+            lines[4].starts_with("plain ")
+                && lines[4].contains(" 0               0             -  "),
+            "{t}"
+        );
+        // JSON keeps every field, and an older client's reading ignores what it does not know.
+        let json = serde_json::to_string(&down_status("plain")).unwrap();
+        assert!(!json.contains("snapshot"), "{json}");
+    }
+
+    #[test]
     fn table_shows_every_column() {
         let mut a = down_status("aarch64");
         a.state = State::Up;
@@ -512,14 +652,15 @@ mod tests {
             lines,
             [
                 "BUILDER         STATE      PORT   UPTIME  IDLE STOP IN  RUNNING BUILDS  BOOTS OK  \
-                 BOOTS FAILED  WARM               HAND-OUTS  LAST FAILURE",
+                 BOOTS FAILED  WARM               HAND-OUTS  SNAPSHOT  LAST FAILURE",
                 "aarch64         up         40123  2m05s   10m00s        2               3         \
-                 1             2 ready, 1 in use  14         -",
+                 1             2 ready, 1 in use  14         -         -",
                 "darwin          failed     -      -       -             0               0         \
-                 1             -                  -          boot timed out (not booted again for \
-                 another 20s)",
+                 1             -                  -          -         boot timed out (not booted \
+                 again for another 20s)",
                 "ssh://root@x86  always-on  -      -       -             -               -         \
-                 -             not connected      3          warm connection: HOST KEY MISMATCH",
+                 -             not connected      3          -         warm connection: HOST KEY \
+                 MISMATCH",
             ],
             "{t}"
         );

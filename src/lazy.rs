@@ -3,13 +3,14 @@
 //!
 //! Owns the hook's connection to the supervisor (started on first need; every lease this hook
 //! takes lives as long as that connection), the requests a `try` makes of it (status, lease,
-//! boot, wait for ready, report a failure), the "booting builder …" activity in the user's
-//! progress display and the one line that says a watched boot failed; and asking for a warm
-//! session ([`Lazy::lease_session`]) on a connection of its own, never waiting on the pool:
-//! a supervisor that does not answer at once, or is not there, means "connect directly"
-//! (one that is not there is started in the background, and told to warm up, for the next
-//! build). It never decides: what to ask, and how long to wait for a boot (never longer than
-//! the daemon's `build-poll-interval`, never longer than [`MAX_WAIT`]), is `hook/plan.rs`'s.
+//! boot, wait for ready, report a failure), the "booting builder …" (or "restoring builder …")
+//! activity in the user's progress display and the one line that says a watched boot failed;
+//! and asking for a warm session ([`Lazy::lease_session`]) on a connection of its own, never
+//! waiting on the pool: a supervisor that does not answer at once, or is not there, means
+//! "connect directly" (one that is not there is started in the background, and told to warm
+//! up, for the next build). It never decides: what to ask, and how long to wait for a boot
+//! (never longer than the daemon's `build-poll-interval`, never longer than [`MAX_WAIT`]), is
+//! `hook/plan.rs`'s.
 
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -21,7 +22,7 @@ use crate::config::Builder;
 use crate::logging::{self, Activity};
 use crate::store::warm::WarmSession;
 use crate::supervisor::client::{Client, ClientError, SessionAnswer, Verdict};
-use crate::supervisor::proto::{BuilderStatus, SessionSpec, State};
+use crate::supervisor::proto::{BootKind, BuilderStatus, SessionSpec, State};
 
 /// How long a warm-session request may take before the hook connects directly (the
 /// supervisor answers at once; this only guards one that hangs).
@@ -273,8 +274,9 @@ impl Lazy {
         }
     }
 
-    /// Shows (or refreshes) "booting builder NAME (N s, about M s expected)" in the progress
-    /// display, for a builder that is booting (anything else shows nothing).
+    /// Shows (or refreshes) "booting builder NAME (N s, about M s expected)", or "restoring
+    /// builder NAME (about 0.7 s expected)", in the progress display, for a builder that is
+    /// booting (anything else shows nothing).
     pub fn show_progress(&mut self, s: &BuilderStatus) {
         if s.state != State::Booting {
             return;
@@ -301,6 +303,26 @@ impl Lazy {
 fn progress_text(s: &BuilderStatus) -> String {
     let secs = |ms: u64| (ms + 500) / 1000;
     let elapsed = s.booting_ms.unwrap_or(0);
+    if s.snapshot
+        .as_ref()
+        .is_some_and(|k| k.boot_kind == BootKind::Restore)
+    {
+        // Restores take under a second: tenths, and no "0 s" elapsed.
+        let tenths = |ms: u64| format!("{:.1} s", ms as f64 / 1000.0);
+        let expected = s
+            .expected_boot_ms
+            .map(|e| format!("about {} expected", tenths(e)));
+        let parts: Vec<String> = (elapsed >= 1000)
+            .then(|| tenths(elapsed))
+            .into_iter()
+            .chain(expected)
+            .collect();
+        return if parts.is_empty() {
+            format!("restoring builder '{}'", s.name)
+        } else {
+            format!("restoring builder '{}' ({})", s.name, parts.join(", "))
+        };
+    }
     match s.expected_boot_ms {
         Some(exp) => format!(
             "booting builder '{}' ({} s, about {} s expected)",
@@ -333,6 +355,7 @@ mod tests {
             last_failure: None,
             nix_version: None,
             warm: None,
+            snapshot: None,
         }
     }
 
@@ -355,5 +378,26 @@ mod tests {
             progress_text(&booting(600, None)),
             "booting builder 'vm' (1 s)"
         );
+        let restoring = |elapsed, expected| {
+            let mut s = booting(elapsed, expected);
+            s.snapshot = Some(Box::new(crate::supervisor::proto::SnapshotStatus {
+                boot_kind: BootKind::Restore,
+                restorable: true,
+                restored: 1,
+                booted_cold: 1,
+                note: None,
+                files: None,
+            }));
+            s
+        };
+        assert_eq!(
+            progress_text(&restoring(300, Some(700))),
+            "restoring builder 'vm' (about 0.7 s expected)"
+        );
+        assert_eq!(
+            progress_text(&restoring(1400, Some(700))),
+            "restoring builder 'vm' (1.4 s, about 0.7 s expected)"
+        );
+        assert_eq!(progress_text(&restoring(0, None)), "restoring builder 'vm'");
     }
 }

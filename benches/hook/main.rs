@@ -4,11 +4,12 @@
 //! figure the median of several runs with its spread and the ratio ours ÷ Nix's. The results
 //! table goes into BENCHMARKS.md (between its `bench:begin`/`bench:end` markers).
 //!
-//! `cargo bench --bench hook -- P1 P4` runs some row groups only (P1 … P7); `NLB_BENCH_RUNS`
-//! sets the runs per figure (default 5); `NLB_BENCH_BASELINE=<another nix-lazy-builder>` adds
-//! that build as one more contestant (before/after, in the notes); `-- TRANSPORT` measures
-//! a warm session's local leg on its own. Without `--bench` (as under `cargo test --benches`)
-//! it runs only its own self-checks, so the test suite never starts the benchmark.
+//! `cargo bench --bench hook -- P1 P4` runs some row groups only (P1 … P7, P7-restore);
+//! `NLB_BENCH_RUNS` sets the runs per figure (default 5); `NLB_BENCH_BASELINE=<another
+//! nix-lazy-builder>` adds that build as one more contestant (before/after, in the notes);
+//! `-- TRANSPORT` measures a warm session's local leg on its own. Without `--bench` (as under
+//! `cargo test --benches`) it runs only its own self-checks, so the test suite never starts the
+//! benchmark.
 //!
 //! Owns the benchmark's orchestration and nothing of the product: it runs the release binary
 //! cargo built for it. Must never touch the machine's real /nix or /etc/nix (everything runs
@@ -26,6 +27,7 @@
 mod harness;
 mod p4;
 mod p7;
+mod p7restore;
 mod profile;
 mod report;
 mod rows;
@@ -45,7 +47,7 @@ use rows::{Ctx, MANY_GIB, ONE_100MIB, ONE_GIB, Transfer, transfer_rows};
 /// PATH for the hooks P4 runs directly.
 pub const STD_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
-const GROUPS: [&str; 7] = ["P1", "P2", "P3", "P4", "P5", "P6", "P7"];
+const GROUPS: [&str; 8] = ["P1", "P2", "P3", "P4", "P5", "P6", "P7", "P7-RESTORE"];
 
 /// Every row key, in table order.
 fn row_order() -> Vec<String> {
@@ -66,6 +68,10 @@ fn row_order() -> Vec<String> {
         "P5 supervisor, 4 warm builders".to_owned(),
         "P6".to_owned(),
         p7::KEY.to_owned(),
+        p7restore::KEY.to_owned(),
+        p7restore::KEY_RELAY.to_owned(),
+        p7restore::KEY_TOTAL.to_owned(),
+        p7restore::KEY_MEMORY.to_owned(),
     ]
     .to_vec()
 }
@@ -94,6 +100,7 @@ fn main() {
         rss::self_test();
         rows::self_test();
         p7::self_test();
+        p7restore::self_test();
         println!(
             "benches/hook: self-checks passed (run the benchmark with `cargo bench --bench hook`)"
         );
@@ -246,6 +253,9 @@ fn main() {
     }
     if want("P7") {
         step("P7", &mut rows, &mut || vec![p7::p7(&ctx)]);
+    }
+    if want("P7-RESTORE") {
+        step("P7-restore", &mut rows, &mut || p7restore::p7_restore(&ctx));
     }
     let total = started.elapsed();
     eprintln!("[bench] total {total:.1?} ({})", timings.join(", "));

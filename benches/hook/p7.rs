@@ -82,7 +82,7 @@ fn row(ours: Samples, note: String) -> Row {
 
 /// QEMU on PATH, then the image made (or refreshed from make-image's cache, about a second)
 /// by the tests' harness, where the VM tests find it, under the same lock.
-fn image() -> Result<VmImage, String> {
+pub(crate) fn image() -> Result<VmImage, String> {
     which::which(QEMU).map_err(|_| {
         format!("{QEMU} is not on PATH (Debian package qemu-system-arm; tests/env/provision.sh installs it)")
     })?;
@@ -128,7 +128,7 @@ fn cold_build(daemon: &LocalDaemon, name: &str) -> (Duration, Duration) {
 }
 
 /// The build ran on aarch64 with its input (not somewhere else, not from a cache).
-fn check_output(daemon: &LocalDaemon, out: &CmdOutput, name: &str, input: &str) {
+pub(crate) fn check_output(daemon: &LocalDaemon, out: &CmdOutput, name: &str, input: &str) {
     let path = out.stdout.trim().to_owned();
     let host = daemon.host_path(&path);
     let content = std::fs::read_to_string(&host)

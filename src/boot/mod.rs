@@ -414,6 +414,130 @@ pub async fn next_boot(spec: &BootSpec, ctx: &BootContext) -> Result<NextBoot, B
     }
 }
 
+/// One line of what `doctor` says about a `snapshot = true` builder before booting it:
+/// `ok: false` means a snapshot may not be made or restored, and `detail` says why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotCheck {
+    pub ok: bool,
+    pub detail: String,
+}
+
+/// For `doctor`, before a boot: what the next boot of a `snapshot = true` builder does (a
+/// restore, or a cold boot that makes a snapshot, and why), where a cold boot keeps the
+/// guest's RAM (`/dev/shm` when it has room), and whether the state directory has room for
+/// the snapshot's files. `None` for any other builder. Whether the image runs the guest agent
+/// only a boot can tell (a snapshot is made only once the agent answered).
+pub async fn snapshot_checks(spec: &BootSpec, ctx: &BootContext) -> Option<Vec<SnapshotCheck>> {
+    let BootSpec::Qemu(q) = spec else {
+        return None;
+    };
+    if !q.snapshot || q.runner.is_some() {
+        return None;
+    }
+    let mut rows = Vec::new();
+    let now = std::time::SystemTime::now();
+    rows.push(match next_boot(spec, ctx).await {
+        Ok(NextBoot::Restore(meta)) => {
+            let info = snapshot::info(&ctx.dir);
+            SnapshotCheck {
+                ok: true,
+                detail: format!(
+                    "the next boot restores the snapshot made {} ago ({} on disk; {}, {})",
+                    info.as_ref()
+                        .map_or_else(|| "?".to_owned(), |i| fmt_age(i.age(now))),
+                    info.as_ref()
+                        .map_or_else(|| "?".to_owned(), |i| fmt_bytes(i.disk_bytes)),
+                    meta.accel,
+                    meta.nix_version
+                ),
+            }
+        }
+        Ok(NextBoot::MakeSnapshot { why }) => SnapshotCheck {
+            ok: true,
+            detail: format!("the next boot is cold and makes a snapshot: {why}"),
+        },
+        Ok(NextBoot::Cold) => SnapshotCheck {
+            ok: false,
+            detail: "the next boot is cold and makes no snapshot".to_owned(),
+        },
+        Err(e) => SnapshotCheck {
+            ok: false,
+            detail: format!("cannot tell what the next boot does: {e}"),
+        },
+    });
+    let memory_mib = q.memory_mib.unwrap_or(qemu::DEFAULT_MEMORY_MIB);
+    let memory = memory_mib * 1024 * 1024;
+    let (place, free) = restore::live_ram_place(&ctx.dir, memory_mib);
+    let free_text = free.map_or_else(|| "unknown".to_owned(), fmt_bytes);
+    rows.push(if place == Path::new("/dev/shm") {
+        SnapshotCheck {
+            ok: true,
+            detail: format!(
+                "a cold boot keeps the guest's {} of RAM in /dev/shm ({free_text} free)",
+                fmt_bytes(memory)
+            ),
+        }
+    } else {
+        SnapshotCheck {
+            ok: false,
+            detail: format!(
+                "/dev/shm has too little room for the guest's {} of RAM: a cold boot keeps it in {} ({free_text} free), and the guest's memory writes reach that disk",
+                fmt_bytes(memory),
+                place.display()
+            ),
+        }
+    });
+    let state_free = restore::free_bytes(&ctx.dir);
+    rows.push(match state_free {
+        Some(f) if f >= memory => SnapshotCheck {
+            ok: true,
+            detail: format!(
+                "{} has {} free; a snapshot takes at most {} (the RAM the guest used)",
+                ctx.dir.display(),
+                fmt_bytes(f),
+                fmt_bytes(memory)
+            ),
+        },
+        other => SnapshotCheck {
+            ok: false,
+            detail: format!(
+                "{} has {} free, and a snapshot may take up to {}: it may not fit",
+                ctx.dir.display(),
+                other.map_or_else(|| "unknown".to_owned(), fmt_bytes),
+                fmt_bytes(memory)
+            ),
+        },
+    });
+    Some(rows)
+}
+
+/// "1.5 GiB", "212 MiB", "640 KiB".
+pub fn fmt_bytes(b: u64) -> String {
+    const K: f64 = 1024.0;
+    let f = b as f64;
+    if f >= K * K * K {
+        format!("{:.1} GiB", f / (K * K * K))
+    } else if f >= K * K {
+        format!("{:.0} MiB", f / (K * K))
+    } else {
+        format!("{:.0} KiB", f / K)
+    }
+}
+
+/// "45s", "12m", "3h05m", "2d04h".
+pub fn fmt_age(d: Duration) -> String {
+    let s = d.as_secs();
+    if s < 60 {
+        format!("{s}s")
+    } else if s < 3600 {
+        format!("{}m", s / 60)
+    } else if s < 86_400 {
+        format!("{}h{:02}m", s / 3600, (s % 3600) / 60)
+    } else {
+        format!("{}d{:02}h", s / 86_400, (s % 86_400) / 3600)
+    }
+}
+
 /// Waits until the builder answers on `port` (`ready.rs`: SSH banner, handshake with the
 /// pinned host key, the remote Nix's `--version`), or fails: at once for a wrong host key or
 /// the instance's exit, else at `deadline`. A restored instance was checked while it started
@@ -434,7 +558,10 @@ pub async fn wait_ready(
     if let Kind::Qemu(vm) = &mut instance.kind
         && let Some(pending) = vm.pending.take()
     {
-        restore::make_logged(vm.builder(), pending, &mut instance.child, &ready, deadline).await;
+        let made =
+            restore::make_logged(vm.builder(), pending, &mut instance.child, &ready, deadline)
+                .await;
+        vm.made = Some(made);
     }
     Ok(ready)
 }
@@ -492,6 +619,18 @@ impl Instance {
     pub fn snapshot_note(&self) -> Option<&str> {
         match &self.kind {
             Kind::Qemu(vm) => vm.snapshot_note.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// For a cold boot of a `snapshot = true` builder, once [`wait_ready`] returned: whether it
+    /// made the snapshot, or why not ("the guest agent did not answer …").
+    pub fn snapshot_made(&self) -> Option<Result<(), &str>> {
+        match &self.kind {
+            Kind::Qemu(vm) => vm
+                .made
+                .as_ref()
+                .map(|r| r.as_ref().map(|_| ()).map_err(String::as_str)),
             _ => None,
         }
     }

@@ -494,6 +494,8 @@ pub(super) struct Vm {
     pub(super) snapshot_note: Option<String>,
     /// A cold boot of a `snapshot = true` builder: the snapshot to make once it is ready.
     pub(super) pending: Option<Box<super::restore::Pending>>,
+    /// Once it was ready: whether that snapshot was made, or why not.
+    pub(super) made: Option<Result<(), String>>,
 }
 
 /// One launched QEMU process with QMP up.
@@ -853,6 +855,7 @@ async fn cold(
             how: super::BootKind::Cold,
             snapshot_note,
             pending,
+            made: None,
         }),
         child: launched.child,
         what: "qemu".into(),
@@ -934,6 +937,7 @@ async fn restore_vm(
             how: super::BootKind::Restored,
             snapshot_note: None,
             pending: None,
+            made: None,
         }),
         child: launched.child,
         what: "qemu".into(),
@@ -966,7 +970,7 @@ async fn restore_vm(
     };
     let refresh_done = t0.elapsed();
     let port = port.ok_or_else(|| "no forwarded SSH port".to_owned())?;
-    let ready = super::ready::wait_ready(&ctx.config, port, &mut inst, deadline)
+    let ready = super::ready::wait_ready_restored(&ctx.config, port, &mut inst, deadline)
         .await
         .map_err(|e| e.to_string())?;
     info!(

@@ -30,6 +30,8 @@ const BANNER_WAIT: Duration = Duration::from_secs(1);
 const RETRY_PAUSE: Duration = Duration::from_millis(200);
 /// Upper bound of one SSH handshake attempt.
 const SSH_CONNECT_LIMIT: Duration = Duration::from_secs(20);
+/// Upper bound of a handshake attempted without a banner probe first (a restored VM).
+const UNPROBED_CONNECT_LIMIT: Duration = Duration::from_secs(3);
 /// Upper bound of `--version`.
 const VERSION_LIMIT: Duration = Duration::from_secs(30);
 /// Most output kept from `--version`.
@@ -62,7 +64,28 @@ pub async fn wait_ready(
     instance: &mut Instance,
     deadline: impl Into<Instant>,
 ) -> Result<Ready, BootError> {
-    let deadline = deadline.into();
+    wait_ready_from(builder, port, instance, deadline.into(), true).await
+}
+
+/// [`wait_ready`] for a VM restored from a snapshot of a ready one: its sshd listens already,
+/// so the first attempt goes straight to the SSH handshake (one connection fewer for the guest
+/// to accept); later attempts probe the banner first, as always.
+pub(super) async fn wait_ready_restored(
+    builder: &Builder,
+    port: u16,
+    instance: &mut Instance,
+    deadline: Instant,
+) -> Result<Ready, BootError> {
+    wait_ready_from(builder, port, instance, deadline, false).await
+}
+
+async fn wait_ready_from(
+    builder: &Builder,
+    port: u16,
+    instance: &mut Instance,
+    deadline: Instant,
+    mut probe_banner: bool,
+) -> Result<Ready, BootError> {
     let t0 = Instant::now();
     let mut target = ssh::SshTarget::for_builder(builder)
         // for_builder's errors already name the builder.
@@ -90,8 +113,9 @@ pub async fn wait_ready(
             biased;
             report = instance.exited() => break Err(BootError::Exited { report, during: "before it was ready" }),
             _ = tokio::time::sleep_until(deadline) => break Err(timeout_error(&addr, t0.elapsed(), &stage, forwarded)),
-            r = attempt(&target, &command, deadline) => r,
+            r = attempt(&target, &command, deadline, probe_banner) => r,
         };
+        probe_banner = true;
         match r {
             Ok(version) => break Ok(version),
             Err(Attempt::Permanent(e)) => break Err(e),
@@ -153,14 +177,23 @@ async fn attempt(
     target: &ssh::SshTarget,
     command: &str,
     deadline: Instant,
+    probe_banner: bool,
 ) -> Result<String, Attempt> {
-    banner(&target.host, target.port, BANNER_WAIT)
-        .await
-        .map_err(|e| Attempt::Retry(Stage::Banner(e)))?;
+    let t0 = Instant::now();
+    if probe_banner {
+        banner(&target.host, target.port, BANNER_WAIT)
+            .await
+            .map_err(|e| Attempt::Retry(Stage::Banner(e)))?;
+    }
+    let banner_at = t0.elapsed();
 
     let mut t = target.clone();
     let left = deadline.saturating_duration_since(Instant::now());
     t.timeouts.connect = SSH_CONNECT_LIMIT.min(left.max(Duration::from_secs(1)));
+    if !probe_banner {
+        // Not even a banner was seen: do not wait long on this one.
+        t.timeouts.connect = t.timeouts.connect.min(UNPROBED_CONNECT_LIMIT);
+    }
     let session = match ssh::connect(&t).await {
         Ok(s) => s,
         Err(e) if is_permanent(&e.kind) => {
@@ -168,7 +201,14 @@ async fn attempt(
         }
         Err(e) => return Err(Attempt::Retry(Stage::Ssh(e.to_string()))),
     };
+    let connected_at = t0.elapsed();
     let result = timeout(VERSION_LIMIT, run_version(&session, command)).await;
+    tracing::debug!(
+        banner = ?banner_at,
+        ssh = ?connected_at.saturating_sub(banner_at),
+        version = ?t0.elapsed().saturating_sub(connected_at),
+        "readiness attempt: banner, SSH handshake, `{command}`"
+    );
     session.close().await;
     match result {
         Ok(Ok(version)) => Ok(version),

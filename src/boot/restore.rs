@@ -232,12 +232,25 @@ fn remove_stale(dir: &Path, prefix: &str) {
 /// Whether the filesystem of `dir` (a directory we may write) has `bytes` free, with a
 /// quarter to spare.
 fn has_room(dir: &Path, bytes: u64) -> bool {
-    match rustix::fs::statvfs(dir) {
-        Ok(s) => {
-            let free = s.f_bavail.saturating_mul(s.f_frsize);
-            free / 4 * 3 >= bytes && rustix::fs::access(dir, rustix::fs::Access::WRITE_OK).is_ok()
-        }
-        Err(_) => false,
+    free_bytes(dir).is_some_and(|free| free / 4 * 3 >= bytes)
+        && rustix::fs::access(dir, rustix::fs::Access::WRITE_OK).is_ok()
+}
+
+/// Bytes an unprivileged writer may still use on the filesystem of `dir`.
+pub(super) fn free_bytes(dir: &Path) -> Option<u64> {
+    rustix::fs::statvfs(dir)
+        .ok()
+        .map(|s| s.f_bavail.saturating_mul(s.f_frsize))
+}
+
+/// Where a cold boot of a `memory_mib` guest keeps its RAM (`/dev/shm` when it has room,
+/// else the state directory), and the free bytes there.
+pub(super) fn live_ram_place(state_dir: &Path, memory_mib: u64) -> (PathBuf, Option<u64>) {
+    let shm = Path::new("/dev/shm");
+    if has_room(shm, memory_mib * 1024 * 1024) {
+        (shm.to_owned(), free_bytes(shm))
+    } else {
+        (state_dir.to_owned(), free_bytes(state_dir))
     }
 }
 
@@ -259,21 +272,20 @@ pub(super) struct Pending {
 // Making a snapshot
 
 /// [`make`] within what is left of the boot's `deadline` (at most [`MAKE_LIMIT`]); the outcome
-/// is logged, never returned: a builder without a snapshot still builds.
+/// is logged, and returned for `status` and `doctor`, never as the boot's failure: a builder
+/// without a snapshot still builds.
 pub(super) async fn make_logged(
     builder: &str,
     pending: Box<Pending>,
     child: &mut Child,
     ready: &Ready,
     deadline: tokio::time::Instant,
-) {
+) -> Result<(), String> {
     let left = deadline.saturating_duration_since(tokio::time::Instant::now());
     if left < MAKE_MIN {
-        warn!(
-            builder,
-            "no snapshot this time: the boot left too little time to make one"
-        );
-        return;
+        let why = "the boot left too little time to make one";
+        warn!(builder, "no snapshot this time: {why}");
+        return Err(why.to_owned());
     }
     let t0 = Instant::now();
     let limit = left.min(MAKE_LIMIT);
@@ -282,14 +294,17 @@ pub(super) async fn make_logged(
         .await
         .unwrap_or_else(|_| Err(format!("not done within {}", fmt_elapsed(limit))));
     match outcome {
-        Ok(meta) => info!(
-            builder,
-            paused_ms = meta.paused_ms,
-            ram_mib = meta.ram_data_bytes / (1024 * 1024),
-            devices_bytes = meta.devices_bytes,
-            took = %fmt_elapsed(t0.elapsed()),
-            "snapshot made"
-        ),
+        Ok(meta) => {
+            info!(
+                builder,
+                paused_ms = meta.paused_ms,
+                ram_mib = meta.ram_data_bytes / (1024 * 1024),
+                devices_bytes = meta.devices_bytes,
+                took = %fmt_elapsed(t0.elapsed()),
+                "snapshot made"
+            );
+            Ok(())
+        }
         Err(why) => {
             warn!(builder, "cannot make a snapshot: {why}");
             // Never leave the VM paused.
@@ -297,6 +312,7 @@ pub(super) async fn make_logged(
             if let Err(e) = snapshot::remove(&layout) {
                 warn!(builder, error = %e, "cannot remove the unfinished snapshot");
             }
+            Err(why)
         }
     }
 }

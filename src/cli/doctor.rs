@@ -1,6 +1,7 @@
 //! `doctor`: one report that checks every builder end to end: the table as nix-daemon would
 //! read it (nix.conf, `NIX_CONFIG`, `@file`s), keys, pinned host keys, a lazy builder's boot
-//! settings on this machine and its supervisor, the boot, SSH, the remote Nix and its systems,
+//! settings on this machine (and whether a `snapshot = true` builder can make and restore a
+//! snapshot) and its supervisor, the boot, SSH, the remote Nix and its systems,
 //! and one verdict per builder.
 //!
 //! It tells what it found, not what it hoped: a host-key mismatch is the host-key row's
@@ -20,7 +21,7 @@ use crate::config::{
 };
 use crate::ssh::{self, SshErrorKind};
 use crate::supervisor::client::{Client, StatusReport, Verdict};
-use crate::supervisor::proto::{BuilderStatus, State};
+use crate::supervisor::proto::{BootKind, BuilderStatus, SnapshotStatus, State};
 
 /// What `doctor` is asked to check.
 #[derive(Clone, Copy, Debug)]
@@ -377,6 +378,19 @@ async fn doctor_one(
                 format!("{why} (the next boot of '{}' fails)", b.name),
             ),
         };
+        let dir = crate::supervisor::paths::builder_dir(&cfg.supervisor.state_dir, &b.name);
+        // A builder that cannot snapshot still builds (cold): its rows warn, never fail.
+        for c in
+            crate::boot::snapshot_checks(&lazy.boot, &crate::boot::BootContext::new(b, dir.clone()))
+                .await
+                .unwrap_or_default()
+        {
+            rows.push(
+                if c.ok { Level::Ok } else { Level::Warn },
+                SNAPSHOT,
+                c.detail,
+            );
+        }
         match view {
             SupervisorView::Other { pid, file } => fail!(
                 "boot",
@@ -453,6 +467,9 @@ async fn doctor_one(
             );
         } else {
             rows.push(Level::Ok, "boot", up);
+        }
+        if let Some(snap) = &s.snapshot {
+            rows.0.push(snapshot_after_boot(snap, &dir));
         }
         if let Some(expected) = s.expected_boot_ms
             && let Some(w) = super::boot_timeout_warning(b, expected)
@@ -538,6 +555,51 @@ async fn doctor_one(
     }
     session.close().await;
     (rows, booted)
+}
+
+/// The `doctor` row a `snapshot = true` builder's check name.
+const SNAPSHOT: &str = "snapshot";
+
+/// What the boot doctor asked for (or found) says about snapshots: restored, made one, or
+/// could not make one and why (the guest agent did not answer, too little time, …).
+fn snapshot_after_boot(snap: &SnapshotStatus, dir: &Path) -> Check {
+    let on_disk = crate::boot::snapshot::info(dir).map(|i| {
+        format!(
+            "{} on disk, made {} ago",
+            crate::boot::fmt_bytes(i.disk_bytes),
+            crate::boot::fmt_age(i.age(std::time::SystemTime::now()))
+        )
+    });
+    let (ok, detail) = match (snap.boot_kind, snap.restorable, &on_disk) {
+        (BootKind::Restore, _, _) => (
+            true,
+            format!(
+                "it came up restored from its snapshot ({}): the guest agent reseeded its RNG and set its clock",
+                on_disk.as_deref().unwrap_or("its files are gone since")
+            ),
+        ),
+        (BootKind::Make, true, Some(d)) => (
+            true,
+            format!("it booted cold and made a snapshot ({d}); the next boot restores it"),
+        ),
+        (kind, _, _) => (
+            false,
+            format!(
+                "it booted {} and made no snapshot: {}",
+                if kind == BootKind::Make {
+                    "cold"
+                } else {
+                    "cold (snapshot = true has no effect here)"
+                },
+                snap.note.as_deref().unwrap_or("no reason was given")
+            ),
+        ),
+    };
+    Check {
+        level: if ok { Level::Ok } else { Level::Warn },
+        what: SNAPSHOT,
+        detail,
+    }
 }
 
 /// What the next boot of `b` will do, for a snapshotting qemu builder ("; next boot: …").

@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::pin::Pin;
 use std::time::Instant;
 
+use super::proto::BootKind;
 use crate::config::Builder;
 
 /// A boxed, sendable future (object-safe async trait methods).
@@ -32,6 +33,18 @@ pub trait Backend: Send + Sync + 'static {
         builder: &'a Builder,
         ctx: &'a InstanceContext,
     ) -> BoxFuture<'a, Result<Box<dyn RunningBuilder>, String>>;
+
+    /// What [`start`](Self::start) will do for `builder` now, as far as can be told without
+    /// starting it: the kind of boot, and why it is not a restore (`snapshot = true` only).
+    /// `None`: the backend cannot tell (a plain cold boot, as far as the supervisor knows).
+    fn plan<'a>(
+        &'a self,
+        builder: &'a Builder,
+        ctx: &'a InstanceContext,
+    ) -> BoxFuture<'a, Option<(BootKind, Option<String>)>> {
+        let _ = (builder, ctx);
+        Box::pin(async { None })
+    }
 
     /// What to add to "boot timed out … while starting" (the start did not return within the
     /// builder's boot-timeout): what the instance's logs said last and which log to read.
@@ -58,6 +71,21 @@ pub trait RunningBuilder: Send {
     ) -> BoxFuture<'a, Result<String, String>>;
     /// Resolve when the instance ends on its own, with a one-line report. Cancel-safe.
     fn exited(&mut self) -> BoxFuture<'_, String>;
+    /// How it came up (known once it was started; a cold boot that makes a snapshot is
+    /// [`BootKind::Make`]).
+    fn boot_kind(&self) -> BootKind {
+        BootKind::Cold
+    }
+    /// Once ready: whether the builder's next boot has a snapshot to restore (this one was
+    /// restored from it, or made it).
+    fn restorable(&self) -> bool {
+        false
+    }
+    /// Once ready: why it was not restored, and why it made no snapshot, if it did not
+    /// (`snapshot = true` only; one line).
+    fn snapshot_note(&self) -> Option<String> {
+        None
+    }
     /// Stop it (`graceful`: power-down first; otherwise straight to the forced steps), each step
     /// bounded; resolves with a one-line report once every process is gone.
     fn stop(self: Box<Self>, graceful: bool) -> BoxFuture<'static, String>;
@@ -96,6 +124,23 @@ impl Backend for BootBackend {
                 builder: builder.clone(),
                 dir: ctx.dir.clone(),
             }) as Box<dyn RunningBuilder>)
+        })
+    }
+
+    fn plan<'a>(
+        &'a self,
+        builder: &'a Builder,
+        ctx: &'a InstanceContext,
+    ) -> BoxFuture<'a, Option<(BootKind, Option<String>)>> {
+        Box::pin(async move {
+            let lazy = builder.lazy.as_ref()?;
+            let boot_ctx = crate::boot::BootContext::new(builder, ctx.dir.clone());
+            // An error here (QEMU missing, …) is the start's to report.
+            match crate::boot::next_boot(&lazy.boot, &boot_ctx).await.ok()? {
+                crate::boot::NextBoot::Cold => Some((BootKind::Cold, None)),
+                crate::boot::NextBoot::Restore(_) => Some((BootKind::Restore, None)),
+                crate::boot::NextBoot::MakeSnapshot { why } => Some((BootKind::Make, Some(why))),
+            }
         })
     }
 
@@ -140,6 +185,27 @@ impl RunningBuilder for BootRunning {
                 Some(l) => report + &crate::boot::console::log_note(&l.boot, &self.dir),
                 None => report,
             }
+        })
+    }
+
+    fn boot_kind(&self) -> BootKind {
+        match (self.inner.boot_kind(), self.inner.snapshot_note()) {
+            (crate::boot::BootKind::Restored, _) => BootKind::Restore,
+            (crate::boot::BootKind::Cold, Some(_)) => BootKind::Make,
+            (crate::boot::BootKind::Cold, None) => BootKind::Cold,
+        }
+    }
+
+    fn restorable(&self) -> bool {
+        self.inner.boot_kind() == crate::boot::BootKind::Restored
+            || matches!(self.inner.snapshot_made(), Some(Ok(())))
+    }
+
+    fn snapshot_note(&self) -> Option<String> {
+        let note = self.inner.snapshot_note()?;
+        Some(match self.inner.snapshot_made() {
+            Some(Err(why)) => format!("{note}; cannot make one: {why}"),
+            _ => note.to_owned(),
         })
     }
 

@@ -668,6 +668,7 @@ mod tests {
             last_failure: failure,
             nix_version: None,
             warm: None,
+            snapshot: None,
         }
     }
 

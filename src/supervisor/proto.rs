@@ -220,6 +220,9 @@ pub struct BuilderStatus {
     /// Its warm connection, if the supervisor keeps one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warm: Option<WarmStatus>,
+    /// A `snapshot = true` builder's boots: restored or cold, and its snapshot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<Box<SnapshotStatus>>,
 }
 
 /// A builder's warm connection.
@@ -259,8 +262,55 @@ impl BuilderStatus {
             last_failure: None,
             nix_version: None,
             warm: None,
+            snapshot: None,
         }
     }
+}
+
+/// How a boot brings a lazy builder up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BootKind {
+    /// A cold boot.
+    Cold,
+    /// A cold boot that snapshots the builder once it is ready (`snapshot = true`, with no
+    /// snapshot to restore).
+    Make,
+    /// A restore of the builder's snapshot.
+    Restore,
+}
+
+/// The boots of a `snapshot = true` builder.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotStatus {
+    /// The boot under way (booting), the one the instance came up by (up, draining,
+    /// stopping), or the one expected next (down, failed).
+    pub boot_kind: BootKind,
+    /// The next boot is expected to restore a snapshot (the last boot was restored from it,
+    /// or made it).
+    pub restorable: bool,
+    /// Of `boots`, how many came up restored from the snapshot, and how many cold.
+    pub restored: u32,
+    pub booted_cold: u32,
+    /// Why the last boot was not a restore, or why it made no snapshot (one line).
+    #[serde(default)]
+    pub note: Option<String>,
+    /// The snapshot on disk: filled in by `status` from the state directory (the
+    /// supervisor leaves it out).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files: Option<SnapshotFiles>,
+}
+
+/// A published snapshot's files.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotFiles {
+    /// When it was made, in seconds since the epoch, and how long ago that was.
+    pub created_unix: u64,
+    pub age_ms: u64,
+    /// Disk space its files take (guest RAM is sparse: only what the guest had touched).
+    pub disk_bytes: u64,
+    /// Whether it matches the configuration (a restore), or why the next boot remakes it.
+    pub next_boot: String,
 }
 
 /// A remembered failure.

@@ -905,8 +905,20 @@ async fn instance_task(
     let tokio_deadline = tokio::time::Instant::from_std(deadline);
     let timeout_text = humantime::format_duration(boot_timeout);
 
+    // The plan (restore or cold boot) first, so that the machine expects the right time.
+    let plan_and_start = async {
+        if let Some((kind, note)) = backend.plan(&builder, &ctx).await {
+            send(Event::BootPlanned {
+                builder: name.clone(),
+                generation,
+                kind,
+                note,
+            });
+        }
+        backend.start(&builder, &ctx).await
+    };
     let start = tokio::select! {
-        r = tokio::time::timeout_at(tokio_deadline, backend.start(&builder, &ctx)) => r,
+        r = tokio::time::timeout_at(tokio_deadline, plan_and_start) => r,
         _ = &mut stop => {
             // Dropping the start future drops whatever it had started.
             send(Event::StopFinished {
@@ -976,6 +988,9 @@ async fn instance_task(
                 port,
                 nix_version,
                 took: started.elapsed(),
+                kind: instance.boot_kind(),
+                restorable: instance.restorable(),
+                note: instance.snapshot_note(),
             });
             None
         }

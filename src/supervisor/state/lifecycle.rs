@@ -72,10 +72,17 @@ impl Machine {
         s.phase = Phase::Booting { since: now };
         s.up = None;
         s.reboot_after_stop = false;
+        let kind = s.kinds.start();
         log(
             out,
             LogLevel::Info,
-            format!("booting builder '{}' (boot {})", s.cfg.name, s.boots),
+            format!(
+                "{} builder '{}' (boot {}{})",
+                super::boots::verb(kind),
+                s.cfg.name,
+                s.boots,
+                super::boots::expected_text(kind, s.expected_boot())
+            ),
         );
         out.push(Action::StartBoot {
             builder: s.cfg.name.clone(),
@@ -117,12 +124,14 @@ impl Machine {
         });
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn boot_succeeded(
         &mut self,
         i: usize,
         port: u16,
         nix_version: String,
         took: Duration,
+        came: super::boots::CameUp,
         now: Instant,
         out: &mut Vec<Action>,
     ) {
@@ -135,9 +144,10 @@ impl Machine {
             out,
             LogLevel::Info,
             format!(
-                "builder '{}' is up after {:.1}s (port {port}, {nix_version})",
+                "builder '{}' is up after {:.1}s{} (port {port}, {nix_version})",
                 s.cfg.name,
-                took.as_secs_f64()
+                took.as_secs_f64(),
+                super::boots::came_up_how(&came)
             ),
         );
         s.phase = Phase::Up;
@@ -152,10 +162,7 @@ impl Machine {
         if let Some(f) = &mut s.failure {
             f.consecutive = 0;
         }
-        s.history.push_back(ms(took));
-        while s.history.len() > HISTORY_LEN {
-            s.history.pop_front();
-        }
+        s.kinds.came_up(came, ms(took), &mut s.history);
         out.push(Action::SaveHistory);
         self.wake_waiters(i, now, out);
     }

@@ -11,7 +11,8 @@
 //! This file holds the machine's types and its dispatch; the rules live one per file:
 //! `requests.rs` (what clients ask, leases), `lifecycle.rs` (boots, failures, stops, shutdown),
 //! `reconfigure.rs` (when to reread the configuration, and applying it), `status.rs` (what
-//! `status` shows) and `timers.rs` (idle stops, deadlines, the exit, the shutdown's kill).
+//! `status` shows), `timers.rs` (idle stops, deadlines, the exit, the shutdown's kill) and
+//! `boots.rs` (restore or cold boot: the kind each boot is expected to be, per-kind history).
 //!
 //! Rules it keeps (each has a unit test in `tests/`, one file per rule):
 //! - A lease is tied to its connection; a connection that goes away releases all of its leases.
@@ -48,7 +49,12 @@
 //!   that build sees.
 //! - A builder whose boot-timeout is below the boot time it has been measured to take is
 //!   warned about when a configuration is applied ([`Machine::config_warnings`]).
+//! - A boot's expected time comes from earlier boots of its own kind: a restore's from
+//!   restores, a cold boot's from cold boots. The next boot of a `snapshot = true` builder is
+//!   expected to restore when its last boot left a snapshot; the backend's plan, reported as
+//!   the boot starts ([`Event::BootPlanned`]), corrects the guess.
 
+mod boots;
 mod lifecycle;
 mod reconfigure;
 mod requests;
@@ -63,10 +69,11 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
-use super::proto::{Request, Response, SessionSpec, State};
+use super::proto::{BootKind, Request, Response, SessionSpec, State};
 use crate::config::Builder;
 use crate::supervisor::proto::Handshake;
 
+pub use boots::DEFAULT_EXPECTED_RESTORE;
 use lifecycle::Gone;
 pub use lifecycle::{HISTORY_LEN, STABLE_UPTIME};
 pub use reconfigure::{ConfigFileSeen, ReloadWhy, SETTLE, UNKNOWN_RELOAD_EVERY};
@@ -92,6 +99,8 @@ pub struct BuilderConfig {
     /// Stands for every setting that decides whether a boot works (boot section, URI, keys,
     /// boot timeout): when it changes, the builder's failure memory is cleared.
     pub boot_fingerprint: u64,
+    /// `snapshot = true`: boots restore a snapshot, or make one.
+    pub snapshot: bool,
 }
 
 impl BuilderConfig {
@@ -118,6 +127,7 @@ impl BuilderConfig {
             idle_timeout: lazy.idle_timeout,
             boot_timeout: lazy.boot_timeout,
             boot_fingerprint: h.finish(),
+            snapshot: matches!(&lazy.boot, crate::config::BootSpec::Qemu(q) if q.snapshot && q.runner.is_none()),
         })
     }
 }
@@ -138,8 +148,16 @@ pub struct Settings {
 /// Boot durations per builder, newest last, in milliseconds. Persisted by the runtime as JSON.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BootHistory {
+    /// Cold boots (those that made a snapshot included).
     #[serde(default)]
     pub builders: BTreeMap<String, Vec<u64>>,
+    /// Restores from a snapshot.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub restores: BTreeMap<String, Vec<u64>>,
+    /// The builders whose last boot left a snapshot to restore: their next boot is expected
+    /// to be a restore.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeSet::is_empty")]
+    pub restorable: std::collections::BTreeSet<String>,
 }
 
 /// Something that happened.
@@ -148,6 +166,14 @@ pub enum Event {
     ClientConnected(ConnId),
     ClientGone(ConnId),
     Request(ConnId, Request),
+    /// The backend said what the boot it starts will be (before starting it).
+    BootPlanned {
+        builder: String,
+        generation: Generation,
+        kind: BootKind,
+        /// Why it is not a restore (`snapshot = true` only).
+        note: Option<String>,
+    },
     /// A boot reached readiness.
     BootSucceeded {
         builder: String,
@@ -155,6 +181,13 @@ pub enum Event {
         port: u16,
         nix_version: String,
         took: Duration,
+        /// How it came up: restored, or booted cold (and made a snapshot, or not).
+        kind: BootKind,
+        /// A snapshot is there for the next boot to restore (it was restored from one, or made
+        /// one).
+        restorable: bool,
+        /// Why it was not restored, or why it made no snapshot (`snapshot = true` only).
+        note: Option<String>,
     },
     /// A boot failed; the instance (if one was started) is already gone.
     BootFailed {
@@ -379,7 +412,10 @@ struct Slot {
     /// The boot settings ([`BuilderConfig::boot_fingerprint`]) the instance was started with.
     booted_with: Option<u64>,
     failure: Option<LastFailure>,
+    /// Cold boot durations (restores are in `kinds`).
     history: VecDeque<u64>,
+    /// Restore or cold boot: the kinds of boots ([`boots`]).
+    kinds: boots::Kinds,
     /// Connections waiting in `wait-ready`, with their deadlines.
     waiters: Vec<(ConnId, Instant)>,
     /// Boot again as soon as the running stop finishes.
@@ -392,6 +428,7 @@ struct Slot {
 impl Slot {
     fn new(cfg: BuilderConfig, history: VecDeque<u64>, now: Instant) -> Self {
         Slot {
+            kinds: boots::Kinds::new(cfg.snapshot),
             cfg,
             phase: Phase::Down,
             generation: 0,
@@ -468,7 +505,9 @@ impl Machine {
                 while h.len() > HISTORY_LEN {
                     h.pop_front();
                 }
-                Slot::new(cfg, h, now)
+                let mut s = Slot::new(cfg, h, now);
+                s.kinds.seed(&s.cfg, history);
+                s
             })
             .collect();
         Machine {
@@ -496,14 +535,19 @@ impl Machine {
 
     /// The boot durations to persist.
     pub fn history(&self) -> BootHistory {
-        BootHistory {
+        let mut h = BootHistory {
             builders: self
                 .slots
                 .iter()
                 .filter(|s| !s.history.is_empty())
                 .map(|s| (s.cfg.name.clone(), s.history.iter().copied().collect()))
                 .collect(),
+            ..BootHistory::default()
+        };
+        for s in &self.slots {
+            s.kinds.persist(&s.cfg.name, &mut h);
         }
+        h
     }
 
     /// Whether [`Action::Exit`] or [`Action::KillAll`] was emitted.
@@ -549,15 +593,33 @@ impl Machine {
                     self.request(conn, req, now, &mut out);
                 }
             }
+            Event::BootPlanned {
+                builder,
+                generation,
+                kind,
+                note,
+            } => {
+                if let Some(i) = self.current(&builder, generation, &mut out) {
+                    self.boot_planned(i, kind, note, &mut out);
+                }
+            }
             Event::BootSucceeded {
                 builder,
                 generation,
                 port,
                 nix_version,
                 took,
+                kind,
+                restorable,
+                note,
             } => {
                 if let Some(i) = self.current(&builder, generation, &mut out) {
-                    self.boot_succeeded(i, port, nix_version, took, now, &mut out);
+                    let came = boots::CameUp {
+                        kind,
+                        restorable,
+                        note,
+                    };
+                    self.boot_succeeded(i, port, nix_version, took, came, now, &mut out);
                 }
             }
             Event::BootFailed {

@@ -337,6 +337,7 @@ impl Machine {
                 }
                 // max-jobs and idle-timeout apply at once: a lower max-jobs only refuses new
                 // leases, and the idle timer is re-evaluated by the timers below.
+                s.kinds.reconfigured(cfg.snapshot);
                 s.cfg = cfg;
             }
             slots.push(s);

@@ -1,6 +1,6 @@
 //! What `status` shows of a builder (state, port, times, leases, the last failure in wall-clock
-//! time), the expected boot time (the median of recent boots), and answering `wait-ready`
-//! waiters with it.
+//! time), and answering `wait-ready` waiters with it. The expected boot time (the median of
+//! recent boots of the same kind) is `boots.rs`'.
 
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
@@ -26,23 +26,6 @@ pub(super) fn answer_waiters(
                 status: status.clone(),
             },
         });
-    }
-}
-
-impl Slot {
-    pub(super) fn expected_boot(&self) -> Duration {
-        if self.history.is_empty() {
-            return DEFAULT_EXPECTED_BOOT.min(self.cfg.boot_timeout);
-        }
-        let mut v: Vec<u64> = self.history.iter().copied().collect();
-        v.sort_unstable();
-        let n = v.len();
-        let median = if n % 2 == 1 {
-            v[n / 2]
-        } else {
-            (v[n / 2 - 1] + v[n / 2]) / 2
-        };
-        Duration::from_millis(median)
     }
 }
 
@@ -136,6 +119,7 @@ impl Machine {
             last_failure,
             nix_version: up.map(|u| u.nix_version.clone()),
             warm: self.warm_status(&s.cfg.name, true, now),
+            snapshot: s.snapshot_status(),
         }
     }
 

@@ -62,6 +62,7 @@ fn a_broken_config_is_the_error_above_the_running_supervisors_state() {
             "BOOTS FAILED",
             "WARM",
             "HAND-OUTS",
+            "SNAPSHOT",
             "LAST FAILURE"
         ],
         "{table}"

@@ -143,7 +143,7 @@ fn a_guest_that_panics_is_told_by_its_panic_and_the_console_log() {
     assert!(
         lines[0].starts_with("BUILDER ")
             && lines[0].contains(" RUNNING BUILDS  BOOTS OK  BOOTS FAILED  WARM ")
-            && lines[0].contains(" HAND-OUTS  LAST FAILURE"),
+            && lines[0].contains(" HAND-OUTS  SNAPSHOT  LAST FAILURE"),
         "{table}"
     );
     let row: Vec<&str> = lines

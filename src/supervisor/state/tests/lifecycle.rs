@@ -148,6 +148,9 @@ fn stale_generations_are_ignored() {
         port: 1,
         nix_version: "x".into(),
         took: S,
+        kind: BootKind::Cold,
+        restorable: false,
+        note: None,
     });
     t.ev(Event::StopFinished {
         builder: "vm".into(),

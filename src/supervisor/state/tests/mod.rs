@@ -1,7 +1,8 @@
 //! The state machine's tests, one file per rule (requests, lifecycle, reconfigure, status,
-//! timers) and the invariants over random event sequences; this file is their harness: a
+//! timers, boots) and the invariants over random event sequences; this file is their harness: a
 //! machine, a clock that only moves when a test says so, and helpers to read actions.
 
+mod boots;
 mod invariants;
 mod lifecycle;
 mod reconfigure;
@@ -23,6 +24,7 @@ fn cfg(name: &str, max_jobs: u32, idle: Option<u64>) -> BuilderConfig {
         idle_timeout: idle.map(Duration::from_secs),
         boot_timeout: Duration::from_secs(120),
         boot_fingerprint: 0,
+        snapshot: false,
     }
 }
 
@@ -146,6 +148,9 @@ impl T {
             port: 2222,
             nix_version: "nix-store (Nix) 2.8.0".into(),
             took: Duration::from_secs(took),
+            kind: BootKind::Cold,
+            restorable: false,
+            note: None,
         })
     }
 

@@ -283,6 +283,9 @@ fn a_builder_removed_and_added_again_never_reuses_a_generation() {
         port: 1,
         nix_version: "x".into(),
         took: S,
+        kind: BootKind::Cold,
+        restorable: false,
+        note: None,
     });
     assert_eq!(t.status("vm").state, State::Booting);
 }
