@@ -6,8 +6,9 @@
 //!   `share=on` file) is left out of the stream; `migrate` to a unix socket we listen on, whose
 //!   bytes become `devices`; the RAM file's data is copied sparsely into `ram` (and an
 //!   ephemeral disk's overlay into `disk.qcow2`) while the VM is still paused; `cont`; then the
-//!   files are synced and published (`snapshot.rs`). The running VM goes on with its own RAM
-//!   file, which nobody else maps.
+//!   files are synced and published (`snapshot.rs`); the agent sets the guest's clock again
+//!   (it stood still while paused). The running VM goes on with its own RAM file, which
+//!   nobody else maps.
 //! - **Restoring one**: QEMU starts with the snapshot's `ram` mapped `share=off` and
 //!   `-incoming defer`; capability `x-ignore-shared`; `migrate-incoming` on a unix socket to
 //!   which we write `devices`; `cont`. The caller then has the agent refresh the guest (RNG,
@@ -303,6 +304,12 @@ pub(super) async fn make_logged(
                 took = %fmt_elapsed(t0.elapsed()),
                 "snapshot made"
             );
+            // The guest's clock stood still while it was paused: set it again (and reseed, as
+            // the agent always does) before anyone builds on it.
+            let soon = tokio::time::Instant::now() + Duration::from_secs(3);
+            if let Err(e) = super::agent::refresh(&pending.agent_socket, soon).await {
+                warn!(builder, error = %e, "the guest's clock was not set after the snapshot");
+            }
             Ok(())
         }
         Err(why) => {
