@@ -380,8 +380,9 @@ pub fn still_in_phase(
 
 /// Waits until a random point of `phase` (seeded) and returns a description of the point.
 /// Upload and download: a random fraction (5–90 %) of the bytes has arrived. Build: a random
-/// time (0–70 % of the sleep) after the builder's "build started" line reached the client.
-/// Panics if the phase passes without being seen.
+/// time (0–70 % of the sleep, of at most [`SLOW_BUILD_SECS`] of it: a longer sleep is there to
+/// outlast what follows the fault, not to spread the point) after the builder's
+/// "build started" line reached the client. Panics if the phase passes without being seen.
 #[track_caller]
 pub fn wait_for_point(
     rng: &mut FaultRng,
@@ -396,7 +397,8 @@ pub fn wait_for_point(
         Phase::Build => {
             build.wait_line(&paths.spec.started_line(), limit);
             let secs = f64::from(paths.spec.sleep_secs);
-            let after = Duration::from_secs_f64(rng.fraction(0.0, 0.7) * secs);
+            let span = f64::from(paths.spec.sleep_secs.min(SLOW_BUILD_SECS));
+            let after = Duration::from_secs_f64(rng.fraction(0.0, 0.7) * span);
             thread::sleep(after);
             assert!(
                 build.line_at(&paths.spec.done_line()).is_none(),
