@@ -18,8 +18,10 @@
 //! - `command` (`command.rs`): any foreground command; stopped by a stop command or a signal.
 
 pub mod agent;
+mod check;
 mod child;
 mod command;
+pub mod console;
 mod darling;
 mod logs;
 pub mod qemu;
@@ -34,6 +36,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::{BootSpec, Builder};
 
+pub use check::check_spec;
 pub use qemu::AccelUsed;
 pub use ready::Ready;
 
@@ -104,22 +107,24 @@ pub enum BootError {
     #[error("{0}")]
     Qmp(#[from] qmp::QmpError),
     /// Readiness: no SSH banner before the deadline.
-    #[error("no SSH banner on {addr} after {} ({last})", fmt_secs(*after))]
+    #[error("{}", no_banner_message(addr, *after, last, *forwarded))]
     NoBanner {
         /// `host:port` that was tried.
         addr: String,
         after: Duration,
         last: String,
+        /// `addr` is QEMU's port forward: it takes connections whether or not the guest is up.
+        forwarded: bool,
     },
     /// Readiness: the banner came but SSH never worked before the deadline.
-    #[error("SSH on {addr} not usable after {}: {last}", fmt_secs(*after))]
+    #[error("SSH on {addr} answered but was not usable within boot-timeout (waited {}): {last}", fmt_secs(*after))]
     SshNotReady {
         addr: String,
         after: Duration,
         last: String,
     },
     /// Readiness: SSH works but the remote Nix never answered before the deadline.
-    #[error("remote Nix on {addr} did not answer after {}: {last}", fmt_secs(*after))]
+    #[error("remote Nix on {addr} did not answer within boot-timeout (waited {}): {last}", fmt_secs(*after))]
     NixNotReady {
         addr: String,
         after: Duration,
@@ -131,6 +136,43 @@ pub enum BootError {
     /// The builder's SSH settings cannot be used (e.g. an unreadable known_hosts file).
     #[error("{0}")]
     SshSetup(String),
+}
+
+impl BootError {
+    /// Whether the builder ran out of its boot-timeout while the readiness check waited.
+    pub fn is_timeout(&self) -> bool {
+        matches!(
+            self,
+            BootError::NoBanner { .. }
+                | BootError::SshNotReady { .. }
+                | BootError::NixNotReady { .. }
+        )
+    }
+}
+
+/// What "no banner" means. Behind QEMU's port forward an accepted connection says nothing about
+/// the guest (slirp accepts at once and only then tries the guest), so the message is about the
+/// guest; elsewhere it is about the address.
+fn no_banner_message(addr: &str, after: Duration, last: &str, forwarded: bool) -> String {
+    if !forwarded {
+        return format!(
+            "no SSH banner on {addr} within boot-timeout (waited {}; last try: {last})",
+            fmt_secs(after)
+        );
+    }
+    // Slirp's own answers while the guest is silent: they describe the forward, not the guest.
+    let slirp = last.starts_with("connected, but no")
+        || last.starts_with("connection closed before a banner");
+    format!(
+        "the guest did not answer on SSH within boot-timeout (waited {}): QEMU's port forward \
+         {addr} took the connections, but nothing in the guest answered behind it{}",
+        fmt_secs(after),
+        if slirp {
+            String::new()
+        } else {
+            format!(" (last try: {last})")
+        }
+    )
 }
 
 fn exited_message(r: &ExitReport, during: &str) -> String {
@@ -487,7 +529,7 @@ impl Instance {
             pid: self.child.pid(),
             status: exit.status,
             uptime: exit.at.saturating_duration_since(self.started),
-            last_line: logs::last_line_of_any(&self.logs),
+            last_line: console::summary(&self.logs),
         }
     }
 
@@ -773,21 +815,28 @@ mod tests {
             addr: "127.0.0.1:40123".into(),
             after: Duration::from_secs(120),
             last: "connection closed before a banner".into(),
+            forwarded: false,
         };
         assert_eq!(
             e.to_string(),
-            "no SSH banner on 127.0.0.1:40123 after 2m (connection closed before a banner)"
+            "no SSH banner on 127.0.0.1:40123 within boot-timeout (waited 2m; last try: \
+             connection closed before a banner)"
         );
         assert!(!e.to_string().contains('\n'));
+        assert!(e.is_timeout());
         let e = BootError::NoBanner {
             addr: "127.0.0.1:40123".into(),
             after: Duration::from_millis(2_990),
-            last: "connection refused".into(),
+            last: "connected, but no banner within 1s".into(),
+            forwarded: true,
         };
         assert_eq!(
             e.to_string(),
-            "no SSH banner on 127.0.0.1:40123 after 3s (connection refused)"
+            "the guest did not answer on SSH within boot-timeout (waited 3s): QEMU's port \
+             forward 127.0.0.1:40123 took the connections, but nothing in the guest answered \
+             behind it"
         );
+        assert!(!e.to_string().contains("connected, but"));
     }
 
     /// The supervisor runs these on a multi-threaded runtime and boxes them as `Send`

@@ -1060,7 +1060,7 @@ async fn launch(
             pid: child.pid(),
             status: exit.status,
             uptime: exit.at.saturating_duration_since(started),
-            last_line: logs::last_line_of_any(&[qemu_log.clone(), console.clone()]),
+            last_line: super::console::summary(&[qemu_log.clone(), console.clone()]),
         },
         during: "during boot",
     };

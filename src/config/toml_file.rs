@@ -22,6 +22,7 @@ use super::model::{
     HostKeySpec, LazySettings, Origin, QemuBoot, StopSignal, SupervisorSettings,
 };
 use super::uri::BuilderUri;
+use super::words::user_words;
 use super::{CONFIG_ENV_VAR, DEFAULT_BOOT_TIMEOUT, DEFAULT_IDLE_TIMEOUT};
 
 #[derive(Deserialize)]
@@ -321,6 +322,22 @@ impl Config {
         }
     }
 
+    /// The state directory of a config that does not load (to find its supervisor anyway):
+    /// the `[supervisor] state-dir` it names if it is TOML that says so, else the default.
+    pub fn state_dir_hint(path: &ConfigPath) -> PathBuf {
+        std::fs::read_to_string(&path.path)
+            .ok()
+            .and_then(|text| text.parse::<toml::Table>().ok())
+            .and_then(|t| {
+                t.get("supervisor")?
+                    .get("state-dir")?
+                    .as_str()
+                    .map(PathBuf::from)
+            })
+            .filter(|p| p.is_absolute())
+            .unwrap_or_else(|| SupervisorSettings::default().state_dir)
+    }
+
     /// Parse and validate config text that was read from `path` (used in messages and to
     /// resolve relative paths). Reads `host-key-file`s.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
@@ -330,7 +347,7 @@ impl Config {
             dir: path.parent().map(Path::to_owned).unwrap_or_default(),
         };
         let raw: RawFile = toml::from_str(text)
-            .map_err(|e| ctx.err(e.span().unwrap_or(0..0), None, e.message().to_owned()))?;
+            .map_err(|e| ctx.err(e.span().unwrap_or(0..0), None, user_words(e.message())))?;
         let supervisor = match raw.supervisor.and_then(|s| s.state_dir) {
             None => SupervisorSettings::default(),
             Some(dir) => {
@@ -933,7 +950,7 @@ stop-signal = "SIGINT"
     fn toml_errors_name_line_and_key() {
         let (line, key, msg) = toml_err(&mini("bogus = 1\n"));
         assert_eq!((line, key.as_deref()), (5, Some("builders.b.bogus")));
-        assert!(msg.contains("unknown field `bogus`"), "{msg}");
+        assert!(msg.contains("unknown key `bogus`"), "{msg}");
         let (line, key, msg) = toml_err(&mini("max-jobs = 0\n"));
         assert_eq!((line, key.as_deref()), (5, Some("builders.b.max-jobs")));
         assert!(msg.contains(">= 1"));
@@ -955,7 +972,7 @@ stop-signal = "SIGINT"
             .unwrap_err()
             .to_string();
         assert!(
-            full.starts_with("/x.toml:5:1: builders.b.bogus: unknown field `bogus`"),
+            full.starts_with("/x.toml:5:1: builders.b.bogus: unknown key `bogus`"),
             "{full}"
         );
     }
@@ -975,7 +992,7 @@ stop-signal = "SIGINT"
         let (line, key, _) = toml_err(&no_systems);
         assert_eq!((line, key.as_deref()), (3, Some("builders.b.systems")));
         let no_systems = format!("[builders.b]\nuri = \"ssh://h\"\nhost-key = \"{ED25519}\"\n");
-        assert!(toml_err(&no_systems).2.contains("missing field `systems`"));
+        assert!(toml_err(&no_systems).2.contains("missing key `systems`"));
         let bad_scheme = mini("").replace("ssh://h", "http://h");
         let (line, key, msg) = toml_err(&bad_scheme);
         assert_eq!((line, key.as_deref()), (2, Some("builders.b.uri")));

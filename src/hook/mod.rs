@@ -614,6 +614,9 @@ mod tests {
             idle_stop_in_ms: None,
             leases: 0,
             boots: 0,
+            boots_ok: 0,
+            boots_failed: 0,
+            boot_settings_outdated: false,
             last_failure: None,
             nix_version: None,
         };

@@ -919,6 +919,9 @@ mod tests {
             idle_stop_in_ms: None,
             leases: 0,
             boots: 0,
+            boots_ok: 0,
+            boots_failed: 0,
+            boot_settings_outdated: false,
             last_failure: None,
             nix_version: None,
         }
@@ -1075,7 +1078,8 @@ mod tests {
             say(
                 Verbosity::Warn,
                 "warning: no builder for aarch64-linux: 'a' failed recently (connection failed: \
-                 refused), retrying in 30s"
+                 refused) and is not tried again for another 30s. Nothing retries this build: it \
+                 fails now; start it again in 30s or later"
             )
         );
         next!(step, Next::Decline => ());
@@ -1149,7 +1153,8 @@ mod tests {
             say(
                 Verbosity::Warn,
                 "warning: no builder for aarch64-linux: 'a' failed (connection failed: connection \
-                 refused); 'b' failed (connection failed: timed out)"
+                 refused); 'b' failed (connection failed: timed out). Nothing retries this build: \
+                 it fails now; start it again"
             )
         );
         next!(step, Next::Decline => ());
@@ -1296,8 +1301,9 @@ mod tests {
             step.notes,
             say(
                 Verbosity::Warn,
-                "warning: no builder for aarch64-linux: 'vm' failed recently (boot timed out), \
-                 retrying in 30s"
+                "warning: no builder for aarch64-linux: 'vm' failed recently (boot timed out) and \
+                 is not tried again for another 30s. Nothing retries this build: it fails now; \
+                 start it again in 30s or later, or boot 'vm' at once with `nix-lazy-builder up vm`"
             )
         );
         next!(step, Next::Decline => ());
@@ -1366,7 +1372,8 @@ mod tests {
             say(
                 Verbosity::Warn,
                 "warning: no builder for aarch64-linux: 'vm' failed (the supervisor is \
-                 unavailable: connection refused)"
+                 unavailable: connection refused). Nothing retries this build: it fails now; \
+                 start it again, or boot 'vm' at once with `nix-lazy-builder up vm`"
             )
         );
         next!(step, Next::Decline => ());
@@ -1424,7 +1431,8 @@ mod tests {
             say(
                 Verbosity::Warn,
                 "warning: no builder for aarch64-linux: 'a' failed (connection failed: refused); \
-                 'vm' failed (connection failed: reset)"
+                 'vm' failed (connection failed: reset). Nothing retries this build: it fails \
+                 now; start it again, or boot 'vm' at once with `nix-lazy-builder up vm`"
             )
         );
         next!(step, Next::Decline => ());

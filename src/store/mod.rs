@@ -2,7 +2,8 @@
 //! `nix-store --serve --write` for `ssh://` (`serve`) or `nix-daemon --stdio` for `ssh-ng://`
 //! (`daemon`), behind one [`Remote`] (`remote`). The worker-protocol client the local store and
 //! `ssh-ng://` share is `worker`; the NAR streams every client reads and writes are `nar`; the
-//! build log they write into is `build_log`.
+//! build log they write into is `build_log`; `probe` asks the running local daemon its version
+//! and the build hook it really runs (for `doctor`).
 //!
 //! [`BuildLog`] (nix-daemon's fd 4) lives here because its only writers are these clients: the
 //! `ssh://` stderr pump and the worker protocol's log messages. The hook only claims the
@@ -11,12 +12,14 @@
 //!
 //! This room speaks the protocols (`hook-protocol` encodes and decodes them) and carries bytes;
 //! it never decides what to copy or build (`transfer` does) and never writes to the local store
-//! (a write to an output the daemon has locked would deadlock; `place` puts outputs there).
+//! (a write to an output the daemon has locked would deadlock; `place` puts outputs there); the
+//! one exception is `probe`'s own small `.drv`, added by `doctor`, never by a hook.
 
 mod build_log;
 mod daemon;
 mod local;
 mod nar;
+mod probe;
 mod remote;
 mod serve;
 mod worker;
@@ -25,8 +28,9 @@ use crate::ssh::{self, SshError};
 use crate::wire_io::{CopyError, WireError};
 
 pub use build_log::BuildLog;
-pub use local::LocalStore;
+pub use local::{LocalStore, socket_path};
 pub use nar::{NarSink, NarSource};
+pub use probe::{DaemonFacts, PROBE_SYSTEM, probe_daemon};
 pub use remote::{Remote, remote_command};
 
 /// A failure talking to a remote store (or to the local daemon, which speaks the same protocol).

@@ -92,16 +92,18 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> WorkerClient<R, W> {
 
     /// Runs the stderr loop until `STDERR_LAST`; log output goes to `log`.
     async fn finish_op(&mut self, log: Option<&mut BuildLog>) -> Result<(), RemoteError> {
-        self.finish_op_for(log, None).await
+        self.finish_op_for(log, None, None).await
     }
 
     /// [`WorkerClient::finish_op`], but when `only_drv` is given, the output of builds of other
     /// derivations (the remote building inputs it lacked) goes to the debug log instead of
-    /// `log`, so the build log holds only `only_drv`'s own output.
+    /// `log`, so the build log holds only `only_drv`'s own output. With `keep`, every message
+    /// (`STDERR_NEXT`) is also kept there, as it arrives.
     async fn finish_op_for(
         &mut self,
         mut log: Option<&mut BuildLog>,
         only_drv: Option<&StorePath>,
+        mut keep: Option<&mut Vec<String>>,
     ) -> Result<(), RemoteError> {
         let mut other_builds: BTreeSet<u64> = BTreeSet::new();
         loop {
@@ -130,6 +132,9 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> WorkerClient<R, W> {
                     });
                 }
                 StderrMessage::Next(text) => {
+                    if let Some(keep) = keep.as_deref_mut() {
+                        keep.push(text.clone());
+                    }
                     if let Some(log) = log.as_deref_mut() {
                         log.message(&text).await;
                     } else {
@@ -318,7 +323,36 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> WorkerClient<R, W> {
                 message: e.to_string(),
             })?;
         self.send(&buf).await?;
-        self.finish_op_for(Some(log), Some(drv_path)).await?;
+        self.finish_op_for(Some(log), Some(drv_path), None).await?;
+        let proto = self.proto.clone();
+        let store_dir = self.store_dir.clone();
+        Ok(self
+            .reader
+            .decode("the build results", |r| {
+                worker::decode_build_paths_with_results_reply(r, &proto, &store_dir)
+            })
+            .await?)
+    }
+}
+
+impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> WorkerClient<R, W> {
+    /// BuildPathsWithResults (≥ 1.34) with no build log: every message the daemon sends while
+    /// it works (`STDERR_NEXT`: its own log lines at the verbosity SetOptions asked for) is
+    /// pushed onto `messages` as it arrives, so a caller that gives up early still has them.
+    /// What `doctor` asks the local daemon with (`probe`).
+    pub async fn build_paths_keeping_messages(
+        &mut self,
+        paths: &[DerivedPath],
+        messages: &mut Vec<String>,
+    ) -> Result<Vec<(DerivedPath, BuildResult)>, RemoteError> {
+        let mut buf = Vec::new();
+        worker::encode_build_paths_with_results(&mut buf, &self.proto, paths, BuildMode::Normal)
+            .map_err(|e| RemoteError::Protocol {
+                peer: self.peer.clone(),
+                message: e.to_string(),
+            })?;
+        self.send(&buf).await?;
+        self.finish_op_for(None, None, Some(messages)).await?;
         let proto = self.proto.clone();
         let store_dir = self.store_dir.clone();
         Ok(self

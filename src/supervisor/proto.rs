@@ -55,6 +55,13 @@ pub enum Response {
     },
     Status {
         builders: Vec<BuilderStatus>,
+        /// The configuration file the supervisor serves (`None`: it has none to read again).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        config_file: Option<std::path::PathBuf>,
+        /// Why its last reload of that file failed (it runs the configuration it had), until
+        /// one succeeds.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        config_error: Option<String>,
     },
     Builder {
         status: BuilderStatus,
@@ -103,8 +110,18 @@ pub struct BuilderStatus {
     pub idle_stop_in_ms: Option<u64>,
     /// Leases held now (builds running on it).
     pub leases: u32,
-    /// Boots since the supervisor started.
+    /// Boot tries since the supervisor started, the one under way included.
     pub boots: u32,
+    /// Of those, the boots that reached readiness.
+    #[serde(default)]
+    pub boots_ok: u32,
+    /// Of those, the boots that failed (could not start, timed out, exited before ready).
+    #[serde(default)]
+    pub boots_failed: u32,
+    /// The running instance was booted with boot settings its configuration no longer has:
+    /// they apply from its next boot.
+    #[serde(default)]
+    pub boot_settings_outdated: bool,
     pub last_failure: Option<Failure>,
     /// The remote Nix version seen by the readiness check.
     pub nix_version: Option<String>,

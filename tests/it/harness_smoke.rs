@@ -3,8 +3,9 @@
 //! through the hook to a real sshd "remote" with its own store, and the outputs come back
 //! valid, with the right references, deriver and build log, leaving nothing half-written.
 //!
-//! Covers Nix 2.8 ↔ 2.8 over `ssh://` and `ssh-ng://`, and 2.8 ↔ 2.34 in both directions
-//! (2.34 from the sid chroot; those cases panic if it is missing, they never skip).
+//! Covers Nix 2.8 ↔ 2.8 over `ssh://` and `ssh-ng://`, 2.8 ↔ 2.34 in both directions, and 2.8 ↔
+//! 2.26 once each way (2.26 and 2.34 from the trixie and sid chroots; those cases panic if the
+//! chroot is missing, they never skip).
 //!
 //! Also checks that the harness's own checks can fail: planted junk in a store is reported as
 //! a leftover, a wrong pinned host key makes the build fail, a hung command is killed.
@@ -24,15 +25,17 @@ fn smoke(case: &str, local: Nix, remote_nix: Nix, scheme: Scheme) {
         RemoteStore::start(RemoteOpts::new(remote_nix))
     });
     let mut opts = DaemonOpts::new(local);
-    // Nix 2.8's hook cannot take a port from the URI (it wants NIX_SSHOPTS) and is the
-    // default `build-hook` there anyway; 2.34's default is `nix __build-remote`, which we
-    // leave alone, and it parses `host:port` itself.
-    let (with_port, uri) = match local {
-        Nix::Host => {
-            opts.build_hook = Some(NIX_28_BUILD_REMOTE.to_owned());
-            (false, remote.uri_without_port(scheme))
-        }
-        Nix::Sid => (true, remote.uri(scheme)),
+    // Nix 2.8's and 2.26's hooks cannot take a port from the URI (they want NIX_SSHOPTS); 2.8's
+    // is the default `build-hook` there anyway, so it is named; 2.26's and 2.34's default is
+    // `nix __build-remote`, which we leave alone, and 2.34's parses `host:port` itself.
+    if local == Nix::Host {
+        opts.build_hook = Some(NIX_28_BUILD_REMOTE.to_owned());
+    }
+    let with_port = local.own_hook_takes_port_in_uri();
+    let uri = if with_port {
+        remote.uri(scheme)
+    } else {
+        remote.uri_without_port(scheme)
     };
     let line = remote.machines_line(&MachineLine::new(scheme, with_port));
     // Exercise both ways of configuring machines: inline and through /etc/nix/machines.
@@ -51,10 +54,7 @@ fn smoke(case: &str, local: Nix, remote_nix: Nix, scheme: Scheme) {
         remote.nix_version()
     );
     assert!(
-        remote.nix_version().contains(match remote_nix {
-            Nix::Host => "2.8.",
-            Nix::Sid => "2.34.",
-        }),
+        remote.nix_version().contains(&remote_nix.version_marker()),
         "remote runs {}",
         remote.nix_version()
     );
@@ -145,6 +145,16 @@ fn nix234_to_nix28_over_ssh() {
 #[test]
 fn nix234_to_nix28_over_ssh_ng() {
     smoke("2.34->2.8 ssh-ng", Nix::Sid, Nix::Host, Scheme::SshNg);
+}
+
+#[test]
+fn nix226_to_nix28_over_ssh_ng() {
+    smoke("2.26->2.8 ssh-ng", Nix::Trixie, Nix::Host, Scheme::SshNg);
+}
+
+#[test]
+fn nix28_to_nix226_over_ssh() {
+    smoke("2.8->2.26 ssh", Nix::Host, Nix::Trixie, Scheme::Ssh);
 }
 
 /// The leftover check must see an unregistered store path and a stray temp file, and must not

@@ -26,6 +26,10 @@ mod boot {
     mod qemu;
     mod snapshot;
 }
+mod cli {
+    mod doctor;
+    mod status;
+}
 mod examples;
 mod fault {
     mod hang;
@@ -34,10 +38,12 @@ mod fault {
     mod remote_kill;
     mod soak;
     mod supervisor;
+    mod term_then_kill;
     mod vm;
 }
 mod harness_smoke;
 mod hook {
+    mod daemon_hook;
     mod failures;
     mod routing;
     mod stdin;
@@ -45,11 +51,13 @@ mod hook {
 mod lazy {
     mod command;
     mod darling;
+    mod failures;
     mod qemu;
     mod snapshot;
 }
 mod remote {
     mod build;
+    mod substitutes;
     mod untrusted;
 }
 mod security {

@@ -195,7 +195,8 @@ async fn command_that_never_opens_its_port_times_out() {
     assert_eq!(
         msg,
         format!(
-            "no SSH banner on 127.0.0.1:{} after 3s (connection refused)",
+            "no SSH banner on 127.0.0.1:{} within boot-timeout (waited 3s; last try: \
+             connection refused)",
             sshd.port
         )
     );

@@ -136,17 +136,17 @@ fn wall_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// `line` says "retrying in Ns" with N what is left of a `backoff_secs` backoff from
+/// `line` says the builder "is not tried again for another Ns" with N what is left of a `backoff_secs` backoff from
 /// `failed_at_ms`, as the hook saw it at some moment between `started` and `ended` (wall-clock
 /// ms; the hook rounds up to whole seconds).
 #[track_caller]
 fn assert_retry_in(line: &str, backoff_secs: u64, failed_at_ms: u64, started: u64, ended: u64) {
     let secs: u64 = line
-        .rsplit_once("retrying in ")
+        .split_once("is not tried again for another ")
         .and_then(|(_, t)| {
-            t.trim_end_matches(|c: char| !c.is_ascii_digit())
-                .parse()
-                .ok()
+            t.split(|c: char| !c.is_ascii_digit())
+                .next()
+                .and_then(|n| n.parse().ok())
         })
         .unwrap_or_else(|| panic!("no retry time in {line:?}"));
     let left_at = |t: u64| (backoff_secs * 1000).saturating_sub(t.saturating_sub(failed_at_ms));
@@ -283,7 +283,11 @@ fn a_hanging_only_builder_fails_at_once_while_it_backs_off_and_the_backoff_grows
     let lines: Vec<&str> = second
         .stderr
         .lines()
-        .filter(|l| l.contains(&reason) && l.contains("retrying in "))
+        .filter(|l| {
+            l.contains(&reason)
+                && l.contains(") and is not tried again for another ")
+                && l.contains("Nothing retries this build: it fails now; start it again in ")
+        })
         .collect();
     assert_eq!(lines.len(), 1, "{second}");
     eprintln!(

@@ -1,9 +1,10 @@
-//! The local side: a real nix-daemon (2.8 or 2.34) in its own private mount namespace with a
+//! The local side: a real nix-daemon (2.8, 2.26 or 2.34) in its own private mount namespace with a
 //! throw-away `/nix` and its own `/etc/nix` (a temp dir holding its nix.conf, machines file,
 //! and whatever else a test puts there, e.g. `lazy-builder.toml`), plus clients (`nix-build`,
 //! `nix-store`, `nix-instantiate`) that talk to it with `NIX_REMOTE=daemon`.
 //!
-//! Owns: the daemon's nix.conf and environment, its start/readiness/stop, the client
+//! Owns: the daemon's nix.conf and environment (`build-hook` in nix.conf or, for the versions that
+//! ignore it there, in `NIX_CONFIG`), its start/readiness/stop, the client
 //! environment (an empty client nix.conf, so nothing of the host's reaches the daemon), and a
 //! work directory for expression and config files that the namespace (and chroot) can see.
 //!
@@ -33,8 +34,11 @@ pub struct DaemonOpts {
     /// With neither, the daemon has no builders (its `/etc/nix` is its own, empty one).
     pub machines: Option<String>,
     /// `build-hook = …` (path plus optional arguments). `None` keeps the version's default
-    /// (2.8: `/usr/libexec/nix/build-remote`; 2.34: `nix __build-remote`).
+    /// (2.8: `/usr/libexec/nix/build-remote`; 2.26, 2.34: `nix __build-remote`).
     pub build_hook: Option<String>,
+    /// Where `build_hook` is written. `None` picks what works for the version: `NIX_CONFIG` for
+    /// the daemons that ignore `build-hook` in nix.conf (2.25.0–2.33.x), nix.conf otherwise.
+    pub build_hook_via: Option<HookVia>,
     /// `build-users-group`; `None` means `nixbld` (the host's, or the chroot's own).
     pub build_users_group: Option<String>,
     /// `sandbox = true` (with `sandbox-fallback = false`, `/bin/sh` = busybox) or `false`.
@@ -60,6 +64,7 @@ impl DaemonOpts {
             builders: None,
             machines: None,
             build_hook: None,
+            build_hook_via: None,
             build_users_group: None,
             sandbox: true,
             system_features: None,
@@ -71,20 +76,40 @@ impl DaemonOpts {
     }
 
     /// Sets `build-hook` to the nix-lazy-builder binary under test (Nix 2.8 takes a bare path;
-    /// newer Nix gets `<bin> hook`).
+    /// newer Nix gets `<bin> hook`), where this version honours it ([`DaemonOpts::build_hook_via`]).
     pub fn with_our_hook(mut self) -> Self {
         let bin = super::hook_binary().to_string_lossy().into_owned();
-        self.build_hook = Some(match self.nix {
-            Nix::Host => bin,
-            Nix::Sid => format!("{bin} hook"),
+        self.build_hook = Some(if self.nix.build_hook_is_one_path() {
+            bin
+        } else {
+            format!("{bin} hook")
         });
         self
+    }
+
+    /// Where `build_hook` ends up: what the test asked for, else what works for the version.
+    pub fn hook_via(&self) -> HookVia {
+        self.build_hook_via
+            .unwrap_or(if self.nix.ignores_build_hook_in_nix_conf() {
+                HookVia::NixConfigEnv
+            } else {
+                HookVia::NixConf
+            })
     }
 
     pub fn env(mut self, key: &str, value: &str) -> Self {
         self.env.push((key.to_owned(), value.to_owned()));
         self
     }
+}
+
+/// Where a daemon's `build-hook` is set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HookVia {
+    /// `build-hook = …` in its nix.conf (what Nix 2.25.0–2.33.x silently replace).
+    NixConf,
+    /// `NIX_CONFIG="build-hook = …"` in its environment (honoured by every version since 2.4).
+    NixConfigEnv,
 }
 
 impl Default for DaemonOpts {
@@ -145,8 +170,12 @@ impl LocalDaemon {
         if let Some(builders) = &opts.builders {
             conf.push(format!("builders = {builders}"));
         }
+        let mut nix_config = Vec::new();
         if let Some(hook) = &opts.build_hook {
-            conf.push(format!("build-hook = {hook}"));
+            match opts.hook_via() {
+                HookVia::NixConf => conf.push(format!("build-hook = {hook}")),
+                HookVia::NixConfigEnv => nix_config.push(format!("build-hook = {hook}")),
+            }
         }
         conf.extend(opts.extra_conf.iter().cloned());
         write(&b.join("etc-nix/nix.conf"), &(conf.join("\n") + "\n"));
@@ -176,7 +205,16 @@ impl LocalDaemon {
                     .into_owned(),
             ),
         ];
-        env.extend(opts.env.iter().cloned());
+        for (k, v) in &opts.env {
+            if k == "NIX_CONFIG" {
+                nix_config.insert(0, v.clone());
+            } else {
+                env.push((k.clone(), v.clone()));
+            }
+        }
+        if !nix_config.is_empty() {
+            env.push(("NIX_CONFIG".to_owned(), nix_config.join("\n")));
+        }
         let label = format!("nix-daemon {}", opts.nix.label());
         let argv = vec!["nix-daemon".to_owned()];
         let mut proc = NsProcess::spawn(&label, &layout, &argv, &env, &b.join("daemon.log"));
@@ -229,6 +267,12 @@ impl LocalDaemon {
     /// Host path of the daemon's nix.conf (`/etc/nix/nix.conf` inside).
     pub fn conf_file(&self) -> PathBuf {
         self.etc_nix_dir().join("nix.conf")
+    }
+
+    /// The `build-hook` this daemon was given (nix.conf or `NIX_CONFIG`), if any.
+    pub fn configured_hook(&self) -> Option<(&str, HookVia)> {
+        let hook = self.opts.build_hook.as_deref()?;
+        Some((hook, self.opts.hook_via()))
     }
 
     /// Writes `contents` to `<work dir>/<name>` and returns the path (visible to the daemon,

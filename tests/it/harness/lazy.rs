@@ -127,6 +127,11 @@ impl LazyRemote {
         self.dir().join("sshd.pid")
     }
 
+    /// Its sshd's public host key line (`ssh-ed25519 AAAA… comment`).
+    pub fn host_key_line(&self) -> &str {
+        &self.host_key_line
+    }
+
     /// The directory a Darling prefix would be: its `nix/` is this machine's store.
     pub fn prefix(&self) -> &Path {
         self.dir()

@@ -26,7 +26,7 @@
 //! ```text
 //! use crate::harness::*;
 //!
-//! let remote = RemoteStore::start(RemoteOpts::new(Nix::Host));        // or Nix::Sid (2.34)
+//! let remote = RemoteStore::start(RemoteOpts::new(Nix::Host)); // or Nix::Trixie (2.26), Nix::Sid (2.34)
 //! let mut opts = DaemonOpts::new(Nix::Host).with_our_hook();          // build-hook = our binary
 //! opts.builders = Some(remote.machines_line(&MachineLine::new(Scheme::Ssh, true)));
 //! let daemon = LocalDaemon::start(opts);                              // /etc/nix is its own
@@ -38,8 +38,9 @@
 //! ```
 //!
 //! Prerequisites (tests/env/provision.sh): root; nix-bin, openssh-server/-client,
-//! busybox-static; groups `nixbld` and `nixrbld`; for [`Nix::Sid`] the chroot at
-//! [`nix::SID_CHROOT`] with its `.ready` marker. Missing ones panic with what to run.
+//! busybox-static; groups `nixbld` and `nixrbld`; for [`Nix::Trixie`] and [`Nix::Sid`] the
+//! chroots at [`nix::TRIXIE_CHROOT`] and [`nix::SID_CHROOT`] with their `.ready` markers. Missing
+//! ones panic with what to run.
 
 pub mod boot;
 mod daemon;
@@ -54,7 +55,7 @@ mod remote;
 pub mod security;
 mod store;
 
-pub use daemon::{DaemonOpts, LocalDaemon};
+pub use daemon::{DaemonOpts, HookVia, LocalDaemon};
 pub(crate) use daemon::{scratch, set_mode, write};
 pub use drv::{FakeDrv, FakeDrvPaths, uname_expr};
 pub use expr::{DrvExpr, nix_str, rec_set};
@@ -142,6 +143,22 @@ impl fmt::Display for CmdOutput {
     }
 }
 
+/// `cmd.spawn()`, tried again while the program is "busy" (ETXTBSY): a binary a test just
+/// copied (`security::Env`) is briefly open for writing in any child another test thread forks
+/// at that moment, until that child's exec closes it.
+pub fn spawn_retrying(cmd: &mut Command) -> std::io::Result<std::process::Child> {
+    let mut tries = 0;
+    loop {
+        match cmd.spawn() {
+            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy && tries < 100 => {
+                tries += 1;
+                thread::sleep(Duration::from_millis(20));
+            }
+            r => return r,
+        }
+    }
+}
+
 /// Runs `cmd` to completion with no stdin (or `stdin` bytes), capturing stdout and stderr.
 /// Kills it (by pid) and panics with what it printed so far if it outlives `timeout`.
 #[track_caller]
@@ -155,9 +172,8 @@ pub fn run_command(cmd: &mut Command, stdin: Option<&[u8]>, timeout: Duration) -
     .stdout(Stdio::piped())
     .stderr(Stdio::piped());
     let start = Instant::now();
-    let mut child = cmd
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start `{}`: {e}", argv.join(" ")));
+    let mut child =
+        spawn_retrying(cmd).unwrap_or_else(|e| panic!("cannot start `{}`: {e}", argv.join(" ")));
     let feeder = match (stdin, child.stdin.take()) {
         (Some(bytes), Some(mut pipe)) => {
             let bytes = bytes.to_vec();

@@ -1,6 +1,7 @@
 //! One long-running process (nix-daemon or sshd) in its own private mount namespace, with a
 //! temp dir bound over `/nix` (and optionally over `/etc/nix`), a private `/run`, and for the
-//! sid Nix a chroot; plus running further commands inside that namespace via `nsenter`.
+//! chrooted Nix versions (2.26, 2.34) a chroot; plus running further commands inside that
+//! namespace via `nsenter`.
 //!
 //! Owns: the mount layout script, the namespace's identity, and stopping every process in that
 //! namespace by pid when dropped.

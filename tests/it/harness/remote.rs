@@ -1,7 +1,8 @@
 //! A "remote machine" for tests: OpenSSH's sshd on 127.0.0.1 and a free port, key-only auth
 //! with fresh host and client keys, running in its own private mount namespace with its own
 //! `/nix` and `/etc/nix`, so every SSH session's `nix-store --serve` / `nix-daemon --stdio` uses
-//! that separate store (Nix 2.8 from the host, or 2.34 from the sid chroot).
+//! that separate store (Nix 2.8 from the host, 2.26 from the trixie chroot or 2.34 from the sid
+//! chroot).
 //!
 //! Owns: the remote's nix.conf, sshd config and keys, readiness (banner, then a real ssh login
 //! with the pinned host key), the strings tests put in machines files and configs (URIs, key

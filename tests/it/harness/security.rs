@@ -316,12 +316,10 @@ impl Supervisor {
         for (k, v) in extra_env {
             c.env(k, v);
         }
-        let child = c
-            .stdin(Stdio::null())
+        c.stdin(Stdio::null())
             .stdout(out.try_clone().expect("dup"))
-            .stderr(out)
-            .spawn()
-            .expect("start the supervisor");
+            .stderr(out);
+        let child = super::spawn_retrying(&mut c).expect("start the supervisor");
         let s = Supervisor { child, log };
         let socket = env.path("lazy-state/sup/supervisor.sock");
         let deadline = Instant::now() + Duration::from_secs(10);

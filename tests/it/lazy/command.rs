@@ -571,8 +571,14 @@ fn boot_command_that_fails_says_why_backs_off_and_the_build_fails() {
     assert_eq!((st.state, st.boots), (State::Failed, 1), "{st:?}");
     let f = st.last_failure.clone().expect("the failure is remembered");
     assert!(f.cause.starts_with(cause), "{f:?}");
+    // Every boot failure names the log to read next.
     assert!(
-        f.cause.ends_with(": vm-start: cannot allocate 4096 MiB"),
+        f.cause.ends_with(&format!(
+            ": vm-start: cannot allocate 4096 MiB; log: {}",
+            cfg.state_dir()
+                .join("builders/broken/command.log")
+                .display()
+        )),
         "{f:?}"
     );
     assert!(!f.cause.contains('\n'));
@@ -587,7 +593,7 @@ fn boot_command_that_fails_says_why_backs_off_and_the_build_fails() {
                 "broken",
                 "failed",
                 "vm-start: cannot allocate 4096 MiB",
-                "(retry in "
+                "(not booted again for another "
             ]
         )
         .len()
@@ -603,7 +609,9 @@ fn boot_command_that_fails_says_why_backs_off_and_the_build_fails() {
         &[
             "warning: no builder for aarch64-linux: 'broken' failed recently (",
             "vm-start: cannot allocate 4096 MiB",
-            "retrying in ",
+            ") and is not tried again for another ",
+            "s. Nothing retries this build: it fails now; start it again in ",
+            "s or later, or boot 'broken' at once with `nix-lazy-builder up broken`",
         ],
     );
     assert_eq!(said.len(), 1, "{again}");
@@ -633,8 +641,11 @@ fn boot_that_never_gets_ready_times_out_and_is_cleaned_up() {
     out.assert_failure();
     assert_nix_could_not_build(&out, &paths);
     let cause = format!(
-        "no SSH banner on 127.0.0.1:{} after 2s (connection refused)",
-        remote.port()
+        "no SSH banner on 127.0.0.1:{} within boot-timeout (waited 2s; last try: connection \
+         refused); its logs are empty; raise boot-timeout (now 2s) if it is only slow; log: \
+         {}",
+        remote.port(),
+        cfg.state_dir().join("builders/hung/command.log").display()
     );
     assert_eq!(
         lines_with(
@@ -651,6 +662,7 @@ fn boot_that_never_gets_ready_times_out_and_is_cleaned_up() {
     assert!(out.elapsed < Duration::from_secs(5), "{out}");
     let st = cfg.status_of(&daemon, "hung");
     assert_eq!((st.state, st.boots), (State::Failed, 1), "{st:?}");
+    assert_eq!((st.boots_ok, st.boots_failed), (0, 1), "{st:?}");
     let f = st.last_failure.expect("remembered");
     assert_eq!(f.cause, cause);
     assert!(f.retry_in_ms > 0, "{f:?}");
@@ -725,7 +737,8 @@ fn a_builder_that_fails_to_boot_is_skipped_for_a_working_one() {
     let f = by("broken").last_failure.expect("remembered");
     assert_eq!(f.consecutive, 1, "{f:?}");
     assert!(
-        f.cause.ends_with("vm-start: cannot allocate 4096 MiB"),
+        f.cause
+            .contains("vm-start: cannot allocate 4096 MiB; log: "),
         "{f:?}"
     );
     assert_eq!(

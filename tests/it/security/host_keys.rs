@@ -212,8 +212,13 @@ fn doctor_refuses_wrong_missing_and_well_known_keys() {
     let wrong = b64(&impostor_key(env.dir.path()));
     let out = doctor(&machines_line(&sshd, &stub, Some(&wrong)));
     assert_eq!(out.code(), Some(1), "{out}");
+    // The mismatch is the host-key row's failure, not a passed host key and a failed ssh.
     assert!(
-        out.stdout.contains("[FAIL] ssh") && out.stdout.contains("HOST KEY MISMATCH"),
+        out.stdout.contains("[FAIL] host key   HOST KEY MISMATCH"),
+        "{out}"
+    );
+    assert!(
+        !out.stdout.contains("[ ok ] host key") && !out.stdout.contains("] ssh "),
         "{out}"
     );
 

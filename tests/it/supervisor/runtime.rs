@@ -394,7 +394,9 @@ async fn failures_are_reported_in_one_line_and_back_off() {
     match c2.boot("broken", false).await.unwrap() {
         Verdict::Refused { reason, .. } => {
             assert!(
-                reason.contains("exited with status 3") && reason.contains("retrying in"),
+                reason.contains("exited with status 3")
+                    && reason.contains("it is not booted again for another ")
+                    && reason.ends_with("(`nix-lazy-builder up broken` boots it now)"),
                 "{reason}"
             )
         }

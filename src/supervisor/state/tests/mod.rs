@@ -49,6 +49,7 @@ impl T {
         let settings = Settings {
             exit_after_idle: linger.map(Duration::from_secs),
             reloads: false,
+            config_file: None,
         };
         Self::with_settings(builders, settings, h)
     }
@@ -58,6 +59,7 @@ impl T {
         let settings = Settings {
             exit_after_idle: None,
             reloads: true,
+            config_file: Some("/etc/nix/lazy-builder.toml".into()),
         };
         Self::with_settings(builders, settings, &BootHistory::default())
     }
