@@ -32,14 +32,6 @@ const BUILDER: &str = "lazy";
 /// Current Nix SIGKILLs a hook this long after its SIGTERM.
 const NIX_SIGKILL_AFTER: Duration = Duration::from_millis(500);
 
-/// How long the remote build sleeps in the build phase: far longer than anything the test waits
-/// for after the fault, so a remote build seen gone was cancelled, not finished.
-const LONG_BUILD_SECS: u32 = 90;
-
-/// Within this of a SIGTERMed hook's exit its remote session and build must be gone (measured:
-/// a few milliseconds; the margin is for a loaded 2-core machine).
-const CANCEL_BOUND: Duration = Duration::from_secs(1);
-
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kill {
     /// SIGKILL only.
@@ -48,39 +40,10 @@ enum Kill {
     TermThenKill,
 }
 
-fn describe(pids: &[u32]) -> Vec<String> {
-    pids.iter()
-        .map(|&p| format!("{p}: {}", cmdline(p).unwrap_or_default().join(" ")))
-        .collect()
-}
-
-/// The hook of the one build running now: a child of a per-client nix-daemon process.
-#[track_caller]
-fn the_hook(daemon: &LocalDaemon) -> u32 {
-    let hooks = daemon.hook_pids();
-    assert_eq!(hooks.len(), 1, "want one hook, got {hooks:?}");
-    let hook = hooks[0];
-    let parent = parent_of(hook).expect("the hook's parent");
-    let argv = cmdline(parent).unwrap_or_default();
-    assert!(
-        argv.first().is_some_and(|a| a.contains("nix-daemon")),
-        "the hook's parent {parent} is not a nix-daemon process: {argv:?}"
-    );
-    hook
-}
-
 fn hook_killed(phase: Phase, kill: Kill, scheme: Scheme) {
     let test = format!("hook {kill:?} during {phase:?} over {}", scheme.prefix());
     let mut rng = FaultRng::new(&test);
-    let remote = LazyRemote::prepare(RemoteOpts::new(Nix::Host));
-    let cfg = LazyConfig::write(&[remote.builder_toml(
-        BUILDER,
-        scheme,
-        &["aarch64-linux"],
-        "max-jobs = 1\nidle-timeout = \"120s\"\nboot-timeout = \"60s\"",
-        &remote.command_boot(Duration::ZERO),
-    )]);
-    let daemon = LocalDaemon::start(cfg.daemon_opts(Duration::from_secs(120)));
+    let (remote, cfg, daemon) = lazy_command_rig(BUILDER, scheme);
     let name = format!(
         "fault-hk-{}-{}-{}",
         format!("{kill:?}").to_lowercase(),
@@ -98,48 +61,18 @@ fn hook_killed(phase: Phase, kill: Kill, scheme: Scheme) {
     // Who is who, once the phase has begun; then the random point, then the signal at once.
     wait_for_phase(phase, &mut build, &paths, &store, &daemon);
     let hook = the_hook(&daemon);
-    let sshd = remote.started_pid().expect("the lazy machine's sshd");
-    let session = descendants(sshd);
-    eprintln!(
-        "[fault] {test}: the remote session: {:#?}",
-        describe(&session)
-    );
-    assert!(
-        !session.is_empty(),
-        "no remote session under sshd {sshd} during the {phase:?}"
-    );
+    let mut side = RemoteSide::seen(&test, &remote, phase);
     assert_eq!(cfg.status_of(&daemon, BUILDER).leases, 1);
     let point = wait_for_point(&mut rng, phase, &mut build, &paths, &store, &daemon);
     assert!(
         still_in_phase(phase, &build, &paths, &store, &daemon),
         "the {phase:?} ended before the fault"
     );
-    // The remote build itself, seen running before the fault.
-    let remote_build = if phase == Phase::Build {
-        let b = sleeps_among(&descendants(sshd), LONG_BUILD_SECS);
-        assert_eq!(
-            b.len(),
-            1,
-            "{test}: want the remote build's `sleep {LONG_BUILD_SECS}` among {:#?}",
-            describe(&descendants(sshd))
-        );
-        b
-    } else {
-        Vec::new()
-    };
     if phase == Phase::Build {
-        // Control: while the hook lives and holds its connection (frozen here), nothing else
-        // ends the remote build; the check below would see it still running.
-        // SAFETY: kill(2) on this daemon's hook, as below.
-        assert_eq!(unsafe { libc::kill(hook as libc::pid_t, libc::SIGSTOP) }, 0);
-        std::thread::sleep(CANCEL_BOUND);
-        let running = sleeps_among(&remote_build, LONG_BUILD_SECS);
-        // SAFETY: as above.
-        assert_eq!(unsafe { libc::kill(hook as libc::pid_t, libc::SIGCONT) }, 0);
-        assert_eq!(
-            running, remote_build,
-            "{test}: the remote build ended while its hook was alive (frozen {CANCEL_BOUND:?})"
-        );
+        // The remote build itself, seen running before the fault, and kept while the hook
+        // lives (the control for the check after the fault).
+        side.see_build(&test);
+        side.assert_kept_while_frozen(&test, hook);
     }
     let t0 = Instant::now();
     let signal = match kill {
@@ -172,45 +105,13 @@ fn hook_killed(phase: Phase, kill: Kill, scheme: Scheme) {
     );
     let hook_died = Instant::now();
 
-    // The remote side of the build, by pid as seen at the fault (a session's processes may be
-    // re-parented once its sshd process goes, so the process tree alone would lose sight of
-    // them) and in the tree now: gone within CANCEL_BOUND of the hook's death. What cancels it
-    // is the hook's connection going away: after SIGTERM the hook drops it as it exits, after
-    // SIGKILL the kernel closes it; sshd then closes the remote program's stdin, which the
-    // remote Nix watches: a NAR stream breaks at once, a build is stopped.
-    let remote_left = || -> Vec<u32> {
-        session
-            .iter()
-            .chain(&remote_build)
-            .copied()
-            .chain(descendants(sshd))
-            .filter(|&p| alive(p))
-            .collect()
-    };
-    loop {
-        let left = remote_left();
-        if left.is_empty() {
-            break;
-        }
-        assert!(
-            hook_died.elapsed() < CANCEL_BOUND,
-            "{test}: the remote session still runs {:?} after the hook died:\n{:#?}",
-            hook_died.elapsed(),
-            describe(&left)
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let remote_gone = hook_died.elapsed();
-    eprintln!(
-        "[fault] {test}: remote session and build gone {remote_gone:.2?} after the hook died"
-    );
+    // The remote side of the build, gone within CANCEL_BOUND of the hook's death. What cancels
+    // it is the hook's connection going away: after SIGTERM the hook drops it as it exits,
+    // after SIGKILL the kernel closes it; sshd then closes the remote program's stdin, which
+    // the remote Nix watches: a NAR stream breaks at once, a build is stopped.
+    side.assert_gone_within(&test, hook_died);
 
-    let out = build.finish(Duration::from_secs(120));
-    out.assert_failure();
-    assert!(out.stderr.contains(&paths.drv), "{out}");
-    assert!(!out.stderr.contains("panicked"), "{out}");
-    client_errors(&test, &out);
-    paths.assert_absent(&daemon, &test);
+    assert_hook_build_failed(&test, build, &paths, &daemon);
 
     // The lease went with the hook.
     let released = wait_until("the lease to be released", Duration::from_secs(5), || {
@@ -219,34 +120,22 @@ fn hook_killed(phase: Phase, kill: Kill, scheme: Scheme) {
     let st = cfg.status_of(&daemon, BUILDER);
     assert_eq!((st.state, st.leases), (State::Up, 0), "{st:?}");
     eprintln!("[fault] {test}: lease released {released:.2?} after the remote session was gone");
-    assert!(alive(sshd), "the machine itself must stay up");
+    assert!(alive(side.sshd), "the machine itself must stay up");
     let sup = cfg.supervisor_pid().expect("the supervisor serves");
     assert_no_strays(&daemon, Some(sup), Duration::from_secs(10));
     if kill == Kill::TermThenKill {
         assert_store_clean(&daemon, &format!("{test}, after the SIGTERM"));
     } else {
-        let left = daemon.invalid_leftovers();
-        eprintln!("[fault] {test}: left for the next hook to sweep: {left:?}");
-        assert!(
-            left.iter()
-                .all(|p| p.starts_with(&format!("/nix/store/.nlb-unpack-{hook}-"))),
-            "{test}: leftovers other than the killed hook's unpack directory: {left:?}"
-        );
+        assert_only_unpack_leftovers(&daemon, hook, &test);
     }
 
     // Not wedged: the next build succeeds on the same machine, and its hook sweeps what the
     // killed one left.
-    let next = BigDrv::new(&format!("{name}-next")).prepare(&daemon);
-    let again = next.nix_build(&daemon);
-    again.assert_success();
-    next.assert_built(&daemon);
-    assert_store_clean(&daemon, &format!("{test}, after the next build"));
+    assert_next_build_fine(&daemon, &cfg, BUILDER, &name);
     wait_until("the next build's lease", Duration::from_secs(5), || {
         cfg.status_of(&daemon, BUILDER).leases == 0
     });
     assert_no_strays(&daemon, Some(sup), Duration::from_secs(10));
-    let st = cfg.status_of(&daemon, BUILDER);
-    assert_eq!(st.boots, 1, "{st:?}");
     eprintln!("[fault] {test}: survived");
 }
 

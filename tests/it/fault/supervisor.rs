@@ -29,12 +29,10 @@ fn supervisor_killed_while_builds_hold_leases() {
     let test = "supervisor killed while two builds hold leases";
     let mut rng = FaultRng::new(test);
     let remote = LazyRemote::prepare(RemoteOpts::new(Nix::Host));
-    let cfg = LazyConfig::write(&[remote.builder_toml(
+    let cfg = LazyConfig::write(&[remote.command_builder(
         BUILDER,
         Scheme::Ssh,
-        &["aarch64-linux"],
         "max-jobs = 2\nidle-timeout = \"120s\"\nboot-timeout = \"60s\"",
-        &remote.command_boot(Duration::ZERO),
     )]);
     let daemon = LocalDaemon::start(cfg.daemon_opts(Duration::from_secs(120)));
     let drvs: Vec<BigPaths> = ["a", "b"]

@@ -221,6 +221,30 @@ impl LazyRemote {
         )
     }
 
+    /// A `[builders.NAME]` table for this machine as an aarch64-linux builder booted at once
+    /// by its command ([`LazyRemote::command_boot`]), with `settings` as extra builder keys.
+    pub fn command_builder(&self, name: &str, scheme: Scheme, settings: &str) -> String {
+        self.builder_toml(
+            name,
+            scheme,
+            &["aarch64-linux"],
+            settings,
+            &self.command_boot(Duration::ZERO),
+        )
+    }
+
+    /// [`LazyRemote::command_builder`] over `ssh://` whose boot waits `delay` before sshd
+    /// starts.
+    pub fn delayed_command_builder(&self, name: &str, delay: Duration, settings: &str) -> String {
+        self.builder_toml(
+            name,
+            Scheme::Ssh,
+            &["aarch64-linux"],
+            settings,
+            &self.command_boot(delay),
+        )
+    }
+
     /// A `kind = "command"` boot body running [`LazyRemote::start_argv`].
     pub fn command_boot(&self, delay: Duration) -> String {
         let argv = self.start_argv(delay);

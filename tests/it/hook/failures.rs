@@ -57,11 +57,7 @@ fn assert_no_outputs(store: &impl StoreQueries, paths: &FakeDrvPaths, what: &str
         assert!(!store.is_valid(p), "{what}: {p} is valid");
         assert!(!store.exists_on_disk(p), "{what}: {p} exists on disk");
     }
-    assert_eq!(
-        store.invalid_leftovers(),
-        Vec::<String>::new(),
-        "{what}: leftovers"
-    );
+    store.assert_no_leftovers(what);
 }
 
 /// The one line of `stderr` that starts with `prefix` (panics unless there is exactly one).

@@ -23,17 +23,6 @@ use crate::harness::*;
 /// test to read `status` (boots, state) after the idle stop.
 const LINGER: Duration = Duration::from_secs(60);
 
-/// A command builder for `remote` named `name` whose boot takes `delay` before sshd starts.
-fn command_builder(remote: &LazyRemote, name: &str, delay: Duration, settings: &str) -> String {
-    remote.builder_toml(
-        name,
-        Scheme::Ssh,
-        &["aarch64-linux"],
-        settings,
-        &remote.command_boot(delay),
-    )
-}
-
 /// The first stderr line (and when it came) that contains `needle`.
 fn first_line<'a>(lines: &'a [TimedLine], needle: &str) -> Option<&'a TimedLine> {
     lines.iter().find(|l| l.text.contains(needle))
@@ -44,8 +33,7 @@ fn command_builder_boots_on_demand_builds_and_stops_when_idle() {
     let remote = LazyRemote::prepare(RemoteOpts::new(Nix::Host));
     let boot_delay = Duration::from_secs(2);
     let idle = Duration::from_secs(3);
-    let cfg = LazyConfig::write(&[command_builder(
-        &remote,
+    let cfg = LazyConfig::write(&[remote.delayed_command_builder(
         "cmd",
         boot_delay,
         "max-jobs = 1\nidle-timeout = \"3s\"\nboot-timeout = \"60s\"",
@@ -275,8 +263,7 @@ fn ready_to_build_gap(
 fn build_longer_than_the_idle_timeout_is_never_cut_short() {
     let remote = LazyRemote::prepare(RemoteOpts::new(Nix::Host));
     let idle = Duration::from_secs(2);
-    let cfg = LazyConfig::write(&[command_builder(
-        &remote,
+    let cfg = LazyConfig::write(&[remote.delayed_command_builder(
         "slow",
         Duration::ZERO,
         "max-jobs = 1\nidle-timeout = \"2s\"\nboot-timeout = \"60s\"",
@@ -386,8 +373,7 @@ fn eight_concurrent_builds_one_boot_never_more_than_max_jobs() {
     assert_eq!(max_overlap(&[(0.0, 5.0), (1.0, 2.0), (1.5, 3.0)]), 3);
 
     let remote = LazyRemote::prepare(RemoteOpts::new(Nix::Host));
-    let cfg = LazyConfig::write(&[command_builder(
-        &remote,
+    let cfg = LazyConfig::write(&[remote.delayed_command_builder(
         "par",
         Duration::from_secs(1),
         "max-jobs = 2\nidle-timeout = \"30s\"\nboot-timeout = \"60s\"",
@@ -692,8 +678,7 @@ fn a_builder_that_fails_to_boot_is_skipped_for_a_working_one() {
             FAILING_BOOT,
             "speed-factor = 2\nboot-timeout = \"20s\"\nidle-timeout = \"30s\"",
         ),
-        command_builder(
-            &remote,
+        remote.delayed_command_builder(
             "good",
             Duration::ZERO,
             "boot-timeout = \"20s\"\nidle-timeout = \"30s\"",
@@ -752,8 +737,7 @@ fn a_builder_that_fails_to_boot_is_skipped_for_a_working_one() {
 #[test]
 fn supervisor_killed_mid_build_leaves_no_orphan_and_a_new_one_takes_over() {
     let remote = LazyRemote::prepare(RemoteOpts::new(Nix::Host));
-    let cfg = LazyConfig::write(&[command_builder(
-        &remote,
+    let cfg = LazyConfig::write(&[remote.delayed_command_builder(
         "victim",
         Duration::ZERO,
         "max-jobs = 1\nidle-timeout = \"30s\"\nboot-timeout = \"60s\"",

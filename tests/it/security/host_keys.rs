@@ -266,7 +266,7 @@ fn lazy_builder(
         "private",
         "/bin/sh",
         "-c",
-        "mount -t tmpfs -o mode=0755 nlb-sec-run /run && mkdir -p /run/sshd && exec /usr/sbin/sshd -D -e -f \"$1\"",
+        RUN_SSHD,
         "nlb-sec-lazy",
         &sshd_config.display().to_string(),
     ];
@@ -279,24 +279,6 @@ fn lazy_builder(
         client_key.display(),
         argv.join(", ")
     )
-}
-
-/// An sshd config in `d` (keys `host_key`, `authorized_keys` there) on `port`, logging at
-/// VERBOSE (logins, and connections that went away before one) to its stderr, which the
-/// `command` backend writes to the builder's `command.log`.
-fn lazy_sshd_config(d: &Path, file: &str, port: u16) -> std::path::PathBuf {
-    let p = d.join(file);
-    write(
-        &p,
-        &format!(
-            "ListenAddress 127.0.0.1\nPort {port}\nHostKey {d}/host_key\nPidFile none\n\
-             AuthorizedKeysFile {d}/authorized_keys\nStrictModes no\nUsePAM no\n\
-             PasswordAuthentication no\nKbdInteractiveAuthentication no\n\
-             PermitRootLogin prohibit-password\nLogLevel VERBOSE\n",
-            d = d.display()
-        ),
-    );
-    p
 }
 
 #[test]
@@ -312,9 +294,9 @@ fn the_readiness_check_refuses_wrong_and_well_known_keys() {
     keygen(&d.join("client_key"), "nlb-sec-lazy-client");
     std::fs::copy(d.join("client_key.pub"), d.join("authorized_keys")).unwrap();
     let port = free_port();
-    let config = lazy_sshd_config(d, "sshd_config", port);
+    let config = sshd_config(d, "sshd_config", port);
     let right_port = free_port();
-    let right_config = lazy_sshd_config(d, "sshd_config_right", right_port);
+    let right_config = sshd_config(d, "sshd_config_right", right_port);
     // A remote program that answers like Nix, so the right key gets all the way to "up".
     let nix = d.join("fake-nix-store");
     write(

@@ -80,12 +80,10 @@ fn write_config(dir: &Path, builders: &[(&str, Spec<'_>, &str)]) -> (PathBuf, Co
 
 /// The `[builders.NAME]` table of a machine.
 fn machine_toml(name: &str, remote: &LazyRemote, idle: &str) -> String {
-    remote.builder_toml(
+    remote.command_builder(
         name,
         Scheme::Ssh,
-        &["aarch64-linux"],
         &format!("max-jobs = 2\nidle-timeout = \"{idle}\"\nboot-timeout = \"60s\""),
-        &remote.command_boot(Duration::ZERO),
     )
 }
 
