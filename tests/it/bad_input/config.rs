@@ -204,7 +204,7 @@ fn odd_keys_are_named_as_written_and_an_empty_header_names_none() {
     let e = Config::parse("\"\\u0000\" = 1\n", file).unwrap_err();
     assert!(
         e.to_string()
-            .starts_with("/etc/nix/lazy-builder.toml:1:1: \"\\u0000\": unknown field"),
+            .starts_with("/etc/nix/lazy-builder.toml:1:1: \"\\u0000\": unknown key"),
         "{e}"
     );
     let e = Config::parse("[]\n", file).unwrap_err();

@@ -380,7 +380,9 @@ async fn failures_are_reported_in_one_line_and_back_off() {
     assert_eq!(st.state, State::Failed);
     let f = st.last_failure.unwrap();
     assert!(
-        f.cause.contains("exited with status 3") && f.cause.ends_with(": starting"),
+        f.cause.contains("exited with status 3")
+            && f.cause.contains(": starting; log: ")
+            && f.cause.ends_with("/builders/broken/command.log"),
         "{}",
         f.cause
     );
