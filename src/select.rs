@@ -460,6 +460,7 @@ mod tests {
             mandatory_features: set(mandatory),
             host_keys: HostKeySpec::SshDefault,
             allow_well_known_host_key: false,
+            keep_warm: Duration::ZERO,
             origin: Origin::Toml {
                 file: PathBuf::from("/t"),
                 name: name.to_owned(),

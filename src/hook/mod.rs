@@ -318,7 +318,7 @@ async fn run(args: HookArgs, fd4: Option<OwnedFd>) -> Result<u8, HookError> {
                 }
                 Next::Connect(s) => {
                     let b = &builders[s.builder()];
-                    let e = match accept::connect(b, s.port(), &log).await {
+                    let e = match accept::connect(b, s.port(), &log, &mut lazy).await {
                         Ok(remote) => {
                             lazy.stop_progress();
                             if !b.is_lazy() {
@@ -350,6 +350,7 @@ async fn run(args: HookArgs, fd4: Option<OwnedFd>) -> Result<u8, HookError> {
                                 // build.
                                 lazy.report_failure(b, &e.to_string()).await;
                             }
+                            lazy.settle().await;
                             return outcome;
                         }
                         Err(e) => e,
@@ -547,6 +548,7 @@ mod tests {
             mandatory_features: BTreeSet::new(),
             host_keys: HostKeySpec::SshDefault,
             allow_well_known_host_key: false,
+            keep_warm: Duration::ZERO,
             origin: Origin::Toml {
                 file: "/t".into(),
                 name: name.to_owned(),
@@ -619,6 +621,7 @@ mod tests {
             boot_settings_outdated: false,
             last_failure: None,
             nix_version: None,
+            warm: None,
         };
         let local = LocalCapability {
             system: "x86_64-linux".into(),
