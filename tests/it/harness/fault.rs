@@ -494,14 +494,16 @@ pub const LONG_BUILD_SECS: u32 = 90;
 pub const CANCEL_BOUND: Duration = Duration::from_secs(1);
 
 /// A lazy `kind = "command"` builder `builder` (the harness's real sshd with its own store,
-/// booted by the supervisor) behind a real nix-daemon (Nix 2.8) running our hook: the set-up
-/// the hook-fault tests share.
+/// booted by the supervisor, `keep-warm = "0s"`: the hook connects itself) behind a real
+/// nix-daemon (Nix 2.8) running our hook: the set-up the hook-fault tests share.
 pub fn lazy_command_rig(builder: &str, scheme: Scheme) -> (LazyRemote, LazyConfig, LocalDaemon) {
     let remote = LazyRemote::prepare(RemoteOpts::new(Nix::Host));
     let cfg = LazyConfig::write(&[remote.command_builder(
         builder,
         scheme,
-        "max-jobs = 1\nidle-timeout = \"120s\"\nboot-timeout = \"60s\"",
+        // No warm sessions: the hook's own connection is what these tests fault (a warm
+        // session belongs to the supervisor, whose pool refills under the same sshd).
+        "max-jobs = 1\nidle-timeout = \"120s\"\nboot-timeout = \"60s\"\nkeep-warm = \"0s\"",
     )]);
     let daemon = LocalDaemon::start(cfg.daemon_opts(Duration::from_secs(120)));
     (remote, cfg, daemon)
