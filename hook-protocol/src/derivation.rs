@@ -112,11 +112,16 @@ impl BasicDerivation {
     /// Decodes the wire form written by [`BasicDerivation::encode`] (what a remote
     /// `nix-store --serve` or `nix-daemon` reads). Order is not checked (Nix does not check it
     /// either), but a duplicate output name, input or environment key is invalid: it would be
-    /// silently lost in the maps.
+    /// silently lost in the maps; so is an output path (when there is one) or input source that
+    /// is not a store path, as Nix parses both.
     pub fn decode(r: &mut Reader<'_>) -> wire::Result<Self> {
         let outputs = r.list("derivation outputs", |r| {
             let name = r.string("output name")?;
             let path = r.string("output path")?;
+            // A path is a store path, as Nix parses it; none (empty) is a floating output.
+            if !path.is_empty() {
+                wire_store_path(&path, "output path")?;
+            }
             let hash_algo = r.string("output hash algorithm")?;
             let hash = r.string("output hash")?;
             Ok((
@@ -130,6 +135,9 @@ impl BasicDerivation {
         })?;
         let outputs = collect_unique(outputs, "output name", |k| k.clone())?;
         let input_srcs = r.strings("input sources")?;
+        for p in &input_srcs {
+            wire_store_path(p, "input source")?;
+        }
         let input_srcs = collect_unique_set(input_srcs, "input source")?;
         let platform = r.string("platform")?;
         let builder = r.bytes()?.to_vec();
@@ -177,6 +185,13 @@ impl BasicDerivation {
     pub fn is_fixed_output(&self) -> bool {
         self.outputs.values().any(|o| o.kind() == OutputKind::Fixed)
     }
+}
+
+/// `s` is a store path, or the wire form that carries it is Invalid.
+fn wire_store_path(s: &str, what: &str) -> wire::Result<()> {
+    StorePath::parse(s)
+        .map(drop)
+        .map_err(|e| DecodeError::malformed(format!("{what}: {e}")))
 }
 
 fn collect_unique<K: Ord, V>(

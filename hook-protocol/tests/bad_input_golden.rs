@@ -674,3 +674,231 @@ fn bad_hash_parts_are_rejected_everywhere() {
         assert!(StorePath::parse(&p).is_err(), "{p}");
     }
 }
+
+/// The rest of the decoders that carry a full store path, each given one with a bad hash part
+/// where a path goes: path infos (serve and worker, the path itself, its deriver, a reference),
+/// BasicDerivation's outputs and input sources, and the requests a daemon or `nix-store --serve`
+/// decodes (the `server` side: path arguments, uploaded path infos, export trailers, derived
+/// paths). Each is Invalid with a message that says "bad hash part" and names the path. (The
+/// realisations' base names are checked in `bad_hash_parts_are_rejected_everywhere`.)
+#[test]
+fn bad_hash_parts_are_rejected_in_path_infos_derivations_and_requests() {
+    const NAR_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+    let ok = path("ok");
+    for h in [
+        "0123456789abcdfghijklmnpqrsvwxy",
+        "e123456789abcdfghijklmnpqrsvwxyz",
+        "0123456789ABCDFGHIJKLMNPQRSVWXYZ",
+    ] {
+        let p = format!("/nix/store/{h}-name");
+        let serve_info = |path: &str, deriver: &str, reference: &str| {
+            let mut b = Vec::new();
+            b.put_str(path);
+            b.put_str(deriver);
+            b.put_strings([reference]);
+            b.extend_from_slice(&words(&[0, 0]));
+            b.put_str(NAR_HASH);
+            b.put_str("");
+            b.put_strings(Vec::<String>::new());
+            b.put_str("");
+            b
+        };
+        // deriver, narHash, references, registrationTime, narSize, ultimate, sigs, ca
+        let unkeyed = |deriver: &str, reference: &str| {
+            let mut b = Vec::new();
+            b.put_str(deriver);
+            b.put_str(NAR_HASH);
+            b.put_strings([reference]);
+            b.extend_from_slice(&words(&[0, 0, 0]));
+            b.put_strings(Vec::<String>::new());
+            b.put_str("");
+            b
+        };
+        let qpi =
+            |deriver: &str, reference: &str| [words(&[1]), unkeyed(deriver, reference)].concat();
+        let basic = |output: &str, input: &str| {
+            let mut b = words(&[1]);
+            b.put_str("out");
+            b.put_str(output);
+            b.put_str("");
+            b.put_str("");
+            b.put_strings([input]);
+            b.put_str("aarch64-linux");
+            b.put_str("/bin/sh");
+            b.put_strings(Vec::<String>::new());
+            b.put_u64(0);
+            b
+        };
+        let op = |code: u64, rest: &[u8]| [words(&[code]), rest.to_vec()].concat();
+        let one = |s: &str| {
+            let mut b = Vec::new();
+            b.put_str(s);
+            b
+        };
+        let list = |s: &str| {
+            let mut b = Vec::new();
+            b.put_strings([s]);
+            b
+        };
+        let upload = |path: &str| [one(path), unkeyed("", &ok)].concat();
+        let export_end = {
+            let mut b = words(&[serve::EXPORT_MAGIC]);
+            b.put_str(&p);
+            b.put_strings(Vec::<String>::new());
+            b.put_str("");
+            b.put_u64(0);
+            b
+        };
+        let v27 = ProtocolVersion::new(2, 7);
+        let cases: Vec<(&str, Vec<u8>, Decoder)> = vec![
+            (
+                "serve path info: path",
+                serve_info(&p, "", &ok),
+                Box::new(move |b| serve::decode_path_infos(b, v27).map(drop)),
+            ),
+            (
+                "serve path info: deriver",
+                serve_info(&ok, &p, &ok),
+                Box::new(move |b| serve::decode_path_infos(b, v27).map(drop)),
+            ),
+            (
+                "serve path info: reference",
+                serve_info(&ok, "", &p),
+                Box::new(move |b| serve::decode_path_infos(b, v27).map(drop)),
+            ),
+            (
+                "query path info reply: deriver",
+                qpi(&p, &ok),
+                Box::new(|b| query_path_info(b, &proto(1, 35))),
+            ),
+            (
+                "query path info reply: reference",
+                qpi("", &p),
+                Box::new(|b| query_path_info(b, &proto(1, 35))),
+            ),
+            (
+                "BasicDerivation: output path",
+                basic(&p, &ok),
+                Box::new(|b| BasicDerivation::decode(b).map(drop)),
+            ),
+            (
+                "BasicDerivation: input source",
+                basic(&ok, &p),
+                Box::new(|b| BasicDerivation::decode(b).map(drop)),
+            ),
+            (
+                "worker IsValidPath",
+                op(1, &one(&p)),
+                Box::new(|b| worker_request(b, &proto(1, 35))),
+            ),
+            (
+                "worker QueryPathInfo",
+                op(26, &one(&p)),
+                Box::new(|b| worker_request(b, &proto(1, 35))),
+            ),
+            (
+                "worker QueryValidPaths",
+                op(31, &list(&p)),
+                Box::new(|b| worker_request(b, &proto(1, 35))),
+            ),
+            (
+                "worker BuildDerivation: derivation path",
+                op(36, &one(&p)),
+                Box::new(|b| worker_request(b, &proto(1, 35))),
+            ),
+            (
+                "worker BuildDerivation: output path",
+                op(36, &[one(&format!("{ok}.drv")), basic(&p, &ok)].concat()),
+                Box::new(|b| worker_request(b, &proto(1, 35))),
+            ),
+            (
+                "worker NarFromPath",
+                op(38, &one(&p)),
+                Box::new(|b| worker_request(b, &proto(1, 35))),
+            ),
+            (
+                "worker AddToStoreNar",
+                op(39, &upload(&p)),
+                Box::new(|b| worker_request(b, &proto(1, 35))),
+            ),
+            (
+                "worker BuildPathsWithResults",
+                op(46, &list(&format!("{p}!out"))),
+                Box::new(|b| worker_request(b, &proto(1, 35))),
+            ),
+            (
+                "serve QueryValidPaths",
+                op(1, &[words(&[0, 0]), list(&p)].concat()),
+                Box::new(move |b| serve_request(b, v27)),
+            ),
+            (
+                "serve QueryPathInfos",
+                op(2, &list(&p)),
+                Box::new(move |b| serve_request(b, v27)),
+            ),
+            (
+                "serve DumpStorePath",
+                op(3, &one(&p)),
+                Box::new(move |b| serve_request(b, v27)),
+            ),
+            (
+                "serve ExportPaths",
+                op(5, &[words(&[0]), list(&p)].concat()),
+                Box::new(move |b| serve_request(b, v27)),
+            ),
+            (
+                "serve BuildPaths",
+                op(6, &list(&p)),
+                Box::new(move |b| serve_request(b, v27)),
+            ),
+            (
+                "serve QueryClosure",
+                op(7, &[words(&[0]), list(&p)].concat()),
+                Box::new(move |b| serve_request(b, v27)),
+            ),
+            (
+                "serve BuildDerivation: derivation path",
+                op(8, &one(&p)),
+                Box::new(move |b| serve_request(b, v27)),
+            ),
+            (
+                "serve BuildDerivation: input source",
+                op(8, &[one(&format!("{ok}.drv")), basic(&ok, &p)].concat()),
+                Box::new(move |b| serve_request(b, v27)),
+            ),
+            (
+                "serve AddToStoreNar",
+                op(9, &upload(&p)),
+                Box::new(move |b| serve_request(b, v27)),
+            ),
+            (
+                "serve export trailer",
+                export_end,
+                Box::new(|b| serve::server::decode_export_item_end(b).map(drop)),
+            ),
+        ];
+        for (case, bytes, decode) in cases {
+            match wire::decode_with(&bytes, |r| decode(r)) {
+                Err(DecodeError::Invalid(Invalid::Malformed(m))) => {
+                    assert!(m.contains("bad hash part") && m.contains(&p), "{case}: {m}")
+                }
+                other => panic!("{case} with {p}: {other:?}"),
+            }
+        }
+    }
+}
+
+type Decoder = Box<dyn Fn(&mut Reader<'_>) -> wire::Result<()>>;
+
+fn query_path_info(r: &mut Reader<'_>, proto: &Negotiated) -> wire::Result<()> {
+    let asked = StorePath::parse(&path("asked")).expect("a valid path");
+    worker::decode_query_path_info_reply(r, proto, &asked).map(drop)
+}
+
+fn worker_request(r: &mut Reader<'_>, proto: &Negotiated) -> wire::Result<()> {
+    worker::server::decode_request(r, proto, "/nix/store").map(drop)
+}
+
+fn serve_request(r: &mut Reader<'_>, version: ProtocolVersion) -> wire::Result<()> {
+    serve::server::decode_request(r, version).map(drop)
+}

@@ -237,18 +237,22 @@ fn key_at(text: &str, pos: usize) -> Option<String> {
         if let Some(header) = t.strip_prefix('[') {
             let header = header.trim_start_matches('[');
             let header = header.split(']').next().unwrap_or("").trim();
-            return Some(match key {
-                Some(k) => format!("{header}.{k}"),
-                None => header.to_owned(),
-            });
+            // An empty header (`[]`, a syntax error) names nothing.
+            return match key {
+                _ if header.is_empty() => key,
+                Some(k) => Some(format!("{header}.{k}")),
+                None => Some(header.to_owned()),
+            };
         }
         if key.is_none()
             && let Some((k, _)) = t.split_once('=')
         {
             let k = k.trim();
             if !k.is_empty()
-                && k.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '"' | ' '))
+                && k.chars().all(|c| {
+                    // A quoted key may hold escapes (`"\u0000" = 1`).
+                    c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '"' | ' ' | '\\')
+                })
             {
                 key = Some(k.to_owned());
             }

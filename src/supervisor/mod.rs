@@ -49,7 +49,8 @@ pub fn main(args: SuperviseArgs) -> ExitCode {
     ExitCode::from(main_with(args, default_backend()))
 }
 
-/// [`main`] with a chosen backend (tests use a stand-in); returns the exit status.
+/// [`main`] with a chosen backend, without closing inherited descriptors (the tests run it as a
+/// helper process); returns the exit status.
 pub fn main_with(args: SuperviseArgs, backend: Arc<dyn backend::Backend>) -> u8 {
     init_logging();
     let path = args.config;

@@ -30,7 +30,7 @@ PACKAGES_ONLY=false
 
 export DEBIAN_FRONTEND=noninteractive
 APT_PACKAGES=(nix-bin openssh-server openssh-client busybox-static debootstrap dropbear-bin cpio
-    iproute2 hyperfine python3 tmux)
+    iproute2 hyperfine python3 dash bash tmux)
 QEMU_PACKAGES=(qemu-system-x86 qemu-system-arm)
 # C compilers for both guest architectures: examples/vm/make-image compiles the guest agent.
 case $(dpkg --print-architecture) in

@@ -87,16 +87,8 @@ fn smoke(case: &str, local: Nix, remote_nix: Nix, scheme: Scheme) {
     // It really was built over there: the remote holds the outputs and the copied input.
     paths.assert_built(&remote, false);
     assert!(remote.is_valid(&paths.input_out));
-    assert_eq!(
-        daemon.invalid_leftovers(),
-        Vec::<String>::new(),
-        "local leftovers"
-    );
-    assert_eq!(
-        remote.invalid_leftovers(),
-        Vec::<String>::new(),
-        "remote leftovers"
-    );
+    daemon.assert_no_leftovers("local");
+    remote.assert_no_leftovers("remote");
 
     // A failing build: the error and the log lines reach the client and the local log.
     let bad = FakeDrv::new("nlb-smoke-fail").failing(3);
@@ -109,11 +101,7 @@ fn smoke(case: &str, local: Nix, remote_nix: Nix, scheme: Scheme) {
         "the client should see exit code 3:\n{out}"
     );
     assert!(!daemon.is_valid(&bad_paths.out));
-    assert_eq!(
-        daemon.invalid_leftovers(),
-        Vec::<String>::new(),
-        "local leftovers after failure"
-    );
+    daemon.assert_no_leftovers("local, after the failure");
     eprintln!("[timing] {case}: total {:.2?}", start.elapsed());
 }
 

@@ -3,8 +3,10 @@
 //! touching the disk), `NIX_SSHOPTS`, and the TOML loader (`Config::parse`): random text and
 //! bytes, and valid tables with characters flipped, inserted, deleted and repeated.
 //!
-//! Whatever the input: no panic; an error says where (the machines file and line, or the TOML
-//! file, a line inside the text and the key) and is one line of text; and what is accepted
+//! Whatever the input: no panic; an error is one line of text that starts with where (the
+//! machines file or setting and the line, or the TOML file, a line inside the text and a
+//! column) and then, for TOML, the key (every error in well-formed TOML names one; a syntax
+//! error may have none to name), for every variant of the error; and what is accepted
 //! satisfies the table's invariants (a positive finite speed factor, a usable store URI that
 //! cannot break the `# accept` line, at least one system, a pinned host key for every TOML
 //! builder). Golden cases pin down non-UTF-8 input: a machines file is read lossily, as Nix
@@ -89,22 +91,127 @@ fn check_builder(b: &Builder) -> Result<(), TestCaseError> {
     Ok(())
 }
 
-fn check_error(e: &ConfigError, text_lines: usize) -> Result<(), TestCaseError> {
+/// What every error must be, whatever the variant: one line of text that starts with where
+/// (the machines file or setting and its line; the TOML file, a line inside the text and a
+/// column), then names the TOML key when there is one to name: always, once the text is
+/// well-formed TOML (`well_formed`; only a syntax error may have no key to name).
+fn check_error(e: &ConfigError, text_lines: usize, well_formed: bool) -> Result<(), TestCaseError> {
     let msg = e.to_string();
-    prop_assert!(!msg.is_empty());
+    prop_assert!(!msg.trim().is_empty());
+    prop_assert!(!msg.contains('\n'), "not one line: {:?}", msg);
     match e {
-        ConfigError::Toml { line, column, .. } => {
+        ConfigError::Toml {
+            path,
+            line,
+            column,
+            key,
+            message,
+        } => {
             prop_assert!(
                 *line >= 1 && *line <= text_lines + 1 && *column >= 1,
                 "{msg}"
             );
+            let at = format!("{}:{line}:{column}: ", path.display());
+            prop_assert!(msg.starts_with(&at), "{msg} does not start with {at}");
+            match key {
+                Some(k) => {
+                    prop_assert!(!k.trim().is_empty(), "an empty key in {msg}");
+                    prop_assert!(
+                        msg.starts_with(&format!("{at}{k}: ")),
+                        "{msg} does not name the key {k}"
+                    );
+                }
+                None => prop_assert!(
+                    !well_formed,
+                    "an error in well-formed TOML names no key: {msg}"
+                ),
+            }
+            prop_assert!(!message.trim().is_empty(), "{msg}");
         }
-        ConfigError::Machines { origin, .. } | ConfigError::IncludeLoop { origin, .. } => {
-            prop_assert!(origin.line >= 1, "{msg}");
+        ConfigError::Machines { origin, .. }
+        | ConfigError::IncludeLoop { origin, .. }
+        | ConfigError::MachinesRead { origin, .. } => {
+            prop_assert!(origin.line >= 1 && origin.line <= text_lines + 1, "{msg}");
+            let at = format!("{origin}: ");
+            prop_assert!(msg.starts_with(&at), "{msg} does not start with {at}");
+            if let ConfigError::MachinesRead { path, .. } = e {
+                prop_assert!(msg.contains(&path.display().to_string()), "{msg}");
+            }
         }
-        _ => {}
+        ConfigError::TomlRead { path, .. } | ConfigError::TomlMissing { path, .. } => {
+            prop_assert!(msg.contains(&path.display().to_string()), "{msg}");
+        }
     }
     Ok(())
+}
+
+/// Every variant of [`ConfigError`], from real input, passes [`check_error`] (the random
+/// inputs below reach only some of them).
+#[test]
+fn every_error_variant_says_where_in_one_line() {
+    let check = |e: &ConfigError, lines: usize, well_formed: bool| {
+        check_error(e, lines, well_formed).unwrap_or_else(|f| panic!("{f}"));
+        e.to_string()
+    };
+    let files = HashMap::from([
+        (PathBuf::from("/m1"), b"@/m2\n".to_vec()),
+        (PathBuf::from("/m2"), b"@/m1\n".to_vec()),
+    ]);
+    let mut seen = Vec::new();
+    for spec in [
+        "ssh://a x86_64-linux - 1 -1",
+        "ssh://a x86_64-linux\n@/unreadable",
+        "@/m1",
+    ] {
+        let e =
+            config::parse_machines(spec, "x86_64-linux", &mut fake_fs(files.clone())).unwrap_err();
+        seen.push(std::mem::discriminant(&e));
+        check(&e, 2, false);
+    }
+    let file = Path::new("/etc/nix/lazy-builder.toml");
+    // A syntax error (no key to name), then a bad value (its key named).
+    for (text, well_formed) in [("x = \"\n", false), ("[builders.b]\nuri = 3\n", true)] {
+        let e = Config::parse(text, file).unwrap_err();
+        seen.push(std::mem::discriminant(&e));
+        let msg = check(&e, text.lines().count(), well_formed);
+        if well_formed {
+            assert!(msg.contains("builders.b.uri: "), "{msg}");
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, b"\xff").unwrap();
+    for path in [bad, dir.path().join("missing.toml")] {
+        let e = Config::load(&ConfigPath {
+            path,
+            source: ConfigSource::Cli,
+        })
+        .unwrap_err();
+        seen.push(std::mem::discriminant(&e));
+        check(&e, 0, false);
+    }
+    seen.sort_by_key(|d| format!("{d:?}"));
+    seen.dedup();
+    // Machines, MachinesRead, IncludeLoop, Toml, TomlRead, TomlMissing.
+    assert_eq!(seen.len(), 6, "not every variant was made: {seen:?}");
+}
+
+#[test]
+fn odd_keys_are_named_as_written_and_an_empty_header_names_none() {
+    // Both found by `check_error`'s key rule: an escaped quoted key was not named at all, and
+    // `[]` was named as an empty key (": unquoted keys cannot be empty").
+    let file = Path::new("/etc/nix/lazy-builder.toml");
+    let e = Config::parse("\"\\u0000\" = 1\n", file).unwrap_err();
+    assert!(
+        e.to_string()
+            .starts_with("/etc/nix/lazy-builder.toml:1:1: \"\\u0000\": unknown key"),
+        "{e}"
+    );
+    let e = Config::parse("[]\n", file).unwrap_err();
+    match &e {
+        ConfigError::Toml { key, .. } => assert_eq!(key, &None, "{e}"),
+        other => panic!("{other:?}"),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -182,7 +289,7 @@ fn check_machines(
                 prop_assert!(!n.message.is_empty());
             }
         }
-        Err(e) => check_error(&e, lines)?,
+        Err(e) => check_error(&e, lines, false)?,
     }
     if let Some(o) = sshopts {
         let parsed = SshOpts::parse(o);
@@ -398,7 +505,9 @@ fn check_toml(text: &str) -> Result<(), TestCaseError> {
             prop_assert!(c.supervisor.state_dir.is_absolute());
         }
         Err(e) => {
-            check_error(&e, lines)?;
+            // Whether the text is TOML at all: then every error is about a key and names it.
+            let well_formed = text.parse::<toml::Table>().is_ok();
+            check_error(&e, lines, well_formed)?;
             prop_assert!(
                 e.to_string().contains("/etc/nix/lazy-builder.toml"),
                 "the error does not name the file: {e}"

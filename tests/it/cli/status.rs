@@ -6,28 +6,16 @@
 //!
 //! Must never leave a supervisor or a builder running.
 
-use std::time::Duration;
-
 use crate::harness::security::{Env, Supervisor};
 use crate::harness::*;
-
-fn command_builder(remote: &LazyRemote, name: &str, settings: &str) -> String {
-    remote.builder_toml(
-        name,
-        Scheme::Ssh,
-        &["aarch64-linux"],
-        settings,
-        &remote.command_boot(Duration::ZERO),
-    )
-}
 
 #[test]
 fn a_broken_config_is_the_error_above_the_running_supervisors_state() {
     let remote = LazyRemote::prepare(RemoteOpts::new(Nix::Host));
     let env = Env::new();
-    let good = command_builder(
-        &remote,
+    let good = remote.command_builder(
         "cmd",
+        Scheme::Ssh,
         "boot-timeout = \"30s\"\nidle-timeout = \"5m\"",
     );
     env.write_config(&good);

@@ -6,10 +6,12 @@
 //!   listener's accept to the client seeing the hook's error line), and the build goes to the
 //!   working builder.
 //! - The failure is remembered for the next `try`, also by the next hook process: a second
-//!   `nix-build` right after neither connects to it again nor waits; with no other builder it
-//!   fails at once with the one-line reason (cause, retry time).
+//!   `nix-build` right after neither connects to it again nor waits (its build starts on the
+//!   working builder within 5 s of the `nix-build`, where the hang cost 15 s); with no other
+//!   builder it fails at once with the one-line reason (cause, retry time).
 //! - The backoff runs out and grows: once it has passed the builder is tried again, and a
-//!   second failure in a row doubles the wait.
+//!   second failure in a row doubles the wait (the retry time each decline names is what is
+//!   left of 10 s, then of 20 s, from the failure the record holds, to the second).
 //!
 //! Must never: pass without the listener having accepted the hook's connection (the hang was
 //! really hit), or let a later build connect to the hanging builder during its backoff.
@@ -113,6 +115,51 @@ fn records(daemon: &LocalDaemon) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// The one failure record's `consecutive` and `failed_at_ms`.
+#[track_caller]
+fn the_record(daemon: &LocalDaemon) -> (u64, u64) {
+    let recs = records(daemon);
+    assert_eq!(recs.len(), 1, "{recs:?}");
+    let field = |k: &str| {
+        recs[0][k]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no {k} in {recs:?}"))
+    };
+    (field("consecutive"), field("failed_at_ms"))
+}
+
+/// Milliseconds since the Unix epoch (the clock the failure records use).
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// `line` says the builder "is not tried again for another Ns" with N what is left of a `backoff_secs` backoff from
+/// `failed_at_ms`, as the hook saw it at some moment between `started` and `ended` (wall-clock
+/// ms; the hook rounds up to whole seconds).
+#[track_caller]
+fn assert_retry_in(line: &str, backoff_secs: u64, failed_at_ms: u64, started: u64, ended: u64) {
+    let secs: u64 = line
+        .split_once("is not tried again for another ")
+        .and_then(|(_, t)| {
+            t.split(|c: char| !c.is_ascii_digit())
+                .next()
+                .and_then(|n| n.parse().ok())
+        })
+        .unwrap_or_else(|| panic!("no retry time in {line:?}"));
+    let left_at = |t: u64| (backoff_secs * 1000).saturating_sub(t.saturating_sub(failed_at_ms));
+    let (most, least) = (
+        left_at(started).div_ceil(1000),
+        left_at(ended).div_ceil(1000),
+    );
+    assert!(
+        (least..=most).contains(&secs),
+        "want a retry in {least}–{most} s (a {backoff_secs} s backoff), got {secs} s: {line}"
+    );
+}
+
 /// When (as an `Instant`) the background command printed a line containing `needle`.
 #[track_caller]
 fn line_instant(build: &Background, started: Instant, needle: &str) -> Instant {
@@ -175,18 +222,25 @@ fn a_builder_that_accepts_tcp_and_hangs_is_given_up_within_15s_and_remembered() 
     assert_eq!(recs[0]["builder"], hang.uri().as_str(), "{recs:?}");
     assert_eq!(recs[0]["consecutive"], 1, "{recs:?}");
 
-    // The next hook process skips it: no new connection, no 15 s wait.
+    // The next hook process skips it: no new connection, no 15 s wait. The build goes to the
+    // working builder at once: the daemon says "building … on …" once the hook accepted.
     let second = BigDrv::new("fault-hang-2").prepare(&daemon);
-    let again = second.nix_build(&daemon);
+    let mut build = Background::nix_build(&daemon, &second.build_args());
+    let on_working = format!("building '{}' on '", second.drv);
+    let accepted_after = build.wait_line(&on_working, Duration::from_secs(60));
+    let again = build.finish(Duration::from_secs(120));
     again.assert_success();
     second.assert_built(&daemon);
     eprintln!(
-        "[fault] hanging builder: the next nix-build took {:.2?}",
+        "[fault] hanging builder: the next build started on the working builder {accepted_after:.2?} into its nix-build (the first waited {detected:.2?}); that nix-build took {:.2?}",
         again.elapsed
     );
     assert_eq!(hang.accepts().len(), 1, "connected to it again:\n{again}");
     assert!(!again.stderr.contains(&refused), "{again}");
-    assert!(again.elapsed < Duration::from_secs(10), "{again}");
+    assert!(
+        accepted_after < Duration::from_secs(5),
+        "the next build waited {accepted_after:?} before it went to the working builder (the hang costs 15 s):\n{again}"
+    );
     assert_store_clean(&daemon, "hanging builder");
     assert_no_strays(&daemon, None, Duration::from_secs(10));
 }
@@ -214,9 +268,14 @@ fn a_hanging_only_builder_fails_at_once_while_it_backs_off_and_the_backoff_grows
     assert!(first.elapsed > Duration::from_secs(13), "{first}");
     let failed_at = Instant::now();
     assert_eq!(hang.accepts().len(), 1);
+    let (consecutive, failed_at_ms) = the_record(&daemon);
+    assert_eq!(consecutive, 1);
 
-    // Right after: declined at once, with one line naming the builder, the cause and the wait.
+    // Right after: declined at once, with one line naming the builder, the cause and the wait
+    // left of the first backoff (10 s).
+    let started = wall_ms();
     let second = paths.nix_build(&daemon);
+    let ended = wall_ms();
     second.assert_failure();
     assert!(second.stderr.contains(&nix_gave_up), "{second}");
     assert!(!second.stderr.contains(&refused), "{second}");
@@ -237,6 +296,7 @@ fn a_hanging_only_builder_fails_at_once_while_it_backs_off_and_the_backoff_grows
     );
     assert!(second.elapsed < Duration::from_secs(5), "{second}");
     assert_eq!(hang.accepts().len(), 1, "connected during the backoff");
+    assert_retry_in(lines[0], 10, failed_at_ms, started, ended);
 
     // The first backoff is 10 s. Once it has run out, it is tried again; a second failure in
     // a row doubles the wait.
@@ -247,25 +307,20 @@ fn a_hanging_only_builder_fails_at_once_while_it_backs_off_and_the_backoff_grows
     third.assert_failure();
     assert!(third.stderr.contains(&refused), "{third}");
     assert_eq!(hang.accepts().len(), 2, "not tried again after the backoff");
-    let recs = records(&daemon);
-    assert_eq!(recs.len(), 1, "{recs:?}");
-    assert_eq!(recs[0]["consecutive"], 2, "{recs:?}");
+    let (consecutive, failed_at_ms) = the_record(&daemon);
+    assert_eq!(consecutive, 2);
+    let started = wall_ms();
     let fourth = paths.nix_build(&daemon);
+    let ended = wall_ms();
     fourth.assert_failure();
     let line = fourth
         .stderr
         .lines()
         .find(|l| l.contains(&reason))
         .unwrap_or_else(|| panic!("{fourth}"));
-    let secs: u64 = line
-        .split_once("is not tried again for another ")
-        .and_then(|(_, t)| {
-            t.split(|c: char| !c.is_ascii_digit())
-                .next()
-                .and_then(|n| n.parse().ok())
-        })
-        .unwrap_or_else(|| panic!("no retry time in {line:?}"));
-    assert!((11..=20).contains(&secs), "{line}");
+    eprintln!("[fault] hanging builder alone: after the second failure in a row: {line}");
+    // Twice the first: 20 s from the second failure.
+    assert_retry_in(line, 20, failed_at_ms, started, ended);
     assert_eq!(hang.accepts().len(), 2);
     assert_store_clean(&daemon, "hanging builder alone");
     assert_no_strays(&daemon, None, Duration::from_secs(10));

@@ -39,8 +39,34 @@ fn remote_killed(phase: Phase, scheme: Scheme) {
         still_in_phase(phase, &build, &paths, &store, &daemon),
         "the {phase:?} ended before the fault"
     );
+    // What the kill hits: the session's remote Nix program and, in the build phase, the
+    // (sandboxed) build it runs.
+    let machine = remote.processes();
+    let program = if scheme == Scheme::Ssh {
+        "--serve"
+    } else {
+        "--stdio"
+    };
+    assert!(
+        machine
+            .iter()
+            .any(|&p| cmdline(p).is_some_and(|a| a.iter().any(|w| w == program))),
+        "{test}: no remote program ({program}) among the remote's processes {machine:?}"
+    );
+    if phase == Phase::Build {
+        assert_eq!(
+            sleeps_among(&machine, SLOW_BUILD_SECS).len(),
+            1,
+            "{test}: the build is not running over there: {machine:?}"
+        );
+    }
     let at = build.elapsed();
     remote.kill();
+    let survivors: Vec<u32> = machine.iter().copied().filter(|&p| alive(p)).collect();
+    assert!(
+        survivors.is_empty(),
+        "{test}: survived the kill: {survivors:?}"
+    );
     eprintln!("[fault] {test}: killed the remote at {point}, {at:.2?} into nix-build");
     let out = build.finish(Duration::from_secs(120));
     out.assert_failure();
@@ -61,11 +87,6 @@ fn remote_killed(phase: Phase, scheme: Scheme) {
     paths.assert_absent(&daemon, &test);
     assert_store_clean(&daemon, &test);
     assert_no_strays(&daemon, None, Duration::from_secs(10));
-    assert!(
-        remote.processes().is_empty(),
-        "the dead remote still runs {:?}",
-        remote.processes()
-    );
 
     // Not wedged: the next build goes to a fresh remote and succeeds.
     let fresh = RemoteStore::start(RemoteOpts::new(Nix::Host));

@@ -6,7 +6,8 @@
 //!
 //! After the fault: the machine it started dies with it (its boot watchdog kills the process
 //! group: sshd is gone at once), the sessions of the two builds end, and no process of the
-//! machine is left; each build either completed (its SSH session did not need the supervisor)
+//! machine is left, sandboxed builds included (both builds' processes, each in a mount
+//! namespace of its own, are seen among the machine's at the fault); each build either completed (its SSH session did not need the supervisor)
 //! or failed naming its derivation, and nothing invalid or partial is in the local store;
 //! nothing is left in the daemon's namespace; the next build starts a new supervisor, which
 //! boots the machine again, and succeeds.
@@ -28,12 +29,10 @@ fn supervisor_killed_while_builds_hold_leases() {
     let test = "supervisor killed while two builds hold leases";
     let mut rng = FaultRng::new(test);
     let remote = LazyRemote::prepare(RemoteOpts::new(Nix::Host));
-    let cfg = LazyConfig::write(&[remote.builder_toml(
+    let cfg = LazyConfig::write(&[remote.command_builder(
         BUILDER,
         Scheme::Ssh,
-        &["aarch64-linux"],
         "max-jobs = 2\nidle-timeout = \"120s\"\nboot-timeout = \"60s\"",
-        &remote.command_boot(Duration::ZERO),
     )]);
     let daemon = LocalDaemon::start(cfg.daemon_opts(Duration::from_secs(120)));
     let drvs: Vec<BigPaths> = ["a", "b"]
@@ -64,6 +63,19 @@ fn supervisor_killed_while_builds_hold_leases() {
         );
     }
     let machine = remote.processes();
+    // Both builds run sandboxed over there, each in a mount namespace of its own: they are
+    // among the machine's processes only because its descendants are followed.
+    let running = sleeps_among(&machine, SLOW_BUILD_SECS);
+    assert_eq!(
+        running.len(),
+        2,
+        "want both builds' `sleep {SLOW_BUILD_SECS}` among the machine's processes {machine:?}"
+    );
+    let narrow = remote.processes_in_its_namespaces();
+    assert!(
+        running.iter().all(|p| !narrow.contains(p)),
+        "a sandboxed build shares a namespace of the machine's: {running:?} in {narrow:?}"
+    );
     // SAFETY: kill(2) on this test's supervisor (its pid from its hello on our state dir).
     assert_eq!(unsafe { libc::kill(sup as libc::pid_t, libc::SIGKILL) }, 0);
     let killed = Instant::now();

@@ -3,12 +3,13 @@
 //! nix-daemon (Nix 2.8) that runs nix-lazy-builder as its build hook.
 //!
 //! - The supervisor is SIGKILLed at a random point (seeded, printed) while the VM boots: the
-//!   QEMU it started must not survive it (the boot watchdog kills the process group), nothing
-//!   invalid is left, and the next build (a new supervisor, a fresh VM) succeeds.
+//!   QEMU it started must not survive it (the boot watchdog kills the process group; gone
+//!   within 1 s), nothing invalid is left, and the next build (a new supervisor, a fresh VM)
+//!   succeeds.
 //! - QEMU is SIGKILLed at a random point of a build running in the VM: the build fails with a
 //!   clear message that names the builder, well within 15 s; the supervisor notices (status:
-//!   failed, "exited on its own: qemu was killed by signal 9"); once the backoff has run out, the next
-//!   build boots a fresh VM and succeeds.
+//!   failed, "exited on its own: qemu was killed by signal 9", a first backoff of at most
+//!   10 s left); once the backoff has run out, the next build boots a fresh VM and succeeds.
 //! - QEMU is frozen (SIGSTOP) mid-build, a VM that stops answering without closing anything:
 //!   the hook's SSH keepalive declares it dead within about 15 s and the build fails; the
 //!   hook tells the supervisor, which replaces the VM, so the next build succeeds.
@@ -27,6 +28,10 @@ use crate::harness::fault::*;
 use crate::harness::*;
 
 const BUILDER: &str = "vm-aarch64";
+
+/// A QEMU whose supervisor was SIGKILLed must be gone within this (measured: tens of
+/// milliseconds; the margin is for a loaded 2-core machine).
+const QEMU_GONE_WITHIN: Duration = Duration::from_secs(1);
 
 /// This test's QEMU processes.
 fn qemus(cfg: &LazyConfig) -> Vec<u32> {
@@ -130,6 +135,12 @@ fn supervisor_killed_while_the_vm_boots() {
         "[fault] {test}: killed supervisor {sup} {:.2?} into the boot; QEMU {qemu} gone {gone:.2?} later",
         st.booting_ms.map(Duration::from_millis).unwrap_or(after)
     );
+    // The watchdog reads a pipe only the supervisor writes and kills the group at its EOF:
+    // at once (measured: tens of milliseconds, this wait's 20 ms polls included).
+    assert!(
+        gone < QEMU_GONE_WITHIN,
+        "{test}: QEMU {qemu} outlived its supervisor by {gone:?}"
+    );
     // The hook starts a new supervisor at its next try, which boots a new VM: the build may
     // well succeed. Either way nothing half-done may be valid.
     let out = build.finish(Duration::from_secs(300));
@@ -227,6 +238,12 @@ fn qemu_killed_mid_build() {
     assert!(
         f.cause.contains("exited on its own: ") && f.cause.contains("killed by signal 9"),
         "{f:?}"
+    );
+    // With a backoff: the first failure in a row waits 10 s, some of which has passed.
+    assert_eq!(f.consecutive, 1, "{f:?}");
+    assert!(
+        f.retry_in_ms > 0 && f.retry_in_ms <= 10_000,
+        "no backoff after the failure: {f:?}"
     );
     assert_eq!(st.leases, 0, "{st:?}");
     let sup = cfg.supervisor_pid();

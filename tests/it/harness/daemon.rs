@@ -148,21 +148,8 @@ impl LocalDaemon {
             &["nix", "etc-nix", "client-conf", "home", "work"],
         );
         let b = base.path().to_path_buf();
-        let mut conf = vec![
-            format!("build-users-group = {group}"),
-            "substituters =".to_owned(),
-            format!("max-jobs = {}", opts.max_jobs),
-        ];
-        if opts.sandbox {
-            conf.push("sandbox = true".to_owned());
-            conf.push("sandbox-fallback = false".to_owned());
-            conf.push("sandbox-paths = /bin/sh=/bin/busybox".to_owned());
-        } else {
-            conf.push("sandbox = false".to_owned());
-        }
-        if let Some(f) = &opts.system_features {
-            conf.push(format!("system-features = {}", f.join(" ")));
-        }
+        let mut conf = store_settings(&group, opts.sandbox, opts.system_features.as_deref());
+        conf.push(format!("max-jobs = {}", opts.max_jobs));
         if let Some(machines) = &opts.machines {
             write(&b.join("etc-nix/machines"), machines);
             conf.push("builders = @/etc/nix/machines".to_owned());
@@ -393,4 +380,29 @@ pub(crate) fn set_mode(p: &Path, mode: u32) {
     use std::os::unix::fs::PermissionsExt;
     fs::set_permissions(p, fs::Permissions::from_mode(mode))
         .unwrap_or_else(|e| panic!("cannot chmod {}: {e}", p.display()));
+}
+
+/// The nix.conf lines a test store (the local daemon's or a remote's) starts from: its build
+/// users, no substituters, the sandbox on (with busybox as `/bin/sh`, never falling back) or
+/// off, and its system features when given.
+pub(super) fn store_settings(
+    group: &str,
+    sandbox: bool,
+    system_features: Option<&[String]>,
+) -> Vec<String> {
+    let mut conf = vec![
+        format!("build-users-group = {group}"),
+        "substituters =".to_owned(),
+    ];
+    if sandbox {
+        conf.push("sandbox = true".to_owned());
+        conf.push("sandbox-fallback = false".to_owned());
+        conf.push("sandbox-paths = /bin/sh=/bin/busybox".to_owned());
+    } else {
+        conf.push("sandbox = false".to_owned());
+    }
+    if let Some(f) = system_features {
+        conf.push(format!("system-features = {}", f.join(" ")));
+    }
+    conf
 }

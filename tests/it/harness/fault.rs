@@ -380,8 +380,9 @@ pub fn still_in_phase(
 
 /// Waits until a random point of `phase` (seeded) and returns a description of the point.
 /// Upload and download: a random fraction (5–90 %) of the bytes has arrived. Build: a random
-/// time (0–70 % of the sleep) after the builder's "build started" line reached the client.
-/// Panics if the phase passes without being seen.
+/// time (0–70 % of the sleep, of at most [`SLOW_BUILD_SECS`] of it: a longer sleep is there to
+/// outlast what follows the fault, not to spread the point) after the builder's
+/// "build started" line reached the client. Panics if the phase passes without being seen.
 #[track_caller]
 pub fn wait_for_point(
     rng: &mut FaultRng,
@@ -396,7 +397,8 @@ pub fn wait_for_point(
         Phase::Build => {
             build.wait_line(&paths.spec.started_line(), limit);
             let secs = f64::from(paths.spec.sleep_secs);
-            let after = Duration::from_secs_f64(rng.fraction(0.0, 0.7) * secs);
+            let span = f64::from(paths.spec.sleep_secs.min(SLOW_BUILD_SECS));
+            let after = Duration::from_secs_f64(rng.fraction(0.0, 0.7) * span);
             thread::sleep(after);
             assert!(
                 build.line_at(&paths.spec.done_line()).is_none(),
@@ -476,9 +478,194 @@ pub fn client_errors<'a>(test: &str, out: &'a CmdOutput) -> Vec<&'a str> {
 /// Nothing invalid or half-written in the local store.
 #[track_caller]
 pub fn assert_store_clean(daemon: &LocalDaemon, what: &str) {
-    assert_eq!(
-        daemon.invalid_leftovers(),
-        Vec::<String>::new(),
-        "{what}: invalid or partial paths in the local store"
+    daemon.assert_no_leftovers(what);
+}
+
+// ------------------------------------------------------------------------------------------------
+// The hook killed (fault::hook_kill, fault::term_then_kill)
+
+/// How long the remote build of a hook-fault test's build phase sleeps: far longer than
+/// anything the test waits for after the fault, so a remote build seen gone was cancelled, not
+/// finished.
+pub const LONG_BUILD_SECS: u32 = 90;
+
+/// Within this of a hook's death its remote session and build must be gone (measured: a few
+/// milliseconds; the margin is for a loaded 2-core machine).
+pub const CANCEL_BOUND: Duration = Duration::from_secs(1);
+
+/// A lazy `kind = "command"` builder `builder` (the harness's real sshd with its own store,
+/// booted by the supervisor, `keep-warm = "0s"`: the hook connects itself) behind a real
+/// nix-daemon (Nix 2.8) running our hook: the set-up the hook-fault tests share.
+pub fn lazy_command_rig(builder: &str, scheme: Scheme) -> (LazyRemote, LazyConfig, LocalDaemon) {
+    let remote = LazyRemote::prepare(RemoteOpts::new(Nix::Host));
+    let cfg = LazyConfig::write(&[remote.command_builder(
+        builder,
+        scheme,
+        // No warm sessions: the hook's own connection is what these tests fault (a warm
+        // session belongs to the supervisor, whose pool refills under the same sshd).
+        "max-jobs = 1\nidle-timeout = \"120s\"\nboot-timeout = \"60s\"\nkeep-warm = \"0s\"",
+    )]);
+    let daemon = LocalDaemon::start(cfg.daemon_opts(Duration::from_secs(120)));
+    (remote, cfg, daemon)
+}
+
+/// Each pid with its command line, for a failure message.
+pub fn describe(pids: &[u32]) -> Vec<String> {
+    pids.iter()
+        .map(|&p| format!("{p}: {}", cmdline(p).unwrap_or_default().join(" ")))
+        .collect()
+}
+
+/// The hook of the one build running now: a child of a per-client nix-daemon process.
+#[track_caller]
+pub fn the_hook(daemon: &LocalDaemon) -> u32 {
+    let hooks = daemon.hook_pids();
+    assert_eq!(hooks.len(), 1, "want one hook, got {hooks:?}");
+    let hook = hooks[0];
+    let parent = parent_of(hook).expect("the hook's parent");
+    let argv = cmdline(parent).unwrap_or_default();
+    assert!(
+        argv.first().is_some_and(|a| a.contains("nix-daemon")),
+        "the hook's parent {parent} is not a nix-daemon process: {argv:?}"
     );
+    hook
+}
+
+/// The remote side of the hook's build on a lazy `command` machine, seen during its phase:
+/// the sshd session's processes and, in the build phase, the remote build itself (a
+/// [`LONG_BUILD_SECS`] sleep, [`RemoteSide::see_build`]).
+pub struct RemoteSide {
+    /// The machine's sshd.
+    pub sshd: u32,
+    /// The session's processes at the time it was seen.
+    pub session: Vec<u32>,
+    /// The remote build's sleep (build phase only).
+    pub build: Vec<u32>,
+}
+
+impl RemoteSide {
+    /// Sees the remote session (panics when there is none) once `phase` has begun.
+    #[track_caller]
+    pub fn seen(test: &str, remote: &LazyRemote, phase: Phase) -> Self {
+        let sshd = remote.started_pid().expect("the lazy machine's sshd");
+        let session = descendants(sshd);
+        eprintln!(
+            "[fault] {test}: the remote session: {:#?}",
+            describe(&session)
+        );
+        assert!(
+            !session.is_empty(),
+            "no remote session under sshd {sshd} during the {phase:?}"
+        );
+        RemoteSide {
+            sshd,
+            session,
+            build: Vec::new(),
+        }
+    }
+
+    /// Sees the remote build itself running (build phase, at the fault point): its
+    /// [`LONG_BUILD_SECS`] sleep among the machine's session processes.
+    #[track_caller]
+    pub fn see_build(&mut self, test: &str) {
+        let b = sleeps_among(&descendants(self.sshd), LONG_BUILD_SECS);
+        assert_eq!(
+            b.len(),
+            1,
+            "{test}: want the remote build's `sleep {LONG_BUILD_SECS}` among {:#?}",
+            describe(&descendants(self.sshd))
+        );
+        self.build = b;
+    }
+
+    /// Control (build phase): while the hook lives and holds its connection (frozen here for
+    /// [`CANCEL_BOUND`]), nothing else ends the remote build, so [`Self::assert_gone_within`]
+    /// would see it still running.
+    #[track_caller]
+    pub fn assert_kept_while_frozen(&self, test: &str, hook: u32) {
+        // SAFETY: kill(2) on this daemon's hook (`the_hook`: our binary, child of nix-daemon).
+        assert_eq!(unsafe { libc::kill(hook as libc::pid_t, libc::SIGSTOP) }, 0);
+        thread::sleep(CANCEL_BOUND);
+        let running = sleeps_among(&self.build, LONG_BUILD_SECS);
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::kill(hook as libc::pid_t, libc::SIGCONT) }, 0);
+        assert_eq!(
+            running, self.build,
+            "{test}: the remote build ended while its hook was alive (frozen {CANCEL_BOUND:?})"
+        );
+    }
+
+    /// Waits until every process of the remote side is gone, by pid as seen (a session's
+    /// processes may be re-parented once its sshd process goes, so the process tree alone would
+    /// lose sight of them) and in the tree now; panics if any is left [`CANCEL_BOUND`] after
+    /// `hook_died`. Returns how long it took.
+    #[track_caller]
+    pub fn assert_gone_within(&self, test: &str, hook_died: Instant) -> Duration {
+        loop {
+            let left: Vec<u32> = self
+                .session
+                .iter()
+                .chain(&self.build)
+                .copied()
+                .chain(descendants(self.sshd))
+                .filter(|&p| alive(p))
+                .collect();
+            if left.is_empty() {
+                break;
+            }
+            assert!(
+                hook_died.elapsed() < CANCEL_BOUND,
+                "{test}: the remote session still runs {:?} after the hook died:\n{:#?}",
+                hook_died.elapsed(),
+                describe(&left)
+            );
+            thread::sleep(Duration::from_millis(5));
+        }
+        let gone = hook_died.elapsed();
+        eprintln!("[fault] {test}: remote session and build gone {gone:.2?} after the hook died");
+        gone
+    }
+}
+
+/// The faulted build's `nix-build` fails naming its derivation, without a panic, and leaves
+/// none of its outputs.
+#[track_caller]
+pub fn assert_hook_build_failed(
+    test: &str,
+    build: Background,
+    paths: &BigPaths,
+    daemon: &LocalDaemon,
+) {
+    let out = build.finish(Duration::from_secs(120));
+    out.assert_failure();
+    assert!(out.stderr.contains(&paths.drv), "{out}");
+    assert!(!out.stderr.contains("panicked"), "{out}");
+    client_errors(test, &out);
+    paths.assert_absent(daemon, test);
+}
+
+/// What a SIGKILLed hook may leave: only its own hidden unpack directories (the next hook
+/// sweeps them).
+#[track_caller]
+pub fn assert_only_unpack_leftovers(daemon: &LocalDaemon, hook: u32, test: &str) {
+    let left = daemon.invalid_leftovers();
+    eprintln!("[fault] {test}: left for the next hook to sweep: {left:?}");
+    assert!(
+        left.iter()
+            .all(|p| p.starts_with(&format!("/nix/store/.nlb-unpack-{hook}-"))),
+        "{test}: leftovers other than the killed hook's unpack directory: {left:?}"
+    );
+}
+
+/// Not wedged: the next build (`name`-next) succeeds on the same machine, booted once, and its
+/// hook leaves the store clean (sweeping what a killed one left).
+#[track_caller]
+pub fn assert_next_build_fine(daemon: &LocalDaemon, cfg: &LazyConfig, builder: &str, name: &str) {
+    let next = BigDrv::new(&format!("{name}-next")).prepare(daemon);
+    let again = next.nix_build(daemon);
+    again.assert_success();
+    next.assert_built(daemon);
+    assert_store_clean(daemon, &format!("{name}, after the next build"));
+    let st = cfg.status_of(daemon, builder);
+    assert_eq!(st.boots, 1, "{st:?}");
 }

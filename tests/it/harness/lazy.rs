@@ -5,12 +5,11 @@
 //! process lookups (supervisor, hooks, RSS).
 //!
 //! Owns: the lazy remote's keys, sshd config, nix.conf and start script; finding and stopping
-//! every process it left behind (by the sshd config path that only it uses, then by the mount
-//! namespace that process is in).
+//! every process it left behind (by the mount namespaces with its own `/nix` mounted, and every
+//! descendant of a process in one: its sandboxed builds).
 //!
-//! Must never: listen anywhere but 127.0.0.1, signal a process that does not carry its own
-//! unique sshd config path (or share that process's private mount namespace), or leave a
-//! process behind after drop.
+//! Must never: listen anywhere but 127.0.0.1, signal a process that is neither in one of its
+//! private mount namespaces nor a descendant of one, or leave a process behind after drop.
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read};
@@ -25,7 +24,7 @@ use nix_lazy_builder::supervisor::proto::BuilderStatus;
 
 use super::daemon::{scratch, write};
 use super::ns::{SHARED_USERPOOL, STD_PATH};
-use super::procs::{alive, all_pids, mnt_ns_of, processes_mentioning};
+use super::procs::{alive, all_pids, mnt_ns_of, processes_mentioning, with_descendants};
 use super::store::StoreQueries;
 use super::{
     CmdOutput, DEFAULT_COMMAND_TIMEOUT, LocalDaemon, REMOTE_HOST, REMOTE_USER, RemoteOpts, Scheme,
@@ -222,6 +221,30 @@ impl LazyRemote {
         )
     }
 
+    /// A `[builders.NAME]` table for this machine as an aarch64-linux builder booted at once
+    /// by its command ([`LazyRemote::command_boot`]), with `settings` as extra builder keys.
+    pub fn command_builder(&self, name: &str, scheme: Scheme, settings: &str) -> String {
+        self.builder_toml(
+            name,
+            scheme,
+            &["aarch64-linux"],
+            settings,
+            &self.command_boot(Duration::ZERO),
+        )
+    }
+
+    /// [`LazyRemote::command_builder`] over `ssh://` whose boot waits `delay` before sshd
+    /// starts.
+    pub fn delayed_command_builder(&self, name: &str, delay: Duration, settings: &str) -> String {
+        self.builder_toml(
+            name,
+            Scheme::Ssh,
+            &["aarch64-linux"],
+            settings,
+            &self.command_boot(delay),
+        )
+    }
+
     /// A `kind = "command"` boot body running [`LazyRemote::start_argv`].
     pub fn command_boot(&self, delay: Duration) -> String {
         let argv = self.start_argv(delay);
@@ -278,9 +301,11 @@ impl LazyRemote {
         found
     }
 
-    /// Every live process of this machine: whatever runs in one of its mount namespaces (its
-    /// sshd, the per-connection sshd processes, the builds they run).
-    pub fn processes(&self) -> Vec<u32> {
+    /// The live processes in one of this machine's mount namespaces (its sshd, the
+    /// per-connection sshd processes, the remote Nix programs), without their descendants: a
+    /// sandboxed build has a mount namespace of its own and is not among them. Tests use
+    /// [`LazyRemote::processes`]; this is the narrower view, to show what it adds.
+    pub fn processes_in_its_namespaces(&self) -> Vec<u32> {
         let namespaces = self.namespaces();
         if namespaces.is_empty() {
             return Vec::new();
@@ -288,6 +313,16 @@ impl LazyRemote {
         all_pids()
             .into_iter()
             .filter(|p| mnt_ns_of(&p.to_string()).is_some_and(|ns| namespaces.contains(&ns)))
+            .filter(|&p| alive(p))
+            .collect()
+    }
+
+    /// Every live process of this machine: whatever runs in one of its mount namespaces and
+    /// every descendant of one (the builds they run, sandboxed ones included: Nix's sandbox
+    /// gives a build a mount namespace of its own, but it is still a child of the remote Nix).
+    pub fn processes(&self) -> Vec<u32> {
+        with_descendants(&self.processes_in_its_namespaces())
+            .into_iter()
             .filter(|&p| alive(p))
             .collect()
     }
@@ -314,7 +349,8 @@ impl LazyRemote {
                 return;
             }
             for p in pids {
-                // SAFETY: kill(2) on a process in a private mount namespace of this machine's.
+                // SAFETY: kill(2) on a process in a private mount namespace of this machine's,
+                // or a descendant of one.
                 unsafe { libc::kill(p as libc::pid_t, libc::SIGKILL) };
             }
             thread::sleep(Duration::from_millis(20));

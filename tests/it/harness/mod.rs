@@ -17,7 +17,9 @@
 //! Must never: touch the machine's real `/nix` or `/etc/nix`, listen anywhere but 127.0.0.1, use
 //! a fixed port or any state shared between tests (the only shared thing is the build-user lock
 //! directory, which exists precisely so parallel stores coordinate), stop a process other than
-//! by its pid, or skip silently: a missing prerequisite is a panic that says what is missing.
+//! by its pid, or skip silently: a missing prerequisite is a panic that says what is missing,
+//! and a check no provisioning can enable here (a usable `/dev/kvm`) goes through [`skipped`],
+//! which shows and counts it.
 //!
 //! Usage from a test file (every handle stops what it started when dropped, also while
 //! unwinding from a failed assertion; tests run in parallel, each with its own instances):
@@ -336,6 +338,30 @@ pub fn run_one_test(module: &str, name: &str, env: &[(&str, &OsStr)]) -> CmdOutp
         "{name} in a process of its own did not pass as the only test run:\n{out}"
     );
     out
+}
+
+/// The file [`skipped`] appends to when set (`tests/run` sets it and prints what it holds at
+/// the end of the run).
+pub const SKIP_LOG_ENV: &str = "NLB_SKIP_LOG";
+
+/// Records that `test` did not check `what`, and why (a precondition no provisioning can make
+/// hold here, such as a usable `/dev/kvm`). Never silent: the line goes to the process's real
+/// stderr, which libtest does not capture (only `print!`/`eprint!` are), so it shows in the
+/// output of a passing test; and it is counted: appended to `$NLB_SKIP_LOG` when that is set.
+/// A test that skips must still check something on the other path.
+pub fn skipped(test: &str, what: &str, why: &str) {
+    let line = format!("[skipped] {test}: {what} not checked: {why}\n");
+    let _ = std::io::stderr().write_all(line.as_bytes());
+    if let Some(log) = std::env::var_os(SKIP_LOG_ENV) {
+        let appended = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .and_then(|mut f| f.write_all(line.as_bytes()));
+        if let Err(e) = appended {
+            panic!("cannot count a skip in {}: {e}", Path::new(&log).display());
+        }
+    }
 }
 
 /// Measures a smoke-test phase and prints it (visible with `--nocapture`), returning the value.

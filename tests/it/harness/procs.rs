@@ -1,6 +1,7 @@
 //! Process lookups in `/proc` for every part of the harness and the tests: whether a pid is
 //! alive, its parent, argv, RSS and mount namespace, its descendants, the processes of a
-//! namespace or naming a directory, and waits for a pid to go or to be written.
+//! namespace or naming a directory, whether a process is a `sleep N` (however it was started),
+//! and waits for a pid to go or to be written.
 //!
 //! Must never: signal anything (callers decide what to stop, by pid), or count a zombie as
 //! alive.
@@ -104,6 +105,26 @@ pub fn cmdline(pid: u32) -> Option<Vec<String>> {
     )
 }
 
+/// Whether `argv` is `sleep SECS`, however the shell started it: `sleep`, a path to it
+/// (`/bin/sleep`, `/nix/store/…/bin/sleep`), or busybox's applet (`busybox sleep SECS`).
+pub fn is_sleep_argv(argv: &[String], secs: u32) -> bool {
+    let base = |a: &str| a.rsplit('/').next().unwrap_or(a).to_owned();
+    let want = secs.to_string();
+    match argv {
+        [prog, n] => base(prog) == "sleep" && *n == want,
+        [prog, applet, n] => base(prog) == "busybox" && applet == "sleep" && *n == want,
+        _ => false,
+    }
+}
+
+/// Those of `pids` that are alive and run `sleep SECS` ([`is_sleep_argv`]).
+pub fn sleeps_among(pids: &[u32], secs: u32) -> Vec<u32> {
+    pids.iter()
+        .copied()
+        .filter(|&p| alive(p) && cmdline(p).is_some_and(|a| is_sleep_argv(&a, secs)))
+        .collect()
+}
+
 /// `VmRSS` of a process in KiB.
 pub fn rss_kib(pid: u32) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -158,5 +179,32 @@ pub fn read_pid(path: &Path, limit: Duration) -> u32 {
         }
         assert!(t0.elapsed() < limit, "no pid in {}", path.display());
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn sleep_argv_forms() {
+    let v = |a: &[&str]| a.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+    for argv in [
+        v(&["sleep", "47"]),
+        v(&["/bin/sleep", "47"]),
+        v(&[
+            "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-coreutils/bin/sleep",
+            "47",
+        ]),
+        v(&["busybox", "sleep", "47"]),
+        v(&["/bin/busybox", "sleep", "47"]),
+    ] {
+        assert!(is_sleep_argv(&argv, 47), "{argv:?}");
+    }
+    for argv in [
+        v(&["sleep", "470"]),
+        v(&["sleep", "4"]),
+        v(&["sleep"]),
+        v(&["/bin/sh", "-c", "sleep 47"]),
+        v(&["nosleep", "47"]),
+        v(&["busybox", "sh", "47"]),
+    ] {
+        assert!(!is_sleep_argv(&argv, 47), "{argv:?}");
     }
 }

@@ -536,21 +536,12 @@ pub(crate) fn prepare_remote_dir(b: &Path, opts: &RemoteOpts, group: &str, label
     keygen(&ssh.join("client_key"), &format!("{label}-client"));
     let client_pub = read(&ssh.join("client_key.pub"));
     write(&ssh.join("authorized_keys"), &client_pub);
-    let mut conf = vec![
-        format!("build-users-group = {group}"),
-        "substituters =".to_owned(),
-        format!("extra-platforms = {}", opts.extra_platforms.join(" ")),
-    ];
-    if opts.sandbox {
-        conf.push("sandbox = true".to_owned());
-        conf.push("sandbox-fallback = false".to_owned());
-        conf.push("sandbox-paths = /bin/sh=/bin/busybox".to_owned());
-    } else {
-        conf.push("sandbox = false".to_owned());
-    }
-    if let Some(f) = &opts.system_features {
-        conf.push(format!("system-features = {}", f.join(" ")));
-    }
+    let mut conf =
+        super::daemon::store_settings(group, opts.sandbox, opts.system_features.as_deref());
+    conf.push(format!(
+        "extra-platforms = {}",
+        opts.extra_platforms.join(" ")
+    ));
     conf.extend(opts.extra_conf.iter().cloned());
     write(&b.join("etc-nix/nix.conf"), &(conf.join("\n") + "\n"));
     read(&ssh.join("host_ed25519_key.pub")).trim().to_owned()

@@ -44,6 +44,29 @@ pub struct Sshd {
     child: Child,
 }
 
+/// `sh -c` script that runs sshd in the foreground, logging to stderr, with the config file
+/// `$1`, in a private `/run` (sshd wants `/run/sshd`; the host's is left alone).
+pub const RUN_SSHD: &str = "mount -t tmpfs -o mode=0755 nlb-sec-run /run && mkdir -p /run/sshd && \
+                            exec /usr/sbin/sshd -D -e -f \"$1\"";
+
+/// Writes `d/file`, an sshd config on `port` with the keys in `d` (`host_key`,
+/// `authorized_keys` for root), logging at VERBOSE (logins, and connections that went away
+/// before one) to its stderr; returns its path.
+pub fn sshd_config(d: &Path, file: &str, port: u16) -> PathBuf {
+    let p = d.join(file);
+    write(
+        &p,
+        &format!(
+            "ListenAddress 127.0.0.1\nPort {port}\nHostKey {d}/host_key\nPidFile none\n\
+             AuthorizedKeysFile {d}/authorized_keys\nStrictModes no\nUsePAM no\n\
+             PasswordAuthentication no\nKbdInteractiveAuthentication no\n\
+             PermitRootLogin prohibit-password\nLogLevel VERBOSE\nMaxStartups 100\n",
+            d = d.display()
+        ),
+    );
+    p
+}
+
 impl Sshd {
     pub fn start() -> Sshd {
         require_root();
@@ -55,24 +78,11 @@ impl Sshd {
         keygen(&d.join("client_key"), "nlb-security-client");
         std::fs::copy(d.join("client_key.pub"), d.join("authorized_keys")).expect("copy key");
         let port = free_port();
-        let config = d.join("sshd_config");
-        write(
-            &config,
-            &format!(
-                "ListenAddress 127.0.0.1\nPort {port}\nHostKey {d}/host_key\nPidFile none\n\
-                 AuthorizedKeysFile {d}/authorized_keys\nStrictModes no\nUsePAM no\n\
-                 PasswordAuthentication no\nKbdInteractiveAuthentication no\n\
-                 PermitRootLogin prohibit-password\nLogLevel VERBOSE\nMaxStartups 100\n",
-                d = d.display()
-            ),
-        );
+        let config = sshd_config(d, "sshd_config", port);
         let log = std::fs::File::create(d.join("sshd.log")).expect("sshd log");
         let child = Command::new("/usr/bin/unshare")
             .args(["-m", "--propagation", "private", "/bin/sh", "-c"])
-            .arg(
-                "mount -t tmpfs -o mode=0755 nlb-sec-run /run && mkdir -p /run/sshd && \
-                 exec /usr/sbin/sshd -D -e -f \"$1\"",
-            )
+            .arg(RUN_SSHD)
             .arg("nlb-sec-sshd")
             .arg(&config)
             .stdin(Stdio::null())

@@ -103,6 +103,16 @@ pub trait StoreQueries {
         }
     }
 
+    /// [`StoreQueries::invalid_leftovers`] is empty; panics naming them under `what`.
+    #[track_caller]
+    fn assert_no_leftovers(&self, what: &str) {
+        assert_eq!(
+            self.invalid_leftovers(),
+            Vec::<String>::new(),
+            "{what}: invalid or partial paths left in the store"
+        );
+    }
+
     /// Every entry of the store directory that is not a valid path, ignoring `*.lock` files,
     /// `*.drv` files and `.links`. Tests assert this is empty: no half-written path may remain.
     #[track_caller]

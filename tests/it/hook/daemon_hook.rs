@@ -81,6 +81,18 @@ fn build_hook_row(out: &CmdOutput) -> String {
     rows[0].to_owned()
 }
 
+/// Doctor's build-hook row says ok: the daemon starts our binary, followed by `then` (the
+/// word Nix passes after the path: " hook" from 2.26 on, none in 2.8).
+#[track_caller]
+fn assert_runs_ours(out: &CmdOutput, then: &str) {
+    let row = build_hook_row(out);
+    assert!(
+        row.contains("[ ok ] build-hook")
+            && row.contains(&format!("starts '{}{then}'", hook_binary().display())),
+        "{row}"
+    );
+}
+
 #[test]
 fn nix226_with_build_hook_only_in_nix_conf_runs_nix_s_hook_and_doctor_says_so() {
     let (daemon, out) = doctor(Nix::Trixie, Some(HookVia::NixConf));
@@ -115,12 +127,7 @@ fn nix226_with_build_hook_only_in_nix_conf_runs_nix_s_hook_and_doctor_says_so() 
 fn nix226_with_build_hook_in_nix_config_runs_ours() {
     let (_daemon, out) = doctor(Nix::Trixie, Some(HookVia::NixConfigEnv));
     out.assert_success();
-    let row = build_hook_row(&out);
-    assert!(
-        row.contains("[ ok ] build-hook")
-            && row.contains(&format!("starts '{} hook'", hook_binary().display())),
-        "{row}"
-    );
+    assert_runs_ours(&out, " hook");
 }
 
 #[test]
@@ -128,12 +135,7 @@ fn nix234_honours_build_hook_in_nix_conf() {
     let (_daemon, out) = doctor(Nix::Sid, Some(HookVia::NixConf));
     out.assert_success();
     assert!(out.stdout.contains("daemon: Nix 2.34."), "{out}");
-    let row = build_hook_row(&out);
-    assert!(
-        row.contains("[ ok ] build-hook")
-            && row.contains(&format!("starts '{} hook'", hook_binary().display())),
-        "{row}"
-    );
+    assert_runs_ours(&out, " hook");
 }
 
 #[test]
@@ -141,13 +143,8 @@ fn nix28_honours_build_hook_in_nix_conf() {
     let (_daemon, out) = doctor(Nix::Host, Some(HookVia::NixConf));
     out.assert_success();
     assert!(out.stdout.contains("daemon: Nix 2.8."), "{out}");
-    let row = build_hook_row(&out);
     // 2.8 takes one path: no `hook` word.
-    assert!(
-        row.contains("[ ok ] build-hook")
-            && row.contains(&format!("starts '{}'", hook_binary().display())),
-        "{row}"
-    );
+    assert_runs_ours(&out, "");
 }
 
 #[test]

@@ -6,7 +6,8 @@
 //!   `nix-store -l`), the hook exits 100 (permanent failure, so a daemonless `nix-build` exits
 //!   100 as with a local build), and no invalid path is left on either side;
 //! - `timeout` and `max-silent-time` given with `--option` reach the remote, which stops the
-//!   build; the hook exits 101 (a daemonless `nix-build` exits 101);
+//!   build (its `sleep` is seen running among the remote's processes, then gone); the hook
+//!   exits 101 (a daemonless `nix-build` exits 101);
 //! - a builder presenting the wrong host key is refused before anything is sent: the user sees
 //!   the builder and both fingerprints; the build fails (max-jobs 0) or is built locally.
 //!
@@ -31,14 +32,22 @@ fn setup(scheme: Scheme) -> (RemoteStore, LocalDaemon) {
 
 /// `nix-build` in the daemon's namespace without the daemon: root opens the store directly and
 /// runs the build hook itself, with the daemon's nix.conf. Its exit status is Nix's own.
-fn daemonless_build(daemon: &LocalDaemon, paths: &FakeDrvPaths, extra: &[&str]) -> CmdOutput {
+fn daemonless_build_command(daemon: &LocalDaemon, paths: &FakeDrvPaths, extra: &[&str]) -> Command {
     let f = paths.file.to_string_lossy().into_owned();
     let mut c = daemon.client_command("nix-build");
     c.env_remove("NIX_REMOTE")
         .env("NIX_CONF_DIR", "/etc/nix")
         .args(["--no-out-link", &f, "-A", "main.out", "-A", "main.dev"])
         .args(extra);
-    run_command(&mut c, None, DEFAULT_COMMAND_TIMEOUT)
+    c
+}
+
+fn daemonless_build(daemon: &LocalDaemon, paths: &FakeDrvPaths, extra: &[&str]) -> CmdOutput {
+    run_command(
+        &mut daemonless_build_command(daemon, paths, extra),
+        None,
+        DEFAULT_COMMAND_TIMEOUT,
+    )
 }
 
 /// Asserts none of the drv's outputs is valid or even on disk in `store`.
@@ -48,11 +57,7 @@ fn assert_no_outputs(store: &impl StoreQueries, paths: &FakeDrvPaths, what: &str
         assert!(!store.is_valid(p), "{what}: {p} is valid");
         assert!(!store.exists_on_disk(p), "{what}: {p} exists on disk");
     }
-    assert_eq!(
-        store.invalid_leftovers(),
-        Vec::<String>::new(),
-        "{what}: leftovers"
-    );
+    store.assert_no_leftovers(what);
 }
 
 /// The one line of `stderr` that starts with `prefix` (panics unless there is exactly one).
@@ -135,26 +140,55 @@ fn failing_build_over_ssh_ng() {
     failing_build("sshng", Scheme::SshNg);
 }
 
-/// Waits up to 10 s until no process runs `sleep <secs>` (the slow builder over there).
+/// Runs `build` (a `nix-build` of a derivation that sleeps `secs` over there, stopped by a
+/// timeout) to completion, and checks the remote's builder process really ran and is gone: a
+/// `sleep SECS` is seen among `remote`'s processes (its sessions and what they run, sandboxed
+/// builds included) while the build runs, and neither it nor any other `sleep SECS` of the
+/// remote is left within 10 s of the build's end.
 #[track_caller]
-fn assert_sleep_gone(secs: u32) {
+fn finish_and_assert_sleep_gone(
+    remote: &RemoteStore,
+    mut build: Background,
+    secs: u32,
+) -> CmdOutput {
     let t0 = Instant::now();
-    let want = format!("sleep {secs}");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let mut ps = Command::new("ps");
-        ps.args(["-eo", "args="]);
-        let out = run_command(&mut ps, None, Duration::from_secs(10));
-        out.assert_success();
-        if !out.stdout.lines().any(|l| l.trim() == want) {
-            eprintln!("[timing] `{want}` gone after {:.2?}", t0.elapsed());
-            return;
+    let seen = loop {
+        let s = sleeps_among(&remote.processes(), secs);
+        if let Some(&p) = s.first() {
+            break p;
         }
         assert!(
-            Instant::now() < deadline,
-            "the remote builder `{want}` still runs 10 s after the timeout"
+            !build.is_finished(),
+            "the build ended before its `sleep {secs}` was seen on the remote:\n{}",
+            build.stderr_so_far()
         );
-        std::thread::sleep(Duration::from_millis(100));
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "no `sleep {secs}` on the remote within 120 s:\n{}",
+            build.stderr_so_far()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    eprintln!(
+        "[timing] the remote builder `sleep {secs}` ({seen}) seen {:.2?} into the build",
+        build.elapsed()
+    );
+    let out = build.finish(DEFAULT_COMMAND_TIMEOUT);
+    let ended = Instant::now();
+    loop {
+        let left = sleeps_among(&remote.processes(), secs);
+        if left.is_empty() && !alive(seen) {
+            eprintln!(
+                "[timing] `sleep {secs}` gone {:.2?} after the build ended",
+                ended.elapsed()
+            );
+            return out;
+        }
+        assert!(
+            ended.elapsed() < Duration::from_secs(10),
+            "the remote builder `sleep {secs}` still runs ({left:?}) 10 s after the timeout:\n{out}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -174,7 +208,13 @@ fn timeouts(case: &str, scheme: Scheme, secs: u32) {
         let drv = FakeDrv::new(&format!("nlb-slow-{case}"))
             .with_seed(seed)
             .slow(secs);
-        let (paths, out) = drv.build(&daemon, &["--option", option, "2"]);
+        let paths = drv.instantiate(&daemon);
+        let mut args: Vec<String> = ["-A", "main.out", "-A", "main.dev", "--option", option, "2"]
+            .map(str::to_owned)
+            .to_vec();
+        args.insert(0, paths.file.to_string_lossy().into_owned());
+        let build = Background::nix_build(&daemon, &args);
+        let out = finish_and_assert_sleep_gone(&remote, build, secs);
         eprintln!("[timing] {case} {option}: nix-build {:.2?}", out.elapsed);
         out.assert_failure();
         assert!(
@@ -202,17 +242,20 @@ fn timeouts(case: &str, scheme: Scheme, secs: u32) {
         assert!(!log.contains("slept"), "{log}");
         assert_no_outputs(&daemon, &paths, option);
         assert_no_outputs(&remote, &paths, option);
-        assert_sleep_gone(secs);
     }
 
     let drv = FakeDrv::new(&format!("nlb-slow-{case}"))
         .with_seed("d")
         .slow(secs);
     let paths = drv.build_input(&daemon);
-    let out = daemonless_build(&daemon, &paths, &["--option", "timeout", "2"]);
+    let build = Background::spawn(&mut daemonless_build_command(
+        &daemon,
+        &paths,
+        &["--option", "timeout", "2"],
+    ));
+    let out = finish_and_assert_sleep_gone(&remote, build, secs);
     assert_eq!(out.code(), Some(101), "daemonless nix-build:\n{out}");
     assert_no_outputs(&daemon, &paths, "daemonless");
-    assert_sleep_gone(secs);
     eprintln!("[timing] timeouts {case}: {:.2?}", start.elapsed());
 }
 

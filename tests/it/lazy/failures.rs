@@ -271,22 +271,11 @@ fn a_runner_still_building_its_store_image_at_boot_timeout_says_so() {
     drop(sup);
 }
 
-/// A lazy builder on `remote` whose boot waits `delay` before sshd starts.
-fn command_builder(remote: &LazyRemote, name: &str, delay: Duration, settings: &str) -> String {
-    remote.builder_toml(
-        name,
-        Scheme::Ssh,
-        &["aarch64-linux"],
-        settings,
-        &remote.command_boot(delay),
-    )
-}
-
 #[test]
 fn a_config_fixed_right_before_a_request_is_the_one_it_sees() {
     let remote = LazyRemote::prepare(RemoteOpts::new(Nix::Host));
     let env = Env::new();
-    let good = command_builder(&remote, "cmd", Duration::ZERO, "boot-timeout = \"30s\"");
+    let good = remote.delayed_command_builder("cmd", Duration::ZERO, "boot-timeout = \"30s\"");
     let broken = good.replacen("\"/usr/bin/env\"", "\"/nonexistent/start-vm\"", 1);
     env.write_config(&broken);
     let sup = Supervisor::start(&env, &[]);
@@ -323,8 +312,7 @@ fn a_boot_timeout_below_the_measured_boot_time_is_warned_about() {
     let remote = LazyRemote::prepare(RemoteOpts::new(Nix::Host));
     let env = Env::new();
     let slow = |timeout: &str| {
-        command_builder(
-            &remote,
+        remote.delayed_command_builder(
             "cmd",
             Duration::from_secs(2),
             &format!("boot-timeout = \"{timeout}\""),

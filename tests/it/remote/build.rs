@@ -135,16 +135,8 @@ fn build_on(
         remote.is_valid(&paths.input_out),
         "the input was not copied"
     );
-    assert_eq!(
-        daemon.invalid_leftovers(),
-        Vec::<String>::new(),
-        "local leftovers"
-    );
-    assert_eq!(
-        remote.invalid_leftovers(),
-        Vec::<String>::new(),
-        "remote leftovers"
-    );
+    daemon.assert_no_leftovers("local");
+    remote.assert_no_leftovers("remote");
     took
 }
 

@@ -9,7 +9,11 @@
 //!   refused with a message that names the key and what to do, unless a TOML builder says
 //!   `allow-well-known-host-key = true`, which gets a warning instead;
 //! - and, as a control that the tests can tell the difference, the right key gets as far as
-//!   running the remote program (a stub that fails), with a login in the server's log.
+//!   running the remote program, with a login in the server's log (the hook and `doctor` run a
+//!   stub that fails; the readiness check one that answers like Nix, so the builder comes up).
+//!
+//! The readiness check's sshd is the one the supervisor boots (`kind = "command"`); its log is
+//! the builder's `command.log`, which shows the refused connections and no login.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -18,7 +22,9 @@ use nix_lazy_builder::config::{self, Config};
 use nix_lazy_builder::ssh::{SshTarget, TargetError};
 
 use crate::harness::security::*;
-use crate::harness::{CmdOutput, free_port, keygen, require_file, require_root, scratch, write};
+use crate::harness::{
+    CmdOutput, free_port, keygen, read, require_file, require_root, scratch, set_mode, write,
+};
 
 /// A machines line for `sshd` with `host_key_column` (or none) and a stub remote program.
 fn machines_line(sshd: &Sshd, stub: &Path, host_key_column: Option<&str>) -> String {
@@ -60,7 +66,6 @@ fn assert_refused_by_hook(out: &CmdOutput, why: &str) {
 #[test]
 fn the_well_known_key_is_refused_by_ssh_target_unless_allowed() {
     // The one place every connecting path gets its pinned keys from.
-    let stub = Path::new("/bin/false");
     let text = |extra: &str| {
         format!(
             "[builders.vm]\nuri = \"ssh://root@127.0.0.1:2\"\nsystems = [\"aarch64-linux\"]\n\
@@ -119,7 +124,6 @@ fn the_well_known_key_is_refused_by_ssh_target_unless_allowed() {
         SshTarget::for_builder(&c.builders[0]),
         Err(TargetError::WellKnownHostKey { .. })
     ));
-    let _ = stub;
 }
 
 #[test]
@@ -244,11 +248,13 @@ fn doctor_refuses_wrong_missing_and_well_known_keys() {
     assert!(sshd.accepted_a_login(), "{}", sshd.log());
 }
 
-/// A lazy builder whose boot command runs a fresh sshd in the foreground.
+/// A lazy builder whose boot command runs a fresh sshd in the foreground with `sshd_config`,
+/// its remote program `program`.
 fn lazy_builder(
     name: &str,
-    sshd_dir: &Path,
+    sshd_config: &Path,
     port: u16,
+    program: &Path,
     client_key: &Path,
     host_key: &str,
     extra: &str,
@@ -260,15 +266,16 @@ fn lazy_builder(
         "private",
         "/bin/sh",
         "-c",
-        "mount -t tmpfs -o mode=0755 nlb-sec-run /run && mkdir -p /run/sshd && exec /usr/sbin/sshd -D -e -f \"$1\"",
+        RUN_SSHD,
         "nlb-sec-lazy",
-        &sshd_dir.join("sshd_config").display().to_string(),
+        &sshd_config.display().to_string(),
     ];
     let argv: Vec<String> = argv.iter().map(|a| format!("{a:?}")).collect();
     format!(
-        "[builders.{name}]\nuri = \"ssh://root@127.0.0.1:{port}?remote-program=/bin/false\"\n\
+        "[builders.{name}]\nuri = \"ssh://root@127.0.0.1:{port}?remote-program={}\"\n\
          systems = [\"aarch64-linux\"]\nssh-key = \"{}\"\nhost-key = \"{host_key}\"\n\
          boot-timeout = \"60s\"\n{extra}\n[builders.{name}.boot]\nkind = \"command\"\ncommand = [{}]\n",
+        program.display(),
         client_key.display(),
         argv.join(", ")
     )
@@ -279,31 +286,55 @@ fn the_readiness_check_refuses_wrong_and_well_known_keys() {
     require_sshd_files();
     let env = Env::new();
     // The sshd a lazy builder boots: its config and keys, not started (the supervisor starts
-    // it through the `command` backend).
+    // it through the `command` backend). The control builder gets a config of its own on
+    // another port, so its boot never waits for a refused one's port to be free.
     let dir = scratch("nlb-sec-lazy-", &[]);
     let d = dir.path();
     keygen(&d.join("host_key"), "nlb-sec-lazy-host");
     keygen(&d.join("client_key"), "nlb-sec-lazy-client");
     std::fs::copy(d.join("client_key.pub"), d.join("authorized_keys")).unwrap();
     let port = free_port();
+    let config = sshd_config(d, "sshd_config", port);
+    let right_port = free_port();
+    let right_config = sshd_config(d, "sshd_config_right", right_port);
+    // A remote program that answers like Nix, so the right key gets all the way to "up".
+    let nix = d.join("fake-nix-store");
     write(
-        &d.join("sshd_config"),
-        &format!(
-            "ListenAddress 127.0.0.1\nPort {port}\nHostKey {d}/host_key\nPidFile none\n\
-             AuthorizedKeysFile {d}/authorized_keys\nStrictModes no\nUsePAM no\n\
-             PasswordAuthentication no\nKbdInteractiveAuthentication no\n\
-             PermitRootLogin prohibit-password\nLogLevel VERBOSE\n",
-            d = d.display()
-        ),
+        &nix,
+        "#!/bin/sh\necho 'nix-store (Nix) 2.8.0-nlb-sec-stand-in'\n",
     );
+    set_mode(&nix, 0o755);
     let client_key = d.join("client_key");
     let wrong = impostor_key(d);
+    let right = read(&d.join("host_key.pub")).trim().to_owned();
     env.write_config(&format!(
-        "{}\n{}",
-        lazy_builder("wrong", d, port, &client_key, &wrong, ""),
-        lazy_builder("wellknown", d, port, &client_key, WELL_KNOWN_KEY, "")
+        "{}\n{}\n{}",
+        lazy_builder("wrong", &config, port, &nix, &client_key, &wrong, ""),
+        lazy_builder(
+            "wellknown",
+            &config,
+            port,
+            &nix,
+            &client_key,
+            WELL_KNOWN_KEY,
+            ""
+        ),
+        lazy_builder(
+            "right",
+            &right_config,
+            right_port,
+            &nix,
+            &client_key,
+            &right,
+            ""
+        )
     ));
     let sup = Supervisor::start(&env, &[]);
+    // Each builder's sshd writes its log (`-e`) to the builder's command.log.
+    let sshd_log = |name: &str| {
+        std::fs::read_to_string(env.path(&format!("lazy-state/sup/builders/{name}/command.log")))
+            .unwrap_or_default()
+    };
 
     let t0 = Instant::now();
     let out = env.cli(&["up", "wrong"], &[]);
@@ -319,6 +350,20 @@ fn the_readiness_check_refuses_wrong_and_well_known_keys() {
         "took {:?}",
         t0.elapsed()
     );
+    // The server saw the connection, and no login came of it.
+    let log = sshd_log("wrong");
+    assert!(
+        log.contains(&format!("Server listening on 127.0.0.1 port {port}")),
+        "the wrong-key builder's sshd did not run:\n{log}"
+    );
+    assert!(
+        log.contains("Connection from 127.0.0.1"),
+        "no connection in:\n{log}"
+    );
+    assert!(
+        !log.contains("Accepted publickey"),
+        "a login with the wrong key:\n{log}"
+    );
 
     let out = env.cli(&["up", "wellknown"], &[]);
     assert_eq!(out.code(), Some(1), "{out}\n{}", sup.output());
@@ -327,9 +372,27 @@ fn the_readiness_check_refuses_wrong_and_well_known_keys() {
         "{out}\n{}",
         sup.output()
     );
+    let log = sshd_log("wellknown");
+    assert!(
+        !log.contains("Accepted publickey"),
+        "a login with the well-known key:\n{log}"
+    );
     // The status remembers why.
     let out = env.cli(&["status"], &[]);
     assert!(out.stdout.contains("HOST KEY MISMATCH"), "{out}");
+
+    // Control: the right key logs in, the remote program answers, the builder is up.
+    let out = env.cli(&["up", "right"], &[]);
+    assert_eq!(out.code(), Some(0), "{out}\n{}", sup.output());
+    assert!(
+        out.stdout.contains("'right' is up") && out.stdout.contains("2.8.0-nlb-sec-stand-in"),
+        "{out}"
+    );
+    let log = sshd_log("right");
+    assert!(
+        log.contains("Accepted publickey for root from 127.0.0.1"),
+        "the right key did not log in:\n{log}"
+    );
     drop(sup);
 }
 

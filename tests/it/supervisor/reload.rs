@@ -18,16 +18,6 @@ use crate::harness::*;
 /// Long enough that the auto-started supervisor never exits on its own during the test.
 const LINGER: Duration = Duration::from_secs(120);
 
-fn command_builder(remote: &LazyRemote, name: &str, settings: &str) -> String {
-    remote.builder_toml(
-        name,
-        Scheme::Ssh,
-        &["aarch64-linux"],
-        settings,
-        &remote.command_boot(Duration::ZERO),
-    )
-}
-
 /// Rewrites the config file in place with `[supervisor]` as [`LazyConfig::write`] wrote it.
 fn rewrite(cfg: &LazyConfig, builders: &[String]) {
     let text = std::fs::read_to_string(cfg.path()).unwrap();
@@ -69,9 +59,9 @@ impl Drop for StopSupervisor {
 fn config_changes_apply_to_the_running_supervisor() {
     let ra = LazyRemote::prepare(RemoteOpts::new(Nix::Host));
     let rb = LazyRemote::prepare(RemoteOpts::new(Nix::Host));
-    let a_v1 = command_builder(
-        &ra,
+    let a_v1 = ra.command_builder(
         "a",
+        Scheme::Ssh,
         "max-jobs = 1\nidle-timeout = \"10m\"\nboot-timeout = \"60s\"",
     );
     let cfg = LazyConfig::write(std::slice::from_ref(&a_v1));
@@ -96,9 +86,9 @@ fn config_changes_apply_to_the_running_supervisor() {
     //    signal, no restart: the next requests see the new file.
     let a_v2 = a_v1.replace("idle-timeout = \"10m\"", "idle-timeout = \"1h\"");
     assert_ne!(a_v1, a_v2);
-    let b = command_builder(
-        &rb,
+    let b = rb.command_builder(
         "b",
+        Scheme::Ssh,
         "max-jobs = 1\nidle-timeout = \"10m\"\nboot-timeout = \"60s\"\n\
          features = [\"big-parallel\"]",
     );

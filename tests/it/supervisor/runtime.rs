@@ -1,15 +1,21 @@
-//! The supervisor's runtime over its real socket, with a stand-in boot backend (`Fake`, below):
-//! it runs a `kind = "command"` builder's command in its own process group and calls it ready
-//! once the command has created `$INSTANCE_DIR/ready`. The real backends are tested with the
-//! boot module; these tests are about the supervisor: permissions, the lock, the protocol,
-//! leases tied to connections (and processes), idle stops, failures, signals, and the detached
+//! The supervisor's runtime over its real socket with the real boot backend: builders are
+//! `kind = "command"` machines ([`LazyRemote`]: a real sshd with its own Nix store, started by
+//! the command, called ready only once its pinned host key and remote Nix answered), or
+//! commands that fail or never get ready. The backends themselves are tested with the boot
+//! module; these tests are about the supervisor: permissions, the lock, the protocol, leases
+//! tied to connections (and processes), idle stops, failures, signals (a shutdown stops every
+//! instance through the backend's stop, seen in the machine's own log), and the detached
 //! auto-start.
 //!
-//! Some tests start this test binary again as a separate process: `child_supervisor` (a
-//! supervisor with the stand-in backend) and `child_client` (a client that takes a lease and
-//! waits to be killed). Both are `#[ignore]`d helpers, run only with `--ignored --exact`.
+//! Some tests start this test binary again as a separate process running only themselves
+//! ([`helper`]), as a supervisor (`CHILD_CONFIG` set) or as a client that takes a lease and
+//! waits to be killed (`CHILD_STATE` set); [`helper_role`] is the first thing those tests do.
+//!
+//! Must never: leave a machine, helper supervisor or client running (each is stopped by pid),
+//! or listen anywhere but 127.0.0.1.
 
 use std::ffi::OsString;
+use std::future::Future;
 use std::io::{BufRead, BufReader as StdBufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -17,132 +23,54 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nix_lazy_builder::config::{BootSpec, Builder, Config};
-use nix_lazy_builder::supervisor::backend::{Backend, BoxFuture, InstanceContext, RunningBuilder};
+use nix_lazy_builder::config::Config;
+use nix_lazy_builder::supervisor::backend::BootBackend;
 use nix_lazy_builder::supervisor::proto::{Response, State};
 use nix_lazy_builder::supervisor::server::{self, Bound, ServeOptions};
-use nix_lazy_builder::supervisor::{Client, ClientError, StartCommand, SuperviseArgs, Verdict};
+use nix_lazy_builder::supervisor::{
+    Client, ClientError, StartCommand, SuperviseArgs, Verdict, default_backend,
+};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 
-use crate::harness::{alive, one_test_args};
+use crate::harness::{LazyRemote, Nix, RemoteOpts, Scheme, alive, free_port, one_test_args};
 
+/// Pinned for the builders that never get as far as a handshake.
 const HOST_KEY: &str =
     "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAICT/aPpF9RiADUeMHD4QX1NbY3svFgk5WNFMSEq6P3wi";
 
-// ------------------------------------------------------------------------------------------------
-// The stand-in backend
-
-struct Fake;
-
-struct FakeInstance {
-    child: tokio::process::Child,
-    pid: u32,
-    dir: PathBuf,
-}
-
-impl Backend for Fake {
-    fn start<'a>(
-        &'a self,
-        builder: &'a Builder,
-        ctx: &'a InstanceContext,
-    ) -> BoxFuture<'a, Result<Box<dyn RunningBuilder>, String>> {
-        Box::pin(async move {
-            let Some(BootSpec::Command(c)) = builder.lazy.as_ref().map(|l| &l.boot) else {
-                return Err("the stand-in backend only runs kind = \"command\"".to_owned());
-            };
-            let _ = std::fs::remove_file(ctx.dir.join("ready"));
-            let child = tokio::process::Command::new(&c.command[0])
-                .args(&c.command[1..])
-                .env("INSTANCE_DIR", &ctx.dir)
-                .stdin(Stdio::null())
-                .process_group(0)
-                .kill_on_drop(true)
-                .spawn()
-                .map_err(|e| format!("cannot run {}: {e}", c.command[0]))?;
-            let pid = child.id().ok_or("no pid")?;
-            Ok(Box::new(FakeInstance {
-                child,
-                pid,
-                dir: ctx.dir.clone(),
-            }) as Box<dyn RunningBuilder>)
-        })
-    }
-}
-
-impl RunningBuilder for FakeInstance {
-    fn ssh_port(&self) -> Option<u16> {
-        None
-    }
-
-    fn pid(&self) -> Option<u32> {
-        Some(self.pid)
-    }
-
-    fn wait_ready<'a>(
-        &'a mut self,
-        _builder: &'a Builder,
-        _port: u16,
-        deadline: Instant,
-    ) -> BoxFuture<'a, Result<String, String>> {
-        Box::pin(async move {
-            loop {
-                if self.dir.join("ready").exists() {
-                    return Ok("nix-store (Fake) 1.0".to_owned());
-                }
-                if let Ok(Some(status)) = self.child.try_wait() {
-                    return Err(format!("the command {status} during boot"));
-                }
-                if Instant::now() >= deadline {
-                    return Err("not ready before the deadline".to_owned());
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        })
-    }
-
-    fn exited(&mut self) -> BoxFuture<'_, String> {
-        Box::pin(async move {
-            match self.child.wait().await {
-                Ok(s) => format!("command {s}"),
-                Err(e) => format!("wait failed: {e}"),
-            }
-        })
-    }
-
-    fn stop(mut self: Box<Self>, _graceful: bool) -> BoxFuture<'static, String> {
-        Box::pin(async move {
-            // SAFETY: signalling our own child's process group, which still exists (the
-            // leader is not reaped before `wait` below).
-            unsafe { libc::kill(-(self.pid as i32), libc::SIGTERM) };
-            match tokio::time::timeout(Duration::from_secs(3), self.child.wait()).await {
-                Ok(Ok(s)) => format!("stopped: {s}"),
-                _ => {
-                    // SAFETY: as above.
-                    unsafe { libc::kill(-(self.pid as i32), libc::SIGKILL) };
-                    let s = self.child.wait().await;
-                    format!("killed: {s:?}")
-                }
-            }
-        })
-    }
-}
+/// What sshd logs when it gets SIGTERM (the `command` backend's default stop signal); a
+/// process group killed outright (the instance dropped) logs nothing.
+const SSHD_TERMINATED: &str = "Received signal 15; terminating.";
 
 // ------------------------------------------------------------------------------------------------
 // Helpers
 
-/// A config with command builders, written to `dir/lb.toml`: `(name, command, idle-timeout)`.
-fn write_config(dir: &Path, builders: &[(&str, &str, &str)]) -> (PathBuf, Config) {
+/// One builder of a test config.
+enum Spec<'a> {
+    /// A real machine, booted by its command: ready once its sshd and remote Nix answer.
+    Machine(&'a LazyRemote),
+    /// `/bin/sh -c SCRIPT` as the boot command, at a free port where nothing will answer.
+    Script(&'a str),
+}
+
+use Spec::{Machine, Script};
+
+/// A config with command builders, written to `dir/lb.toml`: `(name, spec, idle-timeout)`.
+fn write_config(dir: &Path, builders: &[(&str, Spec<'_>, &str)]) -> (PathBuf, Config) {
     let state = dir.join("state");
     let mut text = format!("[supervisor]\nstate-dir = \"{}\"\n", state.display());
-    for (i, (name, script, idle)) in builders.iter().enumerate() {
-        text.push_str(&format!(
-            "[builders.{name}]\nuri = \"ssh://root@127.0.0.1:{}\"\nsystems = [\"aarch64-linux\"]\n\
-             max-jobs = 2\nhost-key = \"{HOST_KEY}\"\nidle-timeout = \"{idle}\"\nboot-timeout = \"10s\"\n\
-             [builders.{name}.boot]\nkind = \"command\"\ncommand = [\"/bin/sh\", \"-c\", {script:?}]\n",
-            31000 + i
-        ));
+    for (name, spec, idle) in builders {
+        text.push_str(&match spec {
+            Machine(remote) => machine_toml(name, remote, idle),
+            Script(script) => format!(
+                "[builders.{name}]\nuri = \"ssh://root@127.0.0.1:{}\"\nsystems = [\"aarch64-linux\"]\n\
+                 max-jobs = 2\nhost-key = \"{HOST_KEY}\"\nidle-timeout = \"{idle}\"\nboot-timeout = \"10s\"\n\
+                 [builders.{name}.boot]\nkind = \"command\"\ncommand = [\"/bin/sh\", \"-c\", {script:?}]\n",
+                free_port()
+            ),
+        });
     }
     let path = dir.join("lb.toml");
     std::fs::write(&path, &text).unwrap();
@@ -150,8 +78,22 @@ fn write_config(dir: &Path, builders: &[(&str, &str, &str)]) -> (PathBuf, Config
     (path, config)
 }
 
-/// Ready at once, then runs until stopped; writes its pid to `$INSTANCE_DIR/pid`.
-const UP: &str = "echo $$ > \"$INSTANCE_DIR/pid\"; touch \"$INSTANCE_DIR/ready\"; exec sleep 1000";
+/// The `[builders.NAME]` table of a machine.
+fn machine_toml(name: &str, remote: &LazyRemote, idle: &str) -> String {
+    remote.command_builder(
+        name,
+        Scheme::Ssh,
+        &format!("max-jobs = 2\nidle-timeout = \"{idle}\"\nboot-timeout = \"60s\""),
+    )
+}
+
+/// A machine for a builder (prepared, not started: the supervisor starts it).
+fn machine() -> LazyRemote {
+    LazyRemote::prepare(RemoteOpts::new(Nix::Host))
+}
+
+/// Never booted in these tests.
+const IDLE: &str = "exec sleep 1000";
 
 struct Running {
     state_dir: PathBuf,
@@ -168,7 +110,7 @@ async fn serve(config: &Config, auto: bool, linger: Duration) -> Running {
         panic!("another supervisor is serving");
     };
     let (signals, rx) = mpsc::unbounded_channel();
-    let task = tokio::spawn(s.serve(Arc::new(Fake), rx));
+    let task = tokio::spawn(s.serve(Arc::new(BootBackend), rx));
     Running {
         state_dir: opts.state_dir,
         signals,
@@ -200,12 +142,18 @@ async fn state_of(
         .unwrap()
 }
 
-fn instance_pid(state_dir: &Path, name: &str) -> u32 {
-    std::fs::read_to_string(state_dir.join("builders").join(name).join("pid"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap()
+/// The running machine's main process (its sshd; the command `exec`s into it).
+#[track_caller]
+fn instance_pid(remote: &LazyRemote) -> u32 {
+    remote
+        .started_pid()
+        .expect("the machine's start script wrote its pid")
+}
+
+/// The builder's `command.log`: its command's stdout and stderr (sshd logs there with `-e`).
+fn command_log(state_dir: &Path, name: &str) -> String {
+    std::fs::read_to_string(state_dir.join("builders").join(name).join("command.log"))
+        .unwrap_or_default()
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -214,7 +162,7 @@ fn instance_pid(state_dir: &Path, name: &str) -> u32 {
 #[tokio::test]
 async fn state_dir_and_socket_are_private() {
     let tmp = tempfile::tempdir().unwrap();
-    let (_, config) = write_config(tmp.path(), &[("vm", UP, "0s")]);
+    let (_, config) = write_config(tmp.path(), &[("vm", Script(IDLE), "0s")]);
     // A pre-existing state dir with loose permissions is tightened.
     std::fs::create_dir(&config.supervisor.state_dir).unwrap();
     std::fs::set_permissions(
@@ -246,7 +194,7 @@ async fn state_dir_and_socket_are_private() {
 #[tokio::test]
 async fn a_second_supervisor_finds_the_first_serving() {
     let tmp = tempfile::tempdir().unwrap();
-    let (_, config) = write_config(tmp.path(), &[("vm", UP, "0s")]);
+    let (_, config) = write_config(tmp.path(), &[("vm", Script(IDLE), "0s")]);
     let r = serve(&config, true, Duration::from_secs(60)).await;
     let opts = |auto| ServeOptions {
         state_dir: r.state_dir.clone(),
@@ -288,7 +236,7 @@ async fn a_second_supervisor_finds_the_first_serving() {
     };
     assert!(s.socket_path().exists());
     let (signals, rx) = mpsc::unbounded_channel();
-    let task = tokio::spawn(s.serve(Arc::new(Fake), rx));
+    let task = tokio::spawn(s.serve(Arc::new(BootBackend), rx));
     let mut c = Client::connect(&r.state_dir).await.unwrap();
     assert_eq!(c.status().await.unwrap().len(), 1);
     signals.send(()).unwrap();
@@ -298,7 +246,7 @@ async fn a_second_supervisor_finds_the_first_serving() {
 #[tokio::test]
 async fn malformed_requests_get_an_error_and_the_connection_stays_usable() {
     let tmp = tempfile::tempdir().unwrap();
-    let (_, config) = write_config(tmp.path(), &[("vm", UP, "0s")]);
+    let (_, config) = write_config(tmp.path(), &[("vm", Script(IDLE), "0s")]);
     let r = serve(&config, false, Duration::from_secs(60)).await;
     let stream = UnixStream::connect(r.state_dir.join("supervisor.sock"))
         .await
@@ -363,22 +311,28 @@ async fn malformed_requests_get_an_error_and_the_connection_stays_usable() {
 #[tokio::test]
 async fn boot_lease_idle_stop_with_a_real_process() {
     let tmp = tempfile::tempdir().unwrap();
-    let (_, config) = write_config(tmp.path(), &[("vm", UP, "700ms")]);
+    let vm = machine();
+    let (_, config) = write_config(tmp.path(), &[("vm", Machine(&vm), "700ms")]);
     let r = serve(&config, false, Duration::from_secs(60)).await;
     let mut c = Client::connect(&r.state_dir).await.unwrap();
     let Verdict::Granted(st) = c.boot("vm", false).await.unwrap() else {
         panic!()
     };
     assert!(matches!(st.state, State::Booting | State::Up));
-    let st = c.wait_ready("vm", Duration::from_secs(10)).await.unwrap();
-    assert_eq!(st.state, State::Up);
-    assert_eq!(st.nix_version.as_deref(), Some("nix-store (Fake) 1.0"));
+    let st = c.wait_ready("vm", Duration::from_secs(60)).await.unwrap();
+    assert_eq!(st.state, State::Up, "{st:?}");
+    assert!(
+        st.nix_version
+            .as_deref()
+            .is_some_and(|v| v.starts_with("nix-store (Nix) ")),
+        "the machine's own Nix answered: {st:?}"
+    );
     assert_eq!(
         st.ssh_port,
-        Some(31000),
+        Some(vm.port()),
         "the URI's port when the instance chose none"
     );
-    let pid = instance_pid(&r.state_dir, "vm");
+    let pid = instance_pid(&vm);
     assert!(alive(pid));
     assert!(matches!(c.lease("vm").await.unwrap(), Verdict::Granted(_)));
     // Held past the idle timeout: never stopped.
@@ -392,6 +346,9 @@ async fn boot_lease_idle_stop_with_a_real_process() {
     wait_for("the idle stop", Duration::from_secs(5), || !alive(pid)).await;
     let idle = released.elapsed();
     assert!(idle >= Duration::from_millis(650), "stopped after {idle:?}");
+    // Stopped by the backend's stop (its stop signal), not killed.
+    let log = command_log(&r.state_dir, "vm");
+    assert!(log.contains(SSHD_TERMINATED), "{log}");
     let st = state_of(&mut other, "vm").await;
     assert_eq!(st.state, State::Down);
     assert_eq!(st.boots, 1);
@@ -405,11 +362,12 @@ async fn boot_lease_idle_stop_with_a_real_process() {
 #[tokio::test]
 async fn failures_are_reported_in_one_line_and_back_off() {
     let tmp = tempfile::tempdir().unwrap();
+    let vm = machine();
     let (_, config) = write_config(
         tmp.path(),
         &[
-            ("broken", "echo starting >&2; exit 3", "0s"),
-            ("vm", UP, "0s"),
+            ("broken", Script("echo starting >&2; exit 3"), "0s"),
+            ("vm", Machine(&vm), "0s"),
         ],
     );
     let r = serve(&config, false, Duration::from_secs(60)).await;
@@ -421,7 +379,13 @@ async fn failures_are_reported_in_one_line_and_back_off() {
         .unwrap();
     assert_eq!(st.state, State::Failed);
     let f = st.last_failure.unwrap();
-    assert!(f.cause.contains("exit status: 3"), "{}", f.cause);
+    assert!(
+        f.cause.contains("exited with status 3")
+            && f.cause.contains(": starting; log: ")
+            && f.cause.ends_with("/builders/broken/command.log"),
+        "{}",
+        f.cause
+    );
     assert!(!f.cause.contains('\n'));
     assert_eq!(f.consecutive, 1);
     assert!(f.retry_in_ms > 9000 && f.retry_in_ms <= 10_000);
@@ -430,7 +394,7 @@ async fn failures_are_reported_in_one_line_and_back_off() {
     match c2.boot("broken", false).await.unwrap() {
         Verdict::Refused { reason, .. } => {
             assert!(
-                reason.contains("exit status: 3")
+                reason.contains("exited with status 3")
                     && reason.contains("it is not booted again for another ")
                     && reason.ends_with("(`nix-lazy-builder up broken` boots it now)"),
                 "{reason}"
@@ -441,15 +405,15 @@ async fn failures_are_reported_in_one_line_and_back_off() {
     // The other builder is unaffected.
     c2.boot("vm", false).await.unwrap();
     assert_eq!(
-        c2.wait_ready("vm", Duration::from_secs(10))
+        c2.wait_ready("vm", Duration::from_secs(60))
             .await
             .unwrap()
             .state,
         State::Up
     );
     // An instance that dies on its own is noticed at once.
-    let pid = instance_pid(&r.state_dir, "vm");
-    // SAFETY: killing the stand-in instance's process.
+    let pid = instance_pid(&vm);
+    // SAFETY: killing the instance's main process (this test's machine's sshd).
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
     let t0 = Instant::now();
     loop {
@@ -467,12 +431,13 @@ async fn failures_are_reported_in_one_line_and_back_off() {
         Verdict::Granted(_)
     ));
     assert_eq!(
-        c2.wait_ready("vm", Duration::from_secs(10))
+        c2.wait_ready("vm", Duration::from_secs(60))
             .await
             .unwrap()
             .state,
         State::Up
     );
+    assert_ne!(instance_pid(&vm), pid, "not a fresh instance");
     r.signals.send(()).unwrap();
     r.task.await.unwrap().unwrap();
 }
@@ -480,7 +445,7 @@ async fn failures_are_reported_in_one_line_and_back_off() {
 #[tokio::test]
 async fn a_boot_that_never_gets_ready_times_out() {
     let tmp = tempfile::tempdir().unwrap();
-    let (path, _) = write_config(tmp.path(), &[("slow", "exec sleep 1000", "0s")]);
+    let (path, _) = write_config(tmp.path(), &[("slow", Script("exec sleep 1000"), "0s")]);
     let text = std::fs::read_to_string(&path)
         .unwrap()
         .replace("boot-timeout = \"10s\"", "boot-timeout = \"600ms\"");
@@ -491,7 +456,7 @@ async fn a_boot_that_never_gets_ready_times_out() {
     let st = c.wait_ready("slow", Duration::from_secs(10)).await.unwrap();
     assert_eq!(st.state, State::Failed);
     let cause = st.last_failure.unwrap().cause;
-    assert!(cause.contains("deadline"), "{cause}");
+    assert!(cause.contains("no SSH banner on 127.0.0.1:"), "{cause}");
     r.signals.send(()).unwrap();
     r.task.await.unwrap().unwrap();
 }
@@ -499,26 +464,42 @@ async fn a_boot_that_never_gets_ready_times_out() {
 #[tokio::test]
 async fn shutdown_stops_instances_even_when_leased() {
     let tmp = tempfile::tempdir().unwrap();
-    let (_, config) = write_config(tmp.path(), &[("a", UP, "0s"), ("b", UP, "0s")]);
+    let (ma, mb) = (machine(), machine());
+    let (_, config) = write_config(
+        tmp.path(),
+        &[("a", Machine(&ma), "0s"), ("b", Machine(&mb), "0s")],
+    );
     let r = serve(&config, false, Duration::from_secs(60)).await;
     let mut c = Client::connect(&r.state_dir).await.unwrap();
     for b in ["a", "b"] {
         c.boot(b, false).await.unwrap();
-        c.wait_ready(b, Duration::from_secs(10)).await.unwrap();
+        let st = c.wait_ready(b, Duration::from_secs(60)).await.unwrap();
+        assert_eq!(st.state, State::Up, "{st:?}");
     }
     assert!(matches!(c.lease("a").await.unwrap(), Verdict::Granted(_)));
-    let pids = [
-        instance_pid(&r.state_dir, "a"),
-        instance_pid(&r.state_dir, "b"),
-    ];
+    let pids = [instance_pid(&ma), instance_pid(&mb)];
+    for (b, &pid) in ["a", "b"].iter().zip(&pids) {
+        assert!(alive(pid), "{b}");
+        assert!(!command_log(&r.state_dir, b).contains(SSHD_TERMINATED));
+    }
     r.signals.send(()).unwrap();
     tokio::time::timeout(Duration::from_secs(10), r.task)
         .await
         .unwrap()
         .unwrap()
         .unwrap();
-    for pid in pids {
-        assert!(!alive(pid), "instance {pid} survived the supervisor");
+    for (b, pid) in ["a", "b"].iter().zip(pids) {
+        assert!(
+            !alive(pid),
+            "instance {pid} of '{b}' survived the supervisor"
+        );
+        // The supervisor stopped it (the backend's stop: SIGTERM to its group) before it
+        // exited, leased or not; an instance merely dropped would have been SIGKILLed.
+        let log = command_log(&r.state_dir, b);
+        assert!(
+            log.contains(SSHD_TERMINATED),
+            "'{b}' was not stopped by the supervisor, its sshd never got SIGTERM:\n{log}"
+        );
     }
     // The client sees the connection end.
     assert!(matches!(
@@ -530,15 +511,17 @@ async fn shutdown_stops_instances_even_when_leased() {
 #[tokio::test]
 async fn auto_started_supervisor_exits_when_idle_and_a_client_keeps_it() {
     let tmp = tempfile::tempdir().unwrap();
-    let (_, config) = write_config(tmp.path(), &[("vm", UP, "300ms")]);
+    let vm = machine();
+    let (_, config) = write_config(tmp.path(), &[("vm", Machine(&vm), "300ms")]);
     let r = serve(&config, true, Duration::from_millis(400)).await;
     let mut c = Client::connect(&r.state_dir).await.unwrap();
     c.boot("vm", false).await.unwrap();
-    c.wait_ready("vm", Duration::from_secs(10)).await.unwrap();
+    let st = c.wait_ready("vm", Duration::from_secs(60)).await.unwrap();
+    assert_eq!(st.state, State::Up, "{st:?}");
     // One build (a builder never leased since its boot gets a longer first grace).
     assert!(matches!(c.lease("vm").await.unwrap(), Verdict::Granted(_)));
     c.release("vm").await.unwrap();
-    let pid = instance_pid(&r.state_dir, "vm");
+    let pid = instance_pid(&vm);
     // Connected: it stays, even once the builder is down.
     wait_for("the idle stop", Duration::from_secs(5), || !alive(pid)).await;
     tokio::time::sleep(Duration::from_millis(800)).await;
@@ -561,12 +544,14 @@ async fn auto_started_supervisor_exits_when_idle_and_a_client_keeps_it() {
 #[tokio::test]
 async fn a_request_for_an_unknown_builder_rereads_a_fresh_config_at_once() {
     let tmp = tempfile::tempdir().unwrap();
-    let (path, config) = write_config(tmp.path(), &[("vm", UP, "0s")]);
+    let new = machine();
+    let (path, config) = write_config(tmp.path(), &[("vm", Script(IDLE), "0s")]);
     let r = serve(&config, false, Duration::from_secs(60)).await;
     let mut c = Client::connect(&r.state_dir).await.unwrap();
     // Too fresh for the "file changed" check (an editor may still be writing it), but a
     // request that names the new builder rereads it at once.
-    write_config(tmp.path(), &[("vm", UP, "0s"), ("new", UP, "0s")]);
+    let text = std::fs::read_to_string(&path).unwrap() + &machine_toml("new", &new, "0s");
+    std::fs::write(&path, text).unwrap();
     let st = c.status().await.unwrap();
     assert_eq!(
         st.len(),
@@ -580,7 +565,7 @@ async fn a_request_for_an_unknown_builder_rereads_a_fresh_config_at_once() {
     ));
     eprintln!("reload + boot request answered in {:.2?}", t0.elapsed());
     assert_eq!(
-        c.wait_ready("new", Duration::from_secs(10))
+        c.wait_ready("new", Duration::from_secs(60))
             .await
             .unwrap()
             .state,
@@ -610,11 +595,18 @@ async fn a_request_for_an_unknown_builder_rereads_a_fresh_config_at_once() {
 // ------------------------------------------------------------------------------------------------
 // Separate processes
 
-/// This test binary, run as one of the helpers below.
-fn helper(name: &str, env: &[(&str, &OsString)]) -> StartCommand {
+/// Set in a helper process that is to be a supervisor: the config it serves.
+const CHILD_CONFIG: &str = "NLB_TEST_CHILD_CONFIG";
+/// Set in a helper process that is to be a client: the state directory of the supervisor whose
+/// builder "vm" it leases.
+const CHILD_STATE: &str = "NLB_TEST_CHILD_STATE";
+
+/// This test binary again, running nothing but the test `test` (the caller, which starts with
+/// [`helper_role`]) with `env` set: a helper process for that test.
+fn helper(test: &str, env: &[(&str, &OsString)]) -> StartCommand {
     StartCommand {
         program: std::env::current_exe().unwrap(),
-        args: one_test_args(module_path!(), name)
+        args: one_test_args(module_path!(), test)
             .into_iter()
             .map(OsString::from)
             .collect(),
@@ -625,44 +617,41 @@ fn helper(name: &str, env: &[(&str, &OsString)]) -> StartCommand {
     }
 }
 
-const CHILD_CONFIG: &str = "NLB_TEST_CHILD_CONFIG";
-const CHILD_STATE: &str = "NLB_TEST_CHILD_STATE";
-
-/// Helper process: a supervisor (auto-started) with the stand-in backend.
-#[test]
-#[ignore = "helper process for the tests below"]
-fn child_supervisor() {
-    let Some(config) = std::env::var_os(CHILD_CONFIG) else {
-        return;
-    };
-    let code = nix_lazy_builder::supervisor::main_with(
-        SuperviseArgs {
-            config: nix_lazy_builder::config::resolve_config_path(Some(config.as_ref()), None),
-            auto: true,
-        },
-        Arc::new(Fake),
-    );
-    std::process::exit(code.into());
+/// In a helper process ([`helper`]), plays its part and exits; in a test's own process (neither
+/// variable set) returns at once. With `CHILD_CONFIG`: an auto-started supervisor with the real
+/// boot backend. With `CHILD_STATE`: a client that leases builder "vm", says `LEASED` on
+/// stdout and waits to be killed.
+fn helper_role() {
+    if let Some(config) = std::env::var_os(CHILD_CONFIG) {
+        let code = nix_lazy_builder::supervisor::main_with(
+            SuperviseArgs {
+                config: nix_lazy_builder::config::resolve_config_path(Some(config.as_ref()), None),
+                auto: true,
+            },
+            default_backend(),
+        );
+        std::process::exit(code.into());
+    }
+    if let Some(state) = std::env::var_os(CHILD_STATE) {
+        block_on(async {
+            let mut c = Client::connect(Path::new(&state)).await.unwrap();
+            assert!(matches!(c.lease("vm").await.unwrap(), Verdict::Granted(_)));
+            println!("LEASED");
+            std::io::stdout().flush().unwrap();
+            tokio::time::sleep(Duration::from_secs(120)).await;
+        });
+        std::process::exit(0);
+    }
 }
 
-/// Helper process: lease builder "vm", say so on stdout, wait to be killed.
-#[test]
-#[ignore = "helper process for the tests below"]
-fn child_client() {
-    let Some(state) = std::env::var_os(CHILD_STATE) else {
-        return;
-    };
-    let rt = tokio::runtime::Builder::new_current_thread()
+/// Runs `f` on a runtime of its own (the tests with helper processes decide their role before
+/// any runtime exists: a helper supervisor builds its own).
+fn block_on<F: Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .unwrap();
-    rt.block_on(async {
-        let mut c = Client::connect(Path::new(&state)).await.unwrap();
-        assert!(matches!(c.lease("vm").await.unwrap(), Verdict::Granted(_)));
-        println!("LEASED");
-        std::io::stdout().flush().unwrap();
-        tokio::time::sleep(Duration::from_secs(120)).await;
-    });
+        .unwrap()
+        .block_on(f)
 }
 
 /// Stops a helper supervisor by pid when dropped, so no test leaves one behind.
@@ -695,158 +684,175 @@ fn stat_fields(pid: u32) -> Vec<String> {
     rest.split_whitespace().map(str::to_owned).collect()
 }
 
-#[tokio::test]
-async fn auto_start_detaches_and_inherits_no_descriptors() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (path, config) = write_config(tmp.path(), &[("vm", UP, "0s")]);
-    let state = config.supervisor.state_dir.clone();
-    // Like the descriptors nix-daemon hands a hook: open, not close-on-exec.
-    let mut fds = [0i32; 2];
-    // SAFETY: pipe(2) fills the array.
-    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
-    let pipe_target = std::fs::read_link(format!("/proc/self/fd/{}", fds[1])).unwrap();
-    let linger = OsString::from("60000");
-    let cmd = helper(
-        "child_supervisor",
-        &[
-            (CHILD_CONFIG, &path.clone().into_os_string()),
-            ("NIX_LAZY_BUILDER_SUPERVISOR_LINGER_MS", &linger),
-        ],
-    );
-    let mut c = Client::connect_or_start_with(&state, &cmd).await.unwrap();
-    let pid = c.supervisor_pid();
-    let _reap = Reap(pid);
-    assert_ne!(pid, std::process::id());
-    // Its own session and process group.
-    let f = stat_fields(pid);
-    // Fields after the command: state ppid pgrp session …
-    assert_eq!(f[2], pid.to_string(), "process group");
-    assert_eq!(f[3], pid.to_string(), "session");
-    // stdin is /dev/null, stdout and stderr the log; nothing of ours beyond that.
-    let link = |fd: &str| std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).unwrap();
-    assert_eq!(link("0"), Path::new("/dev/null"));
-    let log = state.join("supervisor.log");
-    assert_eq!(link("1"), log);
-    assert_eq!(link("2"), log);
-    for entry in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap() {
-        let entry = entry.unwrap();
-        let target = std::fs::read_link(entry.path()).unwrap_or_default();
-        assert_ne!(
-            target,
-            pipe_target,
-            "fd {:?} of the supervisor is the client's pipe",
-            entry.file_name()
+#[test]
+fn auto_start_detaches_and_inherits_no_descriptors() {
+    helper_role();
+    block_on(async {
+        let tmp = tempfile::tempdir().unwrap();
+        let (path, config) = write_config(tmp.path(), &[("vm", Script(IDLE), "0s")]);
+        let state = config.supervisor.state_dir.clone();
+        // Like the descriptors nix-daemon hands a hook: open, not close-on-exec.
+        let mut fds = [0i32; 2];
+        // SAFETY: pipe(2) fills the array.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        let pipe_target = std::fs::read_link(format!("/proc/self/fd/{}", fds[1])).unwrap();
+        let linger = OsString::from("60000");
+        let cmd = helper(
+            "auto_start_detaches_and_inherits_no_descriptors",
+            &[
+                (CHILD_CONFIG, &path.clone().into_os_string()),
+                ("NIX_LAZY_BUILDER_SUPERVISOR_LINGER_MS", &linger),
+            ],
         );
-    }
-    assert_eq!(mode(&state), 0o700);
-    assert_eq!(mode(&log), 0o600);
-    c.status().await.unwrap();
-    let text = std::fs::read_to_string(&log).unwrap();
-    assert!(text.contains("serving 1 lazy builder(s)"), "{text}");
-    // SAFETY: closing the pipe this test made.
-    unsafe {
-        libc::close(fds[0]);
-        libc::close(fds[1]);
-    }
-}
-
-#[tokio::test]
-async fn racing_starters_end_on_one_supervisor() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (path, config) = write_config(tmp.path(), &[("vm", UP, "0s")]);
-    let state = config.supervisor.state_dir.clone();
-    let cmd = helper(
-        "child_supervisor",
-        &[(CHILD_CONFIG, &path.into_os_string())],
-    );
-    let (a, b, c) = tokio::join!(
-        Client::connect_or_start_with(&state, &cmd),
-        Client::connect_or_start_with(&state, &cmd),
-        Client::connect_or_start_with(&state, &cmd),
-    );
-    let (mut a, b, c) = (a.unwrap(), b.unwrap(), c.unwrap());
-    let _reap = Reap(a.supervisor_pid());
-    assert_eq!(a.supervisor_pid(), b.supervisor_pid());
-    assert_eq!(a.supervisor_pid(), c.supervisor_pid());
-    a.status().await.unwrap();
-    // The losers exited (quietly, status 0): only one supervisor process for this state dir.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let log = std::fs::read_to_string(state.join("supervisor.log")).unwrap();
-    assert_eq!(
-        log.matches("serving 1 lazy builder(s)").count(),
-        1,
-        "exactly one supervisor served: {log}"
-    );
-}
-
-#[tokio::test]
-async fn a_killed_client_releases_its_lease() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (path, config) = write_config(tmp.path(), &[("vm", UP, "0s")]);
-    let state = config.supervisor.state_dir.clone();
-    let cmd = helper(
-        "child_supervisor",
-        &[(CHILD_CONFIG, &path.into_os_string())],
-    );
-    let mut c = Client::connect_or_start_with(&state, &cmd).await.unwrap();
-    let _reap = Reap(c.supervisor_pid());
-    c.boot("vm", false).await.unwrap();
-    assert_eq!(
-        c.wait_ready("vm", Duration::from_secs(10))
-            .await
-            .unwrap()
-            .state,
-        State::Up
-    );
-    let client = helper(
-        "child_client",
-        &[(CHILD_STATE, &state.clone().into_os_string())],
-    );
-    let mut child = KillOnDrop(
-        std::process::Command::new(&client.program)
-            .args(&client.args)
-            .envs(client.env.iter().map(|(k, v)| (k, v)))
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let mut out = StdBufReader::new(child.0.stdout.take().unwrap());
-    let mut line = String::new();
-    loop {
-        line.clear();
-        assert_ne!(out.read_line(&mut line).unwrap(), 0, "client ended early");
-        // libtest may have written "test child_client ... " before it on the same line.
-        if line.trim_end().ends_with("LEASED") {
-            break;
+        let mut c = Client::connect_or_start_with(&state, &cmd).await.unwrap();
+        let pid = c.supervisor_pid();
+        let _reap = Reap(pid);
+        assert_ne!(pid, std::process::id());
+        // Its own session and process group.
+        let f = stat_fields(pid);
+        // Fields after the command: state ppid pgrp session …
+        assert_eq!(f[2], pid.to_string(), "process group");
+        assert_eq!(f[3], pid.to_string(), "session");
+        // stdin is /dev/null, stdout and stderr the log; nothing of ours beyond that.
+        let link = |fd: &str| std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).unwrap();
+        assert_eq!(link("0"), Path::new("/dev/null"));
+        let log = state.join("supervisor.log");
+        assert_eq!(link("1"), log);
+        assert_eq!(link("2"), log);
+        for entry in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap() {
+            let entry = entry.unwrap();
+            let target = std::fs::read_link(entry.path()).unwrap_or_default();
+            assert_ne!(
+                target,
+                pipe_target,
+                "fd {:?} of the supervisor is the client's pipe",
+                entry.file_name()
+            );
         }
-    }
-    assert_eq!(state_of(&mut c, "vm").await.leases, 1);
-    child.0.kill().unwrap(); // SIGKILL
-    child.0.wait().unwrap();
-    let t0 = Instant::now();
-    while state_of(&mut c, "vm").await.leases != 0 {
-        assert!(t0.elapsed() < Duration::from_secs(2), "lease not released");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let mut rest = String::new();
-    let _ = out.read_to_string(&mut rest);
+        assert_eq!(mode(&state), 0o700);
+        assert_eq!(mode(&log), 0o600);
+        c.status().await.unwrap();
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert!(text.contains("serving 1 lazy builder(s)"), "{text}");
+        // SAFETY: closing the pipe this test made.
+        unsafe {
+            libc::close(fds[0]);
+            libc::close(fds[1]);
+        }
+    })
 }
 
-#[tokio::test]
-async fn a_supervisor_that_cannot_start_is_reported_with_its_log() {
-    let tmp = tempfile::tempdir().unwrap();
-    let state = tmp.path().join("state");
-    let bad = tmp.path().join("bad.toml");
-    std::fs::write(&bad, "[builders.x]\nbogus = 1\n").unwrap();
-    let cmd = helper("child_supervisor", &[(CHILD_CONFIG, &bad.into_os_string())]);
-    let e = Client::connect_or_start_with(&state, &cmd)
-        .await
-        .unwrap_err();
-    let text = e.to_string();
-    assert!(
-        text.contains("supervisor.log") && text.contains("exit status: 1"),
-        "{text}"
-    );
-    let log = std::fs::read_to_string(state.join("supervisor.log")).unwrap();
-    assert!(log.contains("bad.toml:"), "{log}");
+#[test]
+fn racing_starters_end_on_one_supervisor() {
+    helper_role();
+    block_on(async {
+        let tmp = tempfile::tempdir().unwrap();
+        let (path, config) = write_config(tmp.path(), &[("vm", Script(IDLE), "0s")]);
+        let state = config.supervisor.state_dir.clone();
+        let cmd = helper(
+            "racing_starters_end_on_one_supervisor",
+            &[(CHILD_CONFIG, &path.into_os_string())],
+        );
+        let (a, b, c) = tokio::join!(
+            Client::connect_or_start_with(&state, &cmd),
+            Client::connect_or_start_with(&state, &cmd),
+            Client::connect_or_start_with(&state, &cmd),
+        );
+        let (mut a, b, c) = (a.unwrap(), b.unwrap(), c.unwrap());
+        let _reap = Reap(a.supervisor_pid());
+        assert_eq!(a.supervisor_pid(), b.supervisor_pid());
+        assert_eq!(a.supervisor_pid(), c.supervisor_pid());
+        a.status().await.unwrap();
+        // The losers exited (quietly, status 0): only one supervisor process for this state dir.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let log = std::fs::read_to_string(state.join("supervisor.log")).unwrap();
+        assert_eq!(
+            log.matches("serving 1 lazy builder(s)").count(),
+            1,
+            "exactly one supervisor served: {log}"
+        );
+    })
+}
+
+#[test]
+fn a_killed_client_releases_its_lease() {
+    helper_role();
+    block_on(async {
+        let tmp = tempfile::tempdir().unwrap();
+        let vm = machine();
+        let (path, config) = write_config(tmp.path(), &[("vm", Machine(&vm), "0s")]);
+        let state = config.supervisor.state_dir.clone();
+        let cmd = helper(
+            "a_killed_client_releases_its_lease",
+            &[(CHILD_CONFIG, &path.into_os_string())],
+        );
+        let mut c = Client::connect_or_start_with(&state, &cmd).await.unwrap();
+        let _reap = Reap(c.supervisor_pid());
+        c.boot("vm", false).await.unwrap();
+        assert_eq!(
+            c.wait_ready("vm", Duration::from_secs(60))
+                .await
+                .unwrap()
+                .state,
+            State::Up
+        );
+        let client = helper(
+            "a_killed_client_releases_its_lease",
+            &[(CHILD_STATE, &state.clone().into_os_string())],
+        );
+        let mut child = KillOnDrop(
+            std::process::Command::new(&client.program)
+                .args(&client.args)
+                .envs(client.env.iter().map(|(k, v)| (k, v)))
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
+        let mut out = StdBufReader::new(child.0.stdout.take().unwrap());
+        let mut line = String::new();
+        loop {
+            line.clear();
+            assert_ne!(out.read_line(&mut line).unwrap(), 0, "client ended early");
+            // libtest may have written "test …::a_killed_client_releases_its_lease ... " before
+            // it on the same line.
+            if line.trim_end().ends_with("LEASED") {
+                break;
+            }
+        }
+        assert_eq!(state_of(&mut c, "vm").await.leases, 1);
+        child.0.kill().unwrap(); // SIGKILL
+        child.0.wait().unwrap();
+        let t0 = Instant::now();
+        while state_of(&mut c, "vm").await.leases != 0 {
+            assert!(t0.elapsed() < Duration::from_secs(2), "lease not released");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let mut rest = String::new();
+        let _ = out.read_to_string(&mut rest);
+    })
+}
+
+#[test]
+fn a_supervisor_that_cannot_start_is_reported_with_its_log() {
+    helper_role();
+    block_on(async {
+        let tmp = tempfile::tempdir().unwrap();
+        let state = tmp.path().join("state");
+        let bad = tmp.path().join("bad.toml");
+        std::fs::write(&bad, "[builders.x]\nbogus = 1\n").unwrap();
+        let cmd = helper(
+            "a_supervisor_that_cannot_start_is_reported_with_its_log",
+            &[(CHILD_CONFIG, &bad.into_os_string())],
+        );
+        let e = Client::connect_or_start_with(&state, &cmd)
+            .await
+            .unwrap_err();
+        let text = e.to_string();
+        assert!(
+            text.contains("supervisor.log") && text.contains("exit status: 1"),
+            "{text}"
+        );
+        let log = std::fs::read_to_string(state.join("supervisor.log")).unwrap();
+        assert!(log.contains("bad.toml:"), "{log}");
+    })
 }
