@@ -63,6 +63,7 @@ fn state_name(s: State) -> &'static str {
         State::Draining => "draining",
         State::Stopping => "stopping",
         State::Failed => "failed",
+        State::AlwaysOn => "always-on",
     }
 }
 
@@ -100,29 +101,68 @@ const COLUMNS: &[Column] = &[
     },
     Column {
         header: "RUNNING BUILDS",
-        cell: |s| s.leases.to_string(),
+        cell: |s| lazy_only(s, s.leases),
     },
     Column {
         header: "BOOTS OK",
-        cell: |s| s.boots_ok.to_string(),
+        cell: |s| lazy_only(s, s.boots_ok),
     },
     Column {
         header: "BOOTS FAILED",
-        cell: |s| s.boots_failed.to_string(),
+        cell: |s| lazy_only(s, s.boots_failed),
+    },
+    // Warm connections (lazy and always-on builders alike); "-" where there is none.
+    Column {
+        header: "WARM",
+        cell: |s| s.warm.as_ref().map_or_else(|| "-".to_owned(), warm_cell),
+    },
+    Column {
+        header: "HAND-OUTS",
+        cell: |s| {
+            s.warm
+                .as_ref()
+                .map_or_else(|| "-".to_owned(), |w| w.hand_outs.to_string())
+        },
     },
     Column {
         header: "LAST FAILURE",
-        cell: |s| match &s.last_failure {
-            None => "-".to_owned(),
-            Some(f) if f.retry_in_ms > 0 => format!(
+        cell: |s| match (
+            &s.last_failure,
+            s.warm.as_ref().and_then(|w| w.last_failure.as_ref()),
+        ) {
+            (None, None) => "-".to_owned(),
+            (None, Some(w)) => format!("warm connection: {w}"),
+            (Some(f), _) if f.retry_in_ms > 0 => format!(
                 "{} (not booted again for another {})",
                 f.cause,
                 dur(Some(f.retry_in_ms))
             ),
-            Some(f) => f.cause.clone(),
+            (Some(f), _) => f.cause.clone(),
         },
     },
 ];
+
+/// A count that only a lazy builder has (an always-on builder is neither leased nor booted).
+fn lazy_only(s: &BuilderStatus, n: u32) -> String {
+    if s.state == State::AlwaysOn {
+        "-".to_owned()
+    } else {
+        n.to_string()
+    }
+}
+
+/// The WARM cell: ready sessions (or "not connected") and those in use.
+fn warm_cell(w: &crate::supervisor::proto::WarmStatus) -> String {
+    let mut cell = if w.connected {
+        format!("{} ready", w.ready)
+    } else {
+        "not connected".to_owned()
+    };
+    if w.in_use > 0 {
+        let _ = write!(cell, ", {} in use", w.in_use);
+    }
+    cell
+}
 
 /// The `status` table.
 pub fn status_table(list: &[BuilderStatus]) -> String {
@@ -450,21 +490,38 @@ mod tests {
             retry_in_ms: 20_000,
             consecutive: 1,
         });
-        let t = status_table(&[a, b]);
+        a.warm = Some(crate::supervisor::proto::WarmStatus {
+            connected: true,
+            ready: 2,
+            in_use: 1,
+            hand_outs: 14,
+            closes_in_ms: None,
+            last_failure: None,
+        });
+        let mut c = down_status("ssh://root@x86");
+        c.state = State::AlwaysOn;
+        c.warm = Some(crate::supervisor::proto::WarmStatus {
+            connected: false,
+            hand_outs: 3,
+            last_failure: Some("HOST KEY MISMATCH".into()),
+            ..Default::default()
+        });
+        let t = status_table(&[a, b, c]);
         let lines: Vec<&str> = t.lines().collect();
         assert_eq!(
-            lines[0],
-            "BUILDER  STATE   PORT   UPTIME  IDLE STOP IN  RUNNING BUILDS  BOOTS OK  BOOTS FAILED  \
-             LAST FAILURE"
-        );
-        assert_eq!(
-            lines[1],
-            "aarch64  up      40123  2m05s   10m00s        2               3         1             -"
-        );
-        assert_eq!(
-            lines[2],
-            "darwin   failed  -      -       -             0               0         1             \
-             boot timed out (not booted again for another 20s)"
+            lines,
+            [
+                "BUILDER         STATE      PORT   UPTIME  IDLE STOP IN  RUNNING BUILDS  BOOTS OK  \
+                 BOOTS FAILED  WARM               HAND-OUTS  LAST FAILURE",
+                "aarch64         up         40123  2m05s   10m00s        2               3         \
+                 1             2 ready, 1 in use  14         -",
+                "darwin          failed     -      -       -             0               0         \
+                 1             -                  -          boot timed out (not booted again for \
+                 another 20s)",
+                "ssh://root@x86  always-on  -      -       -             -               -         \
+                 -             not connected      3          warm connection: HOST KEY MISMATCH",
+            ],
+            "{t}"
         );
     }
 

@@ -1,12 +1,15 @@
-//! The hook's side of lazy builders: its connection to the supervisor and what the user sees
-//! of the boots.
+//! The hook's side of the supervisor: lazy builders, what the user sees of their boots, and
+//! warm sessions.
 //!
 //! Owns the hook's connection to the supervisor (started on first need; every lease this hook
 //! takes lives as long as that connection), the requests a `try` makes of it (status, lease,
 //! boot, wait for ready, report a failure), the "booting builder …" activity in the user's
-//! progress display and the one line that says a watched boot failed. It never decides: what to
-//! ask, and how long to wait for a boot (never longer than the daemon's `build-poll-interval`,
-//! never longer than [`MAX_WAIT`]), is `hook/plan.rs`'s.
+//! progress display and the one line that says a watched boot failed; and asking for a warm
+//! session ([`Lazy::lease_session`]) on a connection of its own, never waiting on the pool:
+//! a supervisor that does not answer at once, or is not there, means "connect directly"
+//! (one that is not there is started in the background, and told to warm up, for the next
+//! build). It never decides: what to ask, and how long to wait for a boot (never longer than
+//! the daemon's `build-poll-interval`, never longer than [`MAX_WAIT`]), is `hook/plan.rs`'s.
 
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -16,8 +19,16 @@ use hook_protocol::log::{Message, Verbosity, activity};
 
 use crate::config::Builder;
 use crate::logging::{self, Activity};
-use crate::supervisor::client::{Client, ClientError, Verdict};
-use crate::supervisor::proto::{BuilderStatus, State};
+use crate::store::warm::WarmSession;
+use crate::supervisor::client::{Client, ClientError, SessionAnswer, Verdict};
+use crate::supervisor::proto::{BuilderStatus, SessionSpec, State};
+
+/// How long a warm-session request may take before the hook connects directly (the
+/// supervisor answers at once; this only guards one that hangs).
+pub const SESSION_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a hook that started a supervisor for warm connections waits, at its end, for that
+/// supervisor to have heard what to warm up (it usually has, long before).
+pub const WARM_UP_GRACE: Duration = Duration::from_millis(500);
 
 /// The longest a `try` ever waits for a boot to finish. A `# postpone` costs a whole
 /// `build-poll-interval` (5 s by default) before the daemon asks again, so a boot that will be
@@ -44,6 +55,8 @@ pub struct Lazy {
     progress: Option<(String, Activity)>,
     /// Builders this hook saw booting: if such a boot fails, the user is told once, why.
     watching: HashSet<String>,
+    /// Starting a supervisor and telling it what to warm up, in the background.
+    warming: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Lazy {
@@ -56,6 +69,67 @@ impl Lazy {
             client: None,
             progress: None,
             watching: HashSet::new(),
+            warming: None,
+        }
+    }
+
+    /// A warm session to the builder `spec` describes, if the supervisor has one ready. Asked
+    /// on a connection of its own (a lease this hook holds is never at stake) and never
+    /// waited for: any failure is "no". With no supervisor at all, one is started in the
+    /// background and asked to warm up (see [`Lazy::settle`]).
+    pub async fn lease_session(&mut self, spec: &SessionSpec) -> Option<WarmSession> {
+        let asked = async {
+            let mut c = Client::connect(&self.state_dir).await?;
+            c.lease_session(spec, SESSION_TIMEOUT).await
+        };
+        match tokio::time::timeout(SESSION_TIMEOUT, asked).await {
+            Ok(Ok(SessionAnswer::Session(s))) => {
+                tracing::debug!(builder = %spec.builder, "warm session handed over");
+                Some(s)
+            }
+            Ok(Ok(SessionAnswer::None(reason))) => {
+                tracing::debug!(builder = %spec.builder, "no warm session: {reason}");
+                None
+            }
+            Ok(Err(e)) if e.nobody_there() => {
+                tracing::debug!(builder = %spec.builder, "no supervisor for warm sessions ({e}); starting one");
+                self.warm_up_in_background(spec.clone());
+                None
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(builder = %spec.builder, "no warm session: {e}");
+                None
+            }
+            Err(_) => {
+                tracing::debug!(builder = %spec.builder, "no warm session: the supervisor did not answer in time");
+                None
+            }
+        }
+    }
+
+    fn warm_up_in_background(&mut self, spec: SessionSpec) {
+        if self.warming.is_some() {
+            return;
+        }
+        let (state_dir, config) = (self.state_dir.clone(), self.config.clone());
+        self.warming = Some(tokio::spawn(async move {
+            let r = async {
+                let mut c = Client::connect_or_start(&state_dir, config.as_deref()).await?;
+                c.warm(&spec).await
+            };
+            if let Err(e) = r.await {
+                tracing::debug!(builder = %spec.builder, "cannot warm up a connection: {e}");
+            }
+        }));
+    }
+
+    /// Gives a supervisor started by [`Lazy::lease_session`] up to [`WARM_UP_GRACE`] to hear
+    /// what to warm up, so that the next build finds the connection warm.
+    pub async fn settle(&mut self) {
+        if let Some(task) = self.warming.take()
+            && !task.is_finished()
+        {
+            let _ = tokio::time::timeout(WARM_UP_GRACE, task).await;
         }
     }
 
@@ -258,6 +332,7 @@ mod tests {
             boot_settings_outdated: false,
             last_failure: None,
             nix_version: None,
+            warm: None,
         }
     }
 

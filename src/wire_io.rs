@@ -65,6 +65,12 @@ impl<R: AsyncRead + Unpin> WireReader<R> {
         &mut self.inner
     }
 
+    /// The stream back, with the bytes read from it but not consumed yet.
+    pub fn into_parts(mut self) -> (R, Vec<u8>) {
+        let rest = self.buf.split_off(self.start);
+        (self.inner, rest)
+    }
+
     fn io_err(&self, source: std::io::Error) -> WireError {
         WireError::Io {
             peer: self.peer.clone(),

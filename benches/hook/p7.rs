@@ -69,6 +69,8 @@ fn row(ours: Samples, note: String) -> Row {
         unit: "s",
         ours,
         nix: None,
+        persist: None,
+        floor: None,
         goal: Goal::AbsAtMost(1.0),
         note,
         command: format!("cargo bench --bench hook -- {KEY}"),

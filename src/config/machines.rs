@@ -240,6 +240,7 @@ pub fn parse_machine_entry(
         mandatory_features,
         host_keys,
         allow_well_known_host_key: false,
+        keep_warm: super::DEFAULT_KEEP_WARM,
         origin: Origin::Machines(origin.clone()),
         lazy: None,
     })))

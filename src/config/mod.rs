@@ -63,8 +63,14 @@ pub const DEFAULT_STATE_DIR: &str = "/nix/var/nix/lazy-builder";
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 /// Default `boot-timeout` of a lazy builder.
 pub const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(2 * 60);
+/// Default `keep-warm`: how long the supervisor keeps a builder's SSH connection after its
+/// last build, like an OpenSSH `ControlPersist` of ten minutes.
+pub const DEFAULT_KEEP_WARM: Duration = Duration::from_secs(10 * 60);
 
 /// Merge machines-table builders, `NIX_SSHOPTS` defaults and the TOML builders.
+///
+/// Machines-table builders take `[supervisor] keep-warm` (the machines grammar has no column
+/// for it).
 ///
 /// `NIX_SSHOPTS` defaults (port, key) apply to machines-table builders only, as Nix's hook
 /// would pass them to ssh; an explicit URI port or key column wins. TOML builders are fully
@@ -103,6 +109,7 @@ pub fn build_table(
         if b.ssh_key.is_none() {
             b.ssh_key.clone_from(&ssh_opts.identity);
         }
+        b.keep_warm = config.supervisor.keep_warm;
         builders.push(b);
     }
     builders.extend(config.builders.iter().cloned());

@@ -14,7 +14,7 @@ use std::time::Duration;
 use super::error::Note;
 use super::host_key::PinnedKey;
 use super::uri::BuilderUri;
-use super::{DEFAULT_CONFIG_PATH, DEFAULT_STATE_DIR};
+use super::{DEFAULT_CONFIG_PATH, DEFAULT_KEEP_WARM, DEFAULT_STATE_DIR};
 
 /// Where a builder's SSH host keys come from, as the configuration says: the keys themselves,
 /// or where to look them up. `ssh::SshTarget::for_builder` turns it into the set of keys a
@@ -98,6 +98,11 @@ pub struct Builder {
     pub origin: Origin,
     /// `Some` for builders that are booted on demand.
     pub lazy: Option<LazySettings>,
+    /// How long the supervisor keeps a warm SSH connection (and ready remote sessions) to
+    /// this builder after its last use: the builder's `keep-warm`, else `[supervisor]
+    /// keep-warm`, else [`DEFAULT_KEEP_WARM`](super::DEFAULT_KEEP_WARM). Zero (`"0s"`): no
+    /// warm connection; every build connects on its own.
+    pub keep_warm: Duration,
 }
 
 impl Builder {
@@ -108,6 +113,11 @@ impl Builder {
 
     pub fn is_lazy(&self) -> bool {
         self.lazy.is_some()
+    }
+
+    /// Whether builds may use the supervisor's warm connection to this builder.
+    pub fn warm(&self) -> bool {
+        !self.keep_warm.is_zero()
     }
 }
 
@@ -281,12 +291,16 @@ pub fn resolve_config_path(cli: Option<&Path>, env: Option<&OsStr>) -> ConfigPat
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SupervisorSettings {
     pub state_dir: PathBuf,
+    /// `keep-warm` for builders that do not set their own (the machines table's, and TOML
+    /// builders without one).
+    pub keep_warm: Duration,
 }
 
 impl Default for SupervisorSettings {
     fn default() -> Self {
         SupervisorSettings {
             state_dir: PathBuf::from(DEFAULT_STATE_DIR),
+            keep_warm: DEFAULT_KEEP_WARM,
         }
     }
 }

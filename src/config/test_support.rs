@@ -104,6 +104,7 @@ pub(crate) fn ssh_builder(name: &str, systems: &[&str], max_jobs: u32) -> Builde
         mandatory_features: BTreeSet::new(),
         host_keys: HostKeySpec::SshDefault,
         allow_well_known_host_key: false,
+        keep_warm: Duration::ZERO,
         origin: Origin::Toml {
             file: PathBuf::from("/t"),
             name: name.to_owned(),

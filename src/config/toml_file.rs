@@ -37,6 +37,7 @@ struct RawFile {
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct RawSupervisor {
     state_dir: Option<Spanned<String>>,
+    keep_warm: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -57,6 +58,7 @@ struct RawBuilder {
     idle_timeout: Option<Spanned<String>>,
     boot_timeout: Option<Spanned<String>>,
     boot_for_local: Option<Spanned<bool>>,
+    keep_warm: Option<Spanned<String>>,
     boot: Option<Spanned<RawBoot>>,
 }
 
@@ -188,6 +190,17 @@ impl TomlCtx<'_> {
             key: key.or_else(|| key_at(self.text, span.start)),
             message: message.into(),
         }
+    }
+
+    /// A duration like `"15m"` (humantime's grammar) for `key`.
+    fn duration(&self, v: &Spanned<String>, key: Option<String>) -> Result<Duration, ConfigError> {
+        humantime::parse_duration(v.get_ref().trim()).map_err(|e| {
+            self.err(
+                v.span(),
+                key,
+                format!("'{}' is not a duration like \"15m\": {e}", v.get_ref()),
+            )
+        })
     }
 
     /// Resolve a path from the config: relative paths are relative to the config file's
@@ -344,27 +357,30 @@ impl Config {
         };
         let raw: RawFile = toml::from_str(text)
             .map_err(|e| ctx.err(e.span().unwrap_or(0..0), None, user_words(e.message())))?;
-        let supervisor = match raw.supervisor.and_then(|s| s.state_dir) {
-            None => SupervisorSettings::default(),
-            Some(dir) => {
-                if !Path::new(dir.get_ref()).is_absolute() {
-                    return Err(ctx.err(
-                        dir.span(),
-                        Some("supervisor.state-dir".to_owned()),
-                        "must be an absolute path",
-                    ));
-                }
-                SupervisorSettings {
-                    state_dir: PathBuf::from(dir.into_inner()),
-                }
-            }
+        let (state_dir, keep_warm) = match raw.supervisor {
+            None => (None, None),
+            Some(s) => (s.state_dir, s.keep_warm),
         };
+        let mut supervisor = SupervisorSettings::default();
+        if let Some(dir) = state_dir {
+            if !Path::new(dir.get_ref()).is_absolute() {
+                return Err(ctx.err(
+                    dir.span(),
+                    Some("supervisor.state-dir".to_owned()),
+                    "must be an absolute path",
+                ));
+            }
+            supervisor.state_dir = PathBuf::from(dir.into_inner());
+        }
+        if let Some(k) = keep_warm {
+            supervisor.keep_warm = ctx.duration(&k, Some("supervisor.keep-warm".to_owned()))?;
+        }
         let mut entries: Vec<_> = raw.builders.into_iter().collect();
         // File order, so that table order (the last tie-breaker) is what the user wrote.
         entries.sort_by_key(|(name, b)| (b.span().start, name.span().start));
         let mut builders = Vec::with_capacity(entries.len());
         for (name, raw) in entries {
-            builders.push(builder_from_toml(&ctx, name, raw)?);
+            builders.push(builder_from_toml(&ctx, name, raw, &supervisor)?);
         }
         Ok(Config {
             path: Some(path.to_owned()),
@@ -378,6 +394,7 @@ fn builder_from_toml(
     ctx: &TomlCtx<'_>,
     name: Spanned<String>,
     raw: Spanned<RawBuilder>,
+    supervisor: &SupervisorSettings,
 ) -> Result<Builder, ConfigError> {
     let name_span = name.span();
     let name = name.into_inner();
@@ -482,14 +499,10 @@ fn builder_from_toml(
         }
     };
 
-    let duration = |v: &Spanned<String>, k: &str| -> Result<Duration, ConfigError> {
-        humantime::parse_duration(v.get_ref().trim()).map_err(|e| {
-            ctx.err(
-                v.span(),
-                key(k),
-                format!("'{}' is not a duration like \"15m\": {e}", v.get_ref()),
-            )
-        })
+    let duration = |v: &Spanned<String>, k: &str| ctx.duration(v, key(k));
+    let keep_warm = match &raw.keep_warm {
+        None => supervisor.keep_warm,
+        Some(v) => duration(v, "keep-warm")?,
     };
     let lazy = match raw.boot {
         None => {
@@ -559,6 +572,7 @@ fn builder_from_toml(
             name,
         },
         lazy,
+        keep_warm,
     })
 }
 
@@ -940,6 +954,36 @@ stop-signal = "SIGINT"
         let c = toml_ok("");
         assert!(c.builders.is_empty());
         assert_eq!(c.supervisor.state_dir, Path::new(DEFAULT_STATE_DIR));
+    }
+
+    #[test]
+    fn keep_warm_per_builder_with_the_supervisor_default() {
+        use super::super::DEFAULT_KEEP_WARM;
+        let c = toml_ok(&mini(""));
+        assert_eq!(c.supervisor.keep_warm, DEFAULT_KEEP_WARM);
+        assert_eq!(c.builders[0].keep_warm, DEFAULT_KEEP_WARM);
+        assert!(c.builders[0].warm());
+        // The [supervisor] value is every builder's default; a builder's own wins, "0s" = off.
+        let text = format!(
+            "[supervisor]\nkeep-warm = \"2m\"\n{}[builders.c]\nuri = \"ssh://c\"\n\
+             systems = [\"x86_64-linux\"]\nhost-key = \"{ED25519}\"\nkeep-warm = \"0s\"\n",
+            mini("")
+        );
+        let c = toml_ok(&text);
+        assert_eq!(c.supervisor.keep_warm, Duration::from_secs(120));
+        assert_eq!(c.builders[0].keep_warm, Duration::from_secs(120));
+        assert_eq!(c.builders[1].keep_warm, Duration::ZERO);
+        assert!(!c.builders[1].warm());
+        // Machines-table builders take the [supervisor] value.
+        let (m, notes) =
+            super::super::test_support::machines("ssh://root@a x86_64-linux", &[]).unwrap();
+        let t = super::super::build_table(m, notes, &Default::default(), &c);
+        assert_eq!(t.builders[0].keep_warm, Duration::from_secs(120));
+        let (_, key, msg) = toml_err(&mini("keep-warm = \"soon\"\n"));
+        assert_eq!(key.as_deref(), Some("builders.b.keep-warm"));
+        assert!(msg.contains("not a duration"), "{msg}");
+        let (_, key, _) = toml_err("[supervisor]\nkeep-warm = \"x\"\n");
+        assert_eq!(key.as_deref(), Some("supervisor.keep-warm"));
     }
 
     #[test]

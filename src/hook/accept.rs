@@ -1,8 +1,12 @@
 //! Connecting to the chosen builder and, once that worked, the accepted build: `# accept`, the
 //! inputs and wanted outputs from the daemon, the upload lock, and `transfer`.
 //!
-//! The one place the hook reaches builders and stores: `ssh::SshTarget::for_builder`,
-//! `ssh::connect`, `Remote::open`, `place::Registrar` and `LocalStore`. It never chooses a builder and
+//! The one place the hook reaches builders and stores: `ssh::SshTarget::for_builder` (the
+//! trust policy, also for a warm session: the supervisor connects with the target it gives),
+//! a warm session from the supervisor (`lazy.lease_session`, `Remote::warm`) when the builder
+//! keeps one warm and one is ready, else `ssh::connect` and `Remote::open`; then
+//! `place::Registrar` and `LocalStore`. A warm session that fails before its first answer is
+//! replaced by a direct connection (`Remote::warm`'s reconnect). It never chooses a builder and
 //! never answers a `try` with anything but `# accept`.
 
 use std::collections::BTreeSet;
@@ -11,16 +15,19 @@ use std::time::Duration;
 
 use hook_protocol::derivation::Derivation;
 use hook_protocol::hook::{AcceptedBuild, Reply, Settings, TryRequest};
-use hook_protocol::log::{Field, Verbosity, activity};
+use hook_protocol::log::{Verbosity, activity};
 use hook_protocol::serve::BuildOptions;
 use tokio::io::AsyncRead;
 
 use super::{HookError, nix_state_dir};
-use crate::config::Builder;
+use crate::config::{Builder, Scheme};
+use crate::lazy::Lazy;
 use crate::logging::{self, Activity};
 use crate::slots::{LoadDir, SlotLock, UploadLockOutcome};
 use crate::ssh;
-use crate::store::{BuildLog, LocalStore, Remote, RemoteError};
+use crate::store::warm::Protocol;
+use crate::store::{BuildLog, LocalStore, Reconnect, Remote, RemoteError, remote_command};
+use crate::supervisor::proto::SessionSpec;
 use crate::transfer::{self, Job};
 use crate::wire_io::WireReader;
 
@@ -28,11 +35,13 @@ use crate::wire_io::WireReader;
 const UPLOAD_LOCK_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 
 /// SSH + the remote program's handshake to `b` (at `port`, when the supervisor gave one),
-/// inside Nix's "connecting to" activity.
+/// inside Nix's "connecting to" activity: a warm session from the supervisor when `b` keeps
+/// one and one is ready, else a connection of our own.
 pub(super) async fn connect(
     b: &Builder,
     port: Option<u16>,
     log: &BuildLog,
+    lazy: &mut Lazy,
 ) -> Result<Remote, RemoteError> {
     let mut target = b.clone();
     if port.is_some() {
@@ -45,11 +54,53 @@ pub(super) async fn connect(
         format!("connecting to '{}'", b.store_uri),
         vec![],
     );
-    let target = ssh::SshTarget::for_builder(b)?;
-    let session = ssh::connect(&target).await?;
+    let ssh_target = ssh::SshTarget::for_builder(b)?;
+    if b.warm() {
+        let spec = session_spec(b, &ssh_target)?;
+        if let Some(session) = lazy.lease_session(&spec).await {
+            let (direct_b, direct_t, direct_log) = (b.clone(), ssh_target.clone(), log.clone());
+            let reconnect: Reconnect = Box::new(move || {
+                Box::pin(async move { direct(&direct_b, &direct_t, &direct_log).await })
+            });
+            match Remote::warm(session, b, log, reconnect) {
+                Ok(remote) => {
+                    tracing::debug!(builder = %b.name, protocol = %remote.describe(), "warm session");
+                    return Ok(remote);
+                }
+                Err(e) => tracing::debug!(builder = %b.name, "cannot use the warm session: {e}"),
+            }
+        }
+    }
+    direct(b, &ssh_target, log).await
+}
+
+/// A connection of our own to `b`.
+async fn direct(
+    b: &Builder,
+    target: &ssh::SshTarget,
+    log: &BuildLog,
+) -> Result<Remote, RemoteError> {
+    let session = ssh::connect(target).await?;
     let remote = Remote::open(session, b, log).await?;
     tracing::debug!(builder = %b.name, protocol = %remote.describe(), "connected");
     Ok(remote)
+}
+
+/// How the supervisor keeps `b` warm: the target our trust policy gave, the remote command.
+fn session_spec(b: &Builder, target: &ssh::SshTarget) -> Result<SessionSpec, RemoteError> {
+    Ok(SessionSpec {
+        builder: b.name.clone(),
+        store_uri: b.store_uri.clone(),
+        lazy: b.is_lazy(),
+        target: target.spec(),
+        command: remote_command(b)?,
+        protocol: match b.uri.scheme {
+            Scheme::Ssh => Protocol::Serve,
+            Scheme::SshNg => Protocol::Worker,
+        },
+        keep_warm_ms: u64::try_from(b.keep_warm.as_millis()).unwrap_or(u64::MAX),
+        max_jobs: b.max_jobs,
+    })
 }
 
 /// Replies `# accept` for `builder` (connected as `remote`) and runs the build; `slot` is the
@@ -112,12 +163,8 @@ pub(super) async fn accepted(
             builder.store_uri
         );
     }
-    let build_act = Activity::start(
-        Verbosity::Talkative,
-        activity::UNKNOWN,
-        format!("building '{}' on '{}'", job.drv_path, builder.store_uri),
-        vec![Field::from(job.drv_path.to_string())],
-    );
+    // The daemon shows the build itself ("building '<drv>' on '<uri>'", its log lines under
+    // it), as for Nix's own hook, which adds no activity of its own for it.
     let timings = transfer::run(
         &job,
         &mut remote,
@@ -127,7 +174,6 @@ pub(super) async fn accepted(
         registrar,
     )
     .await?;
-    drop(build_act);
     tracing::debug!(?timings, "remote build finished");
     drop(slot);
     Ok(0)

@@ -318,7 +318,7 @@ async fn run(args: HookArgs, fd4: Option<OwnedFd>) -> Result<u8, HookError> {
                 }
                 Next::Connect(s) => {
                     let b = &builders[s.builder()];
-                    let e = match accept::connect(b, s.port(), &log).await {
+                    let e = match accept::connect(b, s.port(), &log, &mut lazy).await {
                         Ok(remote) => {
                             lazy.stop_progress();
                             if !b.is_lazy() {
@@ -350,6 +350,7 @@ async fn run(args: HookArgs, fd4: Option<OwnedFd>) -> Result<u8, HookError> {
                                 // build.
                                 lazy.report_failure(b, &e.to_string()).await;
                             }
+                            lazy.settle().await;
                             return outcome;
                         }
                         Err(e) => e,

@@ -407,6 +407,37 @@ impl ExecOutput {
             state: OutputState::Open,
         }
     }
+
+    /// The next piece of output as it arrived (one SSH packet, or what a read left of one):
+    /// `None` at the end of the output, an error (`ConnectionAborted`, naming the cause) when
+    /// the connection died first. For relays, which forward each piece without copying it.
+    pub async fn chunk(&mut self) -> io::Result<Option<Bytes>> {
+        if !self.buf.is_empty() {
+            return Ok(Some(std::mem::take(&mut self.buf)));
+        }
+        loop {
+            match &self.state {
+                OutputState::Eof => return Ok(None),
+                OutputState::Failed(e) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::ConnectionAborted,
+                        e.to_string(),
+                    ));
+                }
+                OutputState::Open => {}
+            }
+            match self.rx.recv().await {
+                Some(Chunk::Data(b)) if b.is_empty() => {}
+                Some(Chunk::Data(b)) => return Ok(Some(b)),
+                Some(Chunk::Eof) => self.state = OutputState::Eof,
+                Some(Chunk::Error(e)) => self.state = OutputState::Failed(e),
+                None => {
+                    self.state =
+                        OutputState::Failed("the SSH channel reader stopped unexpectedly".into())
+                }
+            }
+        }
+    }
 }
 
 impl AsyncRead for ExecOutput {

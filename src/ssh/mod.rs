@@ -33,7 +33,7 @@ pub use keys::{default_identities, load_identity};
 pub use known_hosts::{HostKeyError, HostKeySet, fingerprint};
 pub use quote::{ShellQuoteError, shell_command, shell_quote};
 pub use session::{Negotiated, Session, connect};
-pub use target::{SshTarget, TargetError};
+pub use target::{SshTarget, TargetError, TargetSpec};
 
 /// An SSH failure, with the builder it concerns.
 #[derive(Debug, thiserror::Error)]

@@ -287,6 +287,8 @@ pub struct Session {
     pub(super) shared: Arc<Shared>,
     negotiated: Negotiated,
     pub(super) timeouts: Timeouts,
+    /// Ends every read and write of the TCP stream (see [`Session::abort`]).
+    kill: CancellationToken,
 }
 
 impl fmt::Debug for Session {
@@ -383,7 +385,12 @@ async fn connect_inner(
         shared: shared.clone(),
         timeouts: target.timeouts,
     };
-    let stream = WatchedStream::new(tcp, target.timeouts.write_stall, shared.clone(), kill);
+    let stream = WatchedStream::new(
+        tcp,
+        target.timeouts.write_stall,
+        shared.clone(),
+        kill.clone(),
+    );
     let mut handle = match client::connect_stream(config, stream, handler).await {
         Ok(h) => h,
         Err(e) => return Err(peer.err(handshake_error(e, target, shared))),
@@ -419,6 +426,7 @@ async fn connect_inner(
                     shared: shared.clone(),
                     negotiated,
                     timeouts: target.timeouts,
+                    kill,
                 });
             }
             client::AuthResult::Failure {
@@ -514,5 +522,14 @@ impl Session {
             .handle
             .disconnect(russh::Disconnect::ByApplication, "", "en")
             .await;
+    }
+
+    /// What ends this connection at once, whatever russh's state: every read and write of its
+    /// TCP stream fails from then on, so the client task ends and the socket closes. A
+    /// connection whose handle and channels are all dropped should close by itself, but russh
+    /// stops taking messages (its end among them) while a channel has data waiting for the
+    /// peer's window, which a channel the peer closed never gets.
+    pub fn aborter(&self) -> CancellationToken {
+        self.kill.clone()
     }
 }

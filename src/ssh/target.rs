@@ -4,13 +4,15 @@
 //! (nixpkgs' linux-builder key) unless the builder's TOML entry allows it.
 //!
 //! Every path that connects to a builder (the hook, the readiness check, `doctor`) gets its
-//! target here, so this is the one place the rule is enforced. It reads the known_hosts files
-//! a spec names (and, for a machines line without a key, the user's and the system's); it
-//! never connects.
+//! target here, so this is the one place the rule is enforced. The supervisor's warm
+//! connections use the target a hook got here, handed over as a [`TargetSpec`] (the resolved
+//! keys, never re-derived in the supervisor). It reads the known_hosts files a spec names
+//! (and, for a machines line without a key, the user's and the system's); it never connects.
 
 use std::path::{Path, PathBuf};
 
 use crate::config::{Builder, HostKeySpec, Origin, well_known_host_key};
+pub use crate::supervisor::proto::TargetSpec;
 
 use super::keepalive::Timeouts;
 use super::keys::default_identities;
@@ -109,6 +111,49 @@ impl SshTarget {
     }
 }
 
+impl SshTarget {
+    /// This target as plain data (see [`TargetSpec`]).
+    pub fn spec(&self) -> TargetSpec {
+        TargetSpec {
+            host: self.host.clone(),
+            port: self.port,
+            user: self.user.clone(),
+            identities: self.identities.clone(),
+            host_keys: self
+                .host_keys
+                .keys()
+                .iter()
+                .filter_map(|k| k.to_openssh().ok())
+                .collect(),
+        }
+    }
+
+    /// The target a [`TargetSpec`] describes, for builder `builder`, with the default
+    /// timeouts. No key is added or dropped: an empty list stays empty, and
+    /// [`connect`](super::connect) refuses it.
+    pub fn from_spec(builder: &str, spec: &TargetSpec) -> Result<SshTarget, TargetError> {
+        let host_keys = if spec.host_keys.is_empty() {
+            HostKeySet::default()
+        } else {
+            HostKeySet::parse_openssh(&spec.host_keys.join("\n")).map_err(|source| {
+                TargetError::HostKeys {
+                    builder: builder.to_owned(),
+                    source,
+                }
+            })?
+        };
+        Ok(SshTarget {
+            builder: builder.to_owned(),
+            host: spec.host.clone(),
+            port: spec.port,
+            user: spec.user.clone(),
+            identities: spec.identities.clone(),
+            host_keys,
+            timeouts: Timeouts::default(),
+        })
+    }
+}
+
 /// Refuses a pinned key whose private half is public unless the builder allows it (TOML
 /// `allow-well-known-host-key = true`), and warns when it does.
 fn check_well_known_host_keys(builder: &Builder, keys: &HostKeySet) -> Result<(), TargetError> {
@@ -149,4 +194,43 @@ fn check_well_known_host_keys(builder: &Builder, keys: &HostKeySet) -> Result<()
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ED25519: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFwgxv0w8zjLFNJ6M4EHyBd7/gHpLNuw1C+/JusH19ZC root@builder";
+
+    #[test]
+    fn a_spec_gives_back_the_same_target() {
+        let target = SshTarget {
+            builder: "b".into(),
+            host: "127.0.0.1".into(),
+            port: 2222,
+            user: "nix".into(),
+            identities: vec!["/k".into()],
+            host_keys: HostKeySet::parse_openssh(ED25519).unwrap(),
+            timeouts: Timeouts::default(),
+        };
+        let spec = target.spec();
+        assert_eq!(spec.host_keys.len(), 1);
+        let back = SshTarget::from_spec("b", &spec).unwrap();
+        assert_eq!(back.host_keys, target.host_keys);
+        assert_eq!(
+            (back.host, back.port, back.user, back.identities),
+            (target.host, target.port, target.user, target.identities)
+        );
+        // No keys stay no keys: connect refuses that, nothing here adds one.
+        let empty = TargetSpec {
+            host_keys: vec![],
+            ..spec
+        };
+        assert!(
+            SshTarget::from_spec("b", &empty)
+                .unwrap()
+                .host_keys
+                .is_empty()
+        );
+    }
 }

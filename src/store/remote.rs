@@ -1,12 +1,19 @@
 //! A builder's store, reached over SSH, behind one [`Remote`]: `nix-store --serve --write` for
-//! `ssh://` (`serve`) or `nix-daemon --stdio` for `ssh-ng://` (`daemon`).
+//! `ssh://` (`serve`) or `nix-daemon --stdio` for `ssh-ng://` (`daemon`), on an SSH session of
+//! its own ([`Remote::open`]) or a warm session the supervisor handed over ([`Remote::warm`]).
 //!
 //! Owns opening the remote program on an SSH session (the command line is built from quoted
-//! words only) and pumping the remote stderr (to the build log for `ssh://`, as Nix does, and
-//! into a short tail that explains an unexpected EOF). It never decides what to copy or build:
-//! `transfer` does.
+//! words only), pumping the remote stderr (to the build log for `ssh://`, as Nix does, and
+//! into a short tail that explains an unexpected EOF), and a warm session's fallback: when the
+//! first request on it fails before the session delivered a single byte (it died while pooled,
+//! the supervisor went away), that request goes to a direct connection instead, made by the
+//! caller's [`Reconnect`]; the build never sees the difference. It never decides what to copy
+//! or build: `transfer` does.
 
 use std::collections::BTreeSet;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use hook_protocol::StorePath;
@@ -15,14 +22,15 @@ use hook_protocol::derivation::BasicDerivation;
 use hook_protocol::path_info::PathInfo;
 use hook_protocol::serve::BuildOptions;
 use hook_protocol::worker::Trust;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncRead, AsyncReadExt};
 
 use super::nar::{NarSink, NarSource};
 use super::serve::ServeClient;
+use super::warm::{self, Stdin, Stdout, WarmSession, WarmStreams};
 use super::worker::WorkerClient;
 use super::{BuildLog, RemoteError};
 use crate::config::{Builder, Scheme};
-use crate::ssh::{self, Exec, ExecOutput, ExecStdin};
+use crate::ssh::{self, Exec};
 use crate::wire_io::WireError;
 
 /// How much of the remote's stderr we keep to explain a failure.
@@ -42,8 +50,19 @@ pub fn remote_command(builder: &Builder) -> Result<String, RemoteError> {
 }
 
 enum Client {
-    Serve(ServeClient<ExecOutput, ExecStdin>),
-    Daemon(WorkerClient<ExecOutput, ExecStdin>),
+    Serve(ServeClient<Stdout, Stdin>),
+    Daemon(WorkerClient<Stdout, Stdin>),
+}
+
+/// Makes the direct connection that replaces a warm session which failed before its first
+/// answer (see the module docs).
+pub type Reconnect =
+    Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = Result<Remote, RemoteError>> + Send>> + Send>;
+
+/// A warm session that has not answered yet, and what replaces it if it never does.
+struct Unproven {
+    received: Arc<AtomicU64>,
+    reconnect: Reconnect,
 }
 
 /// An open remote store.
@@ -51,7 +70,11 @@ pub struct Remote {
     client: Client,
     uri: String,
     tail: Arc<Mutex<Vec<u8>>>,
-    _session: ssh::Session,
+    /// The SSH connection, when the remote program runs on one of our own (`None` for a
+    /// warm session: the supervisor holds that connection).
+    _session: Option<ssh::Session>,
+    /// Set on a warm session until its first request was answered.
+    unproven: Option<Unproven>,
 }
 
 impl Remote {
@@ -69,11 +92,9 @@ impl Remote {
             status: _,
         } = session.exec(&command).await?;
         let tail = Arc::new(Mutex::new(Vec::new()));
-        // `ssh://`: the remote's stderr is the build log, as with Nix's hook. `ssh-ng://`: the
-        // log arrives in-band; stderr only explains failures.
-        let to_log = (builder.uri.scheme == Scheme::Ssh).then(|| log.clone());
-        tokio::spawn(pump_stderr(stderr, to_log, tail.clone()));
+        spawn_stderr_pump(stderr, builder, log, &tail);
         let uri = builder.store_uri.clone();
+        let (stdout, stdin) = (Stdout::Ssh(stdout), Stdin::Ssh(stdin));
         let handshake = async {
             Ok::<_, RemoteError>(match builder.uri.scheme {
                 Scheme::Ssh => Client::Serve(ServeClient::handshake(stdout, stdin, &uri).await?),
@@ -90,8 +111,65 @@ impl Remote {
             client,
             uri,
             tail,
-            _session: session,
+            _session: Some(session),
+            unproven: None,
         })
+    }
+
+    /// The remote store on a warm session the supervisor handed over, its handshake already
+    /// done. Until the first request is answered, a failure of the session itself is not the
+    /// build's: that request goes to the store `reconnect` connects to instead.
+    pub fn warm(
+        session: WarmSession,
+        builder: &Builder,
+        log: &BuildLog,
+        reconnect: Reconnect,
+    ) -> Result<Remote, RemoteError> {
+        let uri = builder.store_uri.clone();
+        let bad = |message: String| RemoteError::Protocol {
+            peer: uri.clone(),
+            message,
+        };
+        let (
+            WarmStreams {
+                stdout,
+                stdin,
+                stderr,
+                received,
+            },
+            handshake,
+        ) = session
+            .streams()
+            .map_err(|e| bad(format!("cannot use the warm session: {e}")))?;
+        let client = match builder.uri.scheme {
+            Scheme::Ssh => warm::resume_serve(stdout, stdin, &uri, &handshake).map(Client::Serve),
+            Scheme::SshNg => {
+                warm::resume_worker(stdout, stdin, &uri, &handshake).map(Client::Daemon)
+            }
+        }
+        .ok_or_else(|| {
+            bad(format!(
+                "the warm session speaks the {:?} protocol, not this builder's",
+                handshake.protocol()
+            ))
+        })?;
+        let tail = Arc::new(Mutex::new(Vec::new()));
+        spawn_stderr_pump(stderr, builder, log, &tail);
+        Ok(Remote {
+            client,
+            uri,
+            tail,
+            _session: None,
+            unproven: Some(Unproven {
+                received,
+                reconnect,
+            }),
+        })
+    }
+
+    /// Whether this store is on a warm session of the supervisor's.
+    pub fn is_warm(&self) -> bool {
+        self._session.is_none()
     }
 
     pub fn uri(&self) -> &str {
@@ -113,7 +191,32 @@ impl Remote {
         }
     }
 
+    /// The first request of every build: on a warm session that fails before it answered
+    /// anything, it is asked again on a direct connection (see the module docs).
     pub async fn query_valid_paths(
+        &mut self,
+        paths: &[StorePath],
+        substitute: bool,
+    ) -> Result<BTreeSet<StorePath>, RemoteError> {
+        let r = self.query_valid_paths_here(paths, substitute).await;
+        let Some(unproven) = self.unproven.take() else {
+            return r;
+        };
+        match r {
+            Err(e) if warm::broke(&e) && unproven.received.load(Ordering::Relaxed) == 0 => {
+                tracing::debug!(
+                    "the warm session to '{}' failed before its first answer ({e}): \
+                     connecting directly",
+                    self.uri
+                );
+                *self = (unproven.reconnect)().await?;
+                self.query_valid_paths_here(paths, substitute).await
+            }
+            r => r,
+        }
+    }
+
+    async fn query_valid_paths_here(
         &mut self,
         paths: &[StorePath],
         substitute: bool,
@@ -131,6 +234,7 @@ impl Remote {
         infos: &[PathInfo],
         source: &mut S,
     ) -> Result<(), RemoteError> {
+        self.unproven = None;
         let r = match &mut self.client {
             Client::Serve(c) => c.add_paths(infos, source).await,
             Client::Daemon(c) => c.add_paths(infos, source).await,
@@ -146,6 +250,7 @@ impl Remote {
         options: &BuildOptions,
         log: &mut BuildLog,
     ) -> Result<BuildResult, RemoteError> {
+        self.unproven = None;
         let r = match &mut self.client {
             Client::Serve(c) => c.build_derivation(drv_path, drv, options).await,
             Client::Daemon(c) => c.build_with_options(drv_path, drv, options, log).await,
@@ -173,6 +278,7 @@ impl Remote {
         options: &BuildOptions,
         log: &mut BuildLog,
     ) -> Result<BuildResult, RemoteError> {
+        self.unproven = None;
         let r = match &mut self.client {
             Client::Serve(_) => Err(RemoteError::Protocol {
                 peer: self.uri.clone(),
@@ -188,6 +294,7 @@ impl Remote {
         &mut self,
         paths: &[StorePath],
     ) -> Result<Vec<PathInfo>, RemoteError> {
+        self.unproven = None;
         let r = match &mut self.client {
             Client::Serve(c) => c.query_path_infos(paths).await,
             Client::Daemon(c) => c.valid_path_infos(paths).await,
@@ -201,6 +308,7 @@ impl Remote {
         info: &PathInfo,
         sink: &mut W,
     ) -> Result<(), RemoteError> {
+        self.unproven = None;
         let r = match &mut self.client {
             Client::Serve(c) => c.nar(info, sink).await,
             Client::Daemon(c) => c.nar(info, sink).await,
@@ -211,23 +319,47 @@ impl Remote {
 
 /// Turns "the peer closed the connection" into an error that quotes what it printed last.
 async fn explain(e: RemoteError, tail: &Arc<Mutex<Vec<u8>>>) -> RemoteError {
-    let RemoteError::Wire(WireError::UnexpectedEof { peer, what }) = e else {
+    if !matches!(e, RemoteError::Wire(WireError::UnexpectedEof { .. })) {
         return e;
-    };
+    }
     // Let the stderr pump catch up with the remote's last words.
     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     let stderr = tail
         .lock()
         .map(|t| String::from_utf8_lossy(&t).into_owned())
         .unwrap_or_default();
-    RemoteError::Closed {
-        peer,
-        what,
-        stderr: hook_protocol::log::strip_ansi(&stderr),
+    with_stderr(e, &stderr)
+}
+
+/// "The peer closed the connection" with what it printed on stderr (any other error as it is).
+pub(super) fn with_stderr(e: RemoteError, stderr: &str) -> RemoteError {
+    match e {
+        RemoteError::Wire(WireError::UnexpectedEof { peer, what }) => RemoteError::Closed {
+            peer,
+            what,
+            stderr: hook_protocol::log::strip_ansi(stderr),
+        },
+        e => e,
     }
 }
 
-async fn pump_stderr(mut stderr: ExecOutput, log: Option<BuildLog>, tail: Arc<Mutex<Vec<u8>>>) {
+/// `ssh://`: the remote's stderr is the build log, as with Nix's hook. `ssh-ng://`: the log
+/// arrives in-band; stderr only explains failures.
+fn spawn_stderr_pump<R: AsyncRead + Unpin + Send + 'static>(
+    stderr: R,
+    builder: &Builder,
+    log: &BuildLog,
+    tail: &Arc<Mutex<Vec<u8>>>,
+) {
+    let to_log = (builder.uri.scheme == Scheme::Ssh).then(|| log.clone());
+    tokio::spawn(pump_stderr(stderr, to_log, tail.clone()));
+}
+
+async fn pump_stderr<R: AsyncRead + Unpin>(
+    mut stderr: R,
+    log: Option<BuildLog>,
+    tail: Arc<Mutex<Vec<u8>>>,
+) {
     let mut buf = vec![0u8; 32 * 1024];
     loop {
         let n = match stderr.read(&mut buf).await {

@@ -51,6 +51,32 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> ServeClient<R, W> {
         })
     }
 
+    /// A client for a remote program whose handshake was already done (by the supervisor, for
+    /// a warm session): `negotiated` and `server` are what that handshake found.
+    pub fn resume(
+        reader: R,
+        writer: W,
+        peer: &str,
+        negotiated: ProtocolVersion,
+        server: ProtocolVersion,
+    ) -> Self {
+        ServeClient {
+            reader: WireReader::new(reader, peer),
+            writer,
+            version: negotiated,
+            server,
+            peer: peer.to_owned(),
+            store_dir: "/nix/store".to_owned(),
+        }
+    }
+
+    /// The streams back after the handshake, with what was read but not consumed, and the
+    /// negotiated and the server's version (for [`ServeClient::resume`]).
+    pub fn into_parts(self) -> (R, W, Vec<u8>, ProtocolVersion, ProtocolVersion) {
+        let (reader, rest) = self.reader.into_parts();
+        (reader, self.writer, rest, self.version, self.server)
+    }
+
     pub fn server_version(&self) -> ProtocolVersion {
         self.server
     }

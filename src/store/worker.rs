@@ -14,6 +14,7 @@ use hook_protocol::build_result::BuildResult;
 use hook_protocol::derivation::BasicDerivation;
 use hook_protocol::log::strip_ansi;
 use hook_protocol::path_info::{DerivedPath, PathInfo};
+use hook_protocol::realisation::{DrvOutput, Realisation};
 use hook_protocol::wire::WireWrite;
 use hook_protocol::worker::{
     self, BuildMode, ClientOptions, Field, NarUpload, Negotiated, ServerInfo, StderrMessage,
@@ -72,6 +73,26 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> WorkerClient<R, W> {
         };
         client.finish_op(None).await?;
         Ok(client)
+    }
+
+    /// A client for a daemon whose handshake was already done (by the supervisor, for a warm
+    /// session): `proto` and `info` are what that handshake found.
+    pub fn resume(reader: R, writer: W, peer: &str, proto: Negotiated, info: ServerInfo) -> Self {
+        WorkerClient {
+            reader: WireReader::new(reader, peer),
+            writer,
+            proto,
+            info,
+            peer: peer.to_owned(),
+            store_dir: "/nix/store".to_owned(),
+        }
+    }
+
+    /// The streams back after the handshake, with what was read but not consumed, and what
+    /// the handshake found (for [`WorkerClient::resume`]).
+    pub fn into_parts(self) -> (R, W, Vec<u8>, Negotiated, ServerInfo) {
+        let (reader, rest) = self.reader.into_parts();
+        (reader, self.writer, rest, self.proto, self.info)
     }
 
     pub fn negotiated(&self) -> &Negotiated {
@@ -284,6 +305,82 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> WorkerClient<R, W> {
             self.finish_op(None).await?;
         }
         Ok(())
+    }
+
+    /// AddToStoreNar (framed, ≥ 1.23) for each of `infos` in turn, dependencies first: one
+    /// request per path, so the daemon streams each NAR into place as it arrives (it verifies
+    /// the hash, size and content address before the path becomes valid). `source` writes
+    /// exactly `info.nar_size` bytes per path.
+    pub async fn add_each_to_store<S: NarSource>(
+        &mut self,
+        infos: &[PathInfo],
+        source: &mut S,
+    ) -> Result<(), RemoteError> {
+        if worker::nar_upload(&self.proto) != NarUpload::Framed {
+            return Err(RemoteError::Protocol {
+                peer: self.peer.clone(),
+                message: format!(
+                    "worker protocol {} is too old to add paths (need 1.23)",
+                    self.proto.version
+                ),
+            });
+        }
+        let mut buf = Vec::new();
+        for info in infos {
+            buf.clear();
+            worker::encode_add_to_store_nar(&mut buf, info, false, true);
+            self.send(&buf).await?;
+            let mut framed = FramedWriter::new(&mut self.writer, &self.peer);
+            source.copy_nar(info, &mut framed).await?;
+            framed.finish().await?;
+            self.finish_op(None).await?;
+        }
+        Ok(())
+    }
+
+    /// Whether this daemon takes [`WorkerClient::register_drv_output`] and
+    /// [`WorkerClient::query_realisation`] as we write them (docs/protocol.md §8.3).
+    pub fn realisations_supported(&self) -> Result<(), worker::RealisationsUnsupported> {
+        worker::check_realisations(&self.proto, &self.info)
+    }
+
+    fn unsupported(&self, e: worker::RealisationsUnsupported) -> RemoteError {
+        RemoteError::Protocol {
+            peer: self.peer.clone(),
+            message: e.to_string(),
+        }
+    }
+
+    /// QueryRealisation (op 43): the realisation recorded for `id`, if any.
+    pub async fn query_realisation(
+        &mut self,
+        id: &DrvOutput,
+    ) -> Result<Option<Realisation>, RemoteError> {
+        let mut buf = Vec::new();
+        worker::encode_query_realisation(&mut buf, &self.proto, id)
+            .map_err(|e| self.unsupported(e))?;
+        self.send(&buf).await?;
+        self.finish_op(None).await?;
+        let proto = self.proto.clone();
+        let store_dir = self.store_dir.clone();
+        Ok(self
+            .reader
+            .decode("a realisation", |r| {
+                worker::decode_query_realisation_reply(r, &proto, id, &store_dir)
+            })
+            .await?)
+    }
+
+    /// RegisterDrvOutput (op 42): records `realisation`, whose path must be valid already.
+    pub async fn register_drv_output(
+        &mut self,
+        realisation: &Realisation,
+    ) -> Result<(), RemoteError> {
+        let mut buf = Vec::new();
+        worker::encode_register_drv_output(&mut buf, &self.proto, realisation)
+            .map_err(|e| self.unsupported(e))?;
+        self.send(&buf).await?;
+        self.finish_op(None).await
     }
 
     /// BuildDerivation; the log goes to `log` as it arrives.

@@ -20,9 +20,10 @@ use tokio::net::UnixStream;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 
 use super::paths::{log_path, socket_path};
-use super::proto::{BuilderStatus, Request, Response, State};
+use super::proto::{BuilderStatus, Request, Response, SessionSpec, State};
 use crate::os::ensure_private_dir;
 use crate::select::Availability;
+use crate::store::warm::WarmSession;
 
 /// How long a plain request may take (the supervisor answers at once; this guards a hung one).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -96,6 +97,15 @@ pub enum Verdict {
     },
 }
 
+/// The answer to a warm-session request.
+#[derive(Debug)]
+pub enum SessionAnswer {
+    /// A warm session, handed over.
+    Session(WarmSession),
+    /// None is ready (why); connect directly.
+    None(String),
+}
+
 /// How to start a supervisor: `<program> <args…>` with extra environment.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StartCommand {
@@ -128,6 +138,14 @@ pub struct Client {
     writer: OwnedWriteHalf,
     supervisor_pid: u32,
     broken: bool,
+}
+
+impl ClientError {
+    /// Whether this is a failed connect that means "nobody serves there" (so starting a
+    /// supervisor may help).
+    pub fn nobody_there(&self) -> bool {
+        nobody_there(self)
+    }
 }
 
 /// Whether a failed connect means "nobody serves there" (so starting one may help).
@@ -189,6 +207,8 @@ fn describe(req: &Request) -> String {
         Request::Release { builder } => format!("release '{builder}'"),
         Request::ReportFailure { builder, .. } => format!("record a failure of '{builder}'"),
         Request::Down { builder } => format!("stop '{builder}'"),
+        Request::LeaseSession { spec } => format!("hand out a warm session to '{}'", spec.builder),
+        Request::Warm { spec } => format!("warm up a connection to '{}'", spec.builder),
     }
 }
 
@@ -401,6 +421,94 @@ impl Client {
         }
     }
 
+    /// A warm session to the builder `spec` describes, if one is ready (answered at once;
+    /// `timeout` guards a supervisor that hangs).
+    pub async fn lease_session(
+        &mut self,
+        spec: &SessionSpec,
+        timeout: Duration,
+    ) -> Result<SessionAnswer, ClientError> {
+        let req = Request::LeaseSession { spec: spec.clone() };
+        let asked = describe(&req);
+        if self.broken || !self.reader.buffer().is_empty() {
+            return Err(ClientError::Broken {
+                socket: self.socket.clone(),
+                asked,
+            });
+        }
+        self.broken = true;
+        let mut line = serde_json::to_vec(&req).map_err(|e| ClientError::Protocol {
+            socket: self.socket.clone(),
+            asked: asked.clone(),
+            detail: e.to_string(),
+        })?;
+        line.push(b'\n');
+        let exchange = async {
+            self.writer.write_all(&line).await?;
+            super::fds::recv_line_with_fds(self.reader.get_ref().as_ref(), super::server::MAX_LINE)
+                .await
+        };
+        let (answer, mut fds) = match tokio::time::timeout(timeout, exchange).await {
+            Err(_) => {
+                return Err(ClientError::Timeout {
+                    socket: self.socket.clone(),
+                    asked,
+                    after: timeout,
+                });
+            }
+            Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                return Err(ClientError::Closed {
+                    socket: self.socket.clone(),
+                    asked,
+                });
+            }
+            Ok(Err(source)) => {
+                return Err(ClientError::Io {
+                    socket: self.socket.clone(),
+                    asked,
+                    source,
+                });
+            }
+            Ok(Ok(x)) => x,
+        };
+        let response: Response =
+            serde_json::from_slice(&answer).map_err(|e| ClientError::Protocol {
+                socket: self.socket.clone(),
+                asked: asked.clone(),
+                detail: format!("{e}: {}", String::from_utf8_lossy(&answer).trim()),
+            })?;
+        self.broken = false;
+        match response {
+            Response::Session { handshake } if fds.len() == 3 => {
+                let status = fds.pop().expect("three");
+                let stderr = fds.pop().expect("three");
+                let stdio = fds.pop().expect("three");
+                Ok(SessionAnswer::Session(WarmSession {
+                    stdio,
+                    stderr,
+                    status,
+                    handshake,
+                }))
+            }
+            Response::Session { .. } => Ok(SessionAnswer::None(format!(
+                "the warm session came with {} descriptors instead of 3",
+                fds.len()
+            ))),
+            Response::NoSession { reason } => Ok(SessionAnswer::None(reason)),
+            Response::Error { message } => Err(ClientError::Server {
+                socket: self.socket.clone(),
+                asked,
+                message,
+            }),
+            r => Err(self.unexpected(&req, r)),
+        }
+    }
+
+    /// Asks the supervisor to warm up a connection to the builder `spec` describes.
+    pub async fn warm(&mut self, spec: &SessionSpec) -> Result<(), ClientError> {
+        self.expect_ok(Request::Warm { spec: spec.clone() }).await
+    }
+
     fn unexpected(&self, req: &Request, r: Response) -> ClientError {
         ClientError::Protocol {
             socket: self.socket.clone(),
@@ -525,7 +633,7 @@ pub struct StatusReport {
 /// builders take no new builds and count as booting (something matches, wait for it).
 pub fn availability(status: &BuilderStatus) -> Availability {
     match status.state {
-        State::Up => Availability::Up,
+        State::Up | State::AlwaysOn => Availability::Up,
         State::Booting | State::Draining | State::Stopping => Availability::Booting,
         State::Down => Availability::MustBoot,
         State::Failed => match &status.last_failure {

@@ -8,10 +8,12 @@
 
 pub mod backend;
 pub mod client;
+pub mod fds;
 pub mod paths;
 pub mod proto;
 pub mod server;
 pub mod state;
+mod warm;
 
 use std::process::ExitCode;
 use std::sync::Arc;

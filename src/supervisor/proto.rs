@@ -6,9 +6,59 @@
 //! the connection stays usable.
 //!
 //! A connection is a client's identity: every lease it takes is released when it closes, so a
-//! hook that dies (even by SIGKILL) frees its slot. This module is types only; it never does I/O.
+//! hook that dies (even by SIGKILL) frees its slot. A warm session ([`Request::LeaseSession`])
+//! comes with three file descriptors (SCM_RIGHTS) on the line that answers it
+//! ([`Response::Session`]); it does not depend on the connection it came on. This module is
+//! types only; it never does I/O.
 
 use serde::{Deserialize, Serialize};
+
+use std::path::PathBuf;
+
+/// An SSH target (`ssh::SshTarget`) as plain data, for another process of ours to connect with exactly the
+/// same address, identities and accepted host keys (the supervisor's warm connections). The
+/// keys are the ones `ssh::SshTarget::for_builder` chose, as OpenSSH public-key lines.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct TargetSpec {
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub identities: Vec<PathBuf>,
+    pub host_keys: Vec<String>,
+}
+
+/// Which protocol a remote program speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Protocol {
+    /// `nix-store --serve` (`ssh://`).
+    Serve,
+    /// `nix-daemon --stdio` (`ssh-ng://`).
+    Worker,
+}
+
+/// What a warm session's handshake found, as the hook needs it to go on where the supervisor
+/// stopped.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "protocol", rename_all = "kebab-case")]
+pub enum Handshake {
+    Serve {
+        /// The negotiated version, `[major, minor]`.
+        version: [u8; 2],
+        /// The server's own version.
+        server: [u8; 2],
+    },
+    Worker {
+        version: [u8; 2],
+        /// The features both sides listed.
+        features: Vec<String>,
+        /// The features the daemon listed.
+        server_features: Vec<String>,
+        nix_version: Option<String>,
+        /// Whether the daemon trusts us, when it says (worker ≥ 1.35).
+        trusted: Option<bool>,
+    },
+}
 
 /// Sent in [`Response::Hello`]; bumped when a change would confuse an older client.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -39,6 +89,36 @@ pub enum Request {
     ReportFailure { builder: String, cause: String },
     /// Stop `builder` once its leases are released (the CLI's `down`).
     Down { builder: String },
+    /// A warm session to the builder `spec` describes, if one is ready: answered with
+    /// [`Response::Session`] (and its descriptors) or [`Response::NoSession`] at once, never
+    /// after a wait; the pool warms up in the background either way.
+    LeaseSession { spec: SessionSpec },
+    /// Warm up the builder `spec` describes without taking a session (a hook that found no
+    /// supervisor and started one asks this); answered with [`Response::Ok`].
+    Warm { spec: SessionSpec },
+}
+
+/// A builder as the supervisor needs it to keep a connection warm, described by the hook that
+/// asks: the supervisor does not know machines-table builders (they come in each hook's
+/// settings), and uses exactly the target the hook's trust policy gave. Two specs with the
+/// same target, command and protocol (and lazy builder) share one pool.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionSpec {
+    /// The builder's name in the hook's table (its store URI, for a machines line).
+    pub builder: String,
+    pub store_uri: String,
+    /// One of the supervisor's lazy builders (named `builder`): its pool lives only while
+    /// that builder is up, and never keeps it up.
+    pub lazy: bool,
+    /// Where to connect and which host keys to accept (`ssh::SshTarget::for_builder`'s).
+    pub target: TargetSpec,
+    /// The remote command line.
+    pub command: String,
+    pub protocol: Protocol,
+    /// Close the connection after this long without a build (`keep-warm`).
+    pub keep_warm_ms: u64,
+    /// The builder's max-jobs: how many sessions can be in use at once.
+    pub max_jobs: u32,
 }
 
 /// The supervisor's answer.
@@ -73,6 +153,15 @@ pub enum Response {
         reason: String,
         status: Option<BuilderStatus>,
     },
+    /// A warm session: its remote program's stdin/stdout, stderr and status sockets come with
+    /// this line, in that order; `handshake` is what its handshake found.
+    Session {
+        handshake: Handshake,
+    },
+    /// No warm session is ready (why); connect directly.
+    NoSession {
+        reason: String,
+    },
     Ok,
     Error {
         message: String,
@@ -91,6 +180,9 @@ pub enum State {
     Stopping,
     /// The last boot or use failed; no boot until the backoff expires.
     Failed,
+    /// Not a lazy builder: a machines-table or TOML builder that is always on, listed for its
+    /// warm connection.
+    AlwaysOn,
 }
 
 /// One builder as `status` shows it. Durations are milliseconds.
@@ -125,11 +217,31 @@ pub struct BuilderStatus {
     pub last_failure: Option<Failure>,
     /// The remote Nix version seen by the readiness check.
     pub nix_version: Option<String>,
+    /// Its warm connection, if the supervisor keeps one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warm: Option<WarmStatus>,
+}
+
+/// A builder's warm connection.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct WarmStatus {
+    /// Whether the SSH connection is up.
+    pub connected: bool,
+    /// Sessions ready to hand out.
+    pub ready: u32,
+    /// Sessions handed out and still running a build.
+    pub in_use: u32,
+    /// Sessions handed out since the connection was first made.
+    pub hand_outs: u64,
+    /// Time left before the connection closes for inactivity (`None` while in use).
+    pub closes_in_ms: Option<u64>,
+    /// Why the last attempt to connect or open a session failed, if it did.
+    pub last_failure: Option<String>,
 }
 
 impl BuilderStatus {
     /// A builder in `state` with nothing else to report: no port, no timings, no leases, no
-    /// boots, no failure.
+    /// boots, no failure, no warm connections.
     pub fn new(name: &str, state: State) -> BuilderStatus {
         BuilderStatus {
             name: name.to_owned(),
@@ -146,6 +258,7 @@ impl BuilderStatus {
             boot_settings_outdated: false,
             last_failure: None,
             nix_version: None,
+            warm: None,
         }
     }
 }

@@ -36,6 +36,7 @@ use super::state::{
     Action, BootHistory, BuilderConfig, ConfigFileSeen, ConnId, Event, Generation, LogLevel,
     Machine, ReloadWhy, Settings,
 };
+use super::warm::{WarmReport, WarmRuntime};
 use crate::config::{Builder, Config, ConfigPath, ConfigSource};
 use crate::os::ensure_private_dir;
 
@@ -401,6 +402,21 @@ fn log_line(level: LogLevel, message: &str) {
     }
 }
 
+/// One answer for a client: a line, and for a warm session the descriptors that go with it.
+struct Outgoing {
+    response: Response,
+    fds: Vec<std::os::fd::OwnedFd>,
+}
+
+impl From<Response> for Outgoing {
+    fn from(response: Response) -> Self {
+        Outgoing {
+            response,
+            fds: Vec::new(),
+        }
+    }
+}
+
 /// One instance task's handle.
 struct InstanceHandle {
     generation: Generation,
@@ -410,6 +426,7 @@ struct InstanceHandle {
 
 enum Input {
     Event(Event),
+    Warm(WarmReport),
     Accepted(UnixStream),
     Signal,
     SignalsClosed,
@@ -501,7 +518,9 @@ impl Server {
         mut reloads: mpsc::UnboundedReceiver<()>,
     ) -> Result<(), SuperviseError> {
         let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
-        let mut conns: HashMap<ConnId, mpsc::UnboundedSender<Response>> = HashMap::new();
+        let (warm_tx, mut warm_rx) = mpsc::unbounded_channel::<WarmReport>();
+        let mut warm = WarmRuntime::new(warm_tx);
+        let mut conns: HashMap<ConnId, mpsc::UnboundedSender<Outgoing>> = HashMap::new();
         let mut conn_tasks: JoinSet<()> = JoinSet::new();
         let mut instances: HashMap<String, InstanceHandle> = HashMap::new();
         let mut timer: Option<Instant> = None;
@@ -528,6 +547,7 @@ impl Server {
                     None => Input::ReloadsClosed,
                 },
                 Some(ev) = rx.recv() => Input::Event(ev),
+                Some(w) = warm_rx.recv() => Input::Warm(w),
                 // Before accepts, so that a stream of new clients cannot starve the timers.
                 () = wake => Input::Event(Event::Tick),
                 // Finished connection tasks are collected so the set does not grow.
@@ -554,6 +574,10 @@ impl Server {
                     continue;
                 }
                 Input::Reaped => continue,
+                Input::Warm(WarmReport::Linked { pool, result }) => {
+                    events.push_back(warm.linked(pool, result));
+                }
+                Input::Warm(WarmReport::Event(e)) => events.push_back(e),
                 Input::AcceptFailed(e) => {
                     // EMFILE and friends: do not spin.
                     error!("accepting a connection failed: {e}");
@@ -611,9 +635,36 @@ impl Server {
                     match action {
                         Action::Reply { conn, response } => {
                             if let Some(c) = conns.get(&conn) {
-                                let _ = c.send(response);
+                                let _ = c.send(response.into());
                             }
                         }
+                        Action::WarmConnect { pool, spec } => warm.connect(pool, spec),
+                        Action::WarmOpen {
+                            pool,
+                            session,
+                            spec,
+                        } => warm.open(pool, session, spec),
+                        Action::HandOut {
+                            conn,
+                            pool: _,
+                            session,
+                            handshake,
+                        } => {
+                            let out = match warm.hand_out(session) {
+                                Ok(fds) => Outgoing {
+                                    response: Response::Session { handshake },
+                                    fds: fds.into(),
+                                },
+                                Err(e) => Response::NoSession {
+                                    reason: format!("cannot hand out a warm session: {e}"),
+                                }
+                                .into(),
+                            };
+                            if let Some(c) = conns.get(&conn) {
+                                let _ = c.send(out);
+                            }
+                        }
+                        Action::WarmClose { pool } => warm.close(pool),
                         Action::StartBoot {
                             builder,
                             generation,
@@ -720,9 +771,23 @@ async fn write_response(
     wr: &mut tokio::net::unix::OwnedWriteHalf,
     response: &Response,
 ) -> io::Result<()> {
-    let mut bytes = serde_json::to_vec(response).map_err(io::Error::other)?;
+    write_outgoing(wr, &Outgoing::from(response.clone())).await
+}
+
+/// Writes one answer, with its descriptors attached to the line (they are closed here once
+/// sent: the client has its own copies).
+async fn write_outgoing(
+    wr: &mut tokio::net::unix::OwnedWriteHalf,
+    out: &Outgoing,
+) -> io::Result<()> {
+    let mut bytes = serde_json::to_vec(&out.response).map_err(io::Error::other)?;
     bytes.push(b'\n');
-    wr.write_all(&bytes).await
+    if out.fds.is_empty() {
+        return wr.write_all(&bytes).await;
+    }
+    use std::os::fd::AsFd;
+    let fds: Vec<_> = out.fds.iter().map(|f| f.as_fd()).collect();
+    super::fds::send_line_with_fds(wr, &bytes, &fds).await
 }
 
 /// One client connection: hello, then request → reply, in order. Ends with
@@ -731,7 +796,7 @@ async fn connection(
     stream: UnixStream,
     conn: ConnId,
     events: mpsc::UnboundedSender<Event>,
-    mut replies: mpsc::UnboundedReceiver<Response>,
+    mut replies: mpsc::UnboundedReceiver<Outgoing>,
 ) {
     let (rd, mut wr) = stream.into_split();
     let mut rd = BufReader::new(rd);
@@ -750,7 +815,7 @@ async fn serve_connection(
     wr: &mut tokio::net::unix::OwnedWriteHalf,
     conn: ConnId,
     events: &mpsc::UnboundedSender<Event>,
-    replies: &mut mpsc::UnboundedReceiver<Response>,
+    replies: &mut mpsc::UnboundedReceiver<Outgoing>,
 ) {
     loop {
         let line = match read_request_line(rd).await {
@@ -801,7 +866,7 @@ async fn serve_connection(
                     Ok([]) | Err(_) => {
                         // Closed (or half-closed): an answer already on its way still goes out.
                         if let Ok(Some(r)) = tokio::time::timeout(HALF_CLOSE_GRACE, replies.recv()).await {
-                            let _ = write_response(wr, &r).await;
+                            let _ = write_outgoing(wr, &r).await;
                         }
                         return;
                     }
@@ -810,7 +875,7 @@ async fn serve_connection(
             }
         };
         let Some(response) = response else { return };
-        if write_response(wr, &response).await.is_err() {
+        if write_outgoing(wr, &response).await.is_err() {
             return;
         }
     }

@@ -52,11 +52,13 @@ mod lazy {
     mod command;
     mod darling;
     mod failures;
+    mod progress;
     mod qemu;
     mod snapshot;
 }
 mod remote {
     mod build;
+    mod ca;
     mod substitutes;
     mod untrusted;
 }
@@ -71,4 +73,10 @@ mod tidy;
 mod supervisor {
     mod reload;
     mod runtime;
+}
+mod warm {
+    mod as_today;
+    mod fallback;
+    mod pool;
+    mod supervisor_kill;
 }

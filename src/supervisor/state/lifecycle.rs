@@ -256,6 +256,8 @@ impl Machine {
         log(out, LogLevel::Info, "shutting down: stopping every builder");
         self.shutting_down = true;
         self.kill_at = Some(now + SHUTDOWN_BOUND);
+        // Sessions in use go on until they end (within the bound); nothing new is handed out.
+        self.close_all_pools(now, out);
         for i in 0..self.slots.len() {
             self.slots[i].reboot_after_stop = false;
             match self.slots[i].phase {

@@ -56,14 +56,16 @@ mod status;
 #[cfg(test)]
 mod tests;
 mod timers;
+mod warm;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
-use super::proto::{Request, Response, State};
+use super::proto::{Request, Response, SessionSpec, State};
 use crate::config::Builder;
+use crate::supervisor::proto::Handshake;
 
 use lifecycle::Gone;
 pub use lifecycle::{HISTORY_LEN, STABLE_UPTIME};
@@ -71,6 +73,7 @@ pub use reconfigure::{ConfigFileSeen, ReloadWhy, SETTLE, UNKNOWN_RELOAD_EVERY};
 pub use requests::MAX_WAIT;
 pub use status::DEFAULT_EXPECTED_BOOT;
 pub use timers::{FIRST_LEASE_GRACE, SHUTDOWN_BOUND};
+pub use warm::{DEATHS_BEFORE_PAUSE, PoolId, READY_MAX, SESSIONS_PER_CONNECTION, SessionId};
 
 /// Identifies one client connection.
 pub type ConnId = u64;
@@ -188,6 +191,39 @@ pub enum Event {
     /// Reloading the configuration failed (file, line, why); the old one stays. The cause is
     /// appended to the error for an unknown builder until a reload succeeds.
     ReconfigureFailed(String),
+    /// A pool's SSH connection is up ([`Action::WarmConnect`] worked).
+    WarmConnected {
+        pool: PoolId,
+    },
+    /// Connecting a pool failed.
+    WarmConnectFailed {
+        pool: PoolId,
+        cause: String,
+    },
+    /// A session opened with [`Action::WarmOpen`] is ready to hand out.
+    WarmReady {
+        pool: PoolId,
+        session: SessionId,
+        handshake: Handshake,
+    },
+    /// Opening a session failed (the command, its handshake, or the channel).
+    WarmOpenFailed {
+        pool: PoolId,
+        session: SessionId,
+        cause: String,
+    },
+    /// A session ended: one handed out finished (the hook closed it, or the remote program
+    /// ended), or a pooled one died (`cause`).
+    WarmEnded {
+        pool: PoolId,
+        session: SessionId,
+        cause: Option<String>,
+    },
+    /// A pool's SSH connection is gone; its sessions with it.
+    WarmLost {
+        pool: PoolId,
+        cause: String,
+    },
 }
 
 /// Something the runtime must do.
@@ -223,6 +259,29 @@ pub enum Action {
     ReloadConfig { why: ReloadWhy },
     /// Write this line to the supervisor's log.
     Log { level: LogLevel, message: String },
+    /// Make pool `pool`'s SSH connection to `spec`'s target, then report
+    /// [`Event::WarmConnected`] or [`Event::WarmConnectFailed`].
+    WarmConnect { pool: PoolId, spec: SessionSpec },
+    /// Start `spec`'s remote program on the pool's connection and do its handshake, then
+    /// report [`Event::WarmReady`] or [`Event::WarmOpenFailed`]; watch it while it is pooled
+    /// ([`Event::WarmEnded`] with a cause when it dies).
+    WarmOpen {
+        pool: PoolId,
+        session: SessionId,
+        spec: SessionSpec,
+    },
+    /// Answer `conn` with [`Response::Session`] and this session's three sockets, and relay
+    /// it until either end closes; then report [`Event::WarmEnded`]. A session that died
+    /// meanwhile is handed out anyway (closed): the hook falls back to a direct connection.
+    HandOut {
+        conn: ConnId,
+        pool: PoolId,
+        session: SessionId,
+        handshake: Handshake,
+    },
+    /// Drop the pool's ready sessions (and any still opening); close its connection once the
+    /// sessions in use have ended.
+    WarmClose { pool: PoolId },
 }
 
 /// How much a log line matters (the runtime maps it onto its logger's levels).
@@ -380,6 +439,8 @@ pub struct Machine {
     config_error: Option<String>,
     /// When to read the configuration again.
     reloads: reconfigure::Reloads,
+    /// Warm connections.
+    pools: warm::Pools,
 }
 
 fn ms(d: Duration) -> u64 {
@@ -423,6 +484,7 @@ impl Machine {
             config_error: None,
             // The runtime read the file just before it made the machine.
             reloads: reconfigure::Reloads::new(now),
+            pools: warm::Pools::default(),
         }
     }
 
@@ -452,6 +514,11 @@ impl Machine {
     /// Number of connected clients.
     pub fn client_count(&self) -> usize {
         self.clients.len()
+    }
+
+    /// Whether a warm connection is open (or closing while a session runs).
+    pub fn has_pools(&self) -> bool {
+        !self.pools.is_empty()
     }
 
     fn slot_index(&self, name: &str) -> Option<usize> {
@@ -526,6 +593,26 @@ impl Machine {
             Event::ConfigFile(seen) => self.config_file(seen, now, &mut out),
             Event::Reconfigure(builders) => self.reloaded(builders, now, &mut out),
             Event::ReconfigureFailed(cause) => self.reload_failed(&cause, now, &mut out),
+            Event::WarmConnected { pool } => self.warm_connected(pool, now, &mut out),
+            Event::WarmConnectFailed { pool, cause } => {
+                self.warm_connect_failed(pool, cause, now, &mut out)
+            }
+            Event::WarmReady {
+                pool,
+                session,
+                handshake,
+            } => self.warm_ready(pool, session, handshake, &mut out),
+            Event::WarmOpenFailed {
+                pool,
+                session,
+                cause,
+            } => self.warm_open_failed(pool, session, cause, now, &mut out),
+            Event::WarmEnded {
+                pool,
+                session,
+                cause,
+            } => self.warm_ended(pool, session, cause, now, &mut out),
+            Event::WarmLost { pool, cause } => self.warm_lost(pool, cause, now, &mut out),
         }
         if !self.exited {
             self.timers(now, &mut out);

@@ -32,7 +32,7 @@ impl Machine {
     ) {
         // A request on a connection we did not see open still counts as one.
         self.clients.entry(conn).or_default();
-        let name = match &req {
+        let name = match req {
             Request::Status => {
                 let builders = self.status(now);
                 let response = Response::Status {
@@ -42,12 +42,17 @@ impl Machine {
                 };
                 return Self::reply(out, conn, response);
             }
-            Request::Boot { builder, .. }
-            | Request::WaitReady { builder, .. }
-            | Request::Lease { builder }
-            | Request::Release { builder }
-            | Request::ReportFailure { builder, .. }
-            | Request::Down { builder } => builder.clone(),
+            Request::LeaseSession { spec } => return self.warm_request(conn, spec, true, now, out),
+            Request::Warm { spec } => return self.warm_request(conn, spec, false, now, out),
+            ref req => match req {
+                Request::Boot { builder, .. }
+                | Request::WaitReady { builder, .. }
+                | Request::Lease { builder }
+                | Request::Release { builder }
+                | Request::ReportFailure { builder, .. }
+                | Request::Down { builder } => builder.clone(),
+                _ => return,
+            },
         };
         let Some(i) = self.slot_index(&name) else {
             let known: Vec<&str> = self
@@ -72,7 +77,7 @@ impl Machine {
             return Self::reply(out, conn, Response::Error { message });
         };
         match req {
-            Request::Status => {}
+            Request::Status | Request::LeaseSession { .. } | Request::Warm { .. } => {}
             Request::Boot { force, .. } => self.req_boot(conn, i, force, now, out),
             Request::WaitReady { timeout_ms, .. } => {
                 let s = &mut self.slots[i];

@@ -70,11 +70,14 @@ impl Machine {
             .collect()
     }
 
-    /// The status of every builder, in configuration order.
+    /// The status of every lazy builder, in configuration order, then of every always-on
+    /// builder with a warm connection.
     pub fn status(&self, now: Instant) -> Vec<BuilderStatus> {
-        (0..self.slots.len())
+        let mut all: Vec<BuilderStatus> = (0..self.slots.len())
             .map(|i| self.slot_status(i, now))
-            .collect()
+            .collect();
+        all.extend(self.always_on_status(now));
+        all
     }
 
     pub(super) fn slot_status(&self, i: usize, now: Instant) -> BuilderStatus {
@@ -132,6 +135,7 @@ impl Machine {
                 && s.booted_with.is_some_and(|f| f != s.cfg.boot_fingerprint),
             last_failure,
             nix_version: up.map(|u| u.nix_version.clone()),
+            warm: self.warm_status(&s.cfg.name, true, now),
         }
     }
 

@@ -1,8 +1,10 @@
 //! Everything that happens because time passed: idle stops (from the last release, or from
+//! Everything that happens because time passed: idle stops (from the last release, or from
 //! "up" with a first-lease grace), `wait-ready` deadlines, a settling config file that requests
-//! wait for (`reconfigure.rs`), the auto-started supervisor's exit
-//! when quiet, the kill once a shutdown's graceful stops took too long, and the one wake-up
-//! instant that covers them all.
+//! wait for (`reconfigure.rs`), warm connections closing (keep-warm, or their lazy builder no
+//! longer up: `warm.rs`), the auto-started supervisor's exit when quiet (never while a warm
+//! connection is open), the kill once a shutdown's graceful stops took too long, and the one
+//! wake-up instant that covers them all.
 
 use std::time::{Duration, Instant};
 
@@ -43,6 +45,9 @@ impl Machine {
                 consider(*d);
             }
         }
+        if let Some(t) = self.pools.next_deadline() {
+            consider(t);
+        }
         if let Some(t) = self.exit_at() {
             consider(t.max(now));
         }
@@ -60,7 +65,10 @@ impl Machine {
             return None;
         }
         let linger = self.settings.exit_after_idle?;
-        if !self.clients.is_empty() || self.slots.iter().any(|s| s.phase.has_instance()) {
+        if !self.clients.is_empty()
+            || self.slots.iter().any(|s| s.phase.has_instance())
+            || !self.pools.is_empty()
+        {
             return None;
         }
         Some(self.quiet_since + linger)
@@ -93,7 +101,8 @@ impl Machine {
                 answer_waiters(due, &self.slot_status(i, now), out);
             }
         }
-        let all_gone = !self.slots.iter().any(|s| s.phase.has_instance());
+        self.warm_timers(now, out);
+        let all_gone = !self.slots.iter().any(|s| s.phase.has_instance()) && self.pools.is_empty();
         if self.shutting_down && all_gone {
             self.exited = true;
             out.push(Action::Exit);

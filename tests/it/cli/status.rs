@@ -60,14 +60,32 @@ fn a_broken_config_is_the_error_above_the_running_supervisors_state() {
             "RUNNING BUILDS",
             "BOOTS OK",
             "BOOTS FAILED",
+            "WARM",
+            "HAND-OUTS",
             "LAST FAILURE"
         ],
         "{table}"
     );
     let row: Vec<&str> = lines[1].split_whitespace().collect();
     assert_eq!(
-        (row[0], row[1], row[2], row[5], row[6], row[7], row[8]),
-        ("cmd", "up", port.to_string().as_str(), "0", "1", "0", "-"),
+        (
+            row[0],
+            row[1],
+            row[2],
+            row[5],
+            row[6],
+            row[7],
+            row.last().copied()
+        ),
+        (
+            "cmd",
+            "up",
+            port.to_string().as_str(),
+            "0",
+            "1",
+            "0",
+            Some("-")
+        ),
         "{table}"
     );
 

@@ -10,8 +10,9 @@
 //! ([`LazyRemote`]) and the lazy-builder TOML, `status --json` and supervisor log around it
 //! ([`LazyConfig`]). The parts only some areas need are submodules: [`boot`] (sshd fixtures,
 //! boot contexts, VM images and the one-VM-at-a-time lock), [`fault`] (seeded fault points,
-//! big derivations, the checks after a fault) and [`security`] (a running sshd, the binary in a
-//! scratch environment, the daemon's side of the hook protocol).
+//! big derivations, the checks after a fault), [`security`] (a running sshd, the binary in a
+//! scratch environment, the daemon's side of the hook protocol) and [`warm`] (an always-on
+//! builder's warm connection: the supervisor, its status, checked builds).
 //!
 //! Must never: touch the machine's real `/nix` or `/etc/nix`, listen anywhere but 127.0.0.1, use
 //! a fixed port or any state shared between tests (the only shared thing is the build-user lock
@@ -52,6 +53,7 @@ mod procs;
 mod remote;
 pub mod security;
 mod store;
+pub mod warm;
 
 pub use daemon::{DaemonOpts, HookVia, LocalDaemon};
 pub(crate) use daemon::{scratch, set_mode, write};

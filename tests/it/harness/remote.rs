@@ -92,6 +92,9 @@ pub struct RemoteStore {
     port: u16,
     host_key_line: String,
     nix_version: String,
+    /// sshd's log from before the last [`RemoteStore::restart`].
+    earlier_logs: String,
+    restarts: u32,
     // Field order matters: the process must stop before the temp dir is removed.
     proc: NsProcess,
     base: tempfile::TempDir,
@@ -188,6 +191,8 @@ impl RemoteStore {
                 port,
                 host_key_line,
                 nix_version: out.stdout.trim().to_owned(),
+                earlier_logs: String::new(),
+                restarts: 0,
                 proc,
                 base,
             };
@@ -322,9 +327,15 @@ impl RemoteStore {
         run_command(&mut c, None, self.opts.command_timeout)
     }
 
-    /// sshd's log (`-e`: everything it logs goes there).
+    /// sshd's log (`-e`: everything it logs goes there), every run of it since the start.
     pub fn sshd_log(&self) -> String {
-        self.proc.log_text()
+        format!("{}{}", self.earlier_logs, self.proc.log_text())
+    }
+
+    /// SSH logins so far (sshd's "Accepted publickey" lines), the harness' own check at start
+    /// included.
+    pub fn logins(&self) -> usize {
+        self.sshd_log().matches("Accepted publickey").count()
     }
 
     /// Every live process of this machine: sshd, its sessions, the remote Nix programs and
@@ -337,6 +348,50 @@ impl RemoteStore {
     /// Its store stays on disk (queries still work) until the handle is dropped.
     pub fn kill(&mut self) {
         self.proc.kill_now();
+    }
+
+    /// Kills the machine ([`RemoteStore::kill`]) and starts its sshd again on the same port
+    /// with the same store; with `new_host_key`, under a new host key (the machine was
+    /// reinstalled, or someone else answers). [`RemoteStore::sshd_log`] keeps the earlier
+    /// runs' lines.
+    #[track_caller]
+    pub fn restart(&mut self, new_host_key: bool) {
+        self.proc.kill_now();
+        let b = self.base.path().to_path_buf();
+        let ssh = b.join("ssh");
+        if new_host_key {
+            for f in ["host_ed25519_key", "host_ed25519_key.pub"] {
+                let _ = std::fs::remove_file(ssh.join(f));
+            }
+            keygen(&ssh.join("host_ed25519_key"), "nlb-test-remote-host-2");
+            self.host_key_line = read(&ssh.join("host_ed25519_key.pub")).trim().to_owned();
+        }
+        let layout = Layout {
+            nix: self.opts.nix,
+            nix_dir: b.join("nix"),
+            etc_nix: Some(b.join("etc-nix")),
+            expose: vec![b.clone()],
+        };
+        let argv = vec![
+            "/usr/sbin/sshd".to_owned(),
+            "-D".to_owned(),
+            "-e".to_owned(),
+            "-f".to_owned(),
+            ssh.join("sshd_config").to_string_lossy().into_owned(),
+        ];
+        self.restarts += 1;
+        let log = b.join(format!("sshd-restart-{}.log", self.restarts));
+        let label = format!("sshd {} (restart {})", self.opts.nix.label(), self.restarts);
+        let old = std::mem::replace(
+            &mut self.proc,
+            NsProcess::spawn(&label, &layout, &argv, &[], &log),
+        );
+        self.earlier_logs.push_str(&old.log_text());
+        drop(old);
+        if let Err(why) = wait_for_banner(&mut self.proc, self.port) {
+            panic!("{label} did not come back on port {}: {why}", self.port);
+        }
+        self.proc.confirm_namespace();
     }
 }
 

@@ -142,7 +142,8 @@ fn a_guest_that_panics_is_told_by_its_panic_and_the_console_log() {
     let lines = table.stdout_lines();
     assert!(
         lines[0].starts_with("BUILDER ")
-            && lines[0].contains(" RUNNING BUILDS  BOOTS OK  BOOTS FAILED  LAST FAILURE"),
+            && lines[0].contains(" RUNNING BUILDS  BOOTS OK  BOOTS FAILED  WARM ")
+            && lines[0].contains(" HAND-OUTS  LAST FAILURE"),
         "{table}"
     );
     let row: Vec<&str> = lines

@@ -20,6 +20,16 @@ enum Op {
     Advance(u16),
     /// Keep a, keep b, a's max-jobs, a's boot fingerprint.
     Reconfig(bool, bool, u8, bool),
+    /// A warm session for lazy builder a (true) or an always-on builder.
+    LeaseSession(u8, bool),
+    /// The runtime answers the oldest connect it was asked for: connected or not.
+    Linked(bool),
+    /// The runtime answers the oldest session open: ready or not.
+    Opened(bool),
+    /// A ready (false) or handed-out (true) session ends, the n-th one.
+    Ended(bool, u8),
+    /// A pool's connection is lost.
+    Lost(u8),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -41,6 +51,11 @@ fn op() -> impl Strategy<Value = Op> {
         3 => (0u16..40).prop_map(Op::Advance),
         1 => (any::<bool>(), any::<bool>(), 1u8..4, any::<bool>())
             .prop_map(|(a, b, m, f)| Op::Reconfig(a, b, m, f)),
+        3 => (0u8..4, any::<bool>()).prop_map(|(c, l)| Op::LeaseSession(c, l)),
+        2 => any::<bool>().prop_map(Op::Linked),
+        3 => any::<bool>().prop_map(Op::Opened),
+        2 => (any::<bool>(), 0u8..4).prop_map(|(h, n)| Op::Ended(h, n)),
+        1 => (0u8..4).prop_map(Op::Lost),
     ]
 }
 
@@ -52,6 +67,28 @@ proptest! {
         // Which builders the runtime was asked to boot/stop, by generation.
         let mut running: BTreeMap<&str, Option<Generation>> = BTreeMap::new();
         let mut max_a = 2u32;
+        let warm_spec = |lazy: bool| crate::supervisor::proto::SessionSpec {
+            builder: if lazy { "a".into() } else { "ssh://x".into() },
+            store_uri: "ssh://x".into(),
+            lazy,
+            target: crate::ssh::TargetSpec {
+                host: "h".into(),
+                port: 22,
+                user: "u".into(),
+                identities: vec![],
+                host_keys: vec!["k".into()],
+            },
+            command: "c".into(),
+            protocol: crate::store::warm::Protocol::Serve,
+            keep_warm_ms: 20_000,
+            max_jobs: 2,
+        };
+        // What the runtime was asked to do and has not answered yet, and what it holds.
+        let mut connecting: Vec<PoolId> = Vec::new();
+        let mut opening: Vec<(PoolId, SessionId)> = Vec::new();
+        let mut pooled: Vec<(PoolId, SessionId)> = Vec::new();
+        let mut handed: Vec<(PoolId, SessionId)> = Vec::new();
+        let mut pools_seen: Vec<PoolId> = Vec::new();
         for op in ops {
             if t.m.has_exited() {
                 break;
@@ -89,7 +126,84 @@ proptest! {
                     }
                     t.reconfigure(builders)
                 }
+                Op::LeaseSession(c, lazy) => t.req(c.into(), Request::LeaseSession { spec: warm_spec(lazy) }),
+                Op::Linked(ok) => {
+                    if connecting.is_empty() {
+                        continue;
+                    }
+                    let pool = connecting.remove(0);
+                    if ok {
+                        t.ev(Event::WarmConnected { pool })
+                    } else {
+                        t.ev(Event::WarmConnectFailed { pool, cause: "x".into() })
+                    }
+                }
+                Op::Opened(ok) => {
+                    if opening.is_empty() {
+                        continue;
+                    }
+                    let (pool, session) = opening.remove(0);
+                    if ok {
+                        pooled.push((pool, session));
+                        t.ev(Event::WarmReady { pool, session, handshake: crate::store::warm::Handshake::Serve { version: [2, 7], server: [2, 7] } })
+                    } else {
+                        t.ev(Event::WarmOpenFailed { pool, session, cause: "x".into() })
+                    }
+                }
+                Op::Ended(in_use, n) => {
+                    let list = if in_use { &mut handed } else { &mut pooled };
+                    if list.is_empty() {
+                        continue;
+                    }
+                    let (pool, session) = list.remove(usize::from(n) % list.len());
+                    t.ev(Event::WarmEnded { pool, session, cause: None })
+                }
+                Op::Lost(n) => {
+                    if pools_seen.is_empty() {
+                        continue;
+                    }
+                    let pool = pools_seen[usize::from(n) % pools_seen.len()];
+                    pooled.retain(|(p, _)| *p != pool);
+                    opening.retain(|(p, _)| *p != pool);
+                    t.ev(Event::WarmLost { pool, cause: "x".into() })
+                }
             };
+            for a in &out {
+                match a {
+                    Action::WarmConnect { pool, .. } => {
+                        connecting.push(*pool);
+                        if !pools_seen.contains(pool) {
+                            pools_seen.push(*pool);
+                        }
+                    }
+                    Action::WarmOpen { pool, session, .. } => opening.push((*pool, *session)),
+                    Action::HandOut { pool, session, .. } => {
+                        // Only sessions that were ready, each once.
+                        let at = pooled.iter().position(|x| *x == (*pool, *session));
+                        prop_assert!(at.is_some(), "handed out a session that was not ready: {:?}", out);
+                        pooled.remove(at.unwrap_or(0));
+                        handed.push((*pool, *session));
+                        // A lazy builder's session only while it is up.
+                        if matches!(this, Op::LeaseSession(_, true)) {
+                            prop_assert_eq!(t.status("a").state, State::Up);
+                        }
+                    }
+                    Action::WarmClose { pool } => {
+                        pooled.retain(|(p, _)| p != pool);
+                        opening.retain(|(p, _)| p != pool);
+                        connecting.retain(|p| p != pool);
+                    }
+                    _ => {}
+                }
+            }
+            // A lazy builder's pool holds no ready session unless the builder is up.
+            let a_warm = t.m.status(t.now).into_iter().find(|s| s.name == "a");
+            if let Some(st) = a_warm
+                && let Some(w) = &st.warm
+            {
+                prop_assert!(w.ready == 0 || st.state == State::Up, "{:?}", st);
+                prop_assert!(w.ready + w.in_use <= SESSIONS_PER_CONNECTION);
+            }
             for a in &out {
                 match a {
                     Action::Stop { builder, generation } => {

@@ -8,6 +8,7 @@ mod reconfigure;
 mod requests;
 mod status;
 mod timers;
+mod warm;
 
 use super::*;
 use crate::supervisor::proto::BuilderStatus;

@@ -1,0 +1,423 @@
+//! Warm connections: hand-outs never wait, pools refill, failures back off, keep-warm closes
+//! them, a lazy builder's pool lives only while it is up and never keeps it up, shutdown lets
+//! sessions in use finish.
+
+use super::*;
+use crate::supervisor::proto::SessionSpec;
+use crate::supervisor::proto::TargetSpec;
+use crate::supervisor::proto::{Handshake, Protocol};
+
+fn spec(builder: &str, lazy: bool, keep_warm: u64, max_jobs: u32) -> SessionSpec {
+    SessionSpec {
+        builder: builder.into(),
+        store_uri: format!("ssh://{builder}"),
+        lazy,
+        target: TargetSpec {
+            host: "127.0.0.1".into(),
+            port: 2222,
+            user: "root".into(),
+            identities: vec!["/k".into()],
+            host_keys: vec!["ssh-ed25519 AAAA".into()],
+        },
+        command: "nix-store --serve --write".into(),
+        protocol: Protocol::Serve,
+        keep_warm_ms: keep_warm * 1000,
+        max_jobs,
+    }
+}
+
+fn hs() -> Handshake {
+    Handshake::Serve {
+        version: [2, 7],
+        server: [2, 7],
+    }
+}
+
+fn connects(out: &[Action]) -> Vec<PoolId> {
+    out.iter()
+        .filter_map(|a| match a {
+            Action::WarmConnect { pool, .. } => Some(*pool),
+            _ => None,
+        })
+        .collect()
+}
+
+fn opens(out: &[Action]) -> Vec<(PoolId, SessionId)> {
+    out.iter()
+        .filter_map(|a| match a {
+            Action::WarmOpen { pool, session, .. } => Some((*pool, *session)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn hand_out(out: &[Action]) -> Option<(ConnId, SessionId)> {
+    out.iter().find_map(|a| match a {
+        Action::HandOut { conn, session, .. } => Some((*conn, *session)),
+        _ => None,
+    })
+}
+
+fn closes(out: &[Action]) -> Vec<PoolId> {
+    out.iter()
+        .filter_map(|a| match a {
+            Action::WarmClose { pool } => Some(*pool),
+            _ => None,
+        })
+        .collect()
+}
+
+fn no_session(actions: &[Action], conn: ConnId) -> String {
+    match T::reply(actions, conn) {
+        Response::NoSession { reason } => reason,
+        other => panic!("expected no session, got {other:?}"),
+    }
+}
+
+impl T {
+    fn lease_session(&mut self, conn: ConnId, s: &SessionSpec) -> Vec<Action> {
+        self.req(conn, Request::LeaseSession { spec: s.clone() })
+    }
+
+    /// A pool for `s` with its sessions ready; the pool and the sessions.
+    fn warm_pool(&mut self, s: &SessionSpec) -> (PoolId, Vec<SessionId>) {
+        let out = self.lease_session(1, s);
+        assert!(no_session(&out, 1).contains("warming up"), "{out:?}");
+        let pool = connects(&out)[0];
+        let out = self.ev(Event::WarmConnected { pool });
+        let sessions: Vec<SessionId> = opens(&out).into_iter().map(|(_, s)| s).collect();
+        for &session in &sessions {
+            self.ev(Event::WarmReady {
+                pool,
+                session,
+                handshake: hs(),
+            });
+        }
+        (pool, sessions)
+    }
+
+    fn warm_of(&self, name: &str) -> Option<crate::supervisor::proto::WarmStatus> {
+        self.m
+            .status(self.now)
+            .into_iter()
+            .find(|s| s.name == name)
+            .and_then(|s| s.warm)
+    }
+}
+
+#[test]
+fn a_ready_session_is_handed_out_and_replaced_and_none_is_ever_waited_for() {
+    let mut t = T::new(vec![], None);
+    let s = spec("ssh://x86", false, 600, 2);
+    // The first request finds nothing and is answered at once; the pool connects.
+    let out = t.lease_session(1, &s);
+    assert!(no_session(&out, 1).contains("warming up"));
+    let pool = connects(&out)[0];
+    // While it connects: no second connect, still an answer at once.
+    let out = t.lease_session(2, &s);
+    assert!(no_session(&out, 2).contains("connecting"), "{out:?}");
+    assert!(connects(&out).is_empty());
+    // Connected: min(max-jobs + 1, 3) sessions are opened.
+    let out = t.ev(Event::WarmConnected { pool });
+    let opened = opens(&out);
+    assert_eq!(opened.len(), 3, "{out:?}");
+    let out = t.lease_session(3, &s);
+    assert!(no_session(&out, 3).contains("opening"), "{out:?}");
+    for &(_, session) in &opened {
+        t.ev(Event::WarmReady {
+            pool,
+            session,
+            handshake: hs(),
+        });
+    }
+    assert_eq!(t.status("ssh://x86").state, State::AlwaysOn);
+    assert_eq!(t.warm_of("ssh://x86").unwrap().ready, 3);
+    // A hand-out, and the refill.
+    let out = t.lease_session(4, &s);
+    assert_eq!(hand_out(&out), Some((4, opened[0].1)), "{out:?}");
+    assert!(
+        !out.iter()
+            .any(|a| matches!(a, Action::Reply { conn: 4, .. })),
+        "the runtime answers a hand-out itself: {out:?}"
+    );
+    assert_eq!(opens(&out).len(), 1, "refilled: {out:?}");
+    let w = t.warm_of("ssh://x86").unwrap();
+    assert_eq!((w.ready, w.in_use, w.hand_outs), (2, 1, 1));
+    assert_eq!(w.closes_in_ms, None, "never closes while in use");
+    t.ev(Event::WarmEnded {
+        pool,
+        session: opened[0].1,
+        cause: None,
+    });
+    let w = t.warm_of("ssh://x86").unwrap();
+    assert_eq!((w.in_use, w.hand_outs), (0, 1));
+    assert_eq!(w.closes_in_ms, Some(600_000));
+}
+
+#[test]
+fn max_jobs_sizes_the_pool_and_a_connection_carries_a_bounded_number() {
+    let mut t = T::new(vec![], None);
+    let one = spec("a", false, 600, 1);
+    let (_, sessions) = t.warm_pool(&one);
+    assert_eq!(sessions.len(), 2, "one to use, one for the next build");
+    let mut t = T::new(vec![], None);
+    let many = spec("b", false, 600, 32);
+    let (pool, sessions) = t.warm_pool(&many);
+    assert_eq!(sessions.len(), READY_MAX as usize);
+    // Hand out and never finish: refills stop at the connection's limit.
+    let mut in_flight = 0;
+    for conn in 10..40 {
+        let out = t.lease_session(conn, &many);
+        if hand_out(&out).is_some() {
+            in_flight += 1;
+        }
+        for (_, session) in opens(&out) {
+            t.ev(Event::WarmReady {
+                pool,
+                session,
+                handshake: hs(),
+            });
+        }
+    }
+    let w = t.warm_of("b").unwrap();
+    assert_eq!(w.in_use + w.ready, SESSIONS_PER_CONNECTION, "{w:?}");
+    assert_eq!(in_flight, SESSIONS_PER_CONNECTION);
+    let out = t.lease_session(50, &many);
+    assert!(no_session(&out, 50).contains("carries"), "{out:?}");
+}
+
+#[test]
+fn a_failed_connect_backs_off_and_builds_go_direct_meanwhile() {
+    let mut t = T::new(vec![], None);
+    let s = spec("x", false, 600, 1);
+    let out = t.lease_session(1, &s);
+    let pool = connects(&out)[0];
+    let out = t.ev(Event::WarmConnectFailed {
+        pool,
+        cause: "HOST KEY MISMATCH: expected SHA256:a, but the server presented SHA256:b".into(),
+    });
+    assert!(out.iter().any(
+        |a| matches!(a, Action::Log { level: LogLevel::Warn, message } if message.contains("HOST KEY MISMATCH"))
+    ));
+    t.advance(5 * S);
+    let out = t.lease_session(2, &s);
+    assert!(no_session(&out, 2).contains("HOST KEY MISMATCH"), "{out:?}");
+    assert!(connects(&out).is_empty(), "not while backing off: {out:?}");
+    assert!(
+        t.warm_of("x")
+            .unwrap()
+            .last_failure
+            .unwrap()
+            .contains("MISMATCH")
+    );
+    t.advance(6 * S);
+    let out = t.lease_session(3, &s);
+    assert_eq!(connects(&out), [pool], "tried again after 10 s: {out:?}");
+    // A second failure in a row waits longer (20 s).
+    t.ev(Event::WarmConnectFailed {
+        pool,
+        cause: "refused".into(),
+    });
+    t.advance(15 * S);
+    assert!(connects(&t.lease_session(4, &s)).is_empty());
+    t.advance(6 * S);
+    assert_eq!(connects(&t.lease_session(5, &s)), [pool]);
+    // A session that cannot start backs off too.
+    let out = t.ev(Event::WarmConnected { pool });
+    let (_, session) = opens(&out)[0];
+    t.ev(Event::WarmOpenFailed {
+        pool,
+        session,
+        cause: "nix-store: command not found".into(),
+    });
+    let out = t.lease_session(6, &s);
+    assert!(no_session(&out, 6).contains("command not found"));
+    assert!(opens(&out).is_empty());
+}
+
+#[test]
+fn pooled_sessions_that_die_are_replaced_but_not_forever() {
+    let mut t = T::new(vec![], None);
+    let s = spec("x", false, 600, 1);
+    let (pool, mut sessions) = t.warm_pool(&s);
+    let mut replaced = 0;
+    for _ in 0..DEATHS_BEFORE_PAUSE {
+        let dead = sessions.pop().unwrap();
+        let out = t.ev(Event::WarmEnded {
+            pool,
+            session: dead,
+            cause: Some("the remote program ended".into()),
+        });
+        for (_, session) in opens(&out) {
+            replaced += 1;
+            t.ev(Event::WarmReady {
+                pool,
+                session,
+                handshake: hs(),
+            });
+            sessions.insert(0, session);
+        }
+    }
+    assert_eq!(
+        replaced,
+        DEATHS_BEFORE_PAUSE - 1,
+        "the last death is not replaced"
+    );
+    assert_eq!(t.warm_of("x").unwrap().ready, 1);
+    // The next request tries again.
+    let out = t.lease_session(2, &s);
+    assert!(hand_out(&out).is_some());
+    assert_eq!(opens(&out).len(), 2, "{out:?}");
+}
+
+#[test]
+fn a_lost_connection_is_made_again_by_the_next_request() {
+    let mut t = T::new(vec![], None);
+    let s = spec("x", false, 600, 2);
+    let (pool, _) = t.warm_pool(&s);
+    t.ev(Event::WarmLost {
+        pool,
+        cause: "the server closed the connection".into(),
+    });
+    let w = t.warm_of("x").unwrap();
+    assert_eq!((w.connected, w.ready), (false, 0));
+    let out = t.lease_session(2, &s);
+    assert!(no_session(&out, 2).contains("warming up"));
+    assert_eq!(connects(&out), [pool]);
+}
+
+#[test]
+fn keep_warm_closes_an_unused_pool_and_keep_warm_0s_makes_none() {
+    let mut t = T::new(vec![], Some(60));
+    let s = spec("x", false, 120, 1);
+    let (pool, sessions) = t.warm_pool(&s);
+    // A pool keeps an auto-started supervisor.
+    t.advance(100 * S);
+    assert!(t.m.has_pools());
+    let out = t.lease_session(2, &s);
+    assert!(hand_out(&out).is_some());
+    // Never while in use, however long the build.
+    let out = t.advance(3600 * S);
+    assert!(closes(&out).is_empty());
+    t.ev(Event::WarmEnded {
+        pool,
+        session: sessions[0],
+        cause: None,
+    });
+    let out = t.advance(119 * S);
+    assert!(closes(&out).is_empty());
+    assert_eq!(timer(&out), Some(t.now + S), "woken for keep-warm");
+    let out = t.advance(S);
+    assert_eq!(closes(&out), [pool], "{out:?}");
+    assert!(!t.m.has_pools());
+    assert!(t.warm_of("x").is_none());
+    // Now the supervisor may linger and exit (its clients are gone: they were hooks).
+    t.ev(Event::ClientGone(1));
+    t.ev(Event::ClientGone(2));
+    assert!(!has_exit(&t.advance(59 * S)));
+    assert!(has_exit(&t.advance(S)));
+
+    let mut t = T::new(vec![], None);
+    let out = t.lease_session(1, &spec("y", false, 0, 1));
+    assert!(no_session(&out, 1).contains("keep-warm is off"));
+    assert!(connects(&out).is_empty());
+    assert!(!t.m.has_pools());
+}
+
+#[test]
+fn different_host_keys_are_different_pools() {
+    let mut t = T::new(vec![], None);
+    let a = spec("x", false, 600, 1);
+    let mut b = a.clone();
+    b.target.host_keys = vec!["ssh-ed25519 BBBB".into()];
+    let pa = connects(&t.lease_session(1, &a));
+    let pb = connects(&t.lease_session(2, &b));
+    assert_eq!((pa.len(), pb.len()), (1, 1));
+    assert_ne!(pa, pb);
+    // The same spec again is the same pool (a new keep-warm just applies).
+    let mut a2 = a.clone();
+    a2.keep_warm_ms = 5_000;
+    assert!(connects(&t.lease_session(3, &a2)).is_empty());
+}
+
+#[test]
+fn a_lazy_builder_pool_lives_while_it_is_up_and_never_keeps_it_up() {
+    let mut t = T::new(vec![cfg("vm", 1, Some(30))], None);
+    let s = spec("vm", true, 600, 1);
+    let out = t.lease_session(1, &s);
+    assert!(no_session(&out, 1).contains("not up"), "{out:?}");
+    assert!(!t.m.has_pools());
+    t.bring_up("vm");
+    let (pool, sessions) = t.warm_pool(&s);
+    assert_eq!(sessions.len(), 2);
+    assert_eq!(t.status("vm").warm.unwrap().ready, 2);
+    // Used once (a lease and a hand-out), then idle: the idle stop comes as without a pool.
+    assert!(matches!(t.lease(5, "vm"), Response::Leased { .. }));
+    assert!(hand_out(&t.lease_session(5, &s)).is_some());
+    t.release(5, "vm");
+    let out = t.advance(29 * S);
+    assert!(!has_stop(&out, "vm"));
+    let out = t.advance(S);
+    assert!(has_stop(&out, "vm"), "the pool is no lease: {out:?}");
+    assert_eq!(closes(&out), [pool], "{out:?}");
+    // The session still running (the hook has not closed it yet) ends later; nothing is left.
+    t.ev(Event::WarmEnded {
+        pool,
+        session: sessions[0],
+        cause: None,
+    });
+    assert!(!t.m.has_pools());
+    // A new instance gets a new pool.
+    t.stopped("vm");
+    t.bring_up("vm");
+    let out = t.lease_session(6, &s);
+    let fresh = connects(&out);
+    assert_eq!(fresh.len(), 1);
+    assert_ne!(fresh[0], pool);
+}
+
+#[test]
+fn shutdown_closes_the_pools_and_waits_for_sessions_in_use() {
+    let mut t = T::new(vec![], None);
+    let s = spec("x", false, 600, 2);
+    let (pool, sessions) = t.warm_pool(&s);
+    assert!(hand_out(&t.lease_session(2, &s)).is_some());
+    let out = t.ev(Event::Shutdown);
+    assert_eq!(closes(&out), [pool]);
+    assert!(!has_exit(&out), "a session is in use");
+    let out = t.lease_session(3, &s);
+    assert!(no_session(&out, 3).contains("shutting down"));
+    let out = t.ev(Event::WarmEnded {
+        pool,
+        session: sessions[0],
+        cause: None,
+    });
+    assert!(has_exit(&out), "{out:?}");
+
+    // A session that never ends is killed with everything at the bound.
+    let mut t = T::new(vec![], None);
+    let (_, _) = t.warm_pool(&s);
+    assert!(hand_out(&t.lease_session(2, &s)).is_some());
+    t.ev(Event::Shutdown);
+    let out = t.advance(SHUTDOWN_BOUND);
+    assert!(out.contains(&Action::KillAll), "{out:?}");
+}
+
+#[test]
+fn warm_up_requests_make_a_pool_and_never_take_a_session() {
+    let mut t = T::new(vec![], None);
+    let s = spec("x", false, 600, 1);
+    let out = t.req(1, Request::Warm { spec: s.clone() });
+    assert_eq!(T::reply(&out, 1), Response::Ok);
+    let pool = connects(&out)[0];
+    let out = t.ev(Event::WarmConnected { pool });
+    let (_, session) = opens(&out)[0];
+    t.ev(Event::WarmReady {
+        pool,
+        session,
+        handshake: hs(),
+    });
+    let out = t.req(2, Request::Warm { spec: s.clone() });
+    assert!(hand_out(&out).is_none());
+    assert_eq!(t.warm_of("x").unwrap().ready, 1);
+}
