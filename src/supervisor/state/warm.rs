@@ -591,21 +591,8 @@ impl Machine {
         names
             .into_iter()
             .map(|name| BuilderStatus {
-                name: name.to_owned(),
-                state: State::AlwaysOn,
-                ssh_port: None,
-                booting_ms: None,
-                expected_boot_ms: None,
-                uptime_ms: None,
-                idle_stop_in_ms: None,
-                leases: 0,
-                boots: 0,
-                boots_ok: 0,
-                boots_failed: 0,
-                boot_settings_outdated: false,
-                last_failure: None,
-                nix_version: None,
                 warm: self.warm_status(name, false, now),
+                ..BuilderStatus::new(name, State::AlwaysOn)
             })
             .collect()
     }
