@@ -349,6 +349,13 @@ fn seeds() -> Vec<Vec<u8>> {
     }
     for p in worker_protos() {
         use worker::StderrMessage as M;
+        // A reply as the daemon frames it: STDERR_LAST, then what `f` writes.
+        let reply = |f: &dyn Fn(&mut Vec<u8>)| {
+            let mut w = Vec::new();
+            worker::server::encode_stderr(&mut w, &p, &M::Last);
+            f(&mut w);
+            w
+        };
         let mut w = Vec::new();
         for m in [
             M::Next("log line\n".into()),
@@ -381,19 +388,16 @@ fn seeds() -> Vec<Vec<u8>> {
             worker::server::encode_stderr(&mut w, &p, &m);
         }
         seeds.push(w);
-        let mut w = Vec::new();
-        worker::server::encode_stderr(&mut w, &p, &worker::StderrMessage::Last);
-        worker::server::encode_query_path_info_reply(&mut w, &p, Some(&info));
-        seeds.push(w);
+        seeds.push(reply(&|w| {
+            worker::server::encode_query_path_info_reply(w, &p, Some(&info))
+        }));
         // A content-addressed build's result, and the realisation operations.
-        let mut w = Vec::new();
-        worker::server::encode_stderr(&mut w, &p, &worker::StderrMessage::Last);
-        worker::server::encode_build_result(&mut w, &p, &ca_result);
-        seeds.push(w);
-        let mut w = Vec::new();
-        worker::server::encode_stderr(&mut w, &p, &worker::StderrMessage::Last);
-        worker::server::encode_query_realisation_reply(&mut w, &p, Some(&realisation));
-        seeds.push(w);
+        seeds.push(reply(&|w| {
+            worker::server::encode_build_result(w, &p, &ca_result)
+        }));
+        seeds.push(reply(&|w| {
+            worker::server::encode_query_realisation_reply(w, &p, Some(&realisation))
+        }));
         let mut w = Vec::new();
         if worker::encode_register_drv_output(&mut w, &p, &realisation).is_ok() {
             worker::encode_query_realisation(&mut w, &p, &realisation.id).expect("same gate");

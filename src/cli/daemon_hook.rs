@@ -219,12 +219,14 @@ mod tests {
         assert!(is_ours(OURS, Some("2.8.0"), other));
     }
 
+    /// What doctor says of a daemon of `version` that runs `hook`, to our binary at OURS.
+    fn report_for(version: &str, hook: Option<&str>) -> DaemonReport {
+        report(Ok(facts(version, hook)), Path::new(OURS))
+    }
+
     #[test]
     fn nix_2_26_with_its_own_hook_gets_the_nix_config_fix_in_one_line() {
-        let r = report(
-            Ok(facts("2.26.3", Some("/usr/bin/nix __build-remote"))),
-            Path::new(OURS),
-        );
+        let r = report_for("2.26.3", Some("/usr/bin/nix __build-remote"));
         assert_eq!(r.level, Level::Fail);
         let lines: Vec<&str> = r.text.lines().collect();
         assert_eq!(lines.len(), 2, "{}", r.text);
@@ -247,10 +249,7 @@ mod tests {
 
     #[test]
     fn other_versions_are_told_to_set_build_hook_in_nix_conf() {
-        let r = report(
-            Ok(facts("2.8.0", Some("/usr/libexec/nix/build-remote"))),
-            Path::new(OURS),
-        );
+        let r = report_for("2.8.0", Some("/usr/libexec/nix/build-remote"));
         assert_eq!(r.level, Level::Fail);
         assert!(
             r.text
@@ -259,7 +258,7 @@ mod tests {
             r.text
         );
         assert!(!r.text.contains("15083"), "{}", r.text);
-        let r = report(Ok(facts("2.34.8", None)), Path::new(OURS));
+        let r = report_for("2.34.8", None);
         assert_eq!(r.level, Level::Fail);
         assert!(r.text.contains("started no build hook"), "{}", r.text);
         assert!(
@@ -272,10 +271,7 @@ mod tests {
 
     #[test]
     fn ours_passes_and_no_answer_only_warns() {
-        let r = report(
-            Ok(facts("2.26.3", Some(&format!("{OURS} hook")))),
-            Path::new(OURS),
-        );
+        let r = report_for("2.26.3", Some(&format!("{OURS} hook")));
         assert_eq!(r.level, Level::Ok, "{}", r.text);
         assert!(r.text.contains("[ ok ] build-hook"), "{}", r.text);
         let r = report(Err("connection refused".into()), Path::new(OURS));

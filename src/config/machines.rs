@@ -444,28 +444,34 @@ mod tests {
 
     #[test]
     fn columns_override_uri_parameters() {
-        let b = one(&format!(
-            "ssh://h?ssh-key=/from-param&base64-ssh-public-host-key={} - /from-column",
-            b64(ECDSA)
-        ));
-        assert_eq!(b.ssh_key.as_deref(), Some(Path::new("/from-column")));
-        let HostKeySpec::Pinned(k) = &b.host_keys else {
-            panic!()
-        };
-        assert_eq!(k[0].algorithm, "ecdsa-sha2-nistp256");
-        let b = one(&format!(
-            "ssh://h?ssh-key=/from-param - - - - - - {}",
-            b64(ED25519)
-        ));
-        assert_eq!(b.ssh_key.as_deref(), Some(Path::new("/from-param")));
-        let HostKeySpec::Pinned(k) = &b.host_keys else {
-            panic!()
-        };
-        assert_eq!(k[0].algorithm, "ssh-ed25519");
-        assert_eq!(
-            b.store_uri, "ssh://h?ssh-key=/from-param",
-            "the slot key is the URI as written"
-        );
+        // (line, the key used, the host key's algorithm, the URI as written)
+        for (line, key, algorithm, uri) in [
+            (
+                format!(
+                    "ssh://h?ssh-key=/from-param&base64-ssh-public-host-key={} - /from-column",
+                    b64(ECDSA)
+                ),
+                "/from-column",
+                "ecdsa-sha2-nistp256",
+                None,
+            ),
+            (
+                format!("ssh://h?ssh-key=/from-param - - - - - - {}", b64(ED25519)),
+                "/from-param",
+                "ssh-ed25519",
+                Some("ssh://h?ssh-key=/from-param"),
+            ),
+        ] {
+            let b = one(&line);
+            assert_eq!(b.ssh_key.as_deref(), Some(Path::new(key)), "{line}");
+            let HostKeySpec::Pinned(k) = &b.host_keys else {
+                panic!("{line}: {:?}", b.host_keys)
+            };
+            assert_eq!(k[0].algorithm, algorithm, "{line}");
+            if let Some(uri) = uri {
+                assert_eq!(b.store_uri, uri, "the slot key is the URI as written");
+            }
+        }
     }
 
     #[test]

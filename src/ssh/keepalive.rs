@@ -128,6 +128,22 @@ impl WatchedStream {
         self.stall_armed = false;
         Poll::Ready(r)
     }
+
+    /// One write-side call (`write`, `write_vectored`, `flush`) on the socket, watched: refused
+    /// once the session is killed, and its stall timed while the socket takes nothing.
+    fn poll_watched_write<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        op: impl FnOnce(Pin<&mut TcpStream>, &mut Context<'_>) -> Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if self.kill.is_cancelled() {
+            return Poll::Ready(Err(Self::abandoned()));
+        }
+        match op(Pin::new(&mut self.inner), cx) {
+            Poll::Ready(r) => self.write_done(r),
+            Poll::Pending => self.poll_write_pending(cx),
+        }
+    }
 }
 
 impl AsyncRead for WatchedStream {
@@ -165,14 +181,7 @@ impl AsyncWrite for WatchedStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let this = &mut *self;
-        if this.kill.is_cancelled() {
-            return Poll::Ready(Err(Self::abandoned()));
-        }
-        match Pin::new(&mut this.inner).poll_write(cx, buf) {
-            Poll::Ready(r) => this.write_done(r),
-            Poll::Pending => this.poll_write_pending(cx),
-        }
+        self.poll_watched_write(cx, |s, cx| s.poll_write(cx, buf))
     }
 
     fn poll_write_vectored(
@@ -180,14 +189,7 @@ impl AsyncWrite for WatchedStream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let this = &mut *self;
-        if this.kill.is_cancelled() {
-            return Poll::Ready(Err(Self::abandoned()));
-        }
-        match Pin::new(&mut this.inner).poll_write_vectored(cx, bufs) {
-            Poll::Ready(r) => this.write_done(r),
-            Poll::Pending => this.poll_write_pending(cx),
-        }
+        self.poll_watched_write(cx, |s, cx| s.poll_write_vectored(cx, bufs))
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -195,14 +197,7 @@ impl AsyncWrite for WatchedStream {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = &mut *self;
-        if this.kill.is_cancelled() {
-            return Poll::Ready(Err(Self::abandoned()));
-        }
-        match Pin::new(&mut this.inner).poll_flush(cx) {
-            Poll::Ready(r) => this.write_done(r),
-            Poll::Pending => this.poll_write_pending(cx),
-        }
+        self.poll_watched_write(cx, |s, cx| s.poll_flush(cx))
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -653,22 +653,8 @@ mod tests {
 
     fn status(state: State, failure: Option<Failure>) -> BuilderStatus {
         BuilderStatus {
-            name: "vm".into(),
-            state,
-            ssh_port: None,
-            booting_ms: None,
-            expected_boot_ms: None,
-            uptime_ms: None,
-            idle_stop_in_ms: None,
-            leases: 0,
-            boots: 0,
-            boots_ok: 0,
-            boots_failed: 0,
-            boot_settings_outdated: false,
             last_failure: failure,
-            nix_version: None,
-            warm: None,
-            snapshot: None,
+            ..BuilderStatus::new("vm", state)
         }
     }
 

@@ -244,7 +244,7 @@ pub struct WarmStatus {
 
 impl BuilderStatus {
     /// A builder in `state` with nothing else to report: no port, no timings, no leases, no
-    /// boots, no failure.
+    /// boots, no failure, no warm connections.
     pub fn new(name: &str, state: State) -> BuilderStatus {
         BuilderStatus {
             name: name.to_owned(),

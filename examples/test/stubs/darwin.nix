@@ -122,16 +122,9 @@ let
   confAtom = with types; nullOr (oneOf [ bool int float str path package ]) // { description = "Nix config atom"; };
 in
 {
-  options = {
-    assertions = mkOption { type = types.listOf types.unspecified; default = [ ]; internal = true; };
-    warnings = mkOption { type = types.listOf types.str; default = [ ]; internal = true; };
-    nixpkgs.hostPlatform = mkOption {
-      type = types.either types.str types.attrs;
-      apply = lib.systems.elaborate;
-    };
+  imports = [ ./common.nix ];
 
-    nix.enable = mkOption { type = types.bool; default = true; };
-    nix.package = mkOption { type = types.package; default = pkgs.nix; };
+  options = {
     nix.envVars = mkOption { type = types.attrs; default = { }; internal = true; };
     nix.settings = mkOption {
       type = types.submodule {

@@ -164,17 +164,9 @@ let
     };
 in
 {
+  imports = [ ./common.nix ];
+
   options = {
-    assertions = mkOption { type = types.listOf types.unspecified; default = [ ]; internal = true; };
-    warnings = mkOption { type = types.listOf types.str; default = [ ]; internal = true; };
-
-    nixpkgs.hostPlatform = mkOption {
-      type = types.either types.str types.attrs;
-      apply = lib.systems.elaborate;
-    };
-
-    nix.enable = mkOption { type = types.bool; default = true; };
-    nix.package = mkOption { type = types.package; default = pkgs.nix; };
     nix.channel.enable = mkOption { type = types.bool; default = true; };
     nix.settings = mkOption {
       type = types.submodule {

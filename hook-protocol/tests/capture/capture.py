@@ -218,47 +218,39 @@ if [ "$protocol" = serve ]; then exec nix-store --serve --write; else exec nix-d
 """
 
 
-class Server:
-    def __init__(self, nix, protocol):
-        self.work = tempfile.mkdtemp(prefix="nlb-capture-")
-        os.makedirs(os.path.join(self.work, "conf"))
-        with open(os.path.join(self.work, "conf", "nix.conf"), "w") as f:
-            f.write(NIX_CONF)
-        with open(os.path.join(self.work, "capture.nix"), "w") as f:
-            f.write(EXPR)
-        self.log = open(os.path.join(self.work, "server.log"), "wb")
-        if nix == "host":
-            cmd = ["unshare", "-m", "--propagation", "private", "sh", "-euc", SERVER_SCRIPT,
-                   "sh", self.work, protocol, "yes"]
-            self.inside = self.work
-        else:
-            cmd = [os.path.join(REPO, "tests", "env", "sid-run.sh"), "--tmpfs", "/nix",
-                   "--bind", self.work, "/capture", "--", "sh", "-euc", SERVER_SCRIPT,
-                   "sh", "/capture", protocol, "no"]
-            self.inside = "/capture"
-        env = {k: v for k, v in os.environ.items() if k not in ("NIX_REMOTE", "NIX_CONF_DIR")}
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=self.log, env=env)
+class Peer:
+    """A child process spoken to over its stdin and stdout; every byte read is recorded until
+    take(). Subclasses name themselves in errors (`who`) and may add context to them."""
+
+    who = "server"
+    timeout = TIMEOUT
+
+    def start(self, cmd, **popen):
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, **popen)
         self.rfd = self.proc.stdout.fileno()
         self.buf = b""
         self.recorded = b""
+
+    def failure_context(self):
+        return ""
 
     def send(self, data):
         self.proc.stdin.write(data)
         self.proc.stdin.flush()
 
     def read_exact(self, n):
-        deadline = time.monotonic() + TIMEOUT
+        deadline = time.monotonic() + self.timeout
         while len(self.buf) < n:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise TimeoutError("server sent nothing for %ds; log: %s" % (TIMEOUT, self.log_text()))
+                raise TimeoutError("%s sent nothing for %ds%s"
+                                   % (self.who, self.timeout, self.failure_context()))
             r, _, _ = select.select([self.rfd], [], [], left)
             if not r:
                 continue
             chunk = os.read(self.rfd, 65536)
             if not chunk:
-                raise EOFError("server closed its output; log:\n" + self.log_text())
+                raise EOFError("%s closed its output%s" % (self.who, self.failure_context()))
             self.buf += chunk
         out, self.buf = self.buf[:n], self.buf[n:]
         self.recorded += out
@@ -283,6 +275,31 @@ class Server:
 
     def strs(self):
         return [self.str() for _ in range(self.u64())]
+
+
+class Server(Peer):
+    def __init__(self, nix, protocol):
+        self.work = tempfile.mkdtemp(prefix="nlb-capture-")
+        os.makedirs(os.path.join(self.work, "conf"))
+        with open(os.path.join(self.work, "conf", "nix.conf"), "w") as f:
+            f.write(NIX_CONF)
+        with open(os.path.join(self.work, "capture.nix"), "w") as f:
+            f.write(EXPR)
+        self.log = open(os.path.join(self.work, "server.log"), "wb")
+        if nix == "host":
+            cmd = ["unshare", "-m", "--propagation", "private", "sh", "-euc", SERVER_SCRIPT,
+                   "sh", self.work, protocol, "yes"]
+            self.inside = self.work
+        else:
+            cmd = [os.path.join(REPO, "tests", "env", "sid-run.sh"), "--tmpfs", "/nix",
+                   "--bind", self.work, "/capture", "--", "sh", "-euc", SERVER_SCRIPT,
+                   "sh", "/capture", protocol, "no"]
+            self.inside = "/capture"
+        env = {k: v for k, v in os.environ.items() if k not in ("NIX_REMOTE", "NIX_CONF_DIR")}
+        self.start(cmd, stderr=self.log, env=env)
+
+    def failure_context(self):
+        return "; log:\n" + self.log_text()
 
     def nar(self):
         start = len(self.recorded)
@@ -602,6 +619,30 @@ def framed(data, chunk=1000):
     return out + u64(0)
 
 
+def worker_hello(srv, client_version):
+    """The worker handshake's first exchange: the magic numbers and versions. Returns the
+    daemon's version and the one both speak."""
+    srv.send(u64(0x6E697863) + u64(client_version))
+    assert srv.u64() == 0x6478696F
+    server_version = srv.u64()
+    return server_version, min(server_version, client_version)
+
+
+def write_steps(out, steps):
+    """Writes each step's bytes to its own file in a fresh `out`; returns the manifest's
+    entries for them (what was sent, the file, its size)."""
+    shutil.rmtree(out, ignore_errors=True)
+    os.makedirs(out)
+    manifest_steps = []
+    for i, s in enumerate(steps):
+        fname = "%02d-%s.bin" % (i, s["name"])
+        with open(os.path.join(out, fname), "wb") as f:
+            f.write(s["bytes"])
+        manifest_steps.append(dict({k: v for k, v in s.items() if k != "bytes"}, file=fname,
+                                   size=len(s["bytes"])))
+    return manifest_steps
+
+
 def run_worker(srv, client_version, client_features, steps):
     paths = make_paths()
     A, B, C = paths["A"], paths["B"], paths["C"]
@@ -610,10 +651,7 @@ def run_worker(srv, client_version, client_features, steps):
     def step(name, **info):
         steps.append(dict(name=name, bytes=srv.take(), **info))
 
-    srv.send(u64(0x6E697863) + u64(client_version))
-    assert srv.u64() == 0x6478696F
-    server_version = srv.u64()
-    v = min(server_version, client_version)
+    server_version, v = worker_hello(srv, client_version)
     tail = b""
     if v >= 0x126:
         tail += wstrs(sorted(client_features))
@@ -731,15 +769,7 @@ def main():
 
     name = "nix-" + nix_version + (("-" + args.suffix) if args.suffix else "")
     out = os.path.join(args.out, name)
-    shutil.rmtree(out, ignore_errors=True)
-    os.makedirs(out)
-    manifest_steps = []
-    for i, s in enumerate(steps):
-        fname = "%02d-%s.bin" % (i, s["name"])
-        with open(os.path.join(out, fname), "wb") as f:
-            f.write(s["bytes"])
-        manifest_steps.append(dict({k: v for k, v in s.items() if k != "bytes"}, file=fname,
-                                   size=len(s["bytes"])))
+    manifest_steps = write_steps(out, steps)
     manifest = dict(info, nix_version=nix_version, protocol=args.protocol,
                     client_version="%d.%d" % (client_version >> 8, client_version & 0xFF),
                     client_features=features, server_exit_status=rc, steps=manifest_steps,

@@ -146,22 +146,17 @@ client() { # client [ENV=V...] -- CMD...: a trusted client of the local daemon, 
 cat >"$W/expr/ca.nix" <<'NIX'
 { tag }:
 let
-  caA = derivation {
-    name = "capture-caA-${tag}";
+  # A floating content-addressed derivation named capture-NAME-TAG.
+  ca = name: attrs: derivation ({
+    name = "capture-${name}-${tag}";
     system = "x86_64-linux";
     builder = "/bin/sh";
     __contentAddressed = true;
     outputHashMode = "recursive";
     outputHashAlgo = "sha256";
-    args = [ "-c" "echo building caA ${tag}; echo caA ${tag} > $out" ];
-  };
-  caB = derivation {
-    name = "capture-caB-${tag}";
-    system = "x86_64-linux";
-    builder = "/bin/sh";
-    __contentAddressed = true;
-    outputHashMode = "recursive";
-    outputHashAlgo = "sha256";
+  } // attrs);
+  caA = ca "caA" { args = [ "-c" "echo building caA ${tag}; echo caA ${tag} > $out" ]; };
+  caB = ca "caB" {
     outputs = [ "out" "dev" ];
     inherit caA;
     args = [ "-c" "echo building caB ${tag}; mkdir $out; echo $caA > $out/ref; cat $caA > $out/copy; echo dev > $dev" ];

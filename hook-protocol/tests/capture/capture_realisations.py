@@ -15,67 +15,24 @@ layout as capture.py's captures (it reuses capture.py's wire helpers).
 import argparse
 import json
 import os
-import select
-import shutil
-import subprocess
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from capture import u64, ver, worker_stderr, wstr  # noqa: E402
+from capture import Peer, u64, ver, worker_hello, worker_stderr, write_steps, wstr  # noqa: E402
 
 TIMEOUT = 60.0
 
 
-class Conn:
-    """A recording reader over a child process's stdout (the same interface capture.Server has)."""
+class Conn(Peer):
+    """The remote daemon, as capture.Server is the local one."""
+
+    who = "the daemon"
+    timeout = TIMEOUT
 
     def __init__(self, cmd, log):
         self.log = log
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log)
-        self.rfd = self.proc.stdout.fileno()
-        self.buf = b""
-        self.recorded = b""
-
-    def send(self, data):
-        self.proc.stdin.write(data)
-        self.proc.stdin.flush()
-
-    def read_exact(self, n):
-        deadline = time.monotonic() + TIMEOUT
-        while len(self.buf) < n:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError("the daemon sent nothing for %ds" % TIMEOUT)
-            r, _, _ = select.select([self.rfd], [], [], left)
-            if r:
-                chunk = os.read(self.rfd, 65536)
-                if not chunk:
-                    raise EOFError("the daemon closed its output")
-                self.buf += chunk
-        out, self.buf = self.buf[:n], self.buf[n:]
-        self.recorded += out
-        return out
-
-    def take(self):
-        out, self.recorded = self.recorded, b""
-        return out
-
-    def u64(self):
-        return int.from_bytes(self.read_exact(8), "little")
-
-    def bytes(self):
-        n = self.u64()
-        data = self.read_exact(n)
-        self.read_exact((8 - n % 8) % 8)
-        return data
-
-    def str(self):
-        return self.bytes().decode("utf-8", "replace")
-
-    def strs(self):
-        return [self.str() for _ in range(self.u64())]
+        self.start(cmd, stderr=log)
 
 
 def realisation_json(drv_output, out_path):
@@ -104,10 +61,7 @@ def main():
     def step(name, **info):
         steps.append(dict(name=name, bytes=srv.take(), **info))
 
-    srv.send(u64(0x6E697863) + u64(client_version))
-    assert srv.u64() == 0x6478696F
-    server_version = srv.u64()
-    v = min(server_version, client_version)
+    server_version, v = worker_hello(srv, client_version)
     features = u64(0) if v >= 0x126 else b""  # an empty feature list
     srv.send(features + u64(0) + u64(0))
     if v >= 0x126:
@@ -169,15 +123,7 @@ def main():
         raise RuntimeError("unexpected trailing output: %r" % rest[:200])
 
     out = args.out
-    shutil.rmtree(out, ignore_errors=True)
-    os.makedirs(out)
-    manifest_steps = []
-    for i, s in enumerate(steps):
-        fname = "%02d-%s.bin" % (i, s["name"])
-        with open(os.path.join(out, fname), "wb") as f:
-            f.write(s["bytes"])
-        manifest_steps.append(dict({k: x for k, x in s.items() if k != "bytes"}, file=fname,
-                                   size=len(s["bytes"])))
+    manifest_steps = write_steps(out, steps)
     manifest = {
         "captured_by": "hook-protocol/tests/capture/capture_realisations.py",
         "protocol": "worker",

@@ -4,12 +4,21 @@ let
   sh = "/bin/sh";
   sys = "x86_64-linux";
 
+  # A derivation NAME that runs `sh -c SCRIPT` on x86_64-linux, with ATTRS on top.
+  mk =
+    name: script: attrs:
+    derivation (
+      {
+        inherit name;
+        system = sys;
+        builder = sh;
+        args = [ "-c" script ];
+      }
+      // attrs
+    );
+
   # Two outputs, plain args.
-  twoOutputs = derivation {
-    name = "two-outputs";
-    system = sys;
-    builder = sh;
-    args = [ "-c" "echo out > $out; echo dev > $dev" ];
+  twoOutputs = mk "two-outputs" "echo out > $out; echo dev > $dev" {
     outputs = [ "out" "dev" ];
   };
 
@@ -17,31 +26,20 @@ let
   src = builtins.toFile "input.txt" "hello from an input source\n";
 
   # Depends on both outputs of twoOutputs (one inputDrv, two wanted outputs) and on a source.
-  withInputs = derivation {
-    name = "with-inputs";
+  withInputs = mk "with-inputs" "cat ${src} ${twoOutputs.dev} ${twoOutputs.out} > $out" {
     system = "aarch64-linux";
-    builder = sh;
-    args = [ "-c" "cat ${src} ${twoOutputs.dev} ${twoOutputs.out} > $out" ];
     requiredSystemFeatures = [ "big-parallel" "kvm" ];
   };
 
   # Fixed-output, recursive sha256.
-  fixedRecursive = derivation {
-    name = "fixed-recursive";
-    system = sys;
-    builder = sh;
-    args = [ "-c" "mkdir $out" ];
+  fixedRecursive = mk "fixed-recursive" "mkdir $out" {
     outputHashMode = "recursive";
     outputHashAlgo = "sha256";
     outputHash = "1b0b1n5fk5h3vqdlg5lmfwfy3zlqqb3lm5n3y1njbxz4v3v2h1jr";
   };
 
   # Fixed-output, flat sha1 given in base16, with an input derivation.
-  fixedFlat = derivation {
-    name = "fixed-flat";
-    system = sys;
-    builder = sh;
-    args = [ "-c" "cp ${twoOutputs.out} $out" ];
+  fixedFlat = mk "fixed-flat" "cp ${twoOutputs.out} $out" {
     outputHashAlgo = "sha1";
     outputHash = "da39a3ee5e6b4b0d3255bfef95601890afd80709";
   };
@@ -67,33 +65,20 @@ let
   };
 
   # Structured attrs: everything travels in the __json env entry.
-  structured = derivation {
-    name = "structured";
-    system = sys;
-    builder = sh;
-    args = [ "-c" "true" ];
+  structured = mk "structured" "true" {
     __structuredAttrs = true;
     nested = { a = [ 1 2 3 ]; b = "x\ny"; };
   };
 
   # Floating content-addressed (needs the ca-derivations experimental feature): no output path.
-  floatingCa = derivation {
-    name = "floating-ca";
-    system = sys;
-    builder = sh;
-    args = [ "-c" "echo ca > $out" ];
+  floatingCa = mk "floating-ca" "echo ca > $out" {
     __contentAddressed = true;
     outputHashMode = "recursive";
     outputHashAlgo = "sha256";
   };
 
   # Input-addressed but depending on a floating CA derivation: its output is deferred.
-  deferred = derivation {
-    name = "deferred";
-    system = sys;
-    builder = sh;
-    args = [ "-c" "cat ${floatingCa} > $out" ];
-  };
+  deferred = mk "deferred" "cat ${floatingCa} > $out" { };
 in
 {
   inherit twoOutputs withInputs fixedRecursive fixedFlat escapes structured floatingCa deferred;
