@@ -13,9 +13,10 @@ rec {
     else
       "${package}/bin/nix-lazy-builder hook";
 
-  # Some daemons (about Nix 2.25 to 2.33, NixOS/nix#15083) read nix.conf and then reset
-  # build-hook to their default, silently; NIX_CONFIG in the daemon's environment is read
-  # later and wins. Every version reads it the same way, so the modules set both.
+  # Nix 2.25.0 through 2.33.x (58b03ef1cd; fixed in 2.34.0 by NixOS/nix#15083) read nix.conf
+  # and then reset build-hook to their default, silently; NIX_CONFIG in the daemon's
+  # environment is read later and wins. Every version since 2.4 reads it the same way, so the
+  # modules set both.
   daemonNixConfig = line: "build-hook = ${line}";
 
   # The script the supervisor starts for a NixOS VM runner (`system.build.vm`, also inside

@@ -34,6 +34,23 @@ for d in "$data"/worker/*/; do
     { printf "$v"; cat "$f"; } > "$c/worker_replies/$(basename "$d")-$(basename "$f")"
   done
 done
+# Content-addressed builds (Nix 2.34, tests/data/ca): the realisation operations' replies at 1.35
+# and 1.30, and whole server streams (their handshake, and everything after it, as a start).
+for d in "$data"/ca/*/realisations-*/; do
+  case "$d" in
+    *1.30*) v='	' ;;          # 1.30
+    *) v='' ;;               # 1.35
+  esac
+  for f in "$d"*.bin; do
+    { printf "$v"; cat "$f"; } > "$c/worker_replies/ca-$(basename "$d")-$(basename "$f")"
+  done
+done
+for f in "$data"/ca/*/*.server.bin; do
+  case "$f" in
+    *ssh-ng*|*copy*) { printf ''; cat "$f"; } > "$c/worker_replies/ca-$(basename "$f")" ;;
+    *) { printf ''; cat "$f"; } > "$c/serve_replies/ca-$(basename "$f")" ;;
+  esac
+done
 
 key='ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFwgxv0w8zjLFNJ6M4EHyBd7/gHpLNuw1C+/JusH19ZC root@b'
 b64=$(printf '%s' "$key" | base64 -w0)

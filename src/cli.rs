@@ -1,22 +1,35 @@
-//! The administrator's commands: `status` (a table, or `--json`), `up NAME`, `down NAME`, and
-//! `doctor` (one report that checks every builder end to end).
+//! The administrator's commands: `status` (a table, or `--json`; with a broken config the error
+//! and the running supervisor's state), `up NAME`, `down NAME`, and `doctor` (`doctor.rs`: one
+//! report that checks every builder end to end).
 //!
 //! These are the only parts of the library that print to stdout; they talk to the supervisor
-//! through its client and to builders through `ssh`, and never change a store.
+//! through its client, to builders through `ssh` and to the local daemon through `store` (its
+//! version and the build hook it really runs: `daemon_hook.rs`), and never change a store but
+//! for the daemon probe's one small `.drv`. The status table is a list of columns
+//! ([`COLUMNS`]): a new column is one entry there.
+
+mod daemon_hook;
+mod doctor;
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::config::{self, Builder, Config, ConfigPath, HostKeySpec};
-use crate::ssh;
-use crate::supervisor::client::{Client, ClientError, Verdict};
+pub use doctor::{DoctorArgs, doctor};
+
+use crate::config::{self, Builder, Config, ConfigPath};
+use crate::supervisor::client::{Client, ClientError, StatusReport, Verdict};
 use crate::supervisor::proto::{BuilderStatus, State};
 
-/// Loads the TOML config the way the hook and the supervisor do.
+/// Loads the TOML config the way the hook and the supervisor do; the file's name comes back
+/// absolute (a supervisor it starts runs elsewhere, and `status` compares it with the one a
+/// running supervisor serves).
 pub fn load_config(path: &ConfigPath) -> Result<(Config, Option<PathBuf>), String> {
     let cfg = Config::load(path).map_err(|e| e.to_string())?;
-    Ok((cfg, path.named().map(Path::to_owned)))
+    let named = path
+        .named()
+        .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.to_owned()));
+    Ok((cfg, named))
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, String> {
@@ -54,77 +67,91 @@ fn state_name(s: State) -> &'static str {
     }
 }
 
-/// The `status` table.
-pub fn status_table(list: &[BuilderStatus]) -> String {
-    let mut rows = vec![[
-        "BUILDER".to_owned(),
-        "STATE".to_owned(),
-        "UPTIME".to_owned(),
-        "IDLE STOP IN".to_owned(),
-        "BUILDS".to_owned(),
-        "BOOTS".to_owned(),
-        "WARM".to_owned(),
-        "HAND-OUTS".to_owned(),
-        "LAST FAILURE".to_owned(),
-    ]];
-    for s in list {
-        let state = match (s.state, s.booting_ms) {
-            (State::Booting, Some(b)) => format!("booting ({})", dur(Some(b))),
-            (st, _) => state_name(st).to_owned(),
-        };
-        let failure = match &s.last_failure {
-            None => "-".to_owned(),
-            Some(f) if f.retry_in_ms > 0 => {
-                format!("{} (retry in {})", f.cause, dur(Some(f.retry_in_ms)))
-            }
-            Some(f) => f.cause.clone(),
-        };
-        let (failure, warm, hand_outs) = match &s.warm {
-            None => (failure, "-".to_owned(), "-".to_owned()),
-            Some(w) => (
-                match (&w.last_failure, failure.as_str()) {
-                    (Some(f), "-") => format!("warm connection: {f}"),
-                    _ => failure,
-                },
-                warm_cell(w),
-                w.hand_outs.to_string(),
-            ),
-        };
-        let always_on = s.state == State::AlwaysOn;
-        let or_dash = |v: String| if always_on { "-".to_owned() } else { v };
-        rows.push([
-            s.name.clone(),
-            state,
-            dur(s.uptime_ms),
-            dur(s.idle_stop_in_ms),
-            or_dash(s.leases.to_string()),
-            or_dash(s.boots.to_string()),
-            warm,
-            hand_outs,
-            failure,
-        ]);
-    }
-    let last = rows[0].len() - 1;
-    let widths: Vec<usize> = (0..=last)
-        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
-        .collect();
-    let mut out = String::new();
-    for r in &rows {
-        let mut line = String::new();
-        for (c, cell) in r.iter().enumerate() {
-            if c == last {
-                line.push_str(cell);
-            } else {
-                let _ = write!(line, "{cell:<w$}  ", w = widths[c]);
-            }
-        }
-        out.push_str(line.trim_end());
-        out.push('\n');
-    }
-    out
+/// One column of the `status` table: its header and a builder's cell. The last column is not
+/// padded (it may be long); add a column by adding a line to [`COLUMNS`].
+struct Column {
+    header: &'static str,
+    cell: fn(&BuilderStatus) -> String,
 }
 
-/// A warm connection in one cell: sessions ready (and in use), or why there are none.
+const COLUMNS: &[Column] = &[
+    Column {
+        header: "BUILDER",
+        cell: |s| s.name.clone(),
+    },
+    Column {
+        header: "STATE",
+        cell: |s| match (s.state, s.booting_ms) {
+            (State::Booting, Some(b)) => format!("booting ({})", dur(Some(b))),
+            (st, _) => state_name(st).to_owned(),
+        },
+    },
+    // A qemu builder with `ssh-port = 0` gets another port at each boot.
+    Column {
+        header: "PORT",
+        cell: |s| s.ssh_port.map_or_else(|| "-".to_owned(), |p| p.to_string()),
+    },
+    Column {
+        header: "UPTIME",
+        cell: |s| dur(s.uptime_ms),
+    },
+    Column {
+        header: "IDLE STOP IN",
+        cell: |s| dur(s.idle_stop_in_ms),
+    },
+    Column {
+        header: "RUNNING BUILDS",
+        cell: |s| lazy_only(s, s.leases),
+    },
+    Column {
+        header: "BOOTS OK",
+        cell: |s| lazy_only(s, s.boots_ok),
+    },
+    Column {
+        header: "BOOTS FAILED",
+        cell: |s| lazy_only(s, s.boots_failed),
+    },
+    // Warm connections (lazy and always-on builders alike); "-" where there is none.
+    Column {
+        header: "WARM",
+        cell: |s| s.warm.as_ref().map_or_else(|| "-".to_owned(), warm_cell),
+    },
+    Column {
+        header: "HAND-OUTS",
+        cell: |s| {
+            s.warm
+                .as_ref()
+                .map_or_else(|| "-".to_owned(), |w| w.hand_outs.to_string())
+        },
+    },
+    Column {
+        header: "LAST FAILURE",
+        cell: |s| match (
+            &s.last_failure,
+            s.warm.as_ref().and_then(|w| w.last_failure.as_ref()),
+        ) {
+            (None, None) => "-".to_owned(),
+            (None, Some(w)) => format!("warm connection: {w}"),
+            (Some(f), _) if f.retry_in_ms > 0 => format!(
+                "{} (not booted again for another {})",
+                f.cause,
+                dur(Some(f.retry_in_ms))
+            ),
+            (Some(f), _) => f.cause.clone(),
+        },
+    },
+];
+
+/// A count that only a lazy builder has (an always-on builder is neither leased nor booted).
+fn lazy_only(s: &BuilderStatus, n: u32) -> String {
+    if s.state == State::AlwaysOn {
+        "-".to_owned()
+    } else {
+        n.to_string()
+    }
+}
+
+/// The WARM cell: ready sessions (or "not connected") and those in use.
 fn warm_cell(w: &crate::supervisor::proto::WarmStatus) -> String {
     let mut cell = if w.connected {
         format!("{} ready", w.ready)
@@ -137,6 +164,32 @@ fn warm_cell(w: &crate::supervisor::proto::WarmStatus) -> String {
     cell
 }
 
+/// The `status` table.
+pub fn status_table(list: &[BuilderStatus]) -> String {
+    let mut rows: Vec<Vec<String>> = vec![COLUMNS.iter().map(|c| c.header.to_owned()).collect()];
+    rows.extend(
+        list.iter()
+            .map(|s| COLUMNS.iter().map(|c| (c.cell)(s)).collect()),
+    );
+    let widths: Vec<usize> = (0..COLUMNS.len())
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for r in &rows {
+        let mut line = String::new();
+        for (c, cell) in r.iter().enumerate() {
+            if c + 1 == COLUMNS.len() {
+                line.push_str(cell);
+            } else {
+                let _ = write!(line, "{cell:<w$}  ", w = widths[c]);
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
 /// The supervisor's control socket is root-only (0600 in a 0700 state directory) and there is
 /// no read-only path for other users: a command that may not open it says so instead of
 /// reporting a raw EACCES or, worse, "down" for builders that may well be up.
@@ -147,7 +200,7 @@ fn root_only(command: &str, e: &ClientError) -> Option<String> {
         {
             Some(format!(
                 "`{command}` needs root: the supervisor's control socket {} is root-only \
-                 (there is no read-only status for other users); run it as root, e.g. with sudo",
+                 (there is no read-only status for other users): run it as root",
                 socket.display()
             ))
         }
@@ -155,31 +208,165 @@ fn root_only(command: &str, e: &ClientError) -> Option<String> {
     }
 }
 
-/// `status [--json]`: asks the running supervisor; without one every lazy builder is down.
-pub fn status(config: &ConfigPath, json: bool) -> Result<String, String> {
-    let (cfg, _) = load_config(config)?;
-    let rt = runtime()?;
-    let list = rt.block_on(async {
-        match Client::connect(&cfg.supervisor.state_dir).await {
-            Ok(mut c) => c.status().await.map_err(|e| e.to_string()),
-            Err(e) => match root_only("nix-lazy-builder status", &e) {
-                Some(m) => Err(m),
-                None => Ok(cfg
-                    .builders
-                    .iter()
-                    .filter(|b| b.is_lazy())
-                    .map(|b| down_status(&b.name))
-                    .collect()),
-            },
+/// What a command prints: `error` (if any) on stderr first, with exit status 1, then `stdout`.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Printed {
+    pub stdout: String,
+    pub error: Option<String>,
+}
+
+/// The config file this command reads, named or the default one, made absolute: what a
+/// supervisor serving it reports (a supervisor started without `--config` serves the default).
+pub(crate) fn config_file(path: &ConfigPath) -> PathBuf {
+    std::path::absolute(&path.path).unwrap_or_else(|_| path.path.clone())
+}
+
+/// Whether two names of a config file are the same file.
+pub(crate) fn same_file(a: &Path, b: &Path) -> bool {
+    a == b
+        || match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+            (Ok(a), Ok(b)) => a == b,
+            _ => false,
         }
-    })?;
-    if json {
-        serde_json::to_string_pretty(&list)
-            .map(|s| s + "\n")
-            .map_err(|e| e.to_string())
-    } else {
-        Ok(status_table(&list))
+}
+
+/// The lines above the table: what is wrong with the supervisor's view of this config, and
+/// what the configuration says that the measurements contradict.
+fn status_warnings(
+    report: &StatusReport,
+    pid: u32,
+    cfg: Option<&Config>,
+    ours: &Path,
+) -> Vec<String> {
+    let mut w = Vec::new();
+    match &report.config_file {
+        Some(theirs) if !same_file(theirs, ours) => w.push(format!(
+            "warning: the supervisor (pid {pid}) serves {}, not {}: the builders below are \
+             that file's",
+            theirs.display(),
+            ours.display()
+        )),
+        None => w.push(format!(
+            "warning: the supervisor (pid {pid}) was started without a config file to read \
+             again; it does not follow changes to {}",
+            ours.display()
+        )),
+        _ => {}
     }
+    // (A config this command could not load either is the error already shown above.)
+    if let Some(e) = report.config_error.as_ref().filter(|_| cfg.is_some()) {
+        w.push(format!(
+            "warning: the supervisor (pid {pid}) could not reload its config, so it runs the \
+             one it had: {e}"
+        ));
+    }
+    for s in &report.builders {
+        if s.boot_settings_outdated {
+            w.push(format!(
+                "note: '{}' runs with boot settings its config no longer has; they apply from \
+                 its next boot",
+                s.name
+            ));
+        }
+        if let (Some(cfg), Some(expected)) = (cfg, s.expected_boot_ms)
+            && let Some(b) = cfg.builders.iter().find(|b| b.name == s.name)
+            && let Some(w_) = boot_timeout_warning(b, expected)
+        {
+            w.push(w_);
+        }
+    }
+    w
+}
+
+/// A boot-timeout below the boot time the supervisor measured (`expected_ms`).
+pub(crate) fn boot_timeout_warning(b: &Builder, expected_ms: u64) -> Option<String> {
+    let timeout = b.lazy.as_ref()?.boot_timeout;
+    (u128::from(expected_ms) > timeout.as_millis()).then(|| {
+        format!(
+            "warning: '{}': boot-timeout ({}) is below the {} its recent boots took: its \
+             boots will time out; raise boot-timeout",
+            b.name,
+            humantime::format_duration(timeout),
+            dur(Some(expected_ms.div_ceil(1000) * 1000))
+        )
+    })
+}
+
+/// `status [--json]`: asks the running supervisor; without one every lazy builder is down. A
+/// config that does not load is the error, and the running supervisor's state (as it loaded its
+/// config before) is shown below it.
+pub fn status(config: &ConfigPath, json: bool) -> Printed {
+    let (cfg, state_dir, error) = match load_config(config) {
+        Ok((cfg, _)) => {
+            let dir = cfg.supervisor.state_dir.clone();
+            (Some(cfg), dir, None)
+        }
+        Err(e) => (None, Config::state_dir_hint(config), Some(e)),
+    };
+    let fail = |e: String| Printed {
+        stdout: String::new(),
+        error: Some(e),
+    };
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => return fail(e),
+    };
+    let asked = rt.block_on(async {
+        let mut c = Client::connect(&state_dir).await?;
+        let report = c.status_report().await?;
+        Ok::<_, ClientError>((c.supervisor_pid(), report))
+    });
+    let (list, header) = match (asked, &cfg) {
+        (Ok((pid, report)), _) => {
+            let mut header = status_warnings(&report, pid, cfg.as_ref(), &config_file(config));
+            if error.is_some() {
+                header.insert(
+                    0,
+                    format!(
+                        "the running supervisor (pid {pid}) keeps the configuration it loaded \
+                         before:"
+                    ),
+                );
+            }
+            (report.builders, header)
+        }
+        (Err(e), _) if root_only("nix-lazy-builder status", &e).is_some() => {
+            let m = root_only("nix-lazy-builder status", &e).unwrap_or_default();
+            return fail(match error {
+                Some(err) => format!("{err}\n{m}"),
+                None => m,
+            });
+        }
+        (Err(_), None) => {
+            let e = error.unwrap_or_default();
+            return fail(format!(
+                "{e}\n(no supervisor is running on {})",
+                state_dir.display()
+            ));
+        }
+        (Err(_), Some(cfg)) => (
+            cfg.builders
+                .iter()
+                .filter(|b| b.is_lazy())
+                .map(|b| down_status(&b.name))
+                .collect(),
+            Vec::new(),
+        ),
+    };
+    let stdout = if json {
+        match serde_json::to_string_pretty(&list) {
+            Ok(s) => s + "\n",
+            Err(e) => return fail(e.to_string()),
+        }
+    } else {
+        let mut out = String::new();
+        for h in &header {
+            out.push_str(h);
+            out.push('\n');
+        }
+        out + &status_table(&list)
+    };
+    Printed { stdout, error }
 }
 
 fn down_status(name: &str) -> BuilderStatus {
@@ -193,6 +380,9 @@ fn down_status(name: &str) -> BuilderStatus {
         idle_stop_in_ms: None,
         leases: 0,
         boots: 0,
+        boots_ok: 0,
+        boots_failed: 0,
+        boot_settings_outdated: false,
         last_failure: None,
         nix_version: None,
         warm: None,
@@ -290,253 +480,6 @@ pub fn down(config: &ConfigPath, name: &str) -> Result<String, String> {
     })
 }
 
-/// One line of the doctor's report.
-struct Check {
-    ok: bool,
-    what: &'static str,
-    detail: String,
-}
-
-/// `doctor`: checks config, keys, host keys, boot, SSH, the remote Nix and its systems for every
-/// builder (the TOML file's and, with `builders`, a machines table), and prints one verdict per
-/// builder. Returns the report and whether every builder passed. `nix_sshopts` is
-/// `NIX_SSHOPTS`, as `main` read it.
-pub fn doctor(
-    config: &ConfigPath,
-    builders: Option<&str>,
-    nix_sshopts: Option<&str>,
-) -> Result<(String, bool), String> {
-    let (cfg, named) = load_config(config)?;
-    let machines = builders.unwrap_or(config::DEFAULT_BUILDERS);
-    let table = config::load_table(machines, &current_system(), nix_sshopts, &cfg)
-        .map_err(|e| e.to_string())?;
-    let mut report = String::new();
-    let _ = writeln!(
-        report,
-        "config: {} builder(s) ({} lazy); supervisor state in {}",
-        table.builders.len(),
-        table.builders.iter().filter(|b| b.is_lazy()).count(),
-        cfg.supervisor.state_dir.display()
-    );
-    for n in &table.notes {
-        let _ = writeln!(report, "note: {}", n.message);
-    }
-    let rt = runtime()?;
-    let mut all_ok = true;
-    for b in &table.builders {
-        let checks = rt.block_on(doctor_one(b, &cfg, named.as_deref()));
-        let ok = checks.iter().all(|c| c.ok);
-        all_ok &= ok;
-        let _ = writeln!(report, "\n{} ({}, {})", b.name, b.store_uri, b.origin);
-        for c in &checks {
-            let _ = writeln!(
-                report,
-                "  [{}] {:<10} {}",
-                if c.ok { " ok " } else { "FAIL" },
-                c.what,
-                c.detail
-            );
-        }
-        let verdict = match checks.iter().find(|c| !c.ok) {
-            None => "usable".to_owned(),
-            Some(c) => format!("NOT usable: {} failed", c.what),
-        };
-        let _ = writeln!(report, "  verdict: {verdict}");
-    }
-    Ok((report, all_ok))
-}
-
-fn current_system() -> String {
-    let arch = std::env::consts::ARCH;
-    let os = match std::env::consts::OS {
-        "macos" => "darwin",
-        o => o,
-    };
-    format!("{arch}-{os}")
-}
-
-async fn doctor_one(b: &Builder, cfg: &Config, named: Option<&Path>) -> Vec<Check> {
-    let mut checks = Vec::new();
-    macro_rules! fail {
-        ($what:expr, $detail:expr) => {{
-            checks.push(Check {
-                ok: false,
-                what: $what,
-                detail: $detail,
-            });
-            return checks;
-        }};
-    }
-    match &b.ssh_key {
-        Some(k) => match ssh::load_identity(k) {
-            Ok(_) => checks.push(Check {
-                ok: true,
-                what: "key",
-                detail: format!("{} loads", k.display()),
-            }),
-            Err(e) => fail!("key", e.to_string()),
-        },
-        None => checks.push(Check {
-            ok: true,
-            what: "key",
-            detail: "none configured: the default identities of this user are tried".into(),
-        }),
-    }
-    let mut target = match ssh::SshTarget::for_builder(b) {
-        Ok(t) => t,
-        Err(e) => fail!("host key", e.to_string()),
-    };
-    if target.host_keys.is_empty() {
-        fail!(
-            "host key",
-            match &b.host_keys {
-                HostKeySpec::SshDefault => format!(
-                    "no pinned host key and no known_hosts entry for {}",
-                    b.uri.host
-                ),
-                _ => "no usable host key".to_owned(),
-            }
-        );
-    }
-    checks.push(Check {
-        ok: true,
-        what: "host key",
-        detail: target.host_keys.fingerprints().join(", "),
-    });
-    if let Some(lazy) = &b.lazy {
-        let booted = async {
-            let mut c = Client::connect_or_start(&cfg.supervisor.state_dir, named)
-                .await
-                .map_err(|e| e.to_string())?;
-            if let Verdict::Refused { reason, .. } =
-                c.boot(&b.name, true).await.map_err(|e| e.to_string())?
-            {
-                return Err(reason);
-            }
-            let s = c
-                .wait_ready(&b.name, lazy.boot_timeout + Duration::from_secs(5))
-                .await
-                .map_err(|e| e.to_string())?;
-            if s.state != State::Up {
-                return Err(s
-                    .last_failure
-                    .map(|f| f.cause)
-                    .unwrap_or_else(|| format!("it is {}", state_name(s.state))));
-            }
-            Ok(s)
-        }
-        .await;
-        match booted {
-            Ok(s) => {
-                if let Some(p) = s.ssh_port {
-                    target.port = p;
-                }
-                checks.push(Check {
-                    ok: true,
-                    what: "boot",
-                    detail: format!("up (boot usually takes {})", dur(s.expected_boot_ms)),
-                });
-            }
-            Err(e) => fail!("boot", e),
-        }
-    }
-    let session = match ssh::connect(&target).await {
-        Ok(s) => s,
-        Err(e) => fail!("ssh", e.to_string()),
-    };
-    checks.push(Check {
-        ok: true,
-        what: "ssh",
-        detail: format!(
-            "{}@{}:{} ({}, {})",
-            target.user,
-            target.host,
-            target.port,
-            session.negotiated().kex,
-            session.negotiated().cipher
-        ),
-    });
-    let program = b.uri.remote_program().to_owned();
-    let version = match run_remote(&session, &[program.as_str(), "--version"]).await {
-        Ok(v) => v,
-        Err(e) => fail!("remote nix", e),
-    };
-    checks.push(Check {
-        ok: true,
-        what: "remote nix",
-        detail: version.trim().to_owned(),
-    });
-    match run_remote(&session, &["uname", "-m"]).await {
-        Ok(machine) => {
-            let machine = machine.trim().to_owned();
-            let plausible = b
-                .systems
-                .iter()
-                .any(|s| s.starts_with(&format!("{machine}-")) || s == "builtin");
-            checks.push(Check {
-                ok: plausible,
-                what: "systems",
-                detail: format!(
-                    "builder machine is {machine}; configured systems: {}{}",
-                    b.systems.iter().cloned().collect::<Vec<_>>().join(", "),
-                    if plausible {
-                        String::new()
-                    } else {
-                        " (none of them is native there; fine only if the builder emulates \
-                         them, e.g. with binfmt or extra-platforms)"
-                            .to_owned()
-                    }
-                ),
-            });
-        }
-        Err(e) => checks.push(Check {
-            ok: false,
-            what: "systems",
-            detail: format!("cannot run 'uname -m': {e}"),
-        }),
-    }
-    if !b.supported_features.is_empty() || !b.mandatory_features.is_empty() {
-        checks.push(Check {
-            ok: true,
-            what: "features",
-            detail: format!(
-                "supported: {}; mandatory: {} (taken from the config, not verified remotely)",
-                join_or_none(&b.supported_features),
-                join_or_none(&b.mandatory_features)
-            ),
-        });
-    }
-    session.close().await;
-    checks
-}
-
-fn join_or_none(set: &std::collections::BTreeSet<String>) -> String {
-    if set.is_empty() {
-        "none".into()
-    } else {
-        set.iter().cloned().collect::<Vec<_>>().join(", ")
-    }
-}
-
-async fn run_remote(session: &ssh::Session, words: &[&str]) -> Result<String, String> {
-    use tokio::io::AsyncReadExt;
-    let cmd = ssh::shell_command(words).map_err(|e| e.to_string())?;
-    let mut exec = session.exec(&cmd).await.map_err(|e| e.to_string())?;
-    drop(exec.stdin);
-    let mut out = String::new();
-    let mut err = String::new();
-    let (a, b) = tokio::join!(
-        exec.stdout.read_to_string(&mut out),
-        exec.stderr.read_to_string(&mut err)
-    );
-    a.map_err(|e| e.to_string())?;
-    b.map_err(|e| e.to_string())?;
-    match exec.status.wait().await.map_err(|e| e.to_string())? {
-        s if s.success() => Ok(out),
-        s => Err(format!("'{cmd}' {s}: {}", err.trim())),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -546,12 +489,17 @@ mod tests {
     fn table_shows_every_column() {
         let mut a = down_status("aarch64");
         a.state = State::Up;
+        a.ssh_port = Some(40123);
         a.uptime_ms = Some(125_000);
         a.idle_stop_in_ms = Some(600_000);
         a.leases = 2;
-        a.boots = 3;
+        a.boots = 5;
+        a.boots_ok = 3;
+        a.boots_failed = 1;
         let mut b = down_status("darwin");
         b.state = State::Failed;
+        b.boots = 1;
+        b.boots_failed = 1;
         b.last_failure = Some(Failure {
             cause: "boot timed out".into(),
             at_unix: 0,
@@ -576,28 +524,65 @@ mod tests {
         });
         let t = status_table(&[a, b, c]);
         let lines: Vec<&str> = t.lines().collect();
-        assert!(
-            lines[0].contains("WARM") && lines[0].contains("HAND-OUTS"),
+        assert_eq!(
+            lines,
+            [
+                "BUILDER         STATE      PORT   UPTIME  IDLE STOP IN  RUNNING BUILDS  BOOTS OK  \
+                 BOOTS FAILED  WARM               HAND-OUTS  LAST FAILURE",
+                "aarch64         up         40123  2m05s   10m00s        2               3         \
+                 1             2 ready, 1 in use  14         -",
+                "darwin          failed     -      -       -             0               0         \
+                 1             -                  -          boot timed out (not booted again for \
+                 another 20s)",
+                "ssh://root@x86  always-on  -      -       -             -               -         \
+                 -             not connected      3          warm connection: HOST KEY MISMATCH",
+            ],
             "{t}"
         );
-        assert!(
-            lines[1].contains("2 ready, 1 in use") && lines[1].contains(" 14 "),
-            "{t}"
+    }
+
+    #[test]
+    fn a_supervisor_of_another_file_and_a_short_boot_timeout_are_warned_about() {
+        let key =
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIMgA1IttnKZ+MappTuhYemF0nJtsVKfRo1KMuz46g540";
+        let cfg = Config::parse(
+            &format!(
+                "[builders.vm]\nuri = \"ssh://root@127.0.0.1:2\"\nsystems = [\"aarch64-linux\"]\n\
+                 host-key = \"{key}\"\nboot-timeout = \"20s\"\n[builders.vm.boot]\n\
+                 kind = \"command\"\ncommand = [\"/start\"]\n"
+            ),
+            Path::new("/etc/mine.toml"),
+        )
+        .unwrap();
+        let mut vm = down_status("vm");
+        vm.expected_boot_ms = Some(33_400);
+        let report = StatusReport {
+            builders: vec![vm],
+            config_file: Some("/etc/other.toml".into()),
+            config_error: Some("/etc/other.toml:3:1: unknown key `x`".into()),
+        };
+        let w = status_warnings(&report, 42, Some(&cfg), Path::new("/etc/mine.toml"));
+        assert_eq!(
+            w,
+            [
+                "warning: the supervisor (pid 42) serves /etc/other.toml, not /etc/mine.toml: \
+                 the builders below are that file's",
+                "warning: the supervisor (pid 42) could not reload its config, so it runs the one \
+                 it had: /etc/other.toml:3:1: unknown key `x`",
+                "warning: 'vm': boot-timeout (20s) is below the 34s its recent boots took: its \
+                 boots will time out; raise boot-timeout"
+            ]
         );
-        assert!(
-            lines[3].contains("always-on")
-                && lines[3].contains("not connected")
-                && lines[3].ends_with("warm connection: HOST KEY MISMATCH"),
-            "{t}"
-        );
-        assert!(lines[0].starts_with("BUILDER"), "{t}");
-        assert!(
-            lines[1].contains("up") && lines[1].contains("2m05s") && lines[1].contains("10m00s")
-        );
-        assert!(lines[1].contains(" 2 ") && lines[1].contains(" 3 "), "{t}");
-        assert!(
-            lines[2].contains("failed") && lines[2].ends_with("boot timed out (retry in 20s)"),
-            "{t}"
-        );
+        // The same file under another name is the same file; a config this command could not
+        // load is the error shown already.
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("mine.toml");
+        std::fs::write(&real, "").unwrap();
+        let report = StatusReport {
+            config_file: Some(dir.path().join(".").join("mine.toml")),
+            builders: vec![],
+            ..report
+        };
+        assert!(status_warnings(&report, 42, None, &real).is_empty());
     }
 }

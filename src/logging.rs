@@ -1,18 +1,21 @@
 //! The hook's voice towards nix-daemon: reply lines and `@nix` log messages on stderr, and a
 //! `tracing` layer that turns events into `@nix` `msg` lines so they reach the user's terminal.
 //!
-//! stdout and stderr are the same pipe (PROTOCOL.md §1.3), and the daemon reads it line by line,
+//! stdout and stderr are the same pipe (docs/protocol.md §1.3), and the daemon reads it line by line,
 //! so every write here is one whole line under one lock: a reply word and the machine name that
 //! follows it can never be split by a log line. Nothing is written while the daemon is not
 //! reading (between `try`s) except in answer to a request. Build logs do not go through here;
-//! they go to fd 4 (see `transfer`).
+//! they go to fd 4 (see `transfer`). The copy activities ([`CopyPaths`], [`CopyPath`]) are
+//! Nix's own: the same types, texts, fields and results its `copyPaths` sends, so `nix build`
+//! shows our copies as it shows its own hook's (docs/protocol.md §3.6).
 
 use std::io::Write;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use hook_protocol::hook::Reply;
-use hook_protocol::log::{Field, Message, Verbosity};
+use hook_protocol::log::{Field, Message, Verbosity, activity, result};
 use tracing::field::{Field as TracingField, Visit};
 use tracing::{Event, Level, Subscriber};
 use tracing_subscriber::layer::Context;
@@ -99,6 +102,124 @@ impl Activity {
 impl Drop for Activity {
     fn drop(&mut self) {
         send(&Message::Stop { id: self.id });
+    }
+}
+
+/// How often a path's byte count is sent at most while it is copied (its last count always is).
+const PROGRESS_EVERY: Duration = Duration::from_millis(100);
+
+/// One "copying N paths" activity, as Nix's `copyPaths` shows a copy between two stores: the
+/// NAR bytes of all paths expected up front, then how many paths are done and running as each
+/// one goes ([`CopyPaths::path`]). Stopped when dropped.
+pub struct CopyPaths {
+    act: Activity,
+    paths: u64,
+    done: u64,
+}
+
+impl CopyPaths {
+    /// Starts it for `paths` paths of `bytes` NAR bytes in all (Nix starts it also for none).
+    pub fn start(paths: usize, bytes: u64) -> Self {
+        let act = Activity::start(
+            Verbosity::Info,
+            activity::COPY_PATHS,
+            format!("copying {paths} paths"),
+            vec![],
+        );
+        act.result(
+            result::SET_EXPECTED,
+            vec![Field::Int(activity::COPY_PATH), Field::Int(bytes)],
+        );
+        CopyPaths {
+            act,
+            paths: paths as u64,
+            done: 0,
+        }
+    }
+
+    fn counts(&self, running: u64) {
+        self.act.result(
+            result::PROGRESS,
+            vec![
+                Field::Int(self.done),
+                Field::Int(self.paths),
+                Field::Int(running),
+                Field::Int(0),
+            ],
+        );
+    }
+
+    /// Starts copying one path of `nar_size` bytes: "copying path 'P' to 'URI'" for an upload,
+    /// "… from 'URI'" otherwise, with Nix's fields `[path, from, to]` (the local store is
+    /// `local`).
+    pub fn path(&mut self, path: &str, uri: &str, upload: bool, nar_size: u64) -> CopyPath {
+        self.counts(1);
+        let (text, from, to) = if upload {
+            (format!("copying path '{path}' to '{uri}'"), "local", uri)
+        } else {
+            (format!("copying path '{path}' from '{uri}'"), uri, "local")
+        };
+        let act = Activity::start(
+            Verbosity::Info,
+            activity::COPY_PATH,
+            text,
+            vec![path.into(), from.into(), to.into()],
+        );
+        CopyPath {
+            act,
+            expected: nar_size,
+            done: 0,
+            last: None,
+        }
+    }
+
+    /// Ends a path started with [`CopyPaths::path`].
+    pub fn finished(&mut self, path: CopyPath) {
+        path.flush();
+        drop(path);
+        self.done += 1;
+        self.counts(0);
+    }
+}
+
+/// The activity of one path being copied (see [`CopyPaths::path`]): its bytes so far against
+/// its NAR size, sent at most every [`PROGRESS_EVERY`] and once more at the end. Stopped when
+/// dropped.
+pub struct CopyPath {
+    act: Activity,
+    expected: u64,
+    done: u64,
+    last: Option<Instant>,
+}
+
+impl CopyPath {
+    /// `n` more bytes went through.
+    pub fn advance(&mut self, n: u64) {
+        self.done += n;
+        let now = Instant::now();
+        if self.done >= self.expected || self.last.is_none_or(|t| now - t >= PROGRESS_EVERY) {
+            self.last = Some(now);
+            self.send();
+        }
+    }
+
+    fn send(&self) {
+        self.act.result(
+            result::PROGRESS,
+            vec![
+                Field::Int(self.done),
+                Field::Int(self.expected),
+                Field::Int(0),
+                Field::Int(0),
+            ],
+        );
+    }
+
+    /// Sends the count unless the last one sent was it.
+    fn flush(&self) {
+        if self.done < self.expected {
+            self.send();
+        }
     }
 }
 

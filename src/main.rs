@@ -1,5 +1,6 @@
 //! The command line: parses arguments, reads the environment the library needs (the config
-//! path variable and `NIX_SSHOPTS`: the library reads neither), hands over to the library, and
+//! path variable, `NIX_SSHOPTS`, and for `doctor` the variables nix-daemon reads its nix.conf
+//! by: the library reads none of them), hands over to the library, and
 //! renders its own documentation (`help`, `completions SHELL`, `man`). Nothing else lives here.
 //!
 //! nix-daemon runs the hook in two shapes: Nix 2.8/2.9 take `build-hook` as one bare path and
@@ -128,9 +129,15 @@ enum Command {
     Doctor {
         #[command(flatten)]
         config: ConfigArg,
-        /// A Nix `builders` value to check too (default: @/etc/nix/machines).
+        /// A Nix `builders` value to check instead of the daemon's (default: `builders` as
+        /// nix-daemon reads it from nix.conf, its includes and NIX_CONFIG; unset, Nix's
+        /// @/etc/nix/machines).
         #[arg(long, value_name = "BUILDERS")]
         builders: Option<String>,
+        /// Stop every lazy builder doctor booted once the check is done (otherwise it stops
+        /// when its idle-timeout runs out, and doctor says when).
+        #[arg(long)]
+        stop: bool,
     },
     /// Print a shell completion script on stdout.
     #[command(after_long_help = "\
@@ -179,6 +186,32 @@ fn config_path(cli: Option<PathBuf>) -> ConfigPath {
 /// `NIX_SSHOPTS`, which nix-daemon passes on to its hook as Nix's own hook expects it.
 fn nix_sshopts() -> Option<String> {
     std::env::var(config::SSHOPTS_ENV_VAR).ok()
+}
+
+/// The environment nix-daemon reads its configuration by (for `doctor`).
+fn nix_conf_env() -> config::NixConfEnv {
+    let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
+    config::NixConfEnv {
+        conf_dir: var("NIX_CONF_DIR").map(PathBuf::from),
+        user_conf_files: var("NIX_USER_CONF_FILES").map(|v| v.to_string_lossy().into_owned()),
+        xdg_config_dirs: var("XDG_CONFIG_DIRS").map(|v| v.to_string_lossy().into_owned()),
+        xdg_config_home: var("XDG_CONFIG_HOME").map(PathBuf::from),
+        home: var("HOME").map(PathBuf::from),
+        nix_config: std::env::var("NIX_CONFIG").ok(),
+    }
+}
+
+/// Prints a command's error (stderr, first) and output, exit status 1 with an error.
+fn print(p: cli::Printed) -> ExitCode {
+    if let Some(e) = &p.error {
+        eprintln!("nix-lazy-builder: {e}");
+    }
+    let code = write_stdout(p.stdout.as_bytes());
+    if p.error.is_some() {
+        ExitCode::from(1)
+    } else {
+        code
+    }
 }
 
 /// Prints a command's output, or its error on stderr with exit status 1.
@@ -295,17 +328,26 @@ fn main() -> ExitCode {
         Command::ExternalServe { config } => {
             nix_lazy_builder::external::serve::main(config_path(config.config))
         }
-        Command::Status { config, json } => report(cli::status(&config_path(config.config), json)),
+        Command::Status { config, json } => print(cli::status(&config_path(config.config), json)),
         Command::Up { name, config } => report(cli::up(&config_path(config.config), &name.name)),
         Command::Down { name, config } => {
             report(cli::down(&config_path(config.config), &name.name))
         }
-        Command::Doctor { config, builders } => {
-            match cli::doctor(
-                &config_path(config.config),
-                builders.as_deref(),
-                nix_sshopts().as_deref(),
-            ) {
+        Command::Doctor {
+            config,
+            builders,
+            stop,
+        } => {
+            let config = config_path(config.config);
+            let sshopts = nix_sshopts();
+            let nix_conf = nix_conf_env();
+            match cli::doctor(cli::DoctorArgs {
+                config: &config,
+                builders: builders.as_deref(),
+                nix_sshopts: sshopts.as_deref(),
+                nix_conf: &nix_conf,
+                stop,
+            }) {
                 Ok((out, ok)) => {
                     print!("{out}");
                     if ok {

@@ -269,6 +269,8 @@ pub fn choose(
     let mut reasons: Vec<String> = Vec::new();
     let mut busy: Vec<String> = Vec::new();
     let mut booting = false;
+    // Failed builders that would match: what becomes of this build is said once, at the end.
+    let mut backing_off: Vec<(&Builder, Duration)> = Vec::new();
 
     for (i, (b, matched)) in table.iter().zip(&matches.0).enumerate() {
         if let Err(m) = matched {
@@ -280,11 +282,13 @@ pub fn choose(
             Availability::BackingOff { cause, retry_in } if retry_in.is_zero() => {
                 // Disabled for now with no known retry time (Nix disables a machine it could
                 // not connect to for the rest of the hook process).
+                backing_off.push((b, Duration::ZERO));
                 reasons.push(format!("'{}' failed ({cause})", b.name));
             }
             Availability::BackingOff { cause, retry_in } => {
+                backing_off.push((b, retry_in));
                 reasons.push(format!(
-                    "'{}' failed recently ({cause}), retrying in {}",
+                    "'{}' failed recently ({cause}) and is not tried again for another {}",
                     b.name,
                     Secs(retry_in)
                 ));
@@ -344,7 +348,15 @@ pub fn choose(
     let reason = if table.is_empty() {
         format!("no builder for {wanted}: no builders are configured")
     } else {
-        format!("no builder for {wanted}: {}", reasons.join("; "))
+        format!(
+            "no builder for {wanted}: {}{}",
+            reasons.join("; "),
+            if could_local {
+                String::new()
+            } else {
+                this_build_fails(&backing_off)
+            }
+        )
     };
     Decision::Decline {
         reason,
@@ -354,6 +366,34 @@ pub fn choose(
             DeclineLevel::Warn
         },
     }
+}
+
+/// What becomes of a build nothing here can take because its builders failed: nothing waits
+/// for them (the daemon fails it at once), so the user is told when to start it again and how
+/// to bring a lazy builder back now.
+fn this_build_fails(failed: &[(&Builder, Duration)]) -> String {
+    let Some(soonest) = failed.iter().map(|(_, d)| *d).min() else {
+        return String::new();
+    };
+    let lazy: Vec<&str> = failed
+        .iter()
+        .filter(|(b, _)| b.is_lazy())
+        .map(|(b, _)| b.name.as_str())
+        .collect();
+    let again = if soonest.is_zero() {
+        "start it again".to_owned()
+    } else {
+        format!("start it again in {} or later", Secs(soonest))
+    };
+    let up = match lazy.as_slice() {
+        [] => String::new(),
+        [one] => format!(", or boot '{one}' at once with `nix-lazy-builder up {one}`"),
+        many => format!(
+            ", or boot one at once with `nix-lazy-builder up NAME` ({})",
+            many.join(", ")
+        ),
+    };
+    format!(". Nothing retries this build: it fails now; {again}{up}")
 }
 
 /// `aarch64-linux` or `aarch64-linux with {kvm, big-parallel}`.
@@ -862,7 +902,9 @@ mod tests {
             } => {
                 assert_eq!(
                     reason,
-                    "no builder for aarch64-linux: 'vm' failed recently (boot timed out), retrying in 30s"
+                    "no builder for aarch64-linux: 'vm' failed recently (boot timed out) and is not \
+                     tried again for another 30s. Nothing retries this build: it fails now; start \
+                     it again in 30s or later, or boot 'vm' at once with `nix-lazy-builder up vm`"
                 )
             }
             d => panic!("{d:?}"),
@@ -879,7 +921,9 @@ mod tests {
             Decision::Decline { reason, .. } => {
                 assert_eq!(
                     reason,
-                    "no builder for aarch64-linux: 'vm' failed (connection refused)"
+                    "no builder for aarch64-linux: 'vm' failed (connection refused). Nothing \
+                     retries this build: it fails now; start it again, or boot 'vm' at once with \
+                     `nix-lazy-builder up vm`"
                 )
             }
             d => panic!("{d:?}"),
@@ -889,5 +933,72 @@ mod tests {
             decide(&[vm, always], &[off, up(0, true)], sys, &[], true, &l),
             Decision::Accept { builder: 1 }
         );
+    }
+
+    #[test]
+    fn a_declined_build_is_told_what_becomes_of_it() {
+        let sys = "x86_64-linux";
+        let vm = lazy(builder("vm", &[sys], &[], &[]), true);
+        let vm2 = lazy(builder("vm2", &[sys], &[], &[]), true);
+        let always = builder("always", &[sys], &[], &[]);
+        let off = |secs: u64| {
+            st(
+                Availability::BackingOff {
+                    cause: "boom".into(),
+                    retry_in: Duration::from_secs(secs),
+                },
+                0,
+                false,
+            )
+        };
+        // The local machine builds it: it is built locally, nothing fails.
+        match decide(
+            std::slice::from_ref(&vm),
+            &[off(20)],
+            sys,
+            &[],
+            true,
+            &local(sys),
+        ) {
+            Decision::Decline { reason, level } => {
+                assert_eq!(level, DeclineLevel::Chatty);
+                assert!(!reason.contains("fails now"), "{reason}");
+            }
+            d => panic!("{d:?}"),
+        }
+        // Nothing here can: the soonest retry, and every lazy builder that `up` could boot.
+        let nowhere = local("aarch64-linux");
+        match decide(
+            &[always, vm, vm2],
+            &[off(40), off(20), off(30)],
+            sys,
+            &[],
+            true,
+            &nowhere,
+        ) {
+            Decision::Decline { reason, level } => {
+                assert_eq!(level, DeclineLevel::Warn);
+                assert!(
+                    reason.ends_with(
+                        ". Nothing retries this build: it fails now; start it again in 20s or \
+                         later, or boot one at once with `nix-lazy-builder up NAME` (vm, vm2)"
+                    ),
+                    "{reason}"
+                );
+            }
+            d => panic!("{d:?}"),
+        }
+        // A builder that merely lacks the system says nothing of a retry.
+        match decide(
+            &[builder("other", &["riscv64-linux"], &[], &[])],
+            &[up(0, true)],
+            sys,
+            &[],
+            true,
+            &nowhere,
+        ) {
+            Decision::Decline { reason, .. } => assert!(!reason.contains("retries"), "{reason}"),
+            d => panic!("{d:?}"),
+        }
     }
 }

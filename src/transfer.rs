@@ -1,6 +1,13 @@
 //! One remote build, after `# accept` (steps 1 and 2, choosing a builder and connecting, are the
 //! hook's): 3. copy the missing inputs, 4. build, streaming the log, 5. bring the outputs back,
-//! verified, and 6. register them.
+//! verified, and 6. register them. Each copy shows Nix's own activities (`logging::CopyPaths`).
+//!
+//! A floating content-addressed derivation (always resolved by the daemon before it reaches a
+//! hook) has no output paths until it is built: the remote's BuildResult names them, with their
+//! realisations. Its outputs are added through the local daemon (AddToStoreNar, which verifies
+//! them and records their content address; the daemon holds no lock on those paths,
+//! docs/protocol.md §4.6), then their realisations are registered (RegisterDrvOutput), as Nix's
+//! own hook does.
 //!
 //! An `ssh-ng://` daemon that says it does not trust us gets, for an input-addressed
 //! derivation, the closure of the `.drv` instead of the inputs and builds it from its own store
@@ -10,24 +17,28 @@
 //! Owns the order of operations and what counts as success. It never parses a wire (that is
 //! `hook-protocol`), never opens connections or starts processes (the hook hands it a
 //! [`Remote`], a [`LocalStore`] and the [`Registrar`] it started at accept time), and never
-//! makes a path valid except through `place`, after its hash was checked.
+//! makes a path valid except through `place`, after its hash was checked, or, for a floating
+//! content-addressed output, through the local daemon, which checks it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::time::Instant;
 
 use hook_protocol::StorePath;
+use hook_protocol::build_result::RealisationsError;
 use hook_protocol::build_result::{BuildResult, BuildStatus};
 use hook_protocol::derivation::{Derivation, OutputKind};
+use hook_protocol::log::activity;
 use hook_protocol::log::{Verbosity, strip_ansi};
 use hook_protocol::path_info::PathInfo;
+use hook_protocol::realisation::Realisation;
 use hook_protocol::serve::BuildOptions;
-use hook_protocol::worker::Trust;
+use hook_protocol::worker::{RealisationsUnsupported, Trust};
 use tokio::sync::mpsc;
 
-use crate::logging::Activity;
+use crate::logging::{Activity, CopyPath, CopyPaths};
 use crate::place::{ChunkReader, ExpectedNar, PlaceError, Placed, Registrar};
-use crate::store::{BuildLog, LocalStore, NarSink, Remote, RemoteError};
+use crate::store::{BuildLog, LocalStore, NarSink, NarSource, Remote, RemoteError};
 use crate::wire_io::{WireError, WireReader};
 
 /// Everything the daemon told us about the build.
@@ -115,10 +126,37 @@ pub enum TransferError {
         source: hook_protocol::derivation::DerivationError,
     },
     #[error(
-        "'{drv}' has outputs whose paths are only known after the build (content-addressed \
-         derivations), which nix-lazy-builder cannot build remotely yet"
+        "'{drv}' has outputs whose paths are only known after the build but is not a resolved \
+         content-addressed derivation (impure, or with unbuilt inputs), which nix-lazy-builder \
+         cannot build remotely"
     )]
     FloatingOutputs { drv: String },
+    /// The local daemon cannot record the realisations a content-addressed build needs.
+    #[error(
+        "cannot build the content-addressed '{drv}' remotely: the local store cannot record \
+         its realisations: {source}"
+    )]
+    LocalRealisations {
+        drv: String,
+        #[source]
+        source: RealisationsUnsupported,
+    },
+    /// The remote's BuildResult does not name the outputs the derivation should have.
+    #[error("'{uri}' built '{drv}', but {source}")]
+    Realisations {
+        uri: String,
+        drv: String,
+        #[source]
+        source: RealisationsError,
+    },
+    /// The local daemon refused an output (bad hash or content address) or its realisation.
+    #[error("adding {what} from '{uri}' to the local store: {source}")]
+    AddOutput {
+        uri: String,
+        what: String,
+        #[source]
+        source: RemoteError,
+    },
 }
 
 impl TransferError {
@@ -181,6 +219,17 @@ pub async fn run<L>(
 ) -> Result<Timings, TransferError> {
     let uri = remote.uri().to_owned();
     let mut t = Timings::default();
+    // A resolved floating content-addressed derivation: the realisation id of each output.
+    let ca = job.drv.floating_output_ids();
+    if ca.is_some() {
+        // Before anything is built: a local daemon that could not record the result fails now.
+        local
+            .realisations_supported()
+            .map_err(|source| TransferError::LocalRealisations {
+                drv: job.drv_path.to_string(),
+                source,
+            })?;
+    }
 
     // A daemon that does not trust us refuses unsigned input-addressed paths and
     // BuildDerivation of input-addressed derivations, but accepts content-addressed `.drv`
@@ -212,7 +261,7 @@ pub async fn run<L>(
             drv: job.drv_path.to_string(),
             source,
         })?;
-    if outputs.values().any(Option::is_none) {
+    if ca.is_none() && outputs.values().any(Option::is_none) {
         return Err(TransferError::FloatingOutputs {
             drv: job.drv_path.to_string(),
         });
@@ -248,6 +297,13 @@ pub async fn run<L>(
         });
     }
 
+    if ca.is_some() {
+        let start = Instant::now();
+        bring_back_realised(job, &result, remote, local, &uri, &mut t).await?;
+        t.download_ms = start.elapsed().as_millis();
+        return Ok(t);
+    }
+
     // Step 5: every output not valid locally (all of them, as Nix's hook does), verified.
     let start = Instant::now();
     let out_paths: Vec<StorePath> = outputs.into_values().flatten().collect();
@@ -275,9 +331,17 @@ pub async fn run<L>(
         remote_infos.iter().map(|i| (&i.path, i)).collect();
     let _act = Activity::start(
         Verbosity::Talkative,
-        hook_protocol::log::activity::COPY_PATHS,
+        activity::UNKNOWN,
         format!("copying outputs from '{uri}'"),
         vec![],
+    );
+    let mut copy = CopyPaths::start(
+        fetch.len(),
+        fetch
+            .iter()
+            .filter_map(|p| by_path.get(p))
+            .map(|i| i.nar_size)
+            .sum(),
     );
     let swept =
         crate::place::sweep_stale(std::path::Path::new(fetch[0].store_dir()), &job.state_dir);
@@ -293,9 +357,12 @@ pub async fn run<L>(
                 drv: job.drv_path.to_string(),
                 path: path.to_string(),
             })?;
-        placed = download_one(remote, info, &job.drv_path, placed, &uri).await?;
+        let mut shown = copy.path(info.path.as_str(), &uri, false, info.nar_size);
+        placed = download_one(remote, info, &job.drv_path, placed, &uri, &mut shown).await?;
+        copy.finished(shown);
         t.downloaded_bytes += info.nar_size;
     }
+    drop(copy);
     tokio::task::spawn_blocking(move || placed.register(registrar))
         .await
         .map_err(|_| TransferError::Place {
@@ -320,6 +387,12 @@ async fn upload_inputs(
     t: &mut Timings,
 ) -> Result<(), TransferError> {
     let start = Instant::now();
+    let _act = Activity::start(
+        Verbosity::Talkative,
+        activity::UNKNOWN,
+        format!("copying dependencies to '{uri}'"),
+        vec![],
+    );
     let inputs: Vec<StorePath> = job.inputs.iter().cloned().collect();
     let present = remote
         .query_valid_paths(&inputs, job.substitute_on_remote)
@@ -348,8 +421,8 @@ async fn upload_inputs(
     .await
 }
 
-/// Uploads `infos` (in dependency order) with one "copying N paths" activity, and records the
-/// upload in `t`; `on_error` names what a failure means.
+/// Uploads `infos` (in dependency order) with one "copying N paths" activity (also for none,
+/// as Nix shows it), and records the upload in `t`; `on_error` names what a failure means.
 async fn send_paths(
     remote: &mut Remote,
     local: &mut LocalStore,
@@ -358,17 +431,21 @@ async fn send_paths(
     t: &mut Timings,
     on_error: impl FnOnce(RemoteError) -> TransferError,
 ) -> Result<(), TransferError> {
+    let mut copy = CopyPaths::start(infos.len(), infos.iter().map(|i| i.nar_size).sum());
     if infos.is_empty() {
         return Ok(());
     }
     let start = Instant::now();
-    let _act = Activity::start(
-        Verbosity::Talkative,
-        hook_protocol::log::activity::COPY_PATHS,
-        format!("copying {} paths to '{uri}'", infos.len()),
-        vec![],
-    );
-    remote.add_paths(infos, local).await.map_err(on_error)?;
+    let mut source = Shown {
+        inner: local,
+        copy: &mut copy,
+        uri,
+        upload: true,
+    };
+    remote
+        .add_paths(infos, &mut source)
+        .await
+        .map_err(on_error)?;
     t.upload_ms = start.elapsed().as_millis();
     t.uploaded_paths = infos.len();
     t.uploaded_bytes = infos.iter().map(|i| i.nar_size).sum();
@@ -387,6 +464,12 @@ async fn upload_drv_closure(
     t: &mut Timings,
 ) -> Result<(), TransferError> {
     let start = Instant::now();
+    let _act = Activity::start(
+        Verbosity::Talkative,
+        activity::UNKNOWN,
+        format!("copying dependencies to '{uri}'"),
+        vec![],
+    );
     let closure = local
         .closure(std::slice::from_ref(&job.drv_path))
         .await
@@ -473,6 +556,7 @@ async fn download_one(
     drv_path: &StorePath,
     mut placed: Placed,
     uri: &str,
+    shown: &mut CopyPath,
 ) -> Result<Placed, TransferError> {
     let expected = ExpectedNar {
         path: info.path.clone(),
@@ -487,9 +571,13 @@ async fn download_one(
         let r = placed.unpack_staged(expected, ChunkReader::new(rx));
         (placed, r)
     });
-    let mut sink = ChannelSink(tx);
+    let mut channel = ChannelSink(tx);
+    let mut sink = Counted {
+        inner: &mut channel,
+        shown,
+    };
     let fetched = remote.nar(info, &mut sink).await;
-    drop(sink);
+    drop(channel);
     let (placed, unpacked) = unpack.await.map_err(|_| TransferError::Place {
         uri: uri.to_owned(),
         source: PlaceError::Thread,
@@ -505,6 +593,231 @@ async fn download_one(
         source,
     })?;
     Ok(placed)
+}
+
+/// Step 5 for a resolved floating content-addressed derivation, as Nix's hook does it: the
+/// realisations the remote reported (their ids checked against the derivation's own), for
+/// every output the daemon asked for that the local store has no realisation of yet; their
+/// paths that are not valid locally are added through the local daemon (dependencies first,
+/// each verified by it), then the realisations registered.
+async fn bring_back_realised(
+    job: &Job,
+    result: &BuildResult,
+    remote: &mut Remote,
+    local: &mut LocalStore,
+    uri: &str,
+    t: &mut Timings,
+) -> Result<(), TransferError> {
+    let drv = job.drv_path.to_string();
+    let realisations =
+        result
+            .realisations_of(&job.drv)
+            .map_err(|source| TransferError::Realisations {
+                uri: uri.to_owned(),
+                drv: drv.clone(),
+                source,
+            })?;
+    let mut missing: Vec<Realisation> = Vec::new();
+    for (name, r) in realisations {
+        if !job.wanted.is_empty() && !job.wanted.contains(&name) {
+            continue;
+        }
+        if local
+            .realisation(&r.id)
+            .await
+            .map_err(TransferError::Local)?
+            .is_none()
+        {
+            missing.push(r);
+        }
+    }
+    let paths: Vec<StorePath> = missing
+        .iter()
+        .map(|r| r.out_path.clone())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let valid_here = local
+        .valid_paths(&paths)
+        .await
+        .map_err(TransferError::Local)?;
+    let fetch: Vec<StorePath> = paths
+        .into_iter()
+        .filter(|p| !valid_here.contains(p))
+        .collect();
+    if !fetch.is_empty() {
+        let mut infos =
+            remote
+                .query_path_infos(&fetch)
+                .await
+                .map_err(|source| TransferError::Download {
+                    uri: uri.to_owned(),
+                    source,
+                })?;
+        if let Some(p) = fetch.iter().find(|p| !infos.iter().any(|i| &i.path == *p)) {
+            return Err(TransferError::OutputMissing {
+                uri: uri.to_owned(),
+                drv,
+                path: p.to_string(),
+            });
+        }
+        for info in &mut infos {
+            info.deriver = Some(job.drv_path.clone());
+        }
+        let infos = topo_sort(infos);
+        let _act = Activity::start(
+            Verbosity::Talkative,
+            activity::UNKNOWN,
+            format!("copying outputs from '{uri}'"),
+            vec![],
+        );
+        let mut copy = CopyPaths::start(infos.len(), infos.iter().map(|i| i.nar_size).sum());
+        let mut from = FromRemote {
+            remote,
+            broke: None,
+        };
+        let added = {
+            let mut source = Shown {
+                inner: &mut from,
+                copy: &mut copy,
+                uri,
+                upload: false,
+            };
+            local.add_unlocked_paths(&infos, &mut source).await
+        };
+        if let Some((path, source)) = from.broke.take() {
+            return Err(TransferError::DownloadNar {
+                uri: uri.to_owned(),
+                path,
+                source,
+            });
+        }
+        added.map_err(|source| TransferError::AddOutput {
+            uri: uri.to_owned(),
+            what: "the outputs".to_owned(),
+            source,
+        })?;
+        t.downloaded_bytes = infos.iter().map(|i| i.nar_size).sum();
+    }
+    for r in &missing {
+        local
+            .register_realisation(r)
+            .await
+            .map_err(|source| TransferError::AddOutput {
+                uri: uri.to_owned(),
+                what: format!("the realisation '{}'", r.id),
+                source,
+            })?;
+    }
+    tracing::debug!(
+        "'{uri}' built '{drv}': {} realisations registered, {} paths added",
+        missing.len(),
+        fetch.len()
+    );
+    Ok(())
+}
+
+/// A [`NarSource`] that shows each NAR it produces as one path of `copy` (Nix's per-path copy
+/// activity with its bytes).
+struct Shown<'a, S> {
+    inner: &'a mut S,
+    copy: &'a mut CopyPaths,
+    uri: &'a str,
+    upload: bool,
+}
+
+impl<S: NarSource> NarSource for Shown<'_, S> {
+    async fn copy_nar<W: NarSink>(
+        &mut self,
+        info: &PathInfo,
+        sink: &mut W,
+    ) -> Result<(), RemoteError> {
+        let mut shown = self
+            .copy
+            .path(info.path.as_str(), self.uri, self.upload, info.nar_size);
+        let r = self
+            .inner
+            .copy_nar(
+                info,
+                &mut Counted {
+                    inner: sink,
+                    shown: &mut shown,
+                },
+            )
+            .await;
+        self.copy.finished(shown);
+        r
+    }
+}
+
+/// A [`NarSink`] that counts what goes through it into a path's copy activity.
+struct Counted<'a, W> {
+    inner: &'a mut W,
+    shown: &'a mut CopyPath,
+}
+
+impl<W: NarSink> NarSink for Counted<'_, W> {
+    async fn write(&mut self, data: &[u8]) -> Result<(), RemoteError> {
+        self.inner.write(data).await?;
+        self.shown.advance(data.len() as u64);
+        Ok(())
+    }
+
+    async fn write_from<R: tokio::io::AsyncRead + Unpin>(
+        &mut self,
+        reader: &mut WireReader<R>,
+        max: usize,
+    ) -> Result<usize, RemoteError> {
+        let n = self.inner.write_from(reader, max).await?;
+        self.shown.advance(n as u64);
+        Ok(n)
+    }
+}
+
+/// The remote's NARs as a [`NarSource`], remembering a failure of the remote (as opposed to
+/// the sink's) so that a broken download is told from a refused output.
+struct FromRemote<'a> {
+    remote: &'a mut Remote,
+    broke: Option<(String, RemoteError)>,
+}
+
+impl NarSource for FromRemote<'_> {
+    async fn copy_nar<W: NarSink>(
+        &mut self,
+        info: &PathInfo,
+        sink: &mut W,
+    ) -> Result<(), RemoteError> {
+        let mut watched = Watched {
+            inner: sink,
+            failed: false,
+        };
+        match self.remote.nar(info, &mut watched).await {
+            Ok(()) => Ok(()),
+            Err(e) if watched.failed => Err(e),
+            Err(e) => {
+                let shown = RemoteError::Protocol {
+                    peer: self.remote.uri().to_owned(),
+                    message: e.to_string(),
+                };
+                self.broke = Some((info.path.to_string(), e));
+                Err(shown)
+            }
+        }
+    }
+}
+
+/// A [`NarSink`] that notes whether writing to it failed.
+struct Watched<'a, W> {
+    inner: &'a mut W,
+    failed: bool,
+}
+
+impl<W: NarSink> NarSink for Watched<'_, W> {
+    async fn write(&mut self, data: &[u8]) -> Result<(), RemoteError> {
+        let r = self.inner.write(data).await;
+        self.failed |= r.is_err();
+        r
+    }
 }
 
 /// Orders path infos so that every path comes after the paths it references (among `infos`).

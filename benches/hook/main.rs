@@ -5,7 +5,9 @@
 //! table goes into BENCHMARKS.md (between its `bench:begin`/`bench:end` markers).
 //!
 //! `cargo bench --bench hook -- P1 P4` runs some row groups only (P1 … P7); `NLB_BENCH_RUNS`
-//! sets the runs per figure (default 5). Without `--bench` (as under `cargo test --benches`)
+//! sets the runs per figure (default 5); `NLB_BENCH_BASELINE=<another nix-lazy-builder>` adds
+//! that build as one more contestant (before/after, in the notes); `-- TRANSPORT` measures
+//! a warm session's local leg on its own. Without `--bench` (as under `cargo test --benches`)
 //! it runs only its own self-checks, so the test suite never starts the benchmark.
 //!
 //! Owns the benchmark's orchestration and nothing of the product: it runs the release binary
@@ -13,8 +15,15 @@
 //! in the harness's private mount namespaces), listen beyond 127.0.0.1, or leave a process
 //! behind (every handle stops what it started by pid).
 
-#[path = "../../tests/common/mod.rs"]
-mod common;
+// The integration tests' harness, shared as source. The bench uses a part of it; its unused
+// items are found where all of it is used, in the test crate (tests/it).
+#[path = "../../tests/it/harness/mod.rs"]
+#[allow(
+    dead_code,
+    unused_imports,
+    reason = "the bench uses a part of the test harness"
+)]
+mod harness;
 mod p4;
 mod p7;
 mod profile;
@@ -23,12 +32,13 @@ mod rows;
 mod rss;
 mod setup;
 mod stats;
+mod transport;
 
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Nix, hook_binary, run_command};
+use harness::{Nix, hook_binary, run_command};
 use report::{Goal, Row};
 use rows::{Ctx, MANY_GIB, ONE_100MIB, ONE_GIB, Transfer, transfer_rows};
 
@@ -53,6 +63,7 @@ fn row_order() -> Vec<String> {
         P5_UP_100.to_owned(),
         P5_DOWN_100.to_owned(),
         "P5 supervisor idle".to_owned(),
+        "P5 supervisor, 4 warm builders".to_owned(),
         "P6".to_owned(),
         p7::KEY.to_owned(),
     ]
@@ -93,6 +104,14 @@ fn main() {
         .filter(|a| !a.starts_with('-'))
         .map(|a| a.to_uppercase())
         .collect();
+    if groups.iter().any(|g| g == "TRANSPORT") {
+        let runs = std::env::var("NLB_BENCH_RUNS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(5);
+        transport::run(runs);
+        return;
+    }
     let tool = if groups.iter().any(|g| g == "PROFILE") {
         Some(setup::Tool::Callgrind)
     } else if groups.iter().any(|g| g == "TRACE") {
@@ -124,7 +143,7 @@ fn main() {
         eprintln!("[bench] warning: {runs} runs per figure; the goals ask for the median of ≥ 5");
     }
 
-    common::require_root();
+    harness::require_root();
     Nix::Host.require();
     let host_tmp = std::env::temp_dir();
     let stores = choose_store_dir();
@@ -223,7 +242,7 @@ fn main() {
         }
     }
     if want("P6") {
-        step("P6", &mut rows, &mut || vec![rows::p6(&ctx)]);
+        step("P6", &mut rows, &mut || rows::p6(&ctx));
     }
     if want("P7") {
         step("P7", &mut rows, &mut || vec![p7::p7(&ctx)]);
@@ -248,6 +267,8 @@ fn p4_row(ctx: &Ctx) -> Row {
         unit: "ms",
         ours,
         nix: Some(nix),
+        persist: None,
+        floor: None,
         goal: Goal::AbsAndRatioAtMost {
             abs: 5.0,
             ratio: 0.5,

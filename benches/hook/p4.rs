@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use hook_protocol::StorePath;
 use hook_protocol::hook::{HookRequest, Settings, TryRequest};
 
-use crate::common::{CmdOutput, run_command};
+use crate::harness::{CmdOutput, run_command};
 use crate::setup::Hook;
 use crate::stats::Samples;
 

@@ -1,4 +1,4 @@
-//! P7: the cold-start overhead of a lazy QEMU builder, measured as tests/lazy_qemu.rs's
+//! P7: the cold-start overhead of a lazy QEMU builder, measured as tests/it/lazy/qemu.rs's
 //! `measure_cold_start_overhead` does, so the two agree.
 //!
 //! The builder is the aarch64 VM image of examples/vm/make-image (Debian kernel + initramfs with
@@ -24,17 +24,17 @@
 //! instead), run while another VM test runs (it takes the tests' VM lock), or leave a VM
 //! behind (every process that names its state directories is killed on the way out).
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use nix_lazy_builder::boot::{self, BootContext, StopHow};
 use nix_lazy_builder::config::{Builder, Config};
 use nix_lazy_builder::supervisor::proto::State;
 
-use crate::common::{
+use crate::harness::boot::{VmImage, lock_exclusive, try_vm_image, vm_lock_file};
+use crate::harness::{
     CmdOutput, KillMentioning, LazyConfig, LocalDaemon, StoreQueries, nix_build_streaming,
-    run_command, uname_expr, wait_until, with_builder_keys,
+    uname_expr, wait_until, with_builder_keys,
 };
 use crate::report::{Goal, Row};
 use crate::rows::Ctx;
@@ -69,6 +69,8 @@ fn row(ours: Samples, note: String) -> Row {
         unit: "s",
         ours,
         nix: None,
+        persist: None,
+        floor: None,
         goal: Goal::AbsAtMost(1.0),
         note,
         command: format!("cargo bench --bench hook -- {KEY}"),
@@ -78,78 +80,16 @@ fn row(ours: Samples, note: String) -> Row {
 // ------------------------------------------------------------------------------------------------
 // Prerequisites
 
-/// The image's generated builder snippet (its paths point into the image's directory).
-struct Image {
-    toml: String,
-}
-
 /// QEMU on PATH, then the image made (or refreshed from make-image's cache, about a second)
-/// where tests/boot_support puts it: `$NIX_LAZY_BUILDER_VM_CACHE/test-images/aarch64`
-/// (default cache /var/cache/nix-lazy-builder), under the same lock as the tests.
-fn image() -> Result<Image, String> {
+/// by the tests' harness, where the VM tests find it, under the same lock.
+fn image() -> Result<VmImage, String> {
     which::which(QEMU).map_err(|_| {
         format!("{QEMU} is not on PATH (Debian package qemu-system-arm; tests/env/provision.sh installs it)")
     })?;
-    let cache = std::env::var_os("NIX_LAZY_BUILDER_VM_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/cache/nix-lazy-builder"));
-    let dir = cache.join("test-images").join(ARCH);
-    std::fs::create_dir_all(&dir)
-        .map_err(|e| format!("cannot create the image dir {}: {e}", dir.display()))?;
-    let _lock = flock(&cache.join(format!("test-images/.lock-{ARCH}")))?;
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/vm/make-image");
     let t0 = Instant::now();
-    let out = run_command(
-        Command::new(&script).arg(ARCH).arg(&dir),
-        None,
-        Duration::from_secs(900),
-    );
-    if !out.success() {
-        let last = out
-            .stderr
-            .lines()
-            .rev()
-            .find(|l| !l.trim().is_empty())
-            .unwrap_or("no message");
-        return Err(format!(
-            "no builder image: `examples/vm/make-image {ARCH} {}` failed ({}): {last}",
-            dir.display(),
-            out.status
-        ));
-    }
+    let img = try_vm_image(ARCH)?;
     progress(&format!("P7: make-image {ARCH}: {:.1?}", t0.elapsed()));
-    let snippet = dir.join("lazy-builder.toml");
-    let toml = std::fs::read_to_string(&snippet)
-        .map_err(|e| format!("no builder image: cannot read {}: {e}", snippet.display()))?;
-    for f in ["vmlinuz", "initrd.cpio"] {
-        if !dir.join(f).is_file() {
-            return Err(format!(
-                "no builder image: {} is missing after make-image",
-                dir.join(f).display()
-            ));
-        }
-    }
-    Ok(Image { toml })
-}
-
-/// An exclusive flock on `path` (created if need be), held until the file is dropped.
-fn flock(path: &Path) -> Result<std::fs::File, String> {
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(path)
-        .map_err(|e| format!("cannot open the lock {}: {e}", path.display()))?;
-    use std::os::fd::AsRawFd;
-    // SAFETY: flock on an open file descriptor.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
-        return Err(format!(
-            "cannot lock {}: {}",
-            path.display(),
-            std::io::Error::last_os_error()
-        ));
-    }
-    Ok(file)
+    Ok(img)
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -245,14 +185,14 @@ fn boot_history(cfg: &LazyConfig) -> Vec<u64> {
         .unwrap_or_default()
 }
 
-fn measure(ctx: &Ctx, img: &Image) -> Row {
-    let lock_path = ctx.host_tmp.join("nix-lazy-builder-boot-vm-tests.lock");
+fn measure(ctx: &Ctx, img: &VmImage) -> Row {
+    let lock_path = vm_lock_file(&ctx.host_tmp);
     progress(&format!(
         "P7: waiting for the VM test lock {} (one VM at a time on the machine)",
         lock_path.display()
     ));
     let t_lock = Instant::now();
-    let _one_vm = flock(&lock_path).unwrap_or_else(|e| panic!("{e}"));
+    let _one_vm = lock_exclusive(&lock_path).unwrap_or_else(|e| panic!("{e}"));
     if t_lock.elapsed() > Duration::from_secs(1) {
         progress(&format!(
             "P7: waited {:.1?} for the VM lock",

@@ -13,7 +13,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::common::{FakeDrv, Nix, RemoteOpts, RemoteStore, Scheme, StoreQueries};
+use crate::harness::{FakeDrv, Nix, RemoteOpts, RemoteStore, Scheme, StoreQueries};
 use crate::rows::{Ctx, MANY_GIB, ONE_100MIB, Shape, p2_expr, p3_expr};
 use crate::setup::{self, DaemonSpec, Hook, Tool};
 

@@ -1,5 +1,6 @@
-//! The results table in BENCHMARKS.md: one line per row with both hooks' medians and spreads,
-//! the ratio, the goal and whether it is met, and the command that reproduces the row.
+//! The results table in BENCHMARKS.md: one line per row with the hooks' medians and spreads
+//! (ours, Nix's, Nix's with OpenSSH connection sharing), the ratios, the goal and whether it is
+//! met, and the command that reproduces the row.
 //!
 //! Owns the generated block between the `bench:begin` / `bench:end` markers; text outside them
 //! is the humans' (method, profile notes) and is kept byte for byte. A run of some rows only
@@ -29,6 +30,9 @@ pub enum Goal {
     Checked { text: String, met: bool },
     /// A reference figure, no goal.
     Info,
+    /// The row's ratios are of overheads (its `floor` taken off every median): ours ÷ Nix's
+    /// ≤ `nix` and ours ÷ Nix's with ControlPersist ≤ `persist`.
+    OverheadAtMost { nix: f64, persist: f64 },
 }
 
 impl Goal {
@@ -40,12 +44,19 @@ impl Goal {
             Goal::AbsAtMost(a) => format!("≤ {a} {unit}"),
             Goal::Checked { text, .. } => text.clone(),
             Goal::Info => "(reference)".to_owned(),
+            Goal::OverheadAtMost { nix, persist } => {
+                format!("overhead ≤ {nix}× Nix's and ≤ {persist}× ControlPersist's")
+            }
         }
     }
 
-    fn met(&self, ours: &Samples, r: Option<f64>) -> Option<bool> {
+    fn met(&self, ours: &Samples, r: Option<f64>, rp: Option<f64>) -> Option<bool> {
         let m = ours.median();
         match *self {
+            Goal::OverheadAtMost { nix, persist } => match (r, rp) {
+                (Some(r), Some(rp)) => Some(r <= nix && rp <= persist),
+                _ => None,
+            },
             Goal::RatioAtMost(g) => r.map(|r| r <= g),
             Goal::RatioAtLeast(g) => r.map(|r| r >= g),
             Goal::AbsAndRatioAtMost { abs, ratio } => match (m, r) {
@@ -69,6 +80,11 @@ pub struct Row {
     pub ours: Samples,
     /// Nix's own hook, when it has a counterpart.
     pub nix: Option<Samples>,
+    /// Nix's hook with `ControlMaster`/`ControlPersist` in `NIX_SSHOPTS`, when measured.
+    pub persist: Option<Samples>,
+    /// What no hook can remove (P1's local build): when set, every ratio is of the medians
+    /// less this.
+    pub floor: Option<f64>,
     pub goal: Goal,
     pub note: String,
     /// The command that reproduces the row.
@@ -76,42 +92,62 @@ pub struct Row {
 }
 
 impl Row {
+    fn ratio_to(&self, peer: Option<&Samples>) -> Option<f64> {
+        let peer = peer?;
+        match self.floor {
+            None => ratio(&self.ours, peer),
+            Some(f) => {
+                let (a, b) = (self.ours.median()? - f, peer.median()? - f);
+                (b > 0.0).then_some(a.max(0.0) / b)
+            }
+        }
+    }
+
+    /// Ours ÷ Nix's (of overheads, with a floor).
     pub fn ratio(&self) -> Option<f64> {
-        self.nix.as_ref().and_then(|n| ratio(&self.ours, n))
+        self.ratio_to(self.nix.as_ref())
+    }
+
+    /// Ours ÷ Nix's with ControlPersist (of overheads, with a floor).
+    pub fn persist_ratio(&self) -> Option<f64> {
+        self.ratio_to(self.persist.as_ref())
     }
 
     pub fn met(&self) -> Option<bool> {
-        self.goal.met(&self.ours, self.ratio())
+        self.goal
+            .met(&self.ours, self.ratio(), self.persist_ratio())
     }
 
     /// The table line.
     pub fn line(&self, measured: &str) -> String {
         let cell = |s: &str| s.replace('|', "\\|").replace('\n', " ");
-        let nix = self
-            .nix
-            .as_ref()
-            .map(|n| fmt_samples(n, self.unit))
-            .unwrap_or_else(|| "—".to_owned());
-        let ratio = self
-            .ratio()
-            .map(|r| format!("{}×", fmt_num(r)))
-            .unwrap_or_else(|| "—".to_owned());
+        let samples = |s: &Option<Samples>| {
+            s.as_ref()
+                .map(|n| fmt_samples(n, self.unit))
+                .unwrap_or_else(|| "—".to_owned())
+        };
+        let times = |r: Option<f64>| {
+            r.map(|r| format!("{}×", fmt_num(r)))
+                .unwrap_or_else(|| "—".to_owned())
+        };
         let met = match self.met() {
             Some(true) => "yes",
             Some(false) => "**no**",
             None => "—",
         };
-        let runs = match &self.nix {
-            Some(n) => format!("{}+{}", self.ours.len(), n.len()),
-            None => self.ours.len().to_string(),
-        };
+        let mut runs = self.ours.len().to_string();
+        for peer in [&self.nix, &self.persist].into_iter().flatten() {
+            runs.push_str(&format!("+{}", peer.len()));
+        }
         format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | `{}` | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | `{}` | {} |",
             cell(&self.key),
             cell(&self.what),
             cell(&fmt_samples(&self.ours, self.unit)),
-            cell(&nix),
-            ratio,
+            cell(&samples(&self.nix)),
+            times(self.ratio()),
+            cell(&samples(&self.persist)),
+            times(self.persist_ratio()),
             cell(&self.goal.text(self.unit)),
             met,
             runs,
@@ -122,7 +158,7 @@ impl Row {
     }
 }
 
-pub const TABLE_HEAD: &str = "| row | what | ours: median (min–max) | Nix's hook: median (min–max) | ours ÷ Nix | goal | met | runs (ours+Nix) | measured | reproduce | notes |\n|---|---|---|---|---|---|---|---|---|---|---|";
+pub const TABLE_HEAD: &str = "| row | what | ours: median (min–max) | Nix's hook: median (min–max) | ours ÷ Nix | Nix's hook + ControlPersist: median (min–max) | ours ÷ it | goal | met | runs (ours+Nix+ControlPersist) | measured | reproduce | notes |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|";
 
 /// The first cell of a table line, if it is a row line (`| P… |`).
 fn row_key(line: &str) -> Option<&str> {
@@ -176,6 +212,8 @@ pub fn self_test() {
         unit: "s",
         ours: s(&[1.0, 2.0, 3.0]),
         nix: Some(s(&[8.0, 8.0, 8.0])),
+        persist: None,
+        floor: None,
         goal: Goal::RatioAtMost(0.25),
         note: "a|b".into(),
         command: "cmd".into(),
@@ -183,7 +221,36 @@ pub fn self_test() {
     assert_eq!(row.ratio(), Some(0.25));
     assert_eq!(row.met(), Some(true));
     let line = row.line("today");
-    assert!(line.starts_with("| P1 ssh:// | x | 2.00 s (1.00–3.00) | 8.00 s (8.00–8.00) | 0.250× | ≤ 0.25× | yes | 3+3 |"), "{line}");
+    assert!(line.starts_with("| P1 ssh:// | x | 2.00 s (1.00–3.00) | 8.00 s (8.00–8.00) | 0.250× | — | — | ≤ 0.25× | yes | 3+3 |"), "{line}");
+    // With a floor, the ratios are of overheads; both must meet the goal.
+    let overhead = Row {
+        ours: s(&[1.5]),
+        nix: Some(s(&[5.0])),
+        persist: Some(s(&[2.0])),
+        floor: Some(1.0),
+        goal: Goal::OverheadAtMost {
+            nix: 0.25,
+            persist: 0.5,
+        },
+        ..row.clone()
+    };
+    assert_eq!(overhead.ratio(), Some(0.125));
+    assert_eq!(overhead.persist_ratio(), Some(0.5));
+    assert_eq!(overhead.met(), Some(true));
+    let slower = Row {
+        ours: s(&[1.6]),
+        ..overhead.clone()
+    };
+    assert_eq!(
+        slower.met(),
+        Some(false),
+        "0.6 of ControlPersist's overhead"
+    );
+    assert!(
+        slower.line("t").contains("| 1+1+1 |"),
+        "{}",
+        slower.line("t")
+    );
     assert!(line.ends_with("| a\\|b |"), "{line}");
     assert_eq!(row_key(&line), Some("P1 ssh://"));
     assert_eq!(row_key("|---|---|"), None);

@@ -1,6 +1,9 @@
-//! The two contestants on the integration harness: a local nix-daemon whose `build-hook` is
-//! nix-lazy-builder, and one whose `build-hook` is Nix 2.8's own `build-remote` (over OpenSSH),
-//! both pointed at the same real sshd-backed remote stores.
+//! The contestants on the integration harness: a local nix-daemon whose `build-hook` is
+//! nix-lazy-builder, one whose `build-hook` is Nix 2.8's own `build-remote` (over OpenSSH),
+//! the same with OpenSSH connection sharing (`ControlMaster`/`ControlPersist` in
+//! `NIX_SSHOPTS`, the tuning a user would pick instead of us), and optionally another build of
+//! nix-lazy-builder (`NLB_BENCH_BASELINE`: before/after a change, in one alternation), all
+//! pointed at the same real sshd-backed remote stores.
 //!
 //! Owns the per-hook daemon configuration (machines lines, `NIX_SSHOPTS`, the OpenSSH client
 //! config that lets Nix 2.8's hook reach several builders on different ports of 127.0.0.1),
@@ -13,9 +16,9 @@ use std::fmt::Write as _;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use crate::common::{
-    DaemonOpts, LocalDaemon, MachineLine, NIX_28_BUILD_REMOTE, Nix, RemoteStore, Scheme,
-    hook_binary,
+use crate::harness::{
+    DaemonOpts, LocalDaemon, MachineLine, NIX_28_BUILD_REMOTE, Nix, REMOTE_HOST, REMOTE_USER,
+    RemoteStore, Scheme, hook_binary,
 };
 
 /// Which build hook a daemon runs.
@@ -23,13 +26,32 @@ use crate::common::{
 pub enum Hook {
     Ours,
     Nix,
+    /// Nix's hook with `-oControlMaster=auto -oControlPath=… -oControlPersist=120` in
+    /// `NIX_SSHOPTS`: one master connection per builder, kept for two minutes.
+    NixPersist,
+    /// Another build of nix-lazy-builder ([`BASELINE_ENV`]).
+    Baseline,
 }
+
+/// The environment variable naming another nix-lazy-builder binary to measure beside ours
+/// (e.g. a release build of the commit before a change): [`Hook::Baseline`].
+pub const BASELINE_ENV: &str = "NLB_BENCH_BASELINE";
+
+/// [`BASELINE_ENV`]'s binary, if set.
+pub fn baseline() -> Option<PathBuf> {
+    std::env::var_os(BASELINE_ENV).map(PathBuf::from)
+}
+
+/// How long OpenSSH keeps the master connection of [`Hook::NixPersist`].
+pub const CONTROL_PERSIST: &str = "120";
 
 impl Hook {
     pub fn label(self) -> &'static str {
         match self {
             Hook::Ours => "ours",
             Hook::Nix => "nix",
+            Hook::NixPersist => "nix-cp",
+            Hook::Baseline => "baseline",
         }
     }
 
@@ -37,8 +59,13 @@ impl Hook {
     pub fn binary(self) -> PathBuf {
         match self {
             Hook::Ours => hook_binary(),
-            Hook::Nix => PathBuf::from(NIX_28_BUILD_REMOTE),
+            Hook::Nix | Hook::NixPersist => PathBuf::from(NIX_28_BUILD_REMOTE),
+            Hook::Baseline => baseline().unwrap_or_else(|| panic!("{BASELINE_ENV} is not set")),
         }
+    }
+
+    fn is_ours(self) -> bool {
+        matches!(self, Hook::Ours | Hook::Baseline)
     }
 
     /// The process name (`comm`, at most 15 bytes) the hook runs under.
@@ -121,56 +148,74 @@ impl Tool {
 pub fn daemon(spec: &DaemonSpec<'_>) -> LocalDaemon {
     let mut opts = DaemonOpts::new(Nix::Host);
     let mut lines = Vec::new();
-    match spec.hook {
-        Hook::Ours => {
-            opts = opts.with_our_hook();
-            for r in spec.remotes {
-                let mut m = MachineLine::new(spec.scheme, true);
-                m.max_jobs = spec.max_jobs;
-                lines.push(r.machines_line(&m));
+    if spec.hook.is_ours() {
+        opts = opts.with_our_hook();
+        if spec.hook == Hook::Baseline {
+            let bin = spec.hook.binary();
+            if let Some(dir) = bin.parent() {
+                opts.expose.push(dir.to_path_buf());
             }
+            opts.build_hook = Some(bin.to_string_lossy().into_owned());
         }
-        Hook::Nix => {
-            opts.build_hook = Some(NIX_28_BUILD_REMOTE.to_owned());
-            if let [r] = spec.remotes {
-                // What a Nix 2.8 user does (and what the harness' smoke test proves).
+        for r in spec.remotes {
+            let mut m = MachineLine::new(spec.scheme, true);
+            m.max_jobs = spec.max_jobs;
+            lines.push(r.machines_line(&m));
+        }
+    } else {
+        opts.build_hook = Some(NIX_28_BUILD_REMOTE.to_owned());
+        let sharing = if spec.hook == Hook::NixPersist {
+            // A short socket path (sun_path holds 108 bytes), one per daemon.
+            let dir = spec.dir.join(format!("cm-{}", spec.remotes.len()));
+            std::fs::create_dir_all(&dir)
+                .unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+            let path = format!("{}/%C", dir.display());
+            assert!(path.len() + 40 < 100, "ControlPath {path} is too long");
+            format!(" -oControlMaster=auto -oControlPath={path} -oControlPersist={CONTROL_PERSIST}")
+        } else {
+            String::new()
+        };
+        if let [r] = spec.remotes {
+            // What a Nix 2.8 user does (and what the harness' smoke test proves).
+            let mut m = MachineLine::new(spec.scheme, false);
+            m.max_jobs = spec.max_jobs;
+            lines.push(r.machines_line(&m));
+            opts.env
+                .push(("NIX_SSHOPTS".to_owned(), r.nix_sshopts(true) + &sharing));
+        } else {
+            // Nix 2.8's hook takes no port from the URI and one NIX_SSHOPTS for all
+            // machines: give each remote a host alias in an ssh client config. The pinned
+            // host key (column 8) still decides: Nix writes it as `<alias> <key>` into its
+            // own known-hosts file and HostKeyAlias makes OpenSSH look it up by the alias.
+            let config = spec.dir.join(format!(
+                "ssh_config-{}-{}",
+                spec.hook.label(),
+                spec.remotes.len()
+            ));
+            let mut text = String::new();
+            for (i, r) in spec.remotes.iter().enumerate() {
+                let alias = format!("nlb-bench-b{i}");
+                let _ = writeln!(
+                    text,
+                    "Host {alias}\n  HostName {REMOTE_HOST}\n  Port {}\n  HostKeyAlias {alias}\n",
+                    r.port()
+                );
                 let mut m = MachineLine::new(spec.scheme, false);
                 m.max_jobs = spec.max_jobs;
-                lines.push(r.machines_line(&m));
-                opts.env
-                    .push(("NIX_SSHOPTS".to_owned(), r.nix_sshopts(true)));
-            } else {
-                // Nix 2.8's hook takes no port from the URI and one NIX_SSHOPTS for all
-                // machines: give each remote a host alias in an ssh client config. The pinned
-                // host key (column 8) still decides: Nix writes it as `<alias> <key>` into its
-                // own known-hosts file and HostKeyAlias makes OpenSSH look it up by the alias.
-                let config = spec.dir.join(format!("ssh_config-{}", spec.remotes.len()));
-                let mut text = String::new();
-                for (i, r) in spec.remotes.iter().enumerate() {
-                    let alias = format!("nlb-bench-b{i}");
-                    let _ = writeln!(
-                        text,
-                        "Host {alias}\n  HostName {}\n  Port {}\n  HostKeyAlias {alias}\n",
-                        r.host(),
-                        r.port()
-                    );
-                    let mut m = MachineLine::new(spec.scheme, false);
-                    m.max_jobs = spec.max_jobs;
-                    let line = r.machines_line(&m);
-                    let plain = r.uri_without_port(spec.scheme);
-                    let aliased = format!("{}://{}@{alias}", spec.scheme.prefix(), r.user());
-                    assert!(line.starts_with(&plain), "{line}");
-                    lines.push(line.replacen(&plain, &aliased, 1));
-                }
-                write_file(&config, &text, 0o644);
-                opts.env.push((
-                    "NIX_SSHOPTS".to_owned(),
-                    format!(
-                        "-F {} -oBatchMode=yes -oConnectTimeout=20",
-                        config.display()
-                    ),
-                ));
+                let line = r.machines_line(&m);
+                let plain = r.uri_without_port(spec.scheme);
+                let aliased = format!("{}://{REMOTE_USER}@{alias}", spec.scheme.prefix());
+                assert!(line.starts_with(&plain), "{line}");
+                lines.push(line.replacen(&plain, &aliased, 1));
             }
+            write_file(&config, &text, 0o644);
+            opts.env.push((
+                "NIX_SSHOPTS".to_owned(),
+                format!(
+                    "-F {} -oBatchMode=yes -oConnectTimeout=20{sharing}",
+                    config.display()
+                ),
+            ));
         }
     }
     if spec.pid_file.is_some() || spec.profile.is_some() {

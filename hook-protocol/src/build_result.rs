@@ -4,15 +4,20 @@
 //! Owns the BuildResult codec for a given [`BuildResultLayout`] (are times there, are CPU times
 //! there, how the built outputs are laid out) and the normalisation of the built-outputs map,
 //! which the wire carries in two shapes (realisation JSON keyed by `sha256:<hex>!<output>` with a
-//! *basename* `outPath`, or `output → (full path, signatures)`), into one `output name → full
-//! store path` map. Which layout a connection uses is the protocol's business: this module must
-//! never import `serve` or `worker`. Pure functions over bytes; must never perform I/O or trust
-//! a peer's value to be well-formed.
+//! *basename* `outPath`, or `output → (full path, signatures)`), into one `output name →`
+//! [`BuiltOutput`] map that keeps the realisation's id when the wire has it (content-addressed
+//! derivations need it to register the realisation locally, docs/protocol.md §7.2), and the
+//! realisations to register for a resolved content-addressed derivation
+//! ([`BuildResult::realisations_of`]). Which layout a connection uses is the protocol's
+//! business: this module must never import `serve` or `worker`. Pure functions over bytes; must
+//! never perform I/O or trust a peer's value to be well-formed.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
+use crate::derivation::Derivation;
 use crate::path_info::{read_store_path, read_string_set};
+use crate::realisation::{DrvOutput, Realisation, check_output_name};
 use crate::store_path::StorePath;
 #[cfg(any(test, feature = "server"))]
 use crate::wire::WireWrite;
@@ -139,11 +144,79 @@ impl fmt::Display for BuildStatus {
     }
 }
 
-/// One output the remote built (or found): its full store path and the realisation's signatures.
+/// One output the remote built (or found): its full store path, the realisation's signatures,
+/// and, when the layout carries realisation JSON, the realisation's id and dependencies.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BuiltOutput {
     pub path: StorePath,
     pub signatures: BTreeSet<String>,
+    /// The derivation output this realises (`sha256:<hex>!<output>`, the hash being the built
+    /// derivation's hash modulo). `None` when the layout does not carry it
+    /// ([`BuiltOutputsLayout::PathAndSignatures`]) or carries Nix's placeholder
+    /// ([`DrvOutput::is_dummy`], which Nix ≥ 2.35 servers send over serve 2.7): the caller then
+    /// has to know the id itself (`Derivation::floating_output_ids`).
+    pub id: Option<DrvOutput>,
+    /// The realisation's dependencies (`Realisation::dependent_realisations`); empty when the
+    /// layout carries none.
+    pub dependent_realisations: BTreeMap<DrvOutput, StorePath>,
+}
+
+impl BuiltOutput {
+    /// An output with just a path (and no id).
+    pub fn new(path: StorePath) -> Self {
+        BuiltOutput {
+            path,
+            signatures: BTreeSet::new(),
+            id: None,
+            dependent_realisations: BTreeMap::new(),
+        }
+    }
+
+    /// The realisation the remote reported, to register locally (worker op 42), when it gave
+    /// its id.
+    pub fn realisation(&self) -> Option<Realisation> {
+        Some(Realisation {
+            id: self.id.clone()?,
+            out_path: self.path.clone(),
+            signatures: self.signatures.clone(),
+            dependent_realisations: self.dependent_realisations.clone(),
+        })
+    }
+}
+
+impl From<Realisation> for BuiltOutput {
+    fn from(r: Realisation) -> Self {
+        BuiltOutput {
+            path: r.out_path,
+            signatures: r.signatures,
+            id: (!r.id.is_dummy()).then_some(r.id),
+            dependent_realisations: r.dependent_realisations,
+        }
+    }
+}
+
+/// Why a build result's outputs are not the realisations of a derivation
+/// ([`BuildResult::realisations_of`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RealisationsError {
+    #[error(
+        "the derivation is not a resolved content-addressed one (every output floating, no \
+         input derivations), so its realisation ids cannot be computed"
+    )]
+    NotResolvedCa,
+    #[error("the remote reported no path for output '{output}'")]
+    Missing { output: String },
+    #[error("the remote reported an output '{output}' the derivation does not have")]
+    Unexpected { output: String },
+    #[error(
+        "the remote reported output '{output}' as the realisation of '{reported}', but the \
+         derivation's is '{expected}'"
+    )]
+    IdMismatch {
+        output: String,
+        reported: String,
+        expected: String,
+    },
 }
 
 /// What a remote build reported.
@@ -191,6 +264,58 @@ impl BuildResult {
         self.built_outputs
             .iter()
             .map(|(k, v)| (k.as_str(), &v.path))
+            .collect()
+    }
+
+    /// The realisations of the built outputs whose id the wire carried, by output name.
+    pub fn realisations(&self) -> BTreeMap<&str, Realisation> {
+        self.built_outputs
+            .iter()
+            .filter_map(|(k, v)| Some((k.as_str(), v.realisation()?)))
+            .collect()
+    }
+
+    /// The realisations to register locally after building the resolved content-addressed
+    /// derivation `drv` (the one the daemon handed the hook; docs/protocol.md §3.4): one per
+    /// output of `drv`, each at the path the remote built, under the id computed from `drv`
+    /// ([`Derivation::floating_output_ids`]), so also when the remote did not say it (Nix ≥ 2.35
+    /// servers). A remote that reports another id, or other outputs, built something else: that
+    /// is an error, and nothing should be registered.
+    pub fn realisations_of(
+        &self,
+        drv: &Derivation,
+    ) -> Result<BTreeMap<String, Realisation>, RealisationsError> {
+        let ids = drv
+            .floating_output_ids()
+            .ok_or(RealisationsError::NotResolvedCa)?;
+        if let Some(extra) = self.built_outputs.keys().find(|k| !ids.contains_key(*k)) {
+            return Err(RealisationsError::Unexpected {
+                output: extra.clone(),
+            });
+        }
+        ids.into_iter()
+            .map(|(name, id)| {
+                let built =
+                    self.built_outputs
+                        .get(&name)
+                        .ok_or_else(|| RealisationsError::Missing {
+                            output: name.clone(),
+                        })?;
+                if let Some(reported) = built.id.as_ref().filter(|r| **r != id) {
+                    return Err(RealisationsError::IdMismatch {
+                        output: name,
+                        reported: reported.to_string(),
+                        expected: id.to_string(),
+                    });
+                }
+                let realisation = Realisation {
+                    id,
+                    out_path: built.path.clone(),
+                    signatures: built.signatures.clone(),
+                    dependent_realisations: built.dependent_realisations.clone(),
+                };
+                Ok((name, realisation))
+            })
             .collect()
     }
 
@@ -268,20 +393,30 @@ impl BuildResult {
         }
     }
 
-    /// The realisation-JSON layout as Nix 2.8 writes it, with a dummy derivation hash in the id
-    /// (current Nix does the same; readers only use the output name and `outPath`).
+    /// The realisation-JSON layout as Nix 2.8 … 2.34 write it; an output without an id gets
+    /// Nix's placeholder id, as Nix ≥ 2.35 servers write it. Output names that cannot be in an
+    /// id (none a decoder accepts) are left out.
     fn encode_realisation_json_map(&self, w: &mut Vec<u8>) {
-        w.put_u64(self.built_outputs.len() as u64);
-        for (name, out) in &self.built_outputs {
-            let id = format!("sha256:{}!{name}", "0".repeat(64));
-            let json = serde_json::json!({
-                "dependentRealisations": {},
-                "id": id,
-                "outPath": out.path.base_name(),
-                "signatures": out.signatures,
-            });
-            w.put_str(&id);
-            w.put_str(&json.to_string());
+        let entries: Vec<Realisation> = self
+            .built_outputs
+            .iter()
+            .filter_map(|(name, out)| {
+                let id = match &out.id {
+                    Some(id) => id.clone(),
+                    None => DrvOutput::dummy(name).ok()?,
+                };
+                Some(Realisation {
+                    id,
+                    out_path: out.path.clone(),
+                    signatures: out.signatures.clone(),
+                    dependent_realisations: out.dependent_realisations.clone(),
+                })
+            })
+            .collect();
+        w.put_u64(entries.len() as u64);
+        for r in &entries {
+            w.put_str(&r.id.to_string());
+            w.put_str(&r.to_json());
         }
     }
 }
@@ -290,65 +425,55 @@ impl BuildResult {
 fn decode_output_map(r: &mut Reader<'_>) -> wire::Result<BTreeMap<String, BuiltOutput>> {
     let entries = r.list("built outputs", |r| {
         let name = r.string("output name")?;
+        check_output_name(&name).map_err(|e| Invalid::Malformed(format!("built outputs: {e}")))?;
         let path = read_store_path(r, "built output path")?;
         let signatures = read_string_set(r, "realisation signatures")?;
-        Ok((name, BuiltOutput { path, signatures }))
+        Ok((
+            name,
+            BuiltOutput {
+                signatures,
+                ..BuiltOutput::new(path)
+            },
+        ))
     })?;
-    Ok(entries.into_iter().collect())
+    collect_outputs(entries)
 }
 
-/// `map<"sha256:<hex>!<output>", realisation JSON>`: serve 2.6–2.7 and worker ≥ 1.28.
+/// `map<"sha256:<hex>!<output>", realisation JSON>`: serve 2.6–2.7 and worker ≥ 1.28. The key
+/// must be the realisation's own id.
 fn decode_realisation_json_map(
     r: &mut Reader<'_>,
     store_dir: &str,
 ) -> wire::Result<BTreeMap<String, BuiltOutput>> {
     let entries = r.list("built outputs", |r| {
-        let id = r.str("realisation id")?;
+        let key = r.str("realisation id")?;
         let json = r.str("realisation")?;
-        parse_realisation(id, json, store_dir).map_err(DecodeError::from)
+        let bad = |why: String| Invalid::Malformed(format!("built output '{key}': {why}"));
+        let id = DrvOutput::parse(key).map_err(|e| bad(e.to_string()))?;
+        let realisation =
+            Realisation::from_json(json, store_dir).map_err(|e| bad(e.to_string()))?;
+        if realisation.id != id {
+            return Err(bad(format!("its realisation's id is '{}'", realisation.id)).into());
+        }
+        Ok((id.output_name().to_owned(), BuiltOutput::from(realisation)))
     })?;
-    Ok(entries.into_iter().collect())
+    collect_outputs(entries)
 }
 
-/// Parses one realisation-JSON entry into `(output name, output)`.
-fn parse_realisation(
-    id: &str,
-    json: &str,
-    store_dir: &str,
-) -> Result<(String, BuiltOutput), Invalid> {
-    let bad = |why: String| Invalid::Malformed(format!("realisation '{id}': {why}"));
-    let (_, name) = id
-        .split_once('!')
-        .ok_or_else(|| bad("the id has no '!<output>'".into()))?;
-    if name.is_empty() {
-        return Err(bad("the output name is empty".into()));
+/// The entries as a map; an output named twice is [`Invalid`] (one would be lost).
+fn collect_outputs(
+    entries: Vec<(String, BuiltOutput)>,
+) -> wire::Result<BTreeMap<String, BuiltOutput>> {
+    let mut map = BTreeMap::new();
+    for (name, out) in entries {
+        if map.contains_key(&name) {
+            return Err(DecodeError::malformed(format!(
+                "built outputs: output '{name}' is listed twice"
+            )));
+        }
+        map.insert(name, out);
     }
-    let value: serde_json::Value =
-        serde_json::from_str(json).map_err(|e| bad(format!("bad JSON: {e}")))?;
-    let out_path = value
-        .get("outPath")
-        .and_then(serde_json::Value::as_str)
-        .ok_or_else(|| bad("no string 'outPath'".into()))?;
-    // Nix writes the basename; accept a full path too.
-    let full = if out_path.starts_with('/') {
-        out_path.to_owned()
-    } else {
-        format!("{}/{out_path}", store_dir.trim_end_matches('/'))
-    };
-    let path = StorePath::parse(&full).map_err(|e| bad(e.to_string()))?;
-    let signatures = match value.get("signatures") {
-        None | Some(serde_json::Value::Null) => BTreeSet::new(),
-        Some(serde_json::Value::Array(items)) => items
-            .iter()
-            .map(|s| {
-                s.as_str()
-                    .map(str::to_owned)
-                    .ok_or_else(|| bad("a signature is not a string".into()))
-            })
-            .collect::<Result<_, _>>()?,
-        Some(_) => return Err(bad("'signatures' is not a list".into())),
-    };
-    Ok((name.to_owned(), BuiltOutput { path, signatures }))
+    Ok(map)
 }
 
 /// Worker ≥ 1.37 optional duration: u64 tag 0 (none) or 1 followed by i64 microseconds.
@@ -379,7 +504,30 @@ fn encode_opt_micros(w: &mut Vec<u8>, v: Option<i64>) {
 pub(crate) mod tests {
     use super::*;
     use crate::path_info::tests::{arb_path, path};
+    use crate::realisation::tests::arb_drv_output;
     use proptest::prelude::*;
+
+    /// A built output named `name`: with or without an id (for that output name), signatures
+    /// and dependencies.
+    fn arb_built_output(name: String) -> impl Strategy<Value = (String, BuiltOutput)> {
+        (
+            arb_path(),
+            proptest::collection::btree_set("[a-z]{1,5}-1:[A-Za-z0-9]{4,10}", 0..3),
+            proptest::option::of(proptest::array::uniform32(any::<u8>())),
+            proptest::collection::btree_map(arb_drv_output(), arb_path(), 0..2),
+        )
+            .prop_map(move |(path, signatures, hash, deps)| {
+                let id = hash.map(|h| DrvOutput::from_sha256(&h, &name).expect("a valid id"));
+                let out = BuiltOutput {
+                    path,
+                    signatures,
+                    // Dependencies only travel with an id.
+                    dependent_realisations: if id.is_some() { deps } else { BTreeMap::new() },
+                    id,
+                };
+                (name.clone(), out)
+            })
+    }
 
     pub(crate) fn arb_build_result() -> impl Strategy<Value = BuildResult> {
         (
@@ -391,14 +539,8 @@ pub(crate) mod tests {
             any::<u64>(),
             proptest::option::of(any::<i64>()),
             proptest::option::of(any::<i64>()),
-            proptest::collection::btree_map(
-                "[a-z]{1,6}",
-                (
-                    arb_path(),
-                    proptest::collection::btree_set("[a-z]{1,5}-1:[A-Za-z0-9]{4,10}", 0..3),
-                ),
-                0..3,
-            ),
+            proptest::collection::btree_set("[a-z]{1,6}", 0..3)
+                .prop_flat_map(|names| names.into_iter().map(arb_built_output).collect::<Vec<_>>()),
         )
             .prop_map(|(status, msg, tb, nd, st, sp, cu, cs, outs)| BuildResult {
                 status,
@@ -409,15 +551,19 @@ pub(crate) mod tests {
                 stop_time: sp,
                 cpu_user: cu,
                 cpu_system: cs,
-                built_outputs: outs
-                    .into_iter()
-                    .map(|(k, (path, signatures))| (k, BuiltOutput { path, signatures }))
-                    .collect(),
+                built_outputs: outs.into_iter().collect(),
             })
     }
 
-    /// What survives a trip through a protocol version that drops some fields.
-    pub(crate) fn carried(res: &BuildResult, times: bool, cpu: bool, outputs: bool) -> BuildResult {
+    /// What survives a trip through a protocol version that drops some fields: the times, the
+    /// CPU times, and the built outputs as `outputs` carries them (ids and dependencies only in
+    /// the realisation-JSON layout).
+    pub(crate) fn carried(
+        res: &BuildResult,
+        times: bool,
+        cpu: bool,
+        outputs: BuiltOutputsLayout,
+    ) -> BuildResult {
         let mut r = res.clone();
         if !times {
             r.times_built = 0;
@@ -429,8 +575,15 @@ pub(crate) mod tests {
             r.cpu_user = None;
             r.cpu_system = None;
         }
-        if !outputs {
-            r.built_outputs.clear();
+        match outputs {
+            BuiltOutputsLayout::Absent => r.built_outputs.clear(),
+            BuiltOutputsLayout::RealisationJson => {}
+            BuiltOutputsLayout::PathAndSignatures => {
+                for out in r.built_outputs.values_mut() {
+                    out.id = None;
+                    out.dependent_realisations.clear();
+                }
+            }
         }
         r
     }
@@ -522,22 +675,160 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn bad_realisations_are_invalid() {
-        for (id, json) in [
-            ("sha256:00", r#"{"outPath":"x"}"#),
-            ("sha256:00!", r#"{"outPath":"x"}"#),
-            ("sha256:00!out", r#"{"outPath":5}"#),
-            ("sha256:00!out", "not json"),
-            ("sha256:00!out", r#"{"outPath":"not-a-store-path"}"#),
-            ("sha256:00!out", r#"{"signatures":[]}"#),
+    fn bad_built_outputs_are_invalid() {
+        let hex = "4ad3".repeat(16);
+        let base = path(4, "x").base_name().to_owned();
+        let json = |id: &str| {
+            format!(
+                r#"{{"dependentRealisations":{{}},"id":"{id}","outPath":"{base}","signatures":[]}}"#
+            )
+        };
+        let good = format!("sha256:{hex}!out");
+        for (key, json, why) in [
+            ("sha256:00".to_owned(), json(&good), "no '!<output>'"),
+            (
+                format!("sha256:{hex}!"),
+                json(&good),
+                "the output name is empty",
+            ),
+            (
+                good.clone(),
+                r#"{"outPath":5}"#.to_owned(),
+                "not a realisation JSON object",
+            ),
+            (
+                good.clone(),
+                "not json".to_owned(),
+                "not a realisation JSON object",
+            ),
+            (
+                good.clone(),
+                format!(r#"{{"id":"{good}","outPath":"not-a-store-path"}}"#),
+                "bad hash part",
+            ),
+            (
+                good.clone(),
+                r#"{"signatures":[]}"#.to_owned(),
+                "missing field",
+            ),
+            (
+                good.clone(),
+                json(&format!("sha256:{hex}!dev")),
+                "its realisation's id is",
+            ),
         ] {
             let mut w = Vec::new();
             w.put_u64(1);
-            w.put_str(id);
-            w.put_str(json);
+            w.put_str(&key);
+            w.put_str(&json);
             let e = decode_realisation_json_map(&mut Reader::new(&w), "/nix/store").unwrap_err();
-            assert!(matches!(e, DecodeError::Invalid(_)), "{id} {json}: {e:?}");
+            assert!(matches!(e, DecodeError::Invalid(_)), "{key} {json}: {e:?}");
+            assert!(e.to_string().contains(why), "{key} {json}: {e}");
         }
+        // The same output twice, in either layout.
+        let mut w = Vec::new();
+        w.put_u64(2);
+        for _ in 0..2 {
+            w.put_str(&good);
+            w.put_str(&json(&good));
+        }
+        let e = decode_realisation_json_map(&mut Reader::new(&w), "/nix/store").unwrap_err();
+        assert!(e.to_string().contains("listed twice"), "{e}");
+        let mut w = Vec::new();
+        w.put_u64(2);
+        for _ in 0..2 {
+            w.put_str("out");
+            w.put_str(path(4, "x").as_str());
+            w.put_u64(0);
+        }
+        let e = decode_output_map(&mut Reader::new(&w)).unwrap_err();
+        assert!(e.to_string().contains("listed twice"), "{e}");
+    }
+
+    /// The realisations of a resolved CA derivation: ids computed from it, paths from the
+    /// result; a result that does not fit the derivation is refused.
+    #[test]
+    fn realisations_of_a_resolved_derivation() {
+        let aterm = br#"Derive([("dev","","r:sha256",""),("out","","r:sha256","")],[],[],"x86_64-linux","/bin/sh",[],[("dev","/d"),("out","/o")])"#;
+        let drv = Derivation::parse(aterm).unwrap();
+        let ids = drv.floating_output_ids().unwrap();
+        let mut res = BuildResult::new(BuildStatus::Built, "");
+        res.built_outputs
+            .insert("out".into(), BuiltOutput::new(path(1, "o")));
+        let mut dev = BuiltOutput::new(path(2, "d"));
+        dev.id = Some(ids["dev"].clone());
+        dev.signatures.insert("k-1:AAAA".into());
+        res.built_outputs.insert("dev".into(), dev);
+        let got = res.realisations_of(&drv).unwrap();
+        assert_eq!(
+            got["out"].id, ids["out"],
+            "computed when the remote gave none"
+        );
+        assert_eq!(got["out"].out_path, path(1, "o"));
+        assert_eq!(got["dev"].signatures.len(), 1);
+
+        let mut wrong = res.clone();
+        wrong.built_outputs.get_mut("out").unwrap().id = Some(ids["dev"].clone());
+        assert!(matches!(
+            wrong.realisations_of(&drv),
+            Err(RealisationsError::IdMismatch { ref output, .. }) if output == "out"
+        ));
+        let mut missing = res.clone();
+        missing.built_outputs.remove("dev");
+        assert_eq!(
+            missing.realisations_of(&drv),
+            Err(RealisationsError::Missing {
+                output: "dev".into()
+            })
+        );
+        let mut extra = res.clone();
+        extra
+            .built_outputs
+            .insert("lib".into(), BuiltOutput::new(path(3, "l")));
+        assert!(matches!(
+            extra.realisations_of(&drv),
+            Err(RealisationsError::Unexpected { .. })
+        ));
+        let mut unresolved = drv.clone();
+        unresolved
+            .input_drvs
+            .insert(path(4, "x.drv").to_string(), ["out".to_owned()].into());
+        assert_eq!(
+            res.realisations_of(&unresolved),
+            Err(RealisationsError::NotResolvedCa)
+        );
+    }
+
+    /// The id a realisation-JSON layout carries is kept, Nix's placeholder id is not, and the
+    /// realisation to register comes back whole.
+    #[test]
+    fn built_outputs_keep_their_realisation() {
+        let out = path(4, "caA");
+        let id = DrvOutput::parse(&format!("sha256:{}!out", "4ad3".repeat(16))).unwrap();
+        let r = Realisation {
+            id: id.clone(),
+            out_path: out.clone(),
+            signatures: ["k-1:AAAA".to_owned()].into(),
+            dependent_realisations: BTreeMap::new(),
+        };
+        let mut res = BuildResult::new(BuildStatus::Built, "");
+        res.built_outputs
+            .insert("out".into(), BuiltOutput::from(r.clone()));
+        res.built_outputs
+            .insert("dev".into(), BuiltOutput::new(path(5, "caA-dev")));
+        let mut w = Vec::new();
+        res.encode(&mut w, SERVE_2_7);
+        let got = BuildResult::decode(&mut Reader::new(&w), SERVE_2_7, "/nix/store").unwrap();
+        assert_eq!(got.built_outputs["out"].id.as_ref(), Some(&id));
+        assert_eq!(
+            got.built_outputs["dev"].id, None,
+            "the placeholder id is no id"
+        );
+        assert_eq!(
+            got.realisations().into_iter().collect::<Vec<_>>(),
+            [("out", r)]
+        );
+        assert!(String::from_utf8_lossy(&w).contains(&format!("sha256:{}!dev", "0".repeat(64))));
     }
 
     #[test]
@@ -568,8 +859,7 @@ pub(crate) mod tests {
             res.encode(&mut w, layout);
             let (got, used) = wire::decode_with(&w, |r| BuildResult::decode(r, layout, "/nix/store")).unwrap();
             prop_assert_eq!(used, w.len());
-            let outputs = layout.outputs != BuiltOutputsLayout::Absent;
-            prop_assert_eq!(got, carried(&res, layout.times, layout.cpu_times, outputs));
+            prop_assert_eq!(got, carried(&res, layout.times, layout.cpu_times, layout.outputs));
             for cut in 0..w.len() {
                 let e = BuildResult::decode(&mut Reader::new(&w[..cut]), layout, "/nix/store").unwrap_err();
                 prop_assert!(e.is_incomplete(), "cut {}: {:?}", cut, e);

@@ -1,7 +1,8 @@
 //! Derivations: the ATerm `.drv` format parsed into a [`Derivation`] and printed back exactly as
 //! Nix writes it, and the [`BasicDerivation`] wire encoding that serve cmd 8 and worker op 36 carry
-//! (docs/protocol.md §7.1), plus what the hook derives from a `.drv`: its output paths and the
-//! BasicDerivation to send for a remote build (docs/protocol.md §3.4 step 4).
+//! (docs/protocol.md §7.1), plus what the hook derives from a `.drv`: its output paths, the
+//! BasicDerivation to send for a remote build (docs/protocol.md §3.4 step 4) and, for a resolved
+//! content-addressed derivation, the ids of its realisations (§7.2).
 //!
 //! Pure functions over bytes: nothing here reads a `.drv` from disk, and no input, however
 //! malformed, may make a parser panic. Strings in a `.drv` are raw bytes; only the fields whose
@@ -10,7 +11,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
-use crate::store_path::{StorePath, StorePathError};
+use crate::realisation::DrvOutput;
+use crate::store_path::{Sha256, StorePath, StorePathError};
 use crate::wire::{self, DecodeError, Reader, WireWrite};
 
 /// One output as the wire and the ATerm file carry it: `path` is empty for floating and
@@ -308,6 +310,43 @@ impl Derivation {
     /// The output paths by output name (see [`BasicDerivation::output_paths`]).
     pub fn output_paths(&self) -> Result<BTreeMap<String, Option<StorePath>>, DerivationError> {
         self.basic.output_paths()
+    }
+
+    /// True if every output is floating content-addressed (a `__contentAddressed` derivation):
+    /// its output paths are known only once it is built, and each build yields a realisation.
+    pub fn is_floating_ca(&self) -> bool {
+        !self.basic.outputs.is_empty()
+            && self
+                .basic
+                .outputs
+                .values()
+                .all(|o| o.kind() == OutputKind::Floating)
+    }
+
+    /// The ids under which Nix records the realisations of this derivation's outputs
+    /// (`sha256:<hex>!<output>`), where Nix computes them from this `.drv` alone: every output
+    /// floating content-addressed and no input derivations. That is a *resolved* derivation,
+    /// which is what the daemon hands a build hook for a content-addressed one (its inputs
+    /// already realised; docs/protocol.md §3.4), and the remote reports its realisations under
+    /// the same ids. The hash is Nix's hash modulo for that case: SHA-256 of the ATerm with each
+    /// output's environment variable blanked (their paths are empty already). `None` for any
+    /// other derivation: input derivations would need their own hashes first.
+    pub fn floating_output_ids(&self) -> Option<BTreeMap<String, DrvOutput>> {
+        if !self.input_drvs.is_empty() || !self.is_floating_ca() {
+            return None;
+        }
+        let mut masked = self.clone();
+        for name in self.basic.outputs.keys() {
+            if let Some(v) = masked.basic.env.get_mut(name.as_bytes()) {
+                v.clear();
+            }
+        }
+        let digest = Sha256::digest(&masked.to_aterm());
+        self.basic
+            .outputs
+            .keys()
+            .map(|name| Some((name.clone(), DrvOutput::from_sha256(&digest.0, name).ok()?)))
+            .collect()
     }
 
     /// The BasicDerivation a hook sends for a remote build (docs/protocol.md §3.4 step 4): if the
@@ -848,6 +887,31 @@ mod tests {
         no_inputs.input_drvs.clear();
         let b = no_inputs.basic_for_remote(closure);
         assert_eq!(b, no_inputs.basic);
+    }
+
+    /// A floating CA derivation without inputs, as Nix 2.34 wrote it (tests/data/ca): its
+    /// realisation id is the one the local daemon recorded for it.
+    #[test]
+    fn floating_output_ids_are_nix_hash_modulo() {
+        let aterm = br#"Derive([("out","","r:sha256","")],[],[],"x86_64-linux","/bin/sh",["-c","echo building caA ssh-ng; echo caA ssh-ng > $out"],[("builder","/bin/sh"),("name","capture-caA-ssh-ng"),("out","/1rz4g4znpzjwh1xymhjpm42vipw92pr73vdgl6xs1hycac8kf2n9"),("outputHashAlgo","sha256"),("outputHashMode","recursive"),("system","x86_64-linux")])"#;
+        let d = Derivation::parse(aterm).unwrap();
+        assert!(d.is_floating_ca());
+        assert_eq!(d.output_paths().unwrap()["out"], None);
+        let ids = d.floating_output_ids().unwrap();
+        assert_eq!(
+            ids["out"].to_string(),
+            "sha256:201d8ebb3454c4b324778df90d8b1455972cb396971630ef1c9f575363d4e5f9!out"
+        );
+        // With an input derivation the hash needs the input's: not computed.
+        let mut unresolved = d.clone();
+        unresolved
+            .input_drvs
+            .insert(P2.into(), ["out".to_owned()].into());
+        assert_eq!(unresolved.floating_output_ids(), None);
+        // Input-addressed outputs are not realised this way.
+        assert_eq!(sample().floating_output_ids(), None);
+        assert!(!sample().is_floating_ca());
+        assert!(!Derivation::default().is_floating_ca());
     }
 
     #[test]

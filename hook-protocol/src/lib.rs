@@ -11,12 +11,14 @@ pub mod derivation;
 pub mod hook;
 pub mod log;
 pub mod path_info;
+pub mod realisation;
 pub mod serve;
 pub mod store_path;
 pub mod version;
 pub mod wire;
 pub mod worker;
 
+pub use realisation::{DrvOutput, Realisation};
 pub use store_path::{Sha256, StorePath};
 pub use version::{ProtocolVersion, ServerHello};
 pub use wire::{DecodeError, Invalid, Reader, WireWrite};

@@ -21,7 +21,7 @@ use hook_protocol::log::Message;
 use hook_protocol::store_path::StorePathError;
 use hook_protocol::wire::{self, DecodeError, Invalid, MAX_COUNT, MAX_STRING, Reader, WireWrite};
 use hook_protocol::worker::{self, Negotiated, StderrMessage};
-use hook_protocol::{StorePath, serve};
+use hook_protocol::{DrvOutput, Realisation, StorePath, serve};
 
 #[global_allocator]
 static ALLOC: Counting = Counting;
@@ -214,7 +214,68 @@ fn hostile_string_lengths_are_rejected_at_once() {
             len,
             MAX_STRING,
         );
+        // A built output's id, then its realisation JSON.
+        let mut b = words(&[0]);
+        b.put_str("");
+        b.extend_from_slice(&words(&[1, 0, 0, 0, 1, len]));
+        assert_too_long(
+            "built output id",
+            || {
+                wire::decode_with(&b, |r| {
+                    worker::decode_build_result(r, &proto(1, 35), "/nix/store")
+                })
+            },
+            len,
+            MAX_STRING,
+        );
+        let mut b = words(&[0]);
+        b.put_str("");
+        b.extend_from_slice(&words(&[1, 0, 0, 0, 1]));
+        b.put_str(&format!("sha256:{}!out", "0".repeat(64)));
+        b.put_u64(len);
+        assert_too_long(
+            "built output realisation",
+            || {
+                wire::decode_with(&b, |r| {
+                    serve::decode_build_derivation_reply(
+                        r,
+                        ProtocolVersion::new(2, 7),
+                        "/nix/store",
+                    )
+                })
+            },
+            len,
+            MAX_STRING,
+        );
+        // A QueryRealisation reply's realisation, and RegisterDrvOutput's (daemon side).
+        let b = words(&[1, len]);
+        assert_too_long(
+            "query realisation reply",
+            || wire::decode_with(&b, |r| query_realisation(r, 35)),
+            len,
+            MAX_STRING,
+        );
+        let b = words(&[42, len]);
+        assert_too_long(
+            "register drv output request",
+            || {
+                wire::decode_with(&b, |r| {
+                    worker::server::decode_request(r, &proto(1, 35), "/nix/store")
+                })
+            },
+            len,
+            MAX_STRING,
+        );
     }
+}
+
+/// The id the realisation tests ask for.
+fn asked() -> DrvOutput {
+    DrvOutput::parse(&format!("sha256:{}!out", "4ad3".repeat(16))).expect("a valid id")
+}
+
+fn query_realisation(r: &mut Reader<'_>, minor: u8) -> wire::Result<Option<Realisation>> {
+    worker::decode_query_realisation_reply(r, &proto(1, minor), &asked(), "/nix/store")
 }
 
 #[test]
@@ -293,6 +354,16 @@ fn hostile_counts_are_rejected_at_once() {
             count,
             MAX_COUNT,
         );
+        // QueryRealisation replies, in both layouts.
+        let b = words(&[count]);
+        for minor in [30, 35] {
+            assert_too_long(
+                "query realisation reply",
+                || wire::decode_with(&b, |r| query_realisation(r, minor)),
+                count,
+                MAX_COUNT,
+            );
+        }
         let mut b = Vec::new();
         b.put_str(&path("a"));
         b.put_str("");
@@ -328,6 +399,14 @@ fn counts_within_the_limit_do_not_reserve_memory_up_front() {
         (
             "derivation outputs",
             Box::new(|| wire::decode_with(&b, BasicDerivation::decode).map(drop)),
+        ),
+        (
+            "realisations",
+            Box::new(|| wire::decode_with(&b, |r| query_realisation(r, 35)).map(drop)),
+        ),
+        (
+            "realisation paths",
+            Box::new(|| wire::decode_with(&b, |r| query_realisation(r, 30)).map(drop)),
         ),
     ] {
         let (r, largest) = largest_allocation(f);
@@ -512,6 +591,25 @@ fn non_utf8_from_remote_stores() {
     .unwrap();
     assert_eq!(res.error_msg, "caf\u{fffd}-\u{fffd}\u{fffd}");
 
+    // Realisations: ids and JSON must be UTF-8 (JSON is UTF-8 by definition).
+    let mut b = words(&[1]);
+    b.put_bytes(BAD);
+    not_utf8(
+        wire::decode_with(&b, |r| query_realisation(r, 35)),
+        "realisation",
+    );
+    let mut b = words(&[0]);
+    b.put_str("");
+    b.extend_from_slice(&words(&[1, 0, 0, 0, 1]));
+    b.put_bytes(BAD);
+    b.put_str("{}");
+    not_utf8(
+        wire::decode_with(&b, |r| {
+            worker::decode_build_result(r, &proto(1, 35), "/nix/store")
+        }),
+        "realisation id",
+    );
+
     // An `@nix` line that is not UTF-8 is not a log message.
     let mut line = b"@nix {\"action\":\"msg\",\"level\":0,\"msg\":\"".to_vec();
     line.extend_from_slice(BAD);
@@ -575,6 +673,44 @@ fn bad_hash_parts_are_rejected_everywhere() {
             }
         }
     }
+    // A realisation's outPath is a base name: with a bad hash part it is Invalid, naming it,
+    // in a build result's built outputs and in a QueryRealisation reply.
+    for h in [
+        "0123456789abcdfghijklmnpqrsvwxy",
+        "e123456789abcdfghijklmnpqrsvwxyz",
+    ] {
+        let id = asked().to_string();
+        let json = format!(r#"{{"id":"{id}","outPath":"{h}-name","signatures":[]}}"#);
+        let mut reply = words(&[1]);
+        reply.put_str(&json);
+        let mut result = words(&[0]);
+        result.put_str("");
+        result.extend_from_slice(&words(&[1, 0, 0, 0, 1]));
+        result.put_str(&id);
+        result.put_str(&json);
+        for (case, r) in [
+            (
+                "query realisation",
+                wire::decode_with(&reply, |r| query_realisation(r, 35)).map(drop),
+            ),
+            (
+                "built outputs",
+                wire::decode_with(&result, |r| {
+                    worker::decode_build_result(r, &proto(1, 35), "/nix/store")
+                })
+                .map(drop),
+            ),
+        ] {
+            match r {
+                Err(DecodeError::Invalid(Invalid::Malformed(m))) => assert!(
+                    m.contains("bad hash part") && m.contains(&format!("{h}-name")),
+                    "{case}: {m}"
+                ),
+                other => panic!("{case} with {h}: {other:?}"),
+            }
+        }
+    }
+
     // The hash alone is not enough: a missing '-' or name is a bad path too.
     for p in [
         format!("/nix/store/{HASH}"),

@@ -17,13 +17,18 @@
 //!   selecting the prefix; stopped with `darling shutdown`.
 //! - `command` (`command.rs`): any foreground command; stopped by a stop command or a signal.
 
+pub mod agent;
+mod check;
 mod child;
 mod command;
+pub mod console;
 mod darling;
 mod logs;
 pub mod qemu;
 pub mod qmp;
 mod ready;
+mod restore;
+pub mod snapshot;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -31,11 +36,12 @@ use std::time::{Duration, Instant};
 
 use crate::config::{BootSpec, Builder};
 
+pub use check::check_spec;
 pub use qemu::AccelUsed;
-pub use ready::{Ready, wait_ready};
+pub use ready::Ready;
 
 /// Where and for whom an instance runs.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct BootContext {
     /// The builder's name (messages, QEMU's `-name`).
     pub builder: String,
@@ -47,6 +53,8 @@ pub struct BootContext {
     /// The port in the builder's URI: the host port a QEMU builder forwards to the guest's
     /// port 22 when its boot section has no `ssh-port`.
     pub uri_port: Option<u16>,
+    /// The whole builder: a restore checks readiness itself, with its SSH settings.
+    pub config: Builder,
 }
 
 impl BootContext {
@@ -57,6 +65,7 @@ impl BootContext {
             dir,
             systems: builder.systems.iter().cloned().collect(),
             uri_port: builder.uri.port,
+            config: builder.clone(),
         }
     }
 }
@@ -98,22 +107,24 @@ pub enum BootError {
     #[error("{0}")]
     Qmp(#[from] qmp::QmpError),
     /// Readiness: no SSH banner before the deadline.
-    #[error("no SSH banner on {addr} after {} ({last})", fmt_secs(*after))]
+    #[error("{}", no_banner_message(addr, *after, last, *forwarded))]
     NoBanner {
         /// `host:port` that was tried.
         addr: String,
         after: Duration,
         last: String,
+        /// `addr` is QEMU's port forward: it takes connections whether or not the guest is up.
+        forwarded: bool,
     },
     /// Readiness: the banner came but SSH never worked before the deadline.
-    #[error("SSH on {addr} not usable after {}: {last}", fmt_secs(*after))]
+    #[error("SSH on {addr} answered but was not usable within boot-timeout (waited {}): {last}", fmt_secs(*after))]
     SshNotReady {
         addr: String,
         after: Duration,
         last: String,
     },
     /// Readiness: SSH works but the remote Nix never answered before the deadline.
-    #[error("remote Nix on {addr} did not answer after {}: {last}", fmt_secs(*after))]
+    #[error("remote Nix on {addr} did not answer within boot-timeout (waited {}): {last}", fmt_secs(*after))]
     NixNotReady {
         addr: String,
         after: Duration,
@@ -125,6 +136,43 @@ pub enum BootError {
     /// The builder's SSH settings cannot be used (e.g. an unreadable known_hosts file).
     #[error("{0}")]
     SshSetup(String),
+}
+
+impl BootError {
+    /// Whether the builder ran out of its boot-timeout while the readiness check waited.
+    pub fn is_timeout(&self) -> bool {
+        matches!(
+            self,
+            BootError::NoBanner { .. }
+                | BootError::SshNotReady { .. }
+                | BootError::NixNotReady { .. }
+        )
+    }
+}
+
+/// What "no banner" means. Behind QEMU's port forward an accepted connection says nothing about
+/// the guest (slirp accepts at once and only then tries the guest), so the message is about the
+/// guest; elsewhere it is about the address.
+fn no_banner_message(addr: &str, after: Duration, last: &str, forwarded: bool) -> String {
+    if !forwarded {
+        return format!(
+            "no SSH banner on {addr} within boot-timeout (waited {}; last try: {last})",
+            fmt_secs(after)
+        );
+    }
+    // Slirp's own answers while the guest is silent: they describe the forward, not the guest.
+    let slirp = last.starts_with("connected, but no")
+        || last.starts_with("connection closed before a banner");
+    format!(
+        "the guest did not answer on SSH within boot-timeout (waited {}): QEMU's port forward \
+         {addr} took the connections, but nothing in the guest answered behind it{}",
+        fmt_secs(after),
+        if slirp {
+            String::new()
+        } else {
+            format!(" (last try: {last})")
+        }
+    )
 }
 
 fn exited_message(r: &ExitReport, during: &str) -> String {
@@ -317,6 +365,15 @@ impl fmt::Display for StopReport {
     }
 }
 
+/// How an instance came up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BootKind {
+    /// Booted from scratch.
+    Cold,
+    /// Restored from a snapshot (`snapshot = true`).
+    Restored,
+}
+
 /// The backend-specific part of a running instance.
 enum Kind {
     Qemu(qemu::Vm),
@@ -333,6 +390,53 @@ pub struct Instance {
     ssh_port: Option<u16>,
     /// Log files, most telling first, for the last line of an [`ExitReport`].
     logs: Vec<PathBuf>,
+    /// Readiness already checked while starting (a restore): [`wait_ready`] returns it.
+    ready: Option<Ready>,
+}
+
+/// What the next boot of a builder will do, as far as can be told without booting.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NextBoot {
+    /// A plain cold boot (no `snapshot = true`, or not a qemu builder).
+    Cold,
+    /// A restore of this snapshot (unless QEMU rejects it: then a cold boot at once).
+    Restore(Box<snapshot::Meta>),
+    /// A cold boot that makes a snapshot, and why there is none to restore.
+    MakeSnapshot { why: String },
+}
+
+/// [`NextBoot`] for `spec` in `ctx` (reads the snapshot's metadata, checks its files, and runs
+/// `qemu --version` once per QEMU binary): for `status`, `doctor` and the progress line.
+pub async fn next_boot(spec: &BootSpec, ctx: &BootContext) -> Result<NextBoot, BootError> {
+    match spec {
+        BootSpec::Qemu(q) if q.snapshot && q.runner.is_none() => qemu::next_boot(q, ctx).await,
+        _ => Ok(NextBoot::Cold),
+    }
+}
+
+/// Waits until the builder answers on `port` (`ready.rs`: SSH banner, handshake with the
+/// pinned host key, the remote Nix's `--version`), or fails: at once for a wrong host key or
+/// the instance's exit, else at `deadline`. A restored instance was checked while it started
+/// and answers at once. A cold boot of a `snapshot = true` builder is snapshotted here, once it
+/// is ready and before anyone builds on it; failing to make the snapshot never fails the
+/// boot (it is logged, and the next cold boot tries again).
+pub async fn wait_ready(
+    builder: &Builder,
+    port: u16,
+    instance: &mut Instance,
+    deadline: impl Into<tokio::time::Instant>,
+) -> Result<Ready, BootError> {
+    if let Some(r) = instance.ready.take() {
+        return Ok(r);
+    }
+    let deadline = deadline.into();
+    let ready = ready::wait_ready(builder, port, instance, deadline).await?;
+    if let Kind::Qemu(vm) = &mut instance.kind
+        && let Some(pending) = vm.pending.take()
+    {
+        restore::make_logged(vm.builder(), pending, &mut instance.child, &ready, deadline).await;
+    }
+    Ok(ready)
 }
 
 /// Starts `spec` for the builder described by `ctx`. Returns once the process runs (and, for
@@ -373,6 +477,25 @@ impl Instance {
         }
     }
 
+    /// Restored from a snapshot or booted cold (every backend but a `snapshot = true` qemu
+    /// builder boots cold).
+    pub fn boot_kind(&self) -> BootKind {
+        match &self.kind {
+            Kind::Qemu(vm) => vm.how,
+            _ => BootKind::Cold,
+        }
+    }
+
+    /// For a `snapshot = true` builder that booted cold: why it was not restored ("there is no
+    /// snapshot yet", "the configuration changed (memory 1024 → 2048 MiB)", "the restore failed:
+    /// …").
+    pub fn snapshot_note(&self) -> Option<&str> {
+        match &self.kind {
+            Kind::Qemu(vm) => vm.snapshot_note.as_deref(),
+            _ => None,
+        }
+    }
+
     /// Whether the builder is reached through a port forwarded on 127.0.0.1 (qemu) rather
     /// than at the URI's host.
     pub fn forwards_to_localhost(&self) -> bool {
@@ -391,13 +514,22 @@ impl Instance {
         self.report(exit)
     }
 
+    /// `why` a step failed, unless the process ended meanwhile (or does within a moment):
+    /// then its exit report, with its last words, says more.
+    async fn exit_or(&mut self, why: String) -> String {
+        match self.child.wait_for(Duration::from_millis(500)).await {
+            Some(exit) => format!("{} ({why})", self.report(exit)),
+            None => why,
+        }
+    }
+
     fn report(&self, exit: child::Exit) -> ExitReport {
         ExitReport {
             what: self.what.clone(),
             pid: self.child.pid(),
             status: exit.status,
             uptime: exit.at.saturating_duration_since(self.started),
-            last_line: logs::last_line_of_any(&self.logs),
+            last_line: console::summary(&self.logs),
         }
     }
 
@@ -683,21 +815,28 @@ mod tests {
             addr: "127.0.0.1:40123".into(),
             after: Duration::from_secs(120),
             last: "connection closed before a banner".into(),
+            forwarded: false,
         };
         assert_eq!(
             e.to_string(),
-            "no SSH banner on 127.0.0.1:40123 after 2m (connection closed before a banner)"
+            "no SSH banner on 127.0.0.1:40123 within boot-timeout (waited 2m; last try: \
+             connection closed before a banner)"
         );
         assert!(!e.to_string().contains('\n'));
+        assert!(e.is_timeout());
         let e = BootError::NoBanner {
             addr: "127.0.0.1:40123".into(),
             after: Duration::from_millis(2_990),
-            last: "connection refused".into(),
+            last: "connected, but no banner within 1s".into(),
+            forwarded: true,
         };
         assert_eq!(
             e.to_string(),
-            "no SSH banner on 127.0.0.1:40123 after 3s (connection refused)"
+            "the guest did not answer on SSH within boot-timeout (waited 3s): QEMU's port \
+             forward 127.0.0.1:40123 took the connections, but nothing in the guest answered \
+             behind it"
         );
+        assert!(!e.to_string().contains("connected, but"));
     }
 
     /// The supervisor runs these on a multi-threaded runtime and boxes them as `Send`

@@ -44,6 +44,7 @@ use tracing::{info, warn};
 
 use super::child::{Child, SpawnSpec};
 use super::qmp::{self, Qmp};
+use super::snapshot;
 use super::{
     BootContext, BootError, Instance, Kind, StopHow, StopStep, base_env, find_program, fmt_elapsed,
     logs, open_log,
@@ -92,6 +93,8 @@ pub enum AccelChoice {
     KnownGood { evidence: String },
     /// A runner script chose; read back from QEMU (`query-kvm`).
     Runner,
+    /// Restored from a snapshot: the accelerator the snapshot was made with.
+    Snapshot,
 }
 
 fn accel_name(a: Accel) -> &'static str {
@@ -122,6 +125,7 @@ impl fmt::Display for AccelUsed {
                 write!(f, " (auto, earlier probe ok: {evidence})")
             }
             AccelChoice::Runner => f.write_str(" (chosen by the runner script)"),
+            AccelChoice::Snapshot => f.write_str(" (the snapshot's)"),
         }
     }
 }
@@ -199,6 +203,37 @@ pub struct PlanInput<'a> {
     pub disk: Option<(&'a Path, &'a str)>,
     /// The QEMU binary (not used for runners).
     pub binary: &'a Path,
+    /// `snapshot = true`: RAM in a file, the agent's port, and for a restore `-incoming defer`.
+    pub snapshot: Option<SnapshotArgs<'a>>,
+}
+
+/// The parts of a snapshotting (or restoring) VM's command line.
+#[derive(Clone, Debug)]
+pub struct SnapshotArgs<'a> {
+    /// The file that holds (cold boot: will hold; restore: holds) the guest's RAM.
+    pub ram: &'a Path,
+    /// `share=on` (a cold boot writes its RAM to the file) or `share=off` (a restore maps the
+    /// snapshot privately: nothing the guest does reaches the file).
+    pub share: bool,
+    /// Wait for the device state (`-incoming defer`).
+    pub incoming: bool,
+    /// The unix socket of the guest agent's virtio-serial port.
+    pub agent_socket: &'a Path,
+}
+
+/// Guest memory when `memory` is not set.
+pub const DEFAULT_MEMORY_MIB: u64 = 1024;
+const MIB: u64 = 1024 * 1024;
+/// The id of the snapshotting VM's RAM backend.
+const RAM_BACKEND: &str = "nlbram";
+
+/// The default `-machine` for a guest architecture.
+pub fn default_machine(arch: Option<&str>) -> Option<&'static str> {
+    match arch {
+        Some("aarch64") | Some("arm") | Some("riscv64") => Some("virt"),
+        Some("x86_64") | Some("i386") => Some("q35"),
+        _ => None,
+    }
 }
 
 /// A command to run.
@@ -271,13 +306,12 @@ pub fn plan(spec: &QemuBoot, input: &PlanInput<'_>) -> Result<QemuCommand, BootE
         "none",
         "-no-reboot",
     ]);
-    let machine = spec.machine.as_deref().or(match input.arch {
-        Some("aarch64") | Some("arm") | Some("riscv64") => Some("virt"),
-        Some("x86_64") | Some("i386") => Some("q35"),
-        _ => None,
-    });
-    if let Some(m) = machine {
-        push(&["-machine", m]);
+    let machine = spec.machine.as_deref().or(default_machine(input.arch));
+    match (machine, &input.snapshot) {
+        (Some(m), None) => push(&["-machine", m]),
+        (Some(m), Some(_)) => push(&["-machine", &format!("{m},memory-backend={RAM_BACKEND}")]),
+        (None, Some(_)) => push(&["-machine", &format!("memory-backend={RAM_BACKEND}")]),
+        (None, None) => {}
     }
     push(&["-accel", accel_name(input.accel)]);
     let cpu = spec.cpu.as_deref().or(match (input.arch, input.accel) {
@@ -289,12 +323,23 @@ pub fn plan(spec: &QemuBoot, input: &PlanInput<'_>) -> Result<QemuCommand, BootE
     if let Some(c) = cpu {
         push(&["-cpu", c]);
     }
+    let memory_mib = spec.memory_mib.unwrap_or(DEFAULT_MEMORY_MIB);
     push(&[
         "-smp",
         &spec.cpus.unwrap_or(1).to_string(),
         "-m",
-        &spec.memory_mib.unwrap_or(1024).to_string(),
+        &memory_mib.to_string(),
     ]);
+    if let Some(s) = &input.snapshot {
+        push(&[
+            "-object",
+            &format!(
+                "memory-backend-file,id={RAM_BACKEND},size={memory_mib}M,mem-path={},share={}",
+                opt_escape(&s.ram.to_string_lossy()),
+                if s.share { "on" } else { "off" }
+            ),
+        ]);
+    }
     if let Some(k) = &spec.kernel {
         push(&["-kernel", &k.to_string_lossy()]);
         if let Some(i) = &spec.initrd {
@@ -337,8 +382,27 @@ pub fn plan(spec: &QemuBoot, input: &PlanInput<'_>) -> Result<QemuCommand, BootE
         "-serial",
         "chardev:nlbcon",
     ]);
+    if let Some(s) = &input.snapshot {
+        a.extend([
+            "-device".to_owned(),
+            "virtio-serial-pci,id=nlbvser".to_owned(),
+            "-chardev".to_owned(),
+            format!(
+                "socket,id=nlbagent,path={},server=on,wait=off",
+                opt_escape(&s.agent_socket.to_string_lossy())
+            ),
+            "-device".to_owned(),
+            format!(
+                "virtserialport,bus=nlbvser.0,chardev=nlbagent,name={}",
+                snapshot::AGENT_PORT
+            ),
+        ]);
+    }
     a.extend(qmp_args(input.qmp_socket));
     a.extend(spec.extra_args.iter().cloned());
+    if input.snapshot.as_ref().is_some_and(|s| s.incoming) {
+        a.extend(["-incoming".to_owned(), "defer".to_owned()]);
+    }
     Ok(QemuCommand {
         program: input.binary.to_owned(),
         args: a,
@@ -423,6 +487,13 @@ pub(super) struct Vm {
     accel: AccelUsed,
     qmp_socket: PathBuf,
     overlay: Option<PathBuf>,
+    /// Restored from a snapshot, or booted cold.
+    pub(super) how: super::BootKind,
+    /// Why a `snapshot = true` builder was not restored (no snapshot yet, the config
+    /// changed, the restore failed, …).
+    pub(super) snapshot_note: Option<String>,
+    /// A cold boot of a `snapshot = true` builder: the snapshot to make once it is ready.
+    pub(super) pending: Option<Box<super::restore::Pending>>,
 }
 
 /// One launched QEMU process with QMP up.
@@ -432,15 +503,29 @@ struct Launched {
     port: Option<u16>,
 }
 
-pub(super) async fn start(spec: &QemuBoot, ctx: &BootContext) -> Result<Instance, BootError> {
+/// What every boot of a builder shares: checked paths, the guest's architecture, the binary.
+struct Prepared {
+    qmp_socket: PathBuf,
+    agent_socket: PathBuf,
+    console_log: PathBuf,
+    arch: Option<String>,
+    runner: bool,
+    binary: PathBuf,
+    host_port: Option<u16>,
+}
+
+fn prepare(spec: &QemuBoot, ctx: &BootContext) -> Result<Prepared, BootError> {
     let dir = &ctx.dir;
     let qmp_socket = dir.join("qmp.sock");
-    if qmp_socket.as_os_str().len() > MAX_SOCKET_PATH {
-        return Err(BootError::Config(format!(
-            "builder '{}': the QMP socket path {} is too long for a unix socket; use a shorter state-dir",
-            ctx.builder,
-            qmp_socket.display()
-        )));
+    let agent_socket = dir.join("agent.sock");
+    for s in [&qmp_socket, &agent_socket] {
+        if s.as_os_str().len() > MAX_SOCKET_PATH {
+            return Err(BootError::Config(format!(
+                "builder '{}': the socket path {} is too long for a unix socket; use a shorter state-dir",
+                ctx.builder,
+                s.display()
+            )));
+        }
     }
     let console_log = dir.join("console.log");
     let arch: Option<String> = guest_arch(&ctx.systems)
@@ -483,17 +568,133 @@ pub(super) async fn start(spec: &QemuBoot, ctx: &BootContext) -> Result<Instance
             });
         }
     }
+    let host_port = if runner {
+        spec.ssh_port
+    } else {
+        Some(spec.ssh_port.or(ctx.uri_port).unwrap_or(0))
+    };
+    Ok(Prepared {
+        qmp_socket,
+        agent_socket,
+        console_log,
+        arch,
+        runner,
+        binary,
+        host_port,
+    })
+}
 
+pub(super) async fn start(spec: &QemuBoot, ctx: &BootContext) -> Result<Instance, BootError> {
+    let p = prepare(spec, ctx)?;
+    let layout = snapshot::Layout::new(&ctx.dir);
+    if !spec.snapshot || p.runner {
+        // A snapshot left from when the setting was on: its RAM holds the host key.
+        if layout.current().dir().exists() || layout.incoming().dir().exists() {
+            match snapshot::remove(&layout) {
+                Ok(()) => {
+                    info!(builder = %ctx.builder, "snapshot = false: removed the old snapshot")
+                }
+                Err(e) => {
+                    warn!(builder = %ctx.builder, error = %e, "cannot remove the old snapshot")
+                }
+            }
+        }
+        return cold(spec, ctx, &p, None).await;
+    }
+    let fingerprint = super::restore::fingerprint(spec, &p.binary, p.arch.as_deref()).await?;
+    let files = layout.current();
+    let decision = snapshot::decide(true, &fingerprint, snapshot::read_meta(&files), |m| {
+        snapshot::check_files(&files, m)
+    });
+    let note = match decision {
+        snapshot::Decision::Restore(meta) => {
+            let t0 = Instant::now();
+            let restored = tokio::time::timeout(
+                super::restore::RESTORE_LIMIT,
+                restore_vm(spec, ctx, &p, &meta, &layout),
+            )
+            .await
+            .unwrap_or_else(|_| {
+                Err(format!(
+                    "not ready within {}",
+                    fmt_elapsed(super::restore::RESTORE_LIMIT)
+                ))
+            });
+            match restored {
+                Ok(inst) => return Ok(inst),
+                Err(why) => {
+                    warn!(builder = %ctx.builder, after = %fmt_elapsed(t0.elapsed()), "restoring the snapshot failed, booting cold: {why}");
+                    format!("the restore failed: {why}")
+                }
+            }
+        }
+        snapshot::Decision::Make { why } => why,
+        snapshot::Decision::Off => String::from("snapshot = false"),
+    };
+    if let Err(e) = snapshot::remove(&layout) {
+        warn!(builder = %ctx.builder, error = %e, "cannot remove the old snapshot");
+    }
+    info!(builder = %ctx.builder, "booting cold and making a snapshot: {note}");
+    cold(
+        spec,
+        ctx,
+        &p,
+        Some(ColdSnapshot {
+            fingerprint,
+            layout,
+            note,
+        }),
+    )
+    .await
+}
+
+/// What [`start`] would do now for a `snapshot = true` builder.
+pub(super) async fn next_boot(
+    spec: &QemuBoot,
+    ctx: &BootContext,
+) -> Result<super::NextBoot, BootError> {
+    let p = prepare(spec, ctx)?;
+    let fingerprint = super::restore::fingerprint(spec, &p.binary, p.arch.as_deref()).await?;
+    let files = snapshot::Layout::new(&ctx.dir).current();
+    Ok(
+        match snapshot::decide(true, &fingerprint, snapshot::read_meta(&files), |m| {
+            snapshot::check_files(&files, m)
+        }) {
+            snapshot::Decision::Restore(meta) => super::NextBoot::Restore(meta),
+            snapshot::Decision::Make { why } => super::NextBoot::MakeSnapshot { why },
+            snapshot::Decision::Off => super::NextBoot::Cold,
+        },
+    )
+}
+
+/// A cold boot that is to be snapshotted once ready.
+struct ColdSnapshot {
+    fingerprint: snapshot::Fingerprint,
+    layout: snapshot::Layout,
+    /// Why it is not a restore.
+    note: String,
+}
+
+async fn cold(
+    spec: &QemuBoot,
+    ctx: &BootContext,
+    p: &Prepared,
+    snap: Option<ColdSnapshot>,
+) -> Result<Instance, BootError> {
+    let dir = &ctx.dir;
+    let binary = &p.binary;
+    let arch = &p.arch;
+    let runner = p.runner;
     // The disk, or its throw-away overlay.
     let base_format = match &spec.disk {
-        Some(d) => Some(image_format(&binary, d).await?),
+        Some(d) => Some(image_format(binary, d).await?),
         None => None,
     };
     let mut overlay = None;
     let disk: Option<(PathBuf, String)> = match (&spec.disk, &base_format) {
         (Some(d), Some(format)) if spec.ephemeral => {
             let o = dir.join("overlay.qcow2");
-            create_overlay(&binary, d, format, &o).await?;
+            create_overlay(binary, d, format, &o).await?;
             overlay = Some(o.clone());
             Some((o, "qcow2".to_owned()))
         }
@@ -504,11 +705,7 @@ pub(super) async fn start(spec: &QemuBoot, ctx: &BootContext) -> Result<Instance
     // Until the VM is handed over, an early return removes the overlay again.
     let mut overlay_guard = RemoveOnDrop(overlay.clone());
 
-    let host_port = if runner {
-        spec.ssh_port
-    } else {
-        Some(spec.ssh_port.or(ctx.uri_port).unwrap_or(0))
-    };
+    let host_port = p.host_port;
     let (mut accel, probe) = if runner {
         (Accel::Tcg, false)
     } else {
@@ -520,7 +717,7 @@ pub(super) async fn start(spec: &QemuBoot, ctx: &BootContext) -> Result<Instance
     };
     let mut probe = probe;
     if probe {
-        match verdict(dir, &binary, accel) {
+        match verdict(dir, binary, accel) {
             Some(Verdict::Broken(why)) => {
                 choice = AccelChoice::KnownBroken { tried: accel, why };
                 accel = Accel::Tcg;
@@ -533,8 +730,22 @@ pub(super) async fn start(spec: &QemuBoot, ctx: &BootContext) -> Result<Instance
             None => {}
         }
     }
+    let memory_mib = spec.memory_mib.unwrap_or(DEFAULT_MEMORY_MIB);
 
-    let launched = loop {
+    let (launched, live) = loop {
+        // A snapshotting VM keeps its RAM in a file (a fresh one per launch).
+        let live = match &snap {
+            Some(_) => Some(
+                super::restore::LiveRam::create(dir, &ctx.builder, memory_mib).map_err(
+                    |source| BootError::Io {
+                        what: "cannot create the file for the guest's RAM".into(),
+                        path: dir.clone(),
+                        source,
+                    },
+                )?,
+            ),
+            None => None,
+        };
         let cmd = plan(
             spec,
             &PlanInput {
@@ -542,18 +753,28 @@ pub(super) async fn start(spec: &QemuBoot, ctx: &BootContext) -> Result<Instance
                 arch: arch.as_deref(),
                 accel,
                 host_port,
-                qmp_socket: &qmp_socket,
-                console_log: &console_log,
+                qmp_socket: &p.qmp_socket,
+                console_log: &p.console_log,
                 disk: disk.as_ref().map(|(p, f)| (p.as_path(), f.as_str())),
-                binary: &binary,
+                binary,
+                snapshot: live.as_ref().map(|l| SnapshotArgs {
+                    ram: l.path(),
+                    share: true,
+                    incoming: false,
+                    agent_socket: &p.agent_socket,
+                }),
             },
         )?;
-        let launched = launch(&cmd, ctx, runner, &qmp_socket, host_port).await;
+        let launched = launch(&cmd, ctx, runner, &p.qmp_socket, host_port).await;
+        // QEMU has the RAM file open and mapped once QMP answers: its name can go.
+        if let (Ok(_), Some(l)) = (&launched, &live) {
+            l.unlink();
+        }
         if !probe {
-            break launched?;
+            break (launched?, live);
         }
         let outcome = match launched {
-            Ok(mut l) => match probe_life(&mut l, &console_log, PROBE_TIMEOUT).await {
+            Ok(mut l) => match probe_life(&mut l, &p.console_log, PROBE_TIMEOUT).await {
                 Ok(evidence) => Ok((l, evidence)),
                 Err(why) => Err((Some(l), why)),
             },
@@ -564,9 +785,9 @@ pub(super) async fn start(spec: &QemuBoot, ctx: &BootContext) -> Result<Instance
         match outcome {
             Ok((l, evidence)) => {
                 info!(builder = %ctx.builder, accel = accel_name(accel), %evidence, "accelerator probe passed");
-                remember(dir, &binary, accel, Verdict::Works(evidence.clone()));
+                remember(dir, binary, accel, Verdict::Works(evidence.clone()));
                 choice = AccelChoice::ProbeOk { evidence };
-                break l;
+                break (l, live);
             }
             Err((l, why)) => {
                 warn!(builder = %ctx.builder, accel = accel_name(accel), %why, "accelerator probe failed; booting again with tcg");
@@ -574,10 +795,10 @@ pub(super) async fn start(spec: &QemuBoot, ctx: &BootContext) -> Result<Instance
                     let _ = l.child.signal_group(libc::SIGKILL);
                     let _ = l.child.wait_for(Duration::from_secs(10)).await;
                 }
-                remember(dir, &binary, accel, Verdict::Broken(why.clone()));
+                remember(dir, binary, accel, Verdict::Broken(why.clone()));
                 // The failed guest may have written to the overlay: start from a fresh one.
                 if let (Some(o), Some(d), Some(f)) = (&overlay, &spec.disk, &base_format) {
-                    create_overlay(&binary, d, f, o).await?;
+                    create_overlay(binary, d, f, o).await?;
                 }
                 choice = AccelChoice::FellBack { tried: accel, why };
                 accel = Accel::Tcg;
@@ -589,7 +810,7 @@ pub(super) async fn start(spec: &QemuBoot, ctx: &BootContext) -> Result<Instance
     overlay_guard.0 = None;
     let accel_used = if runner {
         AccelUsed {
-            accel: runner_accel(&qmp_socket).await,
+            accel: runner_accel(&p.qmp_socket).await,
             choice: AccelChoice::Runner,
         }
     } else {
@@ -605,20 +826,161 @@ pub(super) async fn start(spec: &QemuBoot, ctx: &BootContext) -> Result<Instance
         accel = %accel_used,
         "qemu started"
     );
+    let (snapshot_note, pending) = match (snap, live) {
+        (Some(s), Some(live)) => (
+            Some(s.note),
+            Some(Box::new(super::restore::Pending {
+                live,
+                fingerprint: s.fingerprint,
+                layout: s.layout,
+                accel: accel_name(accel).to_owned(),
+                overlay: overlay.clone(),
+                memory_bytes: memory_mib * MIB,
+                qmp_socket: p.qmp_socket.clone(),
+                agent_socket: p.agent_socket.clone(),
+                migrate_socket: dir.join("migrate.sock"),
+            })),
+        ),
+        _ => (None, None),
+    };
     Ok(Instance {
         kind: Kind::Qemu(Vm {
             builder: ctx.builder.clone(),
-            arch,
+            arch: arch.clone(),
             accel: accel_used,
-            qmp_socket,
+            qmp_socket: p.qmp_socket.clone(),
             overlay,
+            how: super::BootKind::Cold,
+            snapshot_note,
+            pending,
         }),
         child: launched.child,
         what: "qemu".into(),
         started: launched.started,
         ssh_port: launched.port,
-        logs: vec![ctx.dir.join("qemu.log"), console_log],
+        logs: vec![ctx.dir.join("qemu.log"), p.console_log.clone()],
+        ready: None,
     })
+}
+
+/// Restores `meta`'s snapshot: QEMU with the snapshot's RAM mapped privately (`share=off`:
+/// the guest's writes never reach the file), the device state fed in through `-incoming
+/// defer` → `migrate-incoming`, `cont`, the agent's `refresh`, and the readiness check. Any
+/// failure is one line; the caller bounds the whole of it and falls back to a cold boot.
+async fn restore_vm(
+    spec: &QemuBoot,
+    ctx: &BootContext,
+    p: &Prepared,
+    meta: &snapshot::Meta,
+    layout: &snapshot::Layout,
+) -> Result<Instance, String> {
+    let t0 = Instant::now();
+    let files = layout.current();
+    let accel = match meta.accel.as_str() {
+        "kvm" => Accel::Kvm,
+        "hvf" => Accel::Hvf,
+        "tcg" => Accel::Tcg,
+        other => {
+            return Err(format!(
+                "the snapshot was made with an unknown accelerator '{other}'"
+            ));
+        }
+    };
+    let mut overlay = None;
+    if meta.disk {
+        let o = ctx.dir.join("overlay.qcow2");
+        create_overlay(&p.binary, &files.disk(), "qcow2", &o)
+            .await
+            .map_err(|e| e.to_string())?;
+        overlay = Some(o);
+    }
+    let mut overlay_guard = RemoveOnDrop(overlay.clone());
+    let ram = files.ram();
+    let cmd = plan(
+        spec,
+        &PlanInput {
+            builder: &ctx.builder,
+            arch: p.arch.as_deref(),
+            accel,
+            host_port: p.host_port,
+            qmp_socket: &p.qmp_socket,
+            console_log: &p.console_log,
+            disk: overlay.as_deref().map(|o| (o, "qcow2")),
+            binary: &p.binary,
+            snapshot: Some(SnapshotArgs {
+                ram: &ram,
+                share: false,
+                incoming: true,
+                agent_socket: &p.agent_socket,
+            }),
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    let launched = launch(&cmd, ctx, false, &p.qmp_socket, p.host_port)
+        .await
+        .map_err(|e| e.to_string())?;
+    overlay_guard.0 = None;
+    let port = launched.port;
+    let mut inst = Instance {
+        kind: Kind::Qemu(Vm {
+            builder: ctx.builder.clone(),
+            arch: p.arch.clone(),
+            accel: AccelUsed {
+                accel: Some(accel),
+                choice: AccelChoice::Snapshot,
+            },
+            qmp_socket: p.qmp_socket.clone(),
+            overlay,
+            how: super::BootKind::Restored,
+            snapshot_note: None,
+            pending: None,
+        }),
+        child: launched.child,
+        what: "qemu".into(),
+        started: launched.started,
+        ssh_port: port,
+        logs: vec![ctx.dir.join("qemu.log"), p.console_log.clone()],
+        ready: None,
+    };
+    // From here on, an error drops `inst`, which kills QEMU.
+    let deadline = tokio::time::Instant::from_std(t0 + super::restore::RESTORE_LIMIT);
+    let loaded = super::restore::incoming(
+        &p.qmp_socket,
+        &mut inst.child,
+        &files.devices(),
+        &ctx.dir.join("migrate.sock"),
+        deadline,
+    )
+    .await;
+    if let Err(why) = loaded {
+        return Err(inst.exit_or(why).await);
+    }
+    let running = t0.elapsed();
+    let refreshed = tokio::select! {
+        exit = inst.child.wait() => return Err(format!("{} after the restore", inst.report(exit))),
+        r = super::agent::refresh(&p.agent_socket, deadline) => r,
+    };
+    let refreshed = match refreshed {
+        Ok(r) => r,
+        Err(e) => return Err(inst.exit_or(e.to_string()).await),
+    };
+    let refresh_done = t0.elapsed();
+    let port = port.ok_or_else(|| "no forwarded SSH port".to_owned())?;
+    let ready = super::ready::wait_ready(&ctx.config, port, &mut inst, deadline)
+        .await
+        .map_err(|e| e.to_string())?;
+    info!(
+        builder = %ctx.builder,
+        pid = inst.child.pid(),
+        port,
+        running = %fmt_elapsed(running),
+        refreshed = %fmt_elapsed(refresh_done),
+        ready = %fmt_elapsed(t0.elapsed()),
+        agent = %refreshed,
+        "restored from the snapshot"
+    );
+    inst.ready = Some(ready);
+    Ok(inst)
 }
 
 /// Removes what a previous instance left at `path`, if anything; `what` names a failure.
@@ -698,7 +1060,7 @@ async fn launch(
             pid: child.pid(),
             status: exit.status,
             uptime: exit.at.saturating_duration_since(started),
-            last_line: logs::last_line_of_any(&[qemu_log.clone(), console.clone()]),
+            last_line: super::console::summary(&[qemu_log.clone(), console.clone()]),
         },
         during: "during boot",
     };
@@ -1025,14 +1387,18 @@ impl Vm {
         q.execute(command, None, limit).await.map(|_| ())
     }
 
-    /// Removes the overlay and the socket once QEMU is gone.
+    /// Removes the overlay and the sockets once QEMU is gone.
     pub(super) fn cleanup(&mut self) {
-        for p in self
-            .overlay
-            .take()
-            .into_iter()
-            .chain([self.qmp_socket.clone()])
-        {
+        let dir = self
+            .qmp_socket
+            .parent()
+            .map(Path::to_owned)
+            .unwrap_or_default();
+        for p in self.overlay.take().into_iter().chain([
+            self.qmp_socket.clone(),
+            dir.join("agent.sock"),
+            dir.join("migrate.sock"),
+        ]) {
             match std::fs::remove_file(&p) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -1105,6 +1471,7 @@ mod tests {
             console_log: Path::new("/state/vm/console.log"),
             disk: None,
             binary: Path::new("/usr/bin/qemu-system-aarch64"),
+            snapshot: None,
         }
     }
 
@@ -1229,6 +1596,84 @@ mod tests {
         let c = plan(&base(), &input(None, Accel::Tcg, None)).unwrap();
         assert!(after(&c.args, "-machine").is_empty());
         assert!(after(&c.args, "-cpu").is_empty());
+    }
+
+    /// A snapshotting VM and its restore differ in `share` and `-incoming defer` only: the
+    /// devices (and so their addresses) must be the same for the device state to load.
+    #[test]
+    fn snapshot_command_lines() {
+        let spec = base();
+        let ram_live = Path::new("/dev/shm/nlb-vm.ram");
+        let ram_snap = Path::new("/state/vm/snapshot/ram");
+        let agent = Path::new("/state/vm/agent.sock");
+        let with = |ram, share, incoming| {
+            let mut i = input(Some("aarch64"), Accel::Tcg, Some(0));
+            i.snapshot = Some(SnapshotArgs {
+                ram,
+                share,
+                incoming,
+                agent_socket: agent,
+            });
+            plan(&spec, &i).unwrap().args
+        };
+        let cold = with(ram_live, true, false);
+        let restore = with(ram_snap, false, true);
+        assert_eq!(after(&cold, "-machine"), ["virt,memory-backend=nlbram"]);
+        assert_eq!(
+            after(&cold, "-object"),
+            ["memory-backend-file,id=nlbram,size=1536M,mem-path=/dev/shm/nlb-vm.ram,share=on"]
+        );
+        assert_eq!(
+            after(&restore, "-object"),
+            ["memory-backend-file,id=nlbram,size=1536M,mem-path=/state/vm/snapshot/ram,share=off"]
+        );
+        assert_eq!(after(&cold, "-m"), ["1536"]);
+        assert_eq!(
+            after(&cold, "-device"),
+            [
+                "virtio-net-pci,netdev=nlb0",
+                "virtio-rng-pci",
+                "virtio-serial-pci,id=nlbvser",
+                "virtserialport,bus=nlbvser.0,chardev=nlbagent,name=org.nix-lazy-builder.agent"
+            ]
+        );
+        assert!(
+            after(&cold, "-chardev")
+                .contains(&"socket,id=nlbagent,path=/state/vm/agent.sock,server=on,wait=off")
+        );
+        assert!(after(&cold, "-incoming").is_empty());
+        assert_eq!(restore[restore.len() - 2..], ["-incoming", "defer"]);
+        let strip = |a: &[String]| -> Vec<String> {
+            a.iter()
+                .filter(|x| {
+                    !x.starts_with("memory-backend-file") && *x != "-incoming" && *x != "defer"
+                })
+                .cloned()
+                .collect()
+        };
+        assert_eq!(strip(&cold), strip(&restore));
+        // No machine known: the backend still gets named.
+        let mut i = input(None, Accel::Tcg, None);
+        i.snapshot = Some(SnapshotArgs {
+            ram: ram_live,
+            share: true,
+            incoming: false,
+            agent_socket: agent,
+        });
+        assert_eq!(
+            after(&plan(&spec, &i).unwrap().args, "-machine"),
+            ["memory-backend=nlbram"]
+        );
+        // Without snapshot, nothing of it.
+        let plain = plan(&spec, &input(Some("aarch64"), Accel::Tcg, Some(0)))
+            .unwrap()
+            .args;
+        assert!(after(&plain, "-object").is_empty());
+        assert!(
+            !plain
+                .iter()
+                .any(|a| a.contains("nlbagent") || a.contains("memory-backend"))
+        );
     }
 
     #[test]

@@ -81,6 +81,7 @@ pub async fn wait_ready(
     let command = ssh::shell_command([program.as_str(), "--version"])
         .map_err(|e| BootError::Config(format!("builder '{}': {e}", builder.name)))?;
 
+    let forwarded = instance.forwards_to_localhost();
     let mut stage = Stage::Banner("nothing tried yet".into());
     let mut attempts = 0u32;
     let result = loop {
@@ -88,7 +89,7 @@ pub async fn wait_ready(
         let r = tokio::select! {
             biased;
             report = instance.exited() => break Err(BootError::Exited { report, during: "before it was ready" }),
-            _ = tokio::time::sleep_until(deadline) => break Err(timeout_error(&addr, t0.elapsed(), &stage)),
+            _ = tokio::time::sleep_until(deadline) => break Err(timeout_error(&addr, t0.elapsed(), &stage, forwarded)),
             r = attempt(&target, &command, deadline) => r,
         };
         match r {
@@ -102,7 +103,7 @@ pub async fn wait_ready(
         tokio::select! {
             biased;
             report = instance.exited() => break Err(BootError::Exited { report, during: "before it was ready" }),
-            _ = tokio::time::sleep_until(deadline) => break Err(timeout_error(&addr, t0.elapsed(), &stage)),
+            _ = tokio::time::sleep_until(deadline) => break Err(timeout_error(&addr, t0.elapsed(), &stage, forwarded)),
             _ = sleep(RETRY_PAUSE) => {}
         }
     };
@@ -122,12 +123,13 @@ fn stage_text(s: &Stage) -> &str {
     }
 }
 
-fn timeout_error(addr: &str, after: Duration, stage: &Stage) -> BootError {
+fn timeout_error(addr: &str, after: Duration, stage: &Stage, forwarded: bool) -> BootError {
     match stage {
         Stage::Banner(last) => BootError::NoBanner {
             addr: addr.to_owned(),
             after,
             last: last.clone(),
+            forwarded,
         },
         Stage::Ssh(last) => BootError::SshNotReady {
             addr: addr.to_owned(),
@@ -189,6 +191,7 @@ fn is_permanent(kind: &SshErrorKind) -> bool {
             | SshErrorKind::KeyFileUnreadable { .. }
             | SshErrorKind::KeyFileUnsupported { .. }
             | SshErrorKind::KeyFileEncrypted { .. }
+            | SshErrorKind::KeyFileTooOpen { .. }
             | SshErrorKind::NoIdentity
     )
 }

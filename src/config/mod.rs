@@ -5,7 +5,8 @@
 //! The model (`model`: builders, boot specs, the TOML config and where it is; `error`: errors
 //! and notes) is apart from the parsers, one file per grammar:
 //! store URIs (`uri`), the machines grammar (`machines`), host-key lines and files
-//! (`host_key`), `NIX_SSHOPTS` (`sshopts`) and the TOML file (`toml_file`). This file merges
+//! (`host_key`), Nix's own nix.conf for the daemon's `builders` (`nix_conf`), `NIX_SSHOPTS` (`sshopts`) and the TOML file (`toml_file`, its decoder's messages reworded
+//! by `words`). This file merges
 //! their results into the [`BuilderTable`] and re-exports the room's whole public surface, so
 //! every item has the one path `config::Item`.
 //!
@@ -13,15 +14,17 @@
 //! anything, take a lock or read the process environment: `main` reads `NIX_SSHOPTS` and
 //! [`CONFIG_ENV_VAR`] and callers pass the values in, with the `builders` and `system` settings.
 //! The only I/O it does is reading the files those values name (machines files, the TOML file,
-//! `host-key-file`s).
+//! `host-key-file`s, nix.conf and its includes).
 
 mod error;
 mod host_key;
 mod machines;
 mod model;
+mod nix_conf;
 mod sshopts;
 mod toml_file;
 mod uri;
+mod words;
 
 #[cfg(test)]
 mod test_support;
@@ -41,6 +44,7 @@ pub use model::{
     DarlingBoot, HostKeySpec, LazySettings, MachinesOrigin, MachinesSource, Origin, QemuBoot,
     StopSignal, SupervisorSettings, resolve_config_path,
 };
+pub use nix_conf::{NixConfEnv, NixConfError, SettingValue, daemon_setting};
 pub use sshopts::SshOpts;
 pub use uri::{BuilderUri, Scheme, UriError, nix_store_uri};
 

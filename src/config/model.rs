@@ -179,6 +179,10 @@ pub struct QemuBoot {
     /// Extra environment for QEMU or the runner script (NixOS runners read e.g. `NIX_DISK_IMAGE`,
     /// `TMPDIR` and the sources of their shared directories from it).
     pub environment: BTreeMap<String, String>,
+    /// `snapshot = true`: the first boot snapshots the ready VM, later boots restore it
+    /// (`boot/snapshot.rs`). Never with a runner, a writable non-ephemeral disk or a writable
+    /// extra drive (refused at load).
+    pub snapshot: bool,
 }
 
 /// `kind = "darling"`.

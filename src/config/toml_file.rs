@@ -22,6 +22,7 @@ use super::model::{
     HostKeySpec, LazySettings, Origin, QemuBoot, StopSignal, SupervisorSettings,
 };
 use super::uri::BuilderUri;
+use super::words::user_words;
 use super::{CONFIG_ENV_VAR, DEFAULT_BOOT_TIMEOUT, DEFAULT_IDLE_TIMEOUT};
 
 #[derive(Deserialize)]
@@ -90,6 +91,7 @@ struct RawBoot {
     machine: Option<Spanned<String>>,
     cpu: Option<Spanned<String>>,
     extra_args: Option<Spanned<Vec<String>>>,
+    snapshot: Option<Spanned<bool>>,
     // qemu and command
     environment: Option<Spanned<BTreeMap<String, String>>>,
 }
@@ -121,6 +123,7 @@ impl RawBoot {
             s("machine", &self.machine),
             s("cpu", &self.cpu),
             s("extra-args", &self.extra_args),
+            s("snapshot", &self.snapshot),
             s("environment", &self.environment),
         ]
         .into_iter()
@@ -147,8 +150,23 @@ const QEMU_KEYS: &[&str] = &[
     "machine",
     "cpu",
     "extra-args",
+    "snapshot",
     "environment",
 ];
+
+/// Whether a QEMU `-drive` value opens its image read-only (`readonly=on`, or a bare
+/// `readonly`; the last one given wins, as in QEMU's option parser). `,,` is an escaped comma.
+fn drive_is_read_only(drive: &str) -> bool {
+    let mut ro = false;
+    let unescaped = drive.replace(",,", "\u{0}");
+    for opt in unescaped.split(',') {
+        let (k, v) = opt.split_once('=').unwrap_or((opt, "on"));
+        if k == "readonly" {
+            ro = matches!(v, "on" | "yes" | "true" | "y");
+        }
+    }
+    ro
+}
 
 /// Error construction with file, line, column and key.
 struct TomlCtx<'a> {
@@ -313,6 +331,22 @@ impl Config {
         }
     }
 
+    /// The state directory of a config that does not load (to find its supervisor anyway):
+    /// the `[supervisor] state-dir` it names if it is TOML that says so, else the default.
+    pub fn state_dir_hint(path: &ConfigPath) -> PathBuf {
+        std::fs::read_to_string(&path.path)
+            .ok()
+            .and_then(|text| text.parse::<toml::Table>().ok())
+            .and_then(|t| {
+                t.get("supervisor")?
+                    .get("state-dir")?
+                    .as_str()
+                    .map(PathBuf::from)
+            })
+            .filter(|p| p.is_absolute())
+            .unwrap_or_else(|| SupervisorSettings::default().state_dir)
+    }
+
     /// Parse and validate config text that was read from `path` (used in messages and to
     /// resolve relative paths). Reads `host-key-file`s.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
@@ -322,7 +356,7 @@ impl Config {
             dir: path.parent().map(Path::to_owned).unwrap_or_default(),
         };
         let raw: RawFile = toml::from_str(text)
-            .map_err(|e| ctx.err(e.span().unwrap_or(0..0), None, e.message().to_owned()))?;
+            .map_err(|e| ctx.err(e.span().unwrap_or(0..0), None, user_words(e.message())))?;
         let (state_dir, keep_warm) = match raw.supervisor {
             None => (None, None),
             Some(s) => (s.state_dir, s.keep_warm),
@@ -709,6 +743,32 @@ fn boot_from_toml(
                     return Err(ctx.err(v.span(), key(k), "needs kernel"));
                 }
             }
+            let ephemeral = b.ephemeral.as_ref().is_some_and(|e| *e.get_ref());
+            if let Some(snap) = b.snapshot.as_ref().filter(|s| *s.get_ref()) {
+                if b.runner.is_some() {
+                    return Err(ctx.err(
+                        snap.span(),
+                        key("snapshot"),
+                        "cannot be used with runner: the runner script's VM keeps its own writable disk image, which a restore cannot roll back",
+                    ));
+                }
+                if let Some(d) = b.disk.as_ref().filter(|_| !ephemeral) {
+                    return Err(ctx.err(
+                        d.span(),
+                        key("disk"),
+                        "snapshot = true needs ephemeral = true: a restore cannot be consistent with a writable disk that outlives the snapshot",
+                    ));
+                }
+                if let Some(d) = &b.drives
+                    && let Some(w) = d.get_ref().iter().find(|v| !drive_is_read_only(v))
+                {
+                    return Err(ctx.err(
+                        d.span(),
+                        key("drives"),
+                        format!("snapshot = true needs every extra drive read-only (readonly=on): '{w}' could be written, and a restore cannot roll it back"),
+                    ));
+                }
+            }
             BootSpec::Qemu(Box::new(QemuBoot {
                 binary: b.binary.map(Spanned::into_inner),
                 accel,
@@ -718,7 +778,7 @@ fn boot_from_toml(
                 initrd: b.initrd.map(|k| ctx.path(k.get_ref())),
                 append: b.append.map(Spanned::into_inner),
                 disk: b.disk.map(|k| ctx.path(k.get_ref())),
-                ephemeral: b.ephemeral.map(Spanned::into_inner).unwrap_or(false),
+                ephemeral,
                 drives: b.drives.map(Spanned::into_inner).unwrap_or_default(),
                 ssh_port,
                 runner: b.runner.map(|k| ctx.path(k.get_ref())),
@@ -726,6 +786,7 @@ fn boot_from_toml(
                 cpu: b.cpu.map(Spanned::into_inner),
                 extra_args: b.extra_args.map(Spanned::into_inner).unwrap_or_default(),
                 environment: b.environment.map(Spanned::into_inner).unwrap_or_default(),
+                snapshot: b.snapshot.map(Spanned::into_inner).unwrap_or(false),
             }))
         }
     })
@@ -929,7 +990,7 @@ stop-signal = "SIGINT"
     fn toml_errors_name_line_and_key() {
         let (line, key, msg) = toml_err(&mini("bogus = 1\n"));
         assert_eq!((line, key.as_deref()), (5, Some("builders.b.bogus")));
-        assert!(msg.contains("unknown field `bogus`"), "{msg}");
+        assert!(msg.contains("unknown key `bogus`"), "{msg}");
         let (line, key, msg) = toml_err(&mini("max-jobs = 0\n"));
         assert_eq!((line, key.as_deref()), (5, Some("builders.b.max-jobs")));
         assert!(msg.contains(">= 1"));
@@ -951,7 +1012,7 @@ stop-signal = "SIGINT"
             .unwrap_err()
             .to_string();
         assert!(
-            full.starts_with("/x.toml:5:1: builders.b.bogus: unknown field `bogus`"),
+            full.starts_with("/x.toml:5:1: builders.b.bogus: unknown key `bogus`"),
             "{full}"
         );
     }
@@ -971,7 +1032,7 @@ stop-signal = "SIGINT"
         let (line, key, _) = toml_err(&no_systems);
         assert_eq!((line, key.as_deref()), (3, Some("builders.b.systems")));
         let no_systems = format!("[builders.b]\nuri = \"ssh://h\"\nhost-key = \"{ED25519}\"\n");
-        assert!(toml_err(&no_systems).2.contains("missing field `systems`"));
+        assert!(toml_err(&no_systems).2.contains("missing key `systems`"));
         let bad_scheme = mini("").replace("ssh://h", "http://h");
         let (line, key, msg) = toml_err(&bad_scheme);
         assert_eq!((line, key.as_deref()), (2, Some("builders.b.uri")));
@@ -992,6 +1053,65 @@ stop-signal = "SIGINT"
         mini(&format!(
             "boot-timeout = \"30s\"\n[builders.b.boot]\n{extra}"
         ))
+    }
+
+    /// `snapshot = true` is refused where a restore cannot be consistent, naming the key.
+    #[test]
+    fn snapshot_key() {
+        let ok = |extra: &str| {
+            let text = boot(extra);
+            let c = Config::parse(&text, Path::new("/etc/nix/lazy-builder.toml"))
+                .unwrap_or_else(|e| panic!("{e}\n{text}"));
+            match &c.builders[0].lazy.as_ref().unwrap().boot {
+                BootSpec::Qemu(q) => q.snapshot,
+                other => panic!("{other:?}"),
+            }
+        };
+        assert!(ok("kind = \"qemu\"\nkernel = \"/k\"\nsnapshot = true\n"));
+        assert!(!ok("kind = \"qemu\"\nkernel = \"/k\"\n"));
+        assert!(ok(
+            "kind = \"qemu\"\ndisk = \"/d\"\nephemeral = true\nsnapshot = true\n"
+        ));
+        assert!(ok(
+            "kind = \"qemu\"\nkernel = \"/k\"\ndrives = [\"file=/x,,y,readonly=on\"]\nsnapshot = true\n"
+        ));
+        // A writable disk that outlives the snapshot.
+        let (line, key, msg) = toml_err(&boot("kind = \"qemu\"\ndisk = \"/d\"\nsnapshot = true\n"));
+        assert_eq!((line, key.as_deref()), (8, Some("builders.b.boot.disk")));
+        assert!(msg.contains("ephemeral = true"), "{msg}");
+        let (_, key, _) = toml_err(&boot(
+            "kind = \"qemu\"\ndisk = \"/d\"\nephemeral = false\nsnapshot = true\n",
+        ));
+        assert_eq!(key.as_deref(), Some("builders.b.boot.disk"));
+        // snapshot = false never refuses.
+        assert!(!ok("kind = \"qemu\"\ndisk = \"/d\"\nsnapshot = false\n"));
+        // Runners.
+        let (_, key, msg) = toml_err(&boot(
+            "kind = \"qemu\"\nrunner = \"/run-vm\"\nsnapshot = true\n",
+        ));
+        assert_eq!(key.as_deref(), Some("builders.b.boot.snapshot"));
+        assert!(msg.contains("runner"), "{msg}");
+        // Writable extra drives (an escaped ",,readonly=on" is part of the file name).
+        for d in [
+            "file=/x",
+            "file=/x,readonly=off",
+            "file=/x,,readonly=on",
+            "file=/x,readonly,readonly=no",
+        ] {
+            let (_, key, msg) = toml_err(&boot(&format!(
+                "kind = \"qemu\"\nkernel = \"/k\"\ndrives = [\"{d}\"]\nsnapshot = true\n"
+            )));
+            assert_eq!(key.as_deref(), Some("builders.b.boot.drives"), "{d}");
+            assert!(msg.contains("readonly=on"), "{msg}");
+        }
+        assert!(drive_is_read_only("file=/x,readonly"));
+        assert!(drive_is_read_only("readonly=yes,file=/x"));
+        // Not a key of the other kinds.
+        let (_, key, msg) = toml_err(&boot(
+            "kind = \"command\"\ncommand = [\"/x\"]\nsnapshot = true\n",
+        ));
+        assert_eq!(key.as_deref(), Some("builders.b.boot.snapshot"));
+        assert!(msg.contains("does not apply"), "{msg}");
     }
 
     #[test]

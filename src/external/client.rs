@@ -22,7 +22,7 @@ use std::process::ExitCode;
 use hook_protocol::{Sha256, StorePath};
 
 use super::job::{ExternalJob, MAX_FILE_BYTES};
-use super::{BuildRequest, Frame, Hello, MAX_LINE, build_socket_path};
+use super::proto::{BuildRequest, Frame, Hello, MAX_LINE, build_socket_path};
 use crate::config::{Config, ConfigPath};
 use crate::place::{ExpectedNar, Placed};
 

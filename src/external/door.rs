@@ -15,7 +15,7 @@ use std::process::Stdio;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{UnixListener, UnixStream};
 
-use super::{BUILD_USERS_GROUP, Frame, Hello, build_socket_path};
+use super::proto::{BUILD_USERS_GROUP, Frame, Hello, build_socket_path};
 
 /// Who may use the build socket: root, or a process whose group is the build-users group.
 pub fn allowed(uid: u32, gid: u32, build_gid: Option<u32>) -> bool {

@@ -26,7 +26,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::OwnedWriteHalf;
 
 use super::job::ExternalJob;
-use super::{BuildRequest, Frame, MAX_LINE};
+use super::proto::{BuildRequest, Frame, MAX_LINE};
 use crate::config::{self, Builder, Config, ConfigPath};
 use crate::hook::plan::{self, Next, Planner};
 use crate::hook::{HeldSlot, connect, connect_failed, lock_main, nix_state_dir, probe_round, say};

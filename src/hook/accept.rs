@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use hook_protocol::derivation::Derivation;
 use hook_protocol::hook::{AcceptedBuild, Reply, Settings, TryRequest};
-use hook_protocol::log::{Field, Verbosity, activity};
+use hook_protocol::log::{Verbosity, activity};
 use hook_protocol::serve::BuildOptions;
 use tokio::io::AsyncRead;
 
@@ -163,12 +163,8 @@ pub(super) async fn accepted(
             builder.store_uri
         );
     }
-    let build_act = Activity::start(
-        Verbosity::Talkative,
-        activity::UNKNOWN,
-        format!("building '{}' on '{}'", job.drv_path, builder.store_uri),
-        vec![Field::from(job.drv_path.to_string())],
-    );
+    // The daemon shows the build itself ("building '<drv>' on '<uri>'", its log lines under
+    // it), as for Nix's own hook, which adds no activity of its own for it.
     let timings = transfer::run(
         &job,
         &mut remote,
@@ -178,7 +174,6 @@ pub(super) async fn accepted(
         registrar,
     )
     .await?;
-    drop(build_act);
     tracing::debug!(?timings, "remote build finished");
     drop(slot);
     Ok(0)

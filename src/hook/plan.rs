@@ -20,7 +20,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use hook_protocol::StorePath;
-use hook_protocol::derivation::Derivation;
+use hook_protocol::derivation::{Derivation, OutputKind};
 use hook_protocol::hook::TryRequest;
 use hook_protocol::log::Verbosity;
 
@@ -77,19 +77,36 @@ pub fn connection_failed(error: &str) -> String {
 }
 
 /// Why `drv` cannot be built remotely by us, if it cannot: an output whose path is only known
-/// once it is built (floating content-addressed, impure, or deferred on such an input) cannot be
-/// placed with `--register-validity`, which needs the path up front.
+/// once it is built, unless the derivation is a resolved floating content-addressed one (every
+/// output floating, no input derivations: the daemon resolves them before it asks a hook, and
+/// the remote's BuildResult then names each output's path and realisation). An impure output,
+/// or one deferred on an unbuilt content-addressed input, has no path we could bring back.
 pub fn not_remotely_buildable(drv_path: &StorePath, drv: &Derivation) -> Option<String> {
+    if drv.floating_output_ids().is_some() {
+        return None;
+    }
     let outputs = drv.output_paths().ok()?;
     let floating: Vec<&str> = outputs
         .iter()
         .filter(|(_, path)| path.is_none())
         .map(|(name, _)| name.as_str())
         .collect();
+    let why = if drv
+        .basic
+        .outputs
+        .values()
+        .any(|o| o.kind() == OutputKind::Impure)
+    {
+        "impure"
+    } else if drv.is_floating_ca() {
+        "floating content-addressed, with input derivations not yet resolved"
+    } else {
+        "deferred on a content-addressed input not yet built"
+    };
     (!floating.is_empty()).then(|| {
         format!(
             "not building '{drv_path}' remotely: its output{} {} {} no store path before it is \
-             built (floating content-addressed or impure), which nix-lazy-builder cannot bring back yet",
+             built ({why}), which nix-lazy-builder cannot bring back yet",
             if floating.len() == 1 { "" } else { "s" },
             floating
                 .iter()
@@ -920,6 +937,9 @@ mod tests {
             idle_stop_in_ms: None,
             leases: 0,
             boots: 0,
+            boots_ok: 0,
+            boots_failed: 0,
+            boot_settings_outdated: false,
             last_failure: None,
             nix_version: None,
             warm: None,
@@ -1042,9 +1062,9 @@ mod tests {
         );
         assert_eq!(step.holding(), None);
         next!(step, Next::Decline => ());
-        // A floating content-addressed output: declined with the reason, before anything else.
+        // An impure output: declined with the reason, before anything else.
         let drv = Derivation::parse(
-            br#"Derive([("out","","r:sha256","")],[],[],"aarch64-linux","/bin/sh",[],[("out","")])"#,
+            br#"Derive([("out","","sha256","impure")],[],[],"aarch64-linux","/bin/sh",[],[("out","")])"#,
         )
         .unwrap();
         let s = next!(p.start(&want(SYS, false), t0), Next::ReadDrv(s) => s);
@@ -1055,12 +1075,47 @@ mod tests {
                 Verbosity::Warn,
                 &format!(
                     "warning: not building '{DRV}' remotely: its output 'out' has no store path \
-                     before it is built (floating content-addressed or impure), which \
-                     nix-lazy-builder cannot bring back yet"
+                     before it is built (impure), which nix-lazy-builder cannot bring back yet"
                 )
             )
         );
         next!(step, Next::Decline => ());
+        // A resolved floating content-addressed derivation goes on: the remote names its paths.
+        let drv = Derivation::parse(
+            br#"Derive([("out","","r:sha256","")],[],[],"aarch64-linux","/bin/sh",[],[("out","")])"#,
+        )
+        .unwrap();
+        let s = next!(p.start(&want(SYS, false), t0), Next::ReadDrv(s) => s);
+        let step = s.read(Some(&drv), t0);
+        assert!(step.notes.is_empty(), "{:?}", step.notes);
+        assert!(!matches!(step.next, Next::Decline), "{:?}", step.next);
+        // Not resolved (an input derivation left), or deferred on one: declined, saying which.
+        for (aterm, why) in [
+            (
+                &br#"Derive([("out","","r:sha256","")],[("/nix/store/00000000000000000000000000000000-a.drv",["out"])],[],"aarch64-linux","/bin/sh",[],[("out","")])"#[..],
+                "floating content-addressed, with input derivations not yet resolved",
+            ),
+            (
+                &br#"Derive([("out","","","")],[("/nix/store/00000000000000000000000000000000-a.drv",["out"])],[],"aarch64-linux","/bin/sh",[],[("out","")])"#[..],
+                "deferred on a content-addressed input not yet built",
+            ),
+        ] {
+            let drv = Derivation::parse(aterm).unwrap();
+            let s = next!(p.start(&want(SYS, false), t0), Next::ReadDrv(s) => s);
+            let step = s.read(Some(&drv), t0);
+            assert_eq!(
+                step.notes,
+                say(
+                    Verbosity::Warn,
+                    &format!(
+                        "warning: not building '{DRV}' remotely: its output 'out' has no store \
+                         path before it is built ({why}), which nix-lazy-builder cannot bring \
+                         back yet"
+                    )
+                )
+            );
+            next!(step, Next::Decline => ());
+        }
         // Remembered by another hook: skipped without a probe, the cause and the retry in the
         // reason.
         let s = next!(p.start(&want(SYS, false), t0), Next::ReadDrv(s) => s);
@@ -1077,7 +1132,8 @@ mod tests {
             say(
                 Verbosity::Warn,
                 "warning: no builder for aarch64-linux: 'a' failed recently (connection failed: \
-                 refused), retrying in 30s"
+                 refused) and is not tried again for another 30s. Nothing retries this build: it \
+                 fails now; start it again in 30s or later"
             )
         );
         next!(step, Next::Decline => ());
@@ -1151,7 +1207,8 @@ mod tests {
             say(
                 Verbosity::Warn,
                 "warning: no builder for aarch64-linux: 'a' failed (connection failed: connection \
-                 refused); 'b' failed (connection failed: timed out)"
+                 refused); 'b' failed (connection failed: timed out). Nothing retries this build: \
+                 it fails now; start it again"
             )
         );
         next!(step, Next::Decline => ());
@@ -1298,8 +1355,9 @@ mod tests {
             step.notes,
             say(
                 Verbosity::Warn,
-                "warning: no builder for aarch64-linux: 'vm' failed recently (boot timed out), \
-                 retrying in 30s"
+                "warning: no builder for aarch64-linux: 'vm' failed recently (boot timed out) and \
+                 is not tried again for another 30s. Nothing retries this build: it fails now; \
+                 start it again in 30s or later, or boot 'vm' at once with `nix-lazy-builder up vm`"
             )
         );
         next!(step, Next::Decline => ());
@@ -1368,7 +1426,8 @@ mod tests {
             say(
                 Verbosity::Warn,
                 "warning: no builder for aarch64-linux: 'vm' failed (the supervisor is \
-                 unavailable: connection refused)"
+                 unavailable: connection refused). Nothing retries this build: it fails now; \
+                 start it again, or boot 'vm' at once with `nix-lazy-builder up vm`"
             )
         );
         next!(step, Next::Decline => ());
@@ -1426,7 +1485,8 @@ mod tests {
             say(
                 Verbosity::Warn,
                 "warning: no builder for aarch64-linux: 'a' failed (connection failed: refused); \
-                 'vm' failed (connection failed: reset)"
+                 'vm' failed (connection failed: reset). Nothing retries this build: it fails \
+                 now; start it again, or boot 'vm' at once with `nix-lazy-builder up vm`"
             )
         );
         next!(step, Next::Decline => ());

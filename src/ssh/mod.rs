@@ -92,6 +92,11 @@ pub enum SshErrorKind {
     #[error("SSH key file {} is encrypted; use a key without a passphrase (no prompts here)",
             path.display())]
     KeyFileEncrypted { path: PathBuf },
+    /// OpenSSH ignores a private key others may read (`UNPROTECTED PRIVATE KEY FILE`); so do we.
+    #[error("SSH key file {} has permissions {mode:04o}, which are too open: a private key \
+             must not be accessible by others, so it is ignored, as OpenSSH does \
+             (chmod 600 {})", path.display(), path.display())]
+    KeyFileTooOpen { path: PathBuf, mode: u32 },
     #[error("no SSH key configured")]
     NoIdentity,
     #[error("authentication failed for user '{user}' with key(s) {}{}", tried.join(", "),

@@ -11,9 +11,8 @@
 
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
-
 use crate::config::{Builder, HostKeySpec, Origin, well_known_host_key};
+pub use crate::supervisor::proto::TargetSpec;
 
 use super::keepalive::Timeouts;
 use super::keys::default_identities;
@@ -31,18 +30,6 @@ pub struct SshTarget {
     pub identities: Vec<PathBuf>,
     pub host_keys: HostKeySet,
     pub timeouts: Timeouts,
-}
-
-/// An [`SshTarget`] as plain data, for another process of ours to connect with exactly the
-/// same address, identities and accepted host keys (the supervisor's warm connections). The
-/// keys are the ones [`SshTarget::for_builder`] chose, as OpenSSH public-key lines.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct TargetSpec {
-    pub host: String,
-    pub port: u16,
-    pub user: String,
-    pub identities: Vec<PathBuf>,
-    pub host_keys: Vec<String>,
 }
 
 /// Why a builder's configuration gives no target to connect to.

@@ -1,9 +1,12 @@
 //! The local store, as the hook sees it: path infos and input NARs from the local nix-daemon's
 //! socket through the same worker-protocol client that talks to `ssh-ng://` builders.
 //!
-//! Only reads go through the daemon: a write to an output the daemon has locked would deadlock
-//! (docs/protocol.md §4), so outputs are placed by `place` instead. When no daemon socket exists (a
-//! daemonless, root `nix-build`), `nix-daemon --stdio` serves the same protocol from a child.
+//! Reads go through the daemon, and so do the outputs of floating content-addressed derivations
+//! and their realisations: the daemon locks those outputs by derivation and output name, never
+//! by path, so adding them over this connection cannot deadlock (docs/protocol.md §4.4). Every
+//! other output the daemon has locked by path, and a write to it here would deadlock, so `place`
+//! puts those there instead. When no daemon socket exists (a daemonless, root `nix-build`),
+//! `nix-daemon --stdio` serves the same protocol from a child.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -11,6 +14,8 @@ use std::process::Stdio;
 
 use hook_protocol::StorePath;
 use hook_protocol::path_info::PathInfo;
+use hook_protocol::realisation::{DrvOutput, Realisation};
+use hook_protocol::worker::RealisationsUnsupported;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::UnixStream;
 use tokio::process::{Child, Command};
@@ -108,6 +113,37 @@ impl LocalStore {
                 })
             })
             .collect()
+    }
+
+    /// Whether this daemon can record and answer realisations as we write them.
+    pub fn realisations_supported(&self) -> Result<(), RealisationsUnsupported> {
+        self.client.realisations_supported()
+    }
+
+    /// The realisation the daemon has for `id`, if any.
+    pub async fn realisation(
+        &mut self,
+        id: &DrvOutput,
+    ) -> Result<Option<Realisation>, RemoteError> {
+        self.client.query_realisation(id).await
+    }
+
+    /// Records `realisation` (its path must be valid already).
+    pub async fn register_realisation(
+        &mut self,
+        realisation: &Realisation,
+    ) -> Result<(), RemoteError> {
+        self.client.register_drv_output(realisation).await
+    }
+
+    /// Adds `infos` (dependencies first) with their NARs from `source`, one AddToStoreNar each:
+    /// only for paths the daemon has not locked by path (floating content-addressed outputs).
+    pub async fn add_unlocked_paths<S: NarSource>(
+        &mut self,
+        infos: &[PathInfo],
+        source: &mut S,
+    ) -> Result<(), RemoteError> {
+        self.client.add_each_to_store(infos, source).await
     }
 
     /// Path infos for the closure of `roots` (which must be valid): the roots and everything

@@ -2,7 +2,8 @@
 //! `nix-store --serve --write` for `ssh://` (`serve`) or `nix-daemon --stdio` for `ssh-ng://`
 //! (`daemon`), behind one [`Remote`] (`remote`). The worker-protocol client the local store and
 //! `ssh-ng://` share is `worker`; the NAR streams every client reads and writes are `nar`; the
-//! build log they write into is `build_log`; `warm` is both ends of a warm session (the
+//! build log they write into is `build_log`; `probe` asks the running local daemon its version
+//! and the build hook it really runs (for `doctor`); `warm` is both ends of a warm session (the
 //! supervisor starting and handshaking a remote program ahead of time, the hook taking it
 //! over).
 //!
@@ -12,13 +13,17 @@
 //! dependency pointing down (hook → store → logging, for the phase line).
 //!
 //! This room speaks the protocols (`hook-protocol` encodes and decodes them) and carries bytes;
-//! it never decides what to copy or build (`transfer` does) and never writes to the local store
-//! (a write to an output the daemon has locked would deadlock; `place` puts outputs there).
+//! it never decides what to copy or build (`transfer` does) and never writes a path to the local
+//! store that the daemon has locked (that would deadlock; `place` puts those outputs there). It
+//! adds only what `transfer` hands it as unlocked: floating content-addressed outputs, which the
+//! daemon locks by derivation and output name (docs/protocol.md §4.6), and `probe`'s own small
+//! `.drv`, added by `doctor`, never by a hook.
 
 mod build_log;
 mod daemon;
 mod local;
 mod nar;
+mod probe;
 mod remote;
 mod serve;
 pub mod warm;
@@ -28,8 +33,9 @@ use crate::ssh::{self, SshError};
 use crate::wire_io::{CopyError, WireError};
 
 pub use build_log::BuildLog;
-pub use local::LocalStore;
+pub use local::{LocalStore, socket_path};
 pub use nar::{NarSink, NarSource};
+pub use probe::{DaemonFacts, PROBE_SYSTEM, probe_daemon};
 pub use remote::{Reconnect, Remote, remote_command};
 
 /// A failure talking to a remote store (or to the local daemon, which speaks the same protocol).

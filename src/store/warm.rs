@@ -31,38 +31,7 @@ use super::serve::ServeClient;
 use super::worker::WorkerClient;
 use crate::ssh::{self, ExecOutput, ExecStatus, ExecStdin};
 
-/// Which protocol a remote program speaks.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Protocol {
-    /// `nix-store --serve` (`ssh://`).
-    Serve,
-    /// `nix-daemon --stdio` (`ssh-ng://`).
-    Worker,
-}
-
-/// What a warm session's handshake found, as the hook needs it to go on where the supervisor
-/// stopped.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "protocol", rename_all = "kebab-case")]
-pub enum Handshake {
-    Serve {
-        /// The negotiated version, `[major, minor]`.
-        version: [u8; 2],
-        /// The server's own version.
-        server: [u8; 2],
-    },
-    Worker {
-        version: [u8; 2],
-        /// The features both sides listed.
-        features: Vec<String>,
-        /// The features the daemon listed.
-        server_features: Vec<String>,
-        nix_version: Option<String>,
-        /// Whether the daemon trusts us, when it says (worker ≥ 1.35).
-        trusted: Option<bool>,
-    },
-}
+pub use crate::supervisor::proto::{Handshake, Protocol};
 
 fn pair(v: ProtocolVersion) -> [u8; 2] {
     [v.major, v.minor]

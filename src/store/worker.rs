@@ -14,6 +14,7 @@ use hook_protocol::build_result::BuildResult;
 use hook_protocol::derivation::BasicDerivation;
 use hook_protocol::log::strip_ansi;
 use hook_protocol::path_info::{DerivedPath, PathInfo};
+use hook_protocol::realisation::{DrvOutput, Realisation};
 use hook_protocol::wire::WireWrite;
 use hook_protocol::worker::{
     self, BuildMode, ClientOptions, Field, NarUpload, Negotiated, ServerInfo, StderrMessage,
@@ -112,16 +113,18 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> WorkerClient<R, W> {
 
     /// Runs the stderr loop until `STDERR_LAST`; log output goes to `log`.
     async fn finish_op(&mut self, log: Option<&mut BuildLog>) -> Result<(), RemoteError> {
-        self.finish_op_for(log, None).await
+        self.finish_op_for(log, None, None).await
     }
 
     /// [`WorkerClient::finish_op`], but when `only_drv` is given, the output of builds of other
     /// derivations (the remote building inputs it lacked) goes to the debug log instead of
-    /// `log`, so the build log holds only `only_drv`'s own output.
+    /// `log`, so the build log holds only `only_drv`'s own output. With `keep`, every message
+    /// (`STDERR_NEXT`) is also kept there, as it arrives.
     async fn finish_op_for(
         &mut self,
         mut log: Option<&mut BuildLog>,
         only_drv: Option<&StorePath>,
+        mut keep: Option<&mut Vec<String>>,
     ) -> Result<(), RemoteError> {
         let mut other_builds: BTreeSet<u64> = BTreeSet::new();
         loop {
@@ -150,6 +153,9 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> WorkerClient<R, W> {
                     });
                 }
                 StderrMessage::Next(text) => {
+                    if let Some(keep) = keep.as_deref_mut() {
+                        keep.push(text.clone());
+                    }
                     if let Some(log) = log.as_deref_mut() {
                         log.message(&text).await;
                     } else {
@@ -301,6 +307,82 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> WorkerClient<R, W> {
         Ok(())
     }
 
+    /// AddToStoreNar (framed, ≥ 1.23) for each of `infos` in turn, dependencies first: one
+    /// request per path, so the daemon streams each NAR into place as it arrives (it verifies
+    /// the hash, size and content address before the path becomes valid). `source` writes
+    /// exactly `info.nar_size` bytes per path.
+    pub async fn add_each_to_store<S: NarSource>(
+        &mut self,
+        infos: &[PathInfo],
+        source: &mut S,
+    ) -> Result<(), RemoteError> {
+        if worker::nar_upload(&self.proto) != NarUpload::Framed {
+            return Err(RemoteError::Protocol {
+                peer: self.peer.clone(),
+                message: format!(
+                    "worker protocol {} is too old to add paths (need 1.23)",
+                    self.proto.version
+                ),
+            });
+        }
+        let mut buf = Vec::new();
+        for info in infos {
+            buf.clear();
+            worker::encode_add_to_store_nar(&mut buf, info, false, true);
+            self.send(&buf).await?;
+            let mut framed = FramedWriter::new(&mut self.writer, &self.peer);
+            source.copy_nar(info, &mut framed).await?;
+            framed.finish().await?;
+            self.finish_op(None).await?;
+        }
+        Ok(())
+    }
+
+    /// Whether this daemon takes [`WorkerClient::register_drv_output`] and
+    /// [`WorkerClient::query_realisation`] as we write them (docs/protocol.md §8.3).
+    pub fn realisations_supported(&self) -> Result<(), worker::RealisationsUnsupported> {
+        worker::check_realisations(&self.proto, &self.info)
+    }
+
+    fn unsupported(&self, e: worker::RealisationsUnsupported) -> RemoteError {
+        RemoteError::Protocol {
+            peer: self.peer.clone(),
+            message: e.to_string(),
+        }
+    }
+
+    /// QueryRealisation (op 43): the realisation recorded for `id`, if any.
+    pub async fn query_realisation(
+        &mut self,
+        id: &DrvOutput,
+    ) -> Result<Option<Realisation>, RemoteError> {
+        let mut buf = Vec::new();
+        worker::encode_query_realisation(&mut buf, &self.proto, id)
+            .map_err(|e| self.unsupported(e))?;
+        self.send(&buf).await?;
+        self.finish_op(None).await?;
+        let proto = self.proto.clone();
+        let store_dir = self.store_dir.clone();
+        Ok(self
+            .reader
+            .decode("a realisation", |r| {
+                worker::decode_query_realisation_reply(r, &proto, id, &store_dir)
+            })
+            .await?)
+    }
+
+    /// RegisterDrvOutput (op 42): records `realisation`, whose path must be valid already.
+    pub async fn register_drv_output(
+        &mut self,
+        realisation: &Realisation,
+    ) -> Result<(), RemoteError> {
+        let mut buf = Vec::new();
+        worker::encode_register_drv_output(&mut buf, &self.proto, realisation)
+            .map_err(|e| self.unsupported(e))?;
+        self.send(&buf).await?;
+        self.finish_op(None).await
+    }
+
     /// BuildDerivation; the log goes to `log` as it arrives.
     pub async fn build_derivation(
         &mut self,
@@ -338,7 +420,36 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> WorkerClient<R, W> {
                 message: e.to_string(),
             })?;
         self.send(&buf).await?;
-        self.finish_op_for(Some(log), Some(drv_path)).await?;
+        self.finish_op_for(Some(log), Some(drv_path), None).await?;
+        let proto = self.proto.clone();
+        let store_dir = self.store_dir.clone();
+        Ok(self
+            .reader
+            .decode("the build results", |r| {
+                worker::decode_build_paths_with_results_reply(r, &proto, &store_dir)
+            })
+            .await?)
+    }
+}
+
+impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> WorkerClient<R, W> {
+    /// BuildPathsWithResults (≥ 1.34) with no build log: every message the daemon sends while
+    /// it works (`STDERR_NEXT`: its own log lines at the verbosity SetOptions asked for) is
+    /// pushed onto `messages` as it arrives, so a caller that gives up early still has them.
+    /// What `doctor` asks the local daemon with (`probe`).
+    pub async fn build_paths_keeping_messages(
+        &mut self,
+        paths: &[DerivedPath],
+        messages: &mut Vec<String>,
+    ) -> Result<Vec<(DerivedPath, BuildResult)>, RemoteError> {
+        let mut buf = Vec::new();
+        worker::encode_build_paths_with_results(&mut buf, &self.proto, paths, BuildMode::Normal)
+            .map_err(|e| RemoteError::Protocol {
+                peer: self.peer.clone(),
+                message: e.to_string(),
+            })?;
+        self.send(&buf).await?;
+        self.finish_op_for(None, None, Some(messages)).await?;
         let proto = self.proto.clone();
         let store_dir = self.store_dir.clone();
         Ok(self

@@ -32,6 +32,13 @@ pub trait Backend: Send + Sync + 'static {
         builder: &'a Builder,
         ctx: &'a InstanceContext,
     ) -> BoxFuture<'a, Result<Box<dyn RunningBuilder>, String>>;
+
+    /// What to add to "boot timed out … while starting" (the start did not return within the
+    /// builder's boot-timeout): what the instance's logs said last and which log to read.
+    fn start_timed_out(&self, builder: &Builder, ctx: &InstanceContext) -> String {
+        let _ = (builder, ctx);
+        String::new()
+    }
 }
 
 /// One running builder instance: the supervisor's view of a `crate::boot::Instance` (or of a
@@ -63,6 +70,8 @@ pub struct BootBackend;
 struct BootRunning {
     inner: crate::boot::Instance,
     builder: Builder,
+    /// The builder's state directory (its logs).
+    dir: PathBuf,
 }
 
 impl Backend for BootBackend {
@@ -79,12 +88,22 @@ impl Backend for BootBackend {
             let boot_ctx = crate::boot::BootContext::new(builder, ctx.dir.clone());
             let inner = crate::boot::start(&lazy.boot, &boot_ctx)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| {
+                    crate::boot::console::failure_line(&e, &lazy.boot, &ctx.dir, lazy.boot_timeout)
+                })?;
             Ok(Box::new(BootRunning {
                 inner,
                 builder: builder.clone(),
+                dir: ctx.dir.clone(),
             }) as Box<dyn RunningBuilder>)
         })
+    }
+
+    fn start_timed_out(&self, builder: &Builder, ctx: &InstanceContext) -> String {
+        match &builder.lazy {
+            Some(l) => crate::boot::console::start_timed_out(&l.boot, &ctx.dir, l.boot_timeout),
+            None => String::new(),
+        }
     }
 }
 
@@ -104,15 +123,24 @@ impl RunningBuilder for BootRunning {
         deadline: Instant,
     ) -> BoxFuture<'a, Result<String, String>> {
         Box::pin(async move {
-            crate::boot::wait_ready(builder, port, &mut self.inner, deadline)
-                .await
-                .map(|r| r.nix_version)
-                .map_err(|e| e.to_string())
+            let r = crate::boot::wait_ready(builder, port, &mut self.inner, deadline).await;
+            r.map(|r| r.nix_version).map_err(|e| match &builder.lazy {
+                Some(l) => {
+                    crate::boot::console::failure_line(&e, &l.boot, &self.dir, l.boot_timeout)
+                }
+                None => e.to_string(),
+            })
         })
     }
 
     fn exited(&mut self) -> BoxFuture<'_, String> {
-        Box::pin(async move { self.inner.exited().await.to_string() })
+        Box::pin(async move {
+            let report = self.inner.exited().await.to_string();
+            match &self.builder.lazy {
+                Some(l) => report + &crate::boot::console::log_note(&l.boot, &self.dir),
+                None => report,
+            }
+        })
     }
 
     fn stop(self: Box<Self>, graceful: bool) -> BoxFuture<'static, String> {

@@ -519,9 +519,22 @@ impl Client {
 
     /// The state of every lazy builder.
     pub async fn status(&mut self) -> Result<Vec<BuilderStatus>, ClientError> {
+        Ok(self.status_report().await?.builders)
+    }
+
+    /// The state of every lazy builder, and which configuration the supervisor serves.
+    pub async fn status_report(&mut self) -> Result<StatusReport, ClientError> {
         let req = Request::Status;
         match self.call(&req, REQUEST_TIMEOUT).await? {
-            Response::Status { builders } => Ok(builders),
+            Response::Status {
+                builders,
+                config_file,
+                config_error,
+            } => Ok(StatusReport {
+                builders,
+                config_file,
+                config_error,
+            }),
             r => Err(self.unexpected(&req, r)),
         }
     }
@@ -606,6 +619,16 @@ impl Client {
     }
 }
 
+/// A supervisor's answer to `status`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StatusReport {
+    pub builders: Vec<BuilderStatus>,
+    /// The configuration file it serves (`None`: it has none to read again).
+    pub config_file: Option<PathBuf>,
+    /// Why its last reload of that file failed (it runs the configuration it had).
+    pub config_error: Option<String>,
+}
+
 /// What a status means for choosing a builder (`select::choose`). Draining and stopping
 /// builders take no new builds and count as booting (something matches, wait for it).
 pub fn availability(status: &BuilderStatus) -> Availability {
@@ -639,6 +662,9 @@ mod tests {
             idle_stop_in_ms: None,
             leases: 0,
             boots: 0,
+            boots_ok: 0,
+            boots_failed: 0,
+            boot_settings_outdated: false,
             last_failure: failure,
             nix_version: None,
             warm: None,

@@ -13,8 +13,52 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::ssh::TargetSpec;
-use crate::store::warm::{Handshake, Protocol};
+use std::path::PathBuf;
+
+/// An SSH target (`ssh::SshTarget`) as plain data, for another process of ours to connect with exactly the
+/// same address, identities and accepted host keys (the supervisor's warm connections). The
+/// keys are the ones `ssh::SshTarget::for_builder` chose, as OpenSSH public-key lines.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct TargetSpec {
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub identities: Vec<PathBuf>,
+    pub host_keys: Vec<String>,
+}
+
+/// Which protocol a remote program speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Protocol {
+    /// `nix-store --serve` (`ssh://`).
+    Serve,
+    /// `nix-daemon --stdio` (`ssh-ng://`).
+    Worker,
+}
+
+/// What a warm session's handshake found, as the hook needs it to go on where the supervisor
+/// stopped.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "protocol", rename_all = "kebab-case")]
+pub enum Handshake {
+    Serve {
+        /// The negotiated version, `[major, minor]`.
+        version: [u8; 2],
+        /// The server's own version.
+        server: [u8; 2],
+    },
+    Worker {
+        version: [u8; 2],
+        /// The features both sides listed.
+        features: Vec<String>,
+        /// The features the daemon listed.
+        server_features: Vec<String>,
+        nix_version: Option<String>,
+        /// Whether the daemon trusts us, when it says (worker ≥ 1.35).
+        trusted: Option<bool>,
+    },
+}
 
 /// Sent in [`Response::Hello`]; bumped when a change would confuse an older client.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -91,6 +135,13 @@ pub enum Response {
     },
     Status {
         builders: Vec<BuilderStatus>,
+        /// The configuration file the supervisor serves (`None`: it has none to read again).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        config_file: Option<std::path::PathBuf>,
+        /// Why its last reload of that file failed (it runs the configuration it had), until
+        /// one succeeds.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        config_error: Option<String>,
     },
     Builder {
         status: BuilderStatus,
@@ -151,8 +202,18 @@ pub struct BuilderStatus {
     pub idle_stop_in_ms: Option<u64>,
     /// Leases held now (builds running on it).
     pub leases: u32,
-    /// Boots since the supervisor started.
+    /// Boot tries since the supervisor started, the one under way included.
     pub boots: u32,
+    /// Of those, the boots that reached readiness.
+    #[serde(default)]
+    pub boots_ok: u32,
+    /// Of those, the boots that failed (could not start, timed out, exited before ready).
+    #[serde(default)]
+    pub boots_failed: u32,
+    /// The running instance was booted with boot settings its configuration no longer has:
+    /// they apply from its next boot.
+    #[serde(default)]
+    pub boot_settings_outdated: bool,
     pub last_failure: Option<Failure>,
     /// The remote Nix version seen by the readiness check.
     pub nix_version: Option<String>,

@@ -298,6 +298,7 @@ pub async fn bind(config: &Config, opts: &ServeOptions) -> Result<Bound, Supervi
     let settings = Settings {
         exit_after_idle: opts.auto.then_some(opts.exit_after_idle),
         reloads: opts.config_path.is_some(),
+        config_file: opts.config_path.as_ref().map(|c| c.path.clone()),
     };
     let machine = Machine::new(
         builder_configs(&lazy),
@@ -306,6 +307,9 @@ pub async fn bind(config: &Config, opts: &ServeOptions) -> Result<Bound, Supervi
         Instant::now(),
         SystemTime::now(),
     );
+    for w in machine.config_warnings() {
+        warn!("{w}");
+    }
     info!(
         "supervisor {} serving {} lazy builder(s) on '{}'{}",
         std::process::id(),
@@ -927,7 +931,10 @@ async fn instance_task(
             send(Event::BootFailed {
                 builder: name,
                 generation,
-                cause: format!("boot timed out after {timeout_text} while starting"),
+                cause: format!(
+                    "boot timed out after {timeout_text} while starting{}",
+                    backend.start_timed_out(&builder, &ctx)
+                ),
             });
             return;
         }
@@ -974,7 +981,8 @@ async fn instance_task(
         }
         Some(Ok(Err(cause))) => Some(cause),
         Some(Err(_)) => Some(format!(
-            "boot timed out after {timeout_text}: the builder did not become ready"
+            "boot timed out after {timeout_text}: the builder did not become ready{}",
+            backend.start_timed_out(&builder, &ctx)
         )),
     };
     if let Some(cause) = cause {

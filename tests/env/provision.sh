@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Provisions a fresh Debian 12 machine (as root) with everything the tests need, idempotently:
-# Debian packages (Nix 2.8, OpenSSH, busybox, dropbear, QEMU, ...), build users for the tests'
+# Debian packages (Nix 2.8, OpenSSH, busybox, dropbear, QEMU, tmux, ...), build users for the tests'
 # "remote" stores, and the cached Debian chroots with newer Nix (tests/env/chroot.sh): sid with Nix
 # 2.34 and trixie with Nix 2.26. Prints how long each part took. Safe to run again: parts that are
 # already done are skipped.
@@ -30,8 +30,13 @@ PACKAGES_ONLY=false
 
 export DEBIAN_FRONTEND=noninteractive
 APT_PACKAGES=(nix-bin openssh-server openssh-client busybox-static debootstrap dropbear-bin cpio
-    iproute2 hyperfine python3)
+    iproute2 hyperfine python3 tmux)
 QEMU_PACKAGES=(qemu-system-x86 qemu-system-arm)
+# C compilers for both guest architectures: examples/vm/make-image compiles the guest agent.
+case $(dpkg --print-architecture) in
+amd64) APT_PACKAGES+=(gcc libc6-dev gcc-aarch64-linux-gnu libc6-dev-arm64-cross) ;;
+arm64) APT_PACKAGES+=(gcc libc6-dev gcc-x86-64-linux-gnu libc6-dev-amd64-cross) ;;
+esac
 BACKPORTS_SOURCE=/etc/apt/sources.list.d/nix-lazy-builder-backports.sources
 
 T_ALL=$(date +%s.%N)

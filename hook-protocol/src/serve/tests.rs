@@ -3,6 +3,7 @@
 
 use super::server::CommandRequest;
 use super::*;
+use crate::build_result::BuiltOutputsLayout;
 use crate::build_result::tests::{arb_build_result, carried};
 use crate::derivation::BasicDerivation;
 use crate::path_info::OutputsSpec;
@@ -11,7 +12,7 @@ use crate::path_info::{DerivedPath, PathInfo};
 use crate::store_path::Sha256;
 use crate::version::ProtocolVersion;
 use crate::wire::tests::assert_prefixes_incomplete;
-use crate::wire::{self, DecodeError, Invalid, Reader};
+use crate::wire::{self, DecodeError, Invalid, Reader, WireWrite};
 use proptest::prelude::*;
 
 #[test]
@@ -213,6 +214,23 @@ fn requests_round_trip_through_the_server_decoder() {
     assert!(r.is_empty());
 }
 
+/// QueryValidPaths is `u64 1, u64 lock, u64 substitute, set paths`: `substitute` is how
+/// `builders-use-substitutes` reaches the remote (docs/protocol.md §7).
+#[test]
+fn query_valid_paths_carries_lock_and_substitute() {
+    let a = path(1, "a");
+    for (lock, substitute) in [(false, false), (false, true), (true, false), (true, true)] {
+        let mut w = Vec::new();
+        encode_query_valid_paths(&mut w, lock, substitute, [&a]);
+        let mut want = Vec::new();
+        want.put_u64(1);
+        want.put_u64(lock as u64);
+        want.put_u64(substitute as u64);
+        want.put_strings([a.as_str()]);
+        assert_eq!(w, want, "lock {lock}, substitute {substitute}");
+    }
+}
+
 proptest! {
     /// The BuildDerivation reply at every serve version: what each version carries.
     #[test]
@@ -222,7 +240,14 @@ proptest! {
         server::encode_build_derivation_reply(&mut w, v, &res);
         let (got, used) = wire::decode_with(&w, |r| decode_build_derivation_reply(r, v, "/nix/store")).unwrap();
         prop_assert_eq!(used, w.len());
-        prop_assert_eq!(got, carried(&res, minor >= 3, false, minor >= 6));
+        let outputs = if minor >= 8 {
+            BuiltOutputsLayout::PathAndSignatures
+        } else if minor >= 6 {
+            BuiltOutputsLayout::RealisationJson
+        } else {
+            BuiltOutputsLayout::Absent
+        };
+        prop_assert_eq!(got, carried(&res, minor >= 3, false, outputs));
         for cut in 0..w.len() {
             let e = decode_build_derivation_reply(&mut Reader::new(&w[..cut]), v, "/nix/store").unwrap_err();
             prop_assert!(e.is_incomplete(), "cut {}: {:?}", cut, e);

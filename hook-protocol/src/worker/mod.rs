@@ -4,12 +4,13 @@
 //!
 //! Owns the handshake and version/feature negotiation, the stderr message loop
 //! ([`StderrMessage`]), the requests we send (IsValidPath, QueryValidPaths, QueryPathInfo,
-//! NarFromPath, AddToStoreNar, AddMultipleToStore, BuildDerivation, BuildPathsWithResults) with
-//! their reply decoders, and a sans-IO framed-stream codec ([`encode_frame`], [`FrameDecoder`]).
-//! Every version-dependent function takes the [`Negotiated`] protocol. Sans-IO: encoders append
-//! to a `Vec<u8>`, decoders read from a [`Reader`](crate::wire::Reader) and report
-//! [`DecodeError::Incomplete`](crate::wire::DecodeError::Incomplete) until
-//! a whole message is there. It must never perform I/O or hold a NAR: NARs travel framed (uploads)
+//! NarFromPath, AddToStoreNar, AddMultipleToStore, BuildDerivation, BuildPathsWithResults,
+//! RegisterDrvOutput, QueryRealisation) with their reply decoders, and a sans-IO framed-stream
+//! codec ([`encode_frame`], [`FrameDecoder`]). Every version-dependent function takes the
+//! [`Negotiated`] protocol. Sans-IO: encoders append to a `Vec<u8>`, decoders read from a
+//! [`Reader`](crate::wire::Reader) and report
+//! [`DecodeError::Incomplete`](crate::wire::DecodeError::Incomplete) until a whole message is
+//! there. It must never perform I/O or hold a NAR: NARs travel framed (uploads)
 //! or unframed after `STDERR_LAST` (NarFromPath) and the caller streams them.
 //!
 //! **Versions.** We announce [`CLIENT_VERSION`] = 1.35 with no features. Nix 2.8–2.14 speak
@@ -27,12 +28,14 @@
 //!
 //! One file per concern: `handshake` (versions, features, trust), `stderr` (the message loop
 //! before every reply), `paths` (queries and uploads of store paths), `build` (SetOptions and
-//! the two build operations), `framing` (framed streams), `server` (the daemon's side).
+//! the two build operations), `realisations` (registering and querying the realisations of
+//! content-addressed derivations), `framing` (framed streams), `server` (the daemon's side).
 
 mod build;
 mod framing;
 mod handshake;
 mod paths;
+mod realisations;
 #[cfg(any(test, feature = "server"))]
 pub mod server;
 mod stderr;
@@ -43,6 +46,7 @@ pub use build::*;
 pub use framing::*;
 pub use handshake::*;
 pub use paths::*;
+pub use realisations::*;
 pub use stderr::*;
 
 /// Worker operations we use.
@@ -56,6 +60,8 @@ pub enum Op {
     BuildDerivation = 36,
     NarFromPath = 38,
     AddToStoreNar = 39,
+    RegisterDrvOutput = 42,
+    QueryRealisation = 43,
     AddMultipleToStore = 44,
     BuildPathsWithResults = 46,
 }
@@ -75,6 +81,8 @@ impl Op {
             36 => BuildDerivation,
             38 => NarFromPath,
             39 => AddToStoreNar,
+            42 => RegisterDrvOutput,
+            43 => QueryRealisation,
             44 => AddMultipleToStore,
             46 => BuildPathsWithResults,
             _ => return None,

@@ -9,6 +9,7 @@ use std::collections::BTreeSet;
 use crate::build_result::BuildResult;
 use crate::derivation::BasicDerivation;
 use crate::path_info::{DerivedPath, PathInfo, put_store_paths, read_store_path, read_string_set};
+use crate::realisation::{DrvOutput, Realisation};
 use crate::store_path::StorePath;
 use crate::version::{self, ProtocolVersion};
 use crate::wire::{self, Invalid, Reader, WireWrite};
@@ -164,6 +165,9 @@ pub enum OpRequest {
         paths: Vec<DerivedPath>,
         mode: BuildMode,
     },
+    /// Below 1.31 the request carries no signatures or dependencies: they come back empty.
+    RegisterDrvOutput(Realisation),
+    QueryRealisation(DrvOutput),
 }
 
 /// What a daemon reads for SetOptions (the inverse of [`encode_set_options`]).
@@ -201,8 +205,13 @@ pub fn decode_set_options(r: &mut Reader<'_>, proto: &Negotiated) -> wire::Resul
     })
 }
 
-/// Decodes one request (only the operations a hook sends).
-pub fn decode_request(r: &mut Reader<'_>, proto: &Negotiated) -> wire::Result<OpRequest> {
+/// Decodes one request (only the operations a hook sends). `store_dir` (normally `/nix/store`)
+/// completes the base names a realisation carries.
+pub fn decode_request(
+    r: &mut Reader<'_>,
+    proto: &Negotiated,
+    store_dir: &str,
+) -> wire::Result<OpRequest> {
     let code = r.u64()?;
     let op = Op::from_code(code).ok_or(Invalid::OutOfRange {
         what: "worker operation",
@@ -235,7 +244,65 @@ pub fn decode_request(r: &mut Reader<'_>, proto: &Negotiated) -> wire::Result<Op
             paths: r.list("derived paths", DerivedPath::read)?,
             mode: BuildMode::decode(r)?,
         },
+        // Below 1.27 these do not exist, and under realisation-with-path-not-hash they have
+        // another layout: both are Invalid, as the client refuses to write them.
+        Op::RegisterDrvOutput => {
+            realisation_layout(proto, "RegisterDrvOutput")?;
+            OpRequest::RegisterDrvOutput(decode_register_drv_output(r, proto, store_dir)?)
+        }
+        Op::QueryRealisation => {
+            realisation_layout(proto, "QueryRealisation")?;
+            OpRequest::QueryRealisation(read_drv_output(r)?)
+        }
     })
+}
+
+fn realisation_layout(proto: &Negotiated, what: &'static str) -> wire::Result<()> {
+    super::realisations::gate(proto, what).map_err(|e| Invalid::Malformed(e.to_string()).into())
+}
+
+fn read_drv_output(r: &mut Reader<'_>) -> wire::Result<DrvOutput> {
+    DrvOutput::parse(r.str("derivation output id")?)
+        .map_err(|e| Invalid::Malformed(e.to_string()).into())
+}
+
+/// RegisterDrvOutput's argument (the inverse of [`encode_register_drv_output`]).
+fn decode_register_drv_output(
+    r: &mut Reader<'_>,
+    proto: &Negotiated,
+    store_dir: &str,
+) -> wire::Result<Realisation> {
+    let invalid = |e: crate::realisation::RealisationError| Invalid::Malformed(e.to_string());
+    if proto.version >= REALISATION_JSON_SINCE {
+        return Ok(Realisation::from_json(r.str("realisation")?, store_dir).map_err(invalid)?);
+    }
+    let id = read_drv_output(r)?;
+    let base = r.str("realisation path")?;
+    let out_path = crate::realisation::path_from_base_name(store_dir, base)
+        .map_err(|e| Invalid::Malformed(format!("realisation path: {e}")))?;
+    Ok(Realisation {
+        id,
+        out_path,
+        signatures: BTreeSet::new(),
+        dependent_realisations: Default::default(),
+    })
+}
+
+/// The QueryRealisation reply (after `STDERR_LAST`): a set of zero or one realisation, as JSON
+/// from 1.31, as its out path before.
+pub fn encode_query_realisation_reply(
+    w: &mut Vec<u8>,
+    proto: &Negotiated,
+    found: Option<&Realisation>,
+) {
+    w.put_u64(found.is_some() as u64);
+    if let Some(r) = found {
+        if proto.version >= REALISATION_JSON_SINCE {
+            w.put_str(&r.to_json());
+        } else {
+            w.put_str(r.out_path.as_str());
+        }
+    }
 }
 
 /// The QueryPathInfo reply (after `STDERR_LAST`). Below 1.17 an invalid path must be sent as

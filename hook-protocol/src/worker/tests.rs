@@ -7,11 +7,14 @@ use super::server::OpRequest;
 use super::*;
 use crate::build_result::BuildResult;
 use crate::build_result::BuildStatus;
+use crate::build_result::BuiltOutputsLayout;
 use crate::build_result::tests::{arb_build_result, carried};
 use crate::derivation::BasicDerivation;
 use crate::path_info::OutputsSpec;
 use crate::path_info::tests::{arb_path, arb_path_info, path};
 use crate::path_info::{DerivedPath, PathInfo};
+use crate::realisation::tests::arb_realisation;
+use crate::realisation::{DrvOutput, Realisation};
 use crate::store_path::Sha256;
 use crate::version::ProtocolVersion;
 use crate::wire::tests::assert_prefixes_incomplete;
@@ -36,7 +39,8 @@ fn set_options_round_trips() {
         let p = proto(minor);
         let mut w = Vec::new();
         encode_set_options(&mut w, &p, &o);
-        let (req, used) = wire::decode_with(&w, |r| server::decode_request(r, &p)).unwrap();
+        let (req, used) =
+            wire::decode_with(&w, |r| server::decode_request(r, &p, "/nix/store")).unwrap();
         assert_eq!(used, w.len());
         let mut want = o.clone();
         if minor < 12 {
@@ -450,7 +454,10 @@ fn requests_round_trip_through_the_server_decoder() {
     ];
     let mut r = Reader::new(&w);
     for want in want {
-        assert_eq!(server::decode_request(&mut r, &p).unwrap(), want);
+        assert_eq!(
+            server::decode_request(&mut r, &p, "/nix/store").unwrap(),
+            want
+        );
     }
     assert!(r.is_empty());
     // Below 1.27 QueryValidPaths has no substitute flag.
@@ -466,10 +473,7 @@ fn keyed_build_results() {
     let mut res = BuildResult::new(BuildStatus::Built, "");
     res.built_outputs.insert(
         "out".into(),
-        crate::build_result::BuiltOutput {
-            path: path(8, "x"),
-            signatures: BTreeSet::new(),
-        },
+        crate::build_result::BuiltOutput::new(path(8, "x")),
     );
     let results = vec![
         (DerivedPath::all_outputs(drv.clone()), res),
@@ -553,8 +557,143 @@ fn cpu_times_need_1_37() {
         server::encode_build_result(&mut w, &proto, &res);
         let got = decode_build_result(&mut Reader::new(&w), &proto, "/nix/store").unwrap();
         assert_eq!(got.cpu_user.is_some(), with_cpu);
-        assert_eq!(got, carried(&res, true, with_cpu, true));
+        assert_eq!(
+            got,
+            carried(&res, true, with_cpu, BuiltOutputsLayout::RealisationJson)
+        );
     }
+}
+
+fn sample_realisation() -> Realisation {
+    Realisation {
+        id: DrvOutput::parse(&format!("sha256:{}!out", "6a9a".repeat(16))).unwrap(),
+        out_path: path(3, "caA"),
+        signatures: ["cache-1:AAAA".to_owned()].into(),
+        dependent_realisations: Default::default(),
+    }
+}
+
+/// RegisterDrvOutput and QueryRealisation exist from 1.27, and only keyed by hash: a
+/// connection with `realisation-with-path-not-hash`, or a daemon offering it, is refused before
+/// anything is written.
+#[test]
+fn realisation_ops_are_gated() {
+    let r = sample_realisation();
+    let mut w = Vec::new();
+    assert!(matches!(
+        encode_register_drv_output(&mut w, &proto(26), &r),
+        Err(RealisationsUnsupported::TooOld(Unsupported { needs, .. })) if needs == REALISATIONS_SINCE
+    ));
+    assert!(matches!(
+        encode_query_realisation(&mut w, &proto(26), &r.id),
+        Err(RealisationsUnsupported::TooOld(_))
+    ));
+    let mut keyed = proto(38);
+    keyed
+        .features
+        .insert(FEATURE_REALISATION_WITH_PATH.to_owned());
+    assert_eq!(
+        encode_register_drv_output(&mut w, &keyed, &r),
+        Err(RealisationsUnsupported::KeyedByPath)
+    );
+    assert_eq!(
+        encode_query_realisation(&mut w, &keyed, &r.id),
+        Err(RealisationsUnsupported::KeyedByPath)
+    );
+    assert!(w.is_empty(), "nothing is written when refused");
+    // The daemon side refuses them alike.
+    let mut req = Vec::new();
+    encode_query_realisation(&mut req, &proto(27), &r.id).unwrap();
+    for p in [proto(26), keyed.clone()] {
+        assert!(matches!(
+            server::decode_request(&mut Reader::new(&req), &p, "/nix/store"),
+            Err(DecodeError::Invalid(_))
+        ));
+    }
+    let mut info = ServerInfo {
+        server_features: BTreeSet::new(),
+        nix_version: Some("2.34.8".into()),
+        trust: Some(Trust::Trusted),
+    };
+    assert_eq!(check_realisations(&proto(38), &info), Ok(()));
+    info.server_features
+        .insert(FEATURE_REALISATION_WITH_PATH.to_owned());
+    let e = check_realisations(&proto(38), &info).unwrap_err();
+    assert_eq!(e, RealisationsUnsupported::KeyedByPath);
+    assert!(e.to_string().contains("Nix 2.35 or newer"), "{e}");
+    assert!(
+        check_realisations(
+            &proto(21),
+            &ServerInfo {
+                server_features: BTreeSet::new(),
+                ..info
+            }
+        )
+        .is_err()
+    );
+}
+
+/// The two layouts byte for byte: the realisation JSON from 1.31, id and base name before.
+#[test]
+fn register_drv_output_layouts() {
+    let r = sample_realisation();
+    let mut w = Vec::new();
+    encode_register_drv_output(&mut w, &proto(31), &r).unwrap();
+    let mut want = Vec::new();
+    want.put_u64(42);
+    want.put_str(&r.to_json());
+    assert_eq!(w, want);
+    let mut w = Vec::new();
+    encode_register_drv_output(&mut w, &proto(30), &r).unwrap();
+    let mut want = Vec::new();
+    want.put_u64(42);
+    want.put_str(&r.id.to_string());
+    want.put_str(r.out_path.base_name());
+    assert_eq!(w, want);
+    let mut w = Vec::new();
+    encode_query_realisation(&mut w, &proto(27), &r.id).unwrap();
+    let mut want = Vec::new();
+    want.put_u64(43);
+    want.put_str(&r.id.to_string());
+    assert_eq!(w, want);
+}
+
+#[test]
+fn bad_query_realisation_replies_are_invalid() {
+    let r = sample_realisation();
+    let p = proto(35);
+    let decode =
+        |w: &[u8]| decode_query_realisation_reply(&mut Reader::new(w), &p, &r.id, "/nix/store");
+    let mut w = Vec::new();
+    w.put_strings([r.to_json(), r.to_json()]);
+    assert!(
+        decode(&w)
+            .unwrap_err()
+            .to_string()
+            .contains("more than one")
+    );
+    let other = Realisation {
+        id: DrvOutput::parse(&format!("sha256:{}!dev", "6a9a".repeat(16))).unwrap(),
+        ..r.clone()
+    };
+    let mut w = Vec::new();
+    w.put_strings([other.to_json()]);
+    assert!(
+        decode(&w)
+            .unwrap_err()
+            .to_string()
+            .contains("answered with one of")
+    );
+    let mut w = Vec::new();
+    w.put_strings(["{not json"]);
+    assert!(matches!(decode(&w), Err(DecodeError::Invalid(_))));
+    // Below 1.31 the set holds full paths.
+    let mut w = Vec::new();
+    w.put_strings([r.out_path.base_name()]);
+    assert!(matches!(
+        decode_query_realisation_reply(&mut Reader::new(&w), &proto(30), &r.id, "/nix/store"),
+        Err(DecodeError::Invalid(_))
+    ));
 }
 
 proptest! {
@@ -569,7 +708,14 @@ proptest! {
         server::encode_build_result(&mut w, &proto, &res);
         let (got, used) = wire::decode_with(&w, |r| decode_build_result(r, &proto, "/nix/store")).unwrap();
         prop_assert_eq!(used, w.len());
-        prop_assert_eq!(got, carried(&res, minor >= 29, minor >= 37, feature || minor >= 28));
+        let outputs = if feature {
+            BuiltOutputsLayout::PathAndSignatures
+        } else if minor >= 28 {
+            BuiltOutputsLayout::RealisationJson
+        } else {
+            BuiltOutputsLayout::Absent
+        };
+        prop_assert_eq!(got, carried(&res, minor >= 29, minor >= 37, outputs));
         for cut in 0..w.len() {
             let e = decode_build_result(&mut Reader::new(&w[..cut]), &proto, "/nix/store").unwrap_err();
             prop_assert!(e.is_incomplete(), "cut {}: {:?}", cut, e);
@@ -636,7 +782,16 @@ proptest! {
         let mut w = Vec::new();
         server::encode_build_paths_with_results_reply(&mut w, &p, &results);
         let got = decode_build_paths_with_results_reply(&mut Reader::new(&w), &p, "/nix/store").unwrap();
-        prop_assert_eq!(got, results);
+        let outputs = if feature {
+            BuiltOutputsLayout::PathAndSignatures
+        } else {
+            BuiltOutputsLayout::RealisationJson
+        };
+        let want: Vec<(DerivedPath, BuildResult)> = results
+            .iter()
+            .map(|(path, res)| (path.clone(), carried(res, true, true, outputs)))
+            .collect();
+        prop_assert_eq!(got, want);
     }
 
     #[test]
@@ -676,12 +831,45 @@ proptest! {
         let _ = decode_response(&mut Reader::new(&data), &p, |r| decode_build_result(r, &p, "/nix/store"));
         let _ = decode_query_path_info_reply(&mut Reader::new(&data), &p, &path(1, "a"));
         let _ = decode_build_paths_with_results_reply(&mut Reader::new(&data), &p, "/nix/store");
-        let _ = server::decode_request(&mut Reader::new(&data), &p);
+        let _ = server::decode_request(&mut Reader::new(&data), &p, "/nix/store");
         let _ = server::decode_after_hello(&mut Reader::new(&data), p.version);
         let mut dec = FrameDecoder::new();
         let mut pos = 0;
         while let (used, Some(Frame::Data(_))) = dec.decode(&data[pos..]) {
             pos += used;
         }
+    }
+}
+
+proptest! {
+    /// Both realisation operations at every version that has them: request through the
+    /// daemon-side decoder, reply back through ours, every proper prefix Incomplete.
+    #[test]
+    fn realisation_ops_round_trip(r in arb_realisation(), minor in 27u8..=38, found in any::<bool>()) {
+        let p = proto(minor);
+        let carried = if minor >= 31 {
+            r.clone()
+        } else {
+            Realisation { signatures: BTreeSet::new(), dependent_realisations: Default::default(), ..r.clone() }
+        };
+        let mut w = Vec::new();
+        encode_register_drv_output(&mut w, &p, &r).unwrap();
+        let (req, used) = wire::decode_with(&w, |rd| server::decode_request(rd, &p, "/nix/store")).unwrap();
+        prop_assert_eq!(used, w.len());
+        prop_assert_eq!(req, OpRequest::RegisterDrvOutput(carried.clone()));
+        assert_prefixes_incomplete(&w, |rd| server::decode_request(rd, &p, "/nix/store"));
+
+        let mut w = Vec::new();
+        encode_query_realisation(&mut w, &p, &r.id).unwrap();
+        let (req, _) = wire::decode_with(&w, |rd| server::decode_request(rd, &p, "/nix/store")).unwrap();
+        prop_assert_eq!(req, OpRequest::QueryRealisation(r.id.clone()));
+
+        let mut w = Vec::new();
+        server::encode_query_realisation_reply(&mut w, &p, found.then_some(&r));
+        let decode = |rd: &mut Reader<'_>| decode_query_realisation_reply(rd, &p, &r.id, "/nix/store");
+        let (got, used) = wire::decode_with(&w, decode).unwrap();
+        prop_assert_eq!(used, w.len());
+        prop_assert_eq!(got, found.then_some(carried));
+        assert_prefixes_incomplete(&w, decode);
     }
 }

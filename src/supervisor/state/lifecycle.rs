@@ -68,6 +68,7 @@ impl Machine {
         let s = &mut self.slots[i];
         s.generation = self.last_generation;
         s.boots += 1;
+        s.booted_with = Some(s.cfg.boot_fingerprint);
         s.phase = Phase::Booting { since: now };
         s.up = None;
         s.reboot_after_stop = false;
@@ -140,6 +141,7 @@ impl Machine {
             ),
         );
         s.phase = Phase::Up;
+        s.boots_ok += 1;
         s.up = Some(UpInfo {
             since: now,
             port,
@@ -173,11 +175,13 @@ impl Machine {
         };
         match how {
             Gone::BootFailed(cause) => {
+                self.slots[i].boots_failed += 1;
                 self.record_failure(i, cause, now, out);
                 failed = true;
             }
             Gone::Exited(report) if !matches!(phase, Phase::Stopping { .. }) => {
                 let what = if matches!(phase, Phase::Booting { .. }) {
+                    self.slots[i].boots_failed += 1;
                     "exited during boot"
                 } else {
                     "exited on its own"
@@ -208,6 +212,7 @@ impl Machine {
         let s = &mut self.slots[i];
         s.leases = 0;
         s.up = None;
+        s.booted_with = None;
         // A reconfiguration may have cleared the failure memory a stop was going to keep.
         s.phase = if failed && s.failure.is_some() {
             Phase::Failed

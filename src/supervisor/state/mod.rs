@@ -42,7 +42,12 @@
 //! - The configuration is read again ([`Action::ReloadConfig`]) on SIGHUP, when the file
 //!   changed and has settled ([`SETTLE`]), and before answering a boot, wait-ready or lease
 //!   for a builder it does not know (when the file changed at all, or at most every
-//!   [`UNKNOWN_RELOAD_EVERY`]); never without a file ([`Settings::reloads`]).
+//!   [`UNKNOWN_RELOAD_EVERY`]); never without a file ([`Settings::reloads`]). A request whose
+//!   answer would report a failure while a changed file is still settling waits until it has
+//!   settled and was read (at most [`SETTLE`]): a config fixed just before a build is the one
+//!   that build sees.
+//! - A builder whose boot-timeout is below the boot time it has been measured to take is
+//!   warned about when a configuration is applied ([`Machine::config_warnings`]).
 
 mod lifecycle;
 mod reconfigure;
@@ -60,7 +65,7 @@ use serde::{Deserialize, Serialize};
 
 use super::proto::{Request, Response, SessionSpec, State};
 use crate::config::Builder;
-use crate::store::warm::Handshake;
+use crate::supervisor::proto::Handshake;
 
 use lifecycle::Gone;
 pub use lifecycle::{HISTORY_LEN, STABLE_UPTIME};
@@ -126,6 +131,8 @@ pub struct Settings {
     /// There is a configuration file to read again ([`Action::ReloadConfig`]) on SIGHUP, when
     /// it changed, or when a request names a builder the machine does not know; `false`: never.
     pub reloads: bool,
+    /// That file, as `status` names it (the CLI checks that it serves the file it reads).
+    pub config_file: Option<std::path::PathBuf>,
 }
 
 /// Boot durations per builder, newest last, in milliseconds. Persisted by the runtime as JSON.
@@ -365,7 +372,12 @@ struct Slot {
     idle_since: Instant,
     /// Whether a lease was granted since the builder last came up ([`FIRST_LEASE_GRACE`]).
     leased_since_up: bool,
+    /// Boot tries, and of those the ones that reached readiness and the ones that failed.
     boots: u32,
+    boots_ok: u32,
+    boots_failed: u32,
+    /// The boot settings ([`BuilderConfig::boot_fingerprint`]) the instance was started with.
+    booted_with: Option<u64>,
     failure: Option<LastFailure>,
     history: VecDeque<u64>,
     /// Connections waiting in `wait-ready`, with their deadlines.
@@ -388,6 +400,9 @@ impl Slot {
             idle_since: now,
             leased_since_up: false,
             boots: 0,
+            boots_ok: 0,
+            boots_failed: 0,
+            booted_with: None,
             failure: None,
             history,
             waiters: Vec::new(),
@@ -525,7 +540,10 @@ impl Machine {
             Event::ClientConnected(conn) => {
                 self.clients.entry(conn).or_default();
             }
-            Event::ClientGone(conn) => self.client_gone(conn, now, &mut out),
+            Event::ClientGone(conn) => {
+                self.forget_settling(conn);
+                self.client_gone(conn, now, &mut out);
+            }
             Event::Request(conn, req) => {
                 if let Some((conn, req)) = self.reload_for_request(conn, req, now, &mut out) {
                     self.request(conn, req, now, &mut out);

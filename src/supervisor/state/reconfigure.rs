@@ -8,11 +8,15 @@
 //! request for boot, wait-ready or lease names a builder the machine does not know, if the file
 //! changed at all or was last read [`UNKNOWN_RELOAD_EVERY`] ago (that request waits for the
 //! answer). A reload that fails is logged as an error once per distinct cause (every time on
-//! SIGHUP) and keeps the running configuration.
+//! SIGHUP) and keeps the running configuration. A status, boot, wait-ready or lease whose
+//! answer would report a failure while a changed file is still settling waits until it has
+//! settled ([`SETTLE`] after its modification) and was read: a config fixed right before a
+//! build is the one the build sees.
 //!
 //! Applying: new builders appear down, a removed one disappears at once without an instance or
 //! drains (never losing a lease) and disappears once its instance is gone, a kept one takes its
-//! new settings at once and forgets its failures only when its boot settings changed.
+//! new settings at once and forgets its failures only when its boot settings changed; a
+//! boot-timeout below a builder's measured boot time is logged as a warning.
 //!
 //! [`Event::ReloadSignal`]: super::Event::ReloadSignal
 //! [`Event::ConfigFile`]: super::Event::ConfigFile
@@ -73,6 +77,11 @@ pub(super) struct Reloads {
     pending: Option<ReloadWhy>,
     /// The request that waits for that answer.
     deferred: Option<(ConnId, Request)>,
+    /// When the changed file was last modified (the latest [`ConfigFileSeen::age`] before now).
+    modified_at: Option<Instant>,
+    /// Requests that wait for the changed file to settle and be read, and when it has settled.
+    settling: Vec<(ConnId, Request)>,
+    settle_at: Option<Instant>,
 }
 
 impl Reloads {
@@ -82,6 +91,9 @@ impl Reloads {
             changed: false,
             pending: None,
             deferred: None,
+            modified_at: None,
+            settling: Vec::new(),
+            settle_at: None,
         }
     }
 }
@@ -115,6 +127,11 @@ impl Machine {
             return;
         }
         self.reloads.changed = seen.changed;
+        self.reloads.modified_at = if seen.changed {
+            seen.age.and_then(|age| now.checked_sub(age))
+        } else {
+            None
+        };
         let settled = seen.age.is_none_or(|age| age >= SETTLE);
         if seen.changed && settled {
             self.reload(ReloadWhy::Changed, now, out);
@@ -141,11 +158,63 @@ impl Machine {
         let r = &self.reloads;
         let due = r.changed || now.saturating_duration_since(r.read_at) >= UNKNOWN_RELOAD_EVERY;
         if !(self.settings.reloads && unknown && due) {
+            if let Some(at) = self.settles_at_after_a_failure(&req, now) {
+                self.reloads.settling.push((conn, req));
+                self.reloads.settle_at = Some(self.reloads.settle_at.map_or(at, |t| t.max(at)));
+                return None;
+            }
             return Some((conn, req));
         }
         self.reloads.deferred = Some((conn, req));
         self.reload(ReloadWhy::UnknownBuilder, now, out);
         None
+    }
+
+    /// When the changed file settles, if it has not yet and `req`'s answer would report a
+    /// failure: a status about any builder, a boot, wait-ready or lease about one, that is
+    /// failed or backing off. Every such failure is older than the file's content, which was
+    /// never read; and whether it is older than the file's modification time cannot be told
+    /// to the millisecond (file times come from the kernel's coarse clock), so none is asked.
+    fn settles_at_after_a_failure(&self, req: &Request, now: Instant) -> Option<Instant> {
+        let r = &self.reloads;
+        let modified = r.modified_at.filter(|_| r.changed && r.pending.is_none())?;
+        let settles = modified + SETTLE;
+        if settles <= now {
+            return None;
+        }
+        let stale = |s: &Slot| {
+            s.failure.is_some() && (s.phase == Phase::Failed || s.backing_off(now).is_some())
+        };
+        let reports_stale = match req {
+            Request::Status => self.slots.iter().any(stale),
+            Request::Boot { builder, .. }
+            | Request::WaitReady { builder, .. }
+            | Request::Lease { builder } => self
+                .slot_index(builder)
+                .is_some_and(|i| stale(&self.slots[i])),
+            _ => false,
+        };
+        reports_stale.then_some(settles)
+    }
+
+    /// When the requests waiting for the file to settle are due.
+    pub(super) fn settle_deadline(&self) -> Option<Instant> {
+        self.reloads
+            .settle_at
+            .filter(|_| !self.reloads.settling.is_empty())
+    }
+
+    /// The file waited for has settled: read it (the waiting requests go on with the answer).
+    pub(super) fn settle_timer(&mut self, now: Instant, out: &mut Vec<Action>) {
+        if self.settle_deadline().is_some_and(|t| t <= now) && self.reloads.pending.is_none() {
+            self.reloads.settle_at = None;
+            self.reload(ReloadWhy::Changed, now, out);
+        }
+    }
+
+    /// A connection that went away no longer waits for anything.
+    pub(super) fn forget_settling(&mut self, conn: ConnId) {
+        self.reloads.settling.retain(|(c, _)| *c != conn);
     }
 
     /// The request that waited for a reload, if any, goes on.
@@ -164,7 +233,19 @@ impl Machine {
         out: &mut Vec<Action>,
     ) {
         self.reconfigure(builders, now, out);
+        for w in self.config_warnings() {
+            log(out, LogLevel::Warn, w);
+        }
         self.resume_deferred(now, out);
+        self.resume_settling(now, out);
+    }
+
+    /// The file was read (or could not be): the requests that waited for it go on.
+    fn resume_settling(&mut self, now: Instant, out: &mut Vec<Action>) {
+        self.reloads.settle_at = None;
+        for (conn, req) in std::mem::take(&mut self.reloads.settling) {
+            self.request(conn, req, now, out);
+        }
     }
 
     /// The file could not be read or parsed: keep the running configuration.
@@ -188,6 +269,7 @@ impl Machine {
         }
         self.config_error = Some(cause);
         self.resume_deferred(now, out);
+        self.resume_settling(now, out);
     }
 
     /// Apply a new configuration; see the module comment for the rules.

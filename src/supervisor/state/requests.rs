@@ -35,7 +35,12 @@ impl Machine {
         let name = match req {
             Request::Status => {
                 let builders = self.status(now);
-                return Self::reply(out, conn, Response::Status { builders });
+                let response = Response::Status {
+                    builders,
+                    config_file: self.settings.config_file.clone(),
+                    config_error: self.config_error.clone(),
+                };
+                return Self::reply(out, conn, response);
             }
             Request::LeaseSession { spec } => return self.warm_request(conn, spec, true, now, out),
             Request::Warm { spec } => return self.warm_request(conn, spec, false, now, out),
@@ -169,11 +174,17 @@ impl Machine {
         let f = s.backing_off(now)?;
         let left = f.retry_at().saturating_duration_since(now);
         Some(format!(
-            "builder '{}' failed {} time(s) in a row ({}); retrying in {}s",
+            "builder '{}' failed{} ({}); it is not booted again for another {}s \
+             (`nix-lazy-builder up {}` boots it now)",
             s.cfg.name,
-            f.consecutive,
+            if f.consecutive == 1 {
+                String::new()
+            } else {
+                format!(" {} times in a row", f.consecutive)
+            },
             f.cause,
-            left.as_secs() + u64::from(left.subsec_nanos() > 0)
+            left.as_secs() + u64::from(left.subsec_nanos() > 0),
+            s.cfg.name
         ))
     }
 

@@ -47,6 +47,29 @@ impl Slot {
 }
 
 impl Machine {
+    /// What is worth a warning in the configuration the machine runs: a boot-timeout below
+    /// the boot time the builder has been measured to take (the median of its recent boots),
+    /// so that its boots will time out.
+    pub fn config_warnings(&self) -> Vec<String> {
+        self.slots
+            .iter()
+            .filter(|s| !s.removed && !s.history.is_empty())
+            .filter(|s| s.expected_boot() > s.cfg.boot_timeout)
+            .map(|s| {
+                format!(
+                    "builder '{}': boot-timeout ({}) is below the {} its recent boots took (the \
+                     median of the last {}): its boots will time out; raise boot-timeout",
+                    s.cfg.name,
+                    humantime::format_duration(s.cfg.boot_timeout),
+                    humantime::format_duration(Duration::from_secs(
+                        s.expected_boot().as_millis().div_ceil(1000) as u64
+                    )),
+                    s.history.len()
+                )
+            })
+            .collect()
+    }
+
     /// The status of every lazy builder, in configuration order, then of every always-on
     /// builder with a warm connection.
     pub fn status(&self, now: Instant) -> Vec<BuilderStatus> {
@@ -106,6 +129,10 @@ impl Machine {
                 .map(|t| ms(t.saturating_duration_since(now))),
             leases: s.leases,
             boots: s.boots,
+            boots_ok: s.boots_ok,
+            boots_failed: s.boots_failed,
+            boot_settings_outdated: s.phase.has_instance()
+                && s.booted_with.is_some_and(|f| f != s.cfg.boot_fingerprint),
             last_failure,
             nix_version: up.map(|u| u.nix_version.clone()),
             warm: self.warm_status(&s.cfg.name, true, now),

@@ -1,8 +1,10 @@
 //! Everything that happens because time passed: idle stops (from the last release, or from
-//! "up" with a first-lease grace), `wait-ready` deadlines, warm connections closing (keep-warm,
-//! or their lazy builder no longer up: `warm.rs`), the auto-started supervisor's exit when
-//! quiet (never while a warm connection is open), the kill once a shutdown's graceful stops
-//! took too long, and the one wake-up instant that covers them all.
+//! Everything that happens because time passed: idle stops (from the last release, or from
+//! "up" with a first-lease grace), `wait-ready` deadlines, a settling config file that requests
+//! wait for (`reconfigure.rs`), warm connections closing (keep-warm, or their lazy builder no
+//! longer up: `warm.rs`), the auto-started supervisor's exit when quiet (never while a warm
+//! connection is open), the kill once a shutdown's graceful stops took too long, and the one
+//! wake-up instant that covers them all.
 
 use std::time::{Duration, Instant};
 
@@ -52,6 +54,9 @@ impl Machine {
         if let Some(t) = self.kill_at {
             consider(t);
         }
+        if let Some(t) = self.settle_deadline() {
+            consider(t);
+        }
         next
     }
 
@@ -69,8 +74,9 @@ impl Machine {
         Some(self.quiet_since + linger)
     }
 
-    /// Idle stops, waiter deadlines, exit, the shutdown's kill.
+    /// Idle stops, waiter deadlines, a settling config file, exit, the shutdown's kill.
     pub(super) fn timers(&mut self, now: Instant, out: &mut Vec<Action>) {
+        self.settle_timer(now, out);
         for i in 0..self.slots.len() {
             if self.slots[i].idle_stop_at().is_some_and(|t| t <= now) {
                 log(

@@ -27,9 +27,9 @@ use std::time::{Duration, Instant};
 
 use super::{Action, ConnId, Generation, LogLevel, Machine, Phase, log, ms};
 use crate::backoff::backoff;
-use crate::ssh::TargetSpec;
-use crate::store::warm::{Handshake, Protocol};
+use crate::supervisor::proto::TargetSpec;
 use crate::supervisor::proto::{BuilderStatus, Response, SessionSpec, State, WarmStatus};
+use crate::supervisor::proto::{Handshake, Protocol};
 
 /// Identifies one pool (one warm connection).
 pub type PoolId = u64;
@@ -600,6 +600,9 @@ impl Machine {
                 idle_stop_in_ms: None,
                 leases: 0,
                 boots: 0,
+                boots_ok: 0,
+                boots_failed: 0,
+                boot_settings_outdated: false,
                 last_failure: None,
                 nix_version: None,
                 warm: self.warm_status(name, false, now),

@@ -50,6 +50,7 @@ impl T {
         let settings = Settings {
             exit_after_idle: linger.map(Duration::from_secs),
             reloads: false,
+            config_file: None,
         };
         Self::with_settings(builders, settings, h)
     }
@@ -59,6 +60,7 @@ impl T {
         let settings = Settings {
             exit_after_idle: None,
             reloads: true,
+            config_file: Some("/etc/nix/lazy-builder.toml".into()),
         };
         Self::with_settings(builders, settings, &BootHistory::default())
     }

@@ -195,7 +195,7 @@ fn a_changed_failed_builder_gets_a_fresh_try_only_if_its_boot_changed() {
                 force: false
             }
         ))
-        .contains("retrying")
+        .contains("not booted again")
     );
     // Only max-jobs changed: still backing off, settings taken.
     t.reconfigure(vec![cfg("vm", 4, None)]);
@@ -210,7 +210,7 @@ fn a_changed_failed_builder_gets_a_fresh_try_only_if_its_boot_changed() {
                 force: false
             }
         ))
-        .contains("retrying")
+        .contains("not booted again")
     );
     // The boot settings changed: the failure is forgotten, it boots at once.
     t.reconfigure(vec![rebooted(cfg("vm", 4, None))]);
@@ -488,5 +488,187 @@ fn a_request_for_an_unknown_builder_waits_for_a_reread() {
     assert!(
         matches!(T::reply(&out, 3), Response::Error { .. }),
         "{out:?}"
+    );
+}
+
+#[test]
+fn a_request_about_a_failure_older_than_a_settling_file_waits_for_it() {
+    let mut t = T::reloading(vec![cfg("vm", 1, None)]);
+    t.boot(1, "vm");
+    t.fail("vm", "QEMU kernel not found: /old/vmlinuz does not exist");
+    // The user fixes the kernel path 50 ms after the failure and builds 30 ms later: the file
+    // changed after the failure and has not settled.
+    t.now += Duration::from_millis(80);
+    t.ev(seen(true, Some(30)));
+    let out = t.req(2, Request::Status);
+    assert!(
+        !out.iter().any(|a| matches!(a, Action::Reply { .. })),
+        "no answer with the old cause yet: {out:?}"
+    );
+    assert!(
+        reloads(&out).is_empty(),
+        "not read while it may be half-written"
+    );
+    // Woken when the file has settled (200 ms after its modification): read, then answered.
+    let due = timer(&out).expect("a wake-up for the settled file");
+    assert_eq!(due, t.now + Duration::from_millis(170));
+    t.now = due;
+    let out = t.ev(Event::Tick);
+    assert_eq!(reloads(&out), [ReloadWhy::Changed]);
+    assert!(!out.iter().any(|a| matches!(a, Action::Reply { .. })));
+    // The new file has other boot settings: the failure is forgotten, and the waiting status
+    // says so; the boot that follows is not refused.
+    let out = t.reconfigure(vec![rebooted(cfg("vm", 1, None))]);
+    match T::reply(&out, 2) {
+        Response::Status { builders, .. } => {
+            assert_eq!(builders[0].state, State::Down, "{builders:?}");
+            assert!(builders[0].last_failure.is_none());
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(has_start(&t.boot(2, "vm"), "vm"));
+}
+
+#[test]
+fn only_a_request_that_would_report_a_failure_waits() {
+    let mut t = T::reloading(vec![cfg("vm", 1, None), cfg("ok", 1, None)]);
+    t.boot(1, "vm");
+    t.fail("vm", "boom");
+    t.now += Duration::from_millis(100);
+    // Modified 50 ms before the failure, and not read yet: the failure may be the old
+    // content's all the same, so the status waits for it.
+    t.ev(seen(true, Some(150)));
+    let out = t.req(2, Request::Status);
+    assert!(
+        !out.iter().any(|a| matches!(a, Action::Reply { .. })),
+        "{out:?}"
+    );
+    assert_eq!(timer(&out), Some(t.now + Duration::from_millis(50)));
+    t.now += Duration::from_millis(50);
+    assert_eq!(reloads(&t.ev(Event::Tick)), [ReloadWhy::Changed]);
+    let out = t.reconfigure(vec![cfg("vm", 1, None), cfg("ok", 1, None)]);
+    assert!(
+        matches!(T::reply(&out, 2), Response::Status { .. }),
+        "{out:?}"
+    );
+    // Settled: answered at once, from what was read.
+    t.now += S;
+    t.ev(seen(false, None));
+    assert!(matches!(t.ask(2, Request::Status), Response::Status { .. }));
+    // A boot of a builder without a failure does not wait for a settling file either.
+    t.ev(seen(true, Some(10)));
+    assert!(has_start(&t.boot(2, "ok"), "ok"));
+    // A lease on the failed one does, and a client that leaves stops waiting.
+    t.ev(seen(true, Some(10)));
+    let out = t.req(
+        3,
+        Request::Lease {
+            builder: "vm".into(),
+        },
+    );
+    assert!(
+        !out.iter().any(|a| matches!(a, Action::Reply { .. })),
+        "{out:?}"
+    );
+    t.ev(Event::ClientGone(3));
+    t.now += S;
+    let out = t.ev(Event::Tick);
+    assert!(reloads(&out).is_empty(), "nobody waits any more: {out:?}");
+    assert!(
+        !t.m.clients.contains_key(&3),
+        "a gone client is not brought back"
+    );
+    // A machine without a file never waits.
+    let mut t = T::new(vec![cfg("vm", 1, None)], None);
+    t.boot(1, "vm");
+    t.fail("vm", "boom");
+    t.ev(seen(true, Some(10)));
+    assert!(matches!(t.ask(2, Request::Status), Response::Status { .. }));
+}
+
+#[test]
+fn a_broken_reload_answers_the_waiting_request_with_what_it_had() {
+    let mut t = T::reloading(vec![cfg("vm", 1, None)]);
+    t.boot(1, "vm");
+    t.fail("vm", "boom");
+    t.now += Duration::from_millis(50);
+    t.ev(seen(true, Some(10)));
+    let out = t.req(2, Request::Status);
+    t.now = timer(&out).unwrap();
+    assert_eq!(reloads(&t.ev(Event::Tick)), [ReloadWhy::Changed]);
+    let out = t.ev(Event::ReconfigureFailed(
+        "lb.toml:3:1: unknown key `x`".into(),
+    ));
+    match T::reply(&out, 2) {
+        Response::Status {
+            builders,
+            config_file,
+            config_error,
+        } => {
+            assert_eq!(builders[0].state, State::Failed);
+            assert_eq!(
+                config_file.as_deref(),
+                Some(std::path::Path::new("/etc/nix/lazy-builder.toml"))
+            );
+            assert_eq!(
+                config_error.as_deref(),
+                Some("lb.toml:3:1: unknown key `x`")
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_boot_timeout_below_the_measured_boot_time_is_warned_about_when_applied() {
+    let mut t = T::reloading(vec![cfg("vm", 1, None)]);
+    assert!(t.m.config_warnings().is_empty(), "nothing measured yet");
+    t.bring_up("vm");
+    t.req(
+        1,
+        Request::Down {
+            builder: "vm".into(),
+        },
+    );
+    t.stopped("vm");
+    let mut short = cfg("vm", 1, None);
+    short.boot_timeout = 3 * S;
+    let out = t.reconfigure(vec![short]);
+    assert_eq!(
+        logged(&out, LogLevel::Warn),
+        [
+            "builder 'vm': boot-timeout (3s) is below the 5s its recent boots took (the median \
+             of the last 1): its boots will time out; raise boot-timeout"
+        ]
+    );
+    assert_eq!(t.m.config_warnings().len(), 1);
+    assert!(logged(&t.reconfigure(vec![cfg("vm", 1, None)]), LogLevel::Warn).is_empty());
+}
+
+#[test]
+fn status_says_when_the_running_instance_has_older_boot_settings() {
+    let mut t = T::reloading(vec![cfg("vm", 1, None)]);
+    t.bring_up("vm");
+    assert!(!t.status("vm").boot_settings_outdated);
+    t.reconfigure(vec![cfg("vm", 2, None)]);
+    assert!(
+        !t.status("vm").boot_settings_outdated,
+        "max-jobs is not a boot setting"
+    );
+    t.reconfigure(vec![rebooted(cfg("vm", 2, None))]);
+    assert!(t.status("vm").boot_settings_outdated);
+    t.req(
+        1,
+        Request::Down {
+            builder: "vm".into(),
+        },
+    );
+    t.stopped("vm");
+    assert!(!t.status("vm").boot_settings_outdated, "no instance");
+    t.boot(1, "vm");
+    t.succeed("vm", 1);
+    assert!(
+        !t.status("vm").boot_settings_outdated,
+        "booted with the new ones"
     );
 }

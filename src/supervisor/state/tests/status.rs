@@ -54,3 +54,56 @@ fn one_line_causes() {
     let l = one_line(&long);
     assert!(l.ends_with('…') && l.len() <= 504);
 }
+
+#[test]
+fn boots_that_worked_and_boots_that_failed_are_counted_apart() {
+    let mut t = T::new(vec![cfg("vm", 1, None)], None);
+    t.boot(1, "vm");
+    t.fail("vm", "boom");
+    let st = t.status("vm");
+    assert_eq!((st.boots, st.boots_ok, st.boots_failed), (1, 0, 1));
+    t.req(
+        1,
+        Request::Boot {
+            builder: "vm".into(),
+            force: true,
+        },
+    );
+    let generation = t.generation("vm");
+    t.ev(Event::InstanceExited {
+        builder: "vm".into(),
+        generation,
+        report: "qemu exited with status 1".into(),
+    });
+    let st = t.status("vm");
+    assert_eq!(
+        (st.boots, st.boots_ok, st.boots_failed),
+        (2, 0, 2),
+        "exited while booting"
+    );
+    t.req(
+        1,
+        Request::Boot {
+            builder: "vm".into(),
+            force: true,
+        },
+    );
+    let st = t.status("vm");
+    assert_eq!(
+        (st.boots, st.boots_ok, st.boots_failed),
+        (3, 0, 2),
+        "one under way"
+    );
+    t.succeed("vm", 2);
+    let st = t.status("vm");
+    assert_eq!((st.boots, st.boots_ok, st.boots_failed), (3, 1, 2));
+    // A failure of the running builder (a hook could not use it) is no failed boot.
+    t.req(
+        1,
+        Request::ReportFailure {
+            builder: "vm".into(),
+            cause: "ssh: refused".into(),
+        },
+    );
+    assert_eq!(t.status("vm").boots_failed, 2);
+}

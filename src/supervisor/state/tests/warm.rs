@@ -3,9 +3,9 @@
 //! sessions in use finish.
 
 use super::*;
-use crate::ssh::TargetSpec;
-use crate::store::warm::{Handshake, Protocol};
 use crate::supervisor::proto::SessionSpec;
+use crate::supervisor::proto::TargetSpec;
+use crate::supervisor::proto::{Handshake, Protocol};
 
 fn spec(builder: &str, lazy: bool, keep_warm: u64, max_jobs: u32) -> SessionSpec {
     SessionSpec {
