@@ -7,6 +7,7 @@ pub mod backoff;
 pub mod boot;
 pub mod cli;
 pub mod config;
+pub mod external;
 pub mod hook;
 pub mod lazy;
 pub mod logging;

@@ -21,6 +21,9 @@ use tracing::{Event, Level, Subscriber};
 use tracing_subscriber::layer::Context;
 
 static STDERR: Mutex<()> = Mutex::new(());
+/// Plain text instead of `@nix` lines (the external builder's helper, whose stderr is the
+/// build log), and the highest verbosity shown then.
+static PLAIN: AtomicU64 = AtomicU64::new(u64::MAX);
 static NEXT_ACTIVITY: AtomicU64 = AtomicU64::new(1);
 
 fn write_line(bytes: &[u8]) {
@@ -36,9 +39,23 @@ pub fn reply(r: &Reply) {
     write_line(&r.to_bytes());
 }
 
-/// Sends one `@nix` message.
+/// Sends one `@nix` message (in plain mode: its text, if it has any worth a line).
 pub fn send(msg: &Message) {
-    write_line(&msg.to_line());
+    let plain = PLAIN.load(Ordering::Relaxed);
+    if plain == u64::MAX {
+        write_line(&msg.to_line());
+        return;
+    }
+    let shown = |level: &Verbosity| (*level as u64) <= plain;
+    match msg {
+        Message::Msg { level, msg: text } if shown(level) => {
+            write_line(format!("{text}\n").as_bytes())
+        }
+        Message::Start { level, text, .. } if shown(level) && !text.is_empty() => {
+            write_line(format!("{text}\n").as_bytes())
+        }
+        _ => {}
+    }
 }
 
 /// Sends an error the user always sees, formatted as Nix formats its own (`error: …`).
@@ -272,6 +289,13 @@ impl<S: Subscriber> tracing_subscriber::Layer<S> for NixLogLayer {
         };
         send(&Message::msg(level, text));
     }
+}
+
+/// Plain-text mode: messages at or below `verbosity` as text lines on stderr, for a process
+/// whose stderr is a build log rather than nix-daemon's hook pipe.
+pub fn init_plain(verbosity: Verbosity) {
+    PLAIN.store(verbosity as u64, Ordering::Relaxed);
+    init_hook(verbosity);
 }
 
 /// Installs the `@nix` layer as the global subscriber for hook mode.

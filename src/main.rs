@@ -30,6 +30,14 @@ Newer Nix split the setting into words and append the verbosity after them.
 Some daemons (about Nix 2.25 to 2.33, NixOS/nix#15083) ignore build-hook in nix.conf: give
 nix-daemon the same line in its NIX_CONFIG environment variable too.";
 
+/// What `external-build --help` says about setting it up.
+const EXTERNAL_SETUP: &str = "\
+Setting it up as an external builder, in /etc/nix/nix.conf (Nix 2.32 and newer):
+  experimental-features = external-builders
+  external-builders = [{\"systems\": [\"aarch64-linux\"], \"program\": \"/path/to/nix-lazy-builder\", \"args\": [\"external-build\"]}]
+The supervisor must be running (`systemctl start nix-lazy-builder` or `nix-lazy-builder
+supervise` as root): the program runs as a build user and cannot start it.";
+
 #[derive(Parser)]
 #[command(
     name = "nix-lazy-builder",
@@ -76,6 +84,23 @@ enum Command {
         /// Started by a hook: exit once every lazy builder is down and nobody asked for a while.
         #[arg(long)]
         auto: bool,
+    },
+    /// Run as a Nix `external-builders` program (Nix 2.32 and newer, experimental): nix-daemon
+    /// runs it as the build user with the path of build.json; a running supervisor does the
+    /// build on a builder from the same config.
+    #[command(after_long_help = EXTERNAL_SETUP)]
+    ExternalBuild {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The build.json nix-daemon wrote.
+        #[arg(value_name = "BUILD_JSON")]
+        build_json: PathBuf,
+    },
+    /// The supervisor's helper for one external build (started by the supervisor, not by hand).
+    #[command(hide = true)]
+    ExternalServe {
+        #[command(flatten)]
+        config: ConfigArg,
     },
     /// Show every lazy builder: state, uptime, idle countdown, builds, boots, last failure.
     Status {
@@ -296,6 +321,12 @@ fn main() -> ExitCode {
                 config: config_path(config.config),
                 auto,
             })
+        }
+        Command::ExternalBuild { config, build_json } => {
+            nix_lazy_builder::external::client::main(config_path(config.config), &build_json)
+        }
+        Command::ExternalServe { config } => {
+            nix_lazy_builder::external::serve::main(config_path(config.config))
         }
         Command::Status { config, json } => print(cli::status(&config_path(config.config), json)),
         Command::Up { name, config } => report(cli::up(&config_path(config.config), &name.name)),

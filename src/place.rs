@@ -522,6 +522,15 @@ impl Placed {
         Ok(())
     }
 
+    /// Moves every verified output into place and keeps it there unregistered: for an
+    /// external build, whose outputs nix-daemon scans and registers itself once the program
+    /// has exited.
+    pub fn hand_over(mut self) -> Result<(), PlaceError> {
+        self.move_into_place()?;
+        self.registered = true;
+        Ok(())
+    }
+
     /// Moves every verified output into place and registers them all in one
     /// `nix-store --register-validity --hash-given`, the one `registrar` started.
     pub fn register(mut self, registrar: Registrar) -> Result<(), PlaceError> {

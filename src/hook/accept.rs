@@ -37,7 +37,7 @@ const UPLOAD_LOCK_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 /// SSH + the remote program's handshake to `b` (at `port`, when the supervisor gave one),
 /// inside Nix's "connecting to" activity: a warm session from the supervisor when `b` keeps
 /// one and one is ready, else a connection of our own.
-pub(super) async fn connect(
+pub(crate) async fn connect(
     b: &Builder,
     port: Option<u16>,
     log: &BuildLog,

@@ -11,6 +11,7 @@
 //! stderr.
 
 mod accept;
+pub(crate) use accept::connect;
 pub mod plan;
 
 use std::os::fd::{FromRawFd, OwnedFd};
@@ -47,7 +48,7 @@ pub struct HookArgs {
 }
 
 #[derive(Debug, thiserror::Error)]
-enum HookError {
+pub(crate) enum HookError {
     #[error("reading from nix-daemon: {0}")]
     Daemon(#[from] WireError),
     #[error(transparent)]
@@ -372,7 +373,7 @@ async fn run(args: HookArgs, fd4: Option<OwnedFd>) -> Result<u8, HookError> {
 }
 
 /// Logs what the planner says.
-fn say(note: Note) {
+pub(crate) fn say(note: Note) {
     match note {
         Note::Say { level, text } => logging::send(&Message::msg(level, text)),
         Note::Debug(text) => tracing::debug!("{text}"),
@@ -382,7 +383,7 @@ fn say(note: Note) {
 /// What a failed connection tells the others: the user (as Nix's `cannot build on`), the
 /// supervisor for a lazy builder (it gives back the lease and replaces the machine), the hooks
 /// after this one for an always-on builder (the failure memory).
-async fn connect_failed<'m>(
+pub(crate) async fn connect_failed<'m>(
     b: &Builder,
     e: &RemoteError,
     lazy: &mut Lazy,
@@ -406,7 +407,7 @@ async fn connect_failed<'m>(
 
 /// Takes `main-lock`. Usually free; when another hook holds it, the wait runs on a blocking
 /// thread, never on the async runtime.
-async fn lock_main(load_dir: &LoadDir) -> Result<MainLock, HookError> {
+pub(crate) async fn lock_main(load_dir: &LoadDir) -> Result<MainLock, HookError> {
     if let Some(main) = load_dir.try_lock_main()? {
         return Ok(main);
     }
@@ -419,7 +420,7 @@ async fn lock_main(load_dir: &LoadDir) -> Result<MainLock, HookError> {
 /// Performs a [`Next::Probe`] under `main` and gives the planner the loads. Of the free slots
 /// found, the one the planner holds next is kept (touched, in `held`); the others are given
 /// back before `main-lock`, so no other hook sees them taken once it can look.
-fn probe_round<'p, 't>(
+pub(crate) fn probe_round<'p, 't>(
     s: plan::Probe<'p, 't>,
     load_dir: &LoadDir,
     main: MainLock,
@@ -467,18 +468,18 @@ fn probe(
 /// The slot this `try` holds, and for which table entry: exactly the one the planner says
 /// ([`plan::Step::holding`]).
 #[derive(Debug, Default)]
-struct HeldSlot(Option<(usize, SlotLock)>);
+pub(crate) struct HeldSlot(Option<(usize, SlotLock)>);
 
 impl HeldSlot {
     /// Gives the slot back unless it is the one of `holding`.
-    fn keep(&mut self, holding: Option<usize>) {
+    pub(crate) fn keep(&mut self, holding: Option<usize>) {
         if self.0.as_ref().map(|(i, _)| *i) != holding {
             self.0 = None;
         }
     }
 
     /// Hands out the slot, if it is `builder`'s.
-    fn take_for(&mut self, builder: Option<usize>) -> Option<(usize, SlotLock)> {
+    pub(crate) fn take_for(&mut self, builder: Option<usize>) -> Option<(usize, SlotLock)> {
         self.0.take_if(|(i, _)| Some(*i) == builder)
     }
 
@@ -519,7 +520,7 @@ async fn read_drv(drv_path: &StorePath) -> Result<Derivation, HookError> {
     })
 }
 
-fn nix_state_dir() -> PathBuf {
+pub(crate) fn nix_state_dir() -> PathBuf {
     std::env::var_os("NIX_STATE_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(slots::NIX_STATE_DIR))

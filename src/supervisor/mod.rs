@@ -107,6 +107,20 @@ pub async fn run(
             return Ok(());
         }
     };
+    // The build socket for external builds (`external::door`): a failure to open it costs
+    // only that door.
+    let door = match crate::external::door::Door::open(
+        &opts.state_dir,
+        opts.config_path
+            .as_ref()
+            .and_then(|p| p.named().map(ToOwned::to_owned)),
+    ) {
+        Ok(d) => Some(tokio::spawn(d.serve())),
+        Err(e) => {
+            tracing::warn!("cannot open the build socket for external builds: {e}");
+            None
+        }
+    };
     let (sig_tx, sig_rx) = tokio::sync::mpsc::unbounded_channel();
     let (hup_tx, hup_rx) = tokio::sync::mpsc::unbounded_channel();
     let mut term = signal(SignalKind::terminate()).map_err(SuperviseError::Runtime)?;
@@ -128,6 +142,10 @@ pub async fn run(
     });
     let result = server.serve_with_reloads(backend, sig_rx, hup_rx).await;
     forward.abort();
+    if let Some(d) = door {
+        d.abort();
+        let _ = d.await;
+    }
     result
 }
 

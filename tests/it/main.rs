@@ -31,6 +31,9 @@ mod cli {
     mod status;
 }
 mod examples;
+mod external {
+    mod door;
+}
 mod fault {
     mod hang;
     mod hook_kill;

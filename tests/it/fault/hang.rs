@@ -180,6 +180,7 @@ fn a_builder_that_accepts_tcp_and_hangs_is_given_up_within_15s_and_remembered() 
         hang.machines_line(&remote, 2),
         remote.machines_line(&MachineLine::new(Scheme::Ssh, true))
     ));
+    let (opts, _ours) = without_warm_connections(opts);
     let daemon = LocalDaemon::start(opts);
     let first = BigDrv::new("fault-hang-1").prepare(&daemon);
     let refused = format!("cannot build on '{}'", hang.uri());
@@ -253,6 +254,7 @@ fn a_hanging_only_builder_fails_at_once_while_it_backs_off_and_the_backoff_grows
     let mut opts = DaemonOpts::new(Nix::Host).with_our_hook();
     opts.max_jobs = 0;
     opts.machines = Some(hang.machines_line(&keys, 1) + "\n");
+    let (opts, _ours) = without_warm_connections(opts);
     let daemon = LocalDaemon::start(opts);
     let paths = BigDrv::new("fault-hang-only").prepare(&daemon);
     let refused = format!("cannot build on '{}'", hang.uri());

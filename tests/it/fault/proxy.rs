@@ -80,6 +80,7 @@ fn corrupted_reply(c: Corruption, scheme: Scheme) {
     let proxied_uri = format!("{uri}?remote-program={}", program.display());
     let mut opts = DaemonOpts::new(Nix::Host).with_our_hook();
     opts.machines = Some(format!("{proxied_uri} {rest}\n"));
+    let (opts, _ours) = without_warm_connections(opts);
     let daemon = LocalDaemon::start(opts);
     let paths = BigDrv::new(&name).with_marker().prepare(&daemon);
 

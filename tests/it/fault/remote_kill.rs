@@ -23,6 +23,7 @@ fn remote_killed(phase: Phase, scheme: Scheme) {
     let mut remote = RemoteStore::start(RemoteOpts::new(Nix::Host));
     let mut opts = DaemonOpts::new(Nix::Host).with_our_hook();
     opts.machines = Some(remote.machines_line(&MachineLine::new(scheme, true)));
+    let (opts, _ours) = without_warm_connections(opts);
     let daemon = LocalDaemon::start(opts);
     let name = format!(
         "fault-rk-{}-{}",

@@ -509,6 +509,24 @@ pub fn lazy_command_rig(builder: &str, scheme: Scheme) -> (LazyRemote, LazyConfi
     (remote, cfg, daemon)
 }
 
+/// `opts` (a machines-table set-up) with a config of ours that turns warm connections off
+/// (`[supervisor] keep-warm = "0s"`): the hook connects to the remote itself, which is the
+/// connection these tests fault or count; with warm connections the hook would start a
+/// supervisor whose pool connects too and stays. Keep the config as long as the daemon.
+pub fn without_warm_connections(opts: DaemonOpts) -> (DaemonOpts, tempfile::TempDir) {
+    let dir = scratch("nlb-no-warm-", &[]);
+    let path = dir.path().join("lazy-builder.toml");
+    // The default state directory stays: the tests read the hooks' failure records there.
+    write(&path, "[supervisor]\nkeep-warm = \"0s\"\n");
+    (
+        opts.env(
+            nix_lazy_builder::config::CONFIG_ENV_VAR,
+            &path.to_string_lossy(),
+        ),
+        dir,
+    )
+}
+
 /// Each pid with its command line, for a failure message.
 pub fn describe(pids: &[u32]) -> Vec<String> {
     pids.iter()

@@ -1,0 +1,219 @@
+//! The second front door: Nix 2.34's `external-builders` (the sid chroot's daemon, experimental
+//! feature on, Nix's own hook with no builders so it declines) running `nix-lazy-builder
+//! external-build` as the build user, against a supervisor started by hand (the program cannot
+//! start one) and a lazy `command` builder (the harness's real sshd with its own store, booted
+//! by the supervisor only when the build needs it).
+//!
+//! Checks: the aarch64 fake derivation with an x86_64 input built there, outputs valid locally
+//! with the right references, deriver and log; a failing build reaches the user with its log
+//! and registers nothing; a process outside the build-users group is refused on the build
+//! socket; hostile build.json files are refused with a clear error and nothing is written.
+//!
+//! Must never: pass without a real remote build (the lazy machine must hold the outputs), or
+//! let our build hook take the build (the daemon's hook is Nix's own, with no machines).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::harness::*;
+
+/// A lazy `command` builder `cmd` for aarch64-linux behind a Nix 2.34 daemon whose
+/// `external-builders` runs our binary, and a supervisor started by hand.
+struct Door {
+    remote: LazyRemote,
+    cfg: LazyConfig,
+    daemon: LocalDaemon,
+    _supervisor: Background,
+}
+
+fn setup(settings: &str) -> Door {
+    let remote = LazyRemote::prepare(RemoteOpts::new(Nix::Host));
+    let cfg = LazyConfig::write(&[remote.builder_toml(
+        "cmd",
+        Scheme::Ssh,
+        &["aarch64-linux"],
+        settings,
+        &remote.command_boot(Duration::from_millis(500)),
+    )]);
+    // The build user reads the config and reaches the build socket beside the state dir.
+    set_mode(cfg.dir.path(), 0o755);
+    let mut opts = cfg.daemon_opts(Duration::from_secs(20));
+    opts.nix = Nix::Sid;
+    // Nix's own hook, with no machines: it declines, and the external builder is used.
+    opts.build_hook = None;
+    let bin = lazy_binary();
+    opts.extra_conf
+        .push("experimental-features = external-builders".into());
+    opts.extra_conf.push(format!(
+        "external-builders = [{{\"systems\": [\"aarch64-linux\"], \"program\": \"{}\", \"args\": [\"external-build\"]}}]",
+        bin.display()
+    ));
+    opts.expose.push(cfg.dir.path().to_path_buf());
+    opts.expose.push(remote.dir().to_path_buf());
+    if let Some(d) = bin.parent() {
+        opts.expose.push(d.to_path_buf());
+    }
+    let daemon = LocalDaemon::start(opts);
+    let mut sup = daemon.client_command(&bin.to_string_lossy());
+    sup.arg("supervise")
+        .env(nix_lazy_builder::config::CONFIG_ENV_VAR, cfg.path());
+    let supervisor = Background::spawn(&mut sup);
+    let socket = build_socket(&cfg);
+    wait_until("the build socket", Duration::from_secs(20), || {
+        socket.exists()
+    });
+    assert!(
+        !remote.listening(),
+        "the lazy machine runs before any build"
+    );
+    Door {
+        remote,
+        cfg,
+        daemon,
+        _supervisor: supervisor,
+    }
+}
+
+fn build_socket(cfg: &LazyConfig) -> PathBuf {
+    nix_lazy_builder::external::build_socket_path(&cfg.state_dir())
+}
+
+#[test]
+fn an_aarch64_derivation_is_built_on_a_lazy_builder_through_external_builders() {
+    let d = setup("max-jobs = 1\nidle-timeout = \"30s\"\nboot-timeout = \"60s\"");
+    let drv = FakeDrv::new("ext1");
+    let (paths, out) = drv.build(&d.daemon, &[]);
+    out.assert_success();
+    paths.assert_built(&d.daemon, true);
+    assert!(
+        d.remote.is_valid(&paths.out),
+        "{} was not built on the lazy machine",
+        paths.out
+    );
+    // The boot showed on the build log.
+    let log = d.daemon.client("nix-store", &["-l", &paths.drv]);
+    eprintln!("BUILD LOG:\n{}\nNIX-BUILD:\n{}", log.stdout, out.stderr);
+    assert!(log.stdout.contains("booting builder 'cmd'"), "{log}");
+    assert!(log.stdout.contains("building on 'ssh://"), "{log}");
+    assert!(d.daemon.invalid_leftovers().is_empty());
+    let _ = &d.cfg;
+}
+
+#[test]
+fn a_failing_build_reaches_the_user_and_registers_nothing() {
+    let d = setup("max-jobs = 1\nidle-timeout = \"30s\"\nboot-timeout = \"60s\"");
+    let drv = FakeDrv::new("ext2").failing(3);
+    let (paths, out) = drv.build(&d.daemon, &[]);
+    assert!(!out.status.success(), "{out}");
+    let line = drv
+        .failure_line()
+        .expect("a failing drv has a failure line");
+    assert!(out.stderr.contains(&line), "the remote's log tail: {out}");
+    assert!(out.stderr.contains("failed"), "{out}");
+    assert!(!d.daemon.is_valid(&paths.out) && !d.daemon.is_valid(&paths.dev));
+    assert!(d.daemon.invalid_leftovers().is_empty());
+}
+
+#[test]
+fn only_root_and_build_users_may_use_the_build_socket() {
+    let d = setup("max-jobs = 1");
+    let socket = build_socket(&d.cfg);
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let meta = std::fs::metadata(&socket).unwrap();
+    assert_eq!(
+        meta.permissions().mode() & 0o777,
+        0o660,
+        "{}",
+        socket.display()
+    );
+    // uid/gid 65534 (nobody), with the socket opened up so only the peer check stands.
+    set_mode(&socket, 0o666);
+    let mut c = d.daemon.client_command("setpriv");
+    c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(lazy_binary())
+        .arg("external-build");
+    let bj = d
+        .daemon
+        .write_file("build.json", &build_json("aarch64-linux"));
+    set_mode(&bj, 0o644);
+    c.arg(&bj)
+        .env(nix_lazy_builder::config::CONFIG_ENV_VAR, d.cfg.path());
+    let out = run_command(&mut c, None, Duration::from_secs(60));
+    assert!(!out.status.success(), "{out}");
+    assert!(
+        out.stderr.contains("refused") && out.stderr.contains("uid 65534"),
+        "{out}"
+    );
+    let _ = meta.gid();
+    assert!(!d.remote.listening(), "a refused client booted a builder");
+}
+
+fn build_json(system: &str) -> String {
+    serde_json::json!({
+        "version": 1, "builder": "/bin/sh", "args": ["-c", "echo x > $out"],
+        "env": {"out": "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-ext-probe"},
+        "topTmpDir": "/tmp/nlb-ext-top", "tmpDir": "/tmp/nlb-ext-top/build",
+        "tmpDirInSandbox": "/build", "storeDir": "/nix/store", "realStoreDir": "/nix/store",
+        "system": system, "inputPaths": [],
+        "outputs": {"out": "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-ext-probe"}
+    })
+    .to_string()
+}
+
+#[test]
+fn hostile_build_json_is_refused_and_nothing_is_written() {
+    let d = setup("max-jobs = 1");
+    let victim = d.daemon.dir().join("victim");
+    let cases: Vec<(&str, serde_json::Value)> = vec![
+        (
+            "dotdot",
+            serde_json::json!({"out": "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-a/../../../tmp/x"}),
+        ),
+        (
+            "outside",
+            serde_json::json!({"out": victim.to_string_lossy()}),
+        ),
+        (
+            "etc",
+            serde_json::json!({"out": "/etc/0123456789abcdfghijklmnpqrsvwxyz-passwd"}),
+        ),
+    ];
+    for (name, outputs) in cases {
+        let mut v: serde_json::Value = serde_json::from_str(&build_json("aarch64-linux")).unwrap();
+        v["outputs"] = outputs;
+        let out = run_client(&d, name, &v.to_string());
+        assert!(!out.status.success(), "{name}: {out}");
+        assert!(
+            out.stderr.contains("is not a store path in '/nix/store'"),
+            "{name}: {out}"
+        );
+        assert!(!out.stderr.contains("panicked"), "{name}: {out}");
+    }
+    let mut v: serde_json::Value = serde_json::from_str(&build_json("aarch64-linux")).unwrap();
+    v["version"] = 2.into();
+    let out = run_client(&d, "version", &v.to_string());
+    assert!(out.stderr.contains("build.json is version 2"), "{out}");
+    v["version"] = 1.into();
+    v["builder"] = format!("/{}", "b".repeat(1 << 20)).into();
+    let out = run_client(&d, "huge", &v.to_string());
+    assert!(
+        out.stderr.contains("'builder' is 1048577 bytes long"),
+        "{out}"
+    );
+    let out = run_client(&d, "garbage", "{\"version\": 1, \"outputs\": [");
+    assert!(out.stderr.contains("not valid JSON"), "{out}");
+    assert!(!victim.exists());
+    assert!(
+        !d.remote.listening(),
+        "a refused build.json booted a builder"
+    );
+}
+
+fn run_client(d: &Door, name: &str, text: &str) -> CmdOutput {
+    let bj = d.daemon.write_file(&format!("{name}.json"), text);
+    let mut c = d.daemon.client_command(&lazy_binary().to_string_lossy());
+    c.arg("external-build")
+        .arg(&bj)
+        .env(nix_lazy_builder::config::CONFIG_ENV_VAR, d.cfg.path());
+    run_command(&mut c, None, Duration::from_secs(60))
+}
