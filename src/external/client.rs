@@ -91,19 +91,28 @@ fn run(config: &ConfigPath, build_json: &Path) -> Result<(), ClientError> {
         source,
     })?;
     let (log_read, log_write) = io::pipe()?;
-    send_with_fd(
+    let hello = send_with_fd(
         &stream,
         &line(&Hello { external_build: 1 })?,
         log_write.as_fd(),
-    )?;
+    );
     // Only the root side may hold the write end: the log ends when it is done.
     drop(log_write);
     let request = BuildRequest {
         build_json: String::from_utf8(bytes)
             .map_err(|_| ClientError::Protocol("build.json is not UTF-8".into()))?,
     };
-    (&stream).write_all(&line(&request)?)?;
+    let request = line(&request)?;
+    let sent = hello.and_then(|()| (&stream).write_all(&request));
     let mut frames = BufReader::with_capacity(256 * 1024, &stream);
+    if let Err(e) = sent {
+        // A supervisor that refuses us writes why and closes at once, perhaps before our
+        // hello and request were written (EPIPE): its reason is still there to read.
+        return Err(match read_frame(&mut frames) {
+            Ok(Frame::Refused(why)) => ClientError::Refused(why),
+            _ => e.into(),
+        });
+    }
     match read_frame(&mut frames)? {
         Frame::Started => {}
         Frame::Refused(why) => return Err(ClientError::Refused(why)),

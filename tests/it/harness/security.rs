@@ -193,10 +193,12 @@ impl Env {
     }
 
     /// Writes the TOML config: `body` plus a `[supervisor]` state directory in the scratch
-    /// area.
+    /// area, without warm connections: these tests look at the hook's own connection and at
+    /// the one supervisor they start (with warm connections a hook starts one of its own,
+    /// whose pool runs the remote program too).
     pub fn write_config(&self, body: &str) {
         let text = format!(
-            "[supervisor]\nstate-dir = \"{}\"\n\n{body}",
+            "[supervisor]\nstate-dir = \"{}\"\nkeep-warm = \"0s\"\n\n{body}",
             self.path("lazy-state/sup").display()
         );
         write(&self.config(), &text);
