@@ -89,7 +89,7 @@ fn a_broken_config_is_the_error_above_the_running_supervisors_state() {
         .position(|l| l.starts_with("max-jobs"))
         .expect("the bad line")
         + 1
-        + 3; // write_config puts [supervisor] and its state-dir line and a blank line first
+        + 4; // write_config puts [supervisor], state-dir, keep-warm and a blank line first
     let out = env.cli(&["status"], &[]);
     assert_eq!(out.code(), Some(1), "{out}");
     assert_eq!(

@@ -291,12 +291,13 @@ impl NsProcess {
     /// process. The namespace stays recorded, so dropping the handle later is harmless.
     pub fn kill_now(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(10);
+        // Every process seen stays a target until it is gone: one whose parent died first is
+        // reparented out of the descendants `processes` follows (a sandboxed build's `sleep`).
+        let mut seen = std::collections::BTreeSet::new();
         loop {
-            let mut left: Vec<libc::pid_t> = self
-                .processes()
-                .into_iter()
-                .map(|p| p as libc::pid_t)
-                .collect();
+            seen.extend(self.processes());
+            seen.retain(|&p| super::alive(p));
+            let mut left: Vec<libc::pid_t> = seen.iter().map(|&p| p as libc::pid_t).collect();
             if matches!(self.child.try_wait(), Ok(None)) {
                 left.push(self.pid() as libc::pid_t);
             }
