@@ -44,7 +44,10 @@ fn setup(scheme: Scheme, delay: Duration) -> (LazyRemote, LazyConfig, LocalDaemo
         "cmd",
         scheme,
         &["aarch64-linux"],
-        "max-jobs = 1\nidle-timeout = \"30s\"\nboot-timeout = \"60s\"",
+        // No warm sessions: the hook's own connection is what `nix build` shows here, and a
+        // pool opening sessions on the machine's brand-new store as the hook connects once
+        // met its database half-made ("'/nix/var/nix/db/schema' is corrupt").
+        "max-jobs = 1\nidle-timeout = \"30s\"\nboot-timeout = \"60s\"\nkeep-warm = \"0s\"",
         &remote.command_boot(delay),
     )]);
     let mut opts = cfg.daemon_opts(LINGER);
