@@ -28,8 +28,8 @@ use tokio::net::unix::OwnedWriteHalf;
 use super::job::ExternalJob;
 use super::proto::{BuildRequest, Frame, MAX_LINE};
 use crate::config::{self, Builder, Config, ConfigPath};
-use crate::hook::plan::{self, Next, Planner};
-use crate::hook::{HeldSlot, connect, connect_failed, lock_main, nix_state_dir, probe_round, say};
+use crate::hook::plan::{self, Planner};
+use crate::hook::{DoorStep, HeldSlot, carry_out, connect, connect_failed, nix_state_dir, say};
 use crate::lazy::{self, Lazy};
 use crate::logging;
 use crate::memory::FailureMemory;
@@ -252,45 +252,16 @@ async fn build(
                 say(note);
             }
             held.keep(step.holding());
-            step = match step.next {
-                Next::ReadDrv(s) => s.read(None, Instant::now()),
-                Next::Refresh(s) => {
-                    let view = lazy.refresh().await;
-                    s.refreshed(view, Instant::now())
-                }
-                Next::Recall(s) => {
-                    let at = std::time::SystemTime::now();
-                    let found = s
-                        .builders()
-                        .iter()
-                        .map(|&i| memory().availability(&builders[i], at))
-                        .collect();
-                    s.recalled(found, Instant::now())
-                }
-                Next::Probe(s) => {
-                    let main = lock_main(&load_dir).await.map_err(Failure::from)?;
-                    probe_round(s, &load_dir, main, builders, &mut held)?
-                }
-                Next::Lease(s) => {
-                    let verdict = lazy.lease(&builders[s.builder().index()]).await;
-                    s.answered(verdict, Instant::now())
-                }
-                Next::Boot(s) => {
-                    let verdict = lazy.boot(&builders[s.builder().index()]).await;
-                    s.answered(verdict, Instant::now())
-                }
-                Next::WaitReady(s) => {
-                    lazy.show_progress(s.status());
-                    let ready = lazy
-                        .wait_ready(&builders[s.builder().index()], s.within())
-                        .await;
-                    s.answered(ready, Instant::now())
-                }
-                Next::Sleep(s) => {
-                    tokio::time::sleep_until(s.until().into()).await;
-                    s.woke(Instant::now())
-                }
-                Next::Connect(s) => {
+            step = match carry_out(
+                step.next, builders, &load_dir, &mut lazy, &memory, &mut held,
+            )
+            .await
+            .map_err(Failure::from)?
+            {
+                Ok(next) => next,
+                // Nothing is read here: the derivation is the one build.json describes.
+                Err(DoorStep::ReadDrv(s)) => s.read(None, Instant::now()),
+                Err(DoorStep::Connect(s)) => {
                     let b = &builders[s.builder()];
                     match connect(b, s.port(), &log, &mut lazy).await {
                         Ok(mut remote) => {
@@ -316,14 +287,14 @@ async fn build(
                         }
                     }
                 }
-                Next::Postpone { showing } => {
+                Err(DoorStep::Postpone { showing }) => {
                     // The hook would postpone; this build waits and looks again.
                     if let Some(status) = &showing {
                         lazy.show_progress(status);
                     }
                     break false;
                 }
-                Next::Decline => break true,
+                Err(DoorStep::Decline) => break true,
             };
         };
         if declined {

@@ -271,53 +271,19 @@ async fn run(args: HookArgs, fd4: Option<OwnedFd>) -> Result<u8, HookError> {
                 say(note);
             }
             held.keep(step.holding());
-            step = match step.next {
-                Next::ReadDrv(s) => {
+            step = match carry_out(
+                step.next, builders, &load_dir, &mut lazy, &memory, &mut held,
+            )
+            .await?
+            {
+                Ok(next) => next,
+                Err(DoorStep::ReadDrv(s)) => {
                     let d = read_drv(s.drv_path()).await;
                     let next = s.read(d.as_ref().ok(), Instant::now());
                     drv = Some(d);
                     next
                 }
-                Next::Refresh(s) => {
-                    let view = lazy.refresh().await;
-                    s.refreshed(view, Instant::now())
-                }
-                Next::Recall(s) => {
-                    // The failure memory is shared with other hook processes: wall-clock time.
-                    let at = SystemTime::now();
-                    let found = s
-                        .builders()
-                        .iter()
-                        .map(|&i| memory().availability(&builders[i], at))
-                        .collect();
-                    s.recalled(found, Instant::now())
-                }
-                Next::Probe(s) => {
-                    let main = lock_main(&load_dir).await?;
-                    probe_round(s, &load_dir, main, builders, &mut held)?
-                }
-                Next::Lease(s) => {
-                    let verdict = lazy.lease(&builders[s.builder().index()]).await;
-                    s.answered(verdict, Instant::now())
-                }
-                Next::Boot(s) => {
-                    let verdict = lazy.boot(&builders[s.builder().index()]).await;
-                    s.answered(verdict, Instant::now())
-                }
-                Next::WaitReady(s) => {
-                    // The boot is shown while the hook waits for it too, not only when it
-                    // postpones.
-                    lazy.show_progress(s.status());
-                    let ready = lazy
-                        .wait_ready(&builders[s.builder().index()], s.within())
-                        .await;
-                    s.answered(ready, Instant::now())
-                }
-                Next::Sleep(s) => {
-                    tokio::time::sleep_until(s.until().into()).await;
-                    s.woke(Instant::now())
-                }
-                Next::Connect(s) => {
+                Err(DoorStep::Connect(s)) => {
                     let b = &builders[s.builder()];
                     let e = match accept::connect(b, s.port(), &log, &mut lazy).await {
                         Ok(remote) => {
@@ -359,17 +325,86 @@ async fn run(args: HookArgs, fd4: Option<OwnedFd>) -> Result<u8, HookError> {
                     connect_failed(b, &e, &mut lazy, memory).await;
                     s.failed(&e.to_string(), Instant::now())
                 }
-                Next::Postpone { showing } => {
+                Err(DoorStep::Postpone { showing }) => {
                     if let Some(status) = &showing {
                         lazy.show_progress(status);
                     }
                     break Reply::Postpone;
                 }
-                Next::Decline => break Reply::Decline,
+                Err(DoorStep::Decline) => break Reply::Decline,
             };
         };
         logging::reply(&reply);
     }
+}
+
+/// The planner's steps a front door answers itself: reading the derivation, connecting (and
+/// on success the build), and the reply. Every other step is [`carry_out`]'s.
+pub(crate) enum DoorStep<'p, 't> {
+    ReadDrv(plan::ReadDrv<'p, 't>),
+    Connect(plan::Connect<'p, 't>),
+    Postpone {
+        showing: Option<crate::supervisor::proto::BuilderStatus>,
+    },
+    Decline,
+}
+
+/// Carries out `next` the same way for both front doors (the hook and `external-serve`):
+/// the supervisor's view, failure memory, slot probes under `main-lock`, leases, boots, the
+/// wait for a boot (shown in the progress display) and sleeps; what only a door can answer
+/// is handed back.
+pub(crate) async fn carry_out<'p, 't, 'm>(
+    next: Next<'p, 't>,
+    builders: &[Builder],
+    load_dir: &LoadDir,
+    lazy: &mut Lazy,
+    memory: &impl Fn() -> &'m FailureMemory,
+    held: &mut HeldSlot,
+) -> Result<Result<plan::Step<'p, 't>, DoorStep<'p, 't>>, HookError> {
+    Ok(Ok(match next {
+        Next::ReadDrv(s) => return Ok(Err(DoorStep::ReadDrv(s))),
+        Next::Connect(s) => return Ok(Err(DoorStep::Connect(s))),
+        Next::Postpone { showing } => return Ok(Err(DoorStep::Postpone { showing })),
+        Next::Decline => return Ok(Err(DoorStep::Decline)),
+        Next::Refresh(s) => {
+            let view = lazy.refresh().await;
+            s.refreshed(view, Instant::now())
+        }
+        Next::Recall(s) => {
+            // The failure memory is shared with other hook processes: wall-clock time.
+            let at = SystemTime::now();
+            let found = s
+                .builders()
+                .iter()
+                .map(|&i| memory().availability(&builders[i], at))
+                .collect();
+            s.recalled(found, Instant::now())
+        }
+        Next::Probe(s) => {
+            let main = lock_main(load_dir).await?;
+            probe_round(s, load_dir, main, builders, held)?
+        }
+        Next::Lease(s) => {
+            let verdict = lazy.lease(&builders[s.builder().index()]).await;
+            s.answered(verdict, Instant::now())
+        }
+        Next::Boot(s) => {
+            let verdict = lazy.boot(&builders[s.builder().index()]).await;
+            s.answered(verdict, Instant::now())
+        }
+        Next::WaitReady(s) => {
+            // The boot is shown while the door waits for it too, not only when it postpones.
+            lazy.show_progress(s.status());
+            let ready = lazy
+                .wait_ready(&builders[s.builder().index()], s.within())
+                .await;
+            s.answered(ready, Instant::now())
+        }
+        Next::Sleep(s) => {
+            tokio::time::sleep_until(s.until().into()).await;
+            s.woke(Instant::now())
+        }
+    }))
 }
 
 /// Logs what the planner says.
@@ -407,7 +442,7 @@ pub(crate) async fn connect_failed<'m>(
 
 /// Takes `main-lock`. Usually free; when another hook holds it, the wait runs on a blocking
 /// thread, never on the async runtime.
-pub(crate) async fn lock_main(load_dir: &LoadDir) -> Result<MainLock, HookError> {
+async fn lock_main(load_dir: &LoadDir) -> Result<MainLock, HookError> {
     if let Some(main) = load_dir.try_lock_main()? {
         return Ok(main);
     }
@@ -420,7 +455,7 @@ pub(crate) async fn lock_main(load_dir: &LoadDir) -> Result<MainLock, HookError>
 /// Performs a [`Next::Probe`] under `main` and gives the planner the loads. Of the free slots
 /// found, the one the planner holds next is kept (touched, in `held`); the others are given
 /// back before `main-lock`, so no other hook sees them taken once it can look.
-pub(crate) fn probe_round<'p, 't>(
+fn probe_round<'p, 't>(
     s: plan::Probe<'p, 't>,
     load_dir: &LoadDir,
     main: MainLock,
