@@ -286,25 +286,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> WorkerClient<R, W> {
             framed.finish().await?;
             return self.finish_op(None).await;
         }
-        if worker::nar_upload(&self.proto) != NarUpload::Framed {
-            return Err(RemoteError::Protocol {
-                peer: self.peer.clone(),
-                message: format!(
-                    "worker protocol {} is too old to upload paths (need 1.23)",
-                    self.proto.version
-                ),
-            });
-        }
-        for info in infos {
-            buf.clear();
-            worker::encode_add_to_store_nar(&mut buf, info, false, true);
-            self.send(&buf).await?;
-            let mut framed = FramedWriter::new(&mut self.writer, &self.peer);
-            source.copy_nar(info, &mut framed).await?;
-            framed.finish().await?;
-            self.finish_op(None).await?;
-        }
-        Ok(())
+        self.add_each_to_store(infos, source).await
     }
 
     /// AddToStoreNar (framed, ≥ 1.23) for each of `infos` in turn, dependencies first: one
