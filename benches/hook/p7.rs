@@ -63,18 +63,15 @@ pub fn p7(ctx: &Ctx) -> Row {
 }
 
 fn row(ours: Samples, note: String) -> Row {
-    Row {
-        key: KEY.into(),
-        what: WHAT.into(),
-        unit: "s",
+    Row::ours_only(
+        KEY,
+        WHAT,
+        "s",
         ours,
-        nix: None,
-        persist: None,
-        floor: None,
-        goal: Goal::AbsAtMost(1.0),
+        Goal::AbsAtMost(1.0),
         note,
-        command: format!("cargo bench --bench hook -- {KEY}"),
-    }
+        format!("cargo bench --bench hook -- {KEY}"),
+    )
 }
 
 // ------------------------------------------------------------------------------------------------

@@ -70,57 +70,18 @@ fn command() -> String {
 
 fn not_measured(why: &str) -> Vec<Row> {
     progress(&format!("{KEY} not measured: {why}"));
-    let note = format!("NOT MEASURED: {why}");
-    vec![
-        Row {
-            key: KEY.into(),
-            what: WHAT.into(),
-            unit: "s",
-            ours: Samples::new(),
-            nix: None,
-            persist: None,
-            floor: None,
-            goal: Goal::AbsAtMost(1.5),
-            note: note.clone(),
-            command: command(),
-        },
-        Row {
-            key: KEY_RELAY.into(),
-            what: WHAT_RELAY.into(),
-            unit: "s",
-            ours: Samples::new(),
-            nix: None,
-            persist: None,
-            floor: None,
-            goal: Goal::AbsAtMost(1.5),
-            note: note.clone(),
-            command: command(),
-        },
-        Row {
-            key: KEY_TOTAL.into(),
-            what: WHAT_TOTAL.into(),
-            unit: "s",
-            ours: Samples::new(),
-            nix: None,
-            persist: None,
-            floor: None,
-            goal: Goal::Info,
-            note: note.clone(),
-            command: command(),
-        },
-        Row {
-            key: KEY_MEMORY.into(),
-            what: WHAT_MEMORY.into(),
-            unit: "MiB",
-            ours: Samples::new(),
-            nix: None,
-            persist: None,
-            floor: None,
-            goal: Goal::Info,
-            note,
-            command: command(),
-        },
+    [
+        (KEY, WHAT, "s", Goal::AbsAtMost(1.5)),
+        (KEY_RELAY, WHAT_RELAY, "s", Goal::AbsAtMost(1.5)),
+        (KEY_TOTAL, WHAT_TOTAL, "s", Goal::Info),
+        (KEY_MEMORY, WHAT_MEMORY, "MiB", Goal::Info),
     ]
+    .into_iter()
+    .map(|(key, what, unit, goal)| {
+        let note = format!("NOT MEASURED: {why}");
+        Row::ours_only(key, what, unit, Samples::new(), goal, note, command())
+    })
+    .collect()
 }
 
 /// The P7-restore rows: measured, or saying clearly why they could not be.
@@ -549,16 +510,13 @@ fn measure(ctx: &Ctx, img: &VmImage) -> Vec<Row> {
     mem.push(m.one_restore.0);
     let mib = |v: f64| format!("{v:.0} MiB");
     vec![
-        Row {
-            key: KEY.into(),
-            what: WHAT.into(),
-            unit: "s",
-            ours: restore.from_try.clone(),
-            nix: None,
-            persist: None,
-            floor: None,
-            goal: Goal::AbsAtMost(1.5),
-            note: format!(
+        Row::ours_only(
+            KEY,
+            WHAT,
+            "s",
+            restore.from_try.clone(),
+            Goal::AbsAtMost(1.5),
+            format!(
                 "the image's builder (`ssh://`: `nix-store --serve` per build) with `snapshot = true`; first try = the hook's start (nix-daemon starts it for the first `try`); from nix-build's start {}, from the client's 'restoring builder' line {}; {}; cold boots of the same image in the same runs: first try → first build line {}, from nix-build's start {}; run 0 not counted: {}; {}; accel tcg (aarch64 guest on x86_64)",
                 fmt_samples(&restore.first, "s"),
                 fmt_samples(&restore.from_progress, "s"),
@@ -568,39 +526,33 @@ fn measure(ctx: &Ctx, img: &VmImage) -> Vec<Row> {
                 restore.warmup,
                 cold.warmup,
             ),
-            command: command(),
-        },
-        Row {
-            key: KEY_RELAY.into(),
-            what: WHAT_RELAY.into(),
-            unit: "s",
-            ours: relay.from_try.clone(),
-            nix: None,
-            persist: None,
-            floor: None,
-            goal: Goal::AbsAtMost(1.5),
-            note: format!(
+            command(),
+        ),
+        Row::ours_only(
+            KEY_RELAY,
+            WHAT_RELAY,
+            "s",
+            relay.from_try.clone(),
+            Goal::AbsAtMost(1.5),
+            format!(
                 "`uri = \"{RELAY_URI}\"`, `snapshot = true`: the guest's nix-daemon (started at boot) is in the snapshot, reached through examples/vm/nlb-relay, so neither the readiness check nor the build starts a Nix program; from nix-build's start {}, from the 'restoring builder' line {}; {}; run 0 not counted: {}",
                 fmt_samples(&relay.first, "s"),
                 fmt_samples(&relay.from_progress, "s"),
                 restores(relay),
                 relay.warmup,
             ),
-            command: command(),
-        },
-        Row {
-            key: KEY_TOTAL.into(),
-            what: WHAT_TOTAL.into(),
-            unit: "s",
-            ours: restore.total.clone(),
-            nix: None,
-            persist: None,
-            floor: None,
-            goal: Goal::Checked {
+            command(),
+        ),
+        Row::ours_only(
+            KEY_TOTAL,
+            WHAT_TOTAL,
+            "s",
+            restore.total.clone(),
+            Goal::Checked {
                 text: format!("≤ {TOTAL_GOAL}× the cold one"),
                 met: ratio(restore).is_some_and(|r| r <= TOTAL_GOAL),
             },
-            note: format!(
+            format!(
                 "restored (`ssh://`) {} vs cold {} in the same runs (rotating order): {}× the cold one; through the relay (`ssh-ng://`) {}: {}×",
                 fmt_samples(&restore.total, "s"),
                 fmt_samples(&cold.total, "s"),
@@ -608,18 +560,15 @@ fn measure(ctx: &Ctx, img: &VmImage) -> Vec<Row> {
                 fmt_samples(&relay.total, "s"),
                 ratio_text(relay),
             ),
-            command: command(),
-        },
-        Row {
-            key: KEY_MEMORY.into(),
-            what: WHAT_MEMORY.into(),
-            unit: "MiB",
-            ours: mem,
-            nix: None,
-            persist: None,
-            floor: None,
-            goal: Goal::Info,
-            note: format!(
+            command(),
+        ),
+        Row::ours_only(
+            KEY_MEMORY,
+            WHAT_MEMORY,
+            "MiB",
+            mem,
+            Goal::Info,
+            format!(
                 "QEMU with 1 GiB of guest RAM, 2 s after ready: cold boot Rss {} / Pss {}; one restore Rss {} / Pss {}; two restores of one snapshot at once: Rss {} and {}, Pss {} and {}",
                 mib(m.cold.0),
                 mib(m.cold.1),
@@ -630,8 +579,8 @@ fn measure(ctx: &Ctx, img: &VmImage) -> Vec<Row> {
                 mib(m.two_restores[0].1),
                 mib(m.two_restores[1].1),
             ),
-            command: command(),
-        },
+            command(),
+        ),
     ]
 }
 

@@ -92,6 +92,30 @@ pub struct Row {
 }
 
 impl Row {
+    /// A row of ours alone: no peer of Nix's, no floor.
+    pub fn ours_only(
+        key: &str,
+        what: &str,
+        unit: &'static str,
+        ours: Samples,
+        goal: Goal,
+        note: String,
+        command: String,
+    ) -> Row {
+        Row {
+            key: key.into(),
+            what: what.into(),
+            unit,
+            ours,
+            nix: None,
+            persist: None,
+            floor: None,
+            goal,
+            note,
+            command,
+        }
+    }
+
     fn ratio_to(&self, peer: Option<&Samples>) -> Option<f64> {
         let peer = peer?;
         match self.floor {

@@ -170,18 +170,15 @@ pub fn p1(ctx: &Ctx) -> Vec<Row> {
             baseline_note(&samples, "s"),
         );
         if scheme == Scheme::Ssh {
-            rows.push(Row {
-                key: "P1 floor".into(),
-                what: "the same drv built locally (x86_64-linux, no remote, `--builders ''`): what no hook can remove from P1".into(),
-                unit: "s",
-                ours: floor.clone(),
-                nix: None,
-                persist: None,
-                floor: None,
-                goal: Goal::Info,
-                note: "measured in the same rotation as P1 (each scheme has its own, in its note); client, daemon and sandbox build cost".into(),
-                command: ctx.command("P1"),
-            });
+            rows.push(Row::ours_only(
+                "P1 floor",
+                "the same drv built locally (x86_64-linux, no remote, `--builders ''`): what no hook can remove from P1",
+                "s",
+                floor.clone(),
+                Goal::Info,
+                "measured in the same rotation as P1 (each scheme has its own, in its note); client, daemon and sandbox build cost".into(),
+                ctx.command("P1"),
+            ));
         }
         let mut it = samples.into_iter();
         let (ours, nix, persist) = (it.next(), it.next(), it.next());
@@ -747,19 +744,15 @@ pub fn supervisor_idle(ctx: &Ctx) -> Row {
         unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
     }
     let _ = child.wait();
-    Row {
-        key: "P5 supervisor idle".into(),
-        what: "supervisor RSS (VmRSS) while idle, one lazy builder down, after one status query"
-            .into(),
-        unit: "MiB",
-        ours: rss,
-        nix: None,
-        persist: None,
-        floor: None,
-        goal: Goal::AbsAtMost(15.0),
-        note: "read once a second; Nix has no counterpart".into(),
-        command: ctx.command("P5"),
-    }
+    Row::ours_only(
+        "P5 supervisor idle",
+        "supervisor RSS (VmRSS) while idle, one lazy builder down, after one status query",
+        "MiB",
+        rss,
+        Goal::AbsAtMost(15.0),
+        "read once a second; Nix has no counterpart".into(),
+        ctx.command("P5"),
+    )
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -884,24 +877,21 @@ fn warm_supervisor(ctx: &Ctx, daemon: &LocalDaemon, remotes: &[RemoteStore]) -> 
         rss.push(kib as f64 / 1024.0);
     }
     let goal = 15.0 + remotes.len() as f64;
-    Row {
-        key: "P5 supervisor, 4 warm builders".into(),
-        what: format!(
+    Row::ours_only(
+        "P5 supervisor, 4 warm builders",
+        &format!(
             "supervisor RSS (VmRSS) holding {} builders' SSH connections warm ({sessions} sessions ready), after P6",
             remotes.len()
         ),
-        unit: "MiB",
-        ours: rss,
-        nix: None,
-        persist: None,
-        floor: None,
-        goal: Goal::AbsAtMost(goal),
-        note: format!(
+        "MiB",
+        rss,
+        Goal::AbsAtMost(goal),
+        format!(
             "goal: 15 MiB idle + 1 MiB per warm connection; read once a second; after {} P6 runs relayed through it; Nix has no counterpart (its ControlPersist masters are one ssh process per builder)",
             ctx.runs
         ),
-        command: ctx.command("P6"),
-    }
+        ctx.command("P6"),
+    )
 }
 
 /// One P6 run: returns the wall time and, per builder, the most builds that ran at once.
