@@ -106,6 +106,20 @@ pub fn warm_up(daemon: &LocalDaemon, remote: &RemoteStore, uri: &str, name: &str
     wait_warm(daemon, uri);
 }
 
+/// [`always_on`] with Nix 2.8 on both sides, warmed up ([`warm_up`] with a build named after
+/// `tag` and the scheme): the remote, the daemon and the builder's URI.
+pub fn warmed(scheme: Scheme, tag: &str) -> (RemoteStore, LocalDaemon, String) {
+    let (remote, daemon) = always_on(Nix::Host, scheme);
+    let uri = remote.uri(scheme);
+    warm_up(
+        &daemon,
+        &remote,
+        &uri,
+        &format!("{tag}-{}", scheme.prefix()),
+    );
+    (remote, daemon, uri)
+}
+
 /// Sends `signal` to `pid` (one the caller found in its own test's process tree).
 pub fn signal(pid: u32, signal: i32) {
     // SAFETY: kill(2) on a pid of the caller's own test.

@@ -12,14 +12,7 @@ use crate::harness::*;
 #[test]
 fn a_failing_build_on_a_warm_session_fails_as_today() {
     for scheme in [Scheme::Ssh, Scheme::SshNg] {
-        let (remote, daemon) = always_on(Nix::Host, scheme);
-        let uri = remote.uri(scheme);
-        warm_up(
-            &daemon,
-            &remote,
-            &uri,
-            &format!("warm-fail-{}", scheme.prefix()),
-        );
+        let (_remote, daemon, uri) = warmed(scheme, "warm-fail");
         let drv = FakeDrv::new(&format!("warm-fail-{}", scheme.prefix())).failing(3);
         drv.build_input(&daemon);
         let (paths, out) = drv.build(&daemon, &[]);
@@ -95,14 +88,7 @@ fn fixed_output(daemon: &LocalDaemon, name: &str) -> (String, String) {
 #[test]
 fn a_fixed_output_build_on_a_warm_session_as_today() {
     for scheme in [Scheme::Ssh, Scheme::SshNg] {
-        let (remote, daemon) = always_on(Nix::Host, scheme);
-        let uri = remote.uri(scheme);
-        warm_up(
-            &daemon,
-            &remote,
-            &uri,
-            &format!("warm-fod-{}", scheme.prefix()),
-        );
+        let (remote, daemon, uri) = warmed(scheme, "warm-fod");
         let (expr, text) = fixed_output(&daemon, &format!("warm-fod-{}", scheme.prefix()));
         let out = daemon.nix_build(&[&expr]);
         out.assert_success();

@@ -104,14 +104,7 @@ fn pooled_programs(remote: &RemoteStore, program: &str) -> Vec<u32> {
 }
 
 fn pooled_program_killed(scheme: Scheme, program: &str) {
-    let (remote, daemon) = always_on(Nix::Host, scheme);
-    let uri = remote.uri(scheme);
-    warm_up(
-        &daemon,
-        &remote,
-        &uri,
-        &format!("warm-pk-{}", scheme.prefix()),
-    );
+    let (remote, daemon, uri) = warmed(scheme, "warm-pk");
     let programs = pooled_programs(&remote, program);
     assert!(!programs.is_empty(), "no pooled {program} on the remote");
     let session = parent_of(programs[0]).expect("its sshd session process");

@@ -19,14 +19,7 @@ fn supervisor_killed(phase: Phase, scheme: Scheme) {
         scheme.prefix()
     );
     let mut rng = FaultRng::new(&test);
-    let (remote, daemon) = always_on(Nix::Host, scheme);
-    let uri = remote.uri(scheme);
-    warm_up(
-        &daemon,
-        &remote,
-        &uri,
-        &format!("warm-sk-{}", scheme.prefix()),
-    );
+    let (remote, daemon, uri) = warmed(scheme, "warm-sk");
     let sup = supervisor(&daemon).expect("a supervisor");
     let name = format!(
         "warm-sk-{}-{}",
