@@ -340,22 +340,10 @@ mod tests {
 
     fn booting(elapsed: u64, expected: Option<u64>) -> BuilderStatus {
         BuilderStatus {
-            name: "vm".into(),
-            state: State::Booting,
-            ssh_port: None,
             booting_ms: Some(elapsed),
             expected_boot_ms: expected,
-            uptime_ms: None,
-            idle_stop_in_ms: None,
-            leases: 0,
             boots: 1,
-            boots_ok: 0,
-            boots_failed: 0,
-            boot_settings_outdated: false,
-            last_failure: None,
-            nix_version: None,
-            warm: None,
-            snapshot: None,
+            ..BuilderStatus::new("vm", State::Booting)
         }
     }
 

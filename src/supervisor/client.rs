@@ -355,6 +355,17 @@ impl Client {
         self.supervisor_pid
     }
 
+    /// `req` as one protocol line.
+    fn line(&self, req: &Request, asked: &str) -> Result<Vec<u8>, ClientError> {
+        let mut line = serde_json::to_vec(req).map_err(|e| ClientError::Protocol {
+            socket: self.socket.clone(),
+            asked: asked.to_owned(),
+            detail: e.to_string(),
+        })?;
+        line.push(b'\n');
+        Ok(line)
+    }
+
     /// Send one request and read its answer within `timeout`. `Response::Error` becomes
     /// [`ClientError::Server`].
     pub async fn call(
@@ -375,12 +386,7 @@ impl Client {
             asked: asked.to_owned(),
             source,
         };
-        let mut line = serde_json::to_vec(req).map_err(|e| ClientError::Protocol {
-            socket: self.socket.clone(),
-            asked: asked.clone(),
-            detail: e.to_string(),
-        })?;
-        line.push(b'\n');
+        let line = self.line(req, &asked)?;
         let exchange = async {
             self.writer.write_all(&line).await?;
             let mut answer = String::new();
@@ -437,12 +443,7 @@ impl Client {
             });
         }
         self.broken = true;
-        let mut line = serde_json::to_vec(&req).map_err(|e| ClientError::Protocol {
-            socket: self.socket.clone(),
-            asked: asked.clone(),
-            detail: e.to_string(),
-        })?;
-        line.push(b'\n');
+        let line = self.line(&req, &asked)?;
         let exchange = async {
             self.writer.write_all(&line).await?;
             super::fds::recv_line_with_fds(self.reader.get_ref().as_ref(), super::server::MAX_LINE)
