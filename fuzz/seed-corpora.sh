@@ -18,11 +18,14 @@ for f in "$data"/drv/*.drv; do
   cp "$f" "$c/aterm/$(basename "$f")"
 done
 # serve and worker targets: the first byte picks the protocol version (see the targets).
-for d in "$data"/serve/*/; do
-  for f in "$d"*.bin; do
-    # 2.7, as every capture negotiated.
-    { printf '\007'; cat "$f"; } > "$c/serve_replies/$(basename "$d")-$(basename "$f")"
+# Copies each .bin file of directory $1 to $3<its name>, with the version byte $2 in front.
+with_version() {
+  for f in "$1"*.bin; do
+    { printf "$2"; cat "$f"; } > "$3$(basename "$f")"
   done
+}
+for d in "$data"/serve/*/; do
+  with_version "$d" '\007' "$c/serve_replies/$(basename "$d")-"   # 2.7, as every capture negotiated
 done
 for d in "$data"/worker/*/; do
   case "$d" in
@@ -30,9 +33,7 @@ for d in "$data"/worker/*/; do
     *2.8.0*) v='\015' ;;         # 1.34
     *) v='\016' ;;               # 1.35
   esac
-  for f in "$d"*.bin; do
-    { printf "$v"; cat "$f"; } > "$c/worker_replies/$(basename "$d")-$(basename "$f")"
-  done
+  with_version "$d" "$v" "$c/worker_replies/$(basename "$d")-"
 done
 # Content-addressed builds (Nix 2.34, tests/data/ca): the realisation operations' replies at 1.35
 # and 1.30, and whole server streams (their handshake, and everything after it, as a start).
@@ -41,9 +42,7 @@ for d in "$data"/ca/*/realisations-*/; do
     *1.30*) v='	' ;;          # 1.30
     *) v='' ;;               # 1.35
   esac
-  for f in "$d"*.bin; do
-    { printf "$v"; cat "$f"; } > "$c/worker_replies/ca-$(basename "$d")-$(basename "$f")"
-  done
+  with_version "$d" "$v" "$c/worker_replies/ca-$(basename "$d")-"
 done
 for f in "$data"/ca/*/*.server.bin; do
   case "$f" in

@@ -457,6 +457,14 @@ mod tests {
         b
     }
 
+    /// The reason and level of a decline; any other decision fails the test.
+    fn declined(d: Decision) -> (String, DeclineLevel) {
+        match d {
+            Decision::Decline { reason, level } => (reason, level),
+            d => panic!("{d:?}"),
+        }
+    }
+
     fn up(load: u32, free: bool) -> BuilderState {
         BuilderState {
             availability: Availability::Up,
@@ -554,19 +562,15 @@ mod tests {
         assert_eq!(LazyIndex::of(&table, 1).map(LazyIndex::index), Some(1));
         assert_eq!(LazyIndex::of(&table, 2), None);
         // An always-on builder said to be down is never booted: it is down.
-        match decide(
+        let (reason, _) = declined(decide(
             &table[..1],
             &[st(Availability::MustBoot, 0, true)],
             sys,
             &[],
             true,
             &l,
-        ) {
-            Decision::Decline { reason, .. } => {
-                assert_eq!(reason, "no builder for aarch64-linux: 'always' is down")
-            }
-            d => panic!("{d:?}"),
-        }
+        ));
+        assert_eq!(reason, "no builder for aarch64-linux: 'always' is down");
         let f = set(&[]);
         let req = Request {
             system: sys,
@@ -612,34 +616,26 @@ mod tests {
                 .map(|(i, s)| with_speed(builder(&format!("b{i}"), &[sys], &[], &[]), *s))
                 .collect()
         };
-        // Lowest load / speed wins.
-        let table = t(&[1.0, 4.0]);
-        assert_eq!(
-            decide(&table, &[up(1, true), up(3, true)], sys, &[], false, &l),
-            Decision::Accept { builder: 1 }
-        );
-        // Equal ratio: higher speed factor wins.
-        assert_eq!(
-            decide(&table, &[up(1, true), up(4, true)], sys, &[], false, &l),
-            Decision::Accept { builder: 1 }
-        );
-        // Fractional ratios: 3 / 2 beats 2 / 1 (2.8's integer division called them equal).
-        let table = t(&[1.0, 2.0]);
-        assert_eq!(
-            decide(&table, &[up(2, true), up(3, true)], sys, &[], false, &l),
-            Decision::Accept { builder: 1 }
-        );
-        let table = t(&[2.0, 2.0]);
-        // Full tie: table order.
-        assert_eq!(
-            decide(&table, &[up(1, true), up(1, true)], sys, &[], false, &l),
-            Decision::Accept { builder: 0 }
-        );
-        // A builder with no free slot is never chosen, whatever its ratio.
-        assert_eq!(
-            decide(&table, &[up(0, false), up(5, true)], sys, &[], false, &l),
-            Decision::Accept { builder: 1 }
-        );
+        // (the builders' speed factors, their (load, free slot), the one chosen)
+        for (speeds, loads, chosen) in [
+            // Lowest load / speed wins.
+            ([1.0, 4.0], [(1, true), (3, true)], 1),
+            // Equal ratio: higher speed factor wins.
+            ([1.0, 4.0], [(1, true), (4, true)], 1),
+            // Fractional ratios: 3 / 2 beats 2 / 1 (2.8's integer division called them equal).
+            ([1.0, 2.0], [(2, true), (3, true)], 1),
+            // Full tie: table order.
+            ([2.0, 2.0], [(1, true), (1, true)], 0),
+            // A builder with no free slot is never chosen, whatever its ratio.
+            ([2.0, 2.0], [(0, false), (5, true)], 1),
+        ] {
+            let states = loads.map(|(load, free)| up(load, free));
+            assert_eq!(
+                decide(&t(&speeds), &states, sys, &[], false, &l),
+                Decision::Accept { builder: chosen },
+                "speed factors {speeds:?}, (load, free slot) {loads:?}"
+            );
+        }
         // Non-matching builders are ignored even with a free slot.
         let mut table = t(&[1.0, 1.0]);
         table[0].systems = set(&["x86_64-darwin"]);
@@ -697,35 +693,28 @@ mod tests {
         ];
         let states = [up(0, true), up(0, true), up(0, true)];
         let l = local("x86_64-linux");
-        match decide(&table, &states, "aarch64-linux", &["kvm"], true, &l) {
-            Decision::Decline { reason, level } => {
-                assert_eq!(
-                    reason,
-                    "no builder for aarch64-linux with {kvm}: 'a' lacks system aarch64-linux; 'b' lacks feature kvm; 'c' requires mandatory feature benchmark"
-                );
-                assert_eq!(level, DeclineLevel::Warn, "cannot build locally");
-            }
-            d => panic!("{d:?}"),
-        }
+        let (reason, level) =
+            declined(decide(&table, &states, "aarch64-linux", &["kvm"], true, &l));
+        assert_eq!(
+            reason,
+            "no builder for aarch64-linux with {kvm}: 'a' lacks system aarch64-linux; 'b' lacks feature kvm; 'c' requires mandatory feature benchmark"
+        );
+        assert_eq!(level, DeclineLevel::Warn, "cannot build locally");
         // A feature the local machine lacks: warn, whatever amWilling says.
-        match decide(
+        let (reason, level) = declined(decide(
             &table,
             &states,
             "x86_64-linux",
             &["nixos-test"],
             false,
             &local("x86_64-linux"),
-        ) {
-            Decision::Decline { reason, level } => {
-                assert_eq!(
-                    level,
-                    DeclineLevel::Warn,
-                    "nixos-test is not a local feature"
-                );
-                assert!(reason.contains("'a' lacks feature nixos-test"), "{reason}");
-            }
-            d => panic!("{d:?}"),
-        }
+        ));
+        assert_eq!(
+            level,
+            DeclineLevel::Warn,
+            "nixos-test is not a local feature"
+        );
+        assert!(reason.contains("'a' lacks feature nixos-test"), "{reason}");
         match decide(&table[1..], &states[1..], "x86_64-linux", &[], false, &l) {
             Decision::Decline {
                 level: DeclineLevel::Chatty,
@@ -738,13 +727,11 @@ mod tests {
             }
             d => panic!("{d:?}"),
         }
-        match decide(&[], &[], "x86_64-linux", &["a", "b"], true, &l) {
-            Decision::Decline { reason, .. } => assert_eq!(
-                reason,
-                "no builder for x86_64-linux with {a, b}: no builders are configured"
-            ),
-            d => panic!("{d:?}"),
-        }
+        let (reason, _) = declined(decide(&[], &[], "x86_64-linux", &["a", "b"], true, &l));
+        assert_eq!(
+            reason,
+            "no builder for x86_64-linux with {a, b}: no builders are configured"
+        );
     }
 
     #[test]
@@ -815,23 +802,19 @@ mod tests {
             }
         ));
         // Locally buildable: never booted without boot-for-local...
-        match decide(
+        let (reason, level) = declined(decide(
             std::slice::from_ref(&vm),
             &[st(Availability::MustBoot, 0, true)],
             "x86_64-linux",
             &[],
             false,
             &l,
-        ) {
-            Decision::Decline { reason, level } => {
-                assert_eq!(level, DeclineLevel::Chatty);
-                assert!(
-                    reason.contains("'vm' is down") && reason.contains("boot-for-local"),
-                    "{reason}"
-                );
-            }
-            d => panic!("{d:?}"),
-        }
+        ));
+        assert_eq!(level, DeclineLevel::Chatty);
+        assert!(
+            reason.contains("'vm' is down") && reason.contains("boot-for-local"),
+            "{reason}"
+        );
         // ...and booted with it.
         let eager = lazy(builder("eager", &["x86_64-linux"], &[], &[]), true);
         assert_eq!(
@@ -885,17 +868,20 @@ mod tests {
             0,
             false,
         );
-        match decide(std::slice::from_ref(&vm), &[disabled], sys, &[], true, &l) {
-            Decision::Decline { reason, .. } => {
-                assert_eq!(
-                    reason,
-                    "no builder for aarch64-linux: 'vm' failed (connection refused). Nothing \
-                     retries this build: it fails now; start it again, or boot 'vm' at once with \
-                     `nix-lazy-builder up vm`"
-                )
-            }
-            d => panic!("{d:?}"),
-        }
+        let (reason, _) = declined(decide(
+            std::slice::from_ref(&vm),
+            &[disabled],
+            sys,
+            &[],
+            true,
+            &l,
+        ));
+        assert_eq!(
+            reason,
+            "no builder for aarch64-linux: 'vm' failed (connection refused). Nothing \
+             retries this build: it fails now; start it again, or boot 'vm' at once with \
+             `nix-lazy-builder up vm`"
+        );
         // Backing off does not hide a healthy alternative.
         assert_eq!(
             decide(&[vm, always], &[off, up(0, true)], sys, &[], true, &l),
@@ -920,53 +906,43 @@ mod tests {
             )
         };
         // The local machine builds it: it is built locally, nothing fails.
-        match decide(
+        let (reason, level) = declined(decide(
             std::slice::from_ref(&vm),
             &[off(20)],
             sys,
             &[],
             true,
             &local(sys),
-        ) {
-            Decision::Decline { reason, level } => {
-                assert_eq!(level, DeclineLevel::Chatty);
-                assert!(!reason.contains("fails now"), "{reason}");
-            }
-            d => panic!("{d:?}"),
-        }
+        ));
+        assert_eq!(level, DeclineLevel::Chatty);
+        assert!(!reason.contains("fails now"), "{reason}");
         // Nothing here can: the soonest retry, and every lazy builder that `up` could boot.
         let nowhere = local("aarch64-linux");
-        match decide(
+        let (reason, level) = declined(decide(
             &[always, vm, vm2],
             &[off(40), off(20), off(30)],
             sys,
             &[],
             true,
             &nowhere,
-        ) {
-            Decision::Decline { reason, level } => {
-                assert_eq!(level, DeclineLevel::Warn);
-                assert!(
-                    reason.ends_with(
-                        ". Nothing retries this build: it fails now; start it again in 20s or \
-                         later, or boot one at once with `nix-lazy-builder up NAME` (vm, vm2)"
-                    ),
-                    "{reason}"
-                );
-            }
-            d => panic!("{d:?}"),
-        }
+        ));
+        assert_eq!(level, DeclineLevel::Warn);
+        assert!(
+            reason.ends_with(
+                ". Nothing retries this build: it fails now; start it again in 20s or \
+                 later, or boot one at once with `nix-lazy-builder up NAME` (vm, vm2)"
+            ),
+            "{reason}"
+        );
         // A builder that merely lacks the system says nothing of a retry.
-        match decide(
+        let (reason, _) = declined(decide(
             &[builder("other", &["riscv64-linux"], &[], &[])],
             &[up(0, true)],
             sys,
             &[],
             true,
             &nowhere,
-        ) {
-            Decision::Decline { reason, .. } => assert!(!reason.contains("retries"), "{reason}"),
-            d => panic!("{d:?}"),
-        }
+        ));
+        assert!(!reason.contains("retries"), "{reason}");
     }
 }

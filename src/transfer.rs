@@ -242,14 +242,13 @@ pub async fn run<L>(
              closure and building it there with BuildPathsWithResults",
             job.drv_path
         );
-        upload_drv_closure(job, remote, local, &uri, &mut t).await?;
     } else {
         tracing::debug!(
             "'{uri}': copying the missing inputs and building with BuildDerivation (trust: {:?})",
             remote.trust()
         );
-        upload_inputs(job, remote, local, &uri, &mut t).await?;
     }
+    upload(job, remote, local, &uri, &mut t, untrusted).await?;
 
     drop(upload_lock);
 
@@ -306,35 +305,15 @@ pub async fn run<L>(
 
     // Step 5: every output not valid locally (all of them, as Nix's hook does), verified.
     let start = Instant::now();
-    let out_paths: Vec<StorePath> = outputs.into_values().flatten().collect();
-    let valid_here = local
-        .valid_paths(&out_paths)
-        .await
-        .map_err(TransferError::Local)?;
-    let fetch: Vec<StorePath> = out_paths
-        .into_iter()
-        .filter(|p| !valid_here.contains(p))
-        .collect();
+    let fetch = invalid_here(local, outputs.into_values().flatten().collect()).await?;
     if fetch.is_empty() {
         t.download_ms = start.elapsed().as_millis();
         return Ok(t);
     }
-    let remote_infos =
-        remote
-            .query_path_infos(&fetch)
-            .await
-            .map_err(|source| TransferError::Download {
-                uri: uri.clone(),
-                source,
-            })?;
+    let remote_infos = infos_there(remote, &fetch, &uri).await?;
     let by_path: BTreeMap<&StorePath, &PathInfo> =
         remote_infos.iter().map(|i| (&i.path, i)).collect();
-    let _act = Activity::start(
-        Verbosity::Talkative,
-        activity::UNKNOWN,
-        format!("copying outputs from '{uri}'"),
-        vec![],
-    );
+    let _act = copying(format!("copying outputs from '{uri}'"));
     let mut copy = CopyPaths::start(
         fetch.len(),
         fetch
@@ -377,30 +356,48 @@ pub async fn run<L>(
     Ok(t)
 }
 
-/// Step 3, for a builder that trusts us: only the inputs the remote lacks, found with one
-/// batched query each way.
-async fn upload_inputs(
+/// Step 3: what the builder lacks, under one "copying dependencies" activity; for a builder
+/// that does not trust us (`untrusted`) the closure of the `.drv`, else the inputs.
+async fn upload(
     job: &Job,
     remote: &mut Remote,
     local: &mut LocalStore,
     uri: &str,
     t: &mut Timings,
+    untrusted: bool,
 ) -> Result<(), TransferError> {
     let start = Instant::now();
-    let _act = Activity::start(
-        Verbosity::Talkative,
-        activity::UNKNOWN,
-        format!("copying dependencies to '{uri}'"),
-        vec![],
-    );
-    let inputs: Vec<StorePath> = job.inputs.iter().cloned().collect();
-    let present = remote
-        .query_valid_paths(&inputs, job.substitute_on_remote)
+    let _act = copying(format!("copying dependencies to '{uri}'"));
+    if untrusted {
+        let infos = drv_closure_to_send(job, remote, local, uri).await?;
+        t.query_ms = start.elapsed().as_millis();
+        let on_error = refused_or(uri, "the derivation's closure", |uri, source| {
+            TransferError::Upload { uri, source }
+        });
+        send_paths(remote, local, &infos, uri, t, on_error).await
+    } else {
+        let infos = inputs_to_send(job, remote, local, uri).await?;
+        t.query_ms = start.elapsed().as_millis();
+        send_paths(remote, local, &infos, uri, t, |source| {
+            TransferError::Upload {
+                uri: uri.to_owned(),
+                source,
+            }
+        })
         .await
-        .map_err(|source| TransferError::Upload {
-            uri: uri.to_owned(),
-            source,
-        })?;
+    }
+}
+
+/// For a builder that trusts us: only the inputs the remote lacks, found with one batched
+/// query each way, in dependency order.
+async fn inputs_to_send(
+    job: &Job,
+    remote: &mut Remote,
+    local: &mut LocalStore,
+    uri: &str,
+) -> Result<Vec<PathInfo>, TransferError> {
+    let inputs: Vec<StorePath> = job.inputs.iter().cloned().collect();
+    let present = present_there(job, remote, &inputs, uri).await?;
     let missing: Vec<StorePath> = inputs
         .iter()
         .filter(|p| !present.contains(*p))
@@ -410,15 +407,7 @@ async fn upload_inputs(
         .path_infos(&missing)
         .await
         .map_err(TransferError::Local)?;
-    let infos = topo_sort(infos);
-    t.query_ms = start.elapsed().as_millis();
-    send_paths(remote, local, &infos, uri, t, |source| {
-        TransferError::Upload {
-            uri: uri.to_owned(),
-            source,
-        }
-    })
-    .await
+    Ok(topo_sort(infos))
 }
 
 /// Uploads `infos` (in dependency order) with one "copying N paths" activity (also for none,
@@ -452,47 +441,77 @@ async fn send_paths(
     Ok(())
 }
 
-/// Step 3, for a builder that does not trust us: the closure of the `.drv` (the derivation,
-/// its input derivations and input sources, all content-addressed, which an untrusted daemon
-/// accepts), only the paths the remote lacks. The inputs' outputs are not copied: the remote
-/// would refuse them unsigned, and builds them itself instead.
-async fn upload_drv_closure(
+/// For a builder that does not trust us: the closure of the `.drv` (the derivation, its input
+/// derivations and input sources, all content-addressed, which an untrusted daemon accepts),
+/// only the paths the remote lacks, in dependency order. The inputs' outputs are not copied:
+/// the remote would refuse them unsigned, and builds them itself instead.
+async fn drv_closure_to_send(
     job: &Job,
     remote: &mut Remote,
     local: &mut LocalStore,
     uri: &str,
-    t: &mut Timings,
-) -> Result<(), TransferError> {
-    let start = Instant::now();
-    let _act = Activity::start(
-        Verbosity::Talkative,
-        activity::UNKNOWN,
-        format!("copying dependencies to '{uri}'"),
-        vec![],
-    );
+) -> Result<Vec<PathInfo>, TransferError> {
     let closure = local
         .closure(std::slice::from_ref(&job.drv_path))
         .await
         .map_err(TransferError::Local)?;
     let paths: Vec<StorePath> = closure.iter().map(|i| i.path.clone()).collect();
-    let present = remote
-        .query_valid_paths(&paths, job.substitute_on_remote)
-        .await
-        .map_err(|source| TransferError::Upload {
-            uri: uri.to_owned(),
-            source,
-        })?;
-    let infos = topo_sort(
+    let present = present_there(job, remote, &paths, uri).await?;
+    Ok(topo_sort(
         closure
             .into_iter()
             .filter(|i| !present.contains(&i.path))
             .collect(),
-    );
-    t.query_ms = start.elapsed().as_millis();
-    let on_error = refused_or(uri, "the derivation's closure", |uri, source| {
-        TransferError::Upload { uri, source }
-    });
-    send_paths(remote, local, &infos, uri, t, on_error).await
+    ))
+}
+
+/// The activity a copy to or from a builder shows around its "copying N paths" (as Nix's
+/// `copyPaths` does), while the value lives.
+fn copying(text: String) -> Activity {
+    Activity::start(Verbosity::Talkative, activity::UNKNOWN, text, vec![])
+}
+
+/// Those of `paths` not valid in the local store, in their order.
+async fn invalid_here(
+    local: &mut LocalStore,
+    paths: Vec<StorePath>,
+) -> Result<Vec<StorePath>, TransferError> {
+    let valid = local
+        .valid_paths(&paths)
+        .await
+        .map_err(TransferError::Local)?;
+    Ok(paths.into_iter().filter(|p| !valid.contains(p)).collect())
+}
+
+/// Those of `paths` the builder has, or substitutes if the job lets it: what step 3 skips.
+async fn present_there(
+    job: &Job,
+    remote: &mut Remote,
+    paths: &[StorePath],
+    uri: &str,
+) -> Result<BTreeSet<StorePath>, TransferError> {
+    remote
+        .query_valid_paths(paths, job.substitute_on_remote)
+        .await
+        .map_err(|source| TransferError::Upload {
+            uri: uri.to_owned(),
+            source,
+        })
+}
+
+/// The builder's path infos of `paths`, which it built: what steps 5 and 6 fetch.
+async fn infos_there(
+    remote: &mut Remote,
+    paths: &[StorePath],
+    uri: &str,
+) -> Result<Vec<PathInfo>, TransferError> {
+    remote
+        .query_path_infos(paths)
+        .await
+        .map_err(|source| TransferError::Download {
+            uri: uri.to_owned(),
+            source,
+        })
 }
 
 /// For a daemon that does not trust us: its own refusal (an error it sent) is
@@ -637,23 +656,9 @@ async fn bring_back_realised(
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect();
-    let valid_here = local
-        .valid_paths(&paths)
-        .await
-        .map_err(TransferError::Local)?;
-    let fetch: Vec<StorePath> = paths
-        .into_iter()
-        .filter(|p| !valid_here.contains(p))
-        .collect();
+    let fetch = invalid_here(local, paths).await?;
     if !fetch.is_empty() {
-        let mut infos =
-            remote
-                .query_path_infos(&fetch)
-                .await
-                .map_err(|source| TransferError::Download {
-                    uri: uri.to_owned(),
-                    source,
-                })?;
+        let mut infos = infos_there(remote, &fetch, uri).await?;
         if let Some(p) = fetch.iter().find(|p| !infos.iter().any(|i| &i.path == *p)) {
             return Err(TransferError::OutputMissing {
                 uri: uri.to_owned(),
@@ -665,12 +670,7 @@ async fn bring_back_realised(
             info.deriver = Some(job.drv_path.clone());
         }
         let infos = topo_sort(infos);
-        let _act = Activity::start(
-            Verbosity::Talkative,
-            activity::UNKNOWN,
-            format!("copying outputs from '{uri}'"),
-            vec![],
-        );
+        let _act = copying(format!("copying outputs from '{uri}'"));
         let mut copy = CopyPaths::start(infos.len(), infos.iter().map(|i| i.nar_size).sum());
         let mut from = FromRemote {
             remote,

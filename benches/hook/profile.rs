@@ -40,13 +40,8 @@ pub fn run(ctx: &Ctx, tool: Tool) {
             let dir = out.join(format!("p1-{}-{}", scheme.prefix(), hook.label()));
             mkdir(&dir);
             let d = setup::daemon(&DaemonSpec {
-                hook,
-                remotes: &[&remote],
-                scheme,
-                max_jobs: 1,
-                pid_file: None,
-                dir: &ctx.dir,
                 profile: Some((tool, &dir)),
+                ..DaemonSpec::new(hook, &[&remote], scheme, &ctx.dir)
             });
             for i in 0..2 {
                 let drv = FakeDrv::new("nlb-bench-prof")
@@ -69,13 +64,8 @@ pub fn run(ctx: &Ctx, tool: Tool) {
         let dir = out.join(format!("p2-p3-{}", hook.label()));
         mkdir(&dir);
         let d = setup::daemon(&DaemonSpec {
-            hook,
-            remotes: &[&remote],
-            scheme: Scheme::Ssh,
-            max_jobs: 1,
-            pid_file: None,
-            dir: &ctx.dir,
             profile: Some((tool, &dir)),
+            ..DaemonSpec::new(hook, &[&remote], Scheme::Ssh, &ctx.dir)
         });
         let tree = ctx.dir.join("prof-tree");
         if !tree.exists() {

@@ -103,17 +103,7 @@ pub fn p1(ctx: &Ctx) -> Vec<Row> {
     for scheme in [Scheme::Ssh, Scheme::SshNg] {
         let daemons: Vec<LocalDaemon> = hooks
             .iter()
-            .map(|&hook| {
-                setup::daemon(&DaemonSpec {
-                    hook,
-                    remotes: &[&remote],
-                    scheme,
-                    max_jobs: 1,
-                    pid_file: None,
-                    dir: &ctx.dir,
-                    profile: None,
-                })
-            })
+            .map(|&hook| setup::daemon(&DaemonSpec::new(hook, &[&remote], scheme, &ctx.dir)))
             .collect();
         let mut samples = per_hook(hooks.len());
         let mut floor = Samples::new();
@@ -382,13 +372,8 @@ impl<'a> Transfer<'a> {
             .zip(&pid_files)
             .map(|(&hook, pid_file)| {
                 setup::daemon(&DaemonSpec {
-                    hook,
-                    remotes: &[&remote],
-                    scheme: Scheme::Ssh,
-                    max_jobs: 1,
                     pid_file: Some(pid_file),
-                    dir: &ctx.dir,
-                    profile: None,
+                    ..DaemonSpec::new(hook, &[&remote], Scheme::Ssh, &ctx.dir)
                 })
             })
             .collect();
@@ -725,14 +710,7 @@ pub fn supervisor_idle(ctx: &Ctx) -> Row {
     );
     status.assert_success();
     assert!(status.stdout.contains("idle"), "{status}");
-    let mut rss = Samples::new();
-    for _ in 0..ctx.runs.max(5) {
-        std::thread::sleep(Duration::from_secs(1));
-        let text = fs::read_to_string(format!("/proc/{pid}/status"))
-            .unwrap_or_else(|e| panic!("the supervisor is gone: {e}"));
-        let kib = crate::rss::parse_kib(&text, "VmRSS:").unwrap_or_else(|| panic!("no VmRSS"));
-        rss.push(kib as f64 / 1024.0);
-    }
+    let rss = supervisor_rss(pid, ctx.runs.max(5));
     // SAFETY: kill(2) on our own unreaped child.
     unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -782,13 +760,8 @@ pub fn p6(ctx: &Ctx) -> Vec<Row> {
         .iter()
         .map(|&hook| {
             setup::daemon(&DaemonSpec {
-                hook,
-                remotes: &refs,
-                scheme: Scheme::Ssh,
                 max_jobs: P6_MAX_JOBS,
-                pid_file: None,
-                dir: &ctx.dir,
-                profile: None,
+                ..DaemonSpec::new(hook, &refs, Scheme::Ssh, &ctx.dir)
             })
         })
         .collect();
@@ -868,14 +841,7 @@ fn warm_supervisor(ctx: &Ctx, daemon: &LocalDaemon, remotes: &[RemoteStore]) -> 
         remotes.len(),
         "P6: not every builder is warm: {list:?}"
     );
-    let mut rss = Samples::new();
-    for _ in 0..ctx.runs.max(5) {
-        std::thread::sleep(Duration::from_secs(1));
-        let text = fs::read_to_string(format!("/proc/{pid}/status"))
-            .unwrap_or_else(|e| panic!("the supervisor is gone: {e}"));
-        let kib = crate::rss::parse_kib(&text, "VmRSS:").unwrap_or_else(|| panic!("no VmRSS"));
-        rss.push(kib as f64 / 1024.0);
-    }
+    let rss = supervisor_rss(pid, ctx.runs.max(5));
     let goal = 15.0 + remotes.len() as f64;
     Row::ours_only(
         "P5 supervisor, 4 warm builders",
@@ -895,6 +861,19 @@ fn warm_supervisor(ctx: &Ctx, daemon: &LocalDaemon, remotes: &[RemoteStore]) -> 
 }
 
 /// One P6 run: returns the wall time and, per builder, the most builds that ran at once.
+/// The supervisor `pid`'s resident memory (`VmRSS`, MiB), read `n` times a second apart.
+fn supervisor_rss(pid: u32, n: usize) -> Samples {
+    let mut rss = Samples::new();
+    for _ in 0..n {
+        std::thread::sleep(Duration::from_secs(1));
+        let text = fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap_or_else(|e| panic!("the supervisor is gone: {e}"));
+        let kib = crate::rss::parse_kib(&text, "VmRSS:").unwrap_or_else(|| panic!("no VmRSS"));
+        rss.push(kib as f64 / 1024.0);
+    }
+    rss
+}
+
 fn p6_once(daemon: &LocalDaemon, remotes: &[RemoteStore], seed: &str) -> (f64, Vec<usize>) {
     let input = DrvExpr::sh(
         &format!("nlb-bench-p6-input-{seed}"),

@@ -94,6 +94,21 @@ pub struct DaemonSpec<'a> {
     pub profile: Option<(Tool, &'a Path)>,
 }
 
+impl<'a> DaemonSpec<'a> {
+    /// One job per remote, no pid file, no profiling: what most rows measure.
+    pub fn new(hook: Hook, remotes: &'a [&'a RemoteStore], scheme: Scheme, dir: &'a Path) -> Self {
+        DaemonSpec {
+            hook,
+            remotes,
+            scheme,
+            max_jobs: 1,
+            pid_file: None,
+            dir,
+            profile: None,
+        }
+    }
+}
+
 /// A tool the profiling runs put in front of the hook.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Tool {

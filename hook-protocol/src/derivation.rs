@@ -481,6 +481,11 @@ impl Parser<'_> {
         ParseError { offset, kind }
     }
 
+    /// A second `what` named `key`, the item starting at `start`.
+    fn duplicate(&self, start: usize, what: &'static str, key: String) -> ParseError {
+        self.err_at(start, ParseErrorKind::Duplicate { what, key })
+    }
+
     fn found(&self) -> Found {
         self.buf
             .get(self.pos)
@@ -618,13 +623,7 @@ impl Parser<'_> {
             let hash = p.string("an output hash")?;
             p.expect(b")", "')'")?;
             if outputs.contains_key(&name) {
-                return Err(p.err_at(
-                    start,
-                    ParseErrorKind::Duplicate {
-                        what: "output",
-                        key: name,
-                    },
-                ));
+                return Err(p.duplicate(start, "output", name));
             }
             outputs.insert(
                 name,
@@ -649,25 +648,13 @@ impl Parser<'_> {
                 let start = p.pos;
                 let name = p.string("an output name")?;
                 if !wanted.insert(name.clone()) {
-                    return Err(p.err_at(
-                        start,
-                        ParseErrorKind::Duplicate {
-                            what: "wanted output",
-                            key: name,
-                        },
-                    ));
+                    return Err(p.duplicate(start, "wanted output", name));
                 }
                 Ok(())
             })?;
             p.expect(b")", "')'")?;
             if input_drvs.contains_key(&path) {
-                return Err(p.err_at(
-                    start,
-                    ParseErrorKind::Duplicate {
-                        what: "input derivation",
-                        key: path,
-                    },
-                ));
+                return Err(p.duplicate(start, "input derivation", path));
             }
             input_drvs.insert(path, wanted);
             Ok(())
@@ -679,13 +666,7 @@ impl Parser<'_> {
             let start = p.pos;
             let path = p.store_path("an input source")?;
             if input_srcs.contains(&path) {
-                return Err(p.err_at(
-                    start,
-                    ParseErrorKind::Duplicate {
-                        what: "input source",
-                        key: path,
-                    },
-                ));
+                return Err(p.duplicate(start, "input source", path));
             }
             input_srcs.insert(path);
             Ok(())
@@ -713,12 +694,10 @@ impl Parser<'_> {
             let v = p.bytes()?;
             p.expect(b")", "')'")?;
             if env.contains_key(&k) {
-                return Err(p.err_at(
+                return Err(p.duplicate(
                     start,
-                    ParseErrorKind::Duplicate {
-                        what: "environment variable",
-                        key: String::from_utf8_lossy(&k).into_owned(),
-                    },
+                    "environment variable",
+                    String::from_utf8_lossy(&k).into_owned(),
                 ));
             }
             env.insert(k, v);

@@ -8,7 +8,7 @@
 
 use std::fmt;
 
-use crate::wire::{self, Invalid, Reader, WireWrite};
+use crate::wire::{self, DecodeError, Invalid, Reader, WireWrite};
 
 /// A serve (2.x) or worker (1.x) protocol version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -33,9 +33,7 @@ impl ProtocolVersion {
 
     /// Reads one version u64; a value above 16 bits is [`Invalid::OutOfRange`] named `what`.
     pub fn decode(r: &mut Reader<'_>, what: &'static str) -> wire::Result<Self> {
-        let raw = r.u64()?;
-        ProtocolVersion::from_wire(raw)
-            .ok_or_else(|| Invalid::OutOfRange { what, value: raw }.into())
+        r.code(what, ProtocolVersion::from_wire)
     }
 }
 
@@ -80,6 +78,27 @@ pub(crate) fn decode_server_greeting(
         .into());
     }
     ProtocolVersion::decode(r, what)
+}
+
+/// Accepts a server's greeting as a client: its major number must be `min`'s and it must be no
+/// older than `min`, else a [`DecodeError::malformed`] that starts with `speaks` (naming the
+/// server and its protocol). Later messages are gated on the lower of `server` and `client`.
+pub(crate) fn negotiate(
+    server: ProtocolVersion,
+    client: ProtocolVersion,
+    min: ProtocolVersion,
+    speaks: &str,
+) -> wire::Result<ServerHello> {
+    if server.major != min.major || server < min {
+        return Err(DecodeError::malformed(format!(
+            "{speaks} {server}; we need {}.x with x ≥ {} (Nix 2.3 or newer)",
+            min.major, min.minor
+        )));
+    }
+    Ok(ServerHello {
+        server,
+        negotiated: server.min(client),
+    })
 }
 
 #[cfg(test)]

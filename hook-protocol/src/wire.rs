@@ -125,6 +125,17 @@ impl<'a> Reader<'a> {
         Ok(v)
     }
 
+    /// A u64 that `known` maps to a value (a command, an operation, a version); any other is
+    /// [`Invalid::OutOfRange`] named `what`.
+    pub fn code<T>(
+        &mut self,
+        what: &'static str,
+        known: impl FnOnce(u64) -> Option<T>,
+    ) -> Result<T> {
+        let v = self.u64()?;
+        known(v).ok_or_else(|| Invalid::OutOfRange { what, value: v }.into())
+    }
+
     /// Nix's bool: any non-zero u64 is true.
     pub fn bool(&mut self) -> Result<bool> {
         Ok(self.u64()? != 0)

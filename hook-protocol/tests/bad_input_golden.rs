@@ -749,136 +749,95 @@ fn bad_hash_parts_are_rejected_in_path_infos_derivations_and_requests() {
             b.put_u64(0);
             b
         };
-        let v27 = ProtocolVersion::new(2, 7);
         let cases: Vec<(&str, Vec<u8>, Decoder)> = vec![
             (
                 "serve path info: path",
                 serve_info(&p, "", &ok),
-                Box::new(move |b| serve::decode_path_infos(b, v27).map(drop)),
+                serve_path_infos,
             ),
             (
                 "serve path info: deriver",
                 serve_info(&ok, &p, &ok),
-                Box::new(move |b| serve::decode_path_infos(b, v27).map(drop)),
+                serve_path_infos,
             ),
             (
                 "serve path info: reference",
                 serve_info(&ok, "", &p),
-                Box::new(move |b| serve::decode_path_infos(b, v27).map(drop)),
+                serve_path_infos,
             ),
             (
                 "query path info reply: deriver",
                 qpi(&p, &ok),
-                Box::new(|b| query_path_info(b, &proto(1, 35))),
+                query_path_info,
             ),
             (
                 "query path info reply: reference",
                 qpi("", &p),
-                Box::new(|b| query_path_info(b, &proto(1, 35))),
+                query_path_info,
             ),
             (
                 "BasicDerivation: output path",
                 basic(&p, &ok),
-                Box::new(|b| BasicDerivation::decode(b).map(drop)),
+                basic_derivation,
             ),
             (
                 "BasicDerivation: input source",
                 basic(&ok, &p),
-                Box::new(|b| BasicDerivation::decode(b).map(drop)),
+                basic_derivation,
             ),
-            (
-                "worker IsValidPath",
-                op(1, &one(&p)),
-                Box::new(|b| worker_request(b, &proto(1, 35))),
-            ),
-            (
-                "worker QueryPathInfo",
-                op(26, &one(&p)),
-                Box::new(|b| worker_request(b, &proto(1, 35))),
-            ),
-            (
-                "worker QueryValidPaths",
-                op(31, &list(&p)),
-                Box::new(|b| worker_request(b, &proto(1, 35))),
-            ),
+            ("worker IsValidPath", op(1, &one(&p)), worker_request),
+            ("worker QueryPathInfo", op(26, &one(&p)), worker_request),
+            ("worker QueryValidPaths", op(31, &list(&p)), worker_request),
             (
                 "worker BuildDerivation: derivation path",
                 op(36, &one(&p)),
-                Box::new(|b| worker_request(b, &proto(1, 35))),
+                worker_request,
             ),
             (
                 "worker BuildDerivation: output path",
                 op(36, &[one(&format!("{ok}.drv")), basic(&p, &ok)].concat()),
-                Box::new(|b| worker_request(b, &proto(1, 35))),
+                worker_request,
             ),
-            (
-                "worker NarFromPath",
-                op(38, &one(&p)),
-                Box::new(|b| worker_request(b, &proto(1, 35))),
-            ),
-            (
-                "worker AddToStoreNar",
-                op(39, &upload(&p)),
-                Box::new(|b| worker_request(b, &proto(1, 35))),
-            ),
+            ("worker NarFromPath", op(38, &one(&p)), worker_request),
+            ("worker AddToStoreNar", op(39, &upload(&p)), worker_request),
             (
                 "worker BuildPathsWithResults",
                 op(46, &list(&format!("{p}!out"))),
-                Box::new(|b| worker_request(b, &proto(1, 35))),
+                worker_request,
             ),
             (
                 "serve QueryValidPaths",
                 op(1, &[words(&[0, 0]), list(&p)].concat()),
-                Box::new(move |b| serve_request(b, v27)),
+                serve_request,
             ),
-            (
-                "serve QueryPathInfos",
-                op(2, &list(&p)),
-                Box::new(move |b| serve_request(b, v27)),
-            ),
-            (
-                "serve DumpStorePath",
-                op(3, &one(&p)),
-                Box::new(move |b| serve_request(b, v27)),
-            ),
+            ("serve QueryPathInfos", op(2, &list(&p)), serve_request),
+            ("serve DumpStorePath", op(3, &one(&p)), serve_request),
             (
                 "serve ExportPaths",
                 op(5, &[words(&[0]), list(&p)].concat()),
-                Box::new(move |b| serve_request(b, v27)),
+                serve_request,
             ),
-            (
-                "serve BuildPaths",
-                op(6, &list(&p)),
-                Box::new(move |b| serve_request(b, v27)),
-            ),
+            ("serve BuildPaths", op(6, &list(&p)), serve_request),
             (
                 "serve QueryClosure",
                 op(7, &[words(&[0]), list(&p)].concat()),
-                Box::new(move |b| serve_request(b, v27)),
+                serve_request,
             ),
             (
                 "serve BuildDerivation: derivation path",
                 op(8, &one(&p)),
-                Box::new(move |b| serve_request(b, v27)),
+                serve_request,
             ),
             (
                 "serve BuildDerivation: input source",
                 op(8, &[one(&format!("{ok}.drv")), basic(&ok, &p)].concat()),
-                Box::new(move |b| serve_request(b, v27)),
+                serve_request,
             ),
-            (
-                "serve AddToStoreNar",
-                op(9, &upload(&p)),
-                Box::new(move |b| serve_request(b, v27)),
-            ),
-            (
-                "serve export trailer",
-                export_end,
-                Box::new(|b| serve::server::decode_export_item_end(b).map(drop)),
-            ),
+            ("serve AddToStoreNar", op(9, &upload(&p)), serve_request),
+            ("serve export trailer", export_end, export_item_end),
         ];
         for (case, bytes, decode) in cases {
-            match wire::decode_with(&bytes, |r| decode(r)) {
+            match wire::decode_with(&bytes, decode) {
                 Err(DecodeError::Invalid(Invalid::Malformed(m))) => {
                     assert!(m.contains("bad hash part") && m.contains(&p), "{case}: {m}")
                 }
@@ -888,17 +847,32 @@ fn bad_hash_parts_are_rejected_in_path_infos_derivations_and_requests() {
     }
 }
 
-type Decoder = Box<dyn Fn(&mut Reader<'_>) -> wire::Result<()>>;
+/// A decoder under test, at the version the captures negotiated (serve 2.7, worker 1.35).
+type Decoder = fn(&mut Reader<'_>) -> wire::Result<()>;
 
-fn query_path_info(r: &mut Reader<'_>, proto: &Negotiated) -> wire::Result<()> {
+const SERVE_VERSION: ProtocolVersion = ProtocolVersion::new(2, 7);
+
+fn serve_path_infos(r: &mut Reader<'_>) -> wire::Result<()> {
+    serve::decode_path_infos(r, SERVE_VERSION).map(drop)
+}
+
+fn query_path_info(r: &mut Reader<'_>) -> wire::Result<()> {
     let asked = StorePath::parse(&path("asked")).expect("a valid path");
-    worker::decode_query_path_info_reply(r, proto, &asked).map(drop)
+    worker::decode_query_path_info_reply(r, &proto(1, 35), &asked).map(drop)
 }
 
-fn worker_request(r: &mut Reader<'_>, proto: &Negotiated) -> wire::Result<()> {
-    worker::server::decode_request(r, proto, "/nix/store").map(drop)
+fn basic_derivation(r: &mut Reader<'_>) -> wire::Result<()> {
+    BasicDerivation::decode(r).map(drop)
 }
 
-fn serve_request(r: &mut Reader<'_>, version: ProtocolVersion) -> wire::Result<()> {
-    serve::server::decode_request(r, version).map(drop)
+fn worker_request(r: &mut Reader<'_>) -> wire::Result<()> {
+    worker::server::decode_request(r, &proto(1, 35), "/nix/store").map(drop)
+}
+
+fn serve_request(r: &mut Reader<'_>) -> wire::Result<()> {
+    serve::server::decode_request(r, SERVE_VERSION).map(drop)
+}
+
+fn export_item_end(r: &mut Reader<'_>) -> wire::Result<()> {
+    serve::server::decode_export_item_end(r).map(drop)
 }

@@ -57,6 +57,14 @@ fn env<'a>(d: &'a Derivation, key: &str) -> &'a [u8] {
         .unwrap_or_else(|| panic!("env {key} missing"))
 }
 
+/// `d`'s one input derivation is `drv`, of which it needs `outputs`.
+fn assert_one_input(d: &Derivation, drv: &StorePath, outputs: &[&str]) {
+    assert_eq!(
+        d.input_drvs,
+        BTreeMap::from([(drv.to_string(), set(outputs))])
+    );
+}
+
 fn set(items: &[&str]) -> BTreeSet<String> {
     items.iter().map(|s| s.to_string()).collect()
 }
@@ -126,10 +134,7 @@ fn input_derivation_and_source() {
     let paths = drv_paths();
     let dep = load("twoOutputs");
     let d = load("withInputs");
-    assert_eq!(
-        d.input_drvs,
-        BTreeMap::from([(paths["twoOutputs"].to_string(), set(&["dev", "out"]))])
-    );
+    assert_one_input(&d, &paths["twoOutputs"], &["dev", "out"]);
     assert_eq!(d.basic.input_srcs.len(), 1);
     let src = d.basic.input_srcs.iter().next().expect("one source");
     assert_eq!(StorePath::parse(src).expect("path").name(), "input.txt");
@@ -177,10 +182,7 @@ fn fixed_output_flat_with_input() {
     assert_eq!(out.kind(), OutputKind::Fixed);
     assert_eq!(out.hash_algo, "sha1");
     assert_eq!(out.hash, "da39a3ee5e6b4b0d3255bfef95601890afd80709");
-    assert_eq!(
-        d.input_drvs,
-        BTreeMap::from([(paths["twoOutputs"].to_string(), set(&["out"]))])
-    );
+    assert_one_input(&d, &paths["twoOutputs"], &["out"]);
 }
 
 #[test]
@@ -255,10 +257,7 @@ fn floating_and_deferred_outputs_have_no_path() {
     assert_eq!(d.basic.outputs["out"].kind(), OutputKind::Deferred);
     assert_eq!(d.output_paths().expect("paths")["out"], None);
     assert_eq!(env(&d, "out"), b"");
-    assert_eq!(
-        d.input_drvs,
-        BTreeMap::from([(paths["floatingCa"].to_string(), set(&["out"]))])
-    );
+    assert_one_input(&d, &paths["floatingCa"], &["out"]);
 }
 
 #[test]

@@ -14,7 +14,7 @@ use std::time::Instant;
 use super::child::Child;
 use super::{
     BootContext, BootError, Instance, Kind, StopHow, StopStep, after_stop_helper, base_env,
-    find_program, fmt_elapsed, run_stop_helper, spawn_logged,
+    exits_within, find_program, fmt_elapsed, run_stop_helper, spawn_logged,
 };
 use crate::config::CommandBoot;
 
@@ -95,14 +95,8 @@ impl Cmd {
                         return None;
                     }
                 }
-                if child.wait_for(how.graceful_timeout).await.is_some() {
-                    return Some(step);
-                }
-                failed.push(format!(
-                    "{step}: still running after {}",
-                    fmt_elapsed(how.graceful_timeout)
-                ));
-                None
+                let still = format!("still running after {}", fmt_elapsed(how.graceful_timeout));
+                exits_within(child, step, how.graceful_timeout, still, failed).await
             }
         }
     }

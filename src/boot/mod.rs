@@ -840,13 +840,26 @@ async fn after_stop_helper(
             .map(|_| step);
     }
     let left = how.graceful_timeout.saturating_sub(t0.elapsed());
-    if child.wait_for(left).await.is_some() {
+    let still = format!(
+        "{main} was still running {} later",
+        fmt_elapsed(how.graceful_timeout)
+    );
+    exits_within(child, step, left, still, failed).await
+}
+
+/// Waits up to `wait` for the main process to end after `step`: `Some(step)` if it did, else
+/// `None` with `step` and `still` (how it was left) in `failed`.
+async fn exits_within(
+    child: &mut child::Child,
+    step: StopStep,
+    wait: Duration,
+    still: String,
+    failed: &mut Vec<String>,
+) -> Option<StopStep> {
+    if child.wait_for(wait).await.is_some() {
         return Some(step);
     }
-    failed.push(format!(
-        "{step}: {main} was still running {} later",
-        fmt_elapsed(how.graceful_timeout)
-    ));
+    failed.push(format!("{step}: {still}"));
     None
 }
 

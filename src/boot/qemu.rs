@@ -46,8 +46,8 @@ use super::child::{Child, SpawnSpec};
 use super::qmp::{self, Qmp};
 use super::snapshot;
 use super::{
-    BootContext, BootError, Instance, Kind, StopHow, StopStep, base_env, find_program, fmt_elapsed,
-    logs, open_log,
+    BootContext, BootError, Instance, Kind, StopHow, StopStep, base_env, exits_within,
+    find_program, fmt_elapsed, logs, open_log,
 };
 use crate::config::{Accel, QemuBoot};
 
@@ -1346,14 +1346,8 @@ impl Vm {
             return None;
         }
         let left = how.graceful_timeout.saturating_sub(t0.elapsed());
-        if child.wait_for(left).await.is_some() {
-            return Some(step);
-        }
-        failed.push(format!(
-            "{step}: still running after {}",
-            fmt_elapsed(how.graceful_timeout)
-        ));
-        None
+        let still = format!("still running after {}", fmt_elapsed(how.graceful_timeout));
+        exits_within(child, step, left, still, failed).await
     }
 
     /// QMP `quit`, then wait.
@@ -1375,14 +1369,8 @@ impl Vm {
                 return None;
             }
         }
-        if child.wait_for(how.quit_timeout).await.is_some() {
-            return Some(step);
-        }
-        failed.push(format!(
-            "{step}: still running after {}",
-            fmt_elapsed(how.quit_timeout)
-        ));
-        None
+        let still = format!("still running after {}", fmt_elapsed(how.quit_timeout));
+        exits_within(child, step, how.quit_timeout, still, failed).await
     }
 
     async fn qmp_command(&self, command: &str, limit: Duration) -> Result<(), qmp::QmpError> {

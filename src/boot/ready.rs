@@ -386,32 +386,24 @@ mod tests {
             });
             port
         }
-        let closes = serve(None).await;
+        /// What `banner` makes of a server answering `reply`, within `ms`.
+        async fn banner_of(reply: Option<&'static [u8]>, ms: u64) -> Result<String, String> {
+            banner("127.0.0.1", serve(reply).await, Duration::from_millis(ms)).await
+        }
         assert_eq!(
-            banner("127.0.0.1", closes, Duration::from_millis(500))
-                .await
-                .unwrap_err(),
+            banner_of(None, 500).await.unwrap_err(),
             "connection closed before a banner"
         );
-        let silent = serve(Some(b"")).await;
         assert!(
-            banner("127.0.0.1", silent, Duration::from_millis(300))
+            banner_of(Some(b""), 300)
                 .await
                 .unwrap_err()
                 .contains("no banner")
         );
-        let http = serve(Some(b"HTTP/1.1 400 Bad Request\r\n\r\n")).await;
-        assert!(
-            banner("127.0.0.1", http, Duration::from_millis(300))
-                .await
-                .unwrap_err()
-                .contains("HTTP/1.1")
-        );
-        let ssh = serve(Some(b"SSH-2.0-Fake_1.0\r\n")).await;
+        let http = banner_of(Some(b"HTTP/1.1 400 Bad Request\r\n\r\n"), 300).await;
+        assert!(http.unwrap_err().contains("HTTP/1.1"));
         assert_eq!(
-            banner("127.0.0.1", ssh, Duration::from_millis(500))
-                .await
-                .unwrap(),
+            banner_of(Some(b"SSH-2.0-Fake_1.0\r\n"), 500).await.unwrap(),
             "SSH-2.0-Fake_1.0"
         );
         // Nothing listening.

@@ -743,26 +743,18 @@ mod tests {
     #[test]
     fn layout_and_meta_roundtrip() {
         let l = Layout::new(Path::new("/state/builders/vm"));
-        assert_eq!(
-            l.current().ram(),
-            Path::new("/state/builders/vm/snapshot/ram")
-        );
-        assert_eq!(
-            l.current().devices(),
-            Path::new("/state/builders/vm/snapshot/devices")
-        );
-        assert_eq!(
-            l.current().meta(),
-            Path::new("/state/builders/vm/snapshot/meta.json")
-        );
-        assert_eq!(
-            l.current().disk(),
-            Path::new("/state/builders/vm/snapshot/disk.qcow2")
-        );
-        assert_eq!(
-            l.incoming().dir(),
-            Path::new("/state/builders/vm/snapshot.new")
-        );
+        for (got, want) in [
+            (l.current().ram(), "/state/builders/vm/snapshot/ram"),
+            (l.current().devices(), "/state/builders/vm/snapshot/devices"),
+            (l.current().meta(), "/state/builders/vm/snapshot/meta.json"),
+            (l.current().disk(), "/state/builders/vm/snapshot/disk.qcow2"),
+            (
+                l.incoming().dir().to_path_buf(),
+                "/state/builders/vm/snapshot.new",
+            ),
+        ] {
+            assert_eq!(got, Path::new(want));
+        }
         let m = meta(fp());
         let text = serde_json::to_string(&m).unwrap();
         assert!(text.contains("\"memory-mib\":1024"), "{text}");

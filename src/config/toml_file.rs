@@ -1127,68 +1127,40 @@ stop-signal = "SIGINT"
             toml_err(&boot("kind = \"command\"\ncommand = [\"/x\"]\ncpus = 2\n"));
         assert_eq!((line, key.as_deref()), (9, Some("builders.b.boot.cpus")));
         assert!(msg.contains("does not apply to boot kind \"command\""));
-        assert!(
-            toml_err(&boot("kind = \"command\"\n"))
-                .2
-                .contains("needs command")
-        );
-        assert!(
-            toml_err(&boot("kind = \"command\"\ncommand = []\n"))
-                .2
-                .contains("non-empty")
-        );
-        assert!(
-            toml_err(&boot(
-                "kind = \"command\"\ncommand = [\"/x\"]\nstop-signal = \"BOOM\"\n"
-            ))
-            .2
-            .contains("unknown signal")
-        );
-        assert!(
-            toml_err(&boot("kind = \"darling\"\n"))
-                .2
-                .contains("needs prefix")
-        );
-        assert!(
-            toml_err(&boot("kind = \"qemu\"\n"))
-                .2
-                .contains("needs runner, kernel, disk or drives")
-        );
+        // Sections refused with a message that says why.
+        for (section, says) in [
+            ("kind = \"command\"\n", "needs command"),
+            ("kind = \"command\"\ncommand = []\n", "non-empty"),
+            (
+                "kind = \"command\"\ncommand = [\"/x\"]\nstop-signal = \"BOOM\"\n",
+                "unknown signal",
+            ),
+            ("kind = \"darling\"\n", "needs prefix"),
+            ("kind = \"qemu\"\n", "needs runner, kernel, disk or drives"),
+            (
+                "kind = \"qemu\"\ndisk = \"/d\"\ninitrd = \"/i\"\n",
+                "needs kernel",
+            ),
+            (
+                "kind = \"qemu\"\ndisk = \"/d\"\naccel = \"xen\"\n",
+                "unknown accelerator",
+            ),
+            ("kind = \"qemu\"\ndisk = \"/d\"\ncpus = 0\n", ">= 1"),
+            ("kind = \"qemu\"\ndisk = \"/d\"\nssh-port = 70000\n", "port"),
+            (
+                "kind = \"qemu\"\ndisk = \"/d\"\nmemory = \"1X\"\n",
+                "unknown unit",
+            ),
+            ("kind = \"qemu\"\ndisk = \"/d\"\nmemory = 0\n", "at least"),
+        ] {
+            let msg = toml_err(&boot(section)).2;
+            assert!(msg.contains(says), "{section:?}: {msg}");
+        }
         let (_, key, msg) = toml_err(&boot(
             "kind = \"qemu\"\nrunner = \"/run-vm\"\ndisk = \"/d\"\n",
         ));
         assert_eq!(key.as_deref(), Some("builders.b.boot.disk"));
         assert!(msg.contains("runner"));
-        assert!(
-            toml_err(&boot("kind = \"qemu\"\ndisk = \"/d\"\ninitrd = \"/i\"\n"))
-                .2
-                .contains("needs kernel")
-        );
-        assert!(
-            toml_err(&boot("kind = \"qemu\"\ndisk = \"/d\"\naccel = \"xen\"\n"))
-                .2
-                .contains("unknown accelerator")
-        );
-        assert!(
-            toml_err(&boot("kind = \"qemu\"\ndisk = \"/d\"\ncpus = 0\n"))
-                .2
-                .contains(">= 1")
-        );
-        assert!(
-            toml_err(&boot("kind = \"qemu\"\ndisk = \"/d\"\nssh-port = 70000\n"))
-                .2
-                .contains("port")
-        );
-        assert!(
-            toml_err(&boot("kind = \"qemu\"\ndisk = \"/d\"\nmemory = \"1X\"\n"))
-                .2
-                .contains("unknown unit")
-        );
-        assert!(
-            toml_err(&boot("kind = \"qemu\"\ndisk = \"/d\"\nmemory = 0\n"))
-                .2
-                .contains("at least")
-        );
         let bad_timeout =
             mini("boot-timeout = \"soon\"\n[builders.b.boot]\nkind = \"qemu\"\ndisk = \"/d\"\n");
         let (line, key, msg) = toml_err(&bad_timeout);

@@ -493,24 +493,14 @@ impl<'p, 't> Lease<'p, 't> {
 
     /// The supervisor's verdict, or why it could not be asked.
     pub fn answered(self, verdict: Result<Verdict, String>, _now: Instant) -> Step<'p, 't> {
-        match verdict {
-            Ok(Verdict::Granted(s)) => {
-                let builder = self.builder.index();
+        self.plan
+            .verdict(self.builder, verdict, |plan, builder, s| {
                 Step::new(Next::Connect(Connect {
-                    plan: self.plan,
-                    builder,
+                    plan,
+                    builder: builder.index(),
                     port: s.ssh_port,
                 }))
-            }
-            Ok(Verdict::Refused {
-                status: Some(s), ..
-            }) => self.plan.wait_if_close(self.builder, s, Vec::new()),
-            Ok(Verdict::Refused { status: None, .. }) => self.plan.postpone(Vec::new(), None),
-            Err(why) => {
-                self.plan.planner.supervisor = Supervisor::Unavailable(why);
-                self.plan.postpone(Vec::new(), None)
-            }
-        }
+            })
     }
 }
 
@@ -528,17 +518,10 @@ impl<'p, 't> Boot<'p, 't> {
 
     /// The supervisor's verdict, or why it could not be asked.
     pub fn answered(self, verdict: Result<Verdict, String>, _now: Instant) -> Step<'p, 't> {
-        match verdict {
-            Ok(Verdict::Granted(s))
-            | Ok(Verdict::Refused {
-                status: Some(s), ..
-            }) => self.plan.wait_if_close(self.builder, s, Vec::new()),
-            Ok(Verdict::Refused { status: None, .. }) => self.plan.postpone(Vec::new(), None),
-            Err(why) => {
-                self.plan.planner.supervisor = Supervisor::Unavailable(why);
-                self.plan.postpone(Vec::new(), None)
-            }
-        }
+        self.plan
+            .verdict(self.builder, verdict, |plan, builder, s| {
+                plan.wait_if_close(builder, s, Vec::new())
+            })
     }
 }
 
@@ -582,10 +565,7 @@ impl<'p, 't> WaitReady<'p, 't> {
                     _ => self.plan.postpone(Vec::new(), Some(s)),
                 }
             }
-            Err(why) => {
-                self.plan.planner.supervisor = Supervisor::Unavailable(why);
-                self.plan.postpone(Vec::new(), None)
-            }
+            Err(why) => self.plan.unavailable(why),
         }
     }
 }
@@ -793,6 +773,31 @@ impl<'p, 't> Plan<'p, 't> {
         }
     }
 
+    /// The supervisor's verdict on `builder`: granted goes on as `granted` says; a refusal
+    /// that shows the builder's state waits if its boot is close; any other postpones.
+    fn verdict(
+        self,
+        builder: LazyIndex,
+        verdict: Result<Verdict, String>,
+        granted: impl FnOnce(Self, LazyIndex, BuilderStatus) -> Step<'p, 't>,
+    ) -> Step<'p, 't> {
+        match verdict {
+            Ok(Verdict::Granted(s)) => granted(self, builder, s),
+            Ok(Verdict::Refused {
+                status: Some(s), ..
+            }) => self.wait_if_close(builder, s, Vec::new()),
+            Ok(Verdict::Refused { status: None, .. }) => self.postpone(Vec::new(), None),
+            Err(why) => self.unavailable(why),
+        }
+    }
+
+    /// The supervisor could not be asked (`why`): remember it (its builders count as
+    /// unavailable until it answers again) and postpone.
+    fn unavailable(self, why: String) -> Step<'p, 't> {
+        self.planner.supervisor = Supervisor::Unavailable(why);
+        self.postpone(Vec::new(), None)
+    }
+
     /// A lazy builder the `try` needs is in state `s`: choose again if it is up, wait if its
     /// boot is about to finish, else postpone.
     fn wait_if_close(self, builder: LazyIndex, s: BuilderStatus, notes: Vec<Note>) -> Step<'p, 't> {
@@ -940,16 +945,21 @@ mod tests {
         next!(r.recalled(vec![None; n], t), Next::Probe(p) => p)
     }
 
-    /// Starts a `try` on a table of lazy builders only, with the supervisor saying `view`.
+    /// Starts a `try` for [`SYS`] on a table of lazy builders only, with the supervisor saying
+    /// `view`.
     fn lazy_round<'p, 't>(
         p: &'p mut Planner<'t>,
-        req: &TryRequest,
         view: Vec<BuilderStatus>,
         t: Instant,
     ) -> Step<'p, 't> {
-        let s = next!(p.start(req, t), Next::ReadDrv(s) => s);
+        let s = next!(p.start(&want(SYS, false), t), Next::ReadDrv(s) => s);
         let r = next!(s.read(None, t), Next::Refresh(r) => r);
         r.refreshed(Ok(view), t)
+    }
+
+    /// `step` probes the table's one builder, which has a free slot.
+    fn probed_free<'p, 't>(step: Step<'p, 't>, t: Instant) -> Step<'p, 't> {
+        next!(step, Next::Probe(p) => p).probed(vec![free(0)], t)
     }
 
     #[test]
@@ -1014,24 +1024,6 @@ mod tests {
         );
         assert_eq!(step.holding(), None);
         next!(step, Next::Decline => ());
-        // An impure output: declined with the reason, before anything else.
-        let drv = Derivation::parse(
-            br#"Derive([("out","","sha256","impure")],[],[],"aarch64-linux","/bin/sh",[],[("out","")])"#,
-        )
-        .unwrap();
-        let s = next!(p.start(&want(SYS, false), t0), Next::ReadDrv(s) => s);
-        let step = s.read(Some(&drv), t0);
-        assert_eq!(
-            step.notes,
-            say(
-                Verbosity::Warn,
-                &format!(
-                    "warning: not building '{DRV}' remotely: its output 'out' has no store path \
-                     before it is built (impure), which nix-lazy-builder cannot bring back yet"
-                )
-            )
-        );
-        next!(step, Next::Decline => ());
         // A resolved floating content-addressed derivation goes on: the remote names its paths.
         let drv = Derivation::parse(
             br#"Derive([("out","","r:sha256","")],[],[],"aarch64-linux","/bin/sh",[],[("out","")])"#,
@@ -1041,8 +1033,13 @@ mod tests {
         let step = s.read(Some(&drv), t0);
         assert!(step.notes.is_empty(), "{:?}", step.notes);
         assert!(!matches!(step.next, Next::Decline), "{:?}", step.next);
-        // Not resolved (an input derivation left), or deferred on one: declined, saying which.
+        // An impure output, a floating one not resolved (an input derivation left), or one
+        // deferred on an input: declined with the reason, before anything else.
         for (aterm, why) in [
+            (
+                &br#"Derive([("out","","sha256","impure")],[],[],"aarch64-linux","/bin/sh",[],[("out","")])"#[..],
+                "impure",
+            ),
             (
                 &br#"Derive([("out","","r:sha256","")],[("/nix/store/00000000000000000000000000000000-a.drv",["out"])],[],"aarch64-linux","/bin/sh",[],[("out","")])"#[..],
                 "floating content-addressed, with input derivations not yet resolved",
@@ -1176,12 +1173,7 @@ mod tests {
         let table = [lazy("vm")];
         let mut p = Planner::new(&table, local(), limits());
         let t0 = epoch();
-        let step = lazy_round(
-            &mut p,
-            &want(SYS, false),
-            vec![status("vm", State::Down)],
-            t0,
-        );
+        let step = lazy_round(&mut p, vec![status("vm", State::Down)], t0);
         let probe = next!(step, Next::Probe(p) => p);
         assert_eq!(probe.builders(), [0]);
         let step = probe.probed(vec![free(0)], t0);
@@ -1222,26 +1214,15 @@ mod tests {
         // The daemon polls every 2 s: a boot expected in 4.5 s is not waited for.
         let mut p = Planner::new(&table, local(), Limits::new(crate::lazy::wait_limit(2)));
         let t0 = epoch();
-        let step = lazy_round(
-            &mut p,
-            &want(SYS, false),
-            vec![status("vm", State::Down)],
-            t0,
-        );
-        let boot =
-            next!(next!(step, Next::Probe(p) => p).probed(vec![free(0)], t0), Next::Boot(b) => b);
+        let step = lazy_round(&mut p, vec![status("vm", State::Down)], t0);
+        let boot = next!(probed_free(step, t0), Next::Boot(b) => b);
         let step = boot.answered(Ok(Verdict::Granted(booting("vm", 0, 4500))), t0);
         assert_eq!(step.holding(), None, "the reservation ends with the `try`");
         let shown = next!(step, Next::Postpone { showing } => showing);
         assert_eq!(shown, Some(booting("vm", 0, 4500)));
         // At the daemon's next poll the boot is 3 s in: close enough.
-        let step = lazy_round(
-            &mut p,
-            &want(SYS, false),
-            vec![booting("vm", 3000, 4500)],
-            t0,
-        );
-        let step = next!(step, Next::Probe(p) => p).probed(vec![free(0)], t0);
+        let step = lazy_round(&mut p, vec![booting("vm", 3000, 4500)], t0);
+        let step = probed_free(step, t0);
         assert_eq!(
             step.notes,
             postponing("waiting for a builder for aarch64-linux: 'vm' is booting")
@@ -1259,8 +1240,8 @@ mod tests {
         let mut p = Planner::new(&table, local(), limits());
         let t0 = epoch();
         let far = booting("vm", 1000, 7000);
-        let step = lazy_round(&mut p, &want(SYS, false), vec![far.clone()], t0);
-        let step = next!(step, Next::Probe(p) => p).probed(vec![free(0)], t0);
+        let step = lazy_round(&mut p, vec![far.clone()], t0);
+        let step = probed_free(step, t0);
         assert_eq!(
             step.notes,
             postponing("waiting for a builder for aarch64-linux: 'vm' is booting")
@@ -1270,8 +1251,8 @@ mod tests {
             Some(far)
         );
         let close = booting("vm", 4000, 7000);
-        let step = lazy_round(&mut p, &want(SYS, false), vec![close.clone()], t0);
-        let step = next!(step, Next::Probe(p) => p).probed(vec![free(0)], t0);
+        let step = lazy_round(&mut p, vec![close.clone()], t0);
+        let step = probed_free(step, t0);
         assert_eq!(
             step.holding(),
             None,
@@ -1286,13 +1267,8 @@ mod tests {
         let table = [lazy("vm")];
         let mut p = Planner::new(&table, local(), limits());
         let t0 = epoch();
-        let step = lazy_round(
-            &mut p,
-            &want(SYS, false),
-            vec![booting("vm", 4000, 5000)],
-            t0,
-        );
-        let step = next!(step, Next::Probe(p) => p).probed(vec![free(0)], t0);
+        let step = lazy_round(&mut p, vec![booting("vm", 4000, 5000)], t0);
+        let step = probed_free(step, t0);
         let wait = next!(step, Next::WaitReady(w) => w);
         let mut failed = status("vm", State::Failed);
         failed.last_failure = Some(Failure {
@@ -1320,9 +1296,8 @@ mod tests {
         let table = [lazy("vm")];
         let mut p = Planner::new(&table, local(), limits());
         let t0 = epoch();
-        let step = lazy_round(&mut p, &want(SYS, false), vec![up("vm", 2222)], t0);
-        let lease =
-            next!(next!(step, Next::Probe(p) => p).probed(vec![free(0)], t0), Next::Lease(l) => l);
+        let step = lazy_round(&mut p, vec![up("vm", 2222)], t0);
+        let lease = next!(probed_free(step, t0), Next::Lease(l) => l);
         // Up again by the time the supervisor answers (it was restarting, say): choose again,
         // keeping the slot.
         let step = lease.answered(
@@ -1352,9 +1327,8 @@ mod tests {
             Some(draining)
         );
         // Refused without a state: postpone.
-        let step = lazy_round(&mut p, &want(SYS, false), vec![up("vm", 2222)], t0);
-        let lease =
-            next!(next!(step, Next::Probe(p) => p).probed(vec![free(0)], t0), Next::Lease(l) => l);
+        let step = lazy_round(&mut p, vec![up("vm", 2222)], t0);
+        let lease = next!(probed_free(step, t0), Next::Lease(l) => l);
         let step = lease.answered(
             Ok(Verdict::Refused {
                 reason: "full".into(),
@@ -1384,7 +1358,7 @@ mod tests {
         );
         next!(step, Next::Decline => ());
         // It answers, but does not know the builder.
-        let step = lazy_round(&mut p, &want(SYS, false), vec![], t0);
+        let step = lazy_round(&mut p, vec![], t0);
         let Step { notes, next } = step;
         assert!(matches!(next, Next::Decline));
         assert!(
@@ -1392,9 +1366,8 @@ mod tests {
             "{notes:?}"
         );
         // A lease it cannot answer: postpone.
-        let step = lazy_round(&mut p, &want(SYS, false), vec![up("vm", 2222)], t0);
-        let lease =
-            next!(next!(step, Next::Probe(p) => p).probed(vec![free(0)], t0), Next::Lease(l) => l);
+        let step = lazy_round(&mut p, vec![up("vm", 2222)], t0);
+        let lease = next!(probed_free(step, t0), Next::Lease(l) => l);
         next!(lease.answered(Err("it closed the connection".into()), t0), Next::Postpone { showing: None } => ());
     }
 

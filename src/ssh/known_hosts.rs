@@ -412,6 +412,17 @@ mod tests {
         )
     }
 
+    /// For each `(host, port, want)`: `text` gives that host exactly the keys `want`.
+    fn assert_gives(text: &str, cases: &[(&str, u16, &HostKeySet)]) {
+        for &(host, port, want) in cases {
+            assert_eq!(
+                &HostKeySet::from_known_hosts(text, host, port).unwrap(),
+                want,
+                "{host} port {port} in {text:?}"
+            );
+        }
+    }
+
     #[test]
     fn known_hosts_matching() {
         let k1 = HostKeySet::parse_openssh(ED1).unwrap();
@@ -423,72 +434,43 @@ mod tests {
              builder.example,10.0.0.1 {ED1} comment words\n\
              [builder.example]:2222 {ED2}\n"
         );
-        assert_eq!(
-            HostKeySet::from_known_hosts(&text, "builder.example", 22).unwrap(),
-            k1
-        );
-        assert_eq!(
-            HostKeySet::from_known_hosts(&text, "10.0.0.1", 22).unwrap(),
-            k1
-        );
-        assert_eq!(
-            HostKeySet::from_known_hosts(&text, "builder.example", 2222).unwrap(),
-            k2
-        );
-        assert!(
-            HostKeySet::from_known_hosts(&text, "builder.example", 2223)
-                .unwrap()
-                .is_empty()
-        );
-        assert!(
-            HostKeySet::from_known_hosts(&text, "nobody", 22)
-                .unwrap()
-                .is_empty()
+        let none = HostKeySet::default();
+        assert_gives(
+            &text,
+            &[
+                ("builder.example", 22, &k1),
+                ("10.0.0.1", 22, &k1),
+                ("builder.example", 2222, &k2),
+                ("builder.example", 2223, &none),
+                ("nobody", 22, &none),
+            ],
         );
     }
 
     #[test]
     fn known_hosts_hashed_wildcards_negation_revoked() {
         let k1 = HostKeySet::parse_openssh(ED1).unwrap();
+        let none = HostKeySet::default();
         let text = format!(
             "{} {ED1}\n",
             hashed("[127.0.0.1]:2200", b"0123456789abcdefghij")
         );
-        assert_eq!(
-            HostKeySet::from_known_hosts(&text, "127.0.0.1", 2200).unwrap(),
-            k1
-        );
-        assert!(
-            HostKeySet::from_known_hosts(&text, "127.0.0.1", 22)
-                .unwrap()
-                .is_empty()
-        );
-        assert!(
-            HostKeySet::from_known_hosts(&text, "127.0.0.2", 2200)
-                .unwrap()
-                .is_empty()
+        assert_gives(
+            &text,
+            &[
+                ("127.0.0.1", 2200, &k1),
+                ("127.0.0.1", 22, &none),
+                ("127.0.0.2", 2200, &none),
+            ],
         );
 
         let text = format!("*.example,!bad.example {ED1}\n");
-        assert_eq!(
-            HostKeySet::from_known_hosts(&text, "good.example", 22).unwrap(),
-            k1
-        );
-        assert!(
-            HostKeySet::from_known_hosts(&text, "bad.example", 22)
-                .unwrap()
-                .is_empty()
+        assert_gives(
+            &text,
+            &[("good.example", 22, &k1), ("bad.example", 22, &none)],
         );
         let text = format!("b?ilder {ED1}\n");
-        assert_eq!(
-            HostKeySet::from_known_hosts(&text, "builder", 22).unwrap(),
-            k1
-        );
-        assert!(
-            HostKeySet::from_known_hosts(&text, "bilder", 22)
-                .unwrap()
-                .is_empty()
-        );
+        assert_gives(&text, &[("builder", 22, &k1), ("bilder", 22, &none)]);
 
         let text =
             format!("builder {ED1}\nbuilder {ED2}\n@revoked * {ED1}\n@cert-authority * {ED2}\n");

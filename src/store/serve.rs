@@ -41,14 +41,12 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> ServeClient<R, W> {
                 serve::decode_hello(r, serve::CLIENT_VERSION)
             })
             .await?;
-        Ok(ServeClient {
+        Ok(ServeClient::with(
             reader,
             writer,
-            version: hello.negotiated,
-            server: hello.server,
-            peer: peer.to_owned(),
-            store_dir: "/nix/store".to_owned(),
-        })
+            hello.negotiated,
+            hello.server,
+        ))
     }
 
     /// A client for a remote program whose handshake was already done (by the supervisor, for
@@ -60,12 +58,22 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> ServeClient<R, W> {
         negotiated: ProtocolVersion,
         server: ProtocolVersion,
     ) -> Self {
+        ServeClient::with(WireReader::new(reader, peer), writer, negotiated, server)
+    }
+
+    /// The client once the handshake is done, for the reader's peer.
+    fn with(
+        reader: WireReader<R>,
+        writer: W,
+        negotiated: ProtocolVersion,
+        server: ProtocolVersion,
+    ) -> Self {
         ServeClient {
-            reader: WireReader::new(reader, peer),
+            peer: reader.peer().to_owned(),
+            reader,
             writer,
             version: negotiated,
             server,
-            peer: peer.to_owned(),
             store_dir: "/nix/store".to_owned(),
         }
     }

@@ -15,7 +15,7 @@ use hook_protocol::derivation::BasicDerivation;
 use hook_protocol::log::strip_ansi;
 use hook_protocol::path_info::{DerivedPath, PathInfo};
 use hook_protocol::realisation::{DrvOutput, Realisation};
-use hook_protocol::wire::WireWrite;
+use hook_protocol::wire::{DecodeError, Reader, WireWrite};
 use hook_protocol::worker::{
     self, BuildMode, ClientOptions, Field, NarUpload, Negotiated, ServerInfo, StderrMessage,
     TypedResult,
@@ -63,14 +63,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> WorkerClient<R, W> {
                 worker::decode_server_info(r, hello.negotiated, &features)
             })
             .await?;
-        let mut client = WorkerClient {
-            reader,
-            writer,
-            proto,
-            info,
-            peer: peer.to_owned(),
-            store_dir: "/nix/store".to_owned(),
-        };
+        let mut client = WorkerClient::with(reader, writer, proto, info);
         client.finish_op(None).await?;
         Ok(client)
     }
@@ -78,12 +71,17 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> WorkerClient<R, W> {
     /// A client for a daemon whose handshake was already done (by the supervisor, for a warm
     /// session): `proto` and `info` are what that handshake found.
     pub fn resume(reader: R, writer: W, peer: &str, proto: Negotiated, info: ServerInfo) -> Self {
+        WorkerClient::with(WireReader::new(reader, peer), writer, proto, info)
+    }
+
+    /// The client once the handshake is done, for the reader's peer.
+    fn with(reader: WireReader<R>, writer: W, proto: Negotiated, info: ServerInfo) -> Self {
         WorkerClient {
-            reader: WireReader::new(reader, peer),
+            peer: reader.peer().to_owned(),
+            reader,
             writer,
             proto,
             info,
-            peer: peer.to_owned(),
             store_dir: "/nix/store".to_owned(),
         }
     }
@@ -232,11 +230,9 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> WorkerClient<R, W> {
                     // Below 1.17 an invalid path is an error; we need ≥ 1.21 anyway.
                     Err(e) => return Err(e),
                 }
-                let proto = self.proto.clone();
                 let info = self
-                    .reader
-                    .decode("a path info", |r| {
-                        worker::decode_query_path_info_reply(r, &proto, p)
+                    .reply("a path info", |r, proto, _| {
+                        worker::decode_query_path_info_reply(r, proto, p)
                     })
                     .await?;
                 out.push(info);
@@ -326,11 +322,26 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> WorkerClient<R, W> {
         worker::check_realisations(&self.proto, &self.info)
     }
 
-    fn unsupported(&self, e: worker::RealisationsUnsupported) -> RemoteError {
+    /// A request the negotiated protocol cannot carry, as ours to report.
+    fn protocol_error(&self, e: impl std::fmt::Display) -> RemoteError {
         RemoteError::Protocol {
             peer: self.peer.clone(),
             message: e.to_string(),
         }
+    }
+
+    /// Reads the reply of the operation just finished (`what` names it in errors); `decode`
+    /// is given the negotiated protocol and the store directory.
+    async fn reply<T>(
+        &mut self,
+        what: &'static str,
+        mut decode: impl FnMut(&mut Reader<'_>, &Negotiated, &str) -> Result<T, DecodeError>,
+    ) -> Result<T, RemoteError> {
+        let (proto, store_dir) = (&self.proto, &self.store_dir);
+        Ok(self
+            .reader
+            .decode(what, |r| decode(r, proto, store_dir))
+            .await?)
     }
 
     /// QueryRealisation (op 43): the realisation recorded for `id`, if any.
@@ -340,17 +351,13 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> WorkerClient<R, W> {
     ) -> Result<Option<Realisation>, RemoteError> {
         let mut buf = Vec::new();
         worker::encode_query_realisation(&mut buf, &self.proto, id)
-            .map_err(|e| self.unsupported(e))?;
+            .map_err(|e| self.protocol_error(e))?;
         self.send(&buf).await?;
         self.finish_op(None).await?;
-        let proto = self.proto.clone();
-        let store_dir = self.store_dir.clone();
-        Ok(self
-            .reader
-            .decode("a realisation", |r| {
-                worker::decode_query_realisation_reply(r, &proto, id, &store_dir)
-            })
-            .await?)
+        self.reply("a realisation", |r, proto, store_dir| {
+            worker::decode_query_realisation_reply(r, proto, id, store_dir)
+        })
+        .await
     }
 
     /// RegisterDrvOutput (op 42): records `realisation`, whose path must be valid already.
@@ -360,7 +367,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> WorkerClient<R, W> {
     ) -> Result<(), RemoteError> {
         let mut buf = Vec::new();
         worker::encode_register_drv_output(&mut buf, &self.proto, realisation)
-            .map_err(|e| self.unsupported(e))?;
+            .map_err(|e| self.protocol_error(e))?;
         self.send(&buf).await?;
         self.finish_op(None).await
     }
@@ -376,14 +383,8 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> WorkerClient<R, W> {
         worker::encode_build_derivation(&mut buf, drv_path, drv, BuildMode::Normal);
         self.send(&buf).await?;
         self.finish_op(Some(log)).await?;
-        let proto = self.proto.clone();
-        let store_dir = self.store_dir.clone();
-        Ok(self
-            .reader
-            .decode("the build result", |r| {
-                worker::decode_build_result(r, &proto, &store_dir)
-            })
-            .await?)
+        self.reply("the build result", worker::decode_build_result)
+            .await
     }
 
     /// BuildPathsWithResults (≥ 1.34): the remote builds `paths` from derivations in its own
@@ -395,22 +396,28 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> WorkerClient<R, W> {
         drv_path: &StorePath,
         log: &mut BuildLog,
     ) -> Result<Vec<(DerivedPath, BuildResult)>, RemoteError> {
+        self.build_paths(paths, Some(log), Some(drv_path), None)
+            .await
+    }
+
+    /// BuildPathsWithResults, its messages going where [`WorkerClient::finish_op_for`] says.
+    async fn build_paths(
+        &mut self,
+        paths: &[DerivedPath],
+        log: Option<&mut BuildLog>,
+        drv_path: Option<&StorePath>,
+        messages: Option<&mut Vec<String>>,
+    ) -> Result<Vec<(DerivedPath, BuildResult)>, RemoteError> {
         let mut buf = Vec::new();
         worker::encode_build_paths_with_results(&mut buf, &self.proto, paths, BuildMode::Normal)
-            .map_err(|e| RemoteError::Protocol {
-                peer: self.peer.clone(),
-                message: e.to_string(),
-            })?;
+            .map_err(|e| self.protocol_error(e))?;
         self.send(&buf).await?;
-        self.finish_op_for(Some(log), Some(drv_path), None).await?;
-        let proto = self.proto.clone();
-        let store_dir = self.store_dir.clone();
-        Ok(self
-            .reader
-            .decode("the build results", |r| {
-                worker::decode_build_paths_with_results_reply(r, &proto, &store_dir)
-            })
-            .await?)
+        self.finish_op_for(log, drv_path, messages).await?;
+        self.reply(
+            "the build results",
+            worker::decode_build_paths_with_results_reply,
+        )
+        .await
     }
 }
 
@@ -424,22 +431,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> WorkerClient<R, W> {
         paths: &[DerivedPath],
         messages: &mut Vec<String>,
     ) -> Result<Vec<(DerivedPath, BuildResult)>, RemoteError> {
-        let mut buf = Vec::new();
-        worker::encode_build_paths_with_results(&mut buf, &self.proto, paths, BuildMode::Normal)
-            .map_err(|e| RemoteError::Protocol {
-                peer: self.peer.clone(),
-                message: e.to_string(),
-            })?;
-        self.send(&buf).await?;
-        self.finish_op_for(None, None, Some(messages)).await?;
-        let proto = self.proto.clone();
-        let store_dir = self.store_dir.clone();
-        Ok(self
-            .reader
-            .decode("the build results", |r| {
-                worker::decode_build_paths_with_results_reply(r, &proto, &store_dir)
-            })
-            .await?)
+        self.build_paths(paths, None, None, Some(messages)).await
     }
 }
 

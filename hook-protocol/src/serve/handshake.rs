@@ -4,7 +4,7 @@
 //! Must never gate on the server's number alone: later messages use the negotiated one.
 
 use crate::version::{self, ProtocolVersion, ServerHello};
-use crate::wire::{self, DecodeError, Reader};
+use crate::wire::{self, Reader};
 
 /// Sent by the client first.
 pub const MAGIC_1: u64 = 0x390c_9deb;
@@ -30,15 +30,10 @@ pub fn decode_hello(r: &mut Reader<'_>, client: ProtocolVersion) -> wire::Result
         "the 'nix-store --serve' greeting",
         "serve protocol version",
     )?;
-    if server.major != 2 || server < MIN_SERVER_VERSION {
-        return Err(DecodeError::malformed(format!(
-            "the remote 'nix-store --serve' speaks protocol {server}; we need 2.x with x ≥ {} \
-             (Nix 2.3 or newer)",
-            MIN_SERVER_VERSION.minor
-        )));
-    }
-    Ok(ServerHello {
+    version::negotiate(
         server,
-        negotiated: server.min(client),
-    })
+        client,
+        MIN_SERVER_VERSION,
+        "the remote 'nix-store --serve' speaks protocol",
+    )
 }

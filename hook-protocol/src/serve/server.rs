@@ -64,11 +64,7 @@ pub fn decode_request(
     r: &mut Reader<'_>,
     version: ProtocolVersion,
 ) -> wire::Result<CommandRequest> {
-    let code = r.u64()?;
-    let cmd = Command::from_code(code).ok_or(Invalid::OutOfRange {
-        what: "serve command",
-        value: code,
-    })?;
+    let cmd = r.code("serve command", Command::from_code)?;
     Ok(match cmd {
         Command::QueryValidPaths => CommandRequest::QueryValidPaths {
             lock: r.bool()?,

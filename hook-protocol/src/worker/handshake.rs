@@ -19,7 +19,7 @@ use std::collections::BTreeSet;
 use crate::build_result::{BuildResultLayout, BuiltOutputsLayout};
 use crate::path_info::read_string_set;
 use crate::version::{self, ProtocolVersion, ServerHello};
-use crate::wire::{self, DecodeError, Invalid, Reader, WireWrite};
+use crate::wire::{self, Invalid, Reader, WireWrite};
 
 /// Sent by the client first.
 pub const MAGIC_1: u64 = 0x6e69_7863;
@@ -122,17 +122,12 @@ pub fn decode_server_hello(
         "the nix-daemon greeting",
         "worker protocol version",
     )?;
-    if server.major != 1 || server < MIN_SERVER_VERSION {
-        return Err(DecodeError::malformed(format!(
-            "the remote nix-daemon speaks worker protocol {server}; we need 1.x with x ≥ {} \
-             (Nix 2.3 or newer)",
-            MIN_SERVER_VERSION.minor
-        )));
-    }
-    Ok(ServerHello {
+    version::negotiate(
         server,
-        negotiated: server.min(client),
-    })
+        client,
+        MIN_SERVER_VERSION,
+        "the remote nix-daemon speaks worker protocol",
+    )
 }
 
 /// Step 3: the client's part after the greeting, for the negotiated `version`: our features

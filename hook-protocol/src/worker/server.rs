@@ -212,11 +212,7 @@ pub fn decode_request(
     proto: &Negotiated,
     store_dir: &str,
 ) -> wire::Result<OpRequest> {
-    let code = r.u64()?;
-    let op = Op::from_code(code).ok_or(Invalid::OutOfRange {
-        what: "worker operation",
-        value: code,
-    })?;
+    let op = r.code("worker operation", Op::from_code)?;
     Ok(match op {
         Op::IsValidPath => OpRequest::IsValidPath(read_store_path(r, "path")?),
         Op::SetOptions => OpRequest::SetOptions(decode_set_options(r, proto)?),

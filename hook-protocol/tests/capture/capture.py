@@ -440,17 +440,22 @@ def ver(s):
     return int(major) << 8 | int(minor)
 
 
+def built_outputs(srv, with_list):
+    """Skips a BuildResult's builtOutputs map: two strings an entry, then a string list too
+    when `with_list` (serve >= 2.8, worker with realisation-with-path-not-hash)."""
+    for _ in range(srv.u64()):
+        srv.str(), srv.str()
+        if with_list:
+            srv.strs()
+
+
 def serve_build_result(srv, version):
     status = srv.u64()
     msg = srv.str()
     if version >= 0x203:
         [srv.u64() for _ in range(4)]
-    if version >= 0x208:
-        for _ in range(srv.u64()):
-            srv.str(), srv.str(), srv.strs()
-    elif version >= 0x206:
-        for _ in range(srv.u64()):
-            srv.str(), srv.str()
+    if version >= 0x206:
+        built_outputs(srv, version >= 0x208)
     return status, msg
 
 
@@ -603,12 +608,9 @@ def worker_build_result(srv, v, features):
         for _ in range(2):
             if srv.u64() == 1:
                 srv.u64()
-    if "realisation-with-path-not-hash" in features:
-        for _ in range(srv.u64()):
-            srv.str(), srv.str(), srv.strs()
-    elif v >= 0x11C:
-        for _ in range(srv.u64()):
-            srv.str(), srv.str()
+    with_list = "realisation-with-path-not-hash" in features
+    if with_list or v >= 0x11C:
+        built_outputs(srv, with_list)
     return status, msg
 
 

@@ -19,16 +19,14 @@ impl T {
         restorable: bool,
     ) -> Vec<Action> {
         let generation = self.generation(name);
-        self.ev(Event::BootSucceeded {
-            builder: name.into(),
+        self.boot_succeeded(
+            name,
             generation,
-            port: 2222,
-            nix_version: "nix-store (Nix) 2.8.0".into(),
-            took: Duration::from_millis(took_ms),
+            Duration::from_millis(took_ms),
             kind,
             restorable,
-            note: (kind != BootKind::Restore).then(|| "there is no snapshot yet".to_owned()),
-        })
+            (kind != BootKind::Restore).then_some("there is no snapshot yet"),
+        )
     }
 
     fn planned(&mut self, name: &str, kind: BootKind, note: Option<&str>) -> Vec<Action> {
@@ -47,12 +45,7 @@ impl T {
 
     /// Stops an up builder (no leases) and waits for the stop.
     fn stop_it(&mut self, name: &str) {
-        self.req(
-            1,
-            Request::Down {
-                builder: name.into(),
-            },
-        );
+        self.down(1, name);
         assert_eq!(self.status(name).state, State::Stopping);
         self.stopped(name);
         assert_eq!(self.status(name).state, State::Down);
@@ -210,16 +203,7 @@ fn no_snapshot_made_means_the_next_boot_makes_one() {
     t.boot(1, "vm");
     let generation = t.generation("vm");
     let note = "there is no snapshot yet; cannot make one: the guest agent did not answer";
-    let out = t.ev(Event::BootSucceeded {
-        builder: "vm".into(),
-        generation,
-        port: 2222,
-        nix_version: "x".into(),
-        took: 4 * S,
-        kind: BootKind::Make,
-        restorable: false,
-        note: Some(note.into()),
-    });
+    let out = t.boot_succeeded("vm", generation, 4 * S, BootKind::Make, false, Some(note));
     assert!(
         logged_line(&out, "builder 'vm' is up after 4.0s, booted cold without a snapshot (there is no snapshot yet; cannot make one")
             .is_some(),

@@ -15,13 +15,7 @@ fn boot_failures_back_off_exponentially_force_overrides_and_success_resets() {
         let f = st.last_failure.unwrap();
         assert_eq!(f.consecutive, n);
         assert_eq!(f.retry_in_ms, expected * 1000, "after {n} failures");
-        let r = t.ask(
-            1,
-            Request::Boot {
-                builder: "vm".into(),
-                force: false,
-            },
-        );
+        let r = t.ask_boot(1, "vm", false);
         assert!(
             refused(&r).contains(&format!("not booted again for another {expected}s")),
             "{r:?}"
@@ -33,13 +27,7 @@ fn boot_failures_back_off_exponentially_force_overrides_and_success_resets() {
         expected = (expected * 2).min(600);
     }
     // Still backing off: force boots anyway.
-    let out = t.req(
-        1,
-        Request::Boot {
-            builder: "vm".into(),
-            force: true,
-        },
-    );
+    let out = t.boot_with(1, "vm", true);
     assert!(has_start(&out, "vm"));
     t.succeed("vm", 7);
     let f = t.status("vm").last_failure.unwrap();
@@ -91,12 +79,7 @@ fn a_builder_that_ran_well_and_then_died_reboots_without_backoff() {
     t.bring_up("vm");
     assert!(matches!(t.lease(1, "vm"), Response::Leased { .. }));
     t.now += STABLE_UPTIME;
-    let generation = t.generation("vm");
-    t.ev(Event::InstanceExited {
-        builder: "vm".into(),
-        generation,
-        report: "killed by signal 9".into(),
-    });
+    t.exited("vm", "killed by signal 9");
     let st = t.status("vm");
     assert_eq!(st.state, State::Failed);
     let f = st.last_failure.unwrap();
@@ -110,12 +93,7 @@ fn an_instance_that_dies_is_a_failure_and_its_leases_vanish() {
     let mut t = T::new(vec![cfg("vm", 2, None)], None);
     t.bring_up("vm");
     assert!(matches!(t.lease(1, "vm"), Response::Leased { .. }));
-    let generation = t.generation("vm");
-    t.ev(Event::InstanceExited {
-        builder: "vm".into(),
-        generation,
-        report: "killed by signal 9".into(),
-    });
+    t.exited("vm", "killed by signal 9");
     let st = t.status("vm");
     assert_eq!((st.state, st.leases), (State::Failed, 0));
     assert!(
@@ -142,16 +120,7 @@ fn stale_generations_are_ignored() {
     t.now += 60 * S;
     t.boot(1, "vm");
     // A late event of the first instance changes nothing.
-    t.ev(Event::BootSucceeded {
-        builder: "vm".into(),
-        generation: old,
-        port: 1,
-        nix_version: "x".into(),
-        took: S,
-        kind: BootKind::Cold,
-        restorable: false,
-        note: None,
-    });
+    t.boot_succeeded("vm", old, S, BootKind::Cold, false, None);
     t.ev(Event::StopFinished {
         builder: "vm".into(),
         generation: old,
@@ -174,16 +143,7 @@ fn shutdown_stops_everything_then_exits() {
     assert!(has_stop(&out, "b"), "and cancels boots");
     assert!(!has_stop(&out, "c"));
     assert!(!has_exit(&out));
-    assert!(
-        refused(&t.ask(
-            2,
-            Request::Boot {
-                builder: "c".into(),
-                force: true
-            }
-        ))
-        .contains("shutting down")
-    );
+    assert!(refused(&t.ask_boot(2, "c", true)).contains("shutting down"));
     assert!(!has_exit(&t.stopped("a")));
     // The boot of b fails as it is cancelled: still counts as gone.
     let out = t.fail("b", "cancelled");

@@ -131,26 +131,66 @@ impl T {
     }
 
     fn boot(&mut self, conn: ConnId, name: &str) -> Vec<Action> {
+        self.boot_with(conn, name, false)
+    }
+
+    fn boot_with(&mut self, conn: ConnId, name: &str, force: bool) -> Vec<Action> {
         self.req(
             conn,
             Request::Boot {
                 builder: name.into(),
-                force: false,
+                force,
             },
         )
     }
 
+    /// The single reply to a boot request.
+    fn ask_boot(&mut self, conn: ConnId, name: &str, force: bool) -> Response {
+        let out = self.boot_with(conn, name, force);
+        Self::reply(&out, conn)
+    }
+
+    fn down(&mut self, conn: ConnId, name: &str) -> Vec<Action> {
+        self.req(
+            conn,
+            Request::Down {
+                builder: name.into(),
+            },
+        )
+    }
+
+    /// A cold boot of the current instance succeeds after `took` seconds.
     fn succeed(&mut self, name: &str, took: u64) -> Vec<Action> {
         let generation = self.generation(name);
+        self.boot_succeeded(
+            name,
+            generation,
+            Duration::from_secs(took),
+            BootKind::Cold,
+            false,
+            None,
+        )
+    }
+
+    /// Instance `generation` of `name` reports its boot done (the current one or a stale one).
+    fn boot_succeeded(
+        &mut self,
+        name: &str,
+        generation: Generation,
+        took: Duration,
+        kind: BootKind,
+        restorable: bool,
+        note: Option<&str>,
+    ) -> Vec<Action> {
         self.ev(Event::BootSucceeded {
             builder: name.into(),
             generation,
             port: 2222,
             nix_version: "nix-store (Nix) 2.8.0".into(),
-            took: Duration::from_secs(took),
-            kind: BootKind::Cold,
-            restorable: false,
-            note: None,
+            took,
+            kind,
+            restorable,
+            note: note.map(str::to_owned),
         })
     }
 
@@ -160,6 +200,16 @@ impl T {
             builder: name.into(),
             generation,
             cause: cause.into(),
+        })
+    }
+
+    /// The current instance of `name` ends on its own.
+    fn exited(&mut self, name: &str, report: &str) -> Vec<Action> {
+        let generation = self.generation(name);
+        self.ev(Event::InstanceExited {
+            builder: name.into(),
+            generation,
+            report: report.into(),
         })
     }
 
@@ -208,6 +258,10 @@ fn has_start(out: &[Action], name: &str) -> bool {
 fn has_stop(out: &[Action], name: &str) -> bool {
     out.iter()
         .any(|a| matches!(a, Action::Stop { builder, .. } if builder == name))
+}
+
+fn has_reply(out: &[Action]) -> bool {
+    out.iter().any(|a| matches!(a, Action::Reply { .. }))
 }
 
 fn has_exit(out: &[Action]) -> bool {

@@ -59,16 +59,7 @@ fn reconfigure_drains_a_removed_leased_builder_then_it_disappears() {
     assert_eq!((st.state, st.leases), (State::Draining, 1));
     assert!(!t.m.knows("a"), "removed, though still draining");
     assert!(refused(&t.lease(2, "a")).contains("removed from the config"));
-    assert!(
-        refused(&t.ask(
-            2,
-            Request::Boot {
-                builder: "a".into(),
-                force: true
-            }
-        ))
-        .contains("removed from the config")
-    );
+    assert!(refused(&t.ask_boot(2, "a", true)).contains("removed from the config"));
     // Its idle timeout no longer matters; its lease does.
     assert!(!has_stop(&t.advance(1000 * S), "a"));
     assert_eq!(t.status("a").leases, 1);
@@ -187,31 +178,13 @@ fn a_changed_failed_builder_gets_a_fresh_try_only_if_its_boot_changed() {
     let mut t = T::new(vec![cfg("vm", 1, None)], None);
     t.boot(1, "vm");
     t.fail("vm", "qemu: no such file");
-    assert!(
-        refused(&t.ask(
-            1,
-            Request::Boot {
-                builder: "vm".into(),
-                force: false
-            }
-        ))
-        .contains("not booted again")
-    );
+    assert!(refused(&t.ask_boot(1, "vm", false)).contains("not booted again"));
     // Only max-jobs changed: still backing off, settings taken.
     t.reconfigure(vec![cfg("vm", 4, None)]);
     let st = t.status("vm");
     assert_eq!(st.state, State::Failed);
     assert_eq!(st.last_failure.unwrap().consecutive, 1);
-    assert!(
-        refused(&t.ask(
-            1,
-            Request::Boot {
-                builder: "vm".into(),
-                force: false
-            }
-        ))
-        .contains("not booted again")
-    );
+    assert!(refused(&t.ask_boot(1, "vm", false)).contains("not booted again"));
     // The boot settings changed: the failure is forgotten, it boots at once.
     t.reconfigure(vec![rebooted(cfg("vm", 4, None))]);
     let st = t.status("vm");
@@ -255,12 +228,7 @@ fn reconfigure_keeps_boot_history_and_counts() {
     assert_eq!((st.boots, st.expected_boot_ms), (1, Some(5_000)));
     assert_eq!(t.m.history().builders["vm"], [5_000]);
     // A removed builder's history is no longer saved.
-    t.req(
-        1,
-        Request::Down {
-            builder: "vm".into(),
-        },
-    );
+    t.down(1, "vm");
     t.stopped("vm");
     t.reconfigure(vec![cfg("new", 1, None)]);
     assert!(t.m.history().builders.is_empty());
@@ -277,16 +245,7 @@ fn a_builder_removed_and_added_again_never_reuses_a_generation() {
     t.boot(1, "vm");
     assert_ne!(t.generation("vm"), old);
     // A late event of the old instance is stale.
-    t.ev(Event::BootSucceeded {
-        builder: "vm".into(),
-        generation: old,
-        port: 1,
-        nix_version: "x".into(),
-        took: S,
-        kind: BootKind::Cold,
-        restorable: false,
-        note: None,
-    });
+    t.boot_succeeded("vm", old, S, BootKind::Cold, false, None);
     assert_eq!(t.status("vm").state, State::Booting);
 }
 
@@ -419,10 +378,7 @@ fn a_request_for_an_unknown_builder_waits_for_a_reread() {
     t.ev(seen(true, Some(10)));
     let out = t.boot(1, "new");
     assert_eq!(reloads(&out), [ReloadWhy::UnknownBuilder]);
-    assert!(
-        !out.iter().any(|a| matches!(a, Action::Reply { .. })),
-        "{out:?}"
-    );
+    assert!(!has_reply(&out), "{out:?}");
     let out = t.reconfigure(vec![cfg("vm", 1, None), cfg("new", 1, None)]);
     assert!(has_start(&out, "new"), "{out:?}");
     assert!(
@@ -505,7 +461,7 @@ fn a_request_about_a_failure_older_than_a_settling_file_waits_for_it() {
     t.ev(seen(true, Some(30)));
     let out = t.req(2, Request::Status);
     assert!(
-        !out.iter().any(|a| matches!(a, Action::Reply { .. })),
+        !has_reply(&out),
         "no answer with the old cause yet: {out:?}"
     );
     assert!(
@@ -518,7 +474,7 @@ fn a_request_about_a_failure_older_than_a_settling_file_waits_for_it() {
     t.now = due;
     let out = t.ev(Event::Tick);
     assert_eq!(reloads(&out), [ReloadWhy::Changed]);
-    assert!(!out.iter().any(|a| matches!(a, Action::Reply { .. })));
+    assert!(!has_reply(&out));
     // The new file has other boot settings: the failure is forgotten, and the waiting status
     // says so; the boot that follows is not refused.
     let out = t.reconfigure(vec![rebooted(cfg("vm", 1, None))]);
@@ -542,10 +498,7 @@ fn only_a_request_that_would_report_a_failure_waits() {
     // content's all the same, so the status waits for it.
     t.ev(seen(true, Some(150)));
     let out = t.req(2, Request::Status);
-    assert!(
-        !out.iter().any(|a| matches!(a, Action::Reply { .. })),
-        "{out:?}"
-    );
+    assert!(!has_reply(&out), "{out:?}");
     assert_eq!(timer(&out), Some(t.now + Duration::from_millis(50)));
     t.now += Duration::from_millis(50);
     assert_eq!(reloads(&t.ev(Event::Tick)), [ReloadWhy::Changed]);
@@ -569,10 +522,7 @@ fn only_a_request_that_would_report_a_failure_waits() {
             builder: "vm".into(),
         },
     );
-    assert!(
-        !out.iter().any(|a| matches!(a, Action::Reply { .. })),
-        "{out:?}"
-    );
+    assert!(!has_reply(&out), "{out:?}");
     t.ev(Event::ClientGone(3));
     t.now += S;
     let out = t.ev(Event::Tick);
@@ -627,12 +577,7 @@ fn a_boot_timeout_below_the_measured_boot_time_is_warned_about_when_applied() {
     let mut t = T::reloading(vec![cfg("vm", 1, None)]);
     assert!(t.m.config_warnings().is_empty(), "nothing measured yet");
     t.bring_up("vm");
-    t.req(
-        1,
-        Request::Down {
-            builder: "vm".into(),
-        },
-    );
+    t.down(1, "vm");
     t.stopped("vm");
     let mut short = cfg("vm", 1, None);
     short.boot_timeout = 3 * S;
@@ -660,12 +605,7 @@ fn status_says_when_the_running_instance_has_older_boot_settings() {
     );
     t.reconfigure(vec![rebooted(cfg("vm", 2, None))]);
     assert!(t.status("vm").boot_settings_outdated);
-    t.req(
-        1,
-        Request::Down {
-            builder: "vm".into(),
-        },
-    );
+    t.down(1, "vm");
     t.stopped("vm");
     assert!(!t.status("vm").boot_settings_outdated, "no instance");
     t.boot(1, "vm");

@@ -79,12 +79,7 @@ fn down_drains_and_never_stops_a_leased_builder() {
     let mut t = T::new(vec![cfg("vm", 2, Some(10))], None);
     t.bring_up("vm");
     assert!(matches!(t.lease(1, "vm"), Response::Leased { .. }));
-    let out = t.req(
-        9,
-        Request::Down {
-            builder: "vm".into(),
-        },
-    );
+    let out = t.down(9, "vm");
     assert!(!has_stop(&out, "vm"));
     assert!(
         matches!(T::reply(&out, 9), Response::Builder { status } if status.state == State::Draining)
@@ -94,12 +89,7 @@ fn down_drains_and_never_stops_a_leased_builder() {
     // `up` while draining keeps it up.
     t.boot(9, "vm");
     assert_eq!(t.status("vm").state, State::Up);
-    t.req(
-        9,
-        Request::Down {
-            builder: "vm".into(),
-        },
-    );
+    t.down(9, "vm");
     let out = t.release(1, "vm");
     assert!(
         has_stop(&out, "vm"),
@@ -109,20 +99,10 @@ fn down_drains_and_never_stops_a_leased_builder() {
     assert_eq!(t.status("vm").state, State::Down);
     // Down on an unleased up builder stops at once; on a down one it is a no-op.
     t.bring_up("vm");
-    let out = t.req(
-        9,
-        Request::Down {
-            builder: "vm".into(),
-        },
-    );
+    let out = t.down(9, "vm");
     assert!(has_stop(&out, "vm"));
     t.stopped("vm");
-    let out = t.req(
-        9,
-        Request::Down {
-            builder: "vm".into(),
-        },
-    );
+    let out = t.down(9, "vm");
     assert!(!has_stop(&out, "vm"));
 }
 
@@ -156,16 +136,7 @@ fn report_failure_waits_for_every_holder_then_restarts_after_backoff() {
     );
     assert_eq!(t.status("vm").last_failure.unwrap().consecutive, 1);
     assert!(refused(&t.lease(3, "vm")).contains("restarting after a failure"));
-    assert!(
-        refused(&t.ask(
-            3,
-            Request::Boot {
-                builder: "vm".into(),
-                force: false
-            }
-        ))
-        .contains("restarting")
-    );
+    assert!(refused(&t.ask_boot(3, "vm", false)).contains("restarting"));
     assert!(!has_stop(&t.release(2, "vm"), "vm"));
     assert!(!has_stop(&t.advance(100 * S), "vm"));
     let out = t.release(1, "vm");
@@ -190,13 +161,7 @@ fn report_failure_on_an_unleased_builder_stops_it_at_once() {
     assert!(has_stop(&out, "vm"));
     t.stopped("vm");
     assert_eq!(t.status("vm").state, State::Failed);
-    let r = t.ask(
-        1,
-        Request::Boot {
-            builder: "vm".into(),
-            force: false,
-        },
-    );
+    let r = t.ask_boot(1, "vm", false);
     assert!(refused(&r).contains("host key mismatch"), "{r:?}");
     assert!(
         refused(&r).contains("not booted again for another 10s"),
@@ -222,13 +187,7 @@ fn failures_are_shared_by_all_clients() {
     t.boot(1, "vm");
     t.fail("vm", "boot timed out after 120s");
     // Another client asking later sees the same backoff and cause.
-    let r = t.ask(
-        2,
-        Request::Boot {
-            builder: "vm".into(),
-            force: false,
-        },
-    );
+    let r = t.ask_boot(2, "vm", false);
     assert!(refused(&r).contains("boot timed out"), "{r:?}");
     match t.ask(3, Request::Status) {
         Response::Status { builders, .. } => {
@@ -268,12 +227,7 @@ fn waiters_are_answered_on_up_failure_down_or_deadline() {
     // Up (or down, failed): answered at once.
     assert!(matches!(t.ask(1, wait(5000)), Response::Builder { .. }));
     // A failed boot answers its waiters too.
-    t.req(
-        1,
-        Request::Down {
-            builder: "vm".into(),
-        },
-    );
+    t.down(1, "vm");
     t.stopped("vm");
     t.boot(1, "vm");
     t.req(3, wait(60_000));
@@ -282,36 +236,17 @@ fn waiters_are_answered_on_up_failure_down_or_deadline() {
         matches!(T::reply(&out, 3), Response::Builder { status } if status.state == State::Failed)
     );
     // A waiter whose client goes away is forgotten.
-    t.req(
-        1,
-        Request::Boot {
-            builder: "vm".into(),
-            force: true,
-        },
-    );
+    t.boot_with(1, "vm", true);
     t.req(4, wait(60_000));
     t.ev(Event::ClientGone(4));
     let out = t.succeed("vm", 1);
-    assert!(
-        !out.iter().any(|a| matches!(a, Action::Reply { .. })),
-        "{out:?}"
-    );
+    assert!(!has_reply(&out), "{out:?}");
     // A down during boot cancels it: stop, then down, and the waiter hears it.
-    t.req(
-        1,
-        Request::Down {
-            builder: "vm".into(),
-        },
-    );
+    t.down(1, "vm");
     t.stopped("vm");
     t.boot(1, "vm");
     t.req(5, wait(60_000));
-    let out = t.req(
-        1,
-        Request::Down {
-            builder: "vm".into(),
-        },
-    );
+    let out = t.down(1, "vm");
     assert!(has_stop(&out, "vm"));
     let out = t.stopped("vm");
     assert!(

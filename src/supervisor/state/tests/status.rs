@@ -10,12 +10,7 @@ fn expected_boot_time_is_a_median_of_recent_boots() {
     assert_eq!(t.status("vm").expected_boot_ms, Some(8_000));
     assert_eq!(t.status("short").expected_boot_ms, Some(5_000));
     for took in [9, 1, 5, 100, 7, 6] {
-        t.req(
-            1,
-            Request::Down {
-                builder: "vm".into(),
-            },
-        );
+        t.down(1, "vm");
         if t.status("vm").state == State::Stopping {
             t.stopped("vm");
         }
@@ -62,32 +57,15 @@ fn boots_that_worked_and_boots_that_failed_are_counted_apart() {
     t.fail("vm", "boom");
     let st = t.status("vm");
     assert_eq!((st.boots, st.boots_ok, st.boots_failed), (1, 0, 1));
-    t.req(
-        1,
-        Request::Boot {
-            builder: "vm".into(),
-            force: true,
-        },
-    );
-    let generation = t.generation("vm");
-    t.ev(Event::InstanceExited {
-        builder: "vm".into(),
-        generation,
-        report: "qemu exited with status 1".into(),
-    });
+    t.boot_with(1, "vm", true);
+    t.exited("vm", "qemu exited with status 1");
     let st = t.status("vm");
     assert_eq!(
         (st.boots, st.boots_ok, st.boots_failed),
         (2, 0, 2),
         "exited while booting"
     );
-    t.req(
-        1,
-        Request::Boot {
-            builder: "vm".into(),
-            force: true,
-        },
-    );
+    t.boot_with(1, "vm", true);
     let st = t.status("vm");
     assert_eq!(
         (st.boots, st.boots_ok, st.boots_failed),
