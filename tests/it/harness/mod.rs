@@ -125,6 +125,30 @@ impl CmdOutput {
         self
     }
 
+    /// The one line of stderr that starts with `prefix` (panics, showing the whole output,
+    /// unless there is exactly one).
+    #[track_caller]
+    pub fn one_line(&self, prefix: &str) -> &str {
+        let lines: Vec<&str> = self
+            .stderr
+            .lines()
+            .filter(|l| l.starts_with(prefix))
+            .collect();
+        assert_eq!(
+            lines.len(),
+            1,
+            "want one line starting with {prefix:?}:\n{self}"
+        );
+        lines[0]
+    }
+
+    /// The hook's one `error: build of '<drv>' on '<uri>' failed: …` line, Nix's wording for
+    /// a remote build that failed.
+    #[track_caller]
+    pub fn hook_failure(&self, drv: &str, uri: &str) -> &str {
+        self.one_line(&format!("error: build of '{drv}' on '{uri}' failed: "))
+    }
+
     /// Non-empty stdout lines, trimmed.
     pub fn stdout_lines(&self) -> Vec<String> {
         self.stdout
