@@ -575,6 +575,22 @@ pub fn with_builder_keys(toml: &str, builder: &str, extra: &str) -> String {
     format!("{head}{extra}\n\n{boot}{tail}")
 }
 
+/// The `start end` uptimes (s) a timed build wrote to its output `text`, asserting it slept
+/// (at least 1.9 s); `what` names the output in the messages.
+#[track_caller]
+pub fn slept_interval(text: &str, what: &str) -> (f64, f64) {
+    let v: Vec<f64> = text
+        .split_whitespace()
+        .map(|x| {
+            x.parse()
+                .unwrap_or_else(|e| panic!("{what}: {text:?}: {e}"))
+        })
+        .collect();
+    assert_eq!(v.len(), 2, "{what}: {text:?}");
+    assert!(v[1] - v[0] >= 1.9, "{what} did not sleep: {text:?}");
+    (v[0], v[1])
+}
+
 /// The most intervals `(start, end)` that overlap at any instant; touching ends (one ends
 /// exactly when another starts) do not overlap.
 pub fn max_overlap(intervals: &[(f64, f64)]) -> usize {
