@@ -68,27 +68,13 @@ fn qemu_started_field(log: &str, key: &str) -> Option<String> {
     })
 }
 
-/// The boot durations the supervisor recorded for the VM (ms, oldest first).
-fn boot_history(cfg: &LazyConfig) -> Vec<u64> {
-    let text = std::fs::read_to_string(cfg.state_dir().join("boot-times.json")).unwrap_or_default();
-    let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
-    v["builders"][BUILDER]
-        .as_array()
-        .map(|a| a.iter().filter_map(|x| x.as_u64()).collect())
-        .unwrap_or_default()
-}
-
 #[test]
 fn qemu_aarch64_vm_boots_on_demand_builds_and_powers_off_when_idle() {
-    let _one_vm = boot::one_vm_test_at_a_time_blocking();
-    let img = boot::vm_image("aarch64");
-    let cfg = LazyConfig::write(&[with_builder_keys(
-        &img.toml,
-        BUILDER,
+    let LazyVm { cfg, daemon, .. } = &LazyVm::start(
+        "aarch64",
         "idle-timeout = \"4s\"\nboot-timeout = \"3m\"",
-    )]);
-    let _no_leftover_vm = KillMentioning(cfg.state_dir());
-    let daemon = LocalDaemon::start(cfg.daemon_opts(Duration::from_secs(60)));
+        Duration::from_secs(60),
+    );
     let (file1, input1) = prepare(&daemon, "lazy-qemu-1");
 
     let (out1, lines1, first1) = build_on_vm(&daemon, &file1, "lazy-qemu-1", &input1);
@@ -116,7 +102,7 @@ fn qemu_aarch64_vm_boots_on_demand_builds_and_powers_off_when_idle() {
     let st = cfg.status_of(&daemon, BUILDER);
     assert_eq!((st.state, st.boots), (State::Up, 1), "{st:?}");
     let port = st.ssh_port.expect("the forwarded port");
-    let boot_ms = boot_history(&cfg)[0];
+    let boot_ms = cfg.recorded_ms("builders", BUILDER)[0];
     eprintln!(
         "QEMU aarch64 VM: boot took {boot_ms} ms; first build log line at the client {first1:.2?} after nix-build started ({:.2?} over the boot; no boot history yet, so the first try postponed)",
         first1.saturating_sub(Duration::from_millis(boot_ms))
@@ -198,7 +184,7 @@ fn measure_cold_start_overhead() {
         let name = format!("lazy-qemu-cold-{run}");
         let (file, input) = prepare(&daemon, &name);
         let (_, _, first) = build_on_vm(&daemon, &file, &name, &input);
-        let history = boot_history(&cfg);
+        let history = cfg.recorded_ms("builders", BUILDER);
         wait_until("the VM to be down", Duration::from_secs(60), || {
             cfg.status_of(&daemon, BUILDER).state == State::Down
         });
