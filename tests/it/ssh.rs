@@ -336,15 +336,15 @@ const BOTH: [Kind; 2] = [Kind::OpenSsh, Kind::Dropbear];
 async fn exec_round_trip_stderr_and_status() {
     let keys = Keys::new();
     on_both(&keys, async |kind, session| {
-        let o = run_remote(&session, "echo hello", b"").await;
+        let o = run_remote(session, "echo hello", b"").await;
         assert_eq!(o.stdout, b"hello\n", "{kind:?}");
         assert_eq!(o.status, ExitStatus::Code(0));
 
-        let o = run_remote(&session, "cat", b"round trip\x00\xff bytes").await;
+        let o = run_remote(session, "cat", b"round trip\x00\xff bytes").await;
         assert_eq!(o.stdout, b"round trip\x00\xff bytes", "{kind:?}");
         assert!(o.stderr.is_empty());
 
-        let o = run_remote(&session, "echo out; echo err >&2; exit 3", b"").await;
+        let o = run_remote(session, "echo out; echo err >&2; exit 3", b"").await;
         assert_eq!(o.stdout, b"out\n", "{kind:?}");
         assert_eq!(o.stderr, b"err\n", "{kind:?}");
         assert_eq!(o.status, ExitStatus::Code(3), "{kind:?}");
@@ -352,7 +352,7 @@ async fn exec_round_trip_stderr_and_status() {
         // A quoted hostile argument arrives as one literal word.
         let hostile = "x'; echo INJECTED; '$(id)`id`";
         let cmd = shell_command(["printf", "%s", hostile]).expect("quote");
-        let o = run_remote(&session, &cmd, b"").await;
+        let o = run_remote(session, &cmd, b"").await;
         assert_eq!(String::from_utf8_lossy(&o.stdout), hostile, "{kind:?}");
 
         // Exit 127 is reported as "command not found".
@@ -375,8 +375,8 @@ async fn exec_round_trip_stderr_and_status() {
 
         // Several commands at once on one connection.
         let (a, b) = tokio::join!(
-            run_remote(&session, "sleep 0.3; echo a", b""),
-            run_remote(&session, "echo b", b"")
+            run_remote(session, "sleep 0.3; echo a", b""),
+            run_remote(session, "echo b", b"")
         );
         assert_eq!((a.stdout, b.stdout), (b"a\n".to_vec(), b"b\n".to_vec()));
     })
@@ -548,7 +548,7 @@ async fn big_streams_keep_their_integrity() {
     let keys = Keys::new();
     let (file, sum) = random_file(keys.dir.path(), 256 << 20);
     on_both(&keys, async |kind, session| {
-        let (push, pull) = push_pull(&session, &file, &sum).await;
+        let (push, pull) = push_pull(session, &file, &sum).await;
         eprintln!(
             "{kind:?}: 256 MiB push {push:.0} MB/s, pull {pull:.0} MB/s (this build's profile)"
         );

@@ -738,7 +738,7 @@ fn auto_start_detaches_and_inherits_no_descriptors() {
                 entry.file_name()
             );
         }
-        assert_eq!(mode(&state), 0o700);
+        assert_eq!(mode(state), 0o700);
         assert_eq!(mode(&log), 0o600);
         c.status().await.unwrap();
         let text = std::fs::read_to_string(&log).unwrap();
