@@ -389,6 +389,15 @@ pub fn skipped(test: &str, what: &str, why: &str) {
     }
 }
 
+/// How many runs a measurement run by hand makes: the number in the environment variable `var`,
+/// or `default`.
+pub fn runs_from_env(var: &str, default: usize) -> usize {
+    std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// Measures a smoke-test phase and prints it (visible with `--nocapture`), returning the value.
 pub fn timed<T>(what: &str, f: impl FnOnce() -> T) -> T {
     let start = Instant::now();
