@@ -150,6 +150,27 @@ impl CmdOutput {
         self.one_line(&format!("error: build of '{drv}' on '{uri}' failed: "))
     }
 
+    /// Panics, showing the whole output and saying `what`, unless stdout's lines are `want` in
+    /// some order (the output paths a `nix-build` printed).
+    #[track_caller]
+    pub fn assert_prints(&self, want: &[&str], what: &str) {
+        let mut printed = self.stdout_lines();
+        printed.sort();
+        let mut want: Vec<String> = want.iter().map(|w| (*w).to_owned()).collect();
+        want.sort();
+        assert_eq!(printed, want, "{what}:\n{self}");
+    }
+
+    /// The first stdout line (trimmed) that starts with `prefix`; panics, showing the whole
+    /// output, if there is none.
+    #[track_caller]
+    pub fn stdout_line(&self, prefix: &str) -> String {
+        self.stdout_lines()
+            .into_iter()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no stdout line starting with {prefix:?}:\n{self}"))
+    }
+
     /// Non-empty stdout lines, trimmed.
     pub fn stdout_lines(&self) -> Vec<String> {
         self.stdout
