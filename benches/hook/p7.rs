@@ -171,17 +171,6 @@ fn bare_boot(rt: &tokio::runtime::Runtime, builder: &Builder, dir: &Path) -> (Du
     })
 }
 
-/// The boot durations the supervisor recorded for the VM (ms, oldest first), as the test reads
-/// them.
-fn boot_history(cfg: &LazyConfig) -> Vec<u64> {
-    let text = std::fs::read_to_string(cfg.state_dir().join("boot-times.json")).unwrap_or_default();
-    let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
-    v["builders"][BUILDER]
-        .as_array()
-        .map(|a| a.iter().filter_map(|x| x.as_u64()).collect())
-        .unwrap_or_default()
-}
-
 fn measure(ctx: &Ctx, img: &VmImage) -> Row {
     let lock_path = vm_lock_file(&ctx.host_tmp);
     progress(&format!(
@@ -234,7 +223,7 @@ fn measure(ctx: &Ctx, img: &VmImage) -> Row {
         wait_until("the VM's idle power-off", Duration::from_secs(60), || {
             cfg.status_of(&daemon, BUILDER).state == State::Down
         });
-        let history = boot_history(&cfg);
+        let history = cfg.recorded_ms("builders", BUILDER);
         let (bare, a) = bare_boot(&rt, &builder, &bare_dir);
         accel = a;
         // As the test: `first.saturating_sub(bare)`.

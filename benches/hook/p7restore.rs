@@ -344,16 +344,6 @@ fn config(img: &VmImage, v: Variant) -> (LazyConfig, Builder) {
     (cfg, builder)
 }
 
-/// The supervisor's record of restores (ms, oldest first).
-fn restore_history(cfg: &LazyConfig) -> Vec<u64> {
-    let text = std::fs::read_to_string(cfg.state_dir().join("boot-times.json")).unwrap_or_default();
-    let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
-    v["restores"][BUILDER]
-        .as_array()
-        .map(|a| a.iter().filter_map(|x| x.as_u64()).collect())
-        .unwrap_or_default()
-}
-
 /// The timings of the "restored from the snapshot" lines of the supervisor's log
 /// (`running=… refreshed=… ready=…`, from QEMU's start), one per restore.
 fn restore_lines(cfg: &LazyConfig) -> Vec<String> {
@@ -502,7 +492,7 @@ fn measure(ctx: &Ctx, img: &VmImage) -> Vec<Row> {
     let restores = |s: &Series| {
         format!(
             "the supervisor's restores (boot-times.json) {:?} ms, QEMU start → running/refreshed/ready {}",
-            restore_history(&s.cfg),
+            s.cfg.recorded_ms("restores", BUILDER),
             restore_lines(&s.cfg).join(", ")
         )
     };

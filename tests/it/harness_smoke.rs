@@ -73,11 +73,7 @@ fn smoke(case: &str, local: Nix, remote_nix: Nix, scheme: Scheme) {
         drv.build(&daemon, &[])
     });
     out.assert_success();
-    let mut printed = out.stdout_lines();
-    printed.sort();
-    let mut want = vec![paths.out.clone(), paths.dev.clone()];
-    want.sort();
-    assert_eq!(printed, want, "nix-build's output paths");
+    out.assert_prints(&[&paths.out, &paths.dev], "nix-build's output paths");
     assert!(
         out.stderr.contains(&format!("on '{uri}'")),
         "the client was not told the build ran on {uri}:\n{out}"

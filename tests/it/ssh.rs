@@ -274,6 +274,25 @@ fn target(server: &Server, keys: &Keys) -> SshTarget {
     }
 }
 
+/// Starts `kind` with the client key authorized and connects to it with the default target.
+async fn connected(kind: Kind, keys: &Keys) -> (Server, ssh::Session) {
+    let server = Server::start(kind, keys, &[&keys.client]);
+    let session = ssh::connect(&target(&server, keys))
+        .await
+        .unwrap_or_else(|e| panic!("{kind:?}: connect: {e}"));
+    (server, session)
+}
+
+/// Runs `check` on a session to each kind of server in turn (one set of keys for both), and
+/// closes the session after it.
+async fn on_both(keys: &Keys, mut check: impl AsyncFnMut(Kind, &ssh::Session)) {
+    for kind in BOTH {
+        let (_server, session) = connected(kind, keys).await;
+        check(kind, &session).await;
+        session.close().await;
+    }
+}
+
 struct Output {
     stdout: Vec<u8>,
     stderr: Vec<u8>,
@@ -316,21 +335,16 @@ const BOTH: [Kind; 2] = [Kind::OpenSsh, Kind::Dropbear];
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exec_round_trip_stderr_and_status() {
     let keys = Keys::new();
-    for kind in BOTH {
-        let server = Server::start(kind, &keys, &[&keys.client]);
-        let session = ssh::connect(&target(&server, &keys))
-            .await
-            .unwrap_or_else(|e| panic!("{kind:?}: {e}"));
-
-        let o = run_remote(&session, "echo hello", b"").await;
+    on_both(&keys, async |kind, session| {
+        let o = run_remote(session, "echo hello", b"").await;
         assert_eq!(o.stdout, b"hello\n", "{kind:?}");
         assert_eq!(o.status, ExitStatus::Code(0));
 
-        let o = run_remote(&session, "cat", b"round trip\x00\xff bytes").await;
+        let o = run_remote(session, "cat", b"round trip\x00\xff bytes").await;
         assert_eq!(o.stdout, b"round trip\x00\xff bytes", "{kind:?}");
         assert!(o.stderr.is_empty());
 
-        let o = run_remote(&session, "echo out; echo err >&2; exit 3", b"").await;
+        let o = run_remote(session, "echo out; echo err >&2; exit 3", b"").await;
         assert_eq!(o.stdout, b"out\n", "{kind:?}");
         assert_eq!(o.stderr, b"err\n", "{kind:?}");
         assert_eq!(o.status, ExitStatus::Code(3), "{kind:?}");
@@ -338,7 +352,7 @@ async fn exec_round_trip_stderr_and_status() {
         // A quoted hostile argument arrives as one literal word.
         let hostile = "x'; echo INJECTED; '$(id)`id`";
         let cmd = shell_command(["printf", "%s", hostile]).expect("quote");
-        let o = run_remote(&session, &cmd, b"").await;
+        let o = run_remote(session, &cmd, b"").await;
         assert_eq!(String::from_utf8_lossy(&o.stdout), hostile, "{kind:?}");
 
         // Exit 127 is reported as "command not found".
@@ -361,23 +375,18 @@ async fn exec_round_trip_stderr_and_status() {
 
         // Several commands at once on one connection.
         let (a, b) = tokio::join!(
-            run_remote(&session, "sleep 0.3; echo a", b""),
-            run_remote(&session, "echo b", b"")
+            run_remote(session, "sleep 0.3; echo a", b""),
+            run_remote(session, "echo b", b"")
         );
         assert_eq!((a.stdout, b.stdout), (b"a\n".to_vec(), b"b\n".to_vec()));
-
-        session.close().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn negotiates_fast_ciphers_with_both_servers() {
     let keys = Keys::new();
-    for kind in BOTH {
-        let server = Server::start(kind, &keys, &[&keys.client]);
-        let session = ssh::connect(&target(&server, &keys))
-            .await
-            .expect("connect");
+    on_both(&keys, async |kind, session| {
         let n = session.negotiated().clone();
         eprintln!("{kind:?}: {n:?}");
         assert_eq!(
@@ -389,18 +398,14 @@ async fn negotiates_fast_ciphers_with_both_servers() {
         if kind == Kind::Dropbear {
             assert_eq!(n.cipher, "chacha20-poly1305@openssh.com");
         }
-        session.close().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_fail_instead_of_hanging_when_the_command_stops_reading() {
     let keys = Keys::new();
-    for kind in BOTH {
-        let server = Server::start(kind, &keys, &[&keys.client]);
-        let session = ssh::connect(&target(&server, &keys))
-            .await
-            .expect("connect");
+    on_both(&keys, async |kind, session| {
         let ssh::Exec {
             mut stdin,
             mut stdout,
@@ -427,7 +432,8 @@ async fn writes_fail_instead_of_hanging_when_the_command_stops_reading() {
         stdout.read_to_end(&mut out).await.expect("stdout");
         assert_eq!(out, b"done\n");
         assert_eq!(status.wait().await.expect("status"), ExitStatus::Code(0));
-    }
+    })
+    .await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -442,6 +448,20 @@ fn random_file(dir: &Path, bytes: u64) -> (PathBuf, String) {
     )));
     let sum = run(Command::new("sha256sum").arg(&path));
     (path, sum.split_whitespace().next().expect("sum").to_owned())
+}
+
+/// Reads `stdout` to its end in 256 KiB chunks, handing each to `each`; returns the byte count.
+async fn pull(stdout: &mut ssh::ExecOutput, mut each: impl FnMut(&[u8])) -> u64 {
+    let mut buf = vec![0u8; 256 << 10];
+    let mut total = 0u64;
+    loop {
+        let n = stdout.read(&mut buf).await.expect("pull");
+        if n == 0 {
+            return total;
+        }
+        total += n as u64;
+        each(&buf[..n]);
+    }
 }
 
 /// Pushes `file` into `sha256sum` on the builder and pulls it back with `cat`, checking both
@@ -498,16 +518,10 @@ async fn push_pull(session: &ssh::Session, file: &Path, expected: &str) -> (f64,
             sink.write_all(&chunk).expect("feed sha256sum");
         }
     });
-    let mut buf = vec![0u8; 256 << 10];
-    let mut total = 0u64;
-    loop {
-        let n = stdout.read(&mut buf).await.expect("pull");
-        if n == 0 {
-            break;
-        }
-        total += n as u64;
-        tx.send(buf[..n].to_vec()).expect("to hasher");
-    }
+    let total = pull(&mut stdout, |chunk| {
+        tx.send(chunk.to_vec()).expect("to hasher")
+    })
+    .await;
     drop(tx);
     feeder.join().expect("feeder");
     let mut sum = String::new();
@@ -533,17 +547,13 @@ async fn push_pull(session: &ssh::Session, file: &Path, expected: &str) -> (f64,
 async fn big_streams_keep_their_integrity() {
     let keys = Keys::new();
     let (file, sum) = random_file(keys.dir.path(), 256 << 20);
-    for kind in BOTH {
-        let server = Server::start(kind, &keys, &[&keys.client]);
-        let session = ssh::connect(&target(&server, &keys))
-            .await
-            .expect("connect");
-        let (push, pull) = push_pull(&session, &file, &sum).await;
+    on_both(&keys, async |kind, session| {
+        let (push, pull) = push_pull(session, &file, &sum).await;
         eprintln!(
             "{kind:?}: 256 MiB push {push:.0} MB/s, pull {pull:.0} MB/s (this build's profile)"
         );
-        session.close().await;
-    }
+    })
+    .await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -823,107 +833,98 @@ async fn quiet_commands_survive_because_keepalives_are_answered() {
     }
 }
 
-async fn frozen_peer_is_detected(kind: Kind) {
-    let keys = Keys::new();
-    let server = Server::start(kind, &keys, &[&keys.client]);
-    let t = target(&server, &keys);
-    let session = ssh::connect(&t).await.expect("connect");
-    let ssh::Exec {
-        stdin,
-        mut stdout,
-        stderr,
-        status,
-    } = session.exec("echo started; sleep 600").await.expect("exec");
-    let mut first = [0u8; 8];
-    stdout.read_exact(&mut first).await.expect("first line");
-    assert_eq!(&first, b"started\n");
-
+/// Freezes `server`'s processes and gives `io` up to 60 s (panicking with `undetected` past
+/// that), then kills the frozen processes; returns `io`'s result and how long it took.
+async fn while_frozen<T>(
+    server: &Server,
+    io: impl Future<Output = T>,
+    undetected: &str,
+) -> (T, Duration) {
     let frozen = server.freeze();
     let started = Instant::now();
-    let mut rest = Vec::new();
-    let r = tokio::time::timeout(Duration::from_secs(60), stdout.read_to_end(&mut rest))
+    let r = tokio::time::timeout(Duration::from_secs(60), io)
         .await
-        .expect("a frozen peer must be detected");
+        .expect(undetected);
     let took = started.elapsed();
     kill_frozen(&frozen);
-    let e = r.expect_err("the stream must fail, not end cleanly");
-    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionAborted, "{e}");
-    assert!(e.to_string().contains("keepalive"), "{e}");
-    eprintln!("{kind:?}: frozen peer detected after {took:?}: {e}");
-    assert!(
-        took >= Duration::from_secs(9) && took < Duration::from_secs(40),
-        "{kind:?}: detected after {took:?}"
-    );
-    let err = status.wait().await.expect_err("no exit status");
-    assert!(matches!(err.kind, SshErrorKind::Disconnected(_)), "{err}");
-    assert!(session.is_closed() || session.disconnect_reason().is_some());
-    drop((stdin, stderr));
+    (r, took)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frozen_peer_is_detected_by_keepalive() {
+    let keys = Keys::new();
+    for kind in BOTH {
+        let (server, session) = connected(kind, &keys).await;
+        let ssh::Exec {
+            stdin,
+            mut stdout,
+            stderr,
+            status,
+        } = session.exec("echo started; sleep 600").await.expect("exec");
+        let mut first = [0u8; 8];
+        stdout.read_exact(&mut first).await.expect("first line");
+        assert_eq!(&first, b"started\n");
+
+        let mut rest = Vec::new();
+        let (r, took) = while_frozen(
+            &server,
+            stdout.read_to_end(&mut rest),
+            "a frozen peer must be detected",
+        )
+        .await;
+        let e = r.expect_err("the stream must fail, not end cleanly");
+        assert_eq!(e.kind(), std::io::ErrorKind::ConnectionAborted, "{e}");
+        assert!(e.to_string().contains("keepalive"), "{e}");
+        eprintln!("{kind:?}: frozen peer detected after {took:?}: {e}");
+        assert!(
+            took >= Duration::from_secs(9) && took < Duration::from_secs(40),
+            "{kind:?}: detected after {took:?}"
+        );
+        let err = status.wait().await.expect_err("no exit status");
+        assert!(matches!(err.kind, SshErrorKind::Disconnected(_)), "{err}");
+        assert!(session.is_closed() || session.disconnect_reason().is_some());
+        drop((stdin, stderr));
+    }
 }
 
 /// The builder freezes while we upload: the writer is parked waiting for window space that will
 /// never come. It must fail (naming the cause), not hang.
-async fn frozen_peer_during_upload_is_detected(kind: Kind) {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frozen_peer_during_upload_is_detected() {
     let keys = Keys::new();
-    let server = Server::start(kind, &keys, &[&keys.client]);
-    let session = ssh::connect(&target(&server, &keys))
-        .await
-        .expect("connect");
-    let ssh::Exec {
-        mut stdin,
-        stdout,
-        stderr,
-        status,
-    } = session.exec("cat > /dev/null").await.expect("exec");
-    drop((stdout, stderr, status));
-    let chunk = vec![1u8; 64 << 10];
-    for _ in 0..64 {
-        stdin.write_all(&chunk).await.expect("upload while alive");
-    }
-    let frozen = server.freeze();
-    let started = Instant::now();
-    let upload = async {
-        loop {
-            stdin.write_all(&chunk).await?;
+    for kind in BOTH {
+        let (server, session) = connected(kind, &keys).await;
+        // Only stdin is kept: the rest of the exec is dropped at once.
+        let mut stdin = session.exec("cat > /dev/null").await.expect("exec").stdin;
+        let chunk = vec![1u8; 64 << 10];
+        for _ in 0..64 {
+            stdin.write_all(&chunk).await.expect("upload while alive");
         }
-        #[allow(unreachable_code)]
-        Ok::<(), std::io::Error>(())
-    };
-    let r = tokio::time::timeout(Duration::from_secs(60), upload)
-        .await
-        .expect("a frozen peer must be detected during an upload");
-    let took = started.elapsed();
-    kill_frozen(&frozen);
-    let e = r.expect_err("upload must fail");
-    eprintln!("{kind:?}: frozen peer detected during upload after {took:?}: {e}");
-    assert_eq!(e.kind(), std::io::ErrorKind::BrokenPipe, "{e}");
-    assert!(
-        e.to_string().contains("keepalive") || e.to_string().contains("nothing could be sent"),
-        "{e}"
-    );
-    assert!(
-        took < Duration::from_secs(40),
-        "{kind:?}: detected after {took:?}"
-    );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn frozen_openssh_during_upload_is_detected() {
-    frozen_peer_during_upload_is_detected(Kind::OpenSsh).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn frozen_dropbear_during_upload_is_detected() {
-    frozen_peer_during_upload_is_detected(Kind::Dropbear).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn frozen_openssh_is_detected_by_keepalive() {
-    frozen_peer_is_detected(Kind::OpenSsh).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn frozen_dropbear_is_detected_by_keepalive() {
-    frozen_peer_is_detected(Kind::Dropbear).await;
+        let upload = async {
+            loop {
+                stdin.write_all(&chunk).await?;
+            }
+            #[allow(unreachable_code)]
+            Ok::<(), std::io::Error>(())
+        };
+        let (r, took) = while_frozen(
+            &server,
+            upload,
+            "a frozen peer must be detected during an upload",
+        )
+        .await;
+        let e = r.expect_err("upload must fail");
+        eprintln!("{kind:?}: frozen peer detected during upload after {took:?}: {e}");
+        assert_eq!(e.kind(), std::io::ErrorKind::BrokenPipe, "{e}");
+        assert!(
+            e.to_string().contains("keepalive") || e.to_string().contains("nothing could be sent"),
+            "{e}"
+        );
+        assert!(
+            took < Duration::from_secs(40),
+            "{kind:?}: detected after {took:?}"
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1034,16 +1035,7 @@ async fn russh_rate(session: &ssh::Session, push: bool, bytes: u64) -> Rate {
             .await
             .expect("exec");
         drop((stdin, stderr));
-        let mut buf = vec![0u8; 256 << 10];
-        let mut total = 0u64;
-        loop {
-            let n = stdout.read(&mut buf).await.expect("pull");
-            if n == 0 {
-                break;
-            }
-            total += n as u64;
-        }
-        assert_eq!(total, bytes);
+        assert_eq!(pull(&mut stdout, |_| {}).await, bytes);
         assert!(status.wait().await.expect("status").success());
     }
     Rate {
@@ -1058,10 +1050,7 @@ async fn throughput_1gib_vs_openssh_client() {
     const GIB: u64 = 1 << 30;
     let keys = Keys::new();
     for kind in BOTH {
-        let server = Server::start(kind, &keys, &[&keys.client]);
-        let session = ssh::connect(&target(&server, &keys))
-            .await
-            .expect("connect");
+        let (server, session) = connected(kind, &keys).await;
         let cipher = session.negotiated().cipher.clone();
         for push in [true, false] {
             // Interleaved rounds, best of each: this machine is shared and noisy.

@@ -382,6 +382,38 @@ fn non_utf8_machines_files_are_read_lossily_like_nix() {
     assert!(e.to_string().contains("does not decode to text"), "{e}");
 }
 
+/// `text` after the edits `muts`, each `(at, c, op)` at `at` modulo the length: op 0 replaces a
+/// character with `c`, 1 inserts `c`, 2 deletes a character, 3 repeats the line (duplicate keys
+/// and tables). An edit of an empty text other than an insert does nothing.
+fn mutated(text: &str, muts: Vec<(usize, char, u8)>) -> String {
+    let mut chars: Vec<char> = text.chars().collect();
+    for (at, c, op) in muts {
+        let n = chars.len();
+        match op {
+            0 if n > 0 => chars[at % n] = c,
+            1 => chars.insert(at % (n + 1), c),
+            2 if n > 0 => {
+                chars.remove(at % n);
+            }
+            3 if n > 0 => {
+                let at = at % n;
+                let start = chars[..at]
+                    .iter()
+                    .rposition(|&c| c == '\n')
+                    .map_or(0, |i| i + 1);
+                let end = chars[at..]
+                    .iter()
+                    .position(|&c| c == '\n')
+                    .map_or(n, |i| at + i + 1);
+                let line: Vec<char> = chars[start..end].to_vec();
+                chars.splice(end..end, line);
+            }
+            _ => {}
+        }
+    }
+    chars.into_iter().collect()
+}
+
 proptest! {
     #![proptest_config(cfg(1024))]
 
@@ -407,17 +439,7 @@ proptest! {
     fn machines_mutated(
         muts in prop::collection::vec((any::<usize>(), any::<char>(), 0u8..3), 1..8),
     ) {
-        let mut chars: Vec<char> = valid_machines().chars().collect();
-        for (at, c, op) in muts {
-            let n = chars.len();
-            match op {
-                0 if n > 0 => chars[at % n] = c,
-                1 => chars.insert(at % (n + 1), c),
-                _ if n > 0 => { chars.remove(at % n); }
-                _ => {}
-            }
-        }
-        let spec: String = chars.into_iter().collect();
+        let spec = mutated(&valid_machines(), muts);
         check_machines(&spec, b"ssh://x aarch64-linux\n", b"", None)?;
     }
 }
@@ -607,24 +629,6 @@ proptest! {
     fn toml_mutated(
         muts in prop::collection::vec((any::<usize>(), any::<char>(), 0u8..4), 1..8),
     ) {
-        let mut chars: Vec<char> = valid_toml().chars().collect();
-        for (at, c, op) in muts {
-            let n = chars.len();
-            match op {
-                0 if n > 0 => chars[at % n] = c,
-                1 => chars.insert(at % (n + 1), c),
-                2 if n > 0 => { chars.remove(at % n); }
-                // Repeat a line: duplicate keys and tables.
-                _ if n > 0 => {
-                    let at = at % n;
-                    let start = chars[..at].iter().rposition(|&c| c == '\n').map_or(0, |i| i + 1);
-                    let end = chars[at..].iter().position(|&c| c == '\n').map_or(n, |i| at + i + 1);
-                    let line: Vec<char> = chars[start..end].to_vec();
-                    chars.splice(end..end, line);
-                }
-                _ => {}
-            }
-        }
-        check_toml(&chars.into_iter().collect::<String>())?;
+        check_toml(&mutated(&valid_toml(), muts))?;
     }
 }

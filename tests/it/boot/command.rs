@@ -30,8 +30,50 @@ fn command_builder(
     )
 }
 
-fn deadline(secs: u64) -> Instant {
-    Instant::now() + Duration::from_secs(secs)
+/// An sshd fixture with its own `/nix`, and the boot command that starts it in a mount
+/// namespace of its own (needs root).
+fn namespaced_sshd() -> (Sshd, String) {
+    require_root();
+    let sshd = Sshd::new();
+    let script = sshd.namespaced_start_script();
+    (sshd, script.to_str().unwrap().to_owned())
+}
+
+/// A command whose shell leaves a grandchild behind it (its pid in `grandchild.pid`).
+const WITH_GRANDCHILD: [&str; 3] = [
+    "/bin/sh",
+    "-c",
+    "sleep 300 & echo $! > grandchild.pid; wait",
+];
+
+/// A builder's instance, started in a state dir of its own.
+struct Started {
+    b: nix_lazy_builder::config::Builder,
+    port: u16,
+    ctx: boot::BootContext,
+    inst: boot::Instance,
+    _state: tempfile::TempDir,
+}
+
+impl Started {
+    /// Starts `b`, a builder at `sshd`'s port.
+    async fn new(sshd: &Sshd, b: nix_lazy_builder::config::Builder) -> Started {
+        let (_state, ctx) = context(&b);
+        let inst = start(&b, &ctx).await;
+        Started {
+            b,
+            port: sshd.port,
+            ctx,
+            inst,
+            _state,
+        }
+    }
+
+    /// Waits at most `secs` for the instance's SSH (with the pinned host key) and Nix to answer.
+    async fn ready_within(&mut self, secs: u64) -> Result<boot::Ready, BootError> {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        boot::wait_ready(&self.b, self.port, &mut self.inst, deadline).await
+    }
 }
 
 fn quick_stop() -> StopHow {
@@ -44,29 +86,24 @@ fn quick_stop() -> StopHow {
 
 #[tokio::test]
 async fn sshd_with_its_own_store_is_ready_and_stops_by_signal() {
-    require_root();
-    let sshd = Sshd::new();
-    let script = sshd.namespaced_start_script();
-    let b = command_builder(&sshd, &[script.to_str().unwrap()], "");
-    let (_state, ctx) = context(&b);
+    let (sshd, script) = namespaced_sshd();
+    let b = command_builder(&sshd, &[&script], "");
 
     let t0 = Instant::now();
-    let mut inst = start(&b, &ctx).await;
+    let mut s = Started::new(&sshd, b).await;
     assert_eq!(
-        inst.ssh_port(),
+        s.inst.ssh_port(),
         None,
         "a command builder uses the URI's port"
     );
-    assert!(inst.accel().is_none());
-    let pid = inst.pid().unwrap();
-    let ready = boot::wait_ready(&b, sshd.port, &mut inst, deadline(60))
-        .await
-        .unwrap_or_else(|e| {
-            panic!(
-                "not ready: {e}\n{}",
-                std::fs::read_to_string(ctx.dir.join("command.log")).unwrap_or_default()
-            )
-        });
+    assert!(s.inst.accel().is_none());
+    let pid = s.inst.pid().unwrap();
+    let ready = s.ready_within(60).await.unwrap_or_else(|e| {
+        panic!(
+            "not ready: {e}\n{}",
+            std::fs::read_to_string(s.ctx.dir.join("command.log")).unwrap_or_default()
+        )
+    });
     eprintln!(
         "command sshd ready in {:?} ({} banner attempts): {}",
         t0.elapsed(),
@@ -87,10 +124,10 @@ async fn sshd_with_its_own_store_is_ready_and_stops_by_signal() {
         "the remote's /nix is not the fixture's: {listing}"
     );
     // sshd's own log went to command.log in the state dir.
-    let log = std::fs::read_to_string(ctx.dir.join("command.log")).unwrap();
+    let log = std::fs::read_to_string(s.ctx.dir.join("command.log")).unwrap();
     assert!(log.contains("Server listening on 127.0.0.1"), "{log}");
 
-    let report = inst.stop(quick_stop()).await;
+    let report = s.inst.stop(quick_stop()).await;
     eprintln!("{report}");
     assert_eq!(report.step, StopStep::StopSignal(libc::SIGTERM), "{report}");
     assert!(report.failed_steps.is_empty(), "{report}");
@@ -104,9 +141,7 @@ async fn sshd_with_its_own_store_is_ready_and_stops_by_signal() {
 
 #[tokio::test]
 async fn stop_command_stops_it() {
-    require_root();
-    let sshd = Sshd::new();
-    let script = sshd.namespaced_start_script();
+    let (sshd, script) = namespaced_sshd();
     let stopped = sshd.path().join("stop-ran");
     let stop = format!(
         "echo \"$NIX_LAZY_BUILDER_BUILDER $NIX_LAZY_BUILDER_PID\" > {}; kill -TERM \"$NIX_LAZY_BUILDER_PID\"",
@@ -114,16 +149,13 @@ async fn stop_command_stops_it() {
     );
     let b = command_builder(
         &sshd,
-        &[script.to_str().unwrap()],
+        &[&script],
         &format!("stop-command = {}", toml_list(&["/bin/sh", "-c", &stop])),
     );
-    let (_state, ctx) = context(&b);
-    let mut inst = start(&b, &ctx).await;
-    let pid = inst.pid().unwrap();
-    boot::wait_ready(&b, sshd.port, &mut inst, deadline(60))
-        .await
-        .expect("ready");
-    let report = inst.stop(quick_stop()).await;
+    let mut s = Started::new(&sshd, b).await;
+    let pid = s.inst.pid().unwrap();
+    s.ready_within(60).await.expect("ready");
+    let report = s.inst.stop(quick_stop()).await;
     eprintln!("{report}");
     assert_eq!(report.step, StopStep::StopCommand, "{report}");
     assert_eq!(
@@ -147,12 +179,9 @@ async fn command_that_exits_at_once_names_the_exit_and_its_last_line() {
         ],
         "",
     );
-    let (_state, ctx) = context(&b);
-    let mut inst = start(&b, &ctx).await;
+    let mut s = Started::new(&sshd, b).await;
     let t0 = Instant::now();
-    let err = boot::wait_ready(&b, sshd.port, &mut inst, deadline(60))
-        .await
-        .expect_err("must fail");
+    let err = s.ready_within(60).await.expect_err("must fail");
     let msg = err.to_string();
     eprintln!("{msg}");
     assert!(
@@ -171,20 +200,16 @@ async fn command_that_exits_at_once_names_the_exit_and_its_last_line() {
     );
     assert!(!msg.contains('\n'));
     // stop() of an already exited instance says so.
-    let report = inst.stop(StopHow::forced()).await;
+    let report = s.inst.stop(StopHow::forced()).await;
     assert_eq!(report.step, StopStep::AlreadyExited);
 }
 
 #[tokio::test]
 async fn command_that_never_opens_its_port_times_out() {
     let sshd = Sshd::new(); // only for its (unused) port and keys
-    let b = command_builder(&sshd, &["sleep", "300"], "");
-    let (_state, ctx) = context(&b);
-    let mut inst = start(&b, &ctx).await;
+    let mut s = Started::new(&sshd, command_builder(&sshd, &["sleep", "300"], "")).await;
     let t0 = Instant::now();
-    let err = boot::wait_ready(&b, sshd.port, &mut inst, deadline(3))
-        .await
-        .expect_err("must time out");
+    let err = s.ready_within(3).await.expect_err("must time out");
     let took = t0.elapsed();
     let msg = err.to_string();
     eprintln!("{msg}");
@@ -200,17 +225,15 @@ async fn command_that_never_opens_its_port_times_out() {
             sshd.port
         )
     );
-    let pid = inst.pid().unwrap();
-    let report = inst.stop(quick_stop()).await;
+    let pid = s.inst.pid().unwrap();
+    let report = s.inst.stop(quick_stop()).await;
     assert_eq!(report.step, StopStep::StopSignal(libc::SIGTERM));
     assert!(!alive(pid));
 }
 
 #[tokio::test]
 async fn wrong_host_key_fails_at_once() {
-    require_root();
-    let sshd = Sshd::new();
-    let script = sshd.namespaced_start_script();
+    let (sshd, script) = namespaced_sshd();
     // Pin another key than the server's.
     let other = sshd.path().join("other_key");
     keygen(&other, "someone-else");
@@ -221,17 +244,11 @@ async fn wrong_host_key_fails_at_once() {
         &["x86_64-linux"],
         &sshd.client_key,
         other_line.trim(),
-        &format!(
-            "kind = \"command\"\ncommand = {}\n",
-            toml_list(&[script.to_str().unwrap()])
-        ),
+        &format!("kind = \"command\"\ncommand = {}\n", toml_list(&[&script])),
     );
-    let (_state, ctx) = context(&b);
-    let mut inst = start(&b, &ctx).await;
+    let mut s = Started::new(&sshd, b).await;
     let t0 = Instant::now();
-    let err = boot::wait_ready(&b, sshd.port, &mut inst, deadline(60))
-        .await
-        .expect_err("must fail");
+    let err = s.ready_within(60).await.expect_err("must fail");
     let msg = err.to_string();
     eprintln!("{msg}");
     assert!(matches!(err, BootError::Ssh(_)), "{err:?}");
@@ -241,7 +258,7 @@ async fn wrong_host_key_fails_at_once() {
         "a wrong host key must not be retried until the deadline ({:?})",
         t0.elapsed()
     );
-    inst.stop(quick_stop()).await;
+    s.inst.stop(quick_stop()).await;
 }
 
 #[tokio::test]
@@ -249,16 +266,15 @@ async fn ignored_stop_signal_escalates_to_sigkill() {
     let sshd = Sshd::new();
     // The shell and its sleep ignore SIGTERM (an ignored signal stays ignored across exec).
     let b = command_builder(&sshd, &["/bin/sh", "-c", "trap '' TERM; sleep 300"], "");
-    let (_state, ctx) = context(&b);
-    let inst = start(&b, &ctx).await;
-    let pid = inst.pid().unwrap();
+    let s = Started::new(&sshd, b).await;
+    let pid = s.inst.pid().unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
     let how = StopHow {
         graceful_timeout: Duration::from_millis(500),
         signal_timeout: Duration::from_millis(500),
         ..StopHow::graceful(None)
     };
-    let report = inst.stop(how).await;
+    let report = s.inst.stop(how).await;
     eprintln!("{report}");
     assert_eq!(report.step, StopStep::Kill, "{report}");
     assert_eq!(report.failed_steps.len(), 2, "{report}");
@@ -276,28 +292,25 @@ async fn ignored_stop_signal_escalates_to_sigkill() {
 #[tokio::test]
 async fn dropping_the_instance_kills_the_process_group() {
     let sshd = Sshd::new();
-    let b = command_builder(
-        &sshd,
-        &[
-            "/bin/sh",
-            "-c",
-            "sleep 300 & echo $! > grandchild.pid; wait",
-        ],
-        "",
-    );
-    let (_state, ctx) = context(&b);
-    let inst = start(&b, &ctx).await;
-    let leader = inst.pid().unwrap();
-    let gc = read_pid(&ctx.dir.join("grandchild.pid"), Duration::from_secs(10));
+    let s = Started::new(&sshd, command_builder(&sshd, &WITH_GRANDCHILD, "")).await;
+    let leader = s.inst.pid().unwrap();
+    let gc = read_pid(&s.ctx.dir.join("grandchild.pid"), Duration::from_secs(10));
     assert!(alive(gc) && alive(leader));
-    drop(inst);
+    drop(s.inst);
+    assert_group_gone(leader, gc, "the drop");
+}
+
+/// Asserts that a process group's `leader` and its grandchild `gc` are gone within 5 s of
+/// `event`.
+#[track_caller]
+fn assert_group_gone(leader: u32, gc: u32, event: &str) {
     assert!(
         wait_gone(gc, Duration::from_secs(5)),
-        "grandchild {gc} survived the drop"
+        "grandchild {gc} survived {event}"
     );
     assert!(
         wait_gone(leader, Duration::from_secs(5)),
-        "leader {leader} survived the drop"
+        "leader {leader} survived {event}"
     );
 }
 
@@ -323,14 +336,7 @@ fn supervisor_death_takes_the_process_group_along() {
     // SAFETY: kill on a pid we spawned.
     unsafe { libc::kill(helper.id() as i32, libc::SIGKILL) };
     let _ = helper.wait();
-    assert!(
-        wait_gone(gc, Duration::from_secs(5)),
-        "grandchild {gc} outlived the supervisor"
-    );
-    assert!(
-        wait_gone(leader, Duration::from_secs(5)),
-        "leader {leader} outlived the supervisor"
-    );
+    assert_group_gone(leader, gc, "the supervisor's death");
 }
 
 /// Not a test on its own: run by `supervisor_death_takes_the_process_group_along`.
@@ -342,15 +348,7 @@ async fn fake_supervisor_helper() {
     };
     let dir = Path::new(&dir);
     let sshd = Sshd::new();
-    let b = command_builder(
-        &sshd,
-        &[
-            "/bin/sh",
-            "-c",
-            "sleep 300 & echo $! > grandchild.pid; wait",
-        ],
-        "",
-    );
+    let b = command_builder(&sshd, &WITH_GRANDCHILD, "");
     let ctx = boot::BootContext::new(&b, dir.to_owned());
     let inst = start(&b, &ctx).await;
     std::fs::write(dir.join("leader.pid"), inst.pid().unwrap().to_string()).unwrap();

@@ -69,9 +69,7 @@ fn kvm_known_broken_here() -> bool {
 
 #[tokio::test]
 async fn aarch64_vm_boots_answers_and_powers_off_over_ssh() {
-    require_root();
-    let _one_vm = one_vm_test_at_a_time().await;
-    let img = vm_image("aarch64");
+    let (_one_vm, img) = vm_test("aarch64").await;
     let b = img.builder();
     let (_state, ctx) = context(&b);
 
@@ -105,9 +103,7 @@ async fn aarch64_vm_boots_answers_and_powers_off_over_ssh() {
 
 #[tokio::test]
 async fn x86_64_auto_accel_probes_kvm_falls_back_and_powers_off_by_acpi() {
-    require_root();
-    let _one_vm = one_vm_test_at_a_time().await;
-    let img = vm_image("x86_64");
+    let (_one_vm, img) = vm_test("x86_64").await;
     let b = img.builder();
     let (_state, ctx) = context(&b);
     let (inst, port, took, version) = boot_ready(&b, &ctx).await;
@@ -167,8 +163,7 @@ async fn silent_kvm_guest_is_caught_by_the_probe_and_remembered() {
         );
         return;
     }
-    let _one_vm = one_vm_test_at_a_time().await;
-    let img = vm_image("x86_64");
+    let (_one_vm, img) = vm_test("x86_64").await;
     let b = img.builder_with(|t| set_key(t, "cpu", "\"qemu64\""));
     let (_state, ctx) = context(&b);
     let t0 = Instant::now();
@@ -217,9 +212,7 @@ async fn silent_kvm_guest_is_caught_by_the_probe_and_remembered() {
 
 #[tokio::test]
 async fn port_zero_gives_two_vms_different_ports() {
-    require_root();
-    let _one_vm = one_vm_test_at_a_time().await;
-    let img = vm_image("x86_64");
+    let (_one_vm, img) = vm_test("x86_64").await;
     let b = img.builder_with(|t| set_key(t, "accel", "\"tcg\""));
     let (_s1, ctx1) = context(&b);
     let (_s2, ctx2) = context(&b);
@@ -273,9 +266,7 @@ fn stand_in_runner(img: &VmImage, dir: &std::path::Path) -> std::path::PathBuf {
 
 #[tokio::test]
 async fn runner_script_gets_qmp_and_the_port_forward_through_its_variables() {
-    require_root();
-    let _one_vm = one_vm_test_at_a_time().await;
-    let img = vm_image("x86_64");
+    let (_one_vm, img) = vm_test("x86_64").await;
     let tmp = tempfile::tempdir().unwrap();
     let runner = stand_in_runner(&img, tmp.path());
     let b = img.builder_with(|t| {
@@ -307,17 +298,12 @@ async fn runner_script_gets_qmp_and_the_port_forward_through_its_variables() {
 
 #[tokio::test]
 async fn ephemeral_disk_gets_a_throw_away_overlay() {
-    require_root();
-    let _one_vm = one_vm_test_at_a_time().await;
-    let img = vm_image("x86_64");
+    let (_one_vm, img) = vm_test("x86_64").await;
     let tmp = tempfile::tempdir().unwrap();
     // A blank disk: the guest formats /dev/vda and mounts it on /nix. With `ephemeral` that
     // must happen in the overlay only.
     let disk = tmp.path().join("blank.raw");
-    std::fs::File::create(&disk)
-        .unwrap()
-        .set_len(64 << 20)
-        .unwrap();
+    blank_disk(&disk);
     let b = img.builder_with(|t| {
         let t = set_key(t, "accel", "\"tcg\"");
         let t = set_key(t, "disk", &toml_str(disk.to_str().unwrap()));
@@ -406,10 +392,7 @@ async fn qemu_that_cannot_start_says_why_in_one_line() {
 async fn measure_boot_to_ready() {
     require_root();
     let _one_vm = one_vm_test_at_a_time().await;
-    let runs: usize = std::env::var("NLB_BOOT_RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5);
+    let runs = runs_from_env("NLB_BOOT_RUNS", 5);
     for arch in ["x86_64", "aarch64"] {
         let img = vm_image(arch);
         // The probe is measured separately (x86_64 test); here TCG straight away.

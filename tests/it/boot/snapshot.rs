@@ -14,7 +14,7 @@ use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::harness::boot::*;
-use crate::harness::{require_root, toml_str};
+use crate::harness::toml_str;
 use nix_lazy_builder::boot::{self, BootContext, BootKind, Instance, StopHow, snapshot};
 use nix_lazy_builder::config::Builder;
 
@@ -151,16 +151,11 @@ fn server_kex(port: u16) -> (Vec<u8>, Vec<u8>) {
     (cookie, reply[at + 4..at + 4 + q_s].to_vec())
 }
 
-fn snapshot_image(arch: &str) -> Builder {
-    vm_image(arch).builder_with(|t| set_key(t, "snapshot", "true"))
-}
-
 /// Cold (makes the snapshot), then two restores, each after a stop: the right architecture,
 /// fresh randomness, fresh SSH ephemeral keys, the host's time.
 async fn cold_then_two_fresh_restores(arch: &str) {
-    require_root();
-    let _one_vm = one_vm_test_at_a_time().await;
-    let b = snapshot_image(arch);
+    let (_one_vm, img) = vm_test(arch).await;
+    let b = img.builder_with(|t| set_key(t, "snapshot", "true"));
     let (_state, ctx) = context(&b);
 
     let (inst, port, took) = up(&b, &ctx).await;
@@ -242,9 +237,7 @@ fn note(inst: &Instance) -> String {
 /// builder works, and the next boot restores the new snapshot.
 #[tokio::test]
 async fn damaged_or_outdated_snapshots_are_remade() {
-    require_root();
-    let _one_vm = one_vm_test_at_a_time().await;
-    let img = vm_image("aarch64");
+    let (_one_vm, img) = vm_test("aarch64").await;
     let b = img.builder_with(|t| set_key(t, "snapshot", "true"));
     let (_state, ctx) = context(&b);
     let files = snapshot::Layout::new(&ctx.dir).current();
@@ -344,9 +337,7 @@ async fn damaged_or_outdated_snapshots_are_remade() {
 /// RAM holds the guest's host key) is removed.
 #[tokio::test]
 async fn turning_snapshots_off_removes_the_snapshot() {
-    require_root();
-    let _one_vm = one_vm_test_at_a_time().await;
-    let img = vm_image("x86_64");
+    let (_one_vm, img) = vm_test("x86_64").await;
     let b = img.builder_with(|t| set_key(t, "snapshot", "true"));
     let (_state, ctx) = context(&b);
     let (inst, _, _) = up(&b, &ctx).await;
@@ -366,18 +357,13 @@ async fn turning_snapshots_off_removes_the_snapshot() {
 /// wrote is gone in the next, and the guest's filesystem stays consistent.
 #[tokio::test]
 async fn ephemeral_disk_is_part_of_the_snapshot() {
-    require_root();
-    let _one_vm = one_vm_test_at_a_time().await;
-    let img = vm_image("x86_64");
+    let (_one_vm, img) = vm_test("x86_64").await;
     let (_state, ctx0) = {
         let b = img.builder();
         context(&b)
     };
     let disk = ctx0.dir.join("blank.img");
-    std::fs::File::create(&disk)
-        .unwrap()
-        .set_len(64 << 20)
-        .unwrap();
+    blank_disk(&disk);
     let b = img.builder_with(|t| {
         let t = set_key(t, "snapshot", "true");
         let t = set_key(t, "ephemeral", "true");

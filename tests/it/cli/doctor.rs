@@ -224,6 +224,24 @@ fn lazy(remote: &LazyRemote, name: &str, extra: &str) -> String {
     )
 }
 
+/// A lazy builder `cmd` on a machine of its own, as an [`Env`]'s config, and a supervisor
+/// serving it. Dropped in this order: the supervisor, then the machine (every process of it).
+struct Served {
+    sup: Supervisor,
+    vm: LazyRemote,
+    /// The config's text.
+    toml: String,
+}
+
+/// Writes `cmd` with `settings` as `env`'s config and starts a supervisor on it.
+fn serve_cmd(env: &Env, settings: &str) -> Served {
+    let vm = LazyRemote::prepare(RemoteOpts::new(Nix::Host));
+    let toml = lazy(&vm, "cmd", settings);
+    env.write_config(&toml);
+    let sup = Supervisor::start(env, &[]);
+    Served { sup, vm, toml }
+}
+
 #[test]
 fn a_host_key_mismatch_is_the_host_key_rows_failure() {
     // Always on: found when doctor connects.
@@ -273,14 +291,12 @@ fn a_host_key_mismatch_is_the_host_key_rows_failure() {
 
 #[test]
 fn a_running_builder_does_not_vouch_for_the_settings_of_its_next_boot() {
-    let vm = LazyRemote::prepare(RemoteOpts::new(Nix::Host));
     let env = Env::new();
-    let good = lazy(&vm, "cmd", "boot-timeout = \"60s\"\nidle-timeout = \"5m\"");
-    env.write_config(&good);
-    let sup = Supervisor::start(&env, &[]);
+    let served = serve_cmd(&env, "boot-timeout = \"60s\"\nidle-timeout = \"5m\"");
+    let good = &served.toml;
     env.cli(&["up", "cmd"], &[]).assert_success();
     let out = doctor(&env, &["--builders", ""], &[], None);
-    assert_eq!(out.code(), Some(0), "{out}\n{}", sup.output());
+    assert_eq!(out.code(), Some(0), "{out}\n{}", served.sup.output());
     let s = section(&out.stdout, "cmd");
     assert!(
         row(&s, "boot setup")[0].starts_with("  [ ok ] boot setup boot command /usr/bin/env"),
@@ -293,12 +309,12 @@ fn a_running_builder_does_not_vouch_for_the_settings_of_its_next_boot() {
 
     // The boot command moves away: the instance still runs, its next boot would fail.
     let moved = good.replacen("\"/usr/bin/env\"", "\"/nonexistent/start-vm\"", 1);
-    assert_ne!(moved, good);
+    assert_ne!(&moved, good);
     env.write_config(&moved);
     // Let the edit settle (200 ms) so the supervisor reloads it at doctor's first request.
     std::thread::sleep(Duration::from_millis(300));
     let out = doctor(&env, &["--builders", ""], &[], None);
-    assert_eq!(out.code(), Some(1), "{out}\n{}", sup.output());
+    assert_eq!(out.code(), Some(1), "{out}\n{}", served.sup.output());
     let s = section(&out.stdout, "cmd");
     assert_eq!(
         row(&s, "boot setup"),
@@ -330,16 +346,12 @@ fn a_running_builder_does_not_vouch_for_the_settings_of_its_next_boot() {
         st.stdout_lines().contains(&"note: 'cmd' runs with boot settings its config no longer has; they apply from its next boot".to_owned()),
         "{st}"
     );
-    drop(sup);
-    vm.kill_all();
 }
 
 #[test]
 fn a_supervisor_that_serves_another_config_file_is_said_so() {
-    let vm = LazyRemote::prepare(RemoteOpts::new(Nix::Host));
     let env = Env::new();
-    env.write_config(&lazy(&vm, "cmd", "boot-timeout = \"60s\""));
-    let sup = Supervisor::start(&env, &[]);
+    let served = serve_cmd(&env, "boot-timeout = \"60s\"");
     // Another file with a builder of the same name, on the same state directory.
     let other = env.path("other.toml");
     std::fs::copy(env.config(), &other).unwrap();
@@ -370,7 +382,10 @@ fn a_supervisor_that_serves_another_config_file_is_said_so() {
         Some(&"  verdict: NOT usable: boot failed"),
         "{out}"
     );
-    assert!(!vm.listening(), "doctor booted the other file's builder");
+    assert!(
+        !served.vm.listening(),
+        "doctor booted the other file's builder"
+    );
     let mut c = std::process::Command::new(&env.bin);
     c.args(["status", "--config"]).arg(&other);
     let st = run_command(&mut c, None, Duration::from_secs(60));
@@ -382,42 +397,32 @@ fn a_supervisor_that_serves_another_config_file_is_said_so() {
         )),
         "{st}"
     );
-    drop(sup);
 }
 
 #[test]
 fn doctor_says_when_the_builder_it_booted_stops_or_stops_it() {
-    let vm = LazyRemote::prepare(RemoteOpts::new(Nix::Host));
     let env = Env::new();
-    env.write_config(&lazy(
-        &vm,
-        "cmd",
-        "boot-timeout = \"60s\"\nidle-timeout = \"2m\"",
-    ));
-    let sup = Supervisor::start(&env, &[]);
+    let served = serve_cmd(&env, "boot-timeout = \"60s\"\nidle-timeout = \"2m\"");
     let out = doctor(&env, &["--builders", ""], &[], None);
-    assert_eq!(out.code(), Some(0), "{out}\n{}", sup.output());
-    let note = out
-        .stdout_lines()
-        .into_iter()
-        .find(|l| l.starts_with("note: doctor booted 'cmd'"))
-        .unwrap_or_else(|| panic!("no note on the builder doctor booted:\n{out}"));
+    assert_eq!(out.code(), Some(0), "{out}\n{}", served.sup.output());
+    // A note on the builder doctor booted.
+    let note = out.stdout_line("note: doctor booted 'cmd'");
     assert!(
         note.starts_with("note: doctor booted 'cmd' for this check; it stops by itself once idle for 2m (idle-timeout), in ")
             && note.ends_with(" if no build uses it, or at once with `nix-lazy-builder down cmd` (or run doctor with --stop)"),
         "{note}"
     );
-    assert!(vm.listening());
+    assert!(served.vm.listening());
     // Already up: doctor did not boot it, and says nothing of stopping it.
     let out = doctor(&env, &["--builders", ""], &[], None);
     assert!(!out.stdout.contains("note: doctor booted"), "{out}");
     env.cli(&["down", "cmd"], &[]).assert_success();
     wait_until("the builder to stop", Duration::from_secs(30), || {
-        !vm.listening()
+        !served.vm.listening()
     });
 
     let out = doctor(&env, &["--builders", "", "--stop"], &[], None);
-    assert_eq!(out.code(), Some(0), "{out}\n{}", sup.output());
+    assert_eq!(out.code(), Some(0), "{out}\n{}", served.sup.output());
     assert!(
         out.stdout.contains(
             "note: doctor booted 'cmd' for this check and stopped it again (--stop; it is "
@@ -427,8 +432,6 @@ fn doctor_says_when_the_builder_it_booted_stops_or_stops_it() {
     wait_until(
         "the builder doctor stopped",
         Duration::from_secs(30),
-        || !vm.listening(),
+        || !served.vm.listening(),
     );
-    drop(sup);
-    vm.kill_all();
 }

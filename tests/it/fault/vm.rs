@@ -23,7 +23,6 @@ use std::time::{Duration, Instant};
 
 use nix_lazy_builder::supervisor::proto::State;
 
-use crate::harness::boot;
 use crate::harness::fault::*;
 use crate::harness::*;
 
@@ -75,36 +74,19 @@ fn build_ok(daemon: &LocalDaemon, name: &str) -> CmdOutput {
     out
 }
 
-struct Vm {
-    _lock: boot::VmLock,
-    cfg: LazyConfig,
-    _no_leftover_vm: KillMentioning,
-    daemon: LocalDaemon,
-}
-
-fn vm_setup() -> Vm {
-    let lock = boot::one_vm_test_at_a_time_blocking();
-    let img = boot::vm_image("aarch64");
-    let cfg = LazyConfig::write(&[with_builder_keys(
-        &img.toml,
-        BUILDER,
+fn vm_setup() -> LazyVm {
+    LazyVm::start(
+        "aarch64",
         "idle-timeout = \"120s\"\nboot-timeout = \"3m\"",
-    )]);
-    let no_leftover = KillMentioning(cfg.state_dir());
-    let daemon = LocalDaemon::start(cfg.daemon_opts(Duration::from_secs(300)));
-    Vm {
-        _lock: lock,
-        cfg,
-        _no_leftover_vm: no_leftover,
-        daemon,
-    }
+        Duration::from_secs(300),
+    )
 }
 
 #[test]
 fn supervisor_killed_while_the_vm_boots() {
     let test = "supervisor killed while the VM boots";
     let mut rng = FaultRng::new(test);
-    let Vm { cfg, daemon, .. } = &vm_setup();
+    let LazyVm { cfg, daemon, .. } = &vm_setup();
 
     let mut build = vm_build(daemon, "fault-vm-boot", 0);
     wait_until("QEMU to start", Duration::from_secs(60), || {
@@ -225,7 +207,7 @@ fn signal_qemu_mid_build(
 fn qemu_killed_mid_build() {
     let test = "QEMU killed mid-build";
     let mut rng = FaultRng::new(test);
-    let Vm { cfg, daemon, .. } = &vm_setup();
+    let LazyVm { cfg, daemon, .. } = &vm_setup();
     let name = "fault-vm-kill";
     let (qemu, failed_after) =
         signal_qemu_mid_build(test, &mut rng, cfg, daemon, name, libc::SIGKILL);
@@ -266,7 +248,7 @@ fn qemu_killed_mid_build() {
 fn frozen_vm_is_given_up_by_keepalive_and_replaced() {
     let test = "QEMU frozen (SIGSTOP) mid-build";
     let mut rng = FaultRng::new(test);
-    let Vm { cfg, daemon, .. } = &vm_setup();
+    let LazyVm { cfg, daemon, .. } = &vm_setup();
     let name = "fault-vm-freeze";
     let (qemu, failed_after) =
         signal_qemu_mid_build(test, &mut rng, cfg, daemon, name, libc::SIGSTOP);

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use nix_lazy_builder::boot::{BootContext, Instance};
 use nix_lazy_builder::config::{Builder, Config};
 
-use super::{free_port, keygen, read, run_command, set_mode};
+use super::{free_port, keygen, read, require_root, run_command, set_mode};
 
 /// Keys and an sshd_config for a real OpenSSH sshd on 127.0.0.1 (key-only, root allowed).
 pub struct Sshd {
@@ -335,6 +335,22 @@ pub async fn one_vm_test_at_a_time() -> VmLock {
     tokio::task::spawn_blocking(one_vm_test_at_a_time_blocking)
         .await
         .expect("lock task")
+}
+
+/// Creates `path`, a blank 64 MiB raw disk image (the builder images' guest formats a blank disk
+/// and mounts it on `/nix`).
+pub fn blank_disk(path: &Path) {
+    std::fs::File::create(path)
+        .and_then(|f| f.set_len(64 << 20))
+        .unwrap_or_else(|e| panic!("blank disk {}: {e}", path.display()));
+}
+
+/// The start of a test that boots VMs: root, the one-VM-test lock (held until it is dropped),
+/// then the `arch` image.
+pub async fn vm_test(arch: &str) -> (VmLock, VmImage) {
+    require_root();
+    let lock = one_vm_test_at_a_time().await;
+    (lock, vm_image(arch))
 }
 
 /// [`one_vm_test_at_a_time`] for synchronous tests: blocks until the lock is ours.

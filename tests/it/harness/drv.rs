@@ -24,12 +24,7 @@ use super::{CmdOutput, LocalDaemon};
 #[track_caller]
 pub fn uname_expr(name: &str) -> String {
     assert_safe(name);
-    let input = DrvExpr::sh(
-        &format!("{name}-input"),
-        "x86_64-linux",
-        &format!("echo payload-of-{name} > $out"),
-    )
-    .prefer_local();
+    let input = DrvExpr::local_input(name, &format!("echo payload-of-{name} > $out"));
     let main = DrvExpr::sh(
         name,
         "aarch64-linux",
@@ -181,16 +176,14 @@ impl FakeDrv {
         script += "echo $input > $dev/input-ref\n";
         script += &format!("echo 'nlb-log {}: done'\n", self.name);
 
-        let input = DrvExpr::sh(
-            &format!("{}-input", self.name),
-            "x86_64-linux",
+        let input = DrvExpr::local_input(
+            &self.name,
             &format!(
                 "echo 'nlb-log {}-input: building'; echo '{}' > $out",
                 self.name,
                 self.input_payload()
             ),
-        )
-        .prefer_local();
+        );
         let mut main = DrvExpr::sh(&self.name, &self.system, &script)
             .outputs(&["out", "dev"])
             .inherit("input");

@@ -56,6 +56,12 @@ impl DrvExpr {
         }
     }
 
+    /// `<name>-input`, an x86_64-linux derivation built by `script` and built locally first
+    /// (`preferLocalBuild`): the input of a test derivation for another system.
+    pub fn local_input(name: &str, script: &str) -> Self {
+        Self::sh(&format!("{name}-input"), "x86_64-linux", script).prefer_local()
+    }
+
     /// Built by `/bin/busybox sh -c script` instead: for a store without a sandbox (no
     /// `/bin/sh` mapped to busybox), where busybox's `sh` finds its applets without a PATH.
     pub fn busybox(mut self) -> Self {

@@ -149,8 +149,7 @@ impl BigDrv {
             script += "echo \"NLB-FAULT-$((6*7))-MARKER and some more text\" > $out/marker\n";
         }
         script += &format!("echo '{}'\n", self.done_line());
-        let input =
-            DrvExpr::sh(&format!("{}-input", self.name), "x86_64-linux", &input).prefer_local();
+        let input = DrvExpr::local_input(&self.name, &input);
         let main = DrvExpr::sh(&self.name, "aarch64-linux", &script)
             .outputs(&["out", "dev"])
             .inherit("input");

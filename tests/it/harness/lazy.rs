@@ -1,6 +1,7 @@
 //! Pieces for end-to-end tests of lazy builders: a remote machine that is prepared but not
 //! started ([`LazyRemote`]: the supervisor starts it through a `kind = "command"` or
-//! `kind = "darling"` builder), the lazy-builder TOML around it, the CLI's `status --json`
+//! `kind = "darling"` builder), a lazy QEMU builder behind a daemon ([`LazyVm`]), the
+//! lazy-builder TOML around it, the CLI's `status --json`
 //! inside the daemon's namespace, a command runner that timestamps every stderr line, and
 //! process lookups (supervisor, hooks, RSS).
 //!
@@ -23,7 +24,7 @@ use std::time::{Duration, Instant};
 use nix_lazy_builder::supervisor::proto::BuilderStatus;
 
 use super::daemon::{scratch, write};
-use super::ns::{SHARED_USERPOOL, STD_PATH};
+use super::ns::{SHARED_USERPOOL, STD_PATH, sigkill_until_gone};
 use super::procs::{alive, all_pids, mnt_ns_of, processes_mentioning, with_descendants};
 use super::store::StoreQueries;
 use super::{
@@ -338,23 +339,13 @@ impl LazyRemote {
 
     /// SIGKILLs every process of this machine ([`LazyRemote::processes`]) until none is left.
     pub fn kill_all(&self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let pids = self.processes();
-            if pids.is_empty() {
-                return;
-            }
-            if Instant::now() > deadline {
-                eprintln!("lazy remote: processes {pids:?} survived SIGKILL for 10 s");
-                return;
-            }
-            for p in pids {
-                // SAFETY: kill(2) on a process in a private mount namespace of this machine's,
-                // or a descendant of one.
-                unsafe { libc::kill(p as libc::pid_t, libc::SIGKILL) };
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
+        // Only processes in a private mount namespace of this machine's, or descendants of one.
+        sigkill_until_gone("lazy remote", Duration::from_millis(20), || {
+            self.processes()
+                .into_iter()
+                .map(|p| p as libc::pid_t)
+                .collect()
+        });
     }
 }
 
@@ -414,6 +405,38 @@ pub fn lazy_binary() -> PathBuf {
         .unwrap_or_else(hook_binary)
 }
 
+/// A lazy QEMU builder behind a real nix-daemon running our hook: the `arch` image's builder
+/// (`vm-<arch>`) with the test keys, held while the one-VM-test lock is ours, with a guard that
+/// kills a VM still running from its state dir. Dropped in this order: the daemon, a leftover
+/// VM, the config, the lock.
+pub struct LazyVm {
+    pub daemon: LocalDaemon,
+    _no_leftover_vm: KillMentioning,
+    pub cfg: LazyConfig,
+    _lock: super::boot::VmLock,
+}
+
+impl LazyVm {
+    /// Waits for the one-VM-test lock, makes the `arch` image, writes a config whose one
+    /// builder is its VM with `settings` added, and starts a daemon on it (the supervisor
+    /// lingering `linger`).
+    #[track_caller]
+    pub fn start(arch: &str, settings: &str, linger: Duration) -> LazyVm {
+        let lock = super::boot::one_vm_test_at_a_time_blocking();
+        let img = super::boot::vm_image(arch);
+        let builder = format!("vm-{arch}");
+        let cfg = LazyConfig::write(&[with_builder_keys(&img.toml, &builder, settings)]);
+        let no_leftover = KillMentioning(cfg.state_dir());
+        let daemon = LocalDaemon::start(cfg.daemon_opts(linger));
+        LazyVm {
+            daemon,
+            _no_leftover_vm: no_leftover,
+            cfg,
+            _lock: lock,
+        }
+    }
+}
+
 /// A lazy-builder config: `[supervisor] state-dir` plus the given builder tables.
 pub struct LazyConfig {
     pub dir: tempfile::TempDir,
@@ -448,6 +471,19 @@ impl LazyConfig {
 
     pub fn state_dir(&self) -> PathBuf {
         self.dir.path().join("state")
+    }
+
+    /// What the supervisor recorded in its `boot-times.json` for `builder` (ms, oldest first):
+    /// its boots (`table` `"builders"`) or its restores from a snapshot (`"restores"`); empty
+    /// while there is nothing.
+    pub fn recorded_ms(&self, table: &str, builder: &str) -> Vec<u64> {
+        let text =
+            std::fs::read_to_string(self.state_dir().join("boot-times.json")).unwrap_or_default();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+        v[table][builder]
+            .as_array()
+            .map(|a| a.iter().filter_map(|x| x.as_u64()).collect())
+            .unwrap_or_default()
     }
 
     /// The auto-started supervisor's log.
@@ -573,6 +609,22 @@ pub fn with_builder_keys(toml: &str, builder: &str, extra: &str) -> String {
         .split_once(&boot)
         .unwrap_or_else(|| panic!("no {boot} in the config:\n{toml}"));
     format!("{head}{extra}\n\n{boot}{tail}")
+}
+
+/// The `start end` uptimes (s) a timed build wrote to its output `text`, asserting it slept
+/// (at least 1.9 s); `what` names the output in the messages.
+#[track_caller]
+pub fn slept_interval(text: &str, what: &str) -> (f64, f64) {
+    let v: Vec<f64> = text
+        .split_whitespace()
+        .map(|x| {
+            x.parse()
+                .unwrap_or_else(|e| panic!("{what}: {text:?}: {e}"))
+        })
+        .collect();
+    assert_eq!(v.len(), 2, "{what}: {text:?}");
+    assert!(v[1] - v[0] >= 1.9, "{what} did not sleep: {text:?}");
+    (v[0], v[1])
 }
 
 /// The most intervals `(start, end)` that overlap at any instant; touching ends (one ends

@@ -62,8 +62,9 @@ pub(crate) use daemon::{scratch, set_mode, write};
 pub use drv::{FakeDrv, FakeDrvPaths, uname_expr};
 pub use expr::{DrvExpr, nix_str, rec_set};
 pub use lazy::{
-    Background, KillMentioning, LazyConfig, LazyRemote, TimedLine, lazy_binary, max_overlap,
-    nix_build_streaming, toml_list, toml_str, wait_until, with_builder_keys,
+    Background, KillMentioning, LazyConfig, LazyRemote, LazyVm, TimedLine, lazy_binary,
+    max_overlap, nix_build_streaming, slept_interval, toml_list, toml_str, wait_until,
+    with_builder_keys,
 };
 pub use nix::Nix;
 pub use procs::*;
@@ -123,6 +124,51 @@ impl CmdOutput {
     pub fn assert_failure(&self) -> &Self {
         assert!(!self.success(), "command unexpectedly succeeded:\n{self}");
         self
+    }
+
+    /// The one line of stderr that starts with `prefix` (panics, showing the whole output,
+    /// unless there is exactly one).
+    #[track_caller]
+    pub fn one_line(&self, prefix: &str) -> &str {
+        let lines: Vec<&str> = self
+            .stderr
+            .lines()
+            .filter(|l| l.starts_with(prefix))
+            .collect();
+        assert_eq!(
+            lines.len(),
+            1,
+            "want one line starting with {prefix:?}:\n{self}"
+        );
+        lines[0]
+    }
+
+    /// The hook's one `error: build of '<drv>' on '<uri>' failed: …` line, Nix's wording for
+    /// a remote build that failed.
+    #[track_caller]
+    pub fn hook_failure(&self, drv: &str, uri: &str) -> &str {
+        self.one_line(&format!("error: build of '{drv}' on '{uri}' failed: "))
+    }
+
+    /// Panics, showing the whole output and saying `what`, unless stdout's lines are `want` in
+    /// some order (the output paths a `nix-build` printed).
+    #[track_caller]
+    pub fn assert_prints(&self, want: &[&str], what: &str) {
+        let mut printed = self.stdout_lines();
+        printed.sort();
+        let mut want: Vec<String> = want.iter().map(|w| (*w).to_owned()).collect();
+        want.sort();
+        assert_eq!(printed, want, "{what}:\n{self}");
+    }
+
+    /// The first stdout line (trimmed) that starts with `prefix`; panics, showing the whole
+    /// output, if there is none.
+    #[track_caller]
+    pub fn stdout_line(&self, prefix: &str) -> String {
+        self.stdout_lines()
+            .into_iter()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no stdout line starting with {prefix:?}:\n{self}"))
     }
 
     /// Non-empty stdout lines, trimmed.
@@ -362,6 +408,15 @@ pub fn skipped(test: &str, what: &str, why: &str) {
             panic!("cannot count a skip in {}: {e}", Path::new(&log).display());
         }
     }
+}
+
+/// How many runs a measurement run by hand makes: the number in the environment variable `var`,
+/// or `default`.
+pub fn runs_from_env(var: &str, default: usize) -> usize {
+    std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 /// Measures a smoke-test phase and prints it (visible with `--nocapture`), returning the value.

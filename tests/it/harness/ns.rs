@@ -247,25 +247,13 @@ impl NsProcess {
         if mnt_ns_of("self").as_deref() == Some(ns.as_str()) {
             return; // never sweep our own namespace
         }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let left = pids_in_namespace(&ns);
-            if left.is_empty() {
-                break;
-            }
-            if Instant::now() > deadline {
-                eprintln!(
-                    "{}: processes {left:?} in {ns} survived SIGKILL for 10 s",
-                    self.label
-                );
-                break;
-            }
-            for p in left {
-                // SAFETY: kill(2); p was just seen in the namespace this handle created.
-                unsafe { libc::kill(p as libc::pid_t, libc::SIGKILL) };
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
+        let whose = format!("{} (namespace {ns})", self.label);
+        sigkill_until_gone(&whose, Duration::from_millis(20), || {
+            pids_in_namespace(&ns)
+                .into_iter()
+                .map(|p| p as libc::pid_t)
+                .collect()
+        });
     }
 }
 
@@ -290,35 +278,47 @@ impl NsProcess {
     /// and all their descendants, until none is left (a machine losing power); reaps the main
     /// process. The namespace stays recorded, so dropping the handle later is harmless.
     pub fn kill_now(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
         // Every process seen stays a target until it is gone: one whose parent died first is
         // reparented out of the descendants `processes` follows (a sandboxed build's `sleep`).
         let mut seen = std::collections::BTreeSet::new();
-        loop {
+        let label = self.label.clone();
+        sigkill_until_gone(&label, Duration::from_millis(10), || {
             seen.extend(self.processes());
             seen.retain(|&p| super::alive(p));
             let mut left: Vec<libc::pid_t> = seen.iter().map(|&p| p as libc::pid_t).collect();
             if matches!(self.child.try_wait(), Ok(None)) {
                 left.push(self.pid() as libc::pid_t);
             }
-            if left.is_empty() {
-                break;
-            }
-            if Instant::now() > deadline {
-                eprintln!(
-                    "{}: processes {left:?} survived SIGKILL for 10 s",
-                    self.label
-                );
-                break;
-            }
-            for p in left {
-                // SAFETY: kill(2) on a process of the namespace this handle created (or a
-                // descendant of one), or on our own unreaped child.
-                unsafe { libc::kill(p, libc::SIGKILL) };
-            }
-            thread::sleep(Duration::from_millis(10));
-        }
+            left
+        });
         let _ = self.child.wait();
+    }
+}
+
+/// SIGKILLs the processes `targets` names, round after round (`pause` apart), until it names
+/// none; after 10 s says on stderr which ones, of `whose`, survived, and gives up. `targets`
+/// names only processes of a namespace the harness created (or descendants of one), or its
+/// own unreaped child.
+pub(crate) fn sigkill_until_gone(
+    whose: &str,
+    pause: Duration,
+    mut targets: impl FnMut() -> Vec<libc::pid_t>,
+) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = targets();
+        if left.is_empty() {
+            break;
+        }
+        if Instant::now() > deadline {
+            eprintln!("{whose}: processes {left:?} survived SIGKILL for 10 s");
+            break;
+        }
+        for p in left {
+            // SAFETY: kill(2) on a process `targets` vouches for (see above).
+            unsafe { libc::kill(p, libc::SIGKILL) };
+        }
+        thread::sleep(pause);
     }
 }
 

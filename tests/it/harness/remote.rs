@@ -72,6 +72,15 @@ impl RemoteOpts {
             command_timeout: DEFAULT_COMMAND_TIMEOUT,
         }
     }
+
+    /// A Nix 2.34 (sid) remote whose `nix-daemon` may be told not to trust its client (the
+    /// `daemon-trust-override` feature): see [`RemoteStore::untrusting_ssh_ng_uri`].
+    pub fn trust_override() -> Self {
+        let mut opts = RemoteOpts::new(Nix::Sid);
+        opts.extra_conf
+            .push("extra-experimental-features = daemon-trust-override".to_owned());
+        opts
+    }
 }
 
 impl Default for RemoteOpts {
@@ -228,6 +237,28 @@ impl RemoteStore {
             REMOTE_USER,
             REMOTE_HOST,
             self.port
+        )
+    }
+
+    /// `ssh-ng://root@127.0.0.1:PORT?remote-program=WRAPPER`: a daemon that does not trust
+    /// the SSH user, `nix-daemon --stdio --force-untrusted` through a wrapper this writes into
+    /// the remote's dir (the host's temp dir, visible at the same path in the chroot). Needs a
+    /// remote started with [`RemoteOpts::trust_override`].
+    pub fn untrusting_ssh_ng_uri(&self) -> String {
+        let wrapper = self.dir().join("nix-daemon-untrusted");
+        write(
+            &wrapper,
+            "#!/bin/sh\nexec nix-daemon \"$@\" --force-untrusted\n",
+        );
+        std::fs::set_permissions(
+            &wrapper,
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .expect("chmod the wrapper");
+        format!(
+            "{}?remote-program={}",
+            self.uri(Scheme::SshNg),
+            wrapper.display()
         )
     }
 

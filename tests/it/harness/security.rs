@@ -49,6 +49,20 @@ pub struct Sshd {
 pub const RUN_SSHD: &str = "mount -t tmpfs -o mode=0755 nlb-sec-run /run && mkdir -p /run/sshd && \
                             exec /usr/sbin/sshd -D -e -f \"$1\"";
 
+/// The argv that runs [`RUN_SSHD`] with `config` in a private mount namespace; `label` is the
+/// script's `$0`.
+pub fn run_sshd_argv(label: &str, config: &Path) -> Vec<String> {
+    let unshare = ["/usr/bin/unshare", "-m", "--propagation", "private"];
+    let sh = ["/bin/sh", "-c", RUN_SSHD, label];
+    let config = config.display().to_string();
+    unshare
+        .into_iter()
+        .chain(sh)
+        .map(str::to_owned)
+        .chain([config])
+        .collect()
+}
+
 /// Writes `d/file`, an sshd config on `port` with the keys in `d` (`host_key`,
 /// `authorized_keys` for root), logging at VERBOSE (logins, and connections that went away
 /// before one) to its stderr; returns its path.
@@ -80,11 +94,9 @@ impl Sshd {
         let port = free_port();
         let config = sshd_config(d, "sshd_config", port);
         let log = std::fs::File::create(d.join("sshd.log")).expect("sshd log");
-        let child = Command::new("/usr/bin/unshare")
-            .args(["-m", "--propagation", "private", "/bin/sh", "-c"])
-            .arg(RUN_SSHD)
-            .arg("nlb-sec-sshd")
-            .arg(&config)
+        let argv = run_sshd_argv("nlb-sec-sshd", &config);
+        let child = Command::new(&argv[0])
+            .args(&argv[1..])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

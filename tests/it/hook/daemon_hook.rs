@@ -84,12 +84,12 @@ fn build_hook_row(out: &CmdOutput) -> String {
 /// Doctor's build-hook row says ok: the daemon starts our binary, followed by `then` (the
 /// word Nix passes after the path: " hook" from 2.26 on, none in 2.8).
 #[track_caller]
-fn assert_runs_ours(out: &CmdOutput, then: &str) {
+fn assert_runs_ours(out: &CmdOutput, then: &str, case: &str) {
     let row = build_hook_row(out);
     assert!(
         row.contains("[ ok ] build-hook")
             && row.contains(&format!("starts '{}{then}'", hook_binary().display())),
-        "{row}"
+        "{case}: {row}"
     );
 }
 
@@ -123,28 +123,25 @@ fn nix226_with_build_hook_only_in_nix_conf_runs_nix_s_hook_and_doctor_says_so() 
     }
 }
 
+/// Each daemon runs ours where it takes the hook from: Nix 2.26 through `NIX_CONFIG`, 2.34 and
+/// 2.8 from nix.conf (2.8 takes one path: no `hook` word after it).
 #[test]
-fn nix226_with_build_hook_in_nix_config_runs_ours() {
-    let (_daemon, out) = doctor(Nix::Trixie, Some(HookVia::NixConfigEnv));
-    out.assert_success();
-    assert_runs_ours(&out, " hook");
-}
-
-#[test]
-fn nix234_honours_build_hook_in_nix_conf() {
-    let (_daemon, out) = doctor(Nix::Sid, Some(HookVia::NixConf));
-    out.assert_success();
-    assert!(out.stdout.contains("daemon: Nix 2.34."), "{out}");
-    assert_runs_ours(&out, " hook");
-}
-
-#[test]
-fn nix28_honours_build_hook_in_nix_conf() {
-    let (_daemon, out) = doctor(Nix::Host, Some(HookVia::NixConf));
-    out.assert_success();
-    assert!(out.stdout.contains("daemon: Nix 2.8."), "{out}");
-    // 2.8 takes one path: no `hook` word.
-    assert_runs_ours(&out, "");
+fn daemons_given_our_hook_where_they_read_it_run_ours() {
+    for (nix, via, then) in [
+        (Nix::Trixie, HookVia::NixConfigEnv, " hook"),
+        (Nix::Sid, HookVia::NixConf, " hook"),
+        (Nix::Host, HookVia::NixConf, ""),
+    ] {
+        let case = format!("{} with build-hook in {via:?}", nix.label());
+        let (_daemon, out) = doctor(nix, Some(via));
+        assert!(out.success(), "{case}: doctor failed:\n{out}");
+        let version = format!("daemon: Nix {}.", nix.short());
+        assert!(
+            out.stdout.contains(&version),
+            "{case}: no {version:?}:\n{out}"
+        );
+        assert_runs_ours(&out, then, &case);
+    }
 }
 
 #[test]

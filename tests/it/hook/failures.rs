@@ -60,22 +60,6 @@ fn assert_no_outputs(store: &impl StoreQueries, paths: &FakeDrvPaths, what: &str
     store.assert_no_leftovers(what);
 }
 
-/// The one line of `stderr` that starts with `prefix` (panics unless there is exactly one).
-#[track_caller]
-fn one_line<'a>(out: &'a CmdOutput, prefix: &str) -> &'a str {
-    let lines: Vec<&str> = out
-        .stderr
-        .lines()
-        .filter(|l| l.starts_with(prefix))
-        .collect();
-    assert_eq!(
-        lines.len(),
-        1,
-        "want one line starting with {prefix:?}:\n{out}"
-    );
-    lines[0]
-}
-
 fn failing_build(case: &str, scheme: Scheme) {
     let start = Instant::now();
     let (remote, daemon) = setup(scheme);
@@ -85,23 +69,17 @@ fn failing_build(case: &str, scheme: Scheme) {
     out.assert_failure();
     // Nix 2.8's client through a daemon: always 1 for a failed build (see the module docs).
     assert_eq!(out.code(), Some(1), "{out}");
-    let ours = one_line(
-        &out,
-        &format!("error: build of '{}' on '{uri}' failed: ", paths.drv),
-    );
+    let ours = out.hook_failure(&paths.drv, &uri);
     let remote_msg = format!("builder for '{}' failed with exit code 3", paths.drv);
     assert!(
         ours.contains(&remote_msg),
         "the remote's reason is missing:\n{out}"
     );
     // The daemon's own line carries the hook's exit status: 100, a permanent failure.
-    one_line(
-        &out,
-        &format!(
-            "error: builder for '{}' failed with exit code 100",
-            paths.drv
-        ),
-    );
+    out.one_line(&format!(
+        "error: builder for '{}' failed with exit code 100",
+        paths.drv
+    ));
     let mut lines = drv.expected_log_lines();
     lines.extend(drv.failure_line());
     for l in &lines {
@@ -121,10 +99,7 @@ fn failing_build(case: &str, scheme: Scheme) {
     let paths = drv.build_input(&daemon);
     let out = daemonless_build(&daemon, &paths, &[]);
     assert_eq!(out.code(), Some(100), "daemonless nix-build:\n{out}");
-    let ours = one_line(
-        &out,
-        &format!("error: build of '{}' on '{uri}' failed: ", paths.drv),
-    );
+    let ours = out.hook_failure(&paths.drv, &uri);
     assert!(ours.contains("failed with exit code 4"), "{out}");
     assert_no_outputs(&daemon, &paths, "local, daemonless");
     eprintln!("[timing] failing build {case}: {:.2?}", start.elapsed());
@@ -221,18 +196,12 @@ fn timeouts(case: &str, scheme: Scheme, secs: u32) {
             out.elapsed < Duration::from_secs(u64::from(secs) / 2),
             "{option} 2 did not stop a {secs} s build:\n{out}"
         );
-        let ours = one_line(
-            &out,
-            &format!("error: build of '{}' on '{uri}' failed: ", paths.drv),
-        );
+        let ours = out.hook_failure(&paths.drv, &uri);
         assert!(ours.ends_with(reason), "{option}: want …{reason:?}:\n{out}");
-        one_line(
-            &out,
-            &format!(
-                "error: builder for '{}' failed with exit code 101",
-                paths.drv
-            ),
-        );
+        out.one_line(&format!(
+            "error: builder for '{}' failed with exit code 101",
+            paths.drv
+        ));
         // The lines before the sleep were logged; the one after it never came.
         let log = daemon
             .build_log(&paths.drv)
@@ -311,7 +280,7 @@ fn wrong_host_key(case: &str, scheme: Scheme) {
     let paths = drv.build_input(&daemon);
     let (_, out) = drv.build(&daemon, &[]);
     out.assert_failure();
-    let refused = one_line(&out, &format!("error: cannot build on '{uri}': "));
+    let refused = out.one_line(&format!("error: cannot build on '{uri}': "));
     for want in [&presented, &pinned] {
         assert!(
             refused.contains(want.as_str()),
@@ -323,15 +292,12 @@ fn wrong_host_key(case: &str, scheme: Scheme) {
         "{out}"
     );
     // The hook declined with its reason, and the daemon gave up (Nix 2.8's wording).
-    let declined = one_line(&out, "warning: no builder for aarch64-linux: ");
+    let declined = out.one_line("warning: no builder for aarch64-linux: ");
     assert!(declined.contains(&format!("'{uri}'")), "{out}");
-    one_line(
-        &out,
-        &format!(
-            "error: a 'aarch64-linux' with features {{}} is required to build '{}'",
-            paths.drv
-        ),
-    );
+    out.one_line(&format!(
+        "error: a 'aarch64-linux' with features {{}} is required to build '{}'",
+        paths.drv
+    ));
     assert!(
         !out.stderr
             .contains(&format!("building '{}' on '", paths.drv)),
@@ -359,7 +325,7 @@ fn wrong_host_key(case: &str, scheme: Scheme) {
     let drv = FakeDrv::new(&format!("nlb-wrongkey-local-{case}")).with_system("x86_64-linux");
     let (paths, out) = drv.build(&daemon, &[]);
     out.assert_success();
-    let refused = one_line(&out, &format!("error: cannot build on '{uri}': "));
+    let refused = out.one_line(&format!("error: cannot build on '{uri}': "));
     assert!(
         refused.contains(&presented) && refused.contains(&pinned),
         "{out}"

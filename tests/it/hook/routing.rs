@@ -108,14 +108,9 @@ fn features_route_between_two_builders() {
         out.assert_failure();
         let wanted = format!("aarch64-linux with {{{}}}", features.join(", "));
         let prefix = format!("warning: no builder for {wanted}: ");
-        let lines: Vec<&str> = out
-            .stderr
-            .lines()
-            .filter(|l| l.starts_with("warning: no builder"))
-            .collect();
-        assert_eq!(lines.len(), 1, "want ONE decline line:\n{out}");
+        // One decline line.
         assert_eq!(
-            lines[0],
+            out.one_line("warning: no builder"),
             format!("{prefix}'{}' {why_b}; '{}' {why_a}", t.uri_b(), t.uri_a()),
             "{out}"
         );
@@ -170,13 +165,8 @@ fn impure_derivation_is_declined_up_front() {
     let drv = daemon.nix_instantiate(&[XP[0], XP[1], expr.to_str().unwrap()]);
     drv.assert_success();
     let drv = drv.stdout.trim().to_owned();
-    let text = std::fs::read_to_string(
-        daemon
-            .host_nix_dir()
-            .join("store")
-            .join(drv.trim_start_matches("/nix/store/")),
-    )
-    .expect("the .drv in the local store");
+    let text =
+        std::fs::read_to_string(daemon.host_path(&drv)).expect("the .drv in the local store");
     assert!(
         text.contains(r#"("out","","r:sha256","impure")"#),
         "not an impure derivation: {text}"

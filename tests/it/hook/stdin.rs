@@ -273,39 +273,34 @@ fn random_bytes_are_rejected() {
     eprintln!("[timing] 40 random inputs: {:.2?}", start.elapsed());
 }
 
-#[test]
-fn truncated_try_is_an_error() {
-    let env = Env::new();
-    let head = preamble();
-    let req = try_request(&["kvm", "nixos-test"]);
+/// Runs the hook on `sent` followed by each cut of `message` (its first 1 … len-1 bytes), every
+/// other run with Nix 2.8's argv, and checks each fails with an error that says `wants`.
+fn every_cut_is_an_error(env: &Env, sent: &[u8], message: &[u8], what: &str, wants: &[&str]) {
     let start = Instant::now();
-    for cut in 1..req.len() {
-        let mut input = head.clone();
-        input.extend_from_slice(&req[..cut]);
+    for cut in 1..message.len() {
+        let mut input = sent.to_vec();
+        input.extend_from_slice(&message[..cut]);
         let out = env.run(Some(&input), cut % 2 == 0);
-        assert_error(&out, &["nix-daemon", "closed the connection", "request"]);
+        assert_error(&out, wants);
     }
     eprintln!(
-        "[timing] {} truncated tries: {:.2?}",
-        req.len() - 1,
+        "[timing] {} truncated {what}: {:.2?}",
+        message.len() - 1,
         start.elapsed()
     );
 }
 
 #[test]
+fn truncated_try_is_an_error() {
+    let req = try_request(&["kvm", "nixos-test"]);
+    let wants = ["nix-daemon", "closed the connection", "request"];
+    every_cut_is_an_error(&Env::new(), &preamble(), &req, "tries", &wants);
+}
+
+#[test]
 fn truncated_preamble_is_an_error() {
-    let env = Env::new();
-    let head = preamble();
-    let start = Instant::now();
-    for cut in 1..head.len() {
-        let out = env.run(Some(&head[..cut]), cut % 2 == 0);
-        assert_error(&out, &["nix-daemon", "closed the connection", "preamble"]);
-    }
-    eprintln!(
-        "[timing] {} truncated preambles: {:.2?}",
-        head.len() - 1,
-        start.elapsed()
-    );
+    let wants = ["nix-daemon", "closed the connection", "preamble"];
+    every_cut_is_an_error(&Env::new(), &[], &preamble(), "preambles", &wants);
 }
 
 #[test]

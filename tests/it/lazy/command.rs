@@ -28,17 +28,55 @@ fn first_line<'a>(lines: &'a [TimedLine], needle: &str) -> Option<&'a TimedLine>
     lines.iter().find(|l| l.text.contains(needle))
 }
 
+/// A machine, a config whose one builder `name` is a command builder that boots it after
+/// `delay` with `settings`, and a daemon running our hook on that config.
+fn one_command_builder(
+    name: &str,
+    delay: Duration,
+    settings: &str,
+) -> (LazyRemote, LazyConfig, LocalDaemon) {
+    let remote = LazyRemote::prepare(RemoteOpts::new(Nix::Host));
+    let cfg = LazyConfig::write(&[remote.delayed_command_builder(name, delay, settings)]);
+    let daemon = LocalDaemon::start(cfg.daemon_opts(LINGER));
+    (remote, cfg, daemon)
+}
+
+/// A slow fake derivation `name` (6 s, one log line) instantiated in `daemon`, and its file.
+fn slow_drv(daemon: &LocalDaemon, name: &str) -> (FakeDrvPaths, String) {
+    let paths = FakeDrv::new(name)
+        .with_log_lines(1)
+        .slow(6)
+        .instantiate(daemon);
+    let file = paths.file.to_string_lossy().into_owned();
+    (paths, file)
+}
+
+/// Waits (at most 60 s) until the build `h` runs on the lazy machine (`builder` holds a lease);
+/// panics if `h` ended before.
+#[track_caller]
+fn wait_until_it_runs<T>(
+    cfg: &LazyConfig,
+    daemon: &LocalDaemon,
+    builder: &str,
+    h: &std::thread::ScopedJoinHandle<'_, T>,
+) {
+    wait_until(
+        "the build to run on the lazy machine",
+        Duration::from_secs(60),
+        || h.is_finished() || cfg.status_of(daemon, builder).leases == 1,
+    );
+    assert!(!h.is_finished(), "nix-build ended before its build ran");
+}
+
 #[test]
 fn command_builder_boots_on_demand_builds_and_stops_when_idle() {
-    let remote = LazyRemote::prepare(RemoteOpts::new(Nix::Host));
     let boot_delay = Duration::from_secs(2);
     let idle = Duration::from_secs(3);
-    let cfg = LazyConfig::write(&[remote.delayed_command_builder(
+    let (remote, cfg, daemon) = one_command_builder(
         "cmd",
         boot_delay,
         "max-jobs = 1\nidle-timeout = \"3s\"\nboot-timeout = \"60s\"",
-    )]);
-    let daemon = LocalDaemon::start(cfg.daemon_opts(LINGER));
+    );
 
     // Before any build nothing runs: no sshd, nothing on its port, no supervisor.
     assert!(!remote.listening(), "port {} is taken", remote.port());
@@ -261,29 +299,20 @@ fn ready_to_build_gap(
 
 #[test]
 fn build_longer_than_the_idle_timeout_is_never_cut_short() {
-    let remote = LazyRemote::prepare(RemoteOpts::new(Nix::Host));
     let idle = Duration::from_secs(2);
-    let cfg = LazyConfig::write(&[remote.delayed_command_builder(
+    let (remote, cfg, daemon) = one_command_builder(
         "slow",
         Duration::ZERO,
         "max-jobs = 1\nidle-timeout = \"2s\"\nboot-timeout = \"60s\"",
-    )]);
-    let daemon = LocalDaemon::start(cfg.daemon_opts(LINGER));
-    let drv = FakeDrv::new("lazy-slow").with_log_lines(1).slow(6);
-    let paths = drv.instantiate(&daemon);
-    let file = paths.file.to_string_lossy().into_owned();
+    );
+    let (paths, file) = slow_drv(&daemon, "lazy-slow");
 
     let build = std::thread::scope(|s| {
         let h =
             s.spawn(|| nix_build_streaming(&daemon, &[&file, "-A", "main.out", "-A", "main.dev"]));
         // Wait until the build runs on the machine, then watch it for longer than the idle
         // timeout: the builder holds a lease, shows no idle countdown, and sshd stays.
-        wait_until(
-            "the build to start on the lazy machine",
-            Duration::from_secs(60),
-            || h.is_finished() || cfg.status_of(&daemon, "slow").leases == 1,
-        );
-        assert!(!h.is_finished(), "nix-build ended before its build ran");
+        wait_until_it_runs(&cfg, &daemon, "slow", &h);
         let sshd = remote.started_pid().expect("sshd pid");
         let t0 = Instant::now();
         let mut seen = 0;
@@ -372,13 +401,11 @@ fn eight_concurrent_builds_one_boot_never_more_than_max_jobs() {
     assert_eq!(max_overlap(&[(0.0, 2.0), (2.0, 4.0), (1.0, 3.0)]), 2);
     assert_eq!(max_overlap(&[(0.0, 5.0), (1.0, 2.0), (1.5, 3.0)]), 3);
 
-    let remote = LazyRemote::prepare(RemoteOpts::new(Nix::Host));
-    let cfg = LazyConfig::write(&[remote.delayed_command_builder(
+    let (remote, cfg, daemon) = one_command_builder(
         "par",
         Duration::from_secs(1),
         "max-jobs = 2\nidle-timeout = \"30s\"\nboot-timeout = \"60s\"",
-    )]);
-    let daemon = LocalDaemon::start(cfg.daemon_opts(LINGER));
+    );
     // Two clients at once (so two hooks race to boot the builder), four derivations each in
     // one nix-build (so one daemon process runs several hooks).
     let files: Vec<String> = ["a", "b"]
@@ -425,13 +452,7 @@ fn eight_concurrent_builds_one_boot_never_more_than_max_jobs() {
             assert!(remote.is_valid(&p), "{p} was not built on the lazy machine");
             let text = std::fs::read_to_string(daemon.host_path(&p))
                 .unwrap_or_else(|e| panic!("{p}: {e}"));
-            let v: Vec<f64> = text
-                .split_whitespace()
-                .map(|x| x.parse().unwrap_or_else(|e| panic!("{p}: {text:?}: {e}")))
-                .collect();
-            assert_eq!(v.len(), 2, "{p}: {text:?}");
-            assert!(v[1] - v[0] >= 1.9, "{p} did not sleep: {text:?}");
-            intervals.push((v[0], v[1]));
+            intervals.push(slept_interval(&text, &p));
         }
     }
     let max = max_overlap(&intervals);
@@ -736,25 +757,16 @@ fn a_builder_that_fails_to_boot_is_skipped_for_a_working_one() {
 
 #[test]
 fn supervisor_killed_mid_build_leaves_no_orphan_and_a_new_one_takes_over() {
-    let remote = LazyRemote::prepare(RemoteOpts::new(Nix::Host));
-    let cfg = LazyConfig::write(&[remote.delayed_command_builder(
+    let (remote, cfg, daemon) = one_command_builder(
         "victim",
         Duration::ZERO,
         "max-jobs = 1\nidle-timeout = \"30s\"\nboot-timeout = \"60s\"",
-    )]);
-    let daemon = LocalDaemon::start(cfg.daemon_opts(LINGER));
-    let drv = FakeDrv::new("lazy-victim").with_log_lines(1).slow(6);
-    let paths = drv.instantiate(&daemon);
-    let file = paths.file.to_string_lossy().into_owned();
+    );
+    let (paths, file) = slow_drv(&daemon, "lazy-victim");
 
     let (out, killed, sshd) = std::thread::scope(|s| {
         let h = s.spawn(|| daemon.nix_build(&[&file, "-A", "main.out", "-A", "main.dev"]));
-        wait_until(
-            "the build to run on the lazy machine",
-            Duration::from_secs(60),
-            || h.is_finished() || cfg.status_of(&daemon, "victim").leases == 1,
-        );
-        assert!(!h.is_finished(), "nix-build ended before its build ran");
+        wait_until_it_runs(&cfg, &daemon, "victim", &h);
         let sshd = remote.started_pid().expect("sshd pid");
         assert!(alive(sshd));
         let pid = cfg.supervisor_pid().expect("a supervisor serves");

@@ -21,12 +21,7 @@ use crate::harness::*;
 /// no build users and no sandbox, so the builder is busybox itself (its `sh` finds its applets
 /// without a PATH).
 fn darwin_expr(name: &str) -> String {
-    let input = DrvExpr::sh(
-        &format!("{name}-input"),
-        "x86_64-linux",
-        &format!("echo input-of-{name} > $out"),
-    )
-    .prefer_local();
+    let input = DrvExpr::local_input(name, &format!("echo input-of-{name} > $out"));
     let main = DrvExpr::sh(
         name,
         "x86_64-darwin",

@@ -72,15 +72,10 @@ fn a_guest_that_panics_is_told_by_its_panic_and_the_console_log() {
     let out = daemon.nix_build(&[&file, "-A", "main.out"]);
     out.assert_failure();
     let console = console(&cfg);
-    let said: Vec<&str> = out
-        .stderr
-        .lines()
-        .filter(|l| l.contains(&format!("warning: lazy builder '{VM}' did not boot: ")))
-        .collect();
-    assert_eq!(said.len(), 1, "{out}");
+    let said = out.one_line(&format!("warning: lazy builder '{VM}' did not boot: "));
     assert!(
-        said[0].contains("qemu exited with status 0 before it was ready (after ")
-            && said[0].ends_with(&format!(
+        said.contains("qemu exited with status 0 before it was ready (after ")
+            && said.ends_with(&format!(
                 "): the guest's kernel panicked: Attempted to kill init! exitcode=0x00000000 \
                  (the guest's init exited); console: {console}"
             )),
@@ -329,11 +324,7 @@ fn a_boot_timeout_below_the_measured_boot_time_is_warned_about() {
     std::thread::sleep(Duration::from_millis(300));
     let st = env.cli(&["status"], &[]);
     st.assert_success();
-    let warning = st
-        .stdout_lines()
-        .into_iter()
-        .find(|l| l.starts_with("warning: 'cmd': boot-timeout (1s) is below the "))
-        .unwrap_or_else(|| panic!("no warning:\n{st}"));
+    let warning = st.stdout_line("warning: 'cmd': boot-timeout (1s) is below the ");
     assert!(
         warning.ends_with(" its recent boots took: its boots will time out; raise boot-timeout"),
         "{warning}"

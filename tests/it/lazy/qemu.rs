@@ -68,30 +68,16 @@ fn qemu_started_field(log: &str, key: &str) -> Option<String> {
     })
 }
 
-/// The boot durations the supervisor recorded for the VM (ms, oldest first).
-fn boot_history(cfg: &LazyConfig) -> Vec<u64> {
-    let text = std::fs::read_to_string(cfg.state_dir().join("boot-times.json")).unwrap_or_default();
-    let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
-    v["builders"][BUILDER]
-        .as_array()
-        .map(|a| a.iter().filter_map(|x| x.as_u64()).collect())
-        .unwrap_or_default()
-}
-
 #[test]
 fn qemu_aarch64_vm_boots_on_demand_builds_and_powers_off_when_idle() {
-    let _one_vm = boot::one_vm_test_at_a_time_blocking();
-    let img = boot::vm_image("aarch64");
-    let cfg = LazyConfig::write(&[with_builder_keys(
-        &img.toml,
-        BUILDER,
+    let LazyVm { cfg, daemon, .. } = &LazyVm::start(
+        "aarch64",
         "idle-timeout = \"4s\"\nboot-timeout = \"3m\"",
-    )]);
-    let _no_leftover_vm = KillMentioning(cfg.state_dir());
-    let daemon = LocalDaemon::start(cfg.daemon_opts(Duration::from_secs(60)));
-    let (file1, input1) = prepare(&daemon, "lazy-qemu-1");
+        Duration::from_secs(60),
+    );
+    let (file1, input1) = prepare(daemon, "lazy-qemu-1");
 
-    let (out1, lines1, first1) = build_on_vm(&daemon, &file1, "lazy-qemu-1", &input1);
+    let (out1, lines1, first1) = build_on_vm(daemon, &file1, "lazy-qemu-1", &input1);
     let booting = lines1
         .iter()
         .find(|l| l.text.starts_with(&format!("booting builder '{BUILDER}'")))
@@ -113,22 +99,22 @@ fn qemu_aarch64_vm_boots_on_demand_builds_and_powers_off_when_idle() {
             .contains("rc: vm-aarch64 up"),
         "no serial console in the builder's state dir"
     );
-    let st = cfg.status_of(&daemon, BUILDER);
+    let st = cfg.status_of(daemon, BUILDER);
     assert_eq!((st.state, st.boots), (State::Up, 1), "{st:?}");
     let port = st.ssh_port.expect("the forwarded port");
-    let boot_ms = boot_history(&cfg)[0];
+    let boot_ms = cfg.recorded_ms("builders", BUILDER)[0];
     eprintln!(
         "QEMU aarch64 VM: boot took {boot_ms} ms; first build log line at the client {first1:.2?} after nix-build started ({:.2?} over the boot; no boot history yet, so the first try postponed)",
         first1.saturating_sub(Duration::from_millis(boot_ms))
     );
 
     // A second build while it is up reuses it.
-    let (file2, input2) = prepare(&daemon, "lazy-qemu-2");
-    let (out2, _, first2) = build_on_vm(&daemon, &file2, "lazy-qemu-2", &input2);
+    let (file2, input2) = prepare(daemon, "lazy-qemu-2");
+    let (out2, _, first2) = build_on_vm(daemon, &file2, "lazy-qemu-2", &input2);
     assert!(!out2.stderr.contains("booting builder"), "{out2}");
     let done = Instant::now();
     eprintln!("QEMU aarch64 VM: a build on the running VM: first log line after {first2:.2?}");
-    let st = cfg.status_of(&daemon, BUILDER);
+    let st = cfg.status_of(daemon, BUILDER);
     assert_eq!(
         (st.state, st.boots, st.ssh_port),
         (State::Up, 1, Some(port)),
@@ -148,7 +134,7 @@ fn qemu_aarch64_vm_boots_on_demand_builds_and_powers_off_when_idle() {
         "port {port} still forwarded"
     );
     // (The supervisor hears of the end a moment after the process is gone.)
-    let st = cfg.wait_for_state(&daemon, BUILDER, State::Down, Duration::from_secs(10));
+    let st = cfg.wait_for_state(daemon, BUILDER, State::Down, Duration::from_secs(10));
     assert_eq!(st.boots, 1, "{st:?}");
     assert!(st.last_failure.is_none(), "{st:?}");
     let log = cfg.supervisor_log();
@@ -170,24 +156,18 @@ fn median(v: &[Duration]) -> Duration {
 #[test]
 #[ignore = "measurement, run by hand"]
 fn measure_cold_start_overhead() {
-    let _one_vm = boot::one_vm_test_at_a_time_blocking();
-    let runs: usize = std::env::var("NLB_COLD_RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3);
-    let img = boot::vm_image("aarch64");
-    let text = with_builder_keys(
-        &img.toml,
-        BUILDER,
+    let runs = runs_from_env("NLB_COLD_RUNS", 3);
+    let LazyVm { cfg, daemon, .. } = &LazyVm::start(
+        "aarch64",
         "idle-timeout = \"1s\"\nboot-timeout = \"3m\"",
+        Duration::from_secs(600),
     );
-    let cfg = LazyConfig::write(std::slice::from_ref(&text));
-    let _no_leftover_vm = KillMentioning(cfg.state_dir());
+    // The same builder as the supervisor reads it, for the bare boots.
+    let text = std::fs::read_to_string(cfg.path()).expect("the config");
     let builder = nix_lazy_builder::config::Config::parse(&text, &cfg.path())
         .expect("config")
         .builders
         .remove(0);
-    let daemon = LocalDaemon::start(cfg.daemon_opts(Duration::from_secs(600)));
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -196,11 +176,11 @@ fn measure_cold_start_overhead() {
     let mut bares = Vec::new();
     for run in 0..=runs {
         let name = format!("lazy-qemu-cold-{run}");
-        let (file, input) = prepare(&daemon, &name);
-        let (_, _, first) = build_on_vm(&daemon, &file, &name, &input);
-        let history = boot_history(&cfg);
+        let (file, input) = prepare(daemon, &name);
+        let (_, _, first) = build_on_vm(daemon, &file, &name, &input);
+        let history = cfg.recorded_ms("builders", BUILDER);
         wait_until("the VM to be down", Duration::from_secs(60), || {
-            cfg.status_of(&daemon, BUILDER).state == State::Down
+            cfg.status_of(daemon, BUILDER).state == State::Down
         });
         // The same VM, booted bare.
         let bare = rt.block_on(async {

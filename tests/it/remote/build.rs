@@ -107,11 +107,7 @@ fn build_on(
     let (paths, out) = drv.build(daemon, &["-vv"]);
     let took = start.elapsed();
     out.assert_success();
-    let mut printed = out.stdout_lines();
-    printed.sort();
-    let mut want = vec![paths.out.clone(), paths.dev.clone()];
-    want.sort();
-    assert_eq!(printed, want, "nix-build's output paths:\n{out}");
+    out.assert_prints(&[&paths.out, &paths.dev], "nix-build's output paths");
     assert!(
         out.stderr.contains(&format!("'{}' on '{uri}'", paths.drv)),
         "the client was not told the build ran on {uri}:\n{out}"

@@ -196,11 +196,7 @@ fn ca_build(case: &str, local_nix: Nix, remote_nix: Nix, scheme: Scheme) {
     };
     let a = path_of(&real_a, "out");
     let (b_out, b_dev) = (path_of(&real_b, "out"), path_of(&real_b, "dev"));
-    let mut printed = out.stdout_lines();
-    printed.sort();
-    let mut want = vec![b_out.clone(), b_dev.clone()];
-    want.sort();
-    assert_eq!(printed, want, "nix-store --realise's output paths:\n{out}");
+    out.assert_prints(&[&b_out, &b_dev], "nix-store --realise's output paths");
     assert!(b_dev.ends_with(&format!("nlb-caB-{case}-dev")), "{b_dev}");
 
     // Valid, with references, content address and the builder's files.

@@ -27,29 +27,16 @@ fn input_log_line(name: &str) -> String {
 /// untrusting (`--force-untrusted`) or with the default trust (root over stdio: trusted).
 /// Returns the store URI the hook reports.
 fn setup(untrusted: bool) -> (RemoteStore, LocalDaemon, String) {
-    let mut ro = RemoteOpts::new(Nix::Sid);
-    ro.extra_conf
-        .push("extra-experimental-features = daemon-trust-override".to_owned());
-    let remote = RemoteStore::start(ro);
-    let mut line = remote.machines_line(&MachineLine::new(Scheme::SshNg, true));
-    let mut uri = remote.uri(Scheme::SshNg);
-    if untrusted {
-        // The remote dir lives under the host's temp dir, visible at the same path in the chroot.
-        let wrapper = remote.dir().join("nix-daemon-untrusted");
-        std::fs::write(
-            &wrapper,
-            "#!/bin/sh\nexec nix-daemon \"$@\" --force-untrusted\n",
-        )
-        .expect("write the wrapper");
-        std::fs::set_permissions(
-            &wrapper,
-            std::os::unix::fs::PermissionsExt::from_mode(0o755),
-        )
-        .expect("chmod the wrapper");
-        let with_program = format!("{uri}?remote-program={}", wrapper.display());
-        line = line.replacen(&uri, &with_program, 1);
-        uri = with_program;
-    }
+    let remote = RemoteStore::start(RemoteOpts::trust_override());
+    let trusted = remote.uri(Scheme::SshNg);
+    let uri = if untrusted {
+        remote.untrusting_ssh_ng_uri()
+    } else {
+        trusted.clone()
+    };
+    let line = remote
+        .machines_line(&MachineLine::new(Scheme::SshNg, true))
+        .replacen(&trusted, &uri, 1);
     let mut opts = DaemonOpts::new(Nix::Host).with_our_hook();
     opts.builders = Some(line);
     let daemon = LocalDaemon::start(opts);
@@ -166,17 +153,8 @@ fn untrusted_remote_failure_is_reported_like_nix() {
     drv.build_input(&daemon);
     let (paths, out) = drv.build(&daemon, &[]);
     out.assert_failure();
-    let ours: Vec<&str> = out
-        .stderr
-        .lines()
-        .filter(|l| {
-            l.starts_with(&format!(
-                "error: build of '{}' on '{uri}' failed: ",
-                paths.drv
-            ))
-        })
-        .collect();
-    assert_eq!(ours.len(), 1, "want one failure line from the hook:\n{out}");
+    // Exactly one failure line from the hook.
+    out.hook_failure(&paths.drv, &uri);
     // Nix 2.34's wording of the remote's reason, on the lines after ours.
     assert!(
         out.stderr.contains(&format!(

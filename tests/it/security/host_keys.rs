@@ -259,17 +259,7 @@ fn lazy_builder(
     host_key: &str,
     extra: &str,
 ) -> String {
-    let argv = [
-        "/usr/bin/unshare",
-        "-m",
-        "--propagation",
-        "private",
-        "/bin/sh",
-        "-c",
-        RUN_SSHD,
-        "nlb-sec-lazy",
-        &sshd_config.display().to_string(),
-    ];
+    let argv = run_sshd_argv("nlb-sec-lazy", sshd_config);
     let argv: Vec<String> = argv.iter().map(|a| format!("{a:?}")).collect();
     format!(
         "[builders.{name}]\nuri = \"ssh://root@127.0.0.1:{port}?remote-program={}\"\n\

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use nix_lazy_builder::config::Config;
 use nix_lazy_builder::supervisor::backend::BootBackend;
-use nix_lazy_builder::supervisor::proto::{Response, State};
+use nix_lazy_builder::supervisor::proto::{BuilderStatus, Response, State};
 use nix_lazy_builder::supervisor::server::{self, Bound, ServeOptions};
 use nix_lazy_builder::supervisor::{
     Client, ClientError, StartCommand, SuperviseArgs, Verdict, default_backend,
@@ -118,6 +118,32 @@ async fn serve(config: &Config, auto: bool, linger: Duration) -> Running {
     }
 }
 
+impl Running {
+    /// A client on this supervisor's socket.
+    async fn client(&self) -> Client {
+        Client::connect(&self.state_dir).await.unwrap()
+    }
+
+    /// Sends the shutdown signal and waits for the supervisor to exit without an error.
+    async fn shut_down(&mut self) {
+        self.signals.send(()).unwrap();
+        (&mut self.task).await.unwrap().unwrap();
+    }
+}
+
+/// Waits (at most 60 s) until `name` is up.
+async fn up(c: &mut Client, name: &str) -> BuilderStatus {
+    let st = c.wait_ready(name, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(st.state, State::Up, "{name}: {st:?}");
+    st
+}
+
+/// Boots `name` through `c` and waits until it is up.
+async fn boot_up(c: &mut Client, name: &str) -> BuilderStatus {
+    c.boot(name, false).await.unwrap();
+    up(c, name).await
+}
+
 fn mode(p: &Path) -> u32 {
     std::fs::metadata(p).unwrap().permissions().mode() & 0o7777
 }
@@ -130,10 +156,7 @@ async fn wait_for<F: FnMut() -> bool>(what: &str, limit: Duration, mut f: F) {
     }
 }
 
-async fn state_of(
-    c: &mut Client,
-    name: &str,
-) -> nix_lazy_builder::supervisor::proto::BuilderStatus {
+async fn state_of(c: &mut Client, name: &str) -> BuilderStatus {
     c.status()
         .await
         .unwrap()
@@ -172,19 +195,18 @@ async fn state_dir_and_socket_are_private() {
     .unwrap();
     // A stale socket file is replaced.
     std::fs::write(config.supervisor.state_dir.join("supervisor.sock"), b"").unwrap();
-    let r = serve(&config, false, Duration::from_secs(60)).await;
+    let mut r = serve(&config, false, Duration::from_secs(60)).await;
     assert_eq!(mode(&r.state_dir), 0o700);
     assert_eq!(mode(&r.state_dir.join("builders")), 0o700);
     assert_eq!(mode(&r.state_dir.join("builders/vm")), 0o700);
     assert_eq!(mode(&r.state_dir.join("supervisor.sock")), 0o600);
     assert_eq!(mode(&r.state_dir.join("supervisor.lock")), 0o600);
-    let mut c = Client::connect(&r.state_dir).await.unwrap();
+    let mut c = r.client().await;
     assert_eq!(c.supervisor_pid(), std::process::id());
     let st = c.status().await.unwrap();
     assert_eq!(st.len(), 1);
     assert_eq!((st[0].name.as_str(), st[0].state), ("vm", State::Down));
-    r.signals.send(()).unwrap();
-    r.task.await.unwrap().unwrap();
+    r.shut_down().await;
     assert!(
         !r.state_dir.join("supervisor.sock").exists(),
         "socket removed at exit"
@@ -195,7 +217,7 @@ async fn state_dir_and_socket_are_private() {
 async fn a_second_supervisor_finds_the_first_serving() {
     let tmp = tempfile::tempdir().unwrap();
     let (_, config) = write_config(tmp.path(), &[("vm", Script(IDLE), "0s")]);
-    let r = serve(&config, true, Duration::from_secs(60)).await;
+    let mut r = serve(&config, true, Duration::from_secs(60)).await;
     let opts = |auto| ServeOptions {
         state_dir: r.state_dir.clone(),
         auto,
@@ -224,8 +246,7 @@ async fn a_second_supervisor_finds_the_first_serving() {
     };
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(!second.is_finished(), "it must wait while the first serves");
-    r.signals.send(()).unwrap();
-    r.task.await.unwrap().unwrap();
+    r.shut_down().await;
     let Bound::Serving(s) = tokio::time::timeout(Duration::from_secs(5), second)
         .await
         .unwrap()
@@ -237,7 +258,7 @@ async fn a_second_supervisor_finds_the_first_serving() {
     assert!(s.socket_path().exists());
     let (signals, rx) = mpsc::unbounded_channel();
     let task = tokio::spawn(s.serve(Arc::new(BootBackend), rx));
-    let mut c = Client::connect(&r.state_dir).await.unwrap();
+    let mut c = r.client().await;
     assert_eq!(c.status().await.unwrap().len(), 1);
     signals.send(()).unwrap();
     task.await.unwrap().unwrap();
@@ -247,7 +268,7 @@ async fn a_second_supervisor_finds_the_first_serving() {
 async fn malformed_requests_get_an_error_and_the_connection_stays_usable() {
     let tmp = tempfile::tempdir().unwrap();
     let (_, config) = write_config(tmp.path(), &[("vm", Script(IDLE), "0s")]);
-    let r = serve(&config, false, Duration::from_secs(60)).await;
+    let mut r = serve(&config, false, Duration::from_secs(60)).await;
     let stream = UnixStream::connect(r.state_dir.join("supervisor.sock"))
         .await
         .unwrap();
@@ -295,7 +316,7 @@ async fn malformed_requests_get_an_error_and_the_connection_stays_usable() {
     line.clear();
     rd.read_line(&mut line).await.unwrap();
     assert!(line.contains("longer than"), "{line}");
-    let mut c = Client::connect(&r.state_dir).await.unwrap();
+    let mut c = r.client().await;
     c.status().await.unwrap();
     // The typed client turns an error reply into an error naming the socket and the request.
     let e = c.lease("nope").await.unwrap_err();
@@ -304,8 +325,7 @@ async fn malformed_requests_get_an_error_and_the_connection_stays_usable() {
         text.contains("supervisor.sock") && text.contains("lease 'nope'"),
         "{text}"
     );
-    r.signals.send(()).unwrap();
-    r.task.await.unwrap().unwrap();
+    r.shut_down().await;
 }
 
 #[tokio::test]
@@ -313,14 +333,13 @@ async fn boot_lease_idle_stop_with_a_real_process() {
     let tmp = tempfile::tempdir().unwrap();
     let vm = machine();
     let (_, config) = write_config(tmp.path(), &[("vm", Machine(&vm), "700ms")]);
-    let r = serve(&config, false, Duration::from_secs(60)).await;
-    let mut c = Client::connect(&r.state_dir).await.unwrap();
+    let mut r = serve(&config, false, Duration::from_secs(60)).await;
+    let mut c = r.client().await;
     let Verdict::Granted(st) = c.boot("vm", false).await.unwrap() else {
         panic!()
     };
     assert!(matches!(st.state, State::Booting | State::Up));
-    let st = c.wait_ready("vm", Duration::from_secs(60)).await.unwrap();
-    assert_eq!(st.state, State::Up, "{st:?}");
+    let st = up(&mut c, "vm").await;
     assert!(
         st.nix_version
             .as_deref()
@@ -342,7 +361,7 @@ async fn boot_lease_idle_stop_with_a_real_process() {
     assert!(alive(pid));
     c.release("vm").await.unwrap();
     let released = Instant::now();
-    let mut other = Client::connect(&r.state_dir).await.unwrap();
+    let mut other = r.client().await;
     wait_for("the idle stop", Duration::from_secs(5), || !alive(pid)).await;
     let idle = released.elapsed();
     assert!(idle >= Duration::from_millis(650), "stopped after {idle:?}");
@@ -355,8 +374,7 @@ async fn boot_lease_idle_stop_with_a_real_process() {
     // The boot time was recorded and persisted.
     let history = std::fs::read_to_string(r.state_dir.join("boot-times.json")).unwrap();
     assert!(history.contains("\"vm\""), "{history}");
-    r.signals.send(()).unwrap();
-    r.task.await.unwrap().unwrap();
+    r.shut_down().await;
 }
 
 #[tokio::test]
@@ -370,8 +388,8 @@ async fn failures_are_reported_in_one_line_and_back_off() {
             ("vm", Machine(&vm), "0s"),
         ],
     );
-    let r = serve(&config, false, Duration::from_secs(60)).await;
-    let mut c = Client::connect(&r.state_dir).await.unwrap();
+    let mut r = serve(&config, false, Duration::from_secs(60)).await;
+    let mut c = r.client().await;
     c.boot("broken", false).await.unwrap();
     let st = c
         .wait_ready("broken", Duration::from_secs(10))
@@ -390,7 +408,7 @@ async fn failures_are_reported_in_one_line_and_back_off() {
     assert_eq!(f.consecutive, 1);
     assert!(f.retry_in_ms > 9000 && f.retry_in_ms <= 10_000);
     // Backing off: refused with the reason; another client sees the same.
-    let mut c2 = Client::connect(&r.state_dir).await.unwrap();
+    let mut c2 = r.client().await;
     match c2.boot("broken", false).await.unwrap() {
         Verdict::Refused { reason, .. } => {
             assert!(
@@ -403,14 +421,7 @@ async fn failures_are_reported_in_one_line_and_back_off() {
         v => panic!("{v:?}"),
     }
     // The other builder is unaffected.
-    c2.boot("vm", false).await.unwrap();
-    assert_eq!(
-        c2.wait_ready("vm", Duration::from_secs(60))
-            .await
-            .unwrap()
-            .state,
-        State::Up
-    );
+    boot_up(&mut c2, "vm").await;
     // An instance that dies on its own is noticed at once.
     let pid = instance_pid(&vm);
     // SAFETY: killing the instance's main process (this test's machine's sshd).
@@ -430,16 +441,9 @@ async fn failures_are_reported_in_one_line_and_back_off() {
         c2.boot("vm", true).await.unwrap(),
         Verdict::Granted(_)
     ));
-    assert_eq!(
-        c2.wait_ready("vm", Duration::from_secs(60))
-            .await
-            .unwrap()
-            .state,
-        State::Up
-    );
+    up(&mut c2, "vm").await;
     assert_ne!(instance_pid(&vm), pid, "not a fresh instance");
-    r.signals.send(()).unwrap();
-    r.task.await.unwrap().unwrap();
+    r.shut_down().await;
 }
 
 #[tokio::test]
@@ -450,15 +454,14 @@ async fn a_boot_that_never_gets_ready_times_out() {
         .unwrap()
         .replace("boot-timeout = \"10s\"", "boot-timeout = \"600ms\"");
     let config = Config::parse(&text, &path).unwrap();
-    let r = serve(&config, false, Duration::from_secs(60)).await;
-    let mut c = Client::connect(&r.state_dir).await.unwrap();
+    let mut r = serve(&config, false, Duration::from_secs(60)).await;
+    let mut c = r.client().await;
     c.boot("slow", false).await.unwrap();
     let st = c.wait_ready("slow", Duration::from_secs(10)).await.unwrap();
     assert_eq!(st.state, State::Failed);
     let cause = st.last_failure.unwrap().cause;
     assert!(cause.contains("no SSH banner on 127.0.0.1:"), "{cause}");
-    r.signals.send(()).unwrap();
-    r.task.await.unwrap().unwrap();
+    r.shut_down().await;
 }
 
 #[tokio::test]
@@ -469,12 +472,10 @@ async fn shutdown_stops_instances_even_when_leased() {
         tmp.path(),
         &[("a", Machine(&ma), "0s"), ("b", Machine(&mb), "0s")],
     );
-    let r = serve(&config, false, Duration::from_secs(60)).await;
-    let mut c = Client::connect(&r.state_dir).await.unwrap();
+    let mut r = serve(&config, false, Duration::from_secs(60)).await;
+    let mut c = r.client().await;
     for b in ["a", "b"] {
-        c.boot(b, false).await.unwrap();
-        let st = c.wait_ready(b, Duration::from_secs(60)).await.unwrap();
-        assert_eq!(st.state, State::Up, "{st:?}");
+        boot_up(&mut c, b).await;
     }
     assert!(matches!(c.lease("a").await.unwrap(), Verdict::Granted(_)));
     let pids = [instance_pid(&ma), instance_pid(&mb)];
@@ -482,11 +483,8 @@ async fn shutdown_stops_instances_even_when_leased() {
         assert!(alive(pid), "{b}");
         assert!(!command_log(&r.state_dir, b).contains(SSHD_TERMINATED));
     }
-    r.signals.send(()).unwrap();
-    tokio::time::timeout(Duration::from_secs(10), r.task)
+    tokio::time::timeout(Duration::from_secs(10), r.shut_down())
         .await
-        .unwrap()
-        .unwrap()
         .unwrap();
     for (b, pid) in ["a", "b"].iter().zip(pids) {
         assert!(
@@ -514,10 +512,8 @@ async fn auto_started_supervisor_exits_when_idle_and_a_client_keeps_it() {
     let vm = machine();
     let (_, config) = write_config(tmp.path(), &[("vm", Machine(&vm), "300ms")]);
     let r = serve(&config, true, Duration::from_millis(400)).await;
-    let mut c = Client::connect(&r.state_dir).await.unwrap();
-    c.boot("vm", false).await.unwrap();
-    let st = c.wait_ready("vm", Duration::from_secs(60)).await.unwrap();
-    assert_eq!(st.state, State::Up, "{st:?}");
+    let mut c = r.client().await;
+    boot_up(&mut c, "vm").await;
     // One build (a builder never leased since its boot gets a longer first grace).
     assert!(matches!(c.lease("vm").await.unwrap(), Verdict::Granted(_)));
     c.release("vm").await.unwrap();
@@ -546,8 +542,8 @@ async fn a_request_for_an_unknown_builder_rereads_a_fresh_config_at_once() {
     let tmp = tempfile::tempdir().unwrap();
     let new = machine();
     let (path, config) = write_config(tmp.path(), &[("vm", Script(IDLE), "0s")]);
-    let r = serve(&config, false, Duration::from_secs(60)).await;
-    let mut c = Client::connect(&r.state_dir).await.unwrap();
+    let mut r = serve(&config, false, Duration::from_secs(60)).await;
+    let mut c = r.client().await;
     // Too fresh for the "file changed" check (an editor may still be writing it), but a
     // request that names the new builder rereads it at once.
     let text = std::fs::read_to_string(&path).unwrap() + &machine_toml("new", &new, "0s");
@@ -564,13 +560,7 @@ async fn a_request_for_an_unknown_builder_rereads_a_fresh_config_at_once() {
         Verdict::Granted(_)
     ));
     eprintln!("reload + boot request answered in {:.2?}", t0.elapsed());
-    assert_eq!(
-        c.wait_ready("new", Duration::from_secs(60))
-            .await
-            .unwrap()
-            .state,
-        State::Up
-    );
+    up(&mut c, "new").await;
     assert!(r.state_dir.join("builders/new").is_dir());
     // A broken file: the unknown builder's error says why, the running config stays.
     std::fs::write(&path, "[builders.x]\nbogus = 1\n").unwrap();
@@ -588,8 +578,7 @@ async fn a_request_for_an_unknown_builder_rereads_a_fresh_config_at_once() {
         .collect();
     assert_eq!(names, ["vm", "new"]);
     assert!(matches!(c.lease("new").await.unwrap(), Verdict::Granted(_)));
-    r.signals.send(()).unwrap();
-    r.task.await.unwrap().unwrap();
+    r.shut_down().await;
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -614,6 +603,31 @@ fn helper(test: &str, env: &[(&str, &OsString)]) -> StartCommand {
             .iter()
             .map(|(k, v)| (OsString::from(k), (*v).clone()))
             .collect(),
+    }
+}
+
+/// A test's config of `builders` in a temp dir of its own, and the command that starts this test
+/// binary again as the supervisor serving it ([`helper`] with `CHILD_CONFIG`, and `env`).
+struct ChildSupervisor {
+    state: PathBuf,
+    start: StartCommand,
+    _tmp: tempfile::TempDir,
+}
+
+fn child_supervisor(
+    test: &str,
+    builders: &[(&str, Spec<'_>, &str)],
+    env: &[(&str, &OsString)],
+) -> ChildSupervisor {
+    let tmp = tempfile::tempdir().unwrap();
+    let (path, config) = write_config(tmp.path(), builders);
+    let path = path.into_os_string();
+    let mut vars = vec![(CHILD_CONFIG, &path)];
+    vars.extend_from_slice(env);
+    ChildSupervisor {
+        state: config.supervisor.state_dir.clone(),
+        start: helper(test, &vars),
+        _tmp: tmp,
     }
 }
 
@@ -688,23 +702,18 @@ fn stat_fields(pid: u32) -> Vec<String> {
 fn auto_start_detaches_and_inherits_no_descriptors() {
     helper_role();
     block_on(async {
-        let tmp = tempfile::tempdir().unwrap();
-        let (path, config) = write_config(tmp.path(), &[("vm", Script(IDLE), "0s")]);
-        let state = config.supervisor.state_dir.clone();
+        let linger = OsString::from("60000");
+        let ChildSupervisor { state, start, .. } = &child_supervisor(
+            "auto_start_detaches_and_inherits_no_descriptors",
+            &[("vm", Script(IDLE), "0s")],
+            &[("NIX_LAZY_BUILDER_SUPERVISOR_LINGER_MS", &linger)],
+        );
         // Like the descriptors nix-daemon hands a hook: open, not close-on-exec.
         let mut fds = [0i32; 2];
         // SAFETY: pipe(2) fills the array.
         assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
         let pipe_target = std::fs::read_link(format!("/proc/self/fd/{}", fds[1])).unwrap();
-        let linger = OsString::from("60000");
-        let cmd = helper(
-            "auto_start_detaches_and_inherits_no_descriptors",
-            &[
-                (CHILD_CONFIG, &path.clone().into_os_string()),
-                ("NIX_LAZY_BUILDER_SUPERVISOR_LINGER_MS", &linger),
-            ],
-        );
-        let mut c = Client::connect_or_start_with(&state, &cmd).await.unwrap();
+        let mut c = Client::connect_or_start_with(state, start).await.unwrap();
         let pid = c.supervisor_pid();
         let _reap = Reap(pid);
         assert_ne!(pid, std::process::id());
@@ -729,7 +738,7 @@ fn auto_start_detaches_and_inherits_no_descriptors() {
                 entry.file_name()
             );
         }
-        assert_eq!(mode(&state), 0o700);
+        assert_eq!(mode(state), 0o700);
         assert_eq!(mode(&log), 0o600);
         c.status().await.unwrap();
         let text = std::fs::read_to_string(&log).unwrap();
@@ -746,17 +755,15 @@ fn auto_start_detaches_and_inherits_no_descriptors() {
 fn racing_starters_end_on_one_supervisor() {
     helper_role();
     block_on(async {
-        let tmp = tempfile::tempdir().unwrap();
-        let (path, config) = write_config(tmp.path(), &[("vm", Script(IDLE), "0s")]);
-        let state = config.supervisor.state_dir.clone();
-        let cmd = helper(
+        let ChildSupervisor { state, start, .. } = &child_supervisor(
             "racing_starters_end_on_one_supervisor",
-            &[(CHILD_CONFIG, &path.into_os_string())],
+            &[("vm", Script(IDLE), "0s")],
+            &[],
         );
         let (a, b, c) = tokio::join!(
-            Client::connect_or_start_with(&state, &cmd),
-            Client::connect_or_start_with(&state, &cmd),
-            Client::connect_or_start_with(&state, &cmd),
+            Client::connect_or_start_with(state, start),
+            Client::connect_or_start_with(state, start),
+            Client::connect_or_start_with(state, start),
         );
         let (mut a, b, c) = (a.unwrap(), b.unwrap(), c.unwrap());
         let _reap = Reap(a.supervisor_pid());
@@ -778,24 +785,15 @@ fn racing_starters_end_on_one_supervisor() {
 fn a_killed_client_releases_its_lease() {
     helper_role();
     block_on(async {
-        let tmp = tempfile::tempdir().unwrap();
         let vm = machine();
-        let (path, config) = write_config(tmp.path(), &[("vm", Machine(&vm), "0s")]);
-        let state = config.supervisor.state_dir.clone();
-        let cmd = helper(
+        let ChildSupervisor { state, start, .. } = &child_supervisor(
             "a_killed_client_releases_its_lease",
-            &[(CHILD_CONFIG, &path.into_os_string())],
+            &[("vm", Machine(&vm), "0s")],
+            &[],
         );
-        let mut c = Client::connect_or_start_with(&state, &cmd).await.unwrap();
+        let mut c = Client::connect_or_start_with(state, start).await.unwrap();
         let _reap = Reap(c.supervisor_pid());
-        c.boot("vm", false).await.unwrap();
-        assert_eq!(
-            c.wait_ready("vm", Duration::from_secs(60))
-                .await
-                .unwrap()
-                .state,
-            State::Up
-        );
+        boot_up(&mut c, "vm").await;
         let client = helper(
             "a_killed_client_releases_its_lease",
             &[(CHILD_STATE, &state.clone().into_os_string())],
