@@ -89,7 +89,7 @@ in
   imports = [ ../shared-module.nix ];
 
   options.services.nix-lazy-builder = {
-    linuxBuilder = {
+    linuxBuilder = common.vmOptions // {
       enable = mkEnableOption "a lazily booted darwin.linux-builder VM";
       package = mkOption {
         type = types.package;
@@ -122,11 +122,6 @@ in
         example = [ "aarch64-linux" ];
         description = "The systems the builder takes (`systems`).";
       };
-      sshPort = mkOption {
-        type = types.port;
-        default = 0;
-        description = "Host port forwarded to the guest's sshd on 127.0.0.1; 0 = a free one at each boot.";
-      };
       maxJobs = mkOption {
         type = types.ints.positive;
         default = nixos.virtualisation.cores;
@@ -147,16 +142,6 @@ in
         type = types.ints.positive;
         default = 40960;
         description = "The size of the VM's disk image in MiB when it is made (runner only).";
-      };
-      idleTimeout = mkOption {
-        type = types.str;
-        default = "15m";
-        description = "Power the VM off this long after its last build; \"0s\" = never.";
-      };
-      bootTimeout = mkOption {
-        type = types.str;
-        default = "5m";
-        description = "How long a boot may take, including the runner building the guest's Nix store image.";
       };
     };
   };

@@ -46,7 +46,7 @@ let
   vmOptions =
     { name, config, ... }:
     {
-      options = {
+      options = common.vmOptions // {
         system = mkOption {
           type = types.str;
           example = "aarch64-linux";
@@ -71,11 +71,6 @@ let
             (and so its Nix store image) emptied before and after every boot.
           '';
         };
-        sshPort = mkOption {
-          type = types.port;
-          default = 0;
-          description = "Host port forwarded to the guest's sshd on 127.0.0.1; 0 = a free one at each boot.";
-        };
         maxJobs = mkOption {
           type = types.ints.positive;
           default = 2;
@@ -95,19 +90,6 @@ let
           type = types.listOf types.str;
           default = [ ];
           description = "Features a derivation must require to be built here (`mandatory-features`).";
-        };
-        idleTimeout = mkOption {
-          type = types.str;
-          default = "15m";
-          description = "Power the VM off this long after its last build; \"0s\" = never.";
-        };
-        bootTimeout = mkOption {
-          type = types.str;
-          default = "5m";
-          description = ''
-            How long a boot may take, including the runner building the guest's Nix store
-            image before QEMU starts.
-          '';
         };
         bootForLocal = mkOption {
           type = types.bool;
