@@ -89,11 +89,17 @@ pub fn p8(ctx: &Ctx) -> Vec<Row> {
     let d = daemon(&remote);
     let mut samples: Vec<Samples> = DOORS.iter().map(|_| Samples::new()).collect();
     let mut floor = Samples::new();
+    // The external-build program runs unprivileged and cannot start a supervisor: a first
+    // build through the hook starts it (and its warm connection to the builder), untimed.
+    let secs = once(&d, &remote, Door::Hook, "p8-prime", true);
+    progress(&format!(
+        "P8 priming build through the hook (starts the supervisor): {secs:.3} s"
+    ));
     let started = Instant::now();
     for i in 0..=ctx.runs {
-        let secs = floor_once(&d, &format!("p8-floor-{i}"));
+        let floor_secs = floor_once(&d, &format!("p8-floor-{i}"));
         if i > 0 {
-            floor.push(secs);
+            floor.push(floor_secs);
         }
         for k in 0..DOORS.len() {
             let h = (i + k) % DOORS.len();
@@ -115,7 +121,7 @@ pub fn p8(ctx: &Ctx) -> Vec<Row> {
                 samples[h].push(secs);
             }
         }
-        progress(&format!("P8 floor run {i}: {secs:.3} s"));
+        progress(&format!("P8 floor run {i}: {floor_secs:.3} s"));
     }
     progress(&format!("P8: {:.1?}", started.elapsed()));
     rows(samples, floor)
