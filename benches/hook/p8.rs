@@ -8,7 +8,10 @@
 //! hook unless its client says `--option build-hook ''` (root is a trusted user), in which case
 //! the daemon starts no hook and the external builder takes it. Nix 2.34's own hook
 //! (`nix __build-remote`) on the same daemon and builder is the reference, chosen the same way
-//! (`--option build-hook '/usr/bin/nix __build-remote'`). Each run builds P1's trivial aarch64 derivation
+//! (`--option build-hook '/usr/bin/nix __build-remote'`), and so is the external builder behind
+//! Nix's hook with no machines (`--builders ''`: the daemon starts that hook, which declines,
+//! and then runs the external builder; what a daemon whose `build-hook` is left at Nix's default
+//! gets). Each run builds P1's trivial aarch64 derivation
 //! (one small x86_64 input, built locally first, untimed), fresh each time, once per door, the
 //! order rotating; a local x86_64 build without any hook is the floor. The first run of each
 //! is a warm-up and not counted.
@@ -39,9 +42,18 @@ enum Door {
     External,
     Hook,
     NixHook,
+    /// The external builder with Nix's own hook left in `build-hook` and no machines for it
+    /// (`--builders ''`): the daemon starts that hook, which declines, before the external
+    /// builder takes the build. What a daemon gets whose `build-hook` is left at Nix's default.
+    ExternalAfterNixHook,
 }
 
-const DOORS: [Door; 3] = [Door::External, Door::Hook, Door::NixHook];
+const DOORS: [Door; 4] = [
+    Door::External,
+    Door::Hook,
+    Door::NixHook,
+    Door::ExternalAfterNixHook,
+];
 
 impl Door {
     fn label(self) -> &'static str {
@@ -49,6 +61,7 @@ impl Door {
             Door::External => "external",
             Door::Hook => "hook",
             Door::NixHook => "nix-hook",
+            Door::ExternalAfterNixHook => "external-after-nix-hook",
         }
     }
 
@@ -58,6 +71,9 @@ impl Door {
             Door::External => vec!["--option", "build-hook", ""],
             Door::Hook => vec![],
             Door::NixHook => vec!["--option", "build-hook", NIX_HOOK],
+            Door::ExternalAfterNixHook => {
+                vec!["--option", "build-hook", NIX_HOOK, "--builders", ""]
+            }
         }
     }
 }
@@ -130,7 +146,8 @@ pub fn p8(ctx: &Ctx) -> Vec<Row> {
 fn rows(samples: Vec<Samples>, floor: Samples) -> Vec<Row> {
     let f = floor.median();
     let mut it = samples.into_iter();
-    let (ext, hook, nix) = (
+    let (ext, hook, nix, ext_after) = (
+        it.next().unwrap_or_default(),
         it.next().unwrap_or_default(),
         it.next().unwrap_or_default(),
         it.next().unwrap_or_default(),
@@ -150,7 +167,7 @@ fn rows(samples: Vec<Samples>, floor: Samples) -> Vec<Row> {
             .unwrap_or_else(|| "—".into())
     };
     let note = format!(
-        "one Nix 2.34 daemon (sid) with both doors open, one always-on ssh:// builder kept warm by one supervisor, doors alternating build by build; external ÷ hook: {} of overheads (median − floor {}), {} whole-build; overheads: external {}, hook {}, Nix 2.34's hook {}; our hook door {}; Nix's-hook column: Nix 2.34's `nix __build-remote` on the same daemon; fresh derivation and input each run; first run of each door discarded (warm-up)",
+        "one Nix 2.34 daemon (sid) with both doors open, one always-on ssh:// builder kept warm by one supervisor, doors alternating build by build; external ÷ hook: {} of overheads (median − floor {}), {} whole-build; overheads: external {}, hook {}, Nix 2.34's hook {}; our hook door {}; external with Nix's hook left in `build-hook` (no machines: it starts and declines first) {}, overhead {}; Nix's-hook column: Nix 2.34's `nix __build-remote` on the same daemon; fresh derivation and input each run; first run of each door discarded (warm-up)",
         times(overhead_ratio),
         f.map(|f| format!("{f:.3} s")).unwrap_or_else(|| "—".into()),
         times(whole),
@@ -158,6 +175,8 @@ fn rows(samples: Vec<Samples>, floor: Samples) -> Vec<Row> {
         ms(over(&hook)),
         ms(over(&nix)),
         fmt_samples(&hook, "s"),
+        fmt_samples(&ext_after, "s"),
+        ms(over(&ext_after)),
     );
     let what =
         "per-build overhead, warm builder: trivial drv + 1 small input (wall time of nix-build)";
@@ -226,7 +245,7 @@ fn once(daemon: &LocalDaemon, remote: &RemoteStore, door: Door, seed: &str, full
     let external = out.stderr.contains("building on 'ssh://");
     assert_eq!(
         external,
-        door == Door::External,
+        matches!(door, Door::External | Door::ExternalAfterNixHook),
         "{seed}: the build did not go through the {} door:\n{out}",
         door.label()
     );
