@@ -8,7 +8,9 @@
 # - "build-hook" (the default): nix-lazy-builder is nix-daemon's build hook, any Nix version.
 # - "external-builders": Nix 2.32 and newer run `nix-lazy-builder external-build` as the build
 #   user for the derivations of `externalBuilders.systems` they would build locally (the
-#   experimental `external-builders` setting); the build hook stays Nix's own. The program asks
+#   experimental `external-builders` setting). The build hook stays Nix's own when it has
+#   machines (`externalBuilders.keepNixHook`); without any it is switched off (`build-hook =`),
+#   since it would only be started to decline (BENCHMARKS.md, P8). The program asks
 #   the supervisor over its build socket (`<stateDir>.build.sock`, for root and the `nixbld`
 #   group only), so the supervisor service must run.
 # - "both": the hook first (nix-daemon always asks it first), the external builder for what
@@ -28,6 +30,15 @@ let
   externalDoor = cfg.door != "build-hook";
   nixVersion = lib.getVersion config.nix.package;
   buildUsersGroup = config.nix.settings.build-users-group or "nixbld";
+  # build-hook: ours for the hook door; for the external door alone, Nix's own (its default)
+  # when it has machines, else off (empty).
+  buildHook =
+    if hookDoor then
+      common.hookLine cfg.package config.nix.package
+    else if cfg.externalBuilders.keepNixHook then
+      "${config.nix.package}/bin/nix __build-remote"
+    else
+      "";
 in
 {
   options.services.nix-lazy-builder = {
@@ -56,6 +67,17 @@ in
       defaultText = "Every system a builder in /etc/nix/lazy-builder.toml takes.";
       example = [ "aarch64-linux" ];
       description = "The systems nix-daemon sends to nix-lazy-builder through `external-builders`.";
+    };
+
+    externalBuilders.keepNixHook = mkOption {
+      type = types.bool;
+      default = (config.nix.distributedBuilds or false) && (config.nix.buildMachines or [ ]) != [ ];
+      defaultText = "Whether Nix's own hook has machines: nix.distributedBuilds with nix.buildMachines.";
+      description = ''
+        With `door = "external-builders"`: keep Nix's own build hook, for remote builders of its
+        own (set it when those come from nix.settings.builders). Otherwise `build-hook` is
+        switched off: nix-daemon would start Nix's hook for every client only for it to decline.
+      '';
     };
 
     stateDir = mkOption {
@@ -87,10 +109,10 @@ in
     };
 
     daemonNixConfig = mkOption {
-      type = types.nullOr types.str;
+      type = types.str;
       internal = true;
       readOnly = true;
-      description = "What the system's module puts into nix-daemon's NIX_CONFIG (null: nothing).";
+      description = "What the system's module puts into nix-daemon's NIX_CONFIG: the `build-hook` line.";
     };
   };
 
@@ -115,11 +137,10 @@ in
       }
     ];
 
-    services.nix-lazy-builder.daemonNixConfig =
-      if hookDoor then common.daemonNixConfig (common.hookLine cfg.package config.nix.package) else null;
+    services.nix-lazy-builder.daemonNixConfig = common.daemonNixConfig buildHook;
 
     nix.settings = lib.mkMerge [
-      (mkIf hookDoor { build-hook = common.hookLine cfg.package config.nix.package; })
+      { build-hook = buildHook; }
       (mkIf externalDoor {
         experimental-features = [ "external-builders" ];
         external-builders = builtins.toJSON [

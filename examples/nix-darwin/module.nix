@@ -160,7 +160,7 @@ in
       }
     ];
 
-    launchd.daemons.nix-daemon = mkIf (config.nix.enable && cfg.daemonNixConfig != null) {
+    launchd.daemons.nix-daemon = mkIf config.nix.enable {
       serviceConfig.EnvironmentVariables.NIX_CONFIG = cfg.daemonNixConfig;
     };
 

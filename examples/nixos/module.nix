@@ -191,9 +191,7 @@ in
       stateDir = lib.mkDefault "/nix/var/nix/lazy-builder";
       builders = lib.mapAttrs vmBuilder cfg.vms;
     };
-    systemd.services.nix-daemon.environment.NIX_CONFIG = mkIf (
-      cfg.daemonNixConfig != null
-    ) cfg.daemonNixConfig;
+    systemd.services.nix-daemon.environment.NIX_CONFIG = cfg.daemonNixConfig;
 
     systemd.services.nix-lazy-builder = {
       description = "nix-lazy-builder supervisor (boots lazy builders, stops idle ones)";

@@ -77,6 +77,17 @@ let
         };
       };
     };
+    # The external door alone beside Nix's own remote builds: Nix's hook stays.
+    nixos-external-nix-machines = { pkgs, ... }: {
+      nix.package = newNix pkgs;
+      nix.distributedBuilds = true;
+      nix.buildMachines = [ { hostName = "builder.example"; systems = [ "x86_64-linux" ]; } ];
+      services.nix-lazy-builder = {
+        door = "external-builders";
+        stateDir = lib.mkForce "${dataDir}-state";
+        vms.aarch64.system = "aarch64-linux";
+      };
+    };
     # Both doors, the systems given.
     nixos-both = { pkgs, ... }: {
       nix.package = newNix pkgs;

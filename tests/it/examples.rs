@@ -752,12 +752,13 @@ fn eval_doors(lib: &Path) {
     assert_eq!(ev.get("/externalBuilders"), &Value::Null);
     assert_eq!(ev.get("/experimentalFeatures"), &serde_json::json!([]));
 
-    // external-builders alone: Nix's own build hook stays (no build-hook, no NIX_CONFIG), the
-    // systems are every builder's (a VM's and one from `settings`).
+    // external-builders alone: Nix's own build hook, with no machines, is switched off (in
+    // nix.conf and in NIX_CONFIG, which Nix 2.32 and 2.33 need), the systems are every
+    // builder's (a VM's and one from `settings`).
     let ev = Eval::new(lib, "nixos-external");
     ev.assert_clean();
-    assert_eq!(ev.get("/buildHook"), &Value::Null);
-    assert!(ev.get("/daemonEnvironment").get("NIX_CONFIG").is_none());
+    assert_eq!(ev.str("/buildHook"), "");
+    assert_eq!(ev.str("/daemonEnvironment/NIX_CONFIG"), "build-hook = ");
     assert_eq!(
         ev.get("/experimentalFeatures"),
         &serde_json::json!(["external-builders"])
@@ -785,6 +786,17 @@ fn eval_doors(lib: &Path) {
         ),
         None => say("  eval_doors: no sid chroot: external-builders not read back by Nix 2.34"),
     }
+
+    // ... but Nix's own hook stays when it has machines of its own.
+    let ev = Eval::new(lib, "nixos-external-nix-machines");
+    ev.assert_clean();
+    let nix_hook = ev.str("/buildHook");
+    assert!(nix_hook.ends_with("/bin/nix __build-remote"), "{nix_hook}");
+    assert_eq!(
+        ev.str("/daemonEnvironment/NIX_CONFIG"),
+        format!("build-hook = {nix_hook}")
+    );
+    assert_eq!(external(&ev), entry(&ev, &["aarch64-linux"]));
 
     // Both doors: the hook in nix.conf and NIX_CONFIG, and the external builder for the
     // systems given.
