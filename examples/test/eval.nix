@@ -85,7 +85,7 @@ let
       services.nix-lazy-builder = {
         door = "external-builders";
         stateDir = lib.mkForce "${dataDir}-state";
-        vms.aarch64.system = "aarch64-linux";
+        vms.native.system = "x86_64-linux";
       };
     };
     # Both doors, the systems given.

@@ -796,7 +796,7 @@ fn eval_doors(lib: &Path) {
         ev.str("/daemonEnvironment/NIX_CONFIG"),
         format!("build-hook = {nix_hook}")
     );
-    assert_eq!(external(&ev), entry(&ev, &["aarch64-linux"]));
+    assert_eq!(external(&ev), entry(&ev, &["x86_64-linux"]));
 
     // Both doors: the hook in nix.conf and NIX_CONFIG, and the external builder for the
     // systems given.
