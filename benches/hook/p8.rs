@@ -16,8 +16,8 @@
 //! order rotating; a local x86_64 build without any hook is the floor. The first run of each
 //! is a warm-up and not counted.
 //!
-//! Owns the P8 workload and its checks. Must never: count a build that did not happen on the
-//! remote, or one that went through another door than the one it is counted for (each build's
+//! Owns the P8 workload and its checks. Must never: give a figure without a Nix 2.34 (the rows
+//! then say NOT MEASURED and why), count a build that did not happen on the remote, or one that went through another door than the one it is counted for (each build's
 //! log is checked for its door's own lines).
 
 use std::time::Instant;
@@ -32,6 +32,10 @@ use crate::stats::{Samples, fmt_num, fmt_samples};
 
 pub const KEY_EXTERNAL: &str = "P8 external-builders";
 pub const KEY_HOOK: &str = "P8 build-hook";
+
+const WHAT: &str =
+    "per-build overhead, warm builder: trivial drv + 1 small input (wall time of nix-build)";
+const COMMAND: &str = "cargo bench --bench hook -- P8";
 
 /// Nix 2.34's own build hook in the sid chroot (its default `build-hook`).
 const NIX_HOOK: &str = "/usr/bin/nix __build-remote";
@@ -98,8 +102,17 @@ fn daemon(remote: &RemoteStore) -> LocalDaemon {
     LocalDaemon::start(opts)
 }
 
-/// P8's two rows: the external door and the hook door, each beside Nix 2.34's hook.
+/// P8's two rows: the external door and the hook door, each beside Nix 2.34's hook; or, without
+/// a Nix 2.34, the two rows saying so, with no figure.
 pub fn p8(ctx: &Ctx) -> Vec<Row> {
+    if !Nix::Sid.available() {
+        let why = format!(
+            "no Nix 2.34 (external-builders needs 2.32): the sid chroot {} is not ready; tests/env/provision.sh makes it",
+            Nix::Sid.root().display()
+        );
+        progress(&format!("P8 not measured: {why}"));
+        return not_measured(&why);
+    }
     Nix::Sid.require();
     let remote = RemoteStore::start(RemoteOpts::new(Nix::Host));
     let d = daemon(&remote);
@@ -178,9 +191,8 @@ fn rows(samples: Vec<Samples>, floor: Samples) -> Vec<Row> {
         fmt_samples(&ext_after, "s"),
         ms(over(&ext_after)),
     );
-    let what =
-        "per-build overhead, warm builder: trivial drv + 1 small input (wall time of nix-build)";
-    let command = "cargo bench --bench hook -- P8".to_owned();
+    let what = WHAT;
+    let command = COMMAND.to_owned();
     vec![
         Row {
             key: KEY_EXTERNAL.into(),
@@ -210,6 +222,27 @@ fn rows(samples: Vec<Samples>, floor: Samples) -> Vec<Row> {
             command,
         },
     ]
+}
+
+/// The two rows, each saying why it has no figure.
+fn not_measured(why: &str) -> Vec<Row> {
+    [
+        (KEY_EXTERNAL, "`external-builders`"),
+        (KEY_HOOK, "`build-hook`"),
+    ]
+    .into_iter()
+    .map(|(key, door)| {
+        Row::ours_only(
+            key,
+            &format!("{WHAT}, through {door}"),
+            "s",
+            Samples::new(),
+            Goal::Info,
+            format!("NOT MEASURED: {why}"),
+            COMMAND.to_owned(),
+        )
+    })
+    .collect()
 }
 
 /// The floor: the same kind of derivation for the local system, no hook, no external builder.
@@ -282,6 +315,7 @@ pub fn self_test() {
             mk(&[0.1, 0.1, 0.1]),
             mk(&[0.09, 0.09, 0.09]),
             mk(&[0.2, 0.2, 0.2]),
+            mk(&[0.1, 0.1, 0.1]),
         ],
         floor,
     );
@@ -291,4 +325,8 @@ pub fn self_test() {
         "50 ms > 40 ms: {}",
         r[0].line("now")
     );
+    let r = not_measured("x");
+    assert_eq!(r.len(), 2);
+    assert!(r[0].line("now").contains("NOT MEASURED: x"));
+    assert_eq!(r[0].met(), None);
 }
