@@ -1,6 +1,7 @@
 # What the NixOS and the nix-darwin module share: the build-hook line, the runner wrapper that
-# keeps a NixOS VM runner from leaking its store image, and the man pages and completions.
-# Pure functions of `lib` and `pkgs`; it declares no options.
+# keeps a NixOS VM runner from leaking its store image, the man pages and completions, and the
+# declarations of the options every lazy VM builder has. Pure functions of `lib` and `pkgs`; it
+# declares no options itself (shared-module.nix does).
 { lib, pkgs }:
 
 rec {
@@ -51,4 +52,24 @@ rec {
       "$exe" completions zsh > $out/share/zsh/site-functions/_nix-lazy-builder
       "$exe" completions fish > $out/share/fish/vendor_completions.d/nix-lazy-builder.fish
     '';
+
+  # The options of a lazy NixOS VM builder that both modules offer alike (their own VMs, and
+  # nix-darwin's linux-builder), to put beside each module's own.
+  vmOptions = with lib; {
+    sshPort = mkOption {
+      type = types.port;
+      default = 0;
+      description = "Host port forwarded to the guest's sshd on 127.0.0.1; 0 = a free one at each boot.";
+    };
+    idleTimeout = mkOption {
+      type = types.str;
+      default = "15m";
+      description = "Power the VM off this long after its last build; \"0s\" = never.";
+    };
+    bootTimeout = mkOption {
+      type = types.str;
+      default = "5m";
+      description = "How long a boot may take, including the runner building the guest's Nix store image before QEMU starts.";
+    };
+  };
 }

@@ -278,7 +278,9 @@ pub fn self_test() {
     let r = row(Samples::new(), "NOT MEASURED: x".into());
     let line = r.line("now");
     assert!(
-        line.starts_with(&format!("| P7 | {WHAT} | — | — | — | ≤ 1 s | — | 0 |")),
+        line.starts_with(&format!(
+            "| P7 | {WHAT} | — | — | — | — | — | ≤ 1 s | — | 0 |"
+        )),
         "{line}"
     );
 }

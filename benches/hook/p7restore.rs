@@ -582,8 +582,9 @@ pub fn self_test() {
     assert!(started_at(std::process::id()).is_some_and(|t| t <= boottime()));
     let r = &not_measured("x")[0];
     assert!(
-        r.line("now")
-            .starts_with(&format!("| {KEY} | {WHAT} | — | — | — | ≤ 1.5 s | — | 0 |")),
+        r.line("now").starts_with(&format!(
+            "| {KEY} | {WHAT} | — | — | — | — | — | ≤ 1.5 s | — | 0 |"
+        )),
         "{}",
         r.line("now")
     );

@@ -37,8 +37,6 @@ let
   cfg = config.services.nix-lazy-builder;
   lb = cfg.linuxBuilder;
   common = import ../common.nix { inherit lib pkgs; };
-  toml = pkgs.formats.toml { };
-  hookLine = common.hookLine cfg.package config.nix.package;
   dir = "${cfg.dataDir}/linux-builder";
   hasCerts = config.environment.variables ? NIX_SSL_CERT_FILE;
   certEnv = lib.optionalAttrs hasCerts { inherit (config.environment.variables) NIX_SSL_CERT_FILE; };
@@ -88,20 +86,10 @@ let
   );
 in
 {
+  imports = [ ../shared-module.nix ];
+
   options.services.nix-lazy-builder = {
-    enable = mkEnableOption "nix-lazy-builder as nix-daemon's build hook";
-    package = mkOption { type = types.package; description = "The nix-lazy-builder package."; };
-    dataDir = mkOption {
-      type = types.str;
-      default = "/var/lib/nix-lazy-builder";
-      description = "The supervisor's state, the builder's keys, disk and runner TMPDIR (root-only).";
-    };
-    settings = mkOption {
-      type = toml.type;
-      default = { };
-      description = "Extra contents of /etc/nix/lazy-builder.toml.";
-    };
-    linuxBuilder = {
+    linuxBuilder = common.vmOptions // {
       enable = mkEnableOption "a lazily booted darwin.linux-builder VM";
       package = mkOption {
         type = types.package;
@@ -134,11 +122,6 @@ in
         example = [ "aarch64-linux" ];
         description = "The systems the builder takes (`systems`).";
       };
-      sshPort = mkOption {
-        type = types.port;
-        default = 0;
-        description = "Host port forwarded to the guest's sshd on 127.0.0.1; 0 = a free one at each boot.";
-      };
       maxJobs = mkOption {
         type = types.ints.positive;
         default = nixos.virtualisation.cores;
@@ -160,16 +143,6 @@ in
         default = 40960;
         description = "The size of the VM's disk image in MiB when it is made (runner only).";
       };
-      idleTimeout = mkOption {
-        type = types.str;
-        default = "15m";
-        description = "Power the VM off this long after its last build; \"0s\" = never.";
-      };
-      bootTimeout = mkOption {
-        type = types.str;
-        default = "5m";
-        description = "How long a boot may take, including the runner building the guest's Nix store image.";
-      };
     };
   };
 
@@ -179,64 +152,61 @@ in
         assertion = config.nix.enable;
         message = "services.nix-lazy-builder needs nix.enable: it sets nix-daemon's build-hook through nix-darwin.";
       }
+      {
+        # The supervisor looks the build-users group up in /etc/group, which macOS does not
+        # use (its groups are in Directory Services): every build user would be refused.
+        assertion = cfg.door == "build-hook";
+        message = "services.nix-lazy-builder.door = \"${cfg.door}\" is not supported on macOS yet: the supervisor finds the nixbld group in /etc/group, which macOS does not use, so the build socket would refuse the build users. Use door = \"build-hook\".";
+      }
     ];
 
-    services.nix-lazy-builder.linuxBuilder = {
-      nixosConfig = nixos;
-      runner = common.runnerWrapper {
-        name = "linux-builder";
-        runner = lib.getExe nixos.system.build.vm;
-        tmpDir = "${dir}/tmp";
+    launchd.daemons.nix-daemon = mkIf config.nix.enable {
+      serviceConfig.EnvironmentVariables.NIX_CONFIG = cfg.daemonNixConfig;
+    };
+
+    services.nix-lazy-builder = {
+      linuxBuilder = {
+        nixosConfig = nixos;
+        runner = common.runnerWrapper {
+          name = "linux-builder";
+          runner = lib.getExe nixos.system.build.vm;
+          tmpDir = "${dir}/tmp";
+        };
+      };
+      stateDir = lib.mkDefault "${cfg.dataDir}/state";
+      builders = lib.optionalAttrs lb.enable {
+        linux-builder = {
+          uri = "ssh-ng://builder@127.0.0.1";
+          systems = lb.systems;
+          features = [ "big-parallel" "benchmark" ];
+          max-jobs = lb.maxJobs;
+          ssh-key = "${dir}/keys/builder_ed25519";
+          idle-timeout = lb.idleTimeout;
+          boot-timeout = lb.bootTimeout;
+          boot = {
+            kind = "qemu";
+            runner = "${lb.runner}";
+            ssh-port = lb.sshPort;
+            environment = {
+              # The guest reads /var/keys/builder_ed25519.pub; this directory has nothing else.
+              KEYS = "${dir}/guest-keys";
+              NIX_DISK_IMAGE = "${dir}/disk.qcow2";
+            } // lib.optionalAttrs lb.ownHostKey { NLB_HOST_KEY_DIR = "${dir}/hostkey"; }
+            # The runner copies it into the guest (useHostCerts), which has no CA bundle else.
+            // certEnv;
+          };
+        }
+        // (
+          if lb.ownHostKey then
+            { host-key-file = "${dir}/hostkey/ssh_host_ed25519_key.pub"; }
+          else
+            {
+              host-key = wellKnownHostKey;
+              allow-well-known-host-key = true;
+            }
+        );
       };
     };
-
-    nix.settings.build-hook = hookLine;
-    launchd.daemons.nix-daemon = mkIf config.nix.enable {
-      serviceConfig.EnvironmentVariables.NIX_CONFIG = common.daemonNixConfig hookLine;
-    };
-
-    environment.etc."nix/lazy-builder.toml".source = toml.generate "lazy-builder.toml" (
-      lib.recursiveUpdate {
-        supervisor.state-dir = "${cfg.dataDir}/state";
-        builders = lib.optionalAttrs lb.enable {
-          linux-builder = {
-            uri = "ssh-ng://builder@127.0.0.1";
-            systems = lb.systems;
-            features = [ "big-parallel" "benchmark" ];
-            max-jobs = lb.maxJobs;
-            ssh-key = "${dir}/keys/builder_ed25519";
-            idle-timeout = lb.idleTimeout;
-            boot-timeout = lb.bootTimeout;
-            boot = {
-              kind = "qemu";
-              runner = "${lb.runner}";
-              ssh-port = lb.sshPort;
-              environment = {
-                # The guest reads /var/keys/builder_ed25519.pub; this directory has nothing else.
-                KEYS = "${dir}/guest-keys";
-                NIX_DISK_IMAGE = "${dir}/disk.qcow2";
-              } // lib.optionalAttrs lb.ownHostKey { NLB_HOST_KEY_DIR = "${dir}/hostkey"; }
-              # The runner copies it into the guest (useHostCerts), which has no CA bundle else.
-              // certEnv;
-            };
-          }
-          // (
-            if lb.ownHostKey then
-              { host-key-file = "${dir}/hostkey/ssh_host_ed25519_key.pub"; }
-            else
-              {
-                host-key = wellKnownHostKey;
-                allow-well-known-host-key = true;
-              }
-          );
-        };
-      } cfg.settings
-    );
-
-    environment.systemPackages = [
-      cfg.package
-      (common.docs cfg.package)
-    ];
 
     # Per-install keys, made once, outside the store, before launchd (re)starts the job.
     system.activationScripts.preActivation.text = mkIf lb.enable ''

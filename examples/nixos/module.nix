@@ -1,4 +1,5 @@
-# NixOS module: nix-lazy-builder as the build hook, with lazy NixOS builder VMs. A VM (an
+# NixOS module: nix-lazy-builder behind nix-daemon (as its build hook, its external builder or
+# both: `door`, examples/shared-module.nix), with lazy NixOS builder VMs. A VM (an
 # aarch64-linux guest on an x86_64 host, or any other pair QEMU can run) is booted when a build
 # needs it and powered off when idle.
 #
@@ -6,6 +7,7 @@
 #   services.nix-lazy-builder = {
 #     enable = true;
 #     package = nix-lazy-builder;                  # e.g. from this repository's build
+#     door = "build-hook";          # or "external-builders" / "both" (Nix 2.32 and newer)
 #     vms.aarch64 = {
 #       system = "aarch64-linux";
 #       config = { virtualisation.memorySize = 4096; };   # optional, on top of builder-vm.nix
@@ -35,18 +37,16 @@
 { config, lib, pkgs, ... }:
 
 let
-  inherit (lib) mkEnableOption mkIf mkOption types;
+  inherit (lib) mkIf mkOption types;
   cfg = config.services.nix-lazy-builder;
   common = import ../common.nix { inherit lib pkgs; };
-  toml = pkgs.formats.toml { };
   hostSystem = pkgs.stdenv.hostPlatform.system;
-  hookLine = common.hookLine cfg.package config.nix.package;
   vmDir = name: "${cfg.dataDir}/vms/${name}";
 
   vmOptions =
     { name, config, ... }:
     {
-      options = {
+      options = common.vmOptions // {
         system = mkOption {
           type = types.str;
           example = "aarch64-linux";
@@ -71,11 +71,6 @@ let
             (and so its Nix store image) emptied before and after every boot.
           '';
         };
-        sshPort = mkOption {
-          type = types.port;
-          default = 0;
-          description = "Host port forwarded to the guest's sshd on 127.0.0.1; 0 = a free one at each boot.";
-        };
         maxJobs = mkOption {
           type = types.ints.positive;
           default = 2;
@@ -95,19 +90,6 @@ let
           type = types.listOf types.str;
           default = [ ];
           description = "Features a derivation must require to be built here (`mandatory-features`).";
-        };
-        idleTimeout = mkOption {
-          type = types.str;
-          default = "15m";
-          description = "Power the VM off this long after its last build; \"0s\" = never.";
-        };
-        bootTimeout = mkOption {
-          type = types.str;
-          default = "5m";
-          description = ''
-            How long a boot may take, including the runner building the guest's Nix store
-            image before QEMU starts.
-          '';
         };
         bootForLocal = mkOption {
           type = types.bool;
@@ -183,40 +165,12 @@ let
     && !(lib.any (m: lib.elem sys (m.systems ++ lib.optional (m.system != null) m.system)) config.nix.buildMachines);
 in
 {
-  options.services.nix-lazy-builder = {
-    enable = mkEnableOption "nix-lazy-builder as nix-daemon's build hook";
+  imports = [ ../shared-module.nix ];
 
-    package = mkOption {
-      type = types.package;
-      description = "The nix-lazy-builder package.";
-    };
-
-    stateDir = mkOption {
-      type = types.str;
-      default = "/nix/var/nix/lazy-builder";
-      description = "The supervisor's state directory (socket, locks, logs, console logs).";
-    };
-
-    dataDir = mkOption {
-      type = types.str;
-      default = "/var/lib/nix-lazy-builder";
-      description = "Where the VMs' keys, disks and runner TMPDIRs live (root-only).";
-    };
-
-    vms = mkOption {
-      default = { };
-      description = "Lazy NixOS VM builders, by name.";
-      type = types.attrsOf (types.submodule vmOptions);
-    };
-
-    settings = mkOption {
-      type = toml.type;
-      default = { };
-      description = ''
-        Extra contents of /etc/nix/lazy-builder.toml (merged over what `vms` generates), e.g.
-        always-on builders the machines table cannot describe, or `command`/`darling` builders.
-      '';
-    };
+  options.services.nix-lazy-builder.vms = mkOption {
+    default = { };
+    description = "Lazy NixOS VM builders, by name.";
+    type = types.attrsOf (types.submodule vmOptions);
   };
 
   config = mkIf cfg.enable {
@@ -233,20 +187,11 @@ in
       "services.nix-lazy-builder.vms.${name}: the guest is ${sys} and this host ${hostSystem}. The guest's own system (etc, initrd, toplevel) is not on the binary cache and nothing here builds ${sys} derivations before the VM runs: add \"${sys}\" to boot.binfmt.emulatedSystems, or another builder for ${sys} to nix.buildMachines."
     ) (lib.filterAttrs unbuildable cfg.vms);
 
-    nix.settings.build-hook = hookLine;
-    systemd.services.nix-daemon.environment.NIX_CONFIG = common.daemonNixConfig hookLine;
-
-    environment.etc."nix/lazy-builder.toml".source = toml.generate "lazy-builder.toml" (
-      lib.recursiveUpdate {
-        supervisor.state-dir = cfg.stateDir;
-        builders = lib.mapAttrs vmBuilder cfg.vms;
-      } cfg.settings
-    );
-
-    environment.systemPackages = [
-      cfg.package
-      (common.docs cfg.package)
-    ];
+    services.nix-lazy-builder = {
+      stateDir = lib.mkDefault "/nix/var/nix/lazy-builder";
+      builders = lib.mapAttrs vmBuilder cfg.vms;
+    };
+    systemd.services.nix-daemon.environment.NIX_CONFIG = cfg.daemonNixConfig;
 
     systemd.services.nix-lazy-builder = {
       description = "nix-lazy-builder supervisor (boots lazy builders, stops idle ones)";

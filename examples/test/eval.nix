@@ -23,6 +23,13 @@ let
   fileOf = d: { path = d.outPath; inherit (d) kind text; };
   failed = config: map (a: a.message) (lib.filter (a: !a.assertion) config.assertions);
   oldNix = pkgs: pkgs.nix // { name = "nix-2.8.1"; version = "2.8.1"; };
+  newNix = pkgs: pkgs.nix // { name = "nix-2.34.0"; version = "2.34.0"; };
+  # What the modules write into nix.conf for the doors (absent: null or empty).
+  doorSettings = config: {
+    buildHook = config.nix.settings.build-hook or null;
+    externalBuilders = config.nix.settings.external-builders or null;
+    experimentalFeatures = config.nix.settings.experimental-features or [ ];
+  };
 
   nixosCases = {
     # Two VMs: an aarch64 guest (binfmt builds its system) and a native one with extra config.
@@ -54,6 +61,51 @@ let
       nix.package = oldNix pkgs;
       services.nix-lazy-builder.vms.native.system = "x86_64-linux";
     };
+    # The external-builders door alone, on Nix 2.34: the systems of a VM and of a builder
+    # from `settings`.
+    nixos-external = { pkgs, ... }: {
+      nix.package = newNix pkgs;
+      boot.binfmt.emulatedSystems = [ "aarch64-linux" ];
+      services.nix-lazy-builder = {
+        door = "external-builders";
+        # Beside the data directory, not in it: the build users must reach the build socket.
+        stateDir = lib.mkForce "${dataDir}-state";
+        vms.aarch64.system = "aarch64-linux";
+        settings.builders.always-on = {
+          uri = "ssh://root@192.0.2.1";
+          systems = [ "aarch64-linux" "riscv64-linux" ];
+        };
+      };
+    };
+    # The external door alone beside Nix's own remote builds: Nix's hook stays.
+    nixos-external-nix-machines = { pkgs, ... }: {
+      nix.package = newNix pkgs;
+      nix.distributedBuilds = true;
+      nix.buildMachines = [ { hostName = "builder.example"; systems = [ "x86_64-linux" ]; } ];
+      services.nix-lazy-builder = {
+        door = "external-builders";
+        stateDir = lib.mkForce "${dataDir}-state";
+        vms.native.system = "x86_64-linux";
+      };
+    };
+    # Both doors, the systems given.
+    nixos-both = { pkgs, ... }: {
+      nix.package = newNix pkgs;
+      services.nix-lazy-builder = {
+        door = "both";
+        stateDir = lib.mkForce "${dataDir}-state";
+        vms.native.system = "x86_64-linux";
+        externalBuilders.systems = [ "x86_64-linux" "i686-linux" ];
+      };
+    };
+    # external-builders on a Nix without it (the stubs' 2.28), with the state directory (and so
+    # the build socket) inside the root-only data directory.
+    nixos-external-old-nix = { ... }: {
+      services.nix-lazy-builder = {
+        door = "external-builders";
+        vms.native.system = "x86_64-linux";
+      };
+    };
   };
 
   darwinCases = {
@@ -65,6 +117,13 @@ let
       };
     };
     darwin-x86 = { services.nix-lazy-builder.linuxBuilder.enable = true; };
+    darwin-external = { pkgs, ... }: {
+      nix.package = newNix pkgs;
+      services.nix-lazy-builder = {
+        linuxBuilder.enable = true;
+        door = "external-builders";
+      };
+    };
   };
 
   nixos =
@@ -92,11 +151,11 @@ let
       docs = lib.elemAt config.environment.systemPackages 1;
       toml = config.environment.etc."nix/lazy-builder.toml".source;
     in
-    {
+    doorSettings config
+    // {
       failedAssertions = failed config;
       inherit (config) warnings;
       toml = toml.value;
-      buildHook = config.nix.settings.build-hook;
       daemonEnvironment = config.systemd.services.nix-daemon.environment;
       unit = svc.unitText;
       serviceConfig = svc.serviceConfig;
@@ -152,12 +211,12 @@ let
       toml = config.environment.etc."nix/lazy-builder.toml".source;
       shares = guest.virtualisation.sharedDirectories;
     in
-    {
+    doorSettings config
+    // {
       failedAssertions = failed config;
       inherit (config) warnings;
       toml = toml.value;
-      buildHook = config.nix.settings.build-hook;
-      daemonEnvironment = config.launchd.daemons.nix-daemon.serviceConfig.EnvironmentVariables;
+      daemonEnvironment = config.launchd.daemons.nix-daemon.serviceConfig.EnvironmentVariables or { };
       plist = config.environment.launchDaemons."org.nixos.nix-lazy-builder.plist".text;
       daemonPlist = config.environment.launchDaemons."org.nixos.nix-daemon.plist".text;
       serviceConfig = config.launchd.daemons.nix-lazy-builder.serviceConfig;

@@ -699,6 +699,143 @@ fn modules_evaluate_against_nixpkgs_lib() {
     ));
     eval_nixos(&lib);
     eval_darwin(&lib);
+    eval_doors(&lib);
+}
+
+/// `setting = value` as Nix 2.34 (the sid chroot's) reads it back with `nix config show`, or
+/// `None` when this machine has no such chroot or the test is not root (needed to enter it). Nix only warns
+/// about a value it cannot parse and keeps the default, so the value read back is the check.
+fn nix_234_reads(setting: &str, value: &str) -> Option<String> {
+    let root = crate::harness::Nix::Sid.root();
+    // SAFETY: geteuid has no preconditions.
+    if !root.join("usr/bin/nix").exists() || unsafe { libc::geteuid() } != 0 {
+        return None;
+    }
+    // Nix needs /proc (it reads /proc/self/exe): a private mount namespace with its own.
+    let out = Command::new("unshare")
+        .args(["--mount", "--fork", "sh", "-c"])
+        .arg(
+            "mount -t proc proc \"$1/proc\" && exec chroot \"$1\" env HOME=/tmp \
+             NIX_CONF_DIR=/nonexistent nix --extra-experimental-features \
+             'nix-command external-builders' --option \"$2\" \"$3\" config show \"$2\"",
+        )
+        .args(["sh"])
+        .arg(root)
+        .args([setting, value])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "nix config show: {}",
+        text(&out.stderr)
+    );
+    Some(text(&out.stdout).trim().to_owned())
+}
+
+/// The door option (examples/shared-module.nix): which nix.conf settings each choice writes.
+fn eval_doors(lib: &Path) {
+    let hook_line = |ev: &Eval| format!("{}/bin/nix-lazy-builder hook", ev.pkg.display());
+    let external = |ev: &Eval| -> Value {
+        serde_json::from_str(ev.str("/externalBuilders"))
+            .unwrap_or_else(|e| panic!("case {}: external-builders is not JSON: {e}", ev.case))
+    };
+    let entry = |ev: &Eval, systems: &[&str]| {
+        serde_json::json!([{
+            "systems": systems,
+            "program": format!("{}/bin/nix-lazy-builder", ev.pkg.display()),
+            "args": ["external-build"],
+        }])
+    };
+
+    // The default door is the hook alone: no experimental feature, no external builder.
+    let ev = Eval::new(lib, "nixos");
+    assert_eq!(ev.get("/externalBuilders"), &Value::Null);
+    assert_eq!(ev.get("/experimentalFeatures"), &serde_json::json!([]));
+
+    // external-builders alone: Nix's own build hook, with no machines, is switched off (in
+    // nix.conf and in NIX_CONFIG, which Nix 2.32 and 2.33 need), the systems are every
+    // builder's (a VM's and one from `settings`).
+    let ev = Eval::new(lib, "nixos-external");
+    ev.assert_clean();
+    assert_eq!(ev.str("/buildHook"), "");
+    assert_eq!(ev.str("/daemonEnvironment/NIX_CONFIG"), "build-hook = ");
+    assert_eq!(
+        ev.get("/experimentalFeatures"),
+        &serde_json::json!(["external-builders"])
+    );
+    let want = entry(&ev, &["aarch64-linux", "riscv64-linux"]);
+    assert_eq!(external(&ev), want);
+    // The program's argument is a subcommand the binary has.
+    let program = want[0]["program"].as_str().unwrap();
+    let help = Command::new(program)
+        .args(["external-build", "--help"])
+        .output()
+        .unwrap();
+    assert!(help.status.success(), "{}", text(&help.stderr));
+    // The supervisor still runs (the unprivileged program cannot start one).
+    assert!(
+        ev.str("/unit")
+            .contains("supervise --config /etc/nix/lazy-builder.toml")
+    );
+    // Nix 2.34 reads the setting back as written (it would warn and keep `[]` otherwise).
+    match nix_234_reads("external-builders", ev.str("/externalBuilders")) {
+        Some(shown) => assert_eq!(
+            serde_json::from_str::<Value>(&shown).unwrap_or(Value::Null),
+            want,
+            "Nix 2.34 read {shown}"
+        ),
+        None => say("  eval_doors: no sid chroot: external-builders not read back by Nix 2.34"),
+    }
+
+    // ... but Nix's own hook stays when it has machines of its own.
+    let ev = Eval::new(lib, "nixos-external-nix-machines");
+    ev.assert_clean();
+    let nix_hook = ev.str("/buildHook");
+    assert!(nix_hook.ends_with("/bin/nix __build-remote"), "{nix_hook}");
+    assert_eq!(
+        ev.str("/daemonEnvironment/NIX_CONFIG"),
+        format!("build-hook = {nix_hook}")
+    );
+    assert_eq!(external(&ev), entry(&ev, &["x86_64-linux"]));
+
+    // Both doors: the hook in nix.conf and NIX_CONFIG, and the external builder for the
+    // systems given.
+    let ev = Eval::new(lib, "nixos-both");
+    ev.assert_clean();
+    assert_eq!(ev.str("/buildHook"), hook_line(&ev));
+    assert_eq!(
+        ev.str("/daemonEnvironment/NIX_CONFIG"),
+        format!("build-hook = {}", hook_line(&ev))
+    );
+    assert_eq!(external(&ev), entry(&ev, &["x86_64-linux", "i686-linux"]));
+
+    // Refused: a Nix without external-builders, and a build socket inside the root-only data
+    // directory.
+    let ev = Eval::new(lib, "nixos-external-old-nix");
+    let failed = ev.get("/failedAssertions").as_array().unwrap();
+    assert_eq!(failed.len(), 2, "{failed:?}");
+    assert!(
+        failed[0]
+            .as_str()
+            .unwrap()
+            .contains("needs Nix 2.32 or newer"),
+        "{failed:?}"
+    );
+    assert!(
+        failed[1].as_str().unwrap().contains("root-only"),
+        "{failed:?}"
+    );
+    // nix-darwin: not on macOS yet (its build users are not in /etc/group).
+    let ev = Eval::new(lib, "darwin-external");
+    let failed = ev.get("/failedAssertions").as_array().unwrap();
+    assert!(
+        failed
+            .iter()
+            .any(|m| m.as_str().unwrap().contains("not supported on macOS yet")),
+        "{failed:?}"
+    );
+    let ev = Eval::new(lib, "darwin");
+    assert_eq!(ev.get("/externalBuilders"), &Value::Null);
 }
 
 // ------------------------------------------------------------------------------------------

@@ -179,6 +179,7 @@ in
       };
       default = { };
     };
+    nix.distributedBuilds = mkOption { type = types.bool; default = false; };
     nix.buildMachines = mkOption {
       type = types.listOf (
         types.submodule {
