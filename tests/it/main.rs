@@ -33,6 +33,8 @@ mod cli {
 mod examples;
 mod external {
     mod door;
+    mod limits;
+    mod remote;
 }
 mod fault {
     mod hang;
