@@ -33,6 +33,7 @@ mod cli {
 mod examples;
 mod external {
     mod door;
+    mod doors;
     mod limits;
     mod remote;
 }

@@ -51,7 +51,6 @@ fn an_aarch64_derivation_is_built_on_an_always_on_remote_with_warm_sessions() {
             log.stdout.contains(&format!("building on '{uri}'")),
             "{log}"
         );
-        assert!(daemon.hook_pids().is_empty());
         if i == 0 {
             wait_warm(&daemon, &uri);
         } else {
