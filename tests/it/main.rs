@@ -35,6 +35,7 @@ mod external {
     mod door;
     mod doors;
     mod limits;
+    mod qemu;
     mod remote;
 }
 mod fault {
