@@ -293,11 +293,30 @@ const TEMP_PREFIX: &str = ".nlb-unpack-";
 
 /// Where `path` is unpacked before it is verified: `<store>/.nlb-unpack-<pid>-<hash part>`.
 fn temp_path(path: &StorePath) -> PathBuf {
-    Path::new(path.store_dir()).join(format!(
-        "{TEMP_PREFIX}{}-{}",
-        std::process::id(),
-        path.hash_part()
-    ))
+    temp_path_of(std::process::id(), path)
+}
+
+/// Where process `pid` unpacks `path` before it is verified.
+fn temp_path_of(pid: u32, path: &StorePath) -> PathBuf {
+    Path::new(path.store_dir()).join(format!("{TEMP_PREFIX}{pid}-{}", path.hash_part()))
+}
+
+/// Notes in the journal of process `pid` (not this one) the unpack directories it will make
+/// for `paths`: for a process that cannot write the journal itself (the external-build
+/// client, run as a build user), so that [`sweep_stale`] removes them once `pid` is gone.
+pub fn note_unpack_dirs(state_dir: &Path, pid: u32, paths: &[StorePath]) -> io::Result<()> {
+    let journal = state_dir.join(JOURNAL_DIR).join(pid.to_string());
+    if let Some(dir) = journal.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&journal)?;
+    for p in paths {
+        writeln!(f, "{}", temp_path_of(pid, p).display())?;
+    }
+    Ok(())
 }
 
 /// Where, under Nix's state directory, each hook process notes the unpack directories it
@@ -839,6 +858,47 @@ mod tests {
         drop(placed);
         assert_eq!(std::fs::read_dir(store.path()).unwrap().count(), 0);
         assert!(!journal.exists());
+    }
+
+    /// The journal another process writes for an unpacker names the very directories that
+    /// unpacker makes, and a sweep removes them once it is gone.
+    #[test]
+    fn unpack_dirs_noted_for_another_process_are_its_own_and_swept_after_it() {
+        let (store, dest, nar) = store_and_nar();
+        let state = tempfile::tempdir().unwrap();
+        let me = std::process::id();
+        let path = sp(dest.to_str().unwrap());
+        note_unpack_dirs(state.path(), me, std::slice::from_ref(&path)).unwrap();
+        let mut placed = Placed::new();
+        placed
+            .unpack_staged(expected_for(&dest, &nar), &nar[..])
+            .unwrap();
+        let staged: Vec<PathBuf> = std::fs::read_dir(store.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        let journal = state.path().join(JOURNAL_DIR).join(me.to_string());
+        assert_eq!(
+            std::fs::read_to_string(&journal).unwrap(),
+            format!("{}\n", staged[0].display())
+        );
+        drop(placed);
+
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        note_unpack_dirs(state.path(), dead, std::slice::from_ref(&path)).unwrap();
+        let left = temp_path_of(dead, &path);
+        std::fs::create_dir_all(left.join("half")).unwrap();
+        assert_eq!(sweep_stale(store.path(), state.path()), 1);
+        assert!(!left.exists());
+        assert!(
+            !state
+                .path()
+                .join(JOURNAL_DIR)
+                .join(dead.to_string())
+                .exists()
+        );
     }
 
     #[test]

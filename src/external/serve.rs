@@ -16,9 +16,11 @@
 
 use std::collections::BTreeMap;
 use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use hook_protocol::StorePath;
 use hook_protocol::hook::TryRequest;
 use hook_protocol::log::{Verbosity, strip_ansi};
 use hook_protocol::serve::BuildOptions;
@@ -33,6 +35,7 @@ use crate::hook::{DoorStep, HeldSlot, carry_out, connect, connect_failed, nix_st
 use crate::lazy::{self, Lazy};
 use crate::logging;
 use crate::memory::FailureMemory;
+use crate::place;
 use crate::select::{LocalCapability, Mismatch, check_match};
 use crate::slots::{LoadDir, UploadLockOutcome};
 use crate::store::{BuildLog, LocalStore, NarSink, RemoteError};
@@ -96,6 +99,12 @@ async fn run(config: ConfigPath) -> u8 {
             return 1;
         }
     };
+    // The client's pid names its hidden unpack directories (see `note_unpack_dirs`).
+    let client_pid = stream
+        .peer_cred()
+        .ok()
+        .and_then(|c| c.pid())
+        .and_then(|p| u32::try_from(p).ok());
     let (rd, mut wr) = stream.into_split();
     let mut rd = BufReader::new(rd);
     let mut line = Vec::new();
@@ -129,7 +138,20 @@ async fn run(config: ConfigPath) -> u8 {
     // SAFETY: fd 2 is the client's log pipe, given by the supervisor; the duplicate is ours.
     let log_fd = unsafe { libc::dup(2) };
     let log = BuildLog::new((log_fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(log_fd) }));
-    match build(&job, &config, log, &mut wr).await {
+    // What killed clients of earlier builds left (this one's client is alive).
+    place::sweep_stale(Path::new(&job.real_store_dir), &nix_state_dir());
+    let outcome = tokio::select! {
+        biased;
+        r = build(&job, &config, client_pid, log, &mut wr) => r,
+        () = client_gone(rd) => {
+            // nix-daemon killed the client (`timeout`, `max-silent-time`, `max-log-size`, an
+            // interrupted client): the build is cancelled by this process ending, as a killed
+            // hook's is (its SSH connection, or the warm session's sockets, close with it).
+            tracing::warn!("the external-build client went away; the build is cancelled");
+            return 2;
+        }
+    };
+    match outcome {
         Ok(()) => {
             let _ = send(&mut wr, &Frame::Done).await;
             0
@@ -144,6 +166,18 @@ async fn run(config: ConfigPath) -> u8 {
             )
             .await;
             f.exit_code.max(1)
+        }
+    }
+}
+
+/// Resolves once the client's end of the connection is closed (it sends nothing after its
+/// request, so anything read is ignored).
+async fn client_gone(mut rd: BufReader<tokio::net::unix::OwnedReadHalf>) {
+    let mut buf = [0u8; 256];
+    loop {
+        match rd.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
         }
     }
 }
@@ -199,6 +233,7 @@ fn no_builder(job: &ExternalJob, table: &[Builder]) -> Option<String> {
 async fn build(
     job: &ExternalJob,
     config: &ConfigPath,
+    client_pid: Option<u32>,
     mut log: BuildLog,
     wr: &mut OwnedWriteHalf,
 ) -> Result<(), Failure> {
@@ -270,8 +305,16 @@ async fn build(
                                 memory().clear(b);
                             }
                             let slot = held.take_for(Some(s.builder()));
-                            let outcome =
-                                on_builder(job, b, &mut remote, &mut log, &load_dir, wr).await;
+                            let outcome = on_builder(
+                                job,
+                                b,
+                                &mut remote,
+                                &mut log,
+                                &load_dir,
+                                client_pid,
+                                wr,
+                            )
+                            .await;
                             if let Err(Some(e)) = &outcome.as_ref().map_err(|f| f.broke.clone())
                                 && b.is_lazy()
                             {
@@ -347,6 +390,7 @@ async fn on_builder(
     remote: &mut crate::store::Remote,
     log: &mut BuildLog,
     load_dir: &LoadDir,
+    client_pid: Option<u32>,
     wr: &mut OwnedWriteHalf,
 ) -> Result<(), OnBuilder> {
     let uri = b.store_uri.clone();
@@ -441,6 +485,19 @@ async fn on_builder(
         .await
         .map_err(on("copying outputs from"))?;
     let by_path: BTreeMap<_, _> = infos.iter().map(|i| (i.path.clone(), i)).collect();
+    // The client, the build user, cannot write the unpack journal under Nix's state
+    // directory: this root side notes its hidden unpack directories for it, before it makes
+    // them, so that if nix-daemon kills it mid-unpack the next sweep removes them.
+    if let Some(pid) = client_pid {
+        let real: Vec<_> = job
+            .outputs
+            .values()
+            .filter_map(|p| StorePath::parse(&job.real_path(p)).ok())
+            .collect();
+        if let Err(e) = place::note_unpack_dirs(&nix_state_dir(), pid, &real) {
+            tracing::warn!("cannot note the client's unpack directories: {e}");
+        }
+    }
     for (name, path) in &job.outputs {
         let info = by_path.get(path).ok_or_else(|| {
             fail(

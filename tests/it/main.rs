@@ -33,6 +33,10 @@ mod cli {
 mod examples;
 mod external {
     mod door;
+    mod doors;
+    mod limits;
+    mod qemu;
+    mod remote;
 }
 mod fault {
     mod hang;

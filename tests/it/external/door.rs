@@ -19,28 +19,17 @@ use crate::harness::*;
 
 /// A lazy `command` builder `cmd` for aarch64-linux behind a Nix 2.34 daemon whose
 /// `external-builders` runs our binary, and a supervisor started by hand.
-struct Door {
-    remote: LazyRemote,
-    cfg: LazyConfig,
-    daemon: LocalDaemon,
-    _supervisor: Background,
+pub(super) struct Door {
+    pub(super) remote: LazyRemote,
+    pub(super) cfg: LazyConfig,
+    pub(super) daemon: LocalDaemon,
+    pub(super) _supervisor: Background,
 }
 
-fn setup(settings: &str) -> Door {
-    let remote = LazyRemote::prepare(RemoteOpts::new(Nix::Host));
-    let cfg = LazyConfig::write(&[remote.builder_toml(
-        "cmd",
-        Scheme::Ssh,
-        &["aarch64-linux"],
-        settings,
-        &remote.command_boot(Duration::from_millis(500)),
-    )]);
-    // The build user reads the config and reaches the build socket beside the state dir.
-    set_mode(cfg.dir.path(), 0o755);
-    let mut opts = cfg.daemon_opts(Duration::from_secs(20));
+/// `opts` (made for Nix 2.8) turned into a Nix 2.34 daemon (the sid chroot's) with
+/// `external-builders` running our binary for aarch64-linux, the binary's directory visible.
+pub(super) fn with_external_builders(mut opts: DaemonOpts) -> DaemonOpts {
     opts.nix = Nix::Sid;
-    // Nix's own hook, with no machines: it declines, and the external builder is used.
-    opts.build_hook = None;
     let bin = lazy_binary();
     opts.extra_conf
         .push("experimental-features = external-builders".into());
@@ -48,20 +37,56 @@ fn setup(settings: &str) -> Door {
         "external-builders = [{{\"systems\": [\"aarch64-linux\"], \"program\": \"{}\", \"args\": [\"external-build\"]}}]",
         bin.display()
     ));
-    opts.expose.push(cfg.dir.path().to_path_buf());
-    opts.expose.push(remote.dir().to_path_buf());
     if let Some(d) = bin.parent() {
         opts.expose.push(d.to_path_buf());
     }
-    let daemon = LocalDaemon::start(opts);
-    let mut sup = daemon.client_command(&bin.to_string_lossy());
-    sup.arg("supervise")
-        .env(nix_lazy_builder::config::CONFIG_ENV_VAR, cfg.path());
+    opts
+}
+
+/// A supervisor started by hand in `daemon`'s namespace (with `config`, else the default
+/// path), once its build socket `socket` (a host path) is there.
+pub(super) fn supervisor(
+    daemon: &LocalDaemon,
+    config: Option<&std::path::Path>,
+    socket: &std::path::Path,
+) -> Background {
+    let mut sup = daemon.client_command(&lazy_binary().to_string_lossy());
+    sup.arg("supervise");
+    if let Some(c) = config {
+        sup.env(nix_lazy_builder::config::CONFIG_ENV_VAR, c);
+    }
     let supervisor = Background::spawn(&mut sup);
-    let socket = build_socket(&cfg);
     wait_until("the build socket", Duration::from_secs(20), || {
         socket.exists()
     });
+    supervisor
+}
+
+/// [`setup`] with `cmd`'s builder keys `settings`, its boot `delay`ed, and the daemon options
+/// edited by `edit` before it starts.
+pub(super) fn setup_with(
+    settings: &str,
+    delay: Duration,
+    edit: impl FnOnce(&mut DaemonOpts),
+) -> Door {
+    let remote = LazyRemote::prepare(RemoteOpts::new(Nix::Host));
+    let cfg = LazyConfig::write(&[remote.builder_toml(
+        "cmd",
+        Scheme::Ssh,
+        &["aarch64-linux"],
+        settings,
+        &remote.command_boot(delay),
+    )]);
+    // The build user reads the config and reaches the build socket beside the state dir.
+    set_mode(cfg.dir.path(), 0o755);
+    let mut opts = with_external_builders(cfg.daemon_opts(Duration::from_secs(20)));
+    // Nix's own hook, with no machines: it declines, and the external builder is used.
+    opts.build_hook = None;
+    opts.expose.push(cfg.dir.path().to_path_buf());
+    opts.expose.push(remote.dir().to_path_buf());
+    edit(&mut opts);
+    let daemon = LocalDaemon::start(opts);
+    let supervisor = supervisor(&daemon, Some(&cfg.path()), &build_socket(&cfg));
     assert!(
         !remote.listening(),
         "the lazy machine runs before any build"
@@ -74,7 +99,11 @@ fn setup(settings: &str) -> Door {
     }
 }
 
-fn build_socket(cfg: &LazyConfig) -> PathBuf {
+fn setup(settings: &str) -> Door {
+    setup_with(settings, Duration::from_millis(500), |_| {})
+}
+
+pub(super) fn build_socket(cfg: &LazyConfig) -> PathBuf {
     nix_lazy_builder::external::build_socket_path(&cfg.state_dir())
 }
 
