@@ -29,7 +29,6 @@ let
   hookDoor = cfg.door != "external-builders";
   externalDoor = cfg.door != "build-hook";
   nixVersion = lib.getVersion config.nix.package;
-  buildUsersGroup = config.nix.settings.build-users-group or "nixbld";
   # build-hook: ours for the hook door; for the external door alone, Nix's own (its default)
   # when it has machines, else off (empty).
   buildHook =
@@ -130,10 +129,6 @@ in
         # The supervisor's service makes dataDir root-only (umask 0077).
         assertion = !lib.hasPrefix "${cfg.dataDir}/" cfg.stateDir;
         message = "services.nix-lazy-builder.door = \"${cfg.door}\": the build socket ${cfg.stateDir}.build.sock would be inside dataDir (${cfg.dataDir}), which is root-only, so the build users could not reach it; put stateDir outside it (NixOS's default is /nix/var/nix/lazy-builder).";
-      }
-      {
-        assertion = buildUsersGroup == "nixbld";
-        message = "services.nix-lazy-builder.door = \"${cfg.door}\": the build socket admits the group nixbld only, and nix.settings.build-users-group is ${buildUsersGroup}.";
       }
     ];
 

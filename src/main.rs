@@ -201,6 +201,26 @@ fn nix_conf_env() -> config::NixConfEnv {
     }
 }
 
+/// Nix's `build-users-group`, read as nix-daemon reads its configuration (a hook-started
+/// supervisor has the daemon's environment, `NIX_CONFIG` included): the group admitted to the
+/// build socket. Nix's default when no file sets it or a file cannot be read (with a warning);
+/// `None` when it is set empty (Nix then builds as its own user).
+fn build_users_group(env: &config::NixConfEnv) -> Option<String> {
+    let default = nix_lazy_builder::external::proto::DEFAULT_BUILD_USERS_GROUP;
+    let value = match config::daemon_setting(env, "build-users-group", &mut |p| std::fs::read(p)) {
+        Ok((found, _notes)) => found.map(|v| v.value),
+        Err(e) => {
+            eprintln!("nix-lazy-builder: warning: {e}; the build socket admits '{default}'");
+            None
+        }
+    };
+    match value {
+        Some(v) if v.is_empty() => None,
+        Some(v) => Some(v),
+        None => Some(default.to_owned()),
+    }
+}
+
 /// Prints a command's error (stderr, first) and output, exit status 1 with an error.
 fn print(p: cli::Printed) -> ExitCode {
     if let Some(e) = &p.error {
@@ -320,6 +340,7 @@ fn main() -> ExitCode {
             nix_lazy_builder::supervisor::main(nix_lazy_builder::supervisor::SuperviseArgs {
                 config: config_path(config.config),
                 auto,
+                build_users_group: build_users_group(&nix_conf_env()),
             })
         }
         Command::ExternalBuild { config, build_json } => {

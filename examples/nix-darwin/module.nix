@@ -153,10 +153,10 @@ in
         message = "services.nix-lazy-builder needs nix.enable: it sets nix-daemon's build-hook through nix-darwin.";
       }
       {
-        # The supervisor looks the build-users group up in /etc/group, which macOS does not
-        # use (its groups are in Directory Services): every build user would be refused.
+        # The external-builders door has only ever run on Linux (the build socket's peer check,
+        # the build users' group lookup and the unpack journal were never tried on macOS).
         assertion = cfg.door == "build-hook";
-        message = "services.nix-lazy-builder.door = \"${cfg.door}\" is not supported on macOS yet: the supervisor finds the nixbld group in /etc/group, which macOS does not use, so the build socket would refuse the build users. Use door = \"build-hook\".";
+        message = "services.nix-lazy-builder.door = \"${cfg.door}\" is not supported on macOS yet: the external-builders door has only been run on Linux. Use door = \"build-hook\".";
       }
     ];
 

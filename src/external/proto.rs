@@ -6,8 +6,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-/// The group whose members may use the build socket: Nix's default `build-users-group`.
-pub const BUILD_USERS_GROUP: &str = "nixbld";
+/// Nix's default `build-users-group`: the build socket's group when Nix's configuration names
+/// none.
+pub const DEFAULT_BUILD_USERS_GROUP: &str = "nixbld";
 /// The longest line read on the build socket (a request carries the whole build.json).
 pub const MAX_LINE: usize = crate::external::job::MAX_FILE_BYTES as usize + 4096;
 

@@ -31,6 +31,10 @@ pub struct SuperviseArgs {
     pub config: config::ConfigPath,
     /// `--auto`: started by a hook; exits once idle.
     pub auto: bool,
+    /// Nix's `build-users-group` as the daemon reads it (`main` looks it up): the group whose
+    /// members may use the build socket. `None`: Nix builds as its own user (root) and no group
+    /// is admitted.
+    pub build_users_group: Option<String>,
 }
 
 /// The real boot backends.
@@ -71,7 +75,13 @@ pub fn main_with(args: SuperviseArgs, backend: Arc<dyn backend::Backend>) -> u8 
             return 1;
         }
     };
-    let result = rt.block_on(run(&config, Some(path), args.auto, backend));
+    let result = rt.block_on(run(
+        &config,
+        Some(path),
+        args.auto,
+        args.build_users_group.as_deref(),
+        backend,
+    ));
     match result {
         Ok(()) => 0,
         Err(SuperviseError::LockHeld { .. }) if args.auto => {
@@ -89,10 +99,12 @@ pub fn main_with(args: SuperviseArgs, backend: Arc<dyn backend::Backend>) -> u8 
 
 /// Bind and serve with SIGTERM/SIGINT as the shutdown signals and SIGHUP as "reload the
 /// config" (`path`, as it was chosen; `None`: the file `config` was read from, if any).
+/// `build_users_group` is the group admitted to the build socket besides root.
 pub async fn run(
     config: &Config,
     path: Option<config::ConfigPath>,
     auto: bool,
+    build_users_group: Option<&str>,
     backend: Arc<dyn backend::Backend>,
 ) -> Result<(), SuperviseError> {
     use tokio::signal::unix::{SignalKind, signal};
@@ -114,6 +126,7 @@ pub async fn run(
         opts.config_path
             .as_ref()
             .and_then(|p| p.named().map(ToOwned::to_owned)),
+        build_users_group,
     ) {
         Ok(d) => Some(tokio::spawn(d.serve())),
         Err(e) => {

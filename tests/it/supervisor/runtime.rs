@@ -641,6 +641,7 @@ fn helper_role() {
             SuperviseArgs {
                 config: nix_lazy_builder::config::resolve_config_path(Some(config.as_ref()), None),
                 auto: true,
+                build_users_group: None,
             },
             default_backend(),
         );
