@@ -50,10 +50,23 @@ pub(super) fn supervisor(
     config: Option<&std::path::Path>,
     socket: &std::path::Path,
 ) -> Background {
+    supervisor_with(daemon, config, socket, None)
+}
+
+/// [`supervisor`] with `nix_config` as its `NIX_CONFIG` (Nix's configuration as it reads it).
+fn supervisor_with(
+    daemon: &LocalDaemon,
+    config: Option<&std::path::Path>,
+    socket: &std::path::Path,
+    nix_config: Option<&str>,
+) -> Background {
     let mut sup = daemon.client_command(&lazy_binary().to_string_lossy());
     sup.arg("supervise");
     if let Some(c) = config {
         sup.env(nix_lazy_builder::config::CONFIG_ENV_VAR, c);
+    }
+    if let Some(n) = nix_config {
+        sup.env("NIX_CONFIG", n);
     }
     let supervisor = Background::spawn(&mut sup);
     wait_until("the build socket", Duration::from_secs(20), || {
@@ -68,6 +81,16 @@ pub(super) fn setup_with(
     settings: &str,
     delay: Duration,
     edit: impl FnOnce(&mut DaemonOpts),
+) -> Door {
+    setup_full(settings, delay, edit, None)
+}
+
+/// [`setup_with`] with the supervisor's `NIX_CONFIG`.
+fn setup_full(
+    settings: &str,
+    delay: Duration,
+    edit: impl FnOnce(&mut DaemonOpts),
+    supervisor_nix_config: Option<&str>,
 ) -> Door {
     let remote = LazyRemote::prepare(RemoteOpts::new(Nix::Host));
     let cfg = LazyConfig::write(&[remote.builder_toml(
@@ -86,7 +109,12 @@ pub(super) fn setup_with(
     opts.expose.push(remote.dir().to_path_buf());
     edit(&mut opts);
     let daemon = LocalDaemon::start(opts);
-    let supervisor = supervisor(&daemon, Some(&cfg.path()), &build_socket(&cfg));
+    let supervisor = supervisor_with(
+        &daemon,
+        Some(&cfg.path()),
+        &build_socket(&cfg),
+        supervisor_nix_config,
+    );
     assert!(
         !remote.listening(),
         "the lazy machine runs before any build"
@@ -143,9 +171,20 @@ fn a_failing_build_reaches_the_user_and_registers_nothing() {
     assert!(d.daemon.invalid_leftovers().is_empty());
 }
 
-#[test]
-fn only_root_and_build_users_may_use_the_build_socket() {
-    let d = setup("max-jobs = 1");
+/// The gid of `group` in `daemon`'s namespace (its chroot's group database).
+fn gid_in(daemon: &LocalDaemon, group: &str) -> u32 {
+    let out = daemon.client("getent", &["group", group]);
+    out.assert_success();
+    out.stdout
+        .split(':')
+        .nth(2)
+        .and_then(|g| g.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no gid for '{group}': {out}"))
+}
+
+/// The build socket's mode and group, then what `nobody` (uid and gid 65534) is told when it
+/// asks for a build with the socket opened up, so that only the peer check stands.
+fn socket_group_and_nobodys_answer(d: &Door) -> (u32, CmdOutput) {
     let socket = build_socket(&d.cfg);
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let meta = std::fs::metadata(&socket).unwrap();
@@ -155,7 +194,6 @@ fn only_root_and_build_users_may_use_the_build_socket() {
         "{}",
         socket.display()
     );
-    // uid/gid 65534 (nobody), with the socket opened up so only the peer check stands.
     set_mode(&socket, 0o666);
     let mut c = d.daemon.client_command("setpriv");
     c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
@@ -167,14 +205,45 @@ fn only_root_and_build_users_may_use_the_build_socket() {
     set_mode(&bj, 0o644);
     c.arg(&bj)
         .env(nix_lazy_builder::config::CONFIG_ENV_VAR, d.cfg.path());
-    let out = run_command(&mut c, None, Duration::from_secs(60));
+    (
+        meta.gid(),
+        run_command(&mut c, None, Duration::from_secs(60)),
+    )
+}
+
+#[test]
+fn only_root_and_build_users_may_use_the_build_socket() {
+    let d = setup("max-jobs = 1");
+    let (gid, out) = socket_group_and_nobodys_answer(&d);
+    // Nothing names a build-users group for the supervisor: Nix's default.
+    assert_eq!(gid, gid_in(&d.daemon, "nixbld"), "the build socket's group");
     assert!(!out.status.success(), "{out}");
     assert!(
-        out.stderr.contains("refused") && out.stderr.contains("uid 65534"),
+        out.stderr.contains("refused")
+            && out.stderr.contains("uid 65534")
+            && out.stderr.contains("'nixbld'"),
         "{out}"
     );
-    let _ = meta.gid();
     assert!(!d.remote.listening(), "a refused client booted a builder");
+}
+
+#[test]
+fn the_build_socket_admits_the_group_nix_names_as_build_users_group() {
+    // Nix's configuration names `nogroup` (gid 65534): the socket is that group's, and
+    // `nobody` gets past the peer check (its build fails later: it cannot write the store).
+    let d = setup_full(
+        "max-jobs = 1",
+        Duration::from_millis(500),
+        |_| {},
+        Some("build-users-group = nogroup"),
+    );
+    let (gid, out) = socket_group_and_nobodys_answer(&d);
+    assert_eq!(
+        gid,
+        gid_in(&d.daemon, "nogroup"),
+        "the build socket's group"
+    );
+    assert!(!out.stderr.contains("refused"), "{out}");
 }
 
 fn build_json(system: &str) -> String {
