@@ -209,12 +209,48 @@ impl Env {
     /// the one supervisor they start (with warm connections a hook starts one of its own,
     /// whose pool runs the remote program too).
     pub fn write_config(&self, body: &str) {
+        self.write_config_keeping_warm(body, "0s");
+    }
+
+    /// [`write_config`](Self::write_config) with `keep-warm = keep_warm`: a hook then starts a
+    /// supervisor whose pool opens sessions of its own.
+    pub fn write_config_keeping_warm(&self, body: &str, keep_warm: &str) {
         let text = format!(
-            "[supervisor]\nstate-dir = \"{}\"\nkeep-warm = \"0s\"\n\n{body}",
-            self.path("lazy-state/sup").display()
+            "[supervisor]\nstate-dir = \"{}\"\nkeep-warm = \"{keep_warm}\"\n\n{body}",
+            self.supervisor_state().display()
         );
         write(&self.config(), &text);
         set_mode(&self.config(), 0o644);
+    }
+
+    /// The supervisor's state directory.
+    pub fn supervisor_state(&self) -> PathBuf {
+        self.path("lazy-state/sup")
+    }
+
+    /// Stops the supervisor that serves [`supervisor_state`](Self::supervisor_state), if one
+    /// answers (SIGTERM by the pid its hello gives), and waits until it is gone.
+    pub fn stop_supervisor(&self) {
+        let state = self.supervisor_state();
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        let pid = rt.block_on(async {
+            nix_lazy_builder::supervisor::Client::connect(&state)
+                .await
+                .ok()
+                .map(|c| c.supervisor_pid())
+        });
+        if let Some(pid) = pid {
+            // SAFETY: kill(2) has no memory preconditions; the pid is the live supervisor's.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+            super::wait_until("the supervisor to exit", Duration::from_secs(20), || {
+                !Path::new(&format!("/proc/{pid}")).exists()
+            });
+        }
     }
 
     fn base(&self, cmd: &mut Command) {

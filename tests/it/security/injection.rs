@@ -250,3 +250,77 @@ fn hostile_values_reach_the_remote_program_as_plain_arguments() {
     std::thread::sleep(Duration::from_millis(200));
     check_markers();
 }
+
+#[test]
+fn hostile_values_reach_the_remote_program_as_plain_arguments_through_warm_sessions() {
+    // With warm connections the hook starts a supervisor whose pool opens sessions of its own
+    // connection, with the command line the hook sends it. Each session must run the stub with
+    // exactly the words the hook's own connection does, and nothing else may run. Each case
+    // has its own stub and record: a pool whose stub failed tries again later.
+    let sshd = Sshd::start();
+    let env = Env::new();
+    env.write_config_keeping_warm("", "2m");
+    // The hook-started supervisor is stopped however the test ends.
+    let stop = StopSupervisor(&env);
+    let marker_name = format!("nlbpww{}", std::process::id());
+    let stubs = tempfile::Builder::new().prefix("nlb").tempdir().unwrap();
+    set_mode(stubs.path(), 0o755);
+    let mut cases = Vec::new();
+    for (i, value) in hostile(&marker_name).into_iter().enumerate() {
+        for scheme in ["ssh", "ssh-ng"] {
+            let dir = stubs.path().join(format!("{i}{scheme}"));
+            std::fs::create_dir(&dir).unwrap();
+            set_mode(&dir, 0o755);
+            let stub = hostile_stub(&dir, &marker_name);
+            let uri = sshd.uri(
+                scheme,
+                &format!(
+                    "?remote-program={}&remote-store={}",
+                    pct(&stub.display().to_string()),
+                    pct(&value)
+                ),
+            );
+            let line = format!(
+                "{uri} aarch64-linux {} 1 1 - - {}",
+                sshd.client_key.display(),
+                sshd.host_key_b64()
+            );
+            let out = env.hook(&daemon_stdin(&line), 3, &[]);
+            assert_eq!(replies(&out), ["decline"], "case {i}: {out}");
+            let first = format!("[{}]\n", stub.display());
+            let mut want = first.clone();
+            if scheme == "ssh" {
+                want += "[--serve]\n[--write]\n";
+            } else {
+                want += "[--stdio]\n";
+            }
+            want += &format!("[--store]\n[{value}]\n");
+            // The hook's own session, then the pool's (the positive control: warm sessions
+            // really ran the stub).
+            crate::harness::wait_until(
+                &format!("case {i} ({scheme}): a warm session running the stub"),
+                Duration::from_secs(20),
+                || recorded(&dir).matches(&first).count() >= 2,
+            );
+            cases.push((format!("case {i} ({scheme})"), dir, first, want));
+        }
+    }
+    drop(stop);
+    // Every session any pool opened, retries included, ran the exact words.
+    for (case, dir, first, want) in cases {
+        let got = recorded(&dir);
+        assert_eq!(got, want.repeat(got.matches(&first).count()), "{case}");
+    }
+    for m in relative_markers(&env, &marker_name) {
+        assert_no_marker(&m);
+    }
+}
+
+/// Stops `Env`'s supervisor when dropped.
+struct StopSupervisor<'a>(&'a Env);
+
+impl Drop for StopSupervisor<'_> {
+    fn drop(&mut self) {
+        self.0.stop_supervisor();
+    }
+}
