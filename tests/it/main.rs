@@ -47,6 +47,7 @@ mod fault {
     mod supervisor;
     mod term_then_kill;
     mod vm;
+    mod warm_hook_kill;
 }
 mod harness_smoke;
 mod hook {

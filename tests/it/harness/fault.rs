@@ -558,6 +558,9 @@ pub struct RemoteSide {
     pub session: Vec<u32>,
     /// The remote build's sleep (build phase only).
     pub build: Vec<u32>,
+    /// Whether everything under `sshd` is this build's (a lazy machine that serves only it),
+    /// rather than only `session` and `build` (a remote that also keeps warm sessions).
+    pub whole_tree: bool,
 }
 
 impl RemoteSide {
@@ -578,7 +581,39 @@ impl RemoteSide {
             sshd,
             session,
             build: Vec::new(),
+            whole_tree: true,
         }
+    }
+
+    /// Sees one running build among others' sessions under `sshd` (a remote whose warm sessions
+    /// stay up): its [`LONG_BUILD_SECS`] sleep, and as its session the processes from the
+    /// sleep's parent up to the first `sshd` process, not included: that one serves the whole
+    /// SSH connection, whose other channels may stay open.
+    #[track_caller]
+    pub fn seen_build_only(test: &str, sshd: u32) -> Self {
+        let mut side = RemoteSide {
+            sshd,
+            session: Vec::new(),
+            build: Vec::new(),
+            whole_tree: false,
+        };
+        side.see_build(test);
+        let mut p = parent_of(side.build[0]);
+        while let Some(pid) = p.filter(|&p| p != sshd) {
+            let is_sshd = cmdline(pid)
+                .and_then(|a| a.first().cloned())
+                .is_some_and(|a| a.starts_with("sshd"));
+            if is_sshd {
+                break;
+            }
+            side.session.push(pid);
+            p = parent_of(pid);
+        }
+        eprintln!(
+            "[fault] {test}: the build's remote session: {:#?}",
+            describe(&side.session)
+        );
+        side
     }
 
     /// Sees the remote build itself running (build phase, at the fault point): its
@@ -624,7 +659,11 @@ impl RemoteSide {
                 .iter()
                 .chain(&self.build)
                 .copied()
-                .chain(descendants(self.sshd))
+                .chain(if self.whole_tree {
+                    descendants(self.sshd)
+                } else {
+                    Vec::new()
+                })
                 .filter(|&p| alive(p))
                 .collect();
             if left.is_empty() {
