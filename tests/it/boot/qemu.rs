@@ -10,7 +10,7 @@
 
 use std::time::{Duration, Instant};
 
-use nix_lazy_builder::boot::qemu::AccelChoice;
+use nix_lazy_builder::boot::qemu::{AccelChoice, kvm_usable};
 use nix_lazy_builder::boot::{self, BootError, Instance, StopHow, StopStep};
 use nix_lazy_builder::config::{Accel, BootSpec, Builder};
 
@@ -52,14 +52,6 @@ async fn boot_ready(b: &Builder, ctx: &boot::BootContext) -> (Instance, u16, Dur
             )
         });
     (inst, port, t0.elapsed(), ready.nix_version)
-}
-
-fn kvm_present() -> bool {
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok()
 }
 
 /// This project's CI machines: /dev/kvm is nested PVM, and KVM guests hang or abort.
@@ -109,7 +101,7 @@ async fn x86_64_auto_accel_probes_kvm_falls_back_and_powers_off_by_acpi() {
     let (inst, port, took, version) = boot_ready(&b, &ctx).await;
     let accel = inst.accel().unwrap();
     eprintln!("x86_64: ready in {took:?} on port {port} with {accel}: {version}");
-    if kvm_present() {
+    if kvm_usable() {
         // A probe happened, and its outcome decided the accelerator.
         match &accel.choice {
             AccelChoice::FellBack { tried, why } => {
@@ -152,7 +144,7 @@ async fn x86_64_auto_accel_probes_kvm_falls_back_and_powers_off_by_acpi() {
 #[tokio::test]
 async fn silent_kvm_guest_is_caught_by_the_probe_and_remembered() {
     require_root();
-    if !kvm_present() {
+    if !kvm_usable() {
         // No provisioning can give a machine /dev/kvm. The other path, no KVM at all (TCG at
         // once, no probe), is what `x86_64_auto_accel_probes_kvm_falls_back_and_powers_off_by_acpi`
         // checks there.
