@@ -108,58 +108,28 @@ impl Fingerprint {
     /// of the fields. Empty when they are equal.
     pub fn differences(&self, old: &Fingerprint) -> Vec<String> {
         let mut d = Vec::new();
-        fn plain(d: &mut Vec<String>, what: &str, new: String, was: String) {
+        // (what, how it reads, unit): each field shown the same way for both sides.
+        type Shown = fn(&Fingerprint) -> String;
+        let plain: [(&str, Shown, &str); 12] = [
+            ("format", |f| f.format.to_string(), ""),
+            ("QEMU version", |f| f.qemu_version.clone(), ""),
+            ("machine", |f| opt(&f.machine), ""),
+            ("cpu", |f| opt(&f.cpu), ""),
+            ("accel", |f| f.accel.clone(), ""),
+            ("memory", |f| f.memory_mib.to_string(), " MiB"),
+            ("cpus", |f| f.cpus.to_string(), ""),
+            ("append", |f| opt(&f.append), ""),
+            ("drives", |f| format!("{:?}", f.drives), ""),
+            ("extra-args", |f| format!("{:?}", f.extra_args), ""),
+            ("environment", |f| format!("{:?}", f.environment), ""),
+            ("host", |f| f.host_arch.clone(), ""),
+        ];
+        for (what, show, unit) in plain {
+            let (was, new) = (show(old), show(self));
             if new != was {
-                d.push(format!("{what} {was} → {new}"));
+                d.push(format!("{what} {was} → {new}{unit}"));
             }
         }
-        plain(
-            &mut d,
-            "format",
-            self.format.to_string(),
-            old.format.to_string(),
-        );
-        plain(
-            &mut d,
-            "QEMU version",
-            self.qemu_version.clone(),
-            old.qemu_version.clone(),
-        );
-        plain(&mut d, "machine", opt(&self.machine), opt(&old.machine));
-        plain(&mut d, "cpu", opt(&self.cpu), opt(&old.cpu));
-        plain(&mut d, "accel", self.accel.clone(), old.accel.clone());
-        if self.memory_mib != old.memory_mib {
-            d.push(format!(
-                "memory {} → {} MiB",
-                old.memory_mib, self.memory_mib
-            ));
-        }
-        plain(&mut d, "cpus", self.cpus.to_string(), old.cpus.to_string());
-        plain(&mut d, "append", opt(&self.append), opt(&old.append));
-        plain(
-            &mut d,
-            "drives",
-            format!("{:?}", self.drives),
-            format!("{:?}", old.drives),
-        );
-        plain(
-            &mut d,
-            "extra-args",
-            format!("{:?}", self.extra_args),
-            format!("{:?}", old.extra_args),
-        );
-        plain(
-            &mut d,
-            "environment",
-            format!("{:?}", self.environment),
-            format!("{:?}", old.environment),
-        );
-        plain(
-            &mut d,
-            "host",
-            self.host_arch.clone(),
-            old.host_arch.clone(),
-        );
         for (what, new, was) in [
             ("QEMU binary", Some(&self.qemu), Some(&old.qemu)),
             ("kernel", self.kernel.as_ref(), old.kernel.as_ref()),
