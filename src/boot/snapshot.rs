@@ -308,24 +308,8 @@ pub fn read_meta(files: &Files) -> Result<Option<Meta>, String> {
 /// restore that fails or never gets ready (and falls back to a cold boot).
 pub fn check_files(files: &Files, meta: &Meta) -> Result<(), String> {
     private_dir(files.dir())?;
-    let ram = private_file(&files.ram())?;
-    if ram.len() != meta.ram_bytes {
-        return Err(format!(
-            "{} is {} bytes long, not {}",
-            files.ram().display(),
-            ram.len(),
-            meta.ram_bytes
-        ));
-    }
-    let devices = private_file(&files.devices())?;
-    if devices.len() != meta.devices_bytes {
-        return Err(format!(
-            "{} is {} bytes long, not {}",
-            files.devices().display(),
-            devices.len(),
-            meta.devices_bytes
-        ));
-    }
+    private_file_of_size(&files.ram(), meta.ram_bytes)?;
+    private_file_of_size(&files.devices(), meta.devices_bytes)?;
     let sum = sha256_file(&files.devices())
         .map_err(|e| format!("cannot read {}: {e}", files.devices().display()))?;
     if sum != meta.devices_sha256 {
@@ -357,6 +341,15 @@ fn private_file(p: &Path) -> Result<fs::Metadata, String> {
     }
     owned_private(p, &m)?;
     Ok(m)
+}
+
+/// A [`private_file`] of exactly `bytes` bytes.
+fn private_file_of_size(p: &Path, bytes: u64) -> Result<(), String> {
+    let len = private_file(p)?.len();
+    if len != bytes {
+        return Err(format!("{} is {len} bytes long, not {bytes}", p.display()));
+    }
+    Ok(())
 }
 
 fn owned_private(p: &Path, m: &fs::Metadata) -> Result<(), String> {
