@@ -189,6 +189,20 @@ impl Eval {
         );
     }
 
+    /// `build-hook` in nix.conf and in the daemon's NIX_CONFIG, which every daemon reads: the
+    /// package's `bin/nix-lazy-builder` followed by `args`.
+    #[track_caller]
+    fn assert_build_hook(&self, args: &str) {
+        let hook = format!("{}/bin/nix-lazy-builder{args}", self.pkg.display());
+        assert_eq!(self.str("/buildHook"), hook, "case {}", self.case);
+        assert_eq!(
+            self.str("/daemonEnvironment/NIX_CONFIG"),
+            format!("build-hook = {hook}"),
+            "case {}",
+            self.case
+        );
+    }
+
     /// Writes every generated script and file under the fake store and runs the build
     /// commands (as nixpkgs' runCommand would, with `$out` set), in the order eval.nix gives.
     fn materialize(&self) {
@@ -386,13 +400,8 @@ fn check_docs(ev: &Eval) {
 fn eval_nixos(lib: &Path) {
     let ev = Eval::new(lib, "nixos");
     ev.assert_clean();
-    let hook = format!("{}/bin/nix-lazy-builder hook", ev.pkg.display());
-    // 5: build-hook in nix.conf and in the daemon's NIX_CONFIG, which every daemon reads.
-    assert_eq!(ev.str("/buildHook"), hook);
-    assert_eq!(
-        ev.str("/daemonEnvironment/NIX_CONFIG"),
-        format!("build-hook = {hook}")
-    );
+    // 5: build-hook in nix.conf and in the daemon's NIX_CONFIG.
+    ev.assert_build_hook(" hook");
     // 4: the aarch64 guest's system is aarch64, its runner (QEMU) this host's.
     assert_eq!(ev.str("/vms/aarch64/guestSystem"), "aarch64-linux");
     assert_eq!(ev.str("/vms/aarch64/toplevelSystem"), "aarch64-linux");
@@ -533,12 +542,7 @@ fn eval_nixos(lib: &Path) {
     // Nix 2.8 takes build-hook as one bare path.
     let ev = Eval::new(lib, "nixos-nix28");
     ev.assert_clean();
-    let bare = format!("{}/bin/nix-lazy-builder", ev.pkg.display());
-    assert_eq!(ev.str("/buildHook"), bare);
-    assert_eq!(
-        ev.str("/daemonEnvironment/NIX_CONFIG"),
-        format!("build-hook = {bare}")
-    );
+    ev.assert_build_hook("");
 }
 
 fn eval_darwin(lib: &Path) {
@@ -559,12 +563,7 @@ fn eval_darwin(lib: &Path) {
         true
     );
     // 5
-    let hook = format!("{}/bin/nix-lazy-builder hook", ev.pkg.display());
-    assert_eq!(ev.str("/buildHook"), hook);
-    assert_eq!(
-        ev.str("/daemonEnvironment/NIX_CONFIG"),
-        format!("build-hook = {hook}")
-    );
+    ev.assert_build_hook(" hook");
     assert!(ev.str("/daemonPlist").contains("<key>NIX_CONFIG</key>"));
     // 6: the launchd job.
     let sc = ev.get("/serviceConfig");
