@@ -38,6 +38,21 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
+/// Runs `cmd` to its end; unless it exits 0, panics with `what` went wrong and all it printed.
+#[track_caller]
+fn run_ok(cmd: &mut Command, what: &str) -> std::process::Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("{what}: cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{what}: {}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    out
+}
+
 /// Says something the test run must show even when the test passes (libtest captures only
 /// the print macros, not writes to the stderr handle).
 fn say(msg: &str) {
@@ -135,21 +150,17 @@ impl Eval {
         std::fs::create_dir_all(pkg.join("bin")).unwrap();
         std::fs::create_dir_all(&store).unwrap();
         std::os::unix::fs::symlink(bin(), pkg.join("bin/nix-lazy-builder")).unwrap();
-        let out = Command::new("nix-instantiate")
-            .args(["--eval", "--strict", "--json"])
-            .arg(repo().join("examples/test/eval.nix"))
-            .args(["--argstr", "case", case, "--argstr", "dataDir"])
-            .arg(&data)
-            .args(["--argstr", "package"])
-            .arg(&pkg)
-            .env("NLB_NIXPKGS_LIB", lib)
-            .env("NLB_FAKE_STORE", &store)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "evaluating case {case} failed:\n{}",
-            text(&out.stderr)
+        let out = run_ok(
+            Command::new("nix-instantiate")
+                .args(["--eval", "--strict", "--json"])
+                .arg(repo().join("examples/test/eval.nix"))
+                .args(["--argstr", "case", case, "--argstr", "dataDir"])
+                .arg(&data)
+                .args(["--argstr", "package"])
+                .arg(&pkg)
+                .env("NLB_NIXPKGS_LIB", lib)
+                .env("NLB_FAKE_STORE", &store),
+            &format!("evaluating case {case} failed:\n"),
         );
         let out = serde_json::from_slice(&out.stdout).unwrap();
         Eval {
@@ -219,26 +230,17 @@ impl Eval {
                 "script" => {
                     std::fs::write(path, body).unwrap();
                     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
-                    let st = Command::new("bash").arg("-n").arg(path).output().unwrap();
-                    assert!(
-                        st.status.success(),
-                        "{} is not valid bash: {}",
-                        path.display(),
-                        text(&st.stderr)
+                    run_ok(
+                        Command::new("bash").arg("-n").arg(path),
+                        &format!("{} is not valid bash", path.display()),
                     );
                 }
                 "dir" => {
-                    let out = Command::new("bash")
-                        .args(["-euo", "pipefail", "-c", body])
-                        .env("out", path)
-                        .output()
-                        .unwrap();
-                    assert!(
-                        out.status.success(),
-                        "building {} failed: {}{}",
-                        path.display(),
-                        text(&out.stdout),
-                        text(&out.stderr)
+                    run_ok(
+                        Command::new("bash")
+                            .args(["-euo", "pipefail", "-c", body])
+                            .env("out", path),
+                        &format!("building {} failed", path.display()),
                     );
                 }
                 k => panic!("unknown kind {k}"),
@@ -259,34 +261,22 @@ impl Eval {
 
     /// `nix-lazy-builder status --config FILE` must accept the generated TOML.
     fn status(&self, toml: &Path) -> String {
-        let out = Command::new(bin())
-            .arg("status")
-            .arg("--config")
-            .arg(toml)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "case {}: status --config refuses the generated TOML: {}\n{}",
-            self.case,
-            text(&out.stderr),
-            std::fs::read_to_string(toml).unwrap()
+        let generated = std::fs::read_to_string(toml).unwrap();
+        let out = run_ok(
+            Command::new(bin()).arg("status").arg("--config").arg(toml),
+            &format!(
+                "case {}: status --config refuses the generated TOML\n{generated}\n",
+                self.case
+            ),
         );
         text(&out.stdout)
     }
 
     /// Runs a generated bash fragment (a unit's preStart, an activation script).
     fn run_fragment(&self, what: &str, script: &str) {
-        let out = Command::new("bash")
-            .args(["-euo", "pipefail", "-c", script])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "case {}: {what} failed: {}{}\n{script}",
-            self.case,
-            text(&out.stdout),
-            text(&out.stderr)
+        run_ok(
+            Command::new("bash").args(["-euo", "pipefail", "-c", script]),
+            &format!("case {}: {what} failed\n{script}\n", self.case),
         );
     }
 
