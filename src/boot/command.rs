@@ -78,7 +78,7 @@ impl Cmd {
                     Ok(false) => return Some(step),
                     Ok(true) => {}
                     Err(e) => {
-                        s.failed(&step, e);
+                        s.note_failed(&step, e);
                         return None;
                     }
                 }

@@ -812,7 +812,7 @@ struct Stopping<'a> {
 
 impl Stopping<'_> {
     /// Notes that `step` failed and why.
-    fn failed(&mut self, step: &StopStep, why: impl std::fmt::Display) {
+    fn note_failed(&mut self, step: &StopStep, why: impl std::fmt::Display) {
         self.failed.push(format!("{step}: {why}"));
     }
 
@@ -827,7 +827,7 @@ impl Stopping<'_> {
         if self.child.wait_for(wait).await.is_some() {
             return Some(step);
         }
-        self.failed(&step, still);
+        self.note_failed(&step, still);
         None
     }
 
@@ -842,7 +842,7 @@ impl Stopping<'_> {
         main: &str,
     ) -> Option<StopStep> {
         if let Err(why) = ran {
-            self.failed(&step, why);
+            self.note_failed(&step, why);
             // The main process may still be on its way out; give it a moment.
             return self
                 .child
@@ -865,7 +865,7 @@ impl Stopping<'_> {
             match self.child.signal_group(sig) {
                 Ok(false) => return step,
                 Ok(true) => {}
-                Err(e) => self.failed(&step, e),
+                Err(e) => self.note_failed(&step, e),
             }
             let timeout = self.how.signal_timeout;
             let still = format!("still running after {}", fmt_elapsed(timeout));

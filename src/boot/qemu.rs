@@ -1341,7 +1341,7 @@ impl Vm {
             if s.child.wait_for(Duration::from_millis(200)).await.is_some() {
                 return Some(step);
             }
-            s.failed(&step, why);
+            s.note_failed(&step, why);
             return None;
         }
         let left = how.graceful_timeout.saturating_sub(t0.elapsed());
@@ -1360,7 +1360,7 @@ impl Vm {
                 if s.child.wait_for(Duration::from_millis(100)).await.is_some() {
                     return Some(step);
                 }
-                s.failed(&step, e);
+                s.note_failed(&step, e);
                 return None;
             }
         }
