@@ -659,6 +659,7 @@ mod tests {
             "cpu max → cortex-a57",
         );
         c(&|x| x.accel = "tcg".into(), "accel auto → tcg");
+        c(&|x| x.memory_mib = 1536, "memory 1024 → 1536 MiB");
         c(&|x| x.cpus = 4, "cpus 2 → 4");
         c(
             &|x| x.kernel.as_mut().unwrap().inode = 8,
