@@ -60,47 +60,6 @@ b64=$(printf '%s' "$key" | base64 -w0)
   printf '\377\000user@host i686-linux\n@/m2\n\377\000@/m1\n\377\000-p 2222 -i /root/.ssh/id -o Port=22'
 } > "$c/machines/table"
 
-cat > "$c/toml_config/full.toml" <<TOML
-[supervisor]
-state-dir = "/var/lib/nix-lazy-builder"
-
-[builders.aarch64]
-uri = "ssh://root@127.0.0.1:31022"
-systems = ["aarch64-linux"]
-features = ["kvm"]
-max-jobs = 2
-speed-factor = 2.5
-ssh-key = "keys/client"
-host-key = "$key"
-idle-timeout = "15m"
-boot-timeout = "2m"
-
-[builders.aarch64.boot]
-kind = "qemu"
-memory = "1G"
-kernel = "vm/kernel"
-initrd = "vm/initrd"
-append = "console=ttyAMA0"
-ephemeral = true
-
-[builders.darwin]
-uri = "ssh-ng://builder@127.0.0.1:31023"
-systems = ["x86_64-darwin"]
-host-key = "$key"
-allow-well-known-host-key = true
-
-[builders.darwin.boot]
-kind = "darling"
-prefix = "/var/lib/darling"
-
-[builders.cmd]
-uri = "ssh://root@127.0.0.1:31024"
-systems = ["riscv64-linux"]
-host-key = "$key"
-
-[builders.cmd.boot]
-kind = "command"
-command = ["/usr/bin/start-builder"]
-stop-signal = "INT"
-TOML
+# The valid config with every backend that tests/it/bad_input mutates too.
+sed "s|@HOST_KEY@|$key|g" "$here/../tests/fixtures/every-backend.toml" > "$c/toml_config/full.toml"
 echo "seeded: $(find "$c" -type f | wc -l) files in $c"

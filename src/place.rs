@@ -742,9 +742,14 @@ mod tests {
         }
     }
 
-    /// An empty store directory, an output path in it, and the NAR of [`source_tree`].
+    /// The NAR of [`source_tree`].
+    fn source_nar() -> Vec<u8> {
+        nar_of(source_tree().path())
+    }
+
+    /// An empty store directory, an output path in it, and [`source_nar`].
     fn store_and_nar() -> (tempfile::TempDir, PathBuf, Vec<u8>) {
-        let nar = nar_of(source_tree().path());
+        let nar = source_nar();
         let store = tempfile::tempdir().unwrap();
         let dest = store.path().join("00000000000000000000000000000000-out");
         (store, dest, nar)
@@ -903,8 +908,7 @@ mod tests {
 
     #[test]
     fn staged_outputs_stay_hidden_until_all_are_moved_and_go_if_dropped() {
-        let src = source_tree();
-        let nar = nar_of(src.path());
+        let nar = source_nar();
         let store = tempfile::tempdir().unwrap();
         let a = store.path().join("00000000000000000000000000000000-a");
         let b = store.path().join("11111111111111111111111111111111-b");
@@ -992,8 +996,7 @@ mod tests {
     /// Malformed archives are errors, never panics, and never write outside the destination.
     #[test]
     fn restore_rejects_malformed_archives() {
-        let src = source_tree();
-        let nar = nar_of(src.path());
+        let nar = source_nar();
         let out = tempfile::tempdir().unwrap();
         let dest = out.path().join("out");
         let e = restore_nar(&mut &nar[..nar.len() / 2], &dest).unwrap_err();

@@ -11,10 +11,9 @@
 
 use std::time::Instant;
 
-use super::child::Child;
 use super::{
-    BootContext, BootError, Instance, Kind, StopHow, StopStep, after_stop_helper, base_env,
-    exits_within, find_program, fmt_elapsed, run_stop_helper, spawn_logged,
+    BootContext, BootError, Instance, Kind, StopHow, StopStep, Stopping, base_env, find_program,
+    fmt_elapsed, run_stop_helper, spawn_logged,
 };
 use crate::config::CommandBoot;
 
@@ -61,42 +60,30 @@ impl Cmd {
     }
 
     /// The stop command, or the stop signal; `Some` if the command is gone afterwards.
-    pub(super) async fn graceful(
-        &mut self,
-        child: &mut Child,
-        how: &StopHow,
-        failed: &mut Vec<String>,
-    ) -> Option<StopStep> {
+    pub(super) async fn graceful(&mut self, s: &mut Stopping<'_>) -> Option<StopStep> {
         let t0 = Instant::now();
+        let timeout = s.how.graceful_timeout;
         match &self.spec.stop_command {
             Some(stop) => {
+                let pid = s.child.pid();
                 let ran =
-                    run_stop_command(&self.spec.environment, stop, &self.ctx, child.pid(), how)
-                        .await;
-                after_stop_helper(
-                    child,
-                    StopStep::StopCommand,
-                    ran,
-                    t0,
-                    how,
-                    "the command",
-                    failed,
-                )
-                .await
+                    run_stop_command(&self.spec.environment, stop, &self.ctx, pid, s.how).await;
+                s.after_helper(StopStep::StopCommand, ran, t0, "the command")
+                    .await
             }
             None => {
                 let sig = self.spec.stop_signal.as_raw();
                 let step = StopStep::StopSignal(sig);
-                match child.signal_group(sig) {
+                match s.child.signal_group(sig) {
                     Ok(false) => return Some(step),
                     Ok(true) => {}
                     Err(e) => {
-                        failed.push(format!("{step}: {e}"));
+                        s.note_failed(&step, e);
                         return None;
                     }
                 }
-                let still = format!("still running after {}", fmt_elapsed(how.graceful_timeout));
-                exits_within(child, step, how.graceful_timeout, still, failed).await
+                let still = format!("still running after {}", fmt_elapsed(timeout));
+                s.exits_within(step, timeout, still).await
             }
         }
     }

@@ -12,10 +12,9 @@
 
 use std::time::Instant;
 
-use super::child::Child;
 use super::{
-    BootContext, BootError, Instance, Kind, StopHow, StopStep, after_stop_helper, base_env,
-    find_program, run_stop_helper, spawn_logged,
+    BootContext, BootError, Instance, Kind, StopHow, StopStep, Stopping, base_env, find_program,
+    run_stop_helper, spawn_logged,
 };
 use crate::config::DarlingBoot;
 
@@ -69,24 +68,11 @@ impl Container {
     }
 
     /// `darling shutdown`, then wait for the shell to end.
-    pub(super) async fn graceful(
-        &mut self,
-        child: &mut Child,
-        how: &StopHow,
-        failed: &mut Vec<String>,
-    ) -> Option<StopStep> {
+    pub(super) async fn graceful(&mut self, s: &mut Stopping<'_>) -> Option<StopStep> {
         let t0 = Instant::now();
-        let ran = self.shutdown(how).await;
-        after_stop_helper(
-            child,
-            StopStep::DarlingShutdown,
-            ran,
-            t0,
-            how,
-            "the shell",
-            failed,
-        )
-        .await
+        let ran = self.shutdown(s.how).await;
+        s.after_helper(StopStep::DarlingShutdown, ran, t0, "the shell")
+            .await
     }
 
     async fn shutdown(&self, how: &StopHow) -> Result<(), String> {

@@ -677,29 +677,34 @@ impl Instance {
     /// process is reaped (or, if even SIGKILL did not end it, after the last timeout).
     pub async fn stop(mut self, how: StopHow) -> StopReport {
         let t0 = Instant::now();
-        let mut failed = Vec::new();
         if let Some(exit) = self.child.try_exit() {
-            return self.finish(StopStep::AlreadyExited, t0, Some(exit), failed);
+            return self.finish(StopStep::AlreadyExited, t0, Some(exit), Vec::new());
         }
         let port = self.ssh_port;
+        let mut s = Stopping {
+            child: &mut self.child,
+            how: &how,
+            failed: Vec::new(),
+        };
         let mut ended = None;
         if how.graceful {
             let step = match &mut self.kind {
-                Kind::Qemu(vm) => vm.graceful(&mut self.child, &how, port, &mut failed).await,
-                Kind::Darling(c) => c.graceful(&mut self.child, &how, &mut failed).await,
-                Kind::Command(c) => c.graceful(&mut self.child, &how, &mut failed).await,
+                Kind::Qemu(vm) => vm.graceful(&mut s, port).await,
+                Kind::Darling(c) => c.graceful(&mut s).await,
+                Kind::Command(c) => c.graceful(&mut s).await,
             };
             ended = step;
         }
         if ended.is_none()
             && let Kind::Qemu(vm) = &mut self.kind
         {
-            ended = vm.quit(&mut self.child, &how, &mut failed).await;
+            ended = vm.quit(&mut s).await;
         }
         let step = match ended {
-            Some(s) => s,
-            None => forced(&mut self.child, &how, &mut failed).await,
+            Some(step) => step,
+            None => s.forced().await,
         };
+        let failed = s.failed;
         let exit = self.child.try_exit();
         self.finish(step, t0, exit, failed)
     }
@@ -733,28 +738,6 @@ impl Instance {
             Kind::Command(c) => c.builder(),
         }
     }
-}
-
-/// SIGTERM to the group, wait; SIGKILL to the group, wait.
-async fn forced(child: &mut child::Child, how: &StopHow, failed: &mut Vec<String>) -> StopStep {
-    for (sig, step) in [
-        (libc::SIGTERM, StopStep::Term),
-        (libc::SIGKILL, StopStep::Kill),
-    ] {
-        match child.signal_group(sig) {
-            Ok(false) => return step,
-            Ok(true) => {}
-            Err(e) => failed.push(format!("{step}: {e}")),
-        }
-        if child.wait_for(how.signal_timeout).await.is_some() {
-            return step;
-        }
-        failed.push(format!(
-            "{step}: still running after {}",
-            fmt_elapsed(how.signal_timeout)
-        ));
-    }
-    StopStep::Abandoned
 }
 
 /// Opens the log files for a child: rotates the old ones first.
@@ -819,48 +802,79 @@ fn spawn_logged(
     Ok((child, log, started))
 }
 
-/// The rest of a graceful step done by a stop helper (`stop-command`, `darling shutdown`) that
-/// started at `t0` and ended with `ran`: waits for the main process, `main` in the failure
-/// ("the command", "the shell"), for what is left of the graceful timeout.
-async fn after_stop_helper(
-    child: &mut child::Child,
-    step: StopStep,
-    ran: Result<(), String>,
-    t0: Instant,
-    how: &StopHow,
-    main: &str,
-    failed: &mut Vec<String>,
-) -> Option<StopStep> {
-    if let Err(why) = ran {
-        failed.push(format!("{step}: {why}"));
-        // The main process may still be on its way out; give it a moment.
-        return child
-            .wait_for(Duration::from_millis(200))
-            .await
-            .map(|_| step);
-    }
-    let left = how.graceful_timeout.saturating_sub(t0.elapsed());
-    let still = format!(
-        "{main} was still running {} later",
-        fmt_elapsed(how.graceful_timeout)
-    );
-    exits_within(child, step, left, still, failed).await
+/// A stop in progress: the process, how to stop it, and the steps that failed so far (the
+/// [`StopReport::failed_steps`] it ends with).
+struct Stopping<'a> {
+    child: &'a mut child::Child,
+    how: &'a StopHow,
+    failed: Vec<String>,
 }
 
-/// Waits up to `wait` for the main process to end after `step`: `Some(step)` if it did, else
-/// `None` with `step` and `still` (how it was left) in `failed`.
-async fn exits_within(
-    child: &mut child::Child,
-    step: StopStep,
-    wait: Duration,
-    still: String,
-    failed: &mut Vec<String>,
-) -> Option<StopStep> {
-    if child.wait_for(wait).await.is_some() {
-        return Some(step);
+impl Stopping<'_> {
+    /// Notes that `step` failed and why.
+    fn note_failed(&mut self, step: &StopStep, why: impl std::fmt::Display) {
+        self.failed.push(format!("{step}: {why}"));
     }
-    failed.push(format!("{step}: {still}"));
-    None
+
+    /// Waits up to `wait` for the main process to end after `step`: `Some(step)` if it did,
+    /// else `None` with `step` and `still` (how it was left) noted as failed.
+    async fn exits_within(
+        &mut self,
+        step: StopStep,
+        wait: Duration,
+        still: String,
+    ) -> Option<StopStep> {
+        if self.child.wait_for(wait).await.is_some() {
+            return Some(step);
+        }
+        self.note_failed(&step, still);
+        None
+    }
+
+    /// The rest of a graceful step done by a stop helper (`stop-command`, `darling shutdown`)
+    /// that started at `t0` and ended with `ran`: waits for the main process, `main` in the
+    /// failure ("the command", "the shell"), for what is left of the graceful timeout.
+    async fn after_helper(
+        &mut self,
+        step: StopStep,
+        ran: Result<(), String>,
+        t0: Instant,
+        main: &str,
+    ) -> Option<StopStep> {
+        if let Err(why) = ran {
+            self.note_failed(&step, why);
+            // The main process may still be on its way out; give it a moment.
+            return self
+                .child
+                .wait_for(Duration::from_millis(200))
+                .await
+                .map(|_| step);
+        }
+        let timeout = self.how.graceful_timeout;
+        let left = timeout.saturating_sub(t0.elapsed());
+        let still = format!("{main} was still running {} later", fmt_elapsed(timeout));
+        self.exits_within(step, left, still).await
+    }
+
+    /// SIGTERM to the group, wait; SIGKILL to the group, wait.
+    async fn forced(&mut self) -> StopStep {
+        for (sig, step) in [
+            (libc::SIGTERM, StopStep::Term),
+            (libc::SIGKILL, StopStep::Kill),
+        ] {
+            match self.child.signal_group(sig) {
+                Ok(false) => return step,
+                Ok(true) => {}
+                Err(e) => self.note_failed(&step, e),
+            }
+            let timeout = self.how.signal_timeout;
+            let still = format!("still running after {}", fmt_elapsed(timeout));
+            if let Some(step) = self.exits_within(step, timeout, still).await {
+                return step;
+            }
+        }
+        StopStep::Abandoned
+    }
 }
 
 /// Runs a stop helper (`stop-command`, `darling shutdown`) to completion within `limit`, its

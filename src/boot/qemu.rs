@@ -46,8 +46,8 @@ use super::child::{Child, SpawnSpec};
 use super::qmp::{self, Qmp};
 use super::snapshot;
 use super::{
-    BootContext, BootError, Instance, Kind, StopHow, StopStep, base_env, exits_within,
-    find_program, fmt_elapsed, logs, open_log,
+    BootContext, BootError, Instance, Kind, StopHow, StopStep, Stopping, base_env, find_program,
+    fmt_elapsed, logs, open_log,
 };
 use crate::config::{Accel, QemuBoot};
 
@@ -449,7 +449,7 @@ fn remember(dir: &Path, binary: &Path, accel: Accel, v: Verdict) {
 }
 
 /// Whether `/dev/kvm` can be opened for use.
-fn kvm_usable() -> bool {
+pub fn kvm_usable() -> bool {
     std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -1318,12 +1318,11 @@ impl Vm {
     /// ACPI power-down (x86), or `poweroff` over SSH (no ACPI power button), then wait.
     pub(super) async fn graceful(
         &mut self,
-        child: &mut Child,
-        how: &StopHow,
+        s: &mut Stopping<'_>,
         port: Option<u16>,
-        failed: &mut Vec<String>,
     ) -> Option<StopStep> {
         let t0 = Instant::now();
+        let how = s.how;
         let use_ssh = !has_acpi_button(self.arch.as_deref()) && how.builder.is_some();
         let step = if use_ssh {
             StopStep::SshPoweroff
@@ -1339,38 +1338,34 @@ impl Vm {
         };
         if let Err(why) = sent {
             // The VM may have gone down anyway (a poweroff cuts its own SSH connection).
-            if child.wait_for(Duration::from_millis(200)).await.is_some() {
+            if s.child.wait_for(Duration::from_millis(200)).await.is_some() {
                 return Some(step);
             }
-            failed.push(format!("{step}: {why}"));
+            s.note_failed(&step, why);
             return None;
         }
         let left = how.graceful_timeout.saturating_sub(t0.elapsed());
         let still = format!("still running after {}", fmt_elapsed(how.graceful_timeout));
-        exits_within(child, step, left, still, failed).await
+        s.exits_within(step, left, still).await
     }
 
     /// QMP `quit`, then wait.
-    pub(super) async fn quit(
-        &mut self,
-        child: &mut Child,
-        how: &StopHow,
-        failed: &mut Vec<String>,
-    ) -> Option<StopStep> {
+    pub(super) async fn quit(&mut self, s: &mut Stopping<'_>) -> Option<StopStep> {
         let step = StopStep::QmpQuit;
-        match self.qmp_command("quit", how.quit_timeout).await {
+        let timeout = s.how.quit_timeout;
+        match self.qmp_command("quit", timeout).await {
             // QEMU may close the socket before its reply arrives.
             Ok(()) | Err(qmp::QmpError::Closed { .. }) => {}
             Err(e) => {
-                if child.wait_for(Duration::from_millis(100)).await.is_some() {
+                if s.child.wait_for(Duration::from_millis(100)).await.is_some() {
                     return Some(step);
                 }
-                failed.push(format!("{step}: {e}"));
+                s.note_failed(&step, e);
                 return None;
             }
         }
-        let still = format!("still running after {}", fmt_elapsed(how.quit_timeout));
-        exits_within(child, step, how.quit_timeout, still, failed).await
+        let still = format!("still running after {}", fmt_elapsed(timeout));
+        s.exits_within(step, timeout, still).await
     }
 
     async fn qmp_command(&self, command: &str, limit: Duration) -> Result<(), qmp::QmpError> {

@@ -108,58 +108,28 @@ impl Fingerprint {
     /// of the fields. Empty when they are equal.
     pub fn differences(&self, old: &Fingerprint) -> Vec<String> {
         let mut d = Vec::new();
-        fn plain(d: &mut Vec<String>, what: &str, new: String, was: String) {
+        // (what, how it reads, unit): each field shown the same way for both sides.
+        type Shown = fn(&Fingerprint) -> String;
+        let plain: [(&str, Shown, &str); 12] = [
+            ("format", |f| f.format.to_string(), ""),
+            ("QEMU version", |f| f.qemu_version.clone(), ""),
+            ("machine", |f| opt(&f.machine), ""),
+            ("cpu", |f| opt(&f.cpu), ""),
+            ("accel", |f| f.accel.clone(), ""),
+            ("memory", |f| f.memory_mib.to_string(), " MiB"),
+            ("cpus", |f| f.cpus.to_string(), ""),
+            ("append", |f| opt(&f.append), ""),
+            ("drives", |f| format!("{:?}", f.drives), ""),
+            ("extra-args", |f| format!("{:?}", f.extra_args), ""),
+            ("environment", |f| format!("{:?}", f.environment), ""),
+            ("host", |f| f.host_arch.clone(), ""),
+        ];
+        for (what, show, unit) in plain {
+            let (was, new) = (show(old), show(self));
             if new != was {
-                d.push(format!("{what} {was} → {new}"));
+                d.push(format!("{what} {was} → {new}{unit}"));
             }
         }
-        plain(
-            &mut d,
-            "format",
-            self.format.to_string(),
-            old.format.to_string(),
-        );
-        plain(
-            &mut d,
-            "QEMU version",
-            self.qemu_version.clone(),
-            old.qemu_version.clone(),
-        );
-        plain(&mut d, "machine", opt(&self.machine), opt(&old.machine));
-        plain(&mut d, "cpu", opt(&self.cpu), opt(&old.cpu));
-        plain(&mut d, "accel", self.accel.clone(), old.accel.clone());
-        if self.memory_mib != old.memory_mib {
-            d.push(format!(
-                "memory {} → {} MiB",
-                old.memory_mib, self.memory_mib
-            ));
-        }
-        plain(&mut d, "cpus", self.cpus.to_string(), old.cpus.to_string());
-        plain(&mut d, "append", opt(&self.append), opt(&old.append));
-        plain(
-            &mut d,
-            "drives",
-            format!("{:?}", self.drives),
-            format!("{:?}", old.drives),
-        );
-        plain(
-            &mut d,
-            "extra-args",
-            format!("{:?}", self.extra_args),
-            format!("{:?}", old.extra_args),
-        );
-        plain(
-            &mut d,
-            "environment",
-            format!("{:?}", self.environment),
-            format!("{:?}", old.environment),
-        );
-        plain(
-            &mut d,
-            "host",
-            self.host_arch.clone(),
-            old.host_arch.clone(),
-        );
         for (what, new, was) in [
             ("QEMU binary", Some(&self.qemu), Some(&old.qemu)),
             ("kernel", self.kernel.as_ref(), old.kernel.as_ref()),
@@ -338,24 +308,8 @@ pub fn read_meta(files: &Files) -> Result<Option<Meta>, String> {
 /// restore that fails or never gets ready (and falls back to a cold boot).
 pub fn check_files(files: &Files, meta: &Meta) -> Result<(), String> {
     private_dir(files.dir())?;
-    let ram = private_file(&files.ram())?;
-    if ram.len() != meta.ram_bytes {
-        return Err(format!(
-            "{} is {} bytes long, not {}",
-            files.ram().display(),
-            ram.len(),
-            meta.ram_bytes
-        ));
-    }
-    let devices = private_file(&files.devices())?;
-    if devices.len() != meta.devices_bytes {
-        return Err(format!(
-            "{} is {} bytes long, not {}",
-            files.devices().display(),
-            devices.len(),
-            meta.devices_bytes
-        ));
-    }
+    private_file_of_size(&files.ram(), meta.ram_bytes)?;
+    private_file_of_size(&files.devices(), meta.devices_bytes)?;
     let sum = sha256_file(&files.devices())
         .map_err(|e| format!("cannot read {}: {e}", files.devices().display()))?;
     if sum != meta.devices_sha256 {
@@ -387,6 +341,15 @@ fn private_file(p: &Path) -> Result<fs::Metadata, String> {
     }
     owned_private(p, &m)?;
     Ok(m)
+}
+
+/// A [`private_file`] of exactly `bytes` bytes.
+fn private_file_of_size(p: &Path, bytes: u64) -> Result<(), String> {
+    let len = private_file(p)?.len();
+    if len != bytes {
+        return Err(format!("{} is {len} bytes long, not {bytes}", p.display()));
+    }
+    Ok(())
 }
 
 fn owned_private(p: &Path, m: &fs::Metadata) -> Result<(), String> {
@@ -696,6 +659,7 @@ mod tests {
             "cpu max → cortex-a57",
         );
         c(&|x| x.accel = "tcg".into(), "accel auto → tcg");
+        c(&|x| x.memory_mib = 1536, "memory 1024 → 1536 MiB");
         c(&|x| x.cpus = 4, "cpus 2 → 4");
         c(
             &|x| x.kernel.as_mut().unwrap().inode = 8,

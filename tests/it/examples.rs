@@ -38,6 +38,21 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
+/// Runs `cmd` to its end; unless it exits 0, panics with `what` went wrong and all it printed.
+#[track_caller]
+fn run_ok(cmd: &mut Command, what: &str) -> std::process::Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("{what}: cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{what}: {}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    out
+}
+
 /// Says something the test run must show even when the test passes (libtest captures only
 /// the print macros, not writes to the stderr handle).
 fn say(msg: &str) {
@@ -135,21 +150,17 @@ impl Eval {
         std::fs::create_dir_all(pkg.join("bin")).unwrap();
         std::fs::create_dir_all(&store).unwrap();
         std::os::unix::fs::symlink(bin(), pkg.join("bin/nix-lazy-builder")).unwrap();
-        let out = Command::new("nix-instantiate")
-            .args(["--eval", "--strict", "--json"])
-            .arg(repo().join("examples/test/eval.nix"))
-            .args(["--argstr", "case", case, "--argstr", "dataDir"])
-            .arg(&data)
-            .args(["--argstr", "package"])
-            .arg(&pkg)
-            .env("NLB_NIXPKGS_LIB", lib)
-            .env("NLB_FAKE_STORE", &store)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "evaluating case {case} failed:\n{}",
-            text(&out.stderr)
+        let out = run_ok(
+            Command::new("nix-instantiate")
+                .args(["--eval", "--strict", "--json"])
+                .arg(repo().join("examples/test/eval.nix"))
+                .args(["--argstr", "case", case, "--argstr", "dataDir"])
+                .arg(&data)
+                .args(["--argstr", "package"])
+                .arg(&pkg)
+                .env("NLB_NIXPKGS_LIB", lib)
+                .env("NLB_FAKE_STORE", &store),
+            &format!("evaluating case {case} failed:\n"),
         );
         let out = serde_json::from_slice(&out.stdout).unwrap();
         Eval {
@@ -189,6 +200,20 @@ impl Eval {
         );
     }
 
+    /// `build-hook` in nix.conf and in the daemon's NIX_CONFIG, which every daemon reads: the
+    /// package's `bin/nix-lazy-builder` followed by `args`.
+    #[track_caller]
+    fn assert_build_hook(&self, args: &str) {
+        let hook = format!("{}/bin/nix-lazy-builder{args}", self.pkg.display());
+        assert_eq!(self.str("/buildHook"), hook, "case {}", self.case);
+        assert_eq!(
+            self.str("/daemonEnvironment/NIX_CONFIG"),
+            format!("build-hook = {hook}"),
+            "case {}",
+            self.case
+        );
+    }
+
     /// Writes every generated script and file under the fake store and runs the build
     /// commands (as nixpkgs' runCommand would, with `$out` set), in the order eval.nix gives.
     fn materialize(&self) {
@@ -205,26 +230,17 @@ impl Eval {
                 "script" => {
                     std::fs::write(path, body).unwrap();
                     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
-                    let st = Command::new("bash").arg("-n").arg(path).output().unwrap();
-                    assert!(
-                        st.status.success(),
-                        "{} is not valid bash: {}",
-                        path.display(),
-                        text(&st.stderr)
+                    run_ok(
+                        Command::new("bash").arg("-n").arg(path),
+                        &format!("{} is not valid bash", path.display()),
                     );
                 }
                 "dir" => {
-                    let out = Command::new("bash")
-                        .args(["-euo", "pipefail", "-c", body])
-                        .env("out", path)
-                        .output()
-                        .unwrap();
-                    assert!(
-                        out.status.success(),
-                        "building {} failed: {}{}",
-                        path.display(),
-                        text(&out.stdout),
-                        text(&out.stderr)
+                    run_ok(
+                        Command::new("bash")
+                            .args(["-euo", "pipefail", "-c", body])
+                            .env("out", path),
+                        &format!("building {} failed", path.display()),
                     );
                 }
                 k => panic!("unknown kind {k}"),
@@ -245,34 +261,22 @@ impl Eval {
 
     /// `nix-lazy-builder status --config FILE` must accept the generated TOML.
     fn status(&self, toml: &Path) -> String {
-        let out = Command::new(bin())
-            .arg("status")
-            .arg("--config")
-            .arg(toml)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "case {}: status --config refuses the generated TOML: {}\n{}",
-            self.case,
-            text(&out.stderr),
-            std::fs::read_to_string(toml).unwrap()
+        let generated = std::fs::read_to_string(toml).unwrap();
+        let out = run_ok(
+            Command::new(bin()).arg("status").arg("--config").arg(toml),
+            &format!(
+                "case {}: status --config refuses the generated TOML\n{generated}\n",
+                self.case
+            ),
         );
         text(&out.stdout)
     }
 
     /// Runs a generated bash fragment (a unit's preStart, an activation script).
     fn run_fragment(&self, what: &str, script: &str) {
-        let out = Command::new("bash")
-            .args(["-euo", "pipefail", "-c", script])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "case {}: {what} failed: {}{}\n{script}",
-            self.case,
-            text(&out.stdout),
-            text(&out.stderr)
+        run_ok(
+            Command::new("bash").args(["-euo", "pipefail", "-c", script]),
+            &format!("case {}: {what} failed\n{script}\n", self.case),
         );
     }
 
@@ -386,13 +390,8 @@ fn check_docs(ev: &Eval) {
 fn eval_nixos(lib: &Path) {
     let ev = Eval::new(lib, "nixos");
     ev.assert_clean();
-    let hook = format!("{}/bin/nix-lazy-builder hook", ev.pkg.display());
-    // 5: build-hook in nix.conf and in the daemon's NIX_CONFIG, which every daemon reads.
-    assert_eq!(ev.str("/buildHook"), hook);
-    assert_eq!(
-        ev.str("/daemonEnvironment/NIX_CONFIG"),
-        format!("build-hook = {hook}")
-    );
+    // 5: build-hook in nix.conf and in the daemon's NIX_CONFIG.
+    ev.assert_build_hook(" hook");
     // 4: the aarch64 guest's system is aarch64, its runner (QEMU) this host's.
     assert_eq!(ev.str("/vms/aarch64/guestSystem"), "aarch64-linux");
     assert_eq!(ev.str("/vms/aarch64/toplevelSystem"), "aarch64-linux");
@@ -533,12 +532,7 @@ fn eval_nixos(lib: &Path) {
     // Nix 2.8 takes build-hook as one bare path.
     let ev = Eval::new(lib, "nixos-nix28");
     ev.assert_clean();
-    let bare = format!("{}/bin/nix-lazy-builder", ev.pkg.display());
-    assert_eq!(ev.str("/buildHook"), bare);
-    assert_eq!(
-        ev.str("/daemonEnvironment/NIX_CONFIG"),
-        format!("build-hook = {bare}")
-    );
+    ev.assert_build_hook("");
 }
 
 fn eval_darwin(lib: &Path) {
@@ -559,12 +553,7 @@ fn eval_darwin(lib: &Path) {
         true
     );
     // 5
-    let hook = format!("{}/bin/nix-lazy-builder hook", ev.pkg.display());
-    assert_eq!(ev.str("/buildHook"), hook);
-    assert_eq!(
-        ev.str("/daemonEnvironment/NIX_CONFIG"),
-        format!("build-hook = {hook}")
-    );
+    ev.assert_build_hook(" hook");
     assert!(ev.str("/daemonPlist").contains("<key>NIX_CONFIG</key>"));
     // 6: the launchd job.
     let sc = ev.get("/serviceConfig");

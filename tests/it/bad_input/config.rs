@@ -447,64 +447,10 @@ proptest! {
 // ---------------------------------------------------------------------------------------------
 // TOML
 
+/// A valid file with every backend and most keys (tests/fixtures/every-backend.toml, which
+/// fuzz/seed-corpora.sh seeds the fuzzer with too).
 fn valid_toml() -> String {
-    format!(
-        r#"[supervisor]
-state-dir = "/var/lib/nix-lazy-builder"
-
-[builders.aarch64]
-uri = "ssh://root@127.0.0.1:31022"
-systems = ["aarch64-linux"]
-features = ["kvm", "big-parallel"]
-mandatory-features = []
-max-jobs = 2
-speed-factor = 2.5
-ssh-key = "keys/client"
-host-key = "{ED25519}"
-idle-timeout = "15m"
-boot-timeout = "2m"
-boot-for-local = false
-
-[builders.aarch64.boot]
-kind = "qemu"
-accel = "auto"
-cpus = 2
-memory = "1G"
-kernel = "vm/kernel"
-initrd = "vm/initrd"
-append = "console=ttyAMA0"
-ephemeral = true
-ssh-port = 0
-extra-args = ["-nodefaults"]
-
-[builders.darwin]
-uri = "ssh-ng://builder@127.0.0.1:31023"
-systems = ["x86_64-darwin"]
-host-key = "{ED25519}"
-allow-well-known-host-key = true
-
-[builders.darwin.boot]
-kind = "darling"
-prefix = "/var/lib/darling"
-
-[builders.cmd]
-uri = "ssh://root@127.0.0.1:31024"
-systems = ["riscv64-linux"]
-host-key = "{ED25519}"
-idle-timeout = "0s"
-
-[builders.cmd.boot]
-kind = "command"
-command = ["/usr/bin/start-builder", "--fast"]
-stop-signal = "INT"
-environment = {{ A = "1" }}
-
-[builders.always-on]
-uri = "ssh://builder.example:22"
-systems = ["x86_64-linux"]
-host-key = "{ED25519}"
-"#
-    )
+    include_str!("../../fixtures/every-backend.toml").replace("@HOST_KEY@", ED25519)
 }
 
 fn check_toml(text: &str) -> Result<(), TestCaseError> {

@@ -46,36 +46,6 @@ const WITH_GRANDCHILD: [&str; 3] = [
     "sleep 300 & echo $! > grandchild.pid; wait",
 ];
 
-/// A builder's instance, started in a state dir of its own.
-struct Started {
-    b: nix_lazy_builder::config::Builder,
-    port: u16,
-    ctx: boot::BootContext,
-    inst: boot::Instance,
-    _state: tempfile::TempDir,
-}
-
-impl Started {
-    /// Starts `b`, a builder at `sshd`'s port.
-    async fn new(sshd: &Sshd, b: nix_lazy_builder::config::Builder) -> Started {
-        let (_state, ctx) = context(&b);
-        let inst = start(&b, &ctx).await;
-        Started {
-            b,
-            port: sshd.port,
-            ctx,
-            inst,
-            _state,
-        }
-    }
-
-    /// Waits at most `secs` for the instance's SSH (with the pinned host key) and Nix to answer.
-    async fn ready_within(&mut self, secs: u64) -> Result<boot::Ready, BootError> {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        boot::wait_ready(&self.b, self.port, &mut self.inst, deadline).await
-    }
-}
-
 fn quick_stop() -> StopHow {
     StopHow {
         graceful_timeout: Duration::from_secs(2),
@@ -98,12 +68,7 @@ async fn sshd_with_its_own_store_is_ready_and_stops_by_signal() {
     );
     assert!(s.inst.accel().is_none());
     let pid = s.inst.pid().unwrap();
-    let ready = s.ready_within(60).await.unwrap_or_else(|e| {
-        panic!(
-            "not ready: {e}\n{}",
-            std::fs::read_to_string(s.ctx.dir.join("command.log")).unwrap_or_default()
-        )
-    });
+    let ready = s.ready(60).await;
     eprintln!(
         "command sshd ready in {:?} ({} banner attempts): {}",
         t0.elapsed(),

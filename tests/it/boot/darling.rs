@@ -6,23 +6,25 @@
 
 use std::ffi::OsStr;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use nix_lazy_builder::boot::{self, BootError, StopHow, StopStep};
+use nix_lazy_builder::boot::{BootError, StopHow, StopStep};
 
 use crate::harness::boot::*;
 use crate::harness::*;
 
-/// Set in the process a darling test runs in (see [`in_stand_in_process`]).
+/// Set in the process a darling test runs in (see [`stand_in_sshd`]).
 const STAND_IN_ENV: &str = "NLB_TEST_DARLING_STAND_IN";
 
 /// The darling backend finds `darling` on PATH, and no test may change the environment of the
-/// test process (other tests run in it at the same time): each test here runs again in a
-/// process of its own whose PATH starts with the stand-in. True in that process (go on with
-/// the test); false in the test's first run, once the second has passed.
-fn in_stand_in_process(test: &str) -> bool {
+/// test process (other tests run in it at the same time): each test here runs again (as root)
+/// in a process of its own whose PATH starts with the stand-in. In that process, the sshd
+/// fixture whose directory is the prefix (go on with the test); `None` in the test's first
+/// run, once the second has passed.
+fn stand_in_sshd(test: &str) -> Option<Sshd> {
+    require_root();
     if std::env::var_os(STAND_IN_ENV).is_some() {
-        return true;
+        return Some(Sshd::new());
     }
     let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
     let path = std::env::var_os("PATH").unwrap_or_default();
@@ -34,7 +36,7 @@ fn in_stand_in_process(test: &str) -> bool {
         test,
         &[("PATH", &joined), (STAND_IN_ENV, OsStr::new("1"))],
     );
-    false
+    None
 }
 
 /// A darling builder whose prefix is the sshd fixture's directory, running `sshd_config`.
@@ -55,32 +57,17 @@ fn darling_builder(sshd: &Sshd, sshd_config: &Path) -> nix_lazy_builder::config:
 
 #[tokio::test]
 async fn darling_stand_in_boots_answers_and_shuts_down() {
-    require_root();
-    if !in_stand_in_process("darling_stand_in_boots_answers_and_shuts_down") {
-        return;
-    }
     // The prefix is the sshd fixture's directory: its sshd_config, keys and own `nix/`.
-    let sshd = Sshd::new();
+    let Some(sshd) = stand_in_sshd("darling_stand_in_boots_answers_and_shuts_down") else {
+        return;
+    };
     let b = darling_builder(&sshd, &sshd.config);
-    let (_state, ctx) = context(&b);
 
     let t0 = Instant::now();
-    let mut inst = start(&b, &ctx).await;
-    assert_eq!(inst.ssh_port(), None);
-    let pid = inst.pid().unwrap();
-    let ready = boot::wait_ready(
-        &b,
-        sshd.port,
-        &mut inst,
-        Instant::now() + Duration::from_secs(60),
-    )
-    .await
-    .unwrap_or_else(|e| {
-        panic!(
-            "not ready: {e}\n{}",
-            std::fs::read_to_string(ctx.dir.join("darling.log")).unwrap_or_default()
-        )
-    });
+    let mut s = Started::new(&sshd, b).await;
+    assert_eq!(s.inst.ssh_port(), None);
+    let pid = s.inst.pid().unwrap();
+    let ready = s.ready(60).await;
     eprintln!(
         "darling (stand-in) ready in {:?}: {}",
         t0.elapsed(),
@@ -97,7 +84,7 @@ async fn darling_stand_in_boots_answers_and_shuts_down() {
     let listing = ssh(sshd.port, &sshd.client_key, &sshd.host_key_line, "ls /nix");
     assert!(listing.lines().any(|l| l == "in-prefix"), "{listing}");
 
-    let report = inst.stop(StopHow::graceful(Some(&b))).await;
+    let report = s.inst.stop(StopHow::graceful(Some(&s.b))).await;
     eprintln!("{report}");
     assert_eq!(report.step, StopStep::DarlingShutdown, "{report}");
     assert!(report.failed_steps.is_empty(), "{report}");
@@ -133,23 +120,13 @@ async fn darling_stand_in_boots_answers_and_shuts_down() {
 
 #[tokio::test]
 async fn darling_sshd_that_fails_reports_its_last_line() {
-    require_root();
-    if !in_stand_in_process("darling_sshd_that_fails_reports_its_last_line") {
+    let Some(sshd) = stand_in_sshd("darling_sshd_that_fails_reports_its_last_line") else {
         return;
-    }
-    let sshd = Sshd::new();
+    };
     // A config path that does not exist in the prefix: sshd exits at once and says why.
     let b = darling_builder(&sshd, Path::new("/nonexistent/sshd_config"));
-    let (_state, ctx) = context(&b);
-    let mut inst = start(&b, &ctx).await;
-    let err = boot::wait_ready(
-        &b,
-        sshd.port,
-        &mut inst,
-        Instant::now() + Duration::from_secs(30),
-    )
-    .await
-    .expect_err("must fail");
+    let mut s = Started::new(&sshd, b).await;
+    let err = s.ready_within(30).await.expect_err("must fail");
     let msg = err.to_string();
     eprintln!("{msg}");
     assert!(matches!(err, BootError::Exited { .. }), "{err:?}");

@@ -10,7 +10,7 @@
 
 use std::time::{Duration, Instant};
 
-use nix_lazy_builder::boot::qemu::AccelChoice;
+use nix_lazy_builder::boot::qemu::{AccelChoice, kvm_usable};
 use nix_lazy_builder::boot::{self, BootError, Instance, StopHow, StopStep};
 use nix_lazy_builder::config::{Accel, BootSpec, Builder};
 
@@ -54,72 +54,96 @@ async fn boot_ready(b: &Builder, ctx: &boot::BootContext) -> (Instance, u16, Dur
     (inst, port, t0.elapsed(), ready.nix_version)
 }
 
-fn kvm_present() -> bool {
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok()
+/// This project's CI machines: /dev/kvm is nested PVM, and KVM guests hang or abort.
+/// The `arch` image's builder as configured, booted and ready in a state directory of its own
+/// (under the one-VM-test lock, which `_held` keeps with the directory).
+struct ReadyVm {
+    _held: (VmLock, tempfile::TempDir),
+    b: Builder,
+    ctx: boot::BootContext,
+    inst: Instance,
+    port: u16,
+    took: Duration,
+    version: String,
 }
 
-/// This project's CI machines: /dev/kvm is nested PVM, and KVM guests hang or abort.
+impl ReadyVm {
+    async fn boot(arch: &str) -> ReadyVm {
+        let (one_vm, img) = vm_test(arch).await;
+        let b = img.builder();
+        let (state, ctx) = context(&b);
+        let (inst, port, took, version) = boot_ready(&b, &ctx).await;
+        ReadyVm {
+            _held: (one_vm, state),
+            b,
+            ctx,
+            inst,
+            port,
+            took,
+            version,
+        }
+    }
+}
+
 fn kvm_known_broken_here() -> bool {
     std::path::Path::new("/sys/module/kvm_pvm").exists()
 }
 
 #[tokio::test]
 async fn aarch64_vm_boots_answers_and_powers_off_over_ssh() {
-    let (_one_vm, img) = vm_test("aarch64").await;
-    let b = img.builder();
-    let (_state, ctx) = context(&b);
-
-    let (inst, port, took, version) = boot_ready(&b, &ctx).await;
-    let accel = inst.accel().expect("qemu reports its accelerator");
-    eprintln!("aarch64: ready in {took:?} on port {port} with {accel}: {version}");
+    let vm = ReadyVm::boot("aarch64").await;
+    let accel = vm.inst.accel().expect("qemu reports its accelerator");
+    eprintln!(
+        "aarch64: ready in {:?} on port {} with {accel}: {}",
+        vm.took, vm.port, vm.version
+    );
     if std::env::consts::ARCH != "aarch64" {
         assert_eq!(accel.accel, Some(Accel::Tcg), "{accel}");
         assert_eq!(accel.choice, AccelChoice::Auto, "{accel}");
     }
-    assert!(version.starts_with("nix-store (Nix) "), "{version}");
-    assert_eq!(run_over_ssh(&b, port, "uname -m").await, "aarch64");
+    assert!(vm.version.starts_with("nix-store (Nix) "), "{}", vm.version);
+    assert_eq!(run_over_ssh(&vm.b, vm.port, "uname -m").await, "aarch64");
     assert!(
-        console(&ctx).contains("rc: vm-aarch64 up"),
+        console(&vm.ctx).contains("rc: vm-aarch64 up"),
         "serial console not in console.log:\n{}",
-        console(&ctx)
+        console(&vm.ctx)
     );
-    assert!(ctx.dir.join("qmp.sock").exists());
+    assert!(vm.ctx.dir.join("qmp.sock").exists());
 
-    let pid = inst.pid().unwrap();
-    let report = inst.stop(StopHow::graceful(Some(&b))).await;
+    let pid = vm.inst.pid().unwrap();
+    let report = vm.inst.stop(StopHow::graceful(Some(&vm.b))).await;
     eprintln!("aarch64: {report}");
     // No ACPI power button with Debian's arm64 cloud kernel: poweroff over SSH.
     assert_eq!(report.step, StopStep::SshPoweroff, "{report}");
     assert!(report.failed_steps.is_empty(), "{report}");
     assert!(report.took < Duration::from_secs(15), "{report}");
     assert!(!alive(pid), "qemu {pid} still there");
-    assert!(!port_open(port), "port {port} still forwarded");
-    assert!(!ctx.dir.join("qmp.sock").exists(), "QMP socket left behind");
+    assert!(!port_open(vm.port), "port {} still forwarded", vm.port);
+    assert!(
+        !vm.ctx.dir.join("qmp.sock").exists(),
+        "QMP socket left behind"
+    );
 }
 
 #[tokio::test]
 async fn x86_64_auto_accel_probes_kvm_falls_back_and_powers_off_by_acpi() {
-    let (_one_vm, img) = vm_test("x86_64").await;
-    let b = img.builder();
-    let (_state, ctx) = context(&b);
-    let (inst, port, took, version) = boot_ready(&b, &ctx).await;
-    let accel = inst.accel().unwrap();
-    eprintln!("x86_64: ready in {took:?} on port {port} with {accel}: {version}");
-    if kvm_present() {
+    let vm = ReadyVm::boot("x86_64").await;
+    let accel = vm.inst.accel().unwrap();
+    eprintln!(
+        "x86_64: ready in {:?} on port {} with {accel}: {}",
+        vm.took, vm.port, vm.version
+    );
+    if kvm_usable() {
         // A probe happened, and its outcome decided the accelerator.
         match &accel.choice {
             AccelChoice::FellBack { tried, why } => {
                 assert_eq!(*tried, Accel::Kvm);
                 assert_eq!(accel.accel, Some(Accel::Tcg));
                 assert!(!why.is_empty());
-                let marker = std::fs::read_to_string(ctx.dir.join("accel-probe")).unwrap();
+                let marker = std::fs::read_to_string(vm.ctx.dir.join("accel-probe")).unwrap();
                 assert!(marker.starts_with("kvm: broken ("), "{marker}");
                 // The failed KVM attempt's output was kept for a post-mortem.
-                assert!(ctx.dir.join("qemu.log.1").exists());
+                assert!(vm.ctx.dir.join("qemu.log.1").exists());
             }
             AccelChoice::ProbeOk { .. } => assert_eq!(accel.accel, Some(Accel::Kvm)),
             other => panic!("expected a KVM probe, got {other:?}"),
@@ -136,15 +160,15 @@ async fn x86_64_auto_accel_probes_kvm_falls_back_and_powers_off_by_acpi() {
             (Some(Accel::Tcg), &AccelChoice::Auto)
         );
     }
-    assert_eq!(run_over_ssh(&b, port, "uname -m").await, "x86_64");
+    assert_eq!(run_over_ssh(&vm.b, vm.port, "uname -m").await, "x86_64");
 
-    let pid = inst.pid().unwrap();
-    let report = inst.stop(StopHow::graceful(Some(&b))).await;
+    let pid = vm.inst.pid().unwrap();
+    let report = vm.inst.stop(StopHow::graceful(Some(&vm.b))).await;
     eprintln!("x86_64: {report}");
     assert_eq!(report.step, StopStep::AcpiPowerdown, "{report}");
     assert!(report.exit.as_ref().unwrap().success(), "{report}");
     assert!(!alive(pid));
-    assert!(!port_open(port));
+    assert!(!port_open(vm.port));
 }
 
 /// A KVM guest that hangs silently (default CPU model here) is caught by the probe's timeout;
@@ -152,7 +176,7 @@ async fn x86_64_auto_accel_probes_kvm_falls_back_and_powers_off_by_acpi() {
 #[tokio::test]
 async fn silent_kvm_guest_is_caught_by_the_probe_and_remembered() {
     require_root();
-    if !kvm_present() {
+    if !kvm_usable() {
         // No provisioning can give a machine /dev/kvm. The other path, no KVM at all (TCG at
         // once, no probe), is what `x86_64_auto_accel_probes_kvm_falls_back_and_powers_off_by_acpi`
         // checks there.
@@ -332,6 +356,12 @@ async fn ephemeral_disk_gets_a_throw_away_overlay() {
     );
 }
 
+/// Starts `b` in a state directory of its own, which must fail: the error.
+async fn start_error(b: &Builder) -> BootError {
+    let (_state, ctx) = context(b);
+    boot::start(spec(b), &ctx).await.err().expect("must fail")
+}
+
 #[tokio::test]
 async fn qemu_that_cannot_start_says_why_in_one_line() {
     require_root();
@@ -341,8 +371,7 @@ async fn qemu_that_cannot_start_says_why_in_one_line() {
         let t = set_key(t, "accel", "\"tcg\"");
         set_key(t, "extra-args", "[\"-no-such-option\"]")
     });
-    let (_state, ctx) = context(&b);
-    let err = boot::start(spec(&b), &ctx).await.err().expect("must fail");
+    let err = start_error(&b).await;
     let msg = err.to_string();
     eprintln!("{msg}");
     assert!(matches!(err, BootError::Exited { .. }), "{err:?}");
@@ -360,24 +389,14 @@ async fn qemu_that_cannot_start_says_why_in_one_line() {
         let t = set_key(t, "accel", "\"tcg\"");
         set_key(t, "ssh-port", &p.to_string())
     });
-    let (_state, ctx) = context(&b);
-    let msg = boot::start(spec(&b), &ctx)
-        .await
-        .err()
-        .expect("must fail")
-        .to_string();
+    let msg = start_error(&b).await.to_string();
     eprintln!("{msg}");
     assert!(msg.contains(&format!("127.0.0.1:{p}-:22")), "{msg}");
     assert!(msg.contains("during boot"), "{msg}");
 
     // A kernel that is not there.
     let b = img.builder_with(|t| set_key(t, "kernel", "\"/nonexistent/vmlinuz\""));
-    let (_state, ctx) = context(&b);
-    let msg = boot::start(spec(&b), &ctx)
-        .await
-        .err()
-        .expect("must fail")
-        .to_string();
+    let msg = start_error(&b).await.to_string();
     assert_eq!(
         msg,
         "QEMU kernel not found: /nonexistent/vmlinuz does not exist"

@@ -136,11 +136,21 @@ fn wall_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// `line` says the builder "is not tried again for another Ns" with N what is left of a `backoff_secs` backoff from
-/// `failed_at_ms`, as the hook saw it at some moment between `started` and `ended` (wall-clock
-/// ms; the hook rounds up to whole seconds).
+/// `paths`' nix-build through `daemon`, and the window it ran in: (started, ended) in
+/// [`wall_ms`].
 #[track_caller]
-fn assert_retry_in(line: &str, backoff_secs: u64, failed_at_ms: u64, started: u64, ended: u64) {
+fn nix_build_in_window(paths: &BigPaths, daemon: &LocalDaemon) -> (CmdOutput, (u64, u64)) {
+    let started = wall_ms();
+    let out = paths.nix_build(daemon);
+    (out, (started, wall_ms()))
+}
+
+/// `line` says the builder "is not tried again for another Ns" with N what is left of a `backoff_secs` backoff from
+/// `failed_at_ms`, as the hook saw it at some moment of `window` ([`nix_build_in_window`]; the
+/// hook rounds up to whole seconds).
+#[track_caller]
+fn assert_retry_in(line: &str, backoff_secs: u64, failed_at_ms: u64, window: (u64, u64)) {
+    let (started, ended) = window;
     let secs: u64 = line
         .split_once("is not tried again for another ")
         .and_then(|(_, t)| {
@@ -275,9 +285,7 @@ fn a_hanging_only_builder_fails_at_once_while_it_backs_off_and_the_backoff_grows
 
     // Right after: declined at once, with one line naming the builder, the cause and the wait
     // left of the first backoff (10 s).
-    let started = wall_ms();
-    let second = paths.nix_build(&daemon);
-    let ended = wall_ms();
+    let (second, window) = nix_build_in_window(&paths, &daemon);
     second.assert_failure();
     assert!(second.stderr.contains(&nix_gave_up), "{second}");
     assert!(!second.stderr.contains(&refused), "{second}");
@@ -298,7 +306,7 @@ fn a_hanging_only_builder_fails_at_once_while_it_backs_off_and_the_backoff_grows
     );
     assert!(second.elapsed < Duration::from_secs(5), "{second}");
     assert_eq!(hang.accepts().len(), 1, "connected during the backoff");
-    assert_retry_in(lines[0], 10, failed_at_ms, started, ended);
+    assert_retry_in(lines[0], 10, failed_at_ms, window);
 
     // The first backoff is 10 s. Once it has run out, it is tried again; a second failure in
     // a row doubles the wait.
@@ -311,9 +319,7 @@ fn a_hanging_only_builder_fails_at_once_while_it_backs_off_and_the_backoff_grows
     assert_eq!(hang.accepts().len(), 2, "not tried again after the backoff");
     let (consecutive, failed_at_ms) = the_record(&daemon);
     assert_eq!(consecutive, 2);
-    let started = wall_ms();
-    let fourth = paths.nix_build(&daemon);
-    let ended = wall_ms();
+    let (fourth, window) = nix_build_in_window(&paths, &daemon);
     fourth.assert_failure();
     let line = fourth
         .stderr
@@ -322,7 +328,7 @@ fn a_hanging_only_builder_fails_at_once_while_it_backs_off_and_the_backoff_grows
         .unwrap_or_else(|| panic!("{fourth}"));
     eprintln!("[fault] hanging builder alone: after the second failure in a row: {line}");
     // Twice the first: 20 s from the second failure.
-    assert_retry_in(line, 20, failed_at_ms, started, ended);
+    assert_retry_in(line, 20, failed_at_ms, window);
     assert_eq!(hang.accepts().len(), 2);
     assert_store_clean(&daemon, "hanging builder alone");
     assert_no_strays(&daemon, None, Duration::from_secs(10));

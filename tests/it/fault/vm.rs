@@ -170,19 +170,16 @@ fn into_the_build(rng: &mut FaultRng, build: &mut Background, name: &str, secs: 
     after
 }
 
-/// Builds `name` (a 20 s build) on the VM, sends `sig` to its QEMU at a random point of the
-/// build, and checks the build fails with an error naming the builder. Returns the QEMU's pid
-/// and how long after the signal the build failed.
-fn signal_qemu_mid_build(
-    test: &str,
-    rng: &mut FaultRng,
-    cfg: &LazyConfig,
-    daemon: &LocalDaemon,
-    name: &str,
-    sig: libc::c_int,
-) -> (u32, Duration) {
+/// Sets up the VM ([`vm_setup`]), builds `name` (a 20 s build) on it, sends `sig` to its QEMU
+/// at a random point of the build (from `test`'s [`FaultRng`]), and checks the build fails
+/// with an error naming the builder. Returns the set-up, the QEMU's pid and how long after the
+/// signal the build failed.
+fn signal_qemu_mid_build(test: &str, name: &str, sig: libc::c_int) -> (LazyVm, u32, Duration) {
+    let mut rng = FaultRng::new(test);
+    let vm = vm_setup();
+    let LazyVm { cfg, daemon, .. } = &vm;
     let mut build = vm_build(daemon, name, 20);
-    let after = into_the_build(rng, &mut build, name, 20);
+    let after = into_the_build(&mut rng, &mut build, name, 20);
     let qemu = *qemus(cfg).first().expect("the VM's QEMU");
     let t0 = Instant::now();
     // SAFETY: kill(2) on this test's QEMU (its command line names our state directory).
@@ -200,17 +197,14 @@ fn signal_qemu_mid_build(
             .any(|l| l.contains("building on 'ssh://root@127.0.0.1")),
         "no error naming the builder:\n{out}"
     );
-    (qemu, failed_after)
+    (vm, qemu, failed_after)
 }
 
 #[test]
 fn qemu_killed_mid_build() {
     let test = "QEMU killed mid-build";
-    let mut rng = FaultRng::new(test);
-    let LazyVm { cfg, daemon, .. } = &vm_setup();
-    let name = "fault-vm-kill";
-    let (qemu, failed_after) =
-        signal_qemu_mid_build(test, &mut rng, cfg, daemon, name, libc::SIGKILL);
+    let (vm, qemu, failed_after) = signal_qemu_mid_build(test, "fault-vm-kill", libc::SIGKILL);
+    let LazyVm { cfg, daemon, .. } = &vm;
     assert!(failed_after < Duration::from_secs(15), "{failed_after:?}");
     assert_store_clean(daemon, test);
 
@@ -247,11 +241,8 @@ fn qemu_killed_mid_build() {
 #[test]
 fn frozen_vm_is_given_up_by_keepalive_and_replaced() {
     let test = "QEMU frozen (SIGSTOP) mid-build";
-    let mut rng = FaultRng::new(test);
-    let LazyVm { cfg, daemon, .. } = &vm_setup();
-    let name = "fault-vm-freeze";
-    let (qemu, failed_after) =
-        signal_qemu_mid_build(test, &mut rng, cfg, daemon, name, libc::SIGSTOP);
+    let (vm, qemu, failed_after) = signal_qemu_mid_build(test, "fault-vm-freeze", libc::SIGSTOP);
+    let LazyVm { cfg, daemon, .. } = &vm;
     assert!(
         (Duration::from_secs(9)..Duration::from_secs(20)).contains(&failed_after),
         "not given up by the keepalive (about 15 s): {failed_after:?}"

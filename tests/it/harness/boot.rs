@@ -127,6 +127,56 @@ pub async fn start(builder: &Builder, ctx: &BootContext) -> Instance {
         .expect("start")
 }
 
+/// A builder's instance, started in a state dir of its own (the `command` and `darling`
+/// backends' tests: a builder at an [`Sshd`]'s port).
+pub struct Started {
+    pub b: Builder,
+    pub port: u16,
+    pub ctx: BootContext,
+    pub inst: Instance,
+    _state: tempfile::TempDir,
+}
+
+impl Started {
+    /// Starts `b`, a builder at `sshd`'s port.
+    pub async fn new(sshd: &Sshd, b: Builder) -> Started {
+        let (_state, ctx) = context(&b);
+        let inst = start(&b, &ctx).await;
+        Started {
+            b,
+            port: sshd.port,
+            ctx,
+            inst,
+            _state,
+        }
+    }
+
+    /// Waits at most `secs` for the instance's SSH (with the pinned host key) and Nix to answer.
+    pub async fn ready_within(
+        &mut self,
+        secs: u64,
+    ) -> Result<nix_lazy_builder::boot::Ready, nix_lazy_builder::boot::BootError> {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        nix_lazy_builder::boot::wait_ready(&self.b, self.port, &mut self.inst, deadline).await
+    }
+
+    /// [`ready_within`](Self::ready_within) that must succeed: panics with the error and the
+    /// backend's log (`command.log`, `darling.log`) otherwise.
+    pub async fn ready(&mut self, secs: u64) -> nix_lazy_builder::boot::Ready {
+        match self.ready_within(secs).await {
+            Ok(ready) => ready,
+            Err(e) => panic!(
+                "not ready: {e}\n{}",
+                self.inst
+                    .logs()
+                    .first()
+                    .map(|log| std::fs::read_to_string(log).unwrap_or_default())
+                    .unwrap_or_default()
+            ),
+        }
+    }
+}
+
 /// Whether something accepts TCP on 127.0.0.1:port.
 pub fn port_open(port: u16) -> bool {
     std::net::TcpStream::connect_timeout(
