@@ -437,7 +437,7 @@ fn run(
     }
     let waits: Vec<String> = idle_waits.iter().map(|w| format!("{w:.0} s")).collect();
     let note = format!(
-        "warm-up round not counted ({}); ours: idle-timeout {IDLE}, keep-warm default, {warm_used} warm sessions handed out over {} warm builds, no boot among them; ours idle-stopped {} after the builds before part 2 and each of part 3's cold builds",
+        "warm-up round not counted ({}); ours: idle-timeout {IDLE}, keep-warm default, {warm_used} warm sessions handed out over {} warm builds, no boot among them; waits for ours' idle stop, from its last build: {} (before part 2, then before each later round of part 3)",
         warmup.join(", "),
         ctx.runs,
         waits.join(", "),
