@@ -4,7 +4,7 @@
 //! figure the median of several runs with its spread and the ratio ours ÷ Nix's. The results
 //! table goes into BENCHMARKS.md (between its `bench:begin`/`bench:end` markers).
 //!
-//! `cargo bench --bench hook -- P1 P4` runs some row groups only (P1 … P7, P7-restore, P8);
+//! `cargo bench --bench hook -- P1 P4` runs some row groups only (P1 … P7, P7-restore, P8, P9);
 //! `NLB_BENCH_RUNS` sets the runs per figure (default 5); `NLB_BENCH_BASELINE=<another
 //! nix-lazy-builder>` adds that build as one more contestant (before/after, in the notes);
 //! `-- TRANSPORT` measures a warm session's local leg on its own. Without `--bench` (as under
@@ -29,6 +29,7 @@ mod p4;
 mod p7;
 mod p7restore;
 mod p8;
+mod p9;
 mod profile;
 mod report;
 mod rows;
@@ -48,7 +49,18 @@ use rows::{Ctx, MANY_GIB, ONE_100MIB, ONE_GIB, Transfer, transfer_rows};
 /// PATH for the hooks P4 runs directly.
 pub const STD_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
-const GROUPS: [&str; 9] = ["P1", "P2", "P3", "P4", "P5", "P6", "P7", "P7-RESTORE", "P8"];
+const GROUPS: [&str; 10] = [
+    "P1",
+    "P2",
+    "P3",
+    "P4",
+    "P5",
+    "P6",
+    "P7",
+    "P7-RESTORE",
+    "P8",
+    "P9",
+];
 
 /// Every row key, in table order.
 fn row_order() -> Vec<String> {
@@ -75,6 +87,9 @@ fn row_order() -> Vec<String> {
         p7restore::KEY_MEMORY.to_owned(),
         p8::KEY_EXTERNAL.to_owned(),
         p8::KEY_HOOK.to_owned(),
+        p9::KEY_BUILD.to_owned(),
+        p9::KEY_IDLE.to_owned(),
+        p9::KEY_FIRST.to_owned(),
     ]
     .to_vec()
 }
@@ -105,6 +120,7 @@ fn main() {
         p7::self_test();
         p7restore::self_test();
         p8::self_test();
+        p9::self_test();
         println!(
             "benches/hook: self-checks passed (run the benchmark with `cargo bench --bench hook`)"
         );
@@ -263,6 +279,9 @@ fn main() {
     }
     if want("P8") {
         step("P8", &mut rows, &mut || p8::p8(&ctx));
+    }
+    if want("P9") {
+        step("P9", &mut rows, &mut || p9::p9(&ctx));
     }
     let total = started.elapsed();
     eprintln!("[bench] total {total:.1?} ({})", timings.join(", "));
