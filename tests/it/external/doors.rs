@@ -160,13 +160,9 @@ fn both_doors(daemon: &LocalDaemon, remote: &impl StoreQueries, tag: &str) {
             "{out_b}"
         );
     }
-    let base = intervals.iter().map(|i| i.0).fold(f64::INFINITY, f64::min);
     eprintln!(
         "{tag}: runs (s from the first start): {:?}",
-        intervals
-            .iter()
-            .map(|(s, e)| format!("{:.2}-{:.2}", s - base, e - base))
-            .collect::<Vec<_>>()
+        runs_from_first(&intervals)
     );
     for pair in intervals.chunks(2) {
         assert_eq!(

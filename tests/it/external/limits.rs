@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use super::door::{Door, setup_with};
-use crate::harness::fault::{CANCEL_BOUND, LONG_BUILD_SECS, describe, unpack_dirs};
+use crate::harness::fault::{LONG_BUILD_SECS, assert_all_gone_within_bound, describe, unpack_dirs};
 use crate::harness::warm::signal;
 use crate::harness::*;
 
@@ -86,25 +86,13 @@ fn a_limit_cancels_the_remote_build(tag: &str, extra: &[&str]) {
     });
     assert!(alive(client), "the program ended before the limit");
     let t = died(client, Duration::from_secs(60));
-    loop {
-        let left: Vec<u32> = sleeps
-            .iter()
-            .copied()
-            .chain([helper])
-            .filter(|&p| alive(p))
-            .collect();
-        if left.is_empty() {
-            break;
-        }
-        assert!(
-            t.elapsed() < CANCEL_BOUND,
-            "{tag}: still running {:?} after external-build was killed: {:#?}\n--- supervisor ---\n{}",
-            t.elapsed(),
-            describe(&left),
-            d.cfg.supervisor_log()
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    assert_all_gone_within_bound(
+        &format!("{tag}: the remote build or the helper"),
+        "external-build was killed",
+        t,
+        || sleeps.iter().copied().chain([helper]).collect(),
+        || format!("\n--- supervisor ---\n{}", d.cfg.supervisor_log()),
+    );
     eprintln!(
         "{tag}: remote build and helper gone {:.2?} after external-build died",
         t.elapsed()

@@ -653,33 +653,54 @@ impl RemoteSide {
     /// `hook_died`. Returns how long it took.
     #[track_caller]
     pub fn assert_gone_within(&self, test: &str, hook_died: Instant) -> Duration {
-        loop {
-            let left: Vec<u32> = self
-                .session
-                .iter()
-                .chain(&self.build)
-                .copied()
-                .chain(if self.whole_tree {
+        let gone = assert_all_gone_within_bound(
+            &format!("{test}: the remote session"),
+            "the hook died",
+            hook_died,
+            || {
+                let tree = if self.whole_tree {
                     descendants(self.sshd)
                 } else {
                     Vec::new()
-                })
-                .filter(|&p| alive(p))
-                .collect();
-            if left.is_empty() {
-                break;
-            }
-            assert!(
-                hook_died.elapsed() < CANCEL_BOUND,
-                "{test}: the remote session still runs {:?} after the hook died:\n{:#?}",
-                hook_died.elapsed(),
-                describe(&left)
-            );
-            thread::sleep(Duration::from_millis(5));
-        }
-        let gone = hook_died.elapsed();
+                };
+                self.session
+                    .iter()
+                    .chain(&self.build)
+                    .copied()
+                    .chain(tree)
+                    .collect()
+            },
+            String::new,
+        );
         eprintln!("[fault] {test}: remote session and build gone {gone:.2?} after the hook died");
         gone
+    }
+}
+
+/// Waits until none of the processes `pids()` names is alive; panics naming `what` (and
+/// `more()`) if any is left [`CANCEL_BOUND`] after `since` (when `event` happened). Returns how
+/// long it took.
+#[track_caller]
+pub fn assert_all_gone_within_bound(
+    what: &str,
+    event: &str,
+    since: Instant,
+    mut pids: impl FnMut() -> Vec<u32>,
+    more: impl Fn() -> String,
+) -> Duration {
+    loop {
+        let left: Vec<u32> = pids().into_iter().filter(|&p| alive(p)).collect();
+        if left.is_empty() {
+            return since.elapsed();
+        }
+        assert!(
+            since.elapsed() < CANCEL_BOUND,
+            "{what} still runs {:?} after {event}:\n{:#?}{}",
+            since.elapsed(),
+            describe(&left),
+            more()
+        );
+        thread::sleep(Duration::from_millis(5));
     }
 }
 

@@ -627,6 +627,15 @@ pub fn slept_interval(text: &str, what: &str) -> (f64, f64) {
     (v[0], v[1])
 }
 
+/// `intervals` as "start-end" in seconds from the first start, for a test's log.
+pub fn runs_from_first(intervals: &[(f64, f64)]) -> Vec<String> {
+    let base = intervals.iter().map(|i| i.0).fold(f64::INFINITY, f64::min);
+    intervals
+        .iter()
+        .map(|(s, e)| format!("{:.2}-{:.2}", s - base, e - base))
+        .collect()
+}
+
 /// The most intervals `(start, end)` that overlap at any instant; touching ends (one ends
 /// exactly when another starts) do not overlap.
 pub fn max_overlap(intervals: &[(f64, f64)]) -> usize {

@@ -120,6 +120,24 @@ pub fn warmed(scheme: Scheme, tag: &str) -> (RemoteStore, LocalDaemon, String) {
     (remote, daemon, uri)
 }
 
+/// After a fault (`test`): the next build on `remote` succeeds, the one after it is handed a
+/// warm session to `uri` again, and the local store is clean; builds are named after `name`.
+#[track_caller]
+pub fn assert_next_builds_warm_again(
+    test: &str,
+    daemon: &LocalDaemon,
+    remote: &RemoteStore,
+    uri: &str,
+    name: &str,
+) {
+    build_ok(daemon, remote, &format!("{name}-next"));
+    wait_warm(daemon, uri);
+    let out = build_ok(daemon, remote, &format!("{name}-next-warm"));
+    assert!(out.stderr.contains("warm session handed over"), "{out}");
+    super::fault::assert_store_clean(daemon, &format!("{test}, next builds"));
+    eprintln!("[fault] {test}: survived");
+}
+
 /// Sends `signal` to `pid` (one the caller found in its own test's process tree).
 pub fn signal(pid: u32, signal: i32) {
     // SAFETY: kill(2) on a pid of the caller's own test.

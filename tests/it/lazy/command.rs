@@ -457,13 +457,9 @@ fn eight_concurrent_builds_one_boot_never_more_than_max_jobs() {
     }
     let max = max_overlap(&intervals);
     intervals.sort_by(|a, b| a.0.total_cmp(&b.0));
-    let base = intervals[0].0;
     eprintln!(
         "8 builds on one max-jobs 2 builder took {took:.2?}; at most {max} at once; runs (s from the first start): {:?}",
-        intervals
-            .iter()
-            .map(|(s, e)| format!("{:.2}-{:.2}", s - base, e - base))
-            .collect::<Vec<_>>()
+        runs_from_first(&intervals)
     );
     assert_eq!(
         max, 2,

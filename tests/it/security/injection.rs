@@ -20,7 +20,7 @@ use nix_lazy_builder::config::{self, Config};
 use nix_lazy_builder::store;
 
 use crate::harness::security::*;
-use crate::harness::{require_file, scratch, set_mode, write};
+use crate::harness::{CmdOutput, require_file, scratch, set_mode, write};
 
 /// Values that create `marker` (a file name, relative to the shell's working directory) if a
 /// shell ever interprets them. Kept short: a builder's URI names its slot files.
@@ -167,6 +167,42 @@ fn recorded(dir: &Path) -> String {
     std::fs::read_to_string(dir.join("argv")).unwrap_or_default()
 }
 
+/// Runs the hook with one machines line for `sshd` whose `remote-program` is `stub` and whose
+/// `remote-store` is `value`, checks that it declines (the stub fails), and returns what the
+/// stub must have recorded for one session (its name, the program's flags for `scheme`, and
+/// `--store value`, one word each) with the hook's output.
+fn hook_with_hostile_value(
+    env: &Env,
+    sshd: &Sshd,
+    stub: &Path,
+    value: &str,
+    scheme: &str,
+    case: &str,
+) -> (String, CmdOutput) {
+    let uri = sshd.uri(
+        scheme,
+        &format!(
+            "?remote-program={}&remote-store={}",
+            pct(&stub.display().to_string()),
+            pct(value)
+        ),
+    );
+    let line = format!(
+        "{uri} aarch64-linux {} 1 1 - - {}",
+        sshd.client_key.display(),
+        sshd.host_key_b64()
+    );
+    let out = env.hook(&daemon_stdin(&line), 3, &[]);
+    assert_eq!(replies(&out), ["decline"], "{case}: {out}");
+    let mut want = format!("[{}]\n", stub.display());
+    if scheme == "ssh" {
+        want += "[--serve]\n[--write]\n";
+    } else {
+        want += "[--stdio]\n";
+    }
+    (want + &format!("[--store]\n[{value}]\n"), out)
+}
+
 #[test]
 fn hostile_values_reach_the_remote_program_as_plain_arguments() {
     let sshd = Sshd::start();
@@ -184,33 +220,9 @@ fn hostile_values_reach_the_remote_program_as_plain_arguments() {
     for (i, value) in hostile(&marker_name).into_iter().enumerate() {
         for scheme in ["ssh", "ssh-ng"] {
             let _ = std::fs::remove_file(stub_dir.path().join("argv"));
-            let uri = sshd.uri(
-                scheme,
-                &format!(
-                    "?remote-program={}&remote-store={}",
-                    pct(&stub.display().to_string()),
-                    pct(&value)
-                ),
-            );
-            let line = format!(
-                "{uri} aarch64-linux {} 1 1 - - {}",
-                sshd.client_key.display(),
-                sshd.host_key_b64()
-            );
-            let out = env.hook(&daemon_stdin(&line), 3, &[]);
-            assert_eq!(replies(&out), ["decline"], "case {i}: {out}");
-            let mut want = format!("[{}]\n", stub.display());
-            if scheme == "ssh" {
-                want += "[--serve]\n[--write]\n";
-            } else {
-                want += "[--stdio]\n";
-            }
-            want += &format!("[--store]\n[{value}]\n");
-            assert_eq!(
-                recorded(stub_dir.path()),
-                want,
-                "case {i} ({scheme}): {out}"
-            );
+            let case = format!("case {i} ({scheme})");
+            let (want, out) = hook_with_hostile_value(&env, &sshd, &stub, &value, scheme, &case);
+            assert_eq!(recorded(stub_dir.path()), want, "{case}: {out}");
             check_markers();
         }
     }
@@ -272,37 +284,17 @@ fn hostile_values_reach_the_remote_program_as_plain_arguments_through_warm_sessi
             std::fs::create_dir(&dir).unwrap();
             set_mode(&dir, 0o755);
             let stub = hostile_stub(&dir, &marker_name);
-            let uri = sshd.uri(
-                scheme,
-                &format!(
-                    "?remote-program={}&remote-store={}",
-                    pct(&stub.display().to_string()),
-                    pct(&value)
-                ),
-            );
-            let line = format!(
-                "{uri} aarch64-linux {} 1 1 - - {}",
-                sshd.client_key.display(),
-                sshd.host_key_b64()
-            );
-            let out = env.hook(&daemon_stdin(&line), 3, &[]);
-            assert_eq!(replies(&out), ["decline"], "case {i}: {out}");
+            let case = format!("case {i} ({scheme})");
+            let (want, _) = hook_with_hostile_value(&env, &sshd, &stub, &value, scheme, &case);
             let first = format!("[{}]\n", stub.display());
-            let mut want = first.clone();
-            if scheme == "ssh" {
-                want += "[--serve]\n[--write]\n";
-            } else {
-                want += "[--stdio]\n";
-            }
-            want += &format!("[--store]\n[{value}]\n");
             // The hook's own session, then the pool's (the positive control: warm sessions
             // really ran the stub).
             crate::harness::wait_until(
-                &format!("case {i} ({scheme}): a warm session running the stub"),
+                &format!("{case}: a warm session running the stub"),
                 Duration::from_secs(20),
                 || recorded(&dir).matches(&first).count() >= 2,
             );
-            cases.push((format!("case {i} ({scheme})"), dir, first, want));
+            cases.push((case, dir, first, want));
         }
     }
     drop(stop);

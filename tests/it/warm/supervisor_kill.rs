@@ -61,12 +61,7 @@ fn supervisor_killed(phase: Phase, scheme: Scheme) {
     assert_no_strays(&daemon, supervisor(&daemon), Duration::from_secs(10));
 
     // Not wedged: the next build succeeds (direct, a new supervisor), and the one after is warm.
-    build_ok(&daemon, &remote, &format!("{name}-next"));
-    wait_warm(&daemon, &uri);
-    let out = build_ok(&daemon, &remote, &format!("{name}-next-warm"));
-    assert!(out.stderr.contains("warm session handed over"), "{out}");
-    assert_store_clean(&daemon, &format!("{test}, next builds"));
-    eprintln!("[fault] {test}: survived");
+    assert_next_builds_warm_again(&test, &daemon, &remote, &uri, &name);
 }
 
 #[test]
