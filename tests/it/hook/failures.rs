@@ -106,12 +106,8 @@ fn failing_build(case: &str, scheme: Scheme) {
 }
 
 #[test]
-fn failing_build_over_ssh() {
+fn failing_build_over_ssh_and_ssh_ng() {
     failing_build("ssh", Scheme::Ssh);
-}
-
-#[test]
-fn failing_build_over_ssh_ng() {
     failing_build("sshng", Scheme::SshNg);
 }
 
@@ -342,11 +338,7 @@ fn wrong_host_key(case: &str, scheme: Scheme) {
 }
 
 #[test]
-fn wrong_host_key_over_ssh() {
+fn wrong_host_key_over_ssh_and_ssh_ng() {
     wrong_host_key("ssh", Scheme::Ssh);
-}
-
-#[test]
-fn wrong_host_key_over_ssh_ng() {
     wrong_host_key("sshng", Scheme::SshNg);
 }
