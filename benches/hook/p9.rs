@@ -234,7 +234,7 @@ fn qemus_of(dir: &Path) -> Vec<u32> {
 
 struct Figures {
     /// Part 1, per hook (HOOKS order).
-    warm: Vec<Samples>,
+    warm: [Samples; HOOKS.len()],
     /// Part 2: ours (supervisor VmRSS), the always-on QEMU's Rss, and its Pss, the
     /// ControlPersist master's VmRSS.
     sup_rss: Samples,
@@ -242,7 +242,7 @@ struct Figures {
     qemu_pss: Samples,
     master_rss: Samples,
     /// Part 3, per hook.
-    first: Vec<Samples>,
+    first: [Samples; HOOKS.len()],
     note: String,
 }
 
@@ -318,7 +318,7 @@ fn run(
     control_dir: &Path,
 ) -> Figures {
     let ours = &daemons[0];
-    let mut warm: Vec<Samples> = HOOKS.iter().map(|_| Samples::new()).collect();
+    let mut warm = HOOKS.map(|_| Samples::new());
     let mut warmup = Vec::new();
     let mut up_state = None;
     // Part 1: rounds, the order rotating; round 0 (it boots ours) is a warm-up.
@@ -402,7 +402,7 @@ fn run(
     ));
 
     // Part 3: the first build after idle, ours from a cold boot.
-    let mut first: Vec<Samples> = HOOKS.iter().map(|_| Samples::new()).collect();
+    let mut first = HOOKS.map(|_| Samples::new());
     let cold_runs = ctx.runs.clamp(1, MAX_COLD);
     let mut idle_waits = vec![waited];
     for i in 0..cold_runs {
@@ -462,12 +462,7 @@ fn times(r: Option<f64>) -> String {
 }
 
 fn rows(f: Figures) -> Vec<Row> {
-    let mut warm = f.warm.into_iter();
-    let (ours, nix, persist) = (
-        warm.next().unwrap_or_default(),
-        warm.next().unwrap_or_default(),
-        warm.next().unwrap_or_default(),
-    );
+    let [ours, nix, persist] = f.warm;
     let build = Row {
         key: KEY_BUILD.into(),
         what: WHAT_BUILD.into(),
@@ -508,12 +503,7 @@ fn rows(f: Figures) -> Vec<Row> {
         ),
         command: COMMAND.into(),
     };
-    let mut first = f.first.into_iter();
-    let (ours, nix, persist) = (
-        first.next().unwrap_or_default(),
-        first.next().unwrap_or_default(),
-        first.next().unwrap_or_default(),
-    );
+    let [ours, nix, persist] = f.first;
     let first = Row {
         key: KEY_FIRST.into(),
         what: WHAT_FIRST.into(),
@@ -537,7 +527,7 @@ fn rows(f: Figures) -> Vec<Row> {
 pub fn self_test() {
     let s = |v: &[f64]| Samples { values: v.to_vec() };
     let r = rows(Figures {
-        warm: vec![
+        warm: [
             s(&[0.5, 0.75, 1.0]),
             s(&[1.0, 1.5, 2.0]),
             s(&[1.0, 1.0, 1.0]),
@@ -546,7 +536,7 @@ pub fn self_test() {
         qemu_rss: s(&[400.0, 400.0]),
         qemu_pss: s(&[390.0, 392.0]),
         master_rss: s(&[10.0, 10.0]),
-        first: vec![s(&[6.0]), s(&[1.5]), s(&[1.0])],
+        first: [s(&[6.0]), s(&[1.5]), s(&[1.0])],
         note: "n".into(),
     });
     assert_eq!(r.len(), 3);
