@@ -36,8 +36,9 @@ use nix_lazy_builder::supervisor::proto::State;
 use crate::harness::boot::{VmImage, lock_exclusive, vm_lock_file};
 use crate::harness::{
     DaemonOpts, KillMentioning, LazyConfig, LocalDaemon, NIX_28_BUILD_REMOTE, Nix, REMOTE_HOST,
-    StoreQueries, processes_mentioning, uname_expr, wait_until, with_builder_keys,
+    StoreQueries, processes_mentioning, wait_until, with_builder_keys,
 };
+use crate::p7::BUILDER;
 use crate::report::{Goal, Row};
 use crate::rows::Ctx;
 use crate::setup::{CONTROL_PERSIST, Hook, write_file};
@@ -47,7 +48,6 @@ pub const KEY_BUILD: &str = "P9 warm build";
 pub const KEY_IDLE: &str = "P9 idle memory";
 pub const KEY_FIRST: &str = "P9 first build after idle";
 
-const BUILDER: &str = "vm-aarch64";
 const COMMAND: &str = "cargo bench --bench hook -- P9";
 /// The host alias Nix's hook uses for the always-on VM (its port is in the ssh config).
 const ALIAS: &str = "nlb-bench-vm";
@@ -185,11 +185,7 @@ fn nix_daemon(img: &VmImage, config: &Path, control_dir: Option<&Path>) -> Local
 /// untimed), checked to have run on aarch64 with its input. Returns the time and the client's
 /// stderr.
 fn build(daemon: &LocalDaemon, name: &str) -> (f64, String) {
-    let file = daemon.write_file(&format!("{name}.nix"), &uname_expr(name));
-    let file = file.to_string_lossy().into_owned();
-    let input = daemon.nix_build(&[&file, "-A", "input"]);
-    input.assert_success();
-    let input = input.stdout.trim().to_owned();
+    let (file, input) = crate::p7::uname_with_input(daemon, name);
     let out = daemon.nix_build(&[&file, "-A", "main"]);
     out.assert_success();
     crate::p7::check_output(daemon, &out, name, &input);
