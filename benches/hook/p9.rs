@@ -40,7 +40,7 @@ use crate::harness::{
 };
 use crate::p7::BUILDER;
 use crate::report::{Goal, Row};
-use crate::rows::Ctx;
+use crate::rows::{Ctx, supervisor_pid};
 use crate::setup::{CONTROL_PERSIST, Hook, write_file};
 use crate::stats::{Samples, fmt_num, fmt_samples, ratio};
 
@@ -365,12 +365,7 @@ fn run(
         leftover.is_empty(),
         "P9: our QEMU is still running: {leftover:?}"
     );
-    let sup = ours
-        .processes()
-        .into_iter()
-        .find(|(_, argv)| argv.iter().any(|a| a == "supervise"))
-        .map(|(p, _)| p)
-        .unwrap_or_else(|| panic!("P9: our hook started no supervisor"));
+    let sup = supervisor_pid(ours, "P9");
     let (mut sup_rss, mut qemu_rss, mut qemu_pss, mut master_rss) = (
         Samples::new(),
         Samples::new(),

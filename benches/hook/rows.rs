@@ -833,15 +833,20 @@ pub fn p6(ctx: &Ctx) -> Vec<Row> {
     ]
 }
 
-/// Our supervisor's RSS once P6 is over: it holds the 4 builders' connections warm, each
-/// with its sessions ready (max-jobs 2: 3 each). Read once a second.
-fn warm_supervisor(ctx: &Ctx, daemon: &LocalDaemon, remotes: &[RemoteStore]) -> Row {
-    let pid = daemon
+/// The pid of the supervisor our hook started under `daemon` (for row `key`'s memory figures).
+pub(crate) fn supervisor_pid(daemon: &LocalDaemon, key: &str) -> u32 {
+    daemon
         .processes()
         .into_iter()
         .find(|(_, argv)| argv.iter().any(|a| a == "supervise"))
         .map(|(p, _)| p)
-        .unwrap_or_else(|| panic!("P6: our hooks started no supervisor"));
+        .unwrap_or_else(|| panic!("{key}: our hook started no supervisor"))
+}
+
+/// Our supervisor's RSS once P6 is over: it holds the 4 builders' connections warm, each
+/// with its sessions ready (max-jobs 2: 3 each). Read once a second.
+fn warm_supervisor(ctx: &Ctx, daemon: &LocalDaemon, remotes: &[RemoteStore]) -> Row {
+    let pid = supervisor_pid(daemon, "P6");
     let status = daemon.client(
         &crate::harness::lazy_binary().to_string_lossy(),
         &["status", "--json"],
