@@ -41,6 +41,7 @@ use crate::harness::{
 use crate::p7::BUILDER;
 use crate::report::{Goal, Row};
 use crate::rows::{Ctx, supervisor_pid};
+use crate::rss::{rss_pss, vm_rss};
 use crate::setup::{CONTROL_PERSIST, Hook, write_file};
 use crate::stats::{Samples, fmt_num, fmt_samples, ratio};
 
@@ -194,27 +195,6 @@ fn build(daemon: &LocalDaemon, name: &str) -> (f64, String) {
 
 // ------------------------------------------------------------------------------------------------
 // Memory
-
-/// `Rss` and `Pss` of `pid` (`/proc/PID/smaps_rollup`), MiB.
-fn rss_pss(pid: u32) -> (f64, f64) {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
-        .unwrap_or_else(|e| panic!("smaps_rollup of {pid}: {e}"));
-    let field = |name: &str| -> f64 {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or_else(|| panic!("no {name} in smaps_rollup:\n{text}"))
-            / 1024.0
-    };
-    (field("Rss:"), field("Pss:"))
-}
-
-/// `VmRSS` of `pid`, MiB; `None` when it is gone.
-fn vm_rss(pid: u32) -> Option<f64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    crate::rss::parse_kib(&text, "VmRSS:").map(|k| k as f64 / 1024.0)
-}
 
 /// The QEMU processes that name `dir` (a VM's state directory).
 fn qemus_of(dir: &Path) -> Vec<u32> {
