@@ -1,7 +1,7 @@
 # What the NixOS and the nix-darwin module share: the build-hook line, the runner wrapper that
 # keeps a NixOS VM runner from leaking its store image, the man pages and completions, and the
-# declarations of the options every lazy VM builder has. Pure functions of `lib` and `pkgs`; it
-# declares no options itself (shared-module.nix does).
+# declarations of the options every lazy VM builder has, with the builder TOML they make. Pure
+# functions of `lib` and `pkgs`; it declares no options itself (shared-module.nix does).
 { lib, pkgs }:
 
 rec {
@@ -53,9 +53,32 @@ rec {
       "$exe" completions fish > $out/share/fish/vendor_completions.d/nix-lazy-builder.fish
     '';
 
+  # The part of a builder's TOML that `vmOptions` make: a `qemu` boot of the VM's runner, with
+  # `environment`, for each module to add its own keys to. The NixOS runner honours QEMU_OPTS
+  # and QEMU_NET_OPTS, which is where the supervisor puts its QMP socket and the port forward.
+  vmBuilder = vm: environment: {
+    idle-timeout = vm.idleTimeout;
+    boot-timeout = vm.bootTimeout;
+    boot = {
+      kind = "qemu";
+      runner = "${vm.runner}";
+      ssh-port = vm.sshPort;
+      inherit environment;
+    };
+  };
+
   # The options of a lazy NixOS VM builder that both modules offer alike (their own VMs, and
-  # nix-darwin's linux-builder), to put beside each module's own.
+  # nix-darwin's linux-builder), to put beside each module's own; `runner` is set by the
+  # module, through `runnerWrapper`.
   vmOptions = with lib; {
+    runner = mkOption {
+      type = types.package;
+      readOnly = true;
+      description = ''
+        What the supervisor starts: the guest's `system.build.vm` runner, with its TMPDIR
+        (and so its Nix store image) emptied before and after every boot.
+      '';
+    };
     sshPort = mkOption {
       type = types.port;
       default = 0;

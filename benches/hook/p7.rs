@@ -41,7 +41,8 @@ use crate::rows::Ctx;
 use crate::stats::{Samples, fmt_num, fmt_samples};
 
 const ARCH: &str = "aarch64";
-const BUILDER: &str = "vm-aarch64";
+/// The builder the image's generated lazy-builder.toml snippet declares.
+pub(crate) const BUILDER: &str = "vm-aarch64";
 const QEMU: &str = "qemu-system-aarch64";
 
 pub const KEY: &str = "P7";
@@ -94,11 +95,7 @@ pub(crate) fn image() -> Result<VmImage, String> {
 
 /// One cold build: (first build log line, whole nix-build), both from nix-build's start.
 fn cold_build(daemon: &LocalDaemon, name: &str) -> (Duration, Duration) {
-    let file = daemon.write_file(&format!("{name}.nix"), &uname_expr(name));
-    let file = file.to_string_lossy().into_owned();
-    let input = daemon.nix_build(&[&file, "-A", "input"]);
-    input.assert_success();
-    let input = input.stdout.trim().to_owned();
+    let (file, input) = uname_with_input(daemon, name);
     let (out, lines) = nix_build_streaming(daemon, &[&file, "-A", "main"]);
     out.assert_success();
     check_output(daemon, &out, name, &input);
@@ -122,6 +119,16 @@ fn cold_build(daemon: &LocalDaemon, name: &str) -> (Duration, Duration) {
         }
     }
     (first, out.elapsed)
+}
+
+/// A fresh `uname` derivation `name` written beside the daemon, its small x86_64 input built
+/// first (untimed): the file to build `-A main` from, and the input's store path.
+pub(crate) fn uname_with_input(daemon: &LocalDaemon, name: &str) -> (String, String) {
+    let file = daemon.write_file(&format!("{name}.nix"), &uname_expr(name));
+    let file = file.to_string_lossy().into_owned();
+    let input = daemon.nix_build(&[&file, "-A", "input"]);
+    input.assert_success();
+    (file, input.stdout.trim().to_owned())
 }
 
 /// The build ran on aarch64 with its input (not somewhere else, not from a cache).

@@ -22,12 +22,9 @@
 
 use std::time::Instant;
 
-use crate::harness::{
-    DaemonOpts, FakeDrv, LocalDaemon, MachineLine, Nix, RemoteOpts, RemoteStore, Scheme,
-    StoreQueries,
-};
+use crate::harness::{DaemonOpts, LocalDaemon, MachineLine, Nix, RemoteOpts, RemoteStore, Scheme};
 use crate::report::{Goal, Row};
-use crate::rows::Ctx;
+use crate::rows::{Ctx, floor_once, remote_once};
 use crate::stats::{Samples, fmt_num, fmt_samples};
 
 pub const KEY_EXTERNAL: &str = "P8 external-builders";
@@ -126,7 +123,9 @@ pub fn p8(ctx: &Ctx) -> Vec<Row> {
     ));
     let started = Instant::now();
     for i in 0..=ctx.runs {
-        let floor_secs = floor_once(&d, &format!("p8-floor-{i}"));
+        // The same kind of derivation for the local system, no hook, no external builder.
+        let seed = format!("p8-floor-{i}");
+        let floor_secs = floor_once(&d, "nlb-bench-p8-floor", &seed, &Door::External.args());
         if i > 0 {
             floor.push(floor_secs);
         }
@@ -245,36 +244,11 @@ fn not_measured(why: &str) -> Vec<Row> {
     .collect()
 }
 
-/// The floor: the same kind of derivation for the local system, no hook, no external builder.
-fn floor_once(daemon: &LocalDaemon, seed: &str) -> f64 {
-    let drv = FakeDrv::new("nlb-bench-p8-floor")
-        .with_seed(seed)
-        .with_log_lines(1)
-        .with_system("x86_64-linux");
-    drv.build_input(daemon);
-    let (paths, out) = drv.build(daemon, &Door::External.args());
-    out.assert_success();
-    assert!(daemon.is_valid(&paths.out), "{out}");
-    out.elapsed.as_secs_f64()
-}
-
 /// One P8 build through `door`; the timed part is `nix-build` alone. The warm-up checks
 /// everything (references, deriver, log); every run checks that both outputs arrived, that the
 /// remote built them, and that the build log shows the door it was counted for.
 fn once(daemon: &LocalDaemon, remote: &RemoteStore, door: Door, seed: &str, full: bool) -> f64 {
-    let drv = FakeDrv::new("nlb-bench-p8")
-        .with_seed(seed)
-        .with_log_lines(1);
-    drv.build_input(daemon);
-    let (paths, out) = drv.build(daemon, &door.args());
-    out.assert_success();
-    if full {
-        paths.assert_built(daemon, true);
-    } else {
-        let both = [paths.out.clone(), paths.dev.clone()];
-        assert_eq!(daemon.invalid_among(&both), Vec::<String>::new(), "{out}");
-    }
-    assert!(remote.is_valid(&paths.out), "not built remotely:\n{out}");
+    let out = remote_once(daemon, remote, "nlb-bench-p8", seed, &door.args(), full);
     let external = out.stderr.contains("building on 'ssh://");
     assert_eq!(
         external,

@@ -36,10 +36,12 @@ use nix_lazy_builder::supervisor::proto::State;
 use crate::harness::boot::{VmImage, lock_exclusive, vm_lock_file};
 use crate::harness::{
     DaemonOpts, KillMentioning, LazyConfig, LocalDaemon, NIX_28_BUILD_REMOTE, Nix, REMOTE_HOST,
-    StoreQueries, processes_mentioning, uname_expr, wait_until, with_builder_keys,
+    StoreQueries, processes_mentioning, wait_until, with_builder_keys,
 };
+use crate::p7::BUILDER;
 use crate::report::{Goal, Row};
-use crate::rows::Ctx;
+use crate::rows::{Ctx, supervisor_pid};
+use crate::rss::{rss_pss, vm_rss};
 use crate::setup::{CONTROL_PERSIST, Hook, write_file};
 use crate::stats::{Samples, fmt_num, fmt_samples, ratio};
 
@@ -47,7 +49,6 @@ pub const KEY_BUILD: &str = "P9 warm build";
 pub const KEY_IDLE: &str = "P9 idle memory";
 pub const KEY_FIRST: &str = "P9 first build after idle";
 
-const BUILDER: &str = "vm-aarch64";
 const COMMAND: &str = "cargo bench --bench hook -- P9";
 /// The host alias Nix's hook uses for the always-on VM (its port is in the ssh config).
 const ALIAS: &str = "nlb-bench-vm";
@@ -185,11 +186,7 @@ fn nix_daemon(img: &VmImage, config: &Path, control_dir: Option<&Path>) -> Local
 /// untimed), checked to have run on aarch64 with its input. Returns the time and the client's
 /// stderr.
 fn build(daemon: &LocalDaemon, name: &str) -> (f64, String) {
-    let file = daemon.write_file(&format!("{name}.nix"), &uname_expr(name));
-    let file = file.to_string_lossy().into_owned();
-    let input = daemon.nix_build(&[&file, "-A", "input"]);
-    input.assert_success();
-    let input = input.stdout.trim().to_owned();
+    let (file, input) = crate::p7::uname_with_input(daemon, name);
     let out = daemon.nix_build(&[&file, "-A", "main"]);
     out.assert_success();
     crate::p7::check_output(daemon, &out, name, &input);
@@ -198,27 +195,6 @@ fn build(daemon: &LocalDaemon, name: &str) -> (f64, String) {
 
 // ------------------------------------------------------------------------------------------------
 // Memory
-
-/// `Rss` and `Pss` of `pid` (`/proc/PID/smaps_rollup`), MiB.
-fn rss_pss(pid: u32) -> (f64, f64) {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
-        .unwrap_or_else(|e| panic!("smaps_rollup of {pid}: {e}"));
-    let field = |name: &str| -> f64 {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or_else(|| panic!("no {name} in smaps_rollup:\n{text}"))
-            / 1024.0
-    };
-    (field("Rss:"), field("Pss:"))
-}
-
-/// `VmRSS` of `pid`, MiB; `None` when it is gone.
-fn vm_rss(pid: u32) -> Option<f64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    crate::rss::parse_kib(&text, "VmRSS:").map(|k| k as f64 / 1024.0)
-}
 
 /// The QEMU processes that name `dir` (a VM's state directory).
 fn qemus_of(dir: &Path) -> Vec<u32> {
@@ -234,7 +210,7 @@ fn qemus_of(dir: &Path) -> Vec<u32> {
 
 struct Figures {
     /// Part 1, per hook (HOOKS order).
-    warm: Vec<Samples>,
+    warm: [Samples; HOOKS.len()],
     /// Part 2: ours (supervisor VmRSS), the always-on QEMU's Rss, and its Pss, the
     /// ControlPersist master's VmRSS.
     sup_rss: Samples,
@@ -242,7 +218,7 @@ struct Figures {
     qemu_pss: Samples,
     master_rss: Samples,
     /// Part 3, per hook.
-    first: Vec<Samples>,
+    first: [Samples; HOOKS.len()],
     note: String,
 }
 
@@ -318,7 +294,7 @@ fn run(
     control_dir: &Path,
 ) -> Figures {
     let ours = &daemons[0];
-    let mut warm: Vec<Samples> = HOOKS.iter().map(|_| Samples::new()).collect();
+    let mut warm = HOOKS.map(|_| Samples::new());
     let mut warmup = Vec::new();
     let mut up_state = None;
     // Part 1: rounds, the order rotating; round 0 (it boots ours) is a warm-up.
@@ -369,12 +345,7 @@ fn run(
         leftover.is_empty(),
         "P9: our QEMU is still running: {leftover:?}"
     );
-    let sup = ours
-        .processes()
-        .into_iter()
-        .find(|(_, argv)| argv.iter().any(|a| a == "supervise"))
-        .map(|(p, _)| p)
-        .unwrap_or_else(|| panic!("P9: our hook started no supervisor"));
+    let sup = supervisor_pid(ours, "P9");
     let (mut sup_rss, mut qemu_rss, mut qemu_pss, mut master_rss) = (
         Samples::new(),
         Samples::new(),
@@ -402,7 +373,7 @@ fn run(
     ));
 
     // Part 3: the first build after idle, ours from a cold boot.
-    let mut first: Vec<Samples> = HOOKS.iter().map(|_| Samples::new()).collect();
+    let mut first = HOOKS.map(|_| Samples::new());
     let cold_runs = ctx.runs.clamp(1, MAX_COLD);
     let mut idle_waits = vec![waited];
     for i in 0..cold_runs {
@@ -462,12 +433,7 @@ fn times(r: Option<f64>) -> String {
 }
 
 fn rows(f: Figures) -> Vec<Row> {
-    let mut warm = f.warm.into_iter();
-    let (ours, nix, persist) = (
-        warm.next().unwrap_or_default(),
-        warm.next().unwrap_or_default(),
-        warm.next().unwrap_or_default(),
-    );
+    let [ours, nix, persist] = f.warm;
     let build = Row {
         key: KEY_BUILD.into(),
         what: WHAT_BUILD.into(),
@@ -508,12 +474,7 @@ fn rows(f: Figures) -> Vec<Row> {
         ),
         command: COMMAND.into(),
     };
-    let mut first = f.first.into_iter();
-    let (ours, nix, persist) = (
-        first.next().unwrap_or_default(),
-        first.next().unwrap_or_default(),
-        first.next().unwrap_or_default(),
-    );
+    let [ours, nix, persist] = f.first;
     let first = Row {
         key: KEY_FIRST.into(),
         what: WHAT_FIRST.into(),
@@ -537,7 +498,7 @@ fn rows(f: Figures) -> Vec<Row> {
 pub fn self_test() {
     let s = |v: &[f64]| Samples { values: v.to_vec() };
     let r = rows(Figures {
-        warm: vec![
+        warm: [
             s(&[0.5, 0.75, 1.0]),
             s(&[1.0, 1.5, 2.0]),
             s(&[1.0, 1.0, 1.0]),
@@ -546,7 +507,7 @@ pub fn self_test() {
         qemu_rss: s(&[400.0, 400.0]),
         qemu_pss: s(&[390.0, 392.0]),
         master_rss: s(&[10.0, 10.0]),
-        first: vec![s(&[6.0]), s(&[1.5]), s(&[1.0])],
+        first: [s(&[6.0]), s(&[1.5]), s(&[1.0])],
         note: "n".into(),
     });
     assert_eq!(r.len(), 3);

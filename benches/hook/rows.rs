@@ -18,8 +18,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::harness::{
-    DrvExpr, FakeDrv, LocalDaemon, Nix, RemoteOpts, RemoteStore, Scheme, StoreQueries, hook_binary,
-    max_overlap,
+    CmdOutput, DrvExpr, FakeDrv, LocalDaemon, Nix, RemoteOpts, RemoteStore, Scheme, StoreQueries,
+    hook_binary, max_overlap,
 };
 use crate::report::{Goal, Row};
 use crate::rss::Sampler;
@@ -109,7 +109,13 @@ pub fn p1(ctx: &Ctx) -> Vec<Row> {
         let mut floor = Samples::new();
         let total = ctx.runs + 1;
         for i in 0..total {
-            let secs = floor_once(&daemons[OURS], &format!("floor-{}-{i}", scheme.prefix()));
+            let seed = format!("floor-{}-{i}", scheme.prefix());
+            let secs = floor_once(
+                &daemons[OURS],
+                "nlb-bench-floor",
+                &seed,
+                &["--builders", ""],
+            );
             progress(&format!(
                 "P1 {} floor run {i}: {secs:.3} s",
                 scheme.prefix()
@@ -120,7 +126,8 @@ pub fn p1(ctx: &Ctx) -> Vec<Row> {
             for h in order(i, hooks.len()) {
                 let hook = hooks[h];
                 let seed = format!("{}-{}-{i}", scheme.prefix(), hook.label());
-                let secs = p1_once(&daemons[h], &remote, &seed, i == 0);
+                let out = remote_once(&daemons[h], &remote, "nlb-bench-p1", &seed, &[], i == 0);
+                let secs = out.elapsed.as_secs_f64();
                 if i == 0 {
                     progress(&format!(
                         "P1 {} {} warm-up: {secs:.3} s",
@@ -191,28 +198,36 @@ pub fn p1(ctx: &Ctx) -> Vec<Row> {
     rows
 }
 
-/// P1's floor: the same trivial derivation, but for the local system and with no builders, so
-/// the daemon builds it itself (client, daemon, sandbox: the cost P1 has without any hook).
-fn floor_once(daemon: &LocalDaemon, seed: &str) -> f64 {
-    let drv = FakeDrv::new("nlb-bench-floor")
+/// A floor build: the trivial derivation `name` (fresh by `seed`, one log line) for the local
+/// system, so the daemon builds it itself (client, daemon, sandbox: the cost a remote build
+/// has without any hook); `args` keep the builders away. The timed part is `nix-build` alone.
+pub(crate) fn floor_once(daemon: &LocalDaemon, name: &str, seed: &str, args: &[&str]) -> f64 {
+    let drv = FakeDrv::new(name)
         .with_seed(seed)
         .with_log_lines(1)
         .with_system("x86_64-linux");
     drv.build_input(daemon);
-    let (paths, out) = drv.build(daemon, &["--builders", ""]);
+    let (paths, out) = drv.build(daemon, args);
     out.assert_success();
     assert!(daemon.is_valid(&paths.out), "{out}");
     out.elapsed.as_secs_f64()
 }
 
-/// One P1 build; the timed part is `nix-build` alone. The warm-up run checks everything
-/// (references, deriver, log), later runs that both outputs arrived and the remote has them.
-fn p1_once(daemon: &LocalDaemon, remote: &RemoteStore, seed: &str, full_check: bool) -> f64 {
-    let drv = FakeDrv::new("nlb-bench-p1")
-        .with_seed(seed)
-        .with_log_lines(1);
+/// One remote build of the trivial derivation `name` (fresh by `seed`, one log line) with
+/// `args`; the timed part is `nix-build` alone (its output's `elapsed`). `full_check` (the
+/// warm-up) checks everything (references, deriver, log), later runs that both outputs arrived;
+/// every run that `remote` has them.
+pub(crate) fn remote_once(
+    daemon: &LocalDaemon,
+    remote: &RemoteStore,
+    name: &str,
+    seed: &str,
+    args: &[&str],
+    full_check: bool,
+) -> CmdOutput {
+    let drv = FakeDrv::new(name).with_seed(seed).with_log_lines(1);
     drv.build_input(daemon);
-    let (paths, out) = drv.build(daemon, &[]);
+    let (paths, out) = drv.build(daemon, args);
     out.assert_success();
     if full_check {
         paths.assert_built(daemon, true);
@@ -221,7 +236,7 @@ fn p1_once(daemon: &LocalDaemon, remote: &RemoteStore, seed: &str, full_check: b
         assert_eq!(daemon.invalid_among(&both), Vec::<String>::new(), "{out}");
     }
     assert!(remote.is_valid(&paths.out), "not built remotely:\n{out}");
-    out.elapsed.as_secs_f64()
+    out
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -818,15 +833,20 @@ pub fn p6(ctx: &Ctx) -> Vec<Row> {
     ]
 }
 
-/// Our supervisor's RSS once P6 is over: it holds the 4 builders' connections warm, each
-/// with its sessions ready (max-jobs 2: 3 each). Read once a second.
-fn warm_supervisor(ctx: &Ctx, daemon: &LocalDaemon, remotes: &[RemoteStore]) -> Row {
-    let pid = daemon
+/// The pid of the supervisor our hook started under `daemon` (for row `key`'s memory figures).
+pub(crate) fn supervisor_pid(daemon: &LocalDaemon, key: &str) -> u32 {
+    daemon
         .processes()
         .into_iter()
         .find(|(_, argv)| argv.iter().any(|a| a == "supervise"))
         .map(|(p, _)| p)
-        .unwrap_or_else(|| panic!("P6: our hooks started no supervisor"));
+        .unwrap_or_else(|| panic!("{key}: our hook started no supervisor"))
+}
+
+/// Our supervisor's RSS once P6 is over: it holds the 4 builders' connections warm, each
+/// with its sessions ready (max-jobs 2: 3 each). Read once a second.
+fn warm_supervisor(ctx: &Ctx, daemon: &LocalDaemon, remotes: &[RemoteStore]) -> Row {
+    let pid = supervisor_pid(daemon, "P6");
     let status = daemon.client(
         &crate::harness::lazy_binary().to_string_lossy(),
         &["status", "--json"],

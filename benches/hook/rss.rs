@@ -1,6 +1,8 @@
 //! Peak resident memory of hook processes while they run, read from `/proc/<pid>/status`
 //! (`VmHWM`, the kernel's own high-water mark of the process's RSS), and the CPU time they
-//! used (`utime + stime` from `/proc/<pid>/stat`).
+//! used (`utime + stime` from `/proc/<pid>/stat`); and what a process keeps resident at one
+//! moment, for the rows that read memory while nothing runs (`VmRSS`, and `Rss`/`Pss` from
+//! `/proc/<pid>/smaps_rollup`).
 //!
 //! Owns a sampling thread that watches every pid the hook wrapper recorded (see `setup`) and
 //! keeps the last `VmHWM` it read for each. `VmHWM` never decreases, so the last reading is the
@@ -108,6 +110,24 @@ pub fn parse_kib(status: &str, key: &str) -> Option<u64> {
     (words.next() == Some("kB")).then_some(n)
 }
 
+/// `VmRSS` of `pid` now, MiB; `None` when it is gone.
+pub fn vm_rss(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    parse_kib(&status, "VmRSS:").map(|k| k as f64 / 1024.0)
+}
+
+/// `Rss` and `Pss` of `pid` now (`/proc/<pid>/smaps_rollup`), MiB: what it has resident, and
+/// its share of that when pages shared with other processes are split among them.
+pub fn rss_pss(pid: u32) -> (f64, f64) {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .unwrap_or_else(|e| panic!("smaps_rollup of {pid}: {e}"));
+    let mib = |key: &str| {
+        parse_kib(&text, key).unwrap_or_else(|| panic!("no {key} in smaps_rollup:\n{text}")) as f64
+            / 1024.0
+    };
+    (mib("Rss:"), mib("Pss:"))
+}
+
 /// Self-checks run by `cargo test --benches` (see `main`).
 pub fn self_test() {
     let status =
@@ -125,6 +145,13 @@ pub fn self_test() {
     assert_eq!(parse_cpu_ticks(stat), Some(280));
     assert_eq!(parse_cpu_ticks("garbage"), None);
     assert!(cpu_secs(std::process::id()).is_some());
+    // Our own resident memory, read both ways; a share of it is never more than all of it.
+    let (rss, pss) = rss_pss(std::process::id());
+    assert!(
+        rss > 0.0 && pss > 0.0 && pss <= rss,
+        "own Rss {rss}, Pss {pss}"
+    );
+    assert!(vm_rss(std::process::id()).is_some_and(|m| m > 0.0));
 }
 
 /// Opt-in (`NLB_BENCH_CPU_BREAKDOWN=1`) diagnosis for the transfer rows: the CPU seconds every

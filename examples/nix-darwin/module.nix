@@ -102,11 +102,6 @@ in
         readOnly = true;
         description = "The guest's evaluated NixOS configuration, as run (to inspect).";
       };
-      runner = mkOption {
-        type = types.package;
-        readOnly = true;
-        description = "What the supervisor starts: the guest's runner, its TMPDIR emptied before and after every boot.";
-      };
       ownHostKey = mkOption {
         type = types.bool;
         default = false;
@@ -175,28 +170,25 @@ in
       };
       stateDir = lib.mkDefault "${cfg.dataDir}/state";
       builders = lib.optionalAttrs lb.enable {
-        linux-builder = {
-          uri = "ssh-ng://builder@127.0.0.1";
-          systems = lb.systems;
-          features = [ "big-parallel" "benchmark" ];
-          max-jobs = lb.maxJobs;
-          ssh-key = "${dir}/keys/builder_ed25519";
-          idle-timeout = lb.idleTimeout;
-          boot-timeout = lb.bootTimeout;
-          boot = {
-            kind = "qemu";
-            runner = "${lb.runner}";
-            ssh-port = lb.sshPort;
-            environment = {
+        linux-builder =
+          common.vmBuilder lb (
+            {
               # The guest reads /var/keys/builder_ed25519.pub; this directory has nothing else.
               KEYS = "${dir}/guest-keys";
               NIX_DISK_IMAGE = "${dir}/disk.qcow2";
-            } // lib.optionalAttrs lb.ownHostKey { NLB_HOST_KEY_DIR = "${dir}/hostkey"; }
+            }
+            // lib.optionalAttrs lb.ownHostKey { NLB_HOST_KEY_DIR = "${dir}/hostkey"; }
             # The runner copies it into the guest (useHostCerts), which has no CA bundle else.
-            // certEnv;
-          };
-        }
-        // (
+            // certEnv
+          )
+          // {
+            uri = "ssh-ng://builder@127.0.0.1";
+            systems = lb.systems;
+            features = [ "big-parallel" "benchmark" ];
+            max-jobs = lb.maxJobs;
+            ssh-key = "${dir}/keys/builder_ed25519";
+          }
+          // (
           if lb.ownHostKey then
             { host-key-file = "${dir}/hostkey/ssh_host_ed25519_key.pub"; }
           else

@@ -63,14 +63,6 @@ let
           readOnly = true;
           description = "The guest's evaluated NixOS configuration (`config`), to inspect.";
         };
-        runner = mkOption {
-          type = types.package;
-          readOnly = true;
-          description = ''
-            What the supervisor starts: the guest's `system.build.vm` runner, with its TMPDIR
-            (and so its Nix store image) emptied before and after every boot.
-          '';
-        };
         maxJobs = mkOption {
           type = types.ints.positive;
           default = 2;
@@ -119,31 +111,24 @@ let
       };
     };
 
-  vmBuilder = name: vm: {
-    uri = "ssh-ng://root@127.0.0.1";
-    systems = [ vm.nixos.nixpkgs.hostPlatform.system ];
-    features = vm.features;
-    mandatory-features = vm.mandatoryFeatures;
-    max-jobs = vm.maxJobs;
-    speed-factor = vm.speedFactor;
-    ssh-key = "${vmDir name}/client_ed25519_key";
-    # Generated on this machine by the supervisor unit's preStart, never the same twice.
-    host-key-file = "${vmDir name}/guest/ssh_host_ed25519_key.pub";
-    idle-timeout = vm.idleTimeout;
-    boot-timeout = vm.bootTimeout;
-    boot-for-local = vm.bootForLocal;
-    boot = {
-      kind = "qemu";
-      # The NixOS runner honours QEMU_OPTS / QEMU_NET_OPTS, which is where the supervisor puts
-      # its QMP socket and the port forward.
-      runner = "${vm.runner}";
-      ssh-port = vm.sshPort;
-      environment = {
-        NIX_DISK_IMAGE = "${vmDir name}/disk.qcow2";
-        NLB_GUEST_KEYS = "${vmDir name}/guest";
-      };
+  vmBuilder =
+    name: vm:
+    common.vmBuilder vm {
+      NIX_DISK_IMAGE = "${vmDir name}/disk.qcow2";
+      NLB_GUEST_KEYS = "${vmDir name}/guest";
+    }
+    // {
+      uri = "ssh-ng://root@127.0.0.1";
+      systems = [ vm.nixos.nixpkgs.hostPlatform.system ];
+      features = vm.features;
+      mandatory-features = vm.mandatoryFeatures;
+      max-jobs = vm.maxJobs;
+      speed-factor = vm.speedFactor;
+      ssh-key = "${vmDir name}/client_ed25519_key";
+      # Generated on this machine by the supervisor unit's preStart, never the same twice.
+      host-key-file = "${vmDir name}/guest/ssh_host_ed25519_key.pub";
+      boot-for-local = vm.bootForLocal;
     };
-  };
 
   # Fixed ports used by more than one VM: { port = [ names ]; }.
   portClashes = lib.filterAttrs (_: names: lib.length names > 1) (
