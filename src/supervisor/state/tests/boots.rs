@@ -28,6 +28,7 @@ impl T {
             kind,
             restorable,
             note: (kind != BootKind::Restore).then(|| "there is no snapshot yet".to_owned()),
+            warm: None,
         })
     }
 
@@ -219,6 +220,7 @@ fn no_snapshot_made_means_the_next_boot_makes_one() {
         kind: BootKind::Make,
         restorable: false,
         note: Some(note.into()),
+        warm: None,
     });
     assert!(
         logged_line(&out, "builder 'vm' is up after 4.0s, booted cold without a snapshot (there is no snapshot yet; cannot make one")

@@ -151,6 +151,7 @@ fn stale_generations_are_ignored() {
         kind: BootKind::Cold,
         restorable: false,
         note: None,
+        warm: None,
     });
     t.ev(Event::StopFinished {
         builder: "vm".into(),

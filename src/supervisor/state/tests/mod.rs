@@ -151,6 +151,7 @@ impl T {
             kind: BootKind::Cold,
             restorable: false,
             note: None,
+            warm: None,
         })
     }
 

@@ -286,6 +286,7 @@ fn a_builder_removed_and_added_again_never_reuses_a_generation() {
         kind: BootKind::Cold,
         restorable: false,
         note: None,
+        warm: None,
     });
     assert_eq!(t.status("vm").state, State::Booting);
 }
