@@ -52,6 +52,7 @@ pub(super) async fn start(spec: &CommandBoot, ctx: &BootContext) -> Result<Insta
         ssh_port: None,
         logs: vec![log],
         ready: None,
+        link: None,
     })
 }
 

@@ -684,6 +684,7 @@ impl Server {
                                 generation,
                                 stop_rx,
                                 tx.clone(),
+                                warm.handover(),
                             ));
                             if let Some(old) = instances.insert(
                                 builder.clone(),
@@ -914,6 +915,7 @@ async fn instance_task(
     generation: Generation,
     mut stop: oneshot::Receiver<()>,
     events: mpsc::UnboundedSender<Event>,
+    handover: super::warm::Handover,
 ) {
     let name = builder.name.clone();
     let send = |e: Event| {
@@ -1005,6 +1007,19 @@ async fn instance_task(
             return;
         }
         Some(Ok(Ok(nix_version))) => {
+            let warm = warm_spec(&builder, port);
+            // The readiness check's connection, for the first warm session.
+            match (&warm, instance.take_link()) {
+                (Some(_), Some(link)) => {
+                    if let Ok(mut offered) = handover.lock() {
+                        offered.insert(name.clone(), link);
+                    }
+                }
+                (None, Some((_, link))) => {
+                    tokio::spawn(link.close());
+                }
+                (_, None) => {}
+            }
             send(Event::BootSucceeded {
                 builder: name.clone(),
                 generation,
@@ -1014,7 +1029,7 @@ async fn instance_task(
                 kind: instance.boot_kind(),
                 restorable: instance.restorable(),
                 note: instance.snapshot_note(),
-                warm: warm_spec(&builder, port),
+                warm,
             });
             None
         }
