@@ -38,8 +38,8 @@ use nix_lazy_builder::supervisor::proto::State;
 
 use crate::harness::boot::{VmImage, lock_exclusive, vm_lock_file};
 use crate::harness::{
-    Background, KillMentioning, LazyConfig, LocalDaemon, StoreQueries, uname_expr, wait_until,
-    with_builder_keys,
+    Background, KillMentioning, LazyConfig, LocalDaemon, StoreQueries, is_hook_argv, uname_expr,
+    wait_until, with_builder_keys,
 };
 use crate::p7;
 use crate::report::{Goal, Row};
@@ -137,7 +137,21 @@ struct Run {
     total: Duration,
 }
 
-fn build(daemon: &LocalDaemon, name: &str, progress_line: &str) -> Run {
+/// The hook processes of `daemon`: ours, or those of the baseline build `exe`.
+fn hook_pids(daemon: &LocalDaemon, exe: Option<&Path>) -> Vec<u32> {
+    let Some(exe) = exe else {
+        return daemon.hook_pids();
+    };
+    daemon
+        .processes()
+        .into_iter()
+        .filter(|(p, _)| std::fs::read_link(format!("/proc/{p}/exe")).is_ok_and(|e| e == exe))
+        .filter(|(_, argv)| is_hook_argv(argv))
+        .map(|(p, _)| p)
+        .collect()
+}
+
+fn build(daemon: &LocalDaemon, hook: Option<&Path>, name: &str, progress_line: &str) -> Run {
     let file = daemon.write_file(&format!("{name}.nix"), &uname_expr(name));
     let file = file.to_string_lossy().into_owned();
     let input = daemon.nix_build(&[&file, "-A", "input"]);
@@ -148,7 +162,10 @@ fn build(daemon: &LocalDaemon, name: &str, progress_line: &str) -> Run {
     // The hook nix-daemon starts for the first `try`.
     let mut hook_start = None;
     while hook_start.is_none() && !bg.is_finished() {
-        hook_start = daemon.hook_pids().into_iter().filter_map(started_at).min();
+        hook_start = hook_pids(daemon, hook)
+            .into_iter()
+            .filter_map(started_at)
+            .min();
         if hook_start.is_none() {
             std::thread::sleep(Duration::from_millis(2));
         }
@@ -418,6 +435,8 @@ struct Series {
     from_progress: Samples,
     total: Samples,
     warmup: String,
+    /// The baseline build's binary, for [`Variant::Baseline`].
+    hook: Option<std::path::PathBuf>,
 }
 
 impl Series {
@@ -433,7 +452,7 @@ impl Series {
         } else {
             "booting builder '"
         };
-        let r = build(&self.daemon, &name, line);
+        let r = build(&self.daemon, self.hook.as_deref(), &name, line);
         if restoring {
             let st = self.cfg.status_of(&self.daemon, BUILDER);
             let restored = st.snapshot.as_ref().map_or(0, |s| s.restored);
@@ -502,6 +521,7 @@ fn measure(ctx: &Ctx, img: &VmImage) -> Vec<Row> {
                 from_progress: Samples::new(),
                 total: Samples::new(),
                 warmup: String::new(),
+                hook: baseline.clone().filter(|_| v == Variant::Baseline),
             }
         })
         .collect();
