@@ -667,7 +667,10 @@ impl Machine {
         if p.in_use.is_empty() {
             self.remove_pool(id, now);
         }
-        self.warmed(id, "its warm connection closed", now, out);
+        if !self.shutting_down {
+            // (A shutdown stops the builder instead.)
+            self.warmed(id, "its warm connection closed", now, out);
+        }
     }
 
     /// Closes every pool (shutdown).

@@ -613,3 +613,19 @@ fn a_stop_during_the_warm_up_closes_its_pool_and_keep_warm_0s_has_none() {
     assert!(connects(&out).is_empty(), "{out:?}");
     assert_eq!(t.status("vm").state, State::Up);
 }
+
+#[test]
+fn a_shutdown_during_the_warm_up_stops_the_builder_without_calling_it_up() {
+    let mut t = T::new(vec![cfg("vm", 1, Some(30))], None);
+    let s = spec("vm", true, 600, 1);
+    let pool = t.answered_with_warm(1, "vm", &s);
+    let out = t.ev(Event::Shutdown);
+    assert_eq!(closes(&out), [pool], "{out:?}");
+    assert!(has_stop(&out, "vm"), "{out:?}");
+    assert!(
+        !out.iter()
+            .any(|a| matches!(a, Action::Log { message, .. } if message.contains("is up after"))),
+        "{out:?}"
+    );
+    assert_eq!(t.status("vm").state, State::Stopping);
+}
