@@ -575,7 +575,7 @@ fn measure(ctx: &Ctx, img: &VmImage) -> Vec<Row> {
     let ratio_text = |s: &Series| ratio(s).map_or_else(|| "—".to_owned(), fmt_num);
     let restores = |s: &Series| {
         format!(
-            "the supervisor's restores (boot-times.json, readiness and warm-up) {:?} ms, QEMU start → running/refreshed/ready {}, then the first warm session (each boot, run 0's first) {}",
+            "the supervisor's restores (boot-times.json: to the readiness check's answer) {:?} ms, QEMU start → running/refreshed/ready {}, then the first warm session (each boot, run 0's first) {}",
             restore_history(&s.cfg),
             restore_lines(&s.cfg).join(", "),
             warm_up_lines(&s.cfg).join(", ")

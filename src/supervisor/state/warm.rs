@@ -373,10 +373,10 @@ impl Machine {
             return;
         };
         let waited = now.saturating_duration_since(w.since);
-        let mut up = w.answered;
-        up.took += waited;
         let how = format!("{how} {:.2}s after readiness", waited.as_secs_f64());
-        self.came_up(i, up, Some(how), now, out);
+        // The boot time kept (what hooks expect) is the readiness check's alone: a hook that
+        // waits decides as before, and a warm-up never outlasts its wait (`warm_up_timers`).
+        self.came_up(i, w.answered, Some(how), now, out);
     }
 
     /// Warm-ups that took [`WARM_UP_BOUND`], or that a waiter would otherwise time out on:
