@@ -29,7 +29,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot};
-use tracing::debug;
+use tracing::{debug, info};
 
 use super::proto::{SessionSpec, TargetSpec};
 use super::state::{Event, PoolId, SessionId};
@@ -137,7 +137,10 @@ impl WarmRuntime {
             .flatten();
         if let Some((target, session)) = offered {
             if target == spec.target && !session.is_closed() {
-                debug!(pool, builder = %spec.builder, "warm connection: the readiness check's");
+                info!(
+                    "builder '{}': warm connection {pool} is the readiness check's",
+                    spec.builder
+                );
                 let _ = self.tx.send(WarmReport::Linked {
                     pool,
                     result: Ok(session),
