@@ -4,7 +4,8 @@
 //! Three real nix-daemons run our release hook, each with its own config and auto-started
 //! supervisor: the image's builder as it is (`ssh://`, every boot cold: P7's); the same with
 //! `snapshot = true`; and `snapshot = true` with `ssh-ng://` through `/sbin/nlb-relay` to the
-//! guest's running nix-daemon (examples/vm/nlb-relay.c). All use `idle-timeout = "1s"`, so the
+//! guest's running nix-daemon (examples/vm/nlb-relay.c). With `NLB_BENCH_BASELINE`, a fourth
+//! runs that build's hook with the second's config (before/after, in the first row's notes). All use `idle-timeout = "1s"`, so the
 //! builder is asleep (powered off) before every run. Run 0 of each is a warm-up, not counted
 //! (for a snapshot builder it is the cold boot that makes the snapshot). Then every run builds
 //! a fresh `aarch64-linux` derivation on each, in rotating order; each output is checked to
@@ -37,12 +38,13 @@ use nix_lazy_builder::supervisor::proto::State;
 
 use crate::harness::boot::{VmImage, lock_exclusive, vm_lock_file};
 use crate::harness::{
-    Background, KillMentioning, LazyConfig, LocalDaemon, StoreQueries, uname_expr, wait_until,
-    with_builder_keys,
+    Background, KillMentioning, LazyConfig, LocalDaemon, StoreQueries, is_hook_argv, uname_expr,
+    wait_until, with_builder_keys,
 };
 use crate::p7;
 use crate::report::{Goal, Row};
 use crate::rows::Ctx;
+use crate::rss::rss_pss;
 use crate::stats::{Samples, fmt_num, fmt_samples};
 
 const BUILDER: &str = "vm-aarch64";
@@ -136,7 +138,21 @@ struct Run {
     total: Duration,
 }
 
-fn build(daemon: &LocalDaemon, name: &str, progress_line: &str) -> Run {
+/// The hook processes of `daemon`: ours, or those of the baseline build `exe`.
+fn hook_pids(daemon: &LocalDaemon, exe: Option<&Path>) -> Vec<u32> {
+    let Some(exe) = exe else {
+        return daemon.hook_pids();
+    };
+    daemon
+        .processes()
+        .into_iter()
+        .filter(|(p, _)| std::fs::read_link(format!("/proc/{p}/exe")).is_ok_and(|e| e == exe))
+        .filter(|(_, argv)| is_hook_argv(argv))
+        .map(|(p, _)| p)
+        .collect()
+}
+
+fn build(daemon: &LocalDaemon, hook: Option<&Path>, name: &str, progress_line: &str) -> Run {
     let file = daemon.write_file(&format!("{name}.nix"), &uname_expr(name));
     let file = file.to_string_lossy().into_owned();
     let input = daemon.nix_build(&[&file, "-A", "input"]);
@@ -147,7 +163,10 @@ fn build(daemon: &LocalDaemon, name: &str, progress_line: &str) -> Run {
     // The hook nix-daemon starts for the first `try`.
     let mut hook_start = None;
     while hook_start.is_none() && !bg.is_finished() {
-        hook_start = daemon.hook_pids().into_iter().filter_map(started_at).min();
+        hook_start = hook_pids(daemon, hook)
+            .into_iter()
+            .filter_map(started_at)
+            .min();
         if hook_start.is_none() {
             std::thread::sleep(Duration::from_millis(2));
         }
@@ -186,21 +205,6 @@ fn build(daemon: &LocalDaemon, name: &str, progress_line: &str) -> Run {
 
 // ------------------------------------------------------------------------------------------------
 // Memory
-
-/// `Rss` and `Pss` of `pid`, in MiB.
-fn rss_pss(pid: u32) -> (f64, f64) {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
-        .unwrap_or_else(|e| panic!("smaps_rollup of {pid}: {e}"));
-    let field = |name: &str| -> f64 {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or_else(|| panic!("no {name} in smaps_rollup:\n{text}"))
-            / 1024.0
-    };
-    (field("Rss:"), field("Pss:"))
-}
 
 fn private_dir(dir: &Path) {
     let _ = std::fs::remove_dir_all(dir);
@@ -303,6 +307,9 @@ enum Variant {
     /// `snapshot = true` and `ssh-ng://` through `/sbin/nlb-relay` to the guest's running
     /// nix-daemon.
     Relay,
+    /// [`Variant::Restore`] with the baseline build's hook (`NLB_BENCH_BASELINE`): before and
+    /// after a change, in one run.
+    Baseline,
 }
 
 impl Variant {
@@ -311,6 +318,7 @@ impl Variant {
             Variant::Cold => "cold",
             Variant::Restore => "restore",
             Variant::Relay => "restore-relay",
+            Variant::Baseline => "restore-baseline",
         }
     }
 }
@@ -364,6 +372,28 @@ fn restore_lines(cfg: &LazyConfig) -> Vec<String> {
         .collect()
 }
 
+/// How long each instance's warm-up at readiness took (its first warm session opened after
+/// the readiness check answered: "… N.NNs after readiness" in the supervisor's "is up" lines),
+/// or how it ended otherwise.
+fn warm_up_lines(cfg: &LazyConfig) -> Vec<String> {
+    cfg.supervisor_log()
+        .lines()
+        .filter(|l| l.contains(" is up after "))
+        .map(|l| match l.find("s after readiness") {
+            Some(end) => {
+                let start = l[..end].rfind(' ').map_or(0, |i| i + 1);
+                let how = if l.contains("first warm session is ready") {
+                    ""
+                } else {
+                    " (no session)"
+                };
+                format!("{}s{how}", &l[start..end])
+            }
+            None => "none".to_owned(),
+        })
+        .collect()
+}
+
 fn wait_down(cfg: &LazyConfig, daemon: &LocalDaemon) {
     wait_until("the VM's idle power-off", Duration::from_secs(60), || {
         cfg.status_of(daemon, BUILDER).state == State::Down
@@ -381,6 +411,8 @@ struct Series {
     from_progress: Samples,
     total: Samples,
     warmup: String,
+    /// The baseline build's binary, for [`Variant::Baseline`].
+    hook: Option<std::path::PathBuf>,
 }
 
 impl Series {
@@ -396,7 +428,7 @@ impl Series {
         } else {
             "booting builder '"
         };
-        let r = build(&self.daemon, &name, line);
+        let r = build(&self.daemon, self.hook.as_deref(), &name, line);
         if restoring {
             let st = self.cfg.status_of(&self.daemon, BUILDER);
             let restored = st.snapshot.as_ref().map_or(0, |s| s.restored);
@@ -438,11 +470,23 @@ impl Series {
 fn measure(ctx: &Ctx, img: &VmImage) -> Vec<Row> {
     let _one_vm = lock_exclusive(&vm_lock_file(&ctx.host_tmp)).unwrap_or_else(|e| panic!("{e}"));
     let mem_dir = ctx.dir.join("p7-restore-memory");
-    let mut series: Vec<Series> = [Variant::Cold, Variant::Restore, Variant::Relay]
+    let baseline = crate::setup::baseline();
+    let mut variants = vec![Variant::Cold, Variant::Restore, Variant::Relay];
+    if baseline.is_some() {
+        variants.push(Variant::Baseline);
+    }
+    let mut series: Vec<Series> = variants
         .into_iter()
         .map(|v| {
             let (cfg, builder) = config(img, v);
-            let daemon = LocalDaemon::start(cfg.daemon_opts(Duration::from_secs(600)));
+            let mut opts = cfg.daemon_opts(Duration::from_secs(600));
+            if let (Variant::Baseline, Some(bin)) = (v, &baseline) {
+                opts.build_hook = Some(bin.to_string_lossy().into_owned());
+                if let Some(dir) = bin.parent() {
+                    opts.expose.push(dir.to_path_buf());
+                }
+            }
+            let daemon = LocalDaemon::start(opts);
             Series {
                 v,
                 cfg,
@@ -453,6 +497,7 @@ fn measure(ctx: &Ctx, img: &VmImage) -> Vec<Row> {
                 from_progress: Samples::new(),
                 total: Samples::new(),
                 warmup: String::new(),
+                hook: baseline.clone().filter(|_| v == Variant::Baseline),
             }
         })
         .collect();
@@ -476,6 +521,21 @@ fn measure(ctx: &Ctx, img: &VmImage) -> Vec<Row> {
         assert!(s.daemon.invalid_leftovers().is_empty());
     }
     let [cold, restore, relay] = [0, 1, 2].map(|i| &series[i]);
+    let baseline_note = match (series.get(3), &baseline) {
+        (Some(b), Some(bin)) => {
+            let ratio = match (restore.from_try.median(), b.from_try.median()) {
+                (Some(o), Some(x)) if x > 0.0 => fmt_num(o / x),
+                _ => "—".to_owned(),
+            };
+            format!(
+                "; baseline build ({}), same config, in the same runs: first try → first build line {}, nix-build {}, ours ÷ baseline {ratio}×",
+                bin.display(),
+                fmt_samples(&b.from_try, "s"),
+                fmt_samples(&b.total, "s"),
+            )
+        }
+        _ => String::new(),
+    };
 
     progress(&format!(
         "{KEY}: memory (cold VM; one restore; two restores at once)"
@@ -491,9 +551,10 @@ fn measure(ctx: &Ctx, img: &VmImage) -> Vec<Row> {
     let ratio_text = |s: &Series| ratio(s).map_or_else(|| "—".to_owned(), fmt_num);
     let restores = |s: &Series| {
         format!(
-            "the supervisor's restores (boot-times.json) {:?} ms, QEMU start → running/refreshed/ready {}",
+            "the supervisor's restores (boot-times.json: to the readiness check's answer) {:?} ms, QEMU start → running/refreshed/ready {}, then the first warm session (each boot, run 0's first) {}",
             s.cfg.recorded_ms("restores", BUILDER),
-            restore_lines(&s.cfg).join(", ")
+            restore_lines(&s.cfg).join(", "),
+            warm_up_lines(&s.cfg).join(", ")
         )
     };
     let mut mem = Samples::new();
@@ -507,7 +568,7 @@ fn measure(ctx: &Ctx, img: &VmImage) -> Vec<Row> {
             restore.from_try.clone(),
             Goal::AbsAtMost(1.5),
             format!(
-                "the image's builder (`ssh://`: `nix-store --serve` per build) with `snapshot = true`; first try = the hook's start (nix-daemon starts it for the first `try`); from nix-build's start {}, from the client's 'restoring builder' line {}; {}; cold boots of the same image in the same runs: first try → first build line {}, from nix-build's start {}; run 0 not counted: {}; {}; accel tcg (aarch64 guest on x86_64)",
+                "the image's builder (`ssh://`: `nix-store --serve` per build) with `snapshot = true`; first try = the hook's start (nix-daemon starts it for the first `try`); from nix-build's start {}, from the client's 'restoring builder' line {}; {}; cold boots of the same image in the same runs: first try → first build line {}, from nix-build's start {}; run 0 not counted: {}; {}; accel tcg (aarch64 guest on x86_64){}",
                 fmt_samples(&restore.first, "s"),
                 fmt_samples(&restore.from_progress, "s"),
                 restores(restore),
@@ -515,6 +576,7 @@ fn measure(ctx: &Ctx, img: &VmImage) -> Vec<Row> {
                 fmt_samples(&cold.first, "s"),
                 restore.warmup,
                 cold.warmup,
+                baseline_note,
             ),
             command(),
         ),

@@ -51,6 +51,7 @@ pub(super) async fn start(spec: &CommandBoot, ctx: &BootContext) -> Result<Insta
         ssh_port: None,
         logs: vec![log],
         ready: None,
+        link: None,
     })
 }
 

@@ -59,6 +59,7 @@ pub(super) async fn start(spec: &DarlingBoot, ctx: &BootContext) -> Result<Insta
         ssh_port: None,
         logs: vec![log],
         ready: None,
+        link: None,
     })
 }
 

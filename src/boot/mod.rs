@@ -392,6 +392,9 @@ pub struct Instance {
     logs: Vec<PathBuf>,
     /// Readiness already checked while starting (a restore): [`wait_ready`] returns it.
     ready: Option<Ready>,
+    /// The SSH connection the readiness check made, while nobody took it
+    /// ([`Instance::take_link`]); it closes with the instance.
+    link: Option<(crate::supervisor::proto::TargetSpec, crate::ssh::Session)>,
 }
 
 /// What the next boot of a builder will do, as far as can be told without booting.
@@ -558,6 +561,10 @@ pub async fn wait_ready(
     if let Kind::Qemu(vm) = &mut instance.kind
         && let Some(pending) = vm.pending.take()
     {
+        // No connection of ours may be in the snapshot's guest.
+        if let Some((_, link)) = instance.link.take() {
+            link.close().await;
+        }
         let made =
             restore::make_logged(vm.builder(), pending, &mut instance.child, &ready, deadline)
                 .await;
@@ -589,6 +596,15 @@ impl Instance {
     /// `None`: use the URI's port.
     pub fn ssh_port(&self) -> Option<u16> {
         self.ssh_port
+    }
+
+    /// Once ready: the SSH connection the readiness check made (pinned host key, the
+    /// builder's key), with the target it was made to, for a first warm session to use
+    /// instead of a new handshake. `None` once taken, or for a VM that was snapshotted since.
+    pub fn take_link(
+        &mut self,
+    ) -> Option<(crate::supervisor::proto::TargetSpec, crate::ssh::Session)> {
+        self.link.take()
     }
 
     /// The main process (the process group's leader).

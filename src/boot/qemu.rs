@@ -863,6 +863,7 @@ async fn cold(
         ssh_port: launched.port,
         logs: vec![ctx.dir.join("qemu.log"), p.console_log.clone()],
         ready: None,
+        link: None,
     })
 }
 
@@ -945,6 +946,7 @@ async fn restore_vm(
         ssh_port: port,
         logs: vec![ctx.dir.join("qemu.log"), p.console_log.clone()],
         ready: None,
+        link: None,
     };
     // From here on, an error drops `inst`, which kills QEMU.
     let deadline = tokio::time::Instant::from_std(t0 + super::restore::RESTORE_LIMIT);
@@ -970,9 +972,15 @@ async fn restore_vm(
     };
     let refresh_done = t0.elapsed();
     let port = port.ok_or_else(|| "no forwarded SSH port".to_owned())?;
-    let ready = super::ready::wait_ready_restored(&ctx.config, port, &mut inst, deadline)
-        .await
-        .map_err(|e| e.to_string())?;
+    let ready = super::ready::wait_ready_restored(
+        &ctx.config,
+        port,
+        &mut inst,
+        deadline,
+        &meta.nix_version,
+    )
+    .await
+    .map_err(|e| e.to_string())?;
     info!(
         builder = %ctx.builder,
         pid = inst.child.pid(),

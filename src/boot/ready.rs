@@ -9,7 +9,10 @@
 //!    `nix-daemon` for `ssh-ng://`, or the URI's `remote-program`), whose output is kept.
 //!
 //! A wrong host key (or a key file we cannot use) fails at once: retrying cannot fix it. If the
-//! instance exits meanwhile, readiness fails at once with its exit report.
+//! instance exits meanwhile, readiness fails at once with its exit report. A VM restored from a
+//! snapshot of a ready one skips check 3: its Nix answered when the snapshot was made. The SSH
+//! connection that passed is kept in the instance (`Instance::take_link`), for the supervisor's
+//! first warm session to use instead of a second handshake.
 //!
 //! Must never: accept an unpinned host key, or look for a VM anywhere but 127.0.0.1.
 
@@ -64,19 +67,23 @@ pub async fn wait_ready(
     instance: &mut Instance,
     deadline: impl Into<Instant>,
 ) -> Result<Ready, BootError> {
-    wait_ready_from(builder, port, instance, deadline.into(), true).await
+    wait_ready_from(builder, port, instance, deadline.into(), true, None).await
 }
 
 /// [`wait_ready`] for a VM restored from a snapshot of a ready one: its sshd listens already,
 /// so the first attempt goes straight to the SSH handshake (one connection fewer for the guest
-/// to accept); later attempts probe the banner first, as always.
+/// to accept); later attempts probe the banner first, as always. Its remote Nix answered when
+/// the snapshot was made (`nix_version`, from the same memory and disk): check 3 is not run
+/// again, which would start a Nix program in a guest whose TCG translation cache is cold
+/// (0.3–0.5 s) only to print its version; the build's own session starts one.
 pub(super) async fn wait_ready_restored(
     builder: &Builder,
     port: u16,
     instance: &mut Instance,
     deadline: Instant,
+    nix_version: &str,
 ) -> Result<Ready, BootError> {
-    wait_ready_from(builder, port, instance, deadline, false).await
+    wait_ready_from(builder, port, instance, deadline, false, Some(nix_version)).await
 }
 
 async fn wait_ready_from(
@@ -85,6 +92,7 @@ async fn wait_ready_from(
     instance: &mut Instance,
     deadline: Instant,
     mut probe_banner: bool,
+    known_version: Option<&str>,
 ) -> Result<Ready, BootError> {
     let t0 = Instant::now();
     let mut target = ssh::SshTarget::for_builder(builder)
@@ -113,7 +121,7 @@ async fn wait_ready_from(
             biased;
             report = instance.exited() => break Err(BootError::Exited { report, during: "before it was ready" }),
             _ = tokio::time::sleep_until(deadline) => break Err(timeout_error(&addr, t0.elapsed(), &stage, forwarded)),
-            r = attempt(&target, &command, deadline, probe_banner) => r,
+            r = attempt(&target, &command, known_version, deadline, probe_banner) => r,
         };
         probe_banner = true;
         match r {
@@ -131,7 +139,9 @@ async fn wait_ready_from(
             _ = sleep(RETRY_PAUSE) => {}
         }
     };
-    let nix_version = result?;
+    let (nix_version, session) = result?;
+    // Kept for the instance's first warm session (`Instance::take_link`), else closed with it.
+    instance.link = Some((target.spec(), session));
     let ready = Ready {
         nix_version,
         waited: t0.elapsed(),
@@ -173,12 +183,15 @@ enum Attempt {
     Permanent(BootError),
 }
 
+/// One try of the checks; `known_version`: check 3's answer is known, skip it. The answer,
+/// and the SSH connection that gave it.
 async fn attempt(
     target: &ssh::SshTarget,
     command: &str,
+    known_version: Option<&str>,
     deadline: Instant,
     probe_banner: bool,
-) -> Result<String, Attempt> {
+) -> Result<(String, ssh::Session), Attempt> {
     let t0 = Instant::now();
     if probe_banner {
         banner(&target.host, target.port, BANNER_WAIT)
@@ -202,6 +215,14 @@ async fn attempt(
         Err(e) => return Err(Attempt::Retry(Stage::Ssh(e.to_string()))),
     };
     let connected_at = t0.elapsed();
+    if let Some(version) = known_version {
+        tracing::debug!(
+            banner = ?banner_at,
+            ssh = ?connected_at.saturating_sub(banner_at),
+            "readiness attempt: banner, SSH handshake (the remote Nix answered before)"
+        );
+        return Ok((version.to_owned(), session));
+    }
     let result = timeout(VERSION_LIMIT, run_version(&session, command)).await;
     tracing::debug!(
         banner = ?banner_at,
@@ -209,15 +230,16 @@ async fn attempt(
         version = ?t0.elapsed().saturating_sub(connected_at),
         "readiness attempt: banner, SSH handshake, `{command}`"
     );
-    session.close().await;
-    match result {
-        Ok(Ok(version)) => Ok(version),
-        Ok(Err(why)) => Err(Attempt::Retry(Stage::Nix(why))),
-        Err(_) => Err(Attempt::Retry(Stage::Nix(format!(
+    let failed = match result {
+        Ok(Ok(version)) => return Ok((version, session)),
+        Ok(Err(why)) => Stage::Nix(why),
+        Err(_) => Stage::Nix(format!(
             "`{command}` did not finish within {}s",
             VERSION_LIMIT.as_secs()
-        )))),
-    }
+        )),
+    };
+    session.close().await;
+    Err(Attempt::Retry(failed))
 }
 
 /// Failures no retry can fix (host key and key-file problems). An authentication failure is retried on purpose: while a guest

@@ -20,14 +20,13 @@ use hook_protocol::serve::BuildOptions;
 use tokio::io::AsyncRead;
 
 use super::{HookError, nix_state_dir};
-use crate::config::{Builder, Scheme};
+use crate::config::Builder;
 use crate::lazy::Lazy;
 use crate::logging::{self, Activity};
 use crate::slots::{LoadDir, SlotLock, UploadLockOutcome};
 use crate::ssh;
-use crate::store::warm::Protocol;
-use crate::store::{BuildLog, LocalStore, Reconnect, Remote, RemoteError, remote_command};
-use crate::supervisor::proto::SessionSpec;
+use crate::store::warm::session_spec;
+use crate::store::{BuildLog, LocalStore, Reconnect, Remote, RemoteError};
 use crate::transfer::{self, Job};
 use crate::wire_io::WireReader;
 
@@ -84,23 +83,6 @@ async fn direct(
     let remote = Remote::open(session, b, log).await?;
     tracing::debug!(builder = %b.name, protocol = %remote.describe(), "connected");
     Ok(remote)
-}
-
-/// How the supervisor keeps `b` warm: the target our trust policy gave, the remote command.
-fn session_spec(b: &Builder, target: &ssh::SshTarget) -> Result<SessionSpec, RemoteError> {
-    Ok(SessionSpec {
-        builder: b.name.clone(),
-        store_uri: b.store_uri.clone(),
-        lazy: b.is_lazy(),
-        target: target.spec(),
-        command: remote_command(b)?,
-        protocol: match b.uri.scheme {
-            Scheme::Ssh => Protocol::Serve,
-            Scheme::SshNg => Protocol::Worker,
-        },
-        keep_warm_ms: u64::try_from(b.keep_warm.as_millis()).unwrap_or(u64::MAX),
-        max_jobs: b.max_jobs,
-    })
 }
 
 /// Replies `# accept` for `builder` (connected as `remote`) and runs the build; `slot` is the

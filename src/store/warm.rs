@@ -29,7 +29,9 @@ use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use super::RemoteError;
 use super::serve::ServeClient;
 use super::worker::WorkerClient;
+use crate::config::{Builder, Scheme};
 use crate::ssh::{self, ExecOutput, ExecStatus, ExecStdin};
+use crate::supervisor::proto::SessionSpec;
 
 pub use crate::supervisor::proto::{Handshake, Protocol};
 
@@ -58,6 +60,26 @@ impl Handshake {
             Handshake::Worker { .. } => Protocol::Worker,
         }
     }
+}
+
+/// How the supervisor keeps builder `b` warm, reached at `target` (the one our trust policy
+/// gave: `ssh::SshTarget::for_builder`): the remote command and its protocol. The hook asks
+/// with this spec, and a lazy builder's supervisor opens that builder's first session with it
+/// as part of readiness; the two must agree for that session to be handed out.
+pub fn session_spec(b: &Builder, target: &ssh::SshTarget) -> Result<SessionSpec, RemoteError> {
+    Ok(SessionSpec {
+        builder: b.name.clone(),
+        store_uri: b.store_uri.clone(),
+        lazy: b.is_lazy(),
+        target: target.spec(),
+        command: super::remote_command(b)?,
+        protocol: match b.uri.scheme {
+            Scheme::Ssh => Protocol::Serve,
+            Scheme::SshNg => Protocol::Worker,
+        },
+        keep_warm_ms: u64::try_from(b.keep_warm.as_millis()).unwrap_or(u64::MAX),
+        max_jobs: b.max_jobs,
+    })
 }
 
 /// How much of the remote's stderr a pooled session keeps (and hands to the hook).

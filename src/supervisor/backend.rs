@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::pin::Pin;
 use std::time::Instant;
 
-use super::proto::BootKind;
+use super::proto::{BootKind, TargetSpec};
 use crate::config::Builder;
 
 /// A boxed, sendable future (object-safe async trait methods).
@@ -69,6 +69,11 @@ pub trait RunningBuilder: Send {
         port: u16,
         deadline: Instant,
     ) -> BoxFuture<'a, Result<String, String>>;
+    /// Once ready: the SSH connection the readiness check made and its target, if it kept one
+    /// (`crate::boot::Instance::take_link`).
+    fn take_link(&mut self) -> Option<(TargetSpec, crate::ssh::Session)> {
+        None
+    }
     /// Resolve when the instance ends on its own, with a one-line report. Cancel-safe.
     fn exited(&mut self) -> BoxFuture<'_, String>;
     /// How it came up (known once it was started; a cold boot that makes a snapshot is
@@ -176,6 +181,10 @@ impl RunningBuilder for BootRunning {
                 None => e.to_string(),
             })
         })
+    }
+
+    fn take_link(&mut self) -> Option<(TargetSpec, crate::ssh::Session)> {
+        self.inner.take_link()
     }
 
     fn exited(&mut self) -> BoxFuture<'_, String> {

@@ -684,6 +684,7 @@ impl Server {
                                 generation,
                                 stop_rx,
                                 tx.clone(),
+                                warm.handover(),
                             ));
                             if let Some(old) = instances.insert(
                                 builder.clone(),
@@ -881,6 +882,29 @@ async fn serve_connection(
     }
 }
 
+/// How a hook will ask for `builder`'s warm sessions once it is up at `port` (`None`:
+/// keep-warm is off, or the spec cannot be made; then the hook's own connection says why).
+fn warm_spec(builder: &Builder, port: u16) -> Option<super::proto::SessionSpec> {
+    if !builder.warm() {
+        return None;
+    }
+    let mut b = builder.clone();
+    b.uri.port = Some(port);
+    let spec = crate::ssh::SshTarget::for_builder(&b)
+        .map_err(|e| e.to_string())
+        .and_then(|t| crate::store::warm::session_spec(&b, &t).map_err(|e| e.to_string()));
+    match spec {
+        Ok(spec) => Some(spec),
+        Err(e) => {
+            debug!(
+                "builder '{}': no warm session at readiness: {e}",
+                builder.name
+            );
+            None
+        }
+    }
+}
+
 /// Owns one instance from start to end and reports exactly one of [`Event::BootFailed`],
 /// [`Event::InstanceExited`] or [`Event::StopFinished`] last (after a [`Event::BootSucceeded`]
 /// if it got that far). A message on (or the loss of) `stop` stops it.
@@ -891,6 +915,7 @@ async fn instance_task(
     generation: Generation,
     mut stop: oneshot::Receiver<()>,
     events: mpsc::UnboundedSender<Event>,
+    handover: super::warm::Handover,
 ) {
     let name = builder.name.clone();
     let send = |e: Event| {
@@ -982,6 +1007,19 @@ async fn instance_task(
             return;
         }
         Some(Ok(Ok(nix_version))) => {
+            let warm = warm_spec(&builder, port);
+            // The readiness check's connection, for the first warm session.
+            match (&warm, instance.take_link()) {
+                (Some(_), Some(link)) => {
+                    if let Ok(mut offered) = handover.lock() {
+                        offered.insert(name.clone(), link);
+                    }
+                }
+                (None, Some((_, link))) => {
+                    tokio::spawn(link.close());
+                }
+                (_, None) => {}
+            }
             send(Event::BootSucceeded {
                 builder: name.clone(),
                 generation,
@@ -991,6 +1029,7 @@ async fn instance_task(
                 kind: instance.boot_kind(),
                 restorable: instance.restorable(),
                 note: instance.snapshot_note(),
+                warm,
             });
             None
         }

@@ -3,7 +3,8 @@
 //!
 //! - [`Action::WarmConnect`]: one task connects with exactly the target the hook's trust policy
 //!   gave (`ssh::SshTarget::from_spec`; an empty key set is refused by `ssh::connect`), and the
-//!   connection is kept here.
+//!   connection is kept here. A lazy builder's first one is the connection its readiness check
+//!   made ([`Handover`]), when that was made to the same target.
 //! - [`Action::WarmOpen`]: one task per session starts the remote program and does its
 //!   handshake (`store::warm::start`), then watches it while it is pooled (output, an end, a
 //!   broken connection: the session is gone) and keeps its stderr; on a hand-out it becomes
@@ -28,9 +29,9 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot};
-use tracing::debug;
+use tracing::{debug, info};
 
-use super::proto::SessionSpec;
+use super::proto::{SessionSpec, TargetSpec};
 use super::state::{Event, PoolId, SessionId};
 use crate::ssh::{self, SshTarget};
 use crate::store::warm::{self, SessionEnd, Started, keep_tail};
@@ -98,9 +99,15 @@ impl Drop for Link {
     }
 }
 
+/// SSH connections that lazy builders' readiness checks made, by builder, with their targets:
+/// the builder's first warm connection, when its target is the same (one handshake fewer
+/// before the builder is up). An instance's task offers its own; a later boot's replaces it.
+pub(super) type Handover = Arc<std::sync::Mutex<HashMap<String, (TargetSpec, ssh::Session)>>>;
+
 /// Warm connections and sessions, as far as the runtime must hold them.
 pub(super) struct WarmRuntime {
     links: HashMap<PoolId, Arc<Link>>,
+    handover: Handover,
     /// Sessions not handed out yet (opening or pooled): the way to hand each one out.
     waiting: HashMap<SessionId, (PoolId, oneshot::Sender<Relay>)>,
     tx: mpsc::UnboundedSender<WarmReport>,
@@ -110,13 +117,38 @@ impl WarmRuntime {
     pub(super) fn new(tx: mpsc::UnboundedSender<WarmReport>) -> Self {
         WarmRuntime {
             links: HashMap::new(),
+            handover: Handover::default(),
             waiting: HashMap::new(),
             tx,
         }
     }
 
-    /// [`Action::WarmConnect`](super::state::Action::WarmConnect).
+    /// Where instance tasks offer their readiness checks' connections.
+    pub(super) fn handover(&self) -> Handover {
+        self.handover.clone()
+    }
+
+    /// [`Action::WarmConnect`](super::state::Action::WarmConnect): a lazy builder's
+    /// readiness connection when one is offered for exactly this target, else a new one.
     pub(super) fn connect(&mut self, pool: PoolId, spec: SessionSpec) {
+        let offered = spec
+            .lazy
+            .then(|| self.handover.lock().ok()?.remove(&spec.builder))
+            .flatten();
+        if let Some((target, session)) = offered {
+            if target == spec.target && !session.is_closed() {
+                info!(
+                    "builder '{}': warm connection {pool} is the readiness check's",
+                    spec.builder
+                );
+                let _ = self.tx.send(WarmReport::Linked {
+                    pool,
+                    result: Ok(session),
+                });
+                return;
+            }
+            tokio::spawn(session.close());
+        }
         let tx = self.tx.clone();
         tokio::spawn(async move {
             let result = match SshTarget::from_spec(&spec.builder, &spec.target) {

@@ -10,6 +10,7 @@ use super::{
     ms,
 };
 use crate::backoff::backoff;
+use crate::supervisor::proto::SessionSpec;
 
 /// A builder up at least this long before it failed is rebooted without a backoff.
 pub const STABLE_UPTIME: Duration = Duration::from_secs(60);
@@ -57,6 +58,8 @@ impl Machine {
     pub(super) fn stop(&mut self, i: usize, failed: bool, out: &mut Vec<Action>) {
         let s = &mut self.slots[i];
         s.phase = Phase::Stopping { failed };
+        // A warm-up under way ends with the instance (its pool closes: `warm.rs`).
+        s.warming = None;
         out.push(Action::Stop {
             builder: s.cfg.name.clone(),
             generation: s.generation,
@@ -71,6 +74,7 @@ impl Machine {
         s.booted_with = Some(s.cfg.boot_fingerprint);
         s.phase = Phase::Booting { since: now };
         s.up = None;
+        s.warming = None;
         s.reboot_after_stop = false;
         let kind = s.kinds.start();
         log(
@@ -124,30 +128,54 @@ impl Machine {
         });
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// The instance answered its readiness check. With a warm spec its first warm session is
+    /// opened first (`warm.rs`: [`Machine::warm_up`]); it is up once that is ready, failed, or
+    /// [`WARM_UP_BOUND`](super::WARM_UP_BOUND) passed.
     pub(super) fn boot_succeeded(
         &mut self,
         i: usize,
-        port: u16,
-        nix_version: String,
-        took: Duration,
-        came: super::boots::CameUp,
+        up: super::warm::Answered,
+        warm: Option<SessionSpec>,
         now: Instant,
         out: &mut Vec<Action>,
     ) {
-        let s = &mut self.slots[i];
-        if !matches!(s.phase, Phase::Booting { .. }) {
+        if !matches!(self.slots[i].phase, Phase::Booting { .. }) {
             // A stop raced with the end of the boot; the stop's own event follows.
             return;
         }
+        match warm {
+            Some(spec) if spec.keep_warm_ms > 0 && !self.shutting_down => {
+                self.warm_up(i, spec, up, now, out)
+            }
+            _ => self.came_up(i, up, None, now, out),
+        }
+    }
+
+    /// Builder `i` is up (`warmed`: how its warm-up at readiness went, if it had one).
+    pub(super) fn came_up(
+        &mut self,
+        i: usize,
+        up: super::warm::Answered,
+        warmed: Option<String>,
+        now: Instant,
+        out: &mut Vec<Action>,
+    ) {
+        let super::warm::Answered {
+            port,
+            nix_version,
+            took,
+            came,
+        } = up;
+        let s = &mut self.slots[i];
         log(
             out,
             LogLevel::Info,
             format!(
-                "builder '{}' is up after {:.1}s{} (port {port}, {nix_version})",
+                "builder '{}' is up after {:.1}s{} (port {port}, {nix_version}){}",
                 s.cfg.name,
                 took.as_secs_f64(),
-                super::boots::came_up_how(&came)
+                super::boots::came_up_how(&came),
+                warmed.map(|w| format!("; {w}")).unwrap_or_default()
             ),
         );
         s.phase = Phase::Up;
@@ -219,6 +247,7 @@ impl Machine {
         let s = &mut self.slots[i];
         s.leases = 0;
         s.up = None;
+        s.warming = None;
         s.booted_with = None;
         // A reconfiguration may have cleared the failure memory a stop was going to keep.
         s.phase = if failed && s.failure.is_some() {

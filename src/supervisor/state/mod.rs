@@ -80,7 +80,9 @@ pub use reconfigure::{ConfigFileSeen, ReloadWhy, SETTLE, UNKNOWN_RELOAD_EVERY};
 pub use requests::MAX_WAIT;
 pub use status::DEFAULT_EXPECTED_BOOT;
 pub use timers::{FIRST_LEASE_GRACE, SHUTDOWN_BOUND};
-pub use warm::{DEATHS_BEFORE_PAUSE, PoolId, READY_MAX, SESSIONS_PER_CONNECTION, SessionId};
+pub use warm::{
+    DEATHS_BEFORE_PAUSE, PoolId, READY_MAX, SESSIONS_PER_CONNECTION, SessionId, WARM_UP_BOUND,
+};
 
 /// Identifies one client connection.
 pub type ConnId = u64;
@@ -188,6 +190,9 @@ pub enum Event {
         restorable: bool,
         /// Why it was not restored, or why it made no snapshot (`snapshot = true` only).
         note: Option<String>,
+        /// How to keep it warm (`keep-warm` on): its first warm session is opened as part of
+        /// readiness, before waiting hooks hear that it is up (`warm.rs`).
+        warm: Option<SessionSpec>,
     },
     /// A boot failed; the instance (if one was started) is already gone.
     BootFailed {
@@ -418,6 +423,8 @@ struct Slot {
     kinds: boots::Kinds,
     /// Connections waiting in `wait-ready`, with their deadlines.
     waiters: Vec<(ConnId, Instant)>,
+    /// Answered its readiness check; still booting while its first warm session opens.
+    warming: Option<warm::WarmingUp>,
     /// Boot again as soon as the running stop finishes.
     reboot_after_stop: bool,
     /// No longer in the configuration: takes no lease or boot, and disappears once its
@@ -443,6 +450,7 @@ impl Slot {
             failure: None,
             history,
             waiters: Vec::new(),
+            warming: None,
             reboot_after_stop: false,
             removed: false,
         }
@@ -612,6 +620,7 @@ impl Machine {
                 kind,
                 restorable,
                 note,
+                warm,
             } => {
                 if let Some(i) = self.current(&builder, generation, &mut out) {
                     let came = boots::CameUp {
@@ -619,7 +628,13 @@ impl Machine {
                         restorable,
                         note,
                     };
-                    self.boot_succeeded(i, port, nix_version, took, came, now, &mut out);
+                    let up = warm::Answered {
+                        port,
+                        nix_version,
+                        took,
+                        came,
+                    };
+                    self.boot_succeeded(i, up, warm, now, &mut out);
                 }
             }
             Event::BootFailed {
@@ -663,7 +678,7 @@ impl Machine {
                 pool,
                 session,
                 handshake,
-            } => self.warm_ready(pool, session, handshake, &mut out),
+            } => self.warm_ready(pool, session, handshake, now, &mut out),
             Event::WarmOpenFailed {
                 pool,
                 session,

@@ -1,10 +1,10 @@
 //! Everything that happens because time passed: idle stops (from the last release, or from
-//! Everything that happens because time passed: idle stops (from the last release, or from
-//! "up" with a first-lease grace), `wait-ready` deadlines, a settling config file that requests
-//! wait for (`reconfigure.rs`), warm connections closing (keep-warm, or their lazy builder no
-//! longer up: `warm.rs`), the auto-started supervisor's exit when quiet (never while a warm
-//! connection is open), the kill once a shutdown's graceful stops took too long, and the one
-//! wake-up instant that covers them all.
+//! "up" with a first-lease grace), `wait-ready` deadlines, a warm-up at readiness that took
+//! too long (`warm.rs`), a settling config file that requests wait for (`reconfigure.rs`),
+//! warm connections closing (keep-warm, or their lazy builder no longer up: `warm.rs`), the
+//! auto-started supervisor's exit when quiet (never while a warm connection is open), the kill
+//! once a shutdown's graceful stops took too long, and the one wake-up instant that covers
+//! them all.
 
 use std::time::{Duration, Instant};
 
@@ -44,6 +44,9 @@ impl Machine {
             for (_, d) in &s.waiters {
                 consider(*d);
             }
+            if let Some(w) = &s.warming {
+                consider(w.due());
+            }
         }
         if let Some(t) = self.pools.next_deadline() {
             consider(t);
@@ -77,6 +80,8 @@ impl Machine {
     /// Idle stops, waiter deadlines, a settling config file, exit, the shutdown's kill.
     pub(super) fn timers(&mut self, now: Instant, out: &mut Vec<Action>) {
         self.settle_timer(now, out);
+        // Before the waiters' deadlines: a warm-up never makes a waiter time out.
+        self.warm_up_timers(now, out);
         for i in 0..self.slots.len() {
             if self.slots[i].idle_stop_at().is_some_and(|t| t <= now) {
                 log(

@@ -18,6 +18,13 @@
 //! - Warm sessions are not leases: a lazy builder's pool exists only while that builder is up
 //!   (in that instance); it is closed when the builder leaves "up", and never delays an idle
 //!   stop.
+//! - A lazy builder's first warm session is opened as part of its readiness: once its readiness
+//!   check answered ([`Machine::warm_up`]), it stays booting while its pool connects and opens
+//!   one session, and is up (waiting hooks are answered) once that session is ready, the pool
+//!   failed, or [`WARM_UP_BOUND`] passed (or a waiter's deadline came first). The first build
+//!   after a boot or a restore is then handed a warm session; a warm-up that fails only means
+//!   builds connect directly, as without one. The first session is also the only one that
+//!   touches the builder's store until then (more open after the first hand-out).
 //! - A pool closes after `keep-warm` without a build (from its last hand-out or the end of its
 //!   last session), and never while a session is in use. A supervisor does not exit while a
 //!   pool is open, and its shutdown lets sessions in use finish (up to the shutdown bound).
@@ -25,6 +32,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
+use super::boots::CameUp;
 use super::{Action, ConnId, Generation, LogLevel, Machine, Phase, log, ms};
 use crate::backoff::backoff;
 use crate::supervisor::proto::TargetSpec;
@@ -44,6 +52,36 @@ pub const SESSIONS_PER_CONNECTION: u32 = 8;
 /// Pooled sessions that die in a row, with no hand-out between, before the pool stops
 /// replacing them until the next request.
 pub const DEATHS_BEFORE_PAUSE: u32 = 3;
+
+/// The longest a lazy builder's readiness waits for its first warm session before it counts
+/// as up anyway (the session goes on opening; builds connect directly meanwhile). Opening one
+/// is an SSH handshake and the remote program's start: 0.2–0.6 s on a restored TCG VM.
+pub const WARM_UP_BOUND: Duration = Duration::from_secs(3);
+
+/// What a builder's readiness check answered ([`super::Event::BootSucceeded`]).
+#[derive(Clone, Debug)]
+pub(super) struct Answered {
+    pub port: u16,
+    pub nix_version: String,
+    /// From the start of the boot to the answer.
+    pub took: Duration,
+    pub came: CameUp,
+}
+
+/// A lazy builder that answered its readiness check and is opening its first warm session.
+#[derive(Clone, Debug)]
+pub(super) struct WarmingUp {
+    pool: PoolId,
+    since: Instant,
+    answered: Answered,
+}
+
+impl WarmingUp {
+    /// When it is up whether or not a session is ready.
+    pub(super) fn due(&self) -> Instant {
+        self.since + WARM_UP_BOUND
+    }
+}
 
 /// What a connection is: two specs that agree on this share a pool.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -105,6 +143,8 @@ pub(super) struct Pool {
     deaths: u32,
     /// Takes no requests and opens nothing; removed once its sessions in use ended.
     closing: bool,
+    /// Opened as part of its lazy builder's readiness, which waits for it: one session only.
+    readiness: bool,
 }
 
 impl Pool {
@@ -124,6 +164,11 @@ impl Pool {
     }
 
     fn want_ready(&self) -> u32 {
+        if self.readiness {
+            // The builder's first session: alone, it starts fastest (and no other one races
+            // it on the builder's store).
+            return 1;
+        }
         self.spec.max_jobs.max(1).saturating_add(1).min(READY_MAX)
     }
 
@@ -188,47 +233,7 @@ impl Machine {
         } else {
             None
         };
-        let key = PoolKey::of(&spec);
-        let found = self
-            .pools
-            .pools
-            .iter()
-            .find(|(_, p)| p.key == key && !p.closing)
-            .map(|(&id, p)| (id, p.generation));
-        let id = match found {
-            Some((id, g)) if g == generation => id,
-            stale => {
-                if let Some((old, _)) = stale {
-                    // A pool of an earlier instance of this lazy builder.
-                    self.close_pool(old, "its builder was booted again", now, out);
-                }
-                self.pools.last_pool += 1;
-                let id = self.pools.last_pool;
-                log(
-                    out,
-                    LogLevel::Debug,
-                    format!("warm connection {id} to '{}': new pool", spec.builder),
-                );
-                self.pools.pools.insert(
-                    id,
-                    Pool {
-                        key,
-                        spec: spec.clone(),
-                        generation,
-                        link: Link::Down,
-                        ready: VecDeque::new(),
-                        opening: BTreeSet::new(),
-                        in_use: BTreeSet::new(),
-                        hand_outs: 0,
-                        active_at: now,
-                        failure: None,
-                        deaths: 0,
-                        closing: false,
-                    },
-                );
-                id
-            }
-        };
+        let id = self.pool_for(&spec, generation, now, out);
         let Some(p) = self.pools.pools.get_mut(&id) else {
             return no(out, "no pool".to_owned());
         };
@@ -265,6 +270,135 @@ impl Machine {
         };
         self.fill(id, now, out);
         no(out, reason);
+    }
+
+    /// The open pool for `spec` made for `generation` (a lazy builder's instance), or a new
+    /// one (an earlier instance's is closed).
+    fn pool_for(
+        &mut self,
+        spec: &SessionSpec,
+        generation: Option<Generation>,
+        now: Instant,
+        out: &mut Vec<Action>,
+    ) -> PoolId {
+        let key = PoolKey::of(spec);
+        let found = self
+            .pools
+            .pools
+            .iter()
+            .find(|(_, p)| p.key == key && !p.closing)
+            .map(|(&id, p)| (id, p.generation));
+        if let Some((id, g)) = found {
+            if g == generation {
+                return id;
+            }
+            // A pool of an earlier instance of this lazy builder.
+            self.close_pool(id, "its builder was booted again", now, out);
+        }
+        self.pools.last_pool += 1;
+        let id = self.pools.last_pool;
+        log(
+            out,
+            LogLevel::Debug,
+            format!("warm connection {id} to '{}': new pool", spec.builder),
+        );
+        self.pools.pools.insert(
+            id,
+            Pool {
+                key,
+                spec: spec.clone(),
+                generation,
+                link: Link::Down,
+                ready: VecDeque::new(),
+                opening: BTreeSet::new(),
+                in_use: BTreeSet::new(),
+                hand_outs: 0,
+                active_at: now,
+                failure: None,
+                deaths: 0,
+                closing: false,
+                readiness: false,
+            },
+        );
+        id
+    }
+
+    /// Lazy builder `i` answered its readiness check: open its first warm session with
+    /// `spec` before it counts as up (see the module docs).
+    pub(super) fn warm_up(
+        &mut self,
+        i: usize,
+        spec: SessionSpec,
+        answered: Answered,
+        now: Instant,
+        out: &mut Vec<Action>,
+    ) {
+        let generation = self.slots[i].generation;
+        let id = self.pool_for(&spec, Some(generation), now, out);
+        if let Some(p) = self.pools.pools.get_mut(&id) {
+            p.readiness = true;
+            p.spec = spec;
+        }
+        log(
+            out,
+            LogLevel::Debug,
+            format!(
+                "builder '{}' answered after {:.1}s; opening its first warm session",
+                self.slots[i].cfg.name,
+                answered.took.as_secs_f64()
+            ),
+        );
+        self.slots[i].warming = Some(WarmingUp {
+            pool: id,
+            since: now,
+            answered,
+        });
+        self.fill(id, now, out);
+    }
+
+    /// The warm-up of pool `id`'s lazy builder (if one waits for it) is over, `how`: the
+    /// builder is up.
+    fn warmed(&mut self, id: PoolId, how: &str, now: Instant, out: &mut Vec<Action>) {
+        if let Some(p) = self.pools.pools.get_mut(&id) {
+            p.readiness = false;
+        }
+        let Some(i) = self
+            .slots
+            .iter()
+            .position(|s| s.warming.as_ref().is_some_and(|w| w.pool == id))
+        else {
+            return;
+        };
+        let Some(w) = self.slots[i].warming.take() else {
+            return;
+        };
+        let waited = now.saturating_duration_since(w.since);
+        let how = format!("{how} {:.2}s after readiness", waited.as_secs_f64());
+        // The boot time kept (what hooks expect) is the readiness check's alone: a hook that
+        // waits decides as before, and a warm-up never outlasts its wait (`warm_up_timers`).
+        self.came_up(i, w.answered, Some(how), now, out);
+    }
+
+    /// Warm-ups that took [`WARM_UP_BOUND`], or that a waiter would otherwise time out on:
+    /// those builders are up without a warm session.
+    pub(super) fn warm_up_timers(&mut self, now: Instant, out: &mut Vec<Action>) {
+        let due: Vec<PoolId> = self
+            .slots
+            .iter()
+            .filter_map(|s| {
+                let w = s.warming.as_ref()?;
+                let waiter_due = s.waiters.iter().any(|(_, d)| *d <= now);
+                (w.due() <= now || waiter_due).then_some(w.pool)
+            })
+            .collect();
+        for id in due {
+            self.warmed(
+                id,
+                "no warm session yet (builds connect directly until one is ready)",
+                now,
+                out,
+            );
+        }
     }
 
     /// Connects pool `id`, or opens sessions on it, up to what it should hold.
@@ -335,6 +469,14 @@ impl Machine {
             ),
         );
         p.failure = Some(f);
+        if p.readiness {
+            self.warmed(
+                id,
+                "its warm session failed (builds connect directly)",
+                now,
+                out,
+            );
+        }
     }
 
     pub(super) fn warm_connected(&mut self, id: PoolId, now: Instant, out: &mut Vec<Action>) {
@@ -375,6 +517,7 @@ impl Machine {
         id: PoolId,
         session: SessionId,
         handshake: Handshake,
+        now: Instant,
         out: &mut Vec<Action>,
     ) {
         let Some(p) = self.pools.pools.get_mut(&id) else {
@@ -396,6 +539,9 @@ impl Machine {
             ),
         );
         p.ready.push_back((session, handshake));
+        if p.readiness {
+            self.warmed(id, "its first warm session is ready", now, out);
+        }
     }
 
     pub(super) fn warm_open_failed(
@@ -475,8 +621,17 @@ impl Machine {
         p.link = Link::Down;
         p.ready.clear();
         p.opening.clear();
+        let readiness = p.readiness;
         if p.closing && p.in_use.is_empty() {
             self.remove_pool(id, now);
+        }
+        if readiness {
+            self.warmed(
+                id,
+                "its warm connection was lost (builds connect directly)",
+                now,
+                out,
+            );
         }
     }
 
@@ -512,6 +667,10 @@ impl Machine {
         if p.in_use.is_empty() {
             self.remove_pool(id, now);
         }
+        if !self.shutting_down {
+            // (A shutdown stops the builder instead.)
+            self.warmed(id, "its warm connection closed", now, out);
+        }
     }
 
     /// Closes every pool (shutdown).
@@ -534,7 +693,11 @@ impl Machine {
                 let up = self
                     .slot_index(&p.spec.builder)
                     .map(|i| &self.slots[i])
-                    .is_some_and(|s| s.phase == Phase::Up && s.generation == g);
+                    .is_some_and(|s| {
+                        s.generation == g
+                            && (s.phase == Phase::Up
+                                || s.warming.as_ref().is_some_and(|w| w.pool == id))
+                    });
                 if !up {
                     close.push((id, "its lazy builder is no longer up".to_owned()));
                     continue;

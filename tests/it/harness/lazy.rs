@@ -88,12 +88,33 @@ impl LazyRemote {
                 etc = b.join("etc-nix").display(),
             ),
         );
-        LazyRemote {
+        let remote = LazyRemote {
             opts,
             port,
             host_key_line,
             base,
-        }
+        };
+        remote.init_store();
+        remote
+    }
+
+    /// Makes the machine's store database now, once, as installing Nix does on a real machine
+    /// (the sessions a test opens then find it made). On a brand-new store, Nix's `initDB`
+    /// holds the big lock only shared while it creates the database and writes its schema
+    /// file, so two Nix processes opening that store at once race: one may read the schema
+    /// file half-written ("'/nix/var/nix/db/schema' is corrupt").
+    #[track_caller]
+    fn init_store(&self) {
+        let mut c = Command::new("/usr/bin/env");
+        c.args(["-i", &format!("PATH={STD_PATH}"), "/usr/bin/unshare", "-m"])
+            .args(["--propagation", "private", "/bin/sh", "-c"])
+            .arg(self.layout_script(None))
+            .args(["nlb-lazy-remote", "nix-store", "--init"]);
+        let out = run_command(&mut c, None, Duration::from_secs(60));
+        assert!(
+            out.success(),
+            "initialising the lazy machine's store:\n{out}"
+        );
     }
 
     pub fn dir(&self) -> &Path {

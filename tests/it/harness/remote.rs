@@ -184,7 +184,10 @@ impl RemoteStore {
                 &format!("[{REMOTE_HOST}]:{port} {host_key_line}\n"),
             );
             let mut login = ssh_command(&ssh.join("client_key"), port, &known_hosts);
-            login.args(["nix-store", "--version"]);
+            // `--init` makes the store's database once, as installing Nix does on a real
+            // machine: two Nix processes opening a brand-new store at once race on it
+            // (`LazyRemote::init_store`).
+            login.args(["nix-store", "--init", "&&", "nix-store", "--version"]);
             let out = run_command(&mut login, None, opts.command_timeout);
             if !out.success() {
                 last_log = format!("{out}\n--- sshd log ---\n{}", proc.log_text());

@@ -44,10 +44,9 @@ fn setup(scheme: Scheme, delay: Duration) -> (LazyRemote, LazyConfig, LocalDaemo
         "cmd",
         scheme,
         &["aarch64-linux"],
-        // No warm sessions: the hook's own connection is what `nix build` shows here, and a
-        // pool opening sessions on the machine's brand-new store as the hook connects once
-        // met its database half-made ("'/nix/var/nix/db/schema' is corrupt").
-        "max-jobs = 1\nidle-timeout = \"30s\"\nboot-timeout = \"60s\"\nkeep-warm = \"0s\"",
+        // The default keep-warm: the build is handed the session the supervisor opened as
+        // part of the boot's readiness.
+        "max-jobs = 1\nidle-timeout = \"30s\"\nboot-timeout = \"60s\"",
         &remote.command_boot(delay),
     )]);
     let mut opts = cfg.daemon_opts(LINGER);

@@ -6,7 +6,9 @@
 //!   within 2 s of the host's when its log line arrived; the two restores of one snapshot read
 //!   different bytes from /dev/urandom inside the build (and neither the cold boot's); the
 //!   client saw "booting builder" for the cold boot and "restoring builder" for the restores;
-//!   `status` counts 3 boots, 2 of them restored, and shows the snapshot's age and size;
+//!   `status` counts 3 boots, 2 of them restored, and shows the snapshot's age and size; each
+//!   instance's first warm session was opened as part of its readiness (a restored one's on
+//!   the readiness check's SSH connection) and handed to its build (the supervisor's log);
 //! - eight builds arriving at once for the sleeping builder (max-jobs 2): one restore, all
 //!   succeed, never more than 2 at once in the VM;
 //! - the hook SIGKILLed while a restore is under way: the restore finishes in the supervisor
@@ -202,6 +204,30 @@ fn cold_then_two_restores(arch: &'static str) {
         assert!(
             files.disk_bytes > 0 && files.next_boot == "restore",
             "{files:?}"
+        );
+        // The builder's first warm session was opened as part of readiness (after a restore on
+        // the readiness check's own SSH connection), and this build (the instance's only one)
+        // was handed it.
+        let log = s.log();
+        let warmed = log
+            .lines()
+            .filter(|l| l.contains("is up after") && l.contains("first warm session is ready"))
+            .count();
+        let handed = log
+            .lines()
+            .filter(|l| l.contains("closed: its lazy builder is no longer up (1 hand-out(s))"))
+            .count();
+        let reused = log
+            .lines()
+            .filter(|l| l.contains("is the readiness check's"))
+            .count();
+        // Every restore's; the cold boot closed its own before the snapshot was made.
+        let n = run as usize + 1;
+        assert_eq!(
+            (warmed, handed, reused),
+            (n, n, n - 1),
+            "run {run} ({kind}): each instance's first warm session is opened at readiness and \
+             handed to its build\n{log}"
         );
     }
     eprintln!("{arch}: /dev/urandom in the builds: {randoms:?}");

@@ -191,6 +191,7 @@ impl T {
             kind,
             restorable,
             note: note.map(str::to_owned),
+            warm: None,
         })
     }
 

@@ -421,3 +421,214 @@ fn warm_up_requests_make_a_pool_and_never_take_a_session() {
     assert!(hand_out(&out).is_none());
     assert_eq!(t.warm_of("x").unwrap().ready, 1);
 }
+
+impl T {
+    /// Boots lazy builder `name` for `conn`, which waits for it; its readiness check answers
+    /// with warm spec `s`. The pool opened as part of readiness.
+    fn answered_with_warm(&mut self, conn: ConnId, name: &str, s: &SessionSpec) -> PoolId {
+        self.ev(Event::ClientConnected(conn));
+        assert!(has_start(&self.boot(conn, name), name));
+        let out = self.req(
+            conn,
+            Request::WaitReady {
+                builder: name.into(),
+                timeout_ms: 5_000,
+            },
+        );
+        assert!(!out.iter().any(|a| matches!(a, Action::Reply { .. })));
+        let generation = self.generation(name);
+        let out = self.ev(Event::BootSucceeded {
+            builder: name.into(),
+            generation,
+            port: 2222,
+            nix_version: "nix-store (Nix) 2.8.0".into(),
+            took: Duration::from_millis(700),
+            kind: BootKind::Restore,
+            restorable: true,
+            note: None,
+            warm: Some(s.clone()),
+        });
+        assert!(
+            !out.iter()
+                .any(|a| matches!(a, Action::Reply { conn: c, .. } if *c == conn)),
+            "the waiter hears nothing before the warm-up: {out:?}"
+        );
+        assert_eq!(self.status(name).state, State::Booting);
+        let pools = connects(&out);
+        assert_eq!(pools.len(), 1, "{out:?}");
+        pools[0]
+    }
+}
+
+fn waiter_answer(out: &[Action], conn: ConnId) -> State {
+    match T::reply(out, conn) {
+        Response::Builder { status } => status.state,
+        other => panic!("expected a builder status, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_lazy_builder_is_up_once_its_first_warm_session_is_ready_and_hands_it_out() {
+    let snapshot = BuilderConfig {
+        snapshot: true,
+        ..cfg("vm", 2, Some(30))
+    };
+    let mut t = T::new(vec![snapshot], None);
+    let s = spec("vm", true, 600, 2);
+    let pool = t.answered_with_warm(1, "vm", &s);
+    // A lease while it warms up is refused like one during the boot.
+    assert!(refused(&t.lease(7, "vm")).contains("booting"));
+    let out = t.ev(Event::WarmConnected { pool });
+    let opened = opens(&out);
+    assert_eq!(opened.len(), 1, "one session at readiness: {out:?}");
+    assert!(
+        !out.iter()
+            .any(|a| matches!(a, Action::Reply { conn: 1, .. }))
+    );
+    t.now += Duration::from_millis(400);
+    let out = t.ev(Event::WarmReady {
+        pool,
+        session: opened[0].1,
+        handshake: hs(),
+    });
+    assert_eq!(waiter_answer(&out, 1), State::Up);
+    assert!(
+        opens(&out).is_empty(),
+        "nothing more opens before a build asked: {out:?}"
+    );
+    assert!(
+        out.iter().any(|a| matches!(a, Action::Log { message, .. }
+        if message.contains("is up after 0.7s")
+            && message.contains("first warm session is ready 0.40s after readiness"))),
+        "{out:?}"
+    );
+    // The expected restore time is the readiness check's: a waiting hook decides as before.
+    assert_eq!(t.status("vm").expected_boot_ms, Some(700));
+    assert_eq!(t.status("vm").warm.map(|w| w.ready), Some(1));
+    // The first build is handed that session; the pool then fills up.
+    assert!(matches!(t.lease(1, "vm"), Response::Leased { .. }));
+    let out = t.lease_session(2, &s);
+    assert_eq!(hand_out(&out), Some((2, opened[0].1)), "{out:?}");
+    assert_eq!(opens(&out).len(), 3, "{out:?}");
+}
+
+#[test]
+fn a_warm_up_that_fails_never_fails_the_boot() {
+    let mut t = T::new(vec![cfg("vm", 1, Some(30))], None);
+    let s = spec("vm", true, 600, 1);
+    let pool = t.answered_with_warm(1, "vm", &s);
+    let out = t.ev(Event::WarmConnectFailed {
+        pool,
+        cause: "connection refused".into(),
+    });
+    assert_eq!(waiter_answer(&out, 1), State::Up);
+    let st = t.status("vm");
+    assert_eq!((st.boots_ok, &st.last_failure), (1, &None), "{st:?}");
+    // The build connects directly.
+    assert!(matches!(t.lease(1, "vm"), Response::Leased { .. }));
+    assert!(no_session(&t.lease_session(2, &s), 2).contains("failed"));
+
+    // A session that fails to start is the same.
+    let mut t = T::new(vec![cfg("vm", 1, Some(30))], None);
+    let pool = t.answered_with_warm(1, "vm", &s);
+    let out = t.ev(Event::WarmConnected { pool });
+    let (_, session) = opens(&out)[0];
+    let out = t.ev(Event::WarmOpenFailed {
+        pool,
+        session,
+        cause: "nix-store: not found".into(),
+    });
+    assert_eq!(waiter_answer(&out, 1), State::Up);
+}
+
+#[test]
+fn a_slow_warm_up_is_bounded_and_never_outlasts_a_waiter() {
+    let mut t = T::new(vec![cfg("vm", 1, Some(30))], None);
+    let s = spec("vm", true, 600, 1);
+    let pool = t.answered_with_warm(1, "vm", &s);
+    let out = t.ev(Event::WarmConnected { pool });
+    let (_, session) = opens(&out)[0];
+    assert_eq!(timer(&out), Some(t.now + WARM_UP_BOUND), "{out:?}");
+    let out = t.advance(WARM_UP_BOUND);
+    assert_eq!(waiter_answer(&out, 1), State::Up);
+    // The session goes on opening and is handed out once ready.
+    t.ev(Event::WarmReady {
+        pool,
+        session,
+        handshake: hs(),
+    });
+    assert_eq!(hand_out(&t.lease_session(2, &s)), Some((2, session)));
+
+    // A waiter whose deadline comes first is answered "up" at it, not "booting".
+    let mut t = T::new(vec![cfg("vm", 1, Some(30))], None);
+    t.ev(Event::ClientConnected(3));
+    let pool = t.answered_with_warm(1, "vm", &s);
+    t.ev(Event::WarmConnected { pool });
+    t.now += WARM_UP_BOUND / 2;
+    let out = t.req(
+        3,
+        Request::WaitReady {
+            builder: "vm".into(),
+            timeout_ms: 500,
+        },
+    );
+    assert!(
+        !out.iter().any(|a| matches!(a, Action::Reply { .. })),
+        "{out:?}"
+    );
+    let out = t.advance(Duration::from_millis(500));
+    assert_eq!(waiter_answer(&out, 3), State::Up);
+    assert_eq!(waiter_answer(&out, 1), State::Up);
+}
+
+#[test]
+fn a_stop_during_the_warm_up_closes_its_pool_and_keep_warm_0s_has_none() {
+    let mut t = T::new(vec![cfg("vm", 1, Some(30))], None);
+    let s = spec("vm", true, 600, 1);
+    let pool = t.answered_with_warm(1, "vm", &s);
+    let out = t.req(
+        2,
+        Request::Down {
+            builder: "vm".into(),
+        },
+    );
+    assert!(has_stop(&out, "vm"), "{out:?}");
+    assert_eq!(closes(&out), [pool], "{out:?}");
+    let out = t.stopped("vm");
+    assert_eq!(waiter_answer(&out, 1), State::Down);
+    assert!(!t.m.has_pools());
+
+    let mut t = T::new(vec![cfg("vm", 1, Some(30))], None);
+    t.ev(Event::ClientConnected(1));
+    t.boot(1, "vm");
+    let generation = t.generation("vm");
+    let out = t.ev(Event::BootSucceeded {
+        builder: "vm".into(),
+        generation,
+        port: 2222,
+        nix_version: "nix-store (Nix) 2.8.0".into(),
+        took: Duration::from_secs(1),
+        kind: BootKind::Cold,
+        restorable: false,
+        note: None,
+        warm: Some(spec("vm", true, 0, 1)),
+    });
+    assert!(connects(&out).is_empty(), "{out:?}");
+    assert_eq!(t.status("vm").state, State::Up);
+}
+
+#[test]
+fn a_shutdown_during_the_warm_up_stops_the_builder_without_calling_it_up() {
+    let mut t = T::new(vec![cfg("vm", 1, Some(30))], None);
+    let s = spec("vm", true, 600, 1);
+    let pool = t.answered_with_warm(1, "vm", &s);
+    let out = t.ev(Event::Shutdown);
+    assert_eq!(closes(&out), [pool], "{out:?}");
+    assert!(has_stop(&out, "vm"), "{out:?}");
+    assert!(
+        !out.iter()
+            .any(|a| matches!(a, Action::Log { message, .. } if message.contains("is up after"))),
+        "{out:?}"
+    );
+    assert_eq!(t.status("vm").state, State::Stopping);
+}
