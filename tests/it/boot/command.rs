@@ -312,7 +312,8 @@ async fn fake_supervisor_helper() {
         panic!("run by supervisor_death_takes_the_process_group_along only");
     };
     let dir = Path::new(&dir);
-    let sshd = Sshd::new();
+    // Under the test's directory: this process is SIGKILLed, so nothing of its own is removed.
+    let sshd = Sshd::new_in(dir);
     let b = command_builder(&sshd, &WITH_GRANDCHILD, "");
     let ctx = boot::BootContext::new(&b, dir.to_owned());
     let inst = start(&b, &ctx).await;

@@ -25,9 +25,15 @@ pub struct Sshd {
 
 impl Sshd {
     pub fn new() -> Sshd {
+        Self::new_in(&std::env::temp_dir())
+    }
+
+    /// [`Sshd::new`] with its files under `parent`: for a helper process that is killed (its
+    /// own temporary directory would never be removed; the test's `parent` is).
+    pub fn new_in(parent: &Path) -> Sshd {
         let dir = tempfile::Builder::new()
             .prefix("nlb-boot-")
-            .tempdir()
+            .tempdir_in(parent)
             .expect("temp dir");
         let d = dir.path();
         std::fs::create_dir_all(d.join("nix")).expect("mkdir nix");
