@@ -305,16 +305,26 @@ fn temp_path_of(pid: u32, path: &StorePath) -> PathBuf {
 /// for `paths`: for a process that cannot write the journal itself (the external-build
 /// client, run as a build user), so that [`sweep_stale`] removes them once `pid` is gone.
 pub fn note_unpack_dirs(state_dir: &Path, pid: u32, paths: &[StorePath]) -> io::Result<()> {
-    let journal = state_dir.join(JOURNAL_DIR).join(pid.to_string());
-    if let Some(dir) = journal.parent() {
-        std::fs::create_dir_all(dir)?;
+    let dirs: Vec<PathBuf> = paths.iter().map(|p| temp_path_of(pid, p)).collect();
+    append_journal(&journal_of(state_dir, pid), &dirs)
+}
+
+/// Process `pid`'s journal file under Nix's state directory `state_dir`.
+fn journal_of(state_dir: &Path, pid: u32) -> PathBuf {
+    state_dir.join(JOURNAL_DIR).join(pid.to_string())
+}
+
+/// Adds `dirs` to `journal`, one line each, making its directory if need be.
+fn append_journal(journal: &Path, dirs: &[PathBuf]) -> io::Result<()> {
+    if let Some(parent) = journal.parent() {
+        std::fs::create_dir_all(parent)?;
     }
     let mut f = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(&journal)?;
-    for p in paths {
-        writeln!(f, "{}", temp_path_of(pid, p).display())?;
+        .open(journal)?;
+    for d in dirs {
+        writeln!(f, "{}", d.display())?;
     }
     Ok(())
 }
@@ -404,11 +414,7 @@ impl Placed {
         Placed {
             outputs: Vec::new(),
             registered: false,
-            journal: Some(
-                state_dir
-                    .join(JOURNAL_DIR)
-                    .join(std::process::id().to_string()),
-            ),
+            journal: Some(journal_of(state_dir, std::process::id())),
         }
     }
 
@@ -418,17 +424,7 @@ impl Placed {
         let Some(journal) = &self.journal else {
             return;
         };
-        let written = journal
-            .parent()
-            .map_or(Ok(()), std::fs::create_dir_all)
-            .and_then(|()| {
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(journal)
-            })
-            .and_then(|mut f| writeln!(f, "{}", tmp.display()));
-        if let Err(e) = written {
+        if let Err(e) = append_journal(journal, &[tmp.to_path_buf()]) {
             tracing::warn!(journal = %journal.display(), error = %e,
                 "cannot note an unpack directory; it will not be swept if this hook is killed");
         }
@@ -882,7 +878,7 @@ mod tests {
             .unwrap()
             .map(|e| e.unwrap().path())
             .collect();
-        let journal = state.path().join(JOURNAL_DIR).join(me.to_string());
+        let journal = journal_of(state.path(), me);
         assert_eq!(
             std::fs::read_to_string(&journal).unwrap(),
             format!("{}\n", staged[0].display())
@@ -897,13 +893,7 @@ mod tests {
         std::fs::create_dir_all(left.join("half")).unwrap();
         assert_eq!(sweep_stale(store.path(), state.path()), 1);
         assert!(!left.exists());
-        assert!(
-            !state
-                .path()
-                .join(JOURNAL_DIR)
-                .join(dead.to_string())
-                .exists()
-        );
+        assert!(!journal_of(state.path(), dead).exists());
     }
 
     #[test]
