@@ -449,7 +449,7 @@ fn remember(dir: &Path, binary: &Path, accel: Accel, v: Verdict) {
 }
 
 /// Whether `/dev/kvm` can be opened for use.
-pub fn kvm_usable() -> bool {
+fn kvm_usable() -> bool {
     std::fs::OpenOptions::new()
         .read(true)
         .write(true)

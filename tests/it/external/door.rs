@@ -135,6 +135,12 @@ pub(super) fn build_socket(cfg: &LazyConfig) -> PathBuf {
     nix_lazy_builder::external::build_socket_path(&cfg.state_dir())
 }
 
+/// The build socket (a host path) of a supervisor with the default state directory in
+/// `daemon`'s namespace.
+pub(super) fn default_build_socket(daemon: &LocalDaemon) -> PathBuf {
+    nix_lazy_builder::external::build_socket_path(&daemon.dir().join("nix/var/nix/lazy-builder"))
+}
+
 #[test]
 fn an_aarch64_derivation_is_built_on_a_lazy_builder_through_external_builders() {
     let d = setup("max-jobs = 1\nidle-timeout = \"30s\"\nboot-timeout = \"60s\"");
@@ -244,6 +250,13 @@ fn the_build_socket_admits_the_group_nix_names_as_build_users_group() {
         "the build socket's group"
     );
     assert!(!out.stderr.contains("refused"), "{out}");
+    // Past the peer check: the request was served, so the lazy builder booted for it (the
+    // build itself fails: `nobody` cannot write the store).
+    assert!(
+        d.remote.listening(),
+        "an admitted client's request did not boot the builder: {out}"
+    );
+    assert!(!out.status.success(), "{out}");
 }
 
 fn build_json(system: &str) -> String {

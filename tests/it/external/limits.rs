@@ -17,7 +17,10 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use super::door::{Door, setup_with};
-use crate::harness::fault::{LONG_BUILD_SECS, assert_all_gone_within_bound, describe, unpack_dirs};
+use crate::harness::fault::{
+    LONG_BUILD_SECS, assert_all_gone_within_bound, assert_only_unpack_leftovers, describe,
+    unpack_dirs,
+};
 use crate::harness::warm::signal;
 use crate::harness::*;
 
@@ -53,7 +56,7 @@ fn start(d: &Door, drv: &FakeDrv, extra: &[&str]) -> (FakeDrvPaths, Background) 
         "main.dev".into(),
     ];
     args.extend(extra.iter().map(|s| (*s).to_owned()));
-    (paths.clone(), Background::nix_build(&d.daemon, &args))
+    (paths, Background::nix_build(&d.daemon, &args))
 }
 
 /// Waits until `pid` is gone; returns when it was seen gone.
@@ -158,6 +161,8 @@ fn a_program_killed_mid_unpack_leaves_nothing_valid_and_its_garbage_goes_next_ti
             "{p} exists after a kill mid-unpack"
         );
     }
+    // Only the killed program's hidden unpack directory is left.
+    assert_only_unpack_leftovers(&d.daemon, client, "external-build killed mid-unpack");
     let left = hidden_of(&d, client);
     eprintln!("left by the killed program: {left:?}");
     assert!(!left.is_empty(), "the kill came after the unpack");

@@ -15,7 +15,7 @@
 use crate::harness::warm::{hand_outs, supervisor_log, wait_warm};
 use crate::harness::*;
 
-use super::door::{supervisor, with_external_builders};
+use super::door::{default_build_socket, supervisor, with_external_builders};
 
 #[test]
 fn an_aarch64_derivation_is_built_on_an_always_on_remote_with_warm_sessions() {
@@ -26,8 +26,7 @@ fn an_aarch64_derivation_is_built_on_an_always_on_remote_with_warm_sessions() {
     opts.extra_conf.push("builders =".into());
     opts.expose.push(remote.dir().to_path_buf());
     let daemon = LocalDaemon::start(opts);
-    let socket = daemon.dir().join("nix/var/nix/lazy-builder.build.sock");
-    let _supervisor = supervisor(&daemon, None, &socket);
+    let _supervisor = supervisor(&daemon, None, &default_build_socket(&daemon));
     let uri = remote.uri(Scheme::Ssh);
 
     let mut last_out = String::new();

@@ -636,6 +636,12 @@ pub fn with_builder_keys(toml: &str, builder: &str, extra: &str) -> String {
 /// (at least 1.9 s); `what` names the output in the messages.
 #[track_caller]
 pub fn slept_interval(text: &str, what: &str) -> (f64, f64) {
+    slept_at_least(text, what, 1.9)
+}
+
+/// [`slept_interval`] for a build that sleeps at least `secs`.
+#[track_caller]
+pub fn slept_at_least(text: &str, what: &str, secs: f64) -> (f64, f64) {
     let v: Vec<f64> = text
         .split_whitespace()
         .map(|x| {
@@ -644,7 +650,7 @@ pub fn slept_interval(text: &str, what: &str) -> (f64, f64) {
         })
         .collect();
     assert_eq!(v.len(), 2, "{what}: {text:?}");
-    assert!(v[1] - v[0] >= 1.9, "{what} did not sleep: {text:?}");
+    assert!(v[1] - v[0] >= secs, "{what} did not sleep: {text:?}");
     (v[0], v[1])
 }
 

@@ -63,8 +63,8 @@ pub use drv::{FakeDrv, FakeDrvPaths, uname_expr};
 pub use expr::{DrvExpr, nix_str, rec_set};
 pub use lazy::{
     Background, KillMentioning, LazyConfig, LazyRemote, LazyVm, TimedLine, lazy_binary,
-    max_overlap, nix_build_streaming, runs_from_first, slept_interval, toml_list, toml_str,
-    wait_until, with_builder_keys,
+    max_overlap, nix_build_streaming, runs_from_first, slept_at_least, slept_interval, toml_list,
+    toml_str, wait_until, with_builder_keys,
 };
 pub use nix::Nix;
 pub use procs::*;
