@@ -62,8 +62,11 @@ in
 
     externalBuilders.systems = mkOption {
       type = types.listOf types.str;
-      default = lib.unique (lib.concatMap (b: b.systems or [ ]) (lib.attrValues (tomlValue.builders or { })));
-      defaultText = "Every system a builder in /etc/nix/lazy-builder.toml takes.";
+      # Never this machine's own system: nix-daemon would send every local build of it there.
+      default = lib.subtractLists [ pkgs.stdenv.hostPlatform.system ] (
+        lib.unique (lib.concatMap (b: b.systems or [ ]) (lib.attrValues (tomlValue.builders or { })))
+      );
+      defaultText = "Every system a builder in /etc/nix/lazy-builder.toml takes, except this machine's own (nix-daemon would send every local build of it to the external builder).";
       example = [ "aarch64-linux" ];
       description = "The systems nix-daemon sends to nix-lazy-builder through `external-builders`.";
     };
@@ -137,7 +140,8 @@ in
     nix.settings = lib.mkMerge [
       { build-hook = buildHook; }
       (mkIf externalDoor {
-        experimental-features = [ "external-builders" ];
+        # `extra-`: added to whatever experimental features the machine has.
+        extra-experimental-features = [ "external-builders" ];
         external-builders = builtins.toJSON [
           {
             inherit (cfg.externalBuilders) systems;

@@ -28,7 +28,7 @@ let
   doorSettings = config: {
     buildHook = config.nix.settings.build-hook or null;
     externalBuilders = config.nix.settings.external-builders or null;
-    experimentalFeatures = config.nix.settings.experimental-features or [ ];
+    experimentalFeatures = config.nix.settings.extra-experimental-features or [ ];
   };
 
   nixosCases = {
@@ -71,9 +71,10 @@ let
         # Beside the data directory, not in it: the build users must reach the build socket.
         stateDir = lib.mkForce "${dataDir}-state";
         vms.aarch64.system = "aarch64-linux";
+        # It also takes this machine's own system, which the default leaves out.
         settings.builders.always-on = {
           uri = "ssh://root@192.0.2.1";
-          systems = [ "aarch64-linux" "riscv64-linux" ];
+          systems = [ "aarch64-linux" "riscv64-linux" "x86_64-linux" ];
         };
       };
     };
@@ -82,10 +83,11 @@ let
       nix.package = newNix pkgs;
       nix.distributedBuilds = true;
       nix.buildMachines = [ { hostName = "builder.example"; systems = [ "x86_64-linux" ]; } ];
+      boot.binfmt.emulatedSystems = [ "aarch64-linux" ];
       services.nix-lazy-builder = {
         door = "external-builders";
         stateDir = lib.mkForce "${dataDir}-state";
-        vms.native.system = "x86_64-linux";
+        vms.aarch64.system = "aarch64-linux";
       };
     };
     # Both doors, the systems given.
@@ -101,9 +103,10 @@ let
     # external-builders on a Nix without it (the stubs' 2.28), with the state directory (and so
     # the build socket) inside the root-only data directory.
     nixos-external-old-nix = { ... }: {
+      boot.binfmt.emulatedSystems = [ "aarch64-linux" ];
       services.nix-lazy-builder = {
         door = "external-builders";
-        vms.native.system = "x86_64-linux";
+        vms.aarch64.system = "aarch64-linux";
       };
     };
   };

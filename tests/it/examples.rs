@@ -726,7 +726,6 @@ fn nix_234_reads(setting: &str, value: &str) -> Option<String> {
 
 /// The door option (examples/shared-module.nix): which nix.conf settings each choice writes.
 fn eval_doors(lib: &Path) {
-    let hook_line = |ev: &Eval| format!("{}/bin/nix-lazy-builder hook", ev.pkg.display());
     let external = |ev: &Eval| -> Value {
         serde_json::from_str(ev.str("/externalBuilders"))
             .unwrap_or_else(|e| panic!("case {}: external-builders is not JSON: {e}", ev.case))
@@ -746,7 +745,7 @@ fn eval_doors(lib: &Path) {
 
     // external-builders alone: Nix's own build hook, with no machines, is switched off (in
     // nix.conf and in NIX_CONFIG, which Nix 2.32 and 2.33 need), the systems are every
-    // builder's (a VM's and one from `settings`).
+    // builder's (a VM's and one from `settings`) but this machine's own x86_64-linux.
     let ev = Eval::new(lib, "nixos-external");
     ev.assert_clean();
     assert_eq!(ev.str("/buildHook"), "");
@@ -776,7 +775,11 @@ fn eval_doors(lib: &Path) {
             want,
             "Nix 2.34 read {shown}"
         ),
-        None => say("  eval_doors: no sid chroot: external-builders not read back by Nix 2.34"),
+        None => crate::harness::skipped(
+            "examples::modules_evaluate_against_nixpkgs_lib",
+            "Nix 2.34 reading back the external-builders setting the module writes",
+            "no sid chroot with Nix 2.34, or not root",
+        ),
     }
 
     // ... but Nix's own hook stays when it has machines of its own.
@@ -788,17 +791,13 @@ fn eval_doors(lib: &Path) {
         ev.str("/daemonEnvironment/NIX_CONFIG"),
         format!("build-hook = {nix_hook}")
     );
-    assert_eq!(external(&ev), entry(&ev, &["x86_64-linux"]));
+    assert_eq!(external(&ev), entry(&ev, &["aarch64-linux"]));
 
     // Both doors: the hook in nix.conf and NIX_CONFIG, and the external builder for the
     // systems given.
     let ev = Eval::new(lib, "nixos-both");
     ev.assert_clean();
-    assert_eq!(ev.str("/buildHook"), hook_line(&ev));
-    assert_eq!(
-        ev.str("/daemonEnvironment/NIX_CONFIG"),
-        format!("build-hook = {}", hook_line(&ev))
-    );
+    ev.assert_build_hook(" hook");
     assert_eq!(external(&ev), entry(&ev, &["x86_64-linux", "i686-linux"]));
 
     // Refused: a Nix without external-builders, and a build socket inside the root-only data
