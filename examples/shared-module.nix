@@ -11,7 +11,7 @@
 #   experimental `external-builders` setting). The build hook stays Nix's own when it has
 #   machines (`externalBuilders.keepNixHook`); without any it is switched off (`build-hook =`),
 #   since it would only be started to decline (BENCHMARKS.md, P8). The program asks
-#   the supervisor over its build socket (`<stateDir>.build.sock`, for root and the `nixbld`
+#   the supervisor over its build socket (`<stateDir>.build.sock`, for root and Nix's build-users
 #   group only), so the supervisor service must run.
 # - "both": the hook first (nix-daemon always asks it first), the external builder for what
 #   the hook left.

@@ -22,6 +22,7 @@
 
 use std::time::Instant;
 
+use crate::harness::warm::hand_outs;
 use crate::harness::{DaemonOpts, LocalDaemon, MachineLine, Nix, RemoteOpts, RemoteStore, Scheme};
 use crate::report::{Goal, Row};
 use crate::rows::{Ctx, floor_once, remote_once};
@@ -246,9 +247,19 @@ fn not_measured(why: &str) -> Vec<Row> {
 
 /// One P8 build through `door`; the timed part is `nix-build` alone. The warm-up checks
 /// everything (references, deriver, log); every run checks that both outputs arrived, that the
-/// remote built them, and that the build log shows the door it was counted for.
+/// remote built them, that the build log shows the door it was counted for, and, for Nix's
+/// own hook, that none of our warm sessions was handed out (the daemon took the option).
 fn once(daemon: &LocalDaemon, remote: &RemoteStore, door: Door, seed: &str, full: bool) -> f64 {
+    let uri = remote.uri(Scheme::Ssh);
+    let before = hand_outs(daemon, &uri);
     let out = remote_once(daemon, remote, "nlb-bench-p8", seed, &door.args(), full);
+    if matches!(door, Door::NixHook) {
+        assert_eq!(
+            hand_outs(daemon, &uri),
+            before,
+            "{seed}: a warm session of ours was handed out while Nix's own hook was to build"
+        );
+    }
     let external = out.stderr.contains("building on 'ssh://");
     assert_eq!(
         external,

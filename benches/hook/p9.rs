@@ -356,13 +356,20 @@ fn run(
         .into_iter()
         .map(|(p, _)| p)
         .collect();
+    assert!(
+        !masters.is_empty(),
+        "P9: no ssh master for the ControlPersist column under {}",
+        control_dir.display()
+    );
     for _ in 0..ctx.runs.max(3) {
         std::thread::sleep(Duration::from_secs(1));
         sup_rss.push(vm_rss(sup).unwrap_or_else(|| panic!("P9: the supervisor is gone")));
         let (r, p) = rss_pss(qemu_pid);
         qemu_rss.push(r);
         qemu_pss.push(p);
-        master_rss.push(masters.iter().filter_map(|&m| vm_rss(m)).sum());
+        let rss: Option<Vec<f64>> = masters.iter().map(|&m| vm_rss(m)).collect();
+        let rss = rss.unwrap_or_else(|| panic!("P9: an ssh master of {masters:?} is gone"));
+        master_rss.push(rss.iter().sum());
     }
     progress(&format!(
         "P9 idle: supervisor {}, always-on QEMU Rss {} Pss {}, ssh masters {masters:?} {}",
@@ -468,7 +475,7 @@ fn rows(f: Figures) -> Vec<Row> {
         floor: None,
         goal: Goal::Info,
         note: format!(
-            "read once a second after our VM's idle stop; ours: the supervisor's VmRSS, no QEMU left (checked); Nix's hook: the always-on QEMU's Rss (Pss {}); with ControlPersist: plus the master ssh's VmRSS ({}, kept {CONTROL_PERSIST} s); the hook processes themselves are gone on both sides; both sides also keep their nix-daemon (not counted)",
+            "read once a second after our VM's idle stop; ours: the supervisor's VmRSS, no QEMU left (checked); Nix's hook: the always-on QEMU's Rss (Pss {}); with ControlPersist: plus the master ssh's VmRSS ({}, kept {CONTROL_PERSIST} s); both sides also keep their nix-daemon (not counted)",
             fmt_samples(&f.qemu_pss, "MiB"),
             fmt_samples(&f.master_rss, "MiB"),
         ),

@@ -880,20 +880,17 @@ fn warm_supervisor(ctx: &Ctx, daemon: &LocalDaemon, remotes: &[RemoteStore]) -> 
     )
 }
 
-/// One P6 run: returns the wall time and, per builder, the most builds that ran at once.
 /// The supervisor `pid`'s resident memory (`VmRSS`, MiB), read `n` times a second apart.
 fn supervisor_rss(pid: u32, n: usize) -> Samples {
     let mut rss = Samples::new();
     for _ in 0..n {
         std::thread::sleep(Duration::from_secs(1));
-        let text = fs::read_to_string(format!("/proc/{pid}/status"))
-            .unwrap_or_else(|e| panic!("the supervisor is gone: {e}"));
-        let kib = crate::rss::parse_kib(&text, "VmRSS:").unwrap_or_else(|| panic!("no VmRSS"));
-        rss.push(kib as f64 / 1024.0);
+        rss.push(crate::rss::vm_rss(pid).unwrap_or_else(|| panic!("the supervisor {pid} is gone")));
     }
     rss
 }
 
+/// One P6 run: returns the wall time and, per builder, the most builds that ran at once.
 fn p6_once(daemon: &LocalDaemon, remotes: &[RemoteStore], seed: &str) -> (f64, Vec<usize>) {
     let input = DrvExpr::sh(
         &format!("nlb-bench-p6-input-{seed}"),
