@@ -146,6 +146,21 @@ pub(crate) fn check_output(daemon: &LocalDaemon, out: &CmdOutput, name: &str, in
 
 /// The same VM booted bare: `boot::start` + `boot::wait_ready` (the test's definition), then
 /// stopped at once. Returns the time and the accelerator QEMU ran with.
+/// The guest's size as `builder`'s QEMU boot gives it ("1024 MiB, 2 vCPUs"), for the notes.
+pub fn vm_shape(builder: &Builder) -> String {
+    let Some(nix_lazy_builder::config::BootSpec::Qemu(q)) = builder.lazy.as_ref().map(|l| &l.boot)
+    else {
+        return "not a QEMU builder".to_owned();
+    };
+    let memory = q
+        .memory_mib
+        .map_or("QEMU's default memory".to_owned(), |m| format!("{m} MiB"));
+    let cpus = q
+        .cpus
+        .map_or("QEMU's default vCPUs".to_owned(), |c| format!("{c} vCPUs"));
+    format!("{memory}, {cpus}")
+}
+
 fn bare_boot(rt: &tokio::runtime::Runtime, builder: &Builder, dir: &Path) -> (Duration, String) {
     rt.block_on(async {
         let _ = std::fs::remove_dir_all(dir);

@@ -279,7 +279,8 @@ fn measure(ctx: &Ctx, img: &VmImage) -> Vec<Row> {
     rt.block_on(always.stop(StopHow::forced()));
     let accel = accel.split_whitespace().next().unwrap_or("unknown");
     let note = format!(
-        "aarch64 VM of examples/vm/make-image (1 GiB, 2 vCPUs), accel {accel}; the always-on copy booted by the bench in {} s and left up; {}",
+        "aarch64 VM of examples/vm/make-image ({}), accel {accel}; the always-on copy booted by the bench in {} s and left up; {}",
+        crate::p7::vm_shape(&img.builder()),
         fmt_num(always_boot),
         figures.note
     );

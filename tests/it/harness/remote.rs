@@ -253,11 +253,7 @@ impl RemoteStore {
             &wrapper,
             "#!/bin/sh\nexec nix-daemon \"$@\" --force-untrusted\n",
         );
-        std::fs::set_permissions(
-            &wrapper,
-            std::os::unix::fs::PermissionsExt::from_mode(0o755),
-        )
-        .expect("chmod the wrapper");
+        super::set_mode(&wrapper, 0o755);
         format!(
             "{}?remote-program={}",
             self.uri(Scheme::SshNg),
